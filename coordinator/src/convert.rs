@@ -1,0 +1,107 @@
+//! Domain types to wire types, and errors to gRPC statuses: in one place.
+
+use flotilla_proto::v1 as pb;
+use tonic::Status;
+
+use crate::soft::Progress;
+use crate::state::{CheckpointRecord, Job, JobPhase, Rejection, State};
+use crate::store::StoreError;
+
+pub fn phase(p: JobPhase) -> pb::JobPhase {
+    match p {
+        JobPhase::Pending => pb::JobPhase::Pending,
+        JobPhase::Running => pb::JobPhase::Running,
+        JobPhase::Waiting => pb::JobPhase::Waiting,
+        JobPhase::Succeeded => pb::JobPhase::Succeeded,
+        JobPhase::Failed => pb::JobPhase::Failed,
+        JobPhase::Cancelled => pb::JobPhase::Cancelled,
+    }
+}
+
+pub fn checkpoint(c: &CheckpointRecord) -> pb::CheckpointRef {
+    pb::CheckpointRef { step: c.step, location: c.location.clone(), generation: c.generation }
+}
+
+pub fn job_status(job: &Job, progress: Option<&Progress>) -> pb::JobStatus {
+    // Progress from an older generation still tells how far the job got.
+    let (step, loss, sps) = match progress {
+        Some(p) => (p.step, p.loss, if p.generation == job.generation { p.samples_per_sec } else { 0.0 }),
+        None => (job.latest_checkpoint().map_or(0, |c| c.step), 0.0, 0.0),
+    };
+    let step = if job.phase == JobPhase::Succeeded { job.total_steps } else { step };
+    pb::JobStatus {
+        job_id: job.id.clone(),
+        name: job.name.clone(),
+        phase: phase(job.phase) as i32,
+        generation: job.generation,
+        world_size: job.world_size(),
+        min_workers: job.min_workers,
+        max_workers: job.max_workers,
+        step,
+        total_steps: job.total_steps,
+        loss,
+        samples_per_sec: sps,
+        latest_checkpoint: job.latest_checkpoint().map(checkpoint),
+        checkpoints: job.checkpoints.iter().map(checkpoint).collect(),
+        output_dir: job.output_dir.clone(),
+        final_model: job.final_model.clone().unwrap_or_default(),
+        message: job.message.clone(),
+        restarts: job.restarts,
+        generations: job
+            .history
+            .iter()
+            .map(|g| pb::GenerationRecord {
+                generation: g.generation,
+                world_size: g.world_size,
+                reason: g.reason.clone(),
+                at_unix_ms: g.at_ms,
+                resumed_from_step: g.resumed_from_step,
+            })
+            .collect(),
+        ranks: job
+            .plan
+            .as_ref()
+            .map(|p| {
+                p.ranks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| pb::RankInfo {
+                        rank: i as u32,
+                        worker_id: r.worker.clone(),
+                        data_addr: r.data_addr.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// The worker's assignment as the state says it now.
+pub fn assignment(state: &State, worker: &str) -> pb::Assignment {
+    let Some((job, rank)) = state.rank_of(worker) else { return pb::Assignment::default() };
+    let plan = job.plan.as_ref().expect("rank_of implies a plan");
+    pb::Assignment {
+        job_id: job.id.clone(),
+        generation: plan.generation,
+        rank,
+        world_size: plan.ranks.len() as u32,
+        peers: plan.ranks.iter().map(|r| r.data_addr.clone()).collect(),
+        spec_json: job.spec_json.clone(),
+        output_dir: job.output_dir.clone(),
+        checkpoints: job.checkpoints.iter().rev().map(checkpoint).collect(),
+    }
+}
+
+pub fn status(e: StoreError) -> Status {
+    match e {
+        StoreError::Rejected(r) => match r {
+            Rejection::JobNotFound(_) | Rejection::WorkerNotFound(_) => Status::not_found(r.to_string()),
+            Rejection::BadPhase { .. } | Rejection::NotEnoughWorkers { .. } => {
+                Status::failed_precondition(r.to_string())
+            }
+            Rejection::Invalid(_) => Status::invalid_argument(r.to_string()),
+        },
+        e @ StoreError::NotLeader { .. } => Status::unavailable(e.to_string()),
+        e @ StoreError::Unavailable(_) => Status::unavailable(e.to_string()),
+    }
+}

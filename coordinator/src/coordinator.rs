@@ -1,0 +1,159 @@
+//! The coordinator process core: the meta store, the leader's soft state and
+//! the driver task that turns soft state into committed decisions (lapsed
+//! leases, starting jobs, restarting after unexplained failures).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::soft::Soft;
+use crate::state::{Command, Event, JobPhase, State};
+use crate::store::{MetaStore, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// A worker that has not heartbeated for this long is lost.
+    pub lease: Duration,
+    /// How often workers heartbeat (told to them at registration).
+    pub heartbeat_interval: Duration,
+    /// How long a job with at least `workers.min` (but fewer than
+    /// `workers.max`) free workers waits for more before it starts.
+    pub start_grace: Duration,
+    /// How long a reported communication failure may stay unexplained by a
+    /// lost worker before the generation is restarted.
+    pub comm_grace: Duration,
+    /// The driver's period.
+    pub tick: Duration,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            lease: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_millis(1000),
+            start_grace: Duration::from_secs(3),
+            comm_grace: Duration::from_secs(8),
+            tick: Duration::from_millis(100),
+        }
+    }
+}
+
+pub struct Coordinator {
+    pub(crate) store: Arc<dyn MetaStore>,
+    pub(crate) soft: Mutex<Soft>,
+    /// Bumped whenever soft state that clients watch changes (progress).
+    pub(crate) soft_version: watch::Sender<u64>,
+    pub(crate) cfg: CoordinatorConfig,
+    pub(crate) shutdown: CancellationToken,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Coordinator {
+    pub fn new(store: Arc<dyn MetaStore>, cfg: CoordinatorConfig, shutdown: CancellationToken) -> Arc<Self> {
+        let (soft_version, _) = watch::channel(0);
+        Arc::new(Coordinator { store, soft: Mutex::new(Soft::default()), soft_version, cfg, shutdown })
+    }
+
+    pub fn state(&self) -> Arc<State> {
+        self.store.snapshot()
+    }
+
+    pub async fn propose(&self, cmd: Command) -> Result<Vec<Event>, StoreError> {
+        let events = self.store.propose(cmd).await?;
+        for e in &events {
+            match e {
+                Event::WorkerRemoved { worker, reason } => {
+                    tracing::warn!(worker = %worker, reason = %reason, "worker removed");
+                    self.soft().forget(worker);
+                }
+                Event::GenerationStarted { job, generation, world_size, resume_step, reason } => {
+                    tracing::info!(job = %job, gen = generation, world = world_size, resume_step, reason = %reason, "generation started");
+                }
+                Event::JobWaiting { job, generation, reason } => {
+                    tracing::warn!(job = %job, gen = generation, reason = %reason, "job waiting for workers");
+                }
+                Event::JobFailed { job, reason } => tracing::error!(job = %job, reason = %reason, "job failed"),
+                Event::JobSucceeded { job } => tracing::info!(job = %job, "job succeeded"),
+                Event::CheckpointCommitted { job, step } => tracing::info!(job = %job, step, "checkpoint committed"),
+                _ => {}
+            }
+        }
+        Ok(events)
+    }
+
+    pub(crate) fn soft(&self) -> std::sync::MutexGuard<'_, Soft> {
+        self.soft.lock().expect("soft state lock")
+    }
+
+    pub(crate) fn bump_soft(&self) {
+        self.soft_version.send_modify(|v| *v += 1);
+    }
+
+    /// Runs the driver until shutdown.
+    pub async fn drive(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.cfg.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if self.store.is_leader() {
+                self.drive_once(Instant::now()).await;
+            }
+        }
+    }
+
+    /// One pass of the leader's decisions.
+    pub async fn drive_once(&self, now: Instant) {
+        let state = self.state();
+        let lapsed = self.soft().lapsed(&state, now, self.cfg.lease);
+        for worker in lapsed {
+            let cmd = Command::RemoveWorker { worker: worker.clone(), reason: "lease lapsed".into(), at_ms: now_ms() };
+            if let Err(e) = self.propose(cmd).await {
+                tracing::warn!(worker = %worker, error = %e, "could not remove lapsed worker");
+            }
+        }
+
+        let state = self.state();
+        let due = self.soft().stale_comm_failures(&state, now, self.cfg.comm_grace);
+        for (job, generation, message) in due {
+            let reason = format!("restart after communication failure: {message}");
+            let cmd = Command::RestartGeneration { job: job.clone(), generation, reason, at_ms: now_ms() };
+            if let Err(e) = self.propose(cmd).await {
+                tracing::warn!(job = %job, error = %e, "could not restart generation");
+            }
+        }
+
+        // Start pending and waiting jobs in submission order.
+        let state = self.state();
+        let mut free = state.free_workers().len() as u32;
+        for job in state.jobs_in_order() {
+            if !matches!(job.phase, JobPhase::Pending | JobPhase::Waiting) {
+                continue;
+            }
+            let (min, max) = match job.fixed_world {
+                Some(n) => (n, n),
+                None => (job.min_workers, job.max_workers),
+            };
+            if free < min {
+                self.soft().not_ready(&job.id);
+                continue;
+            }
+            if free < max && !self.soft().ready_for(&job.id, now, self.cfg.start_grace) {
+                continue;
+            }
+            self.soft().not_ready(&job.id);
+            match self.propose(Command::Schedule { job: job.id.clone(), at_ms: now_ms() }).await {
+                Ok(_) => free = free.saturating_sub(max.min(free)),
+                Err(e) => tracing::warn!(job = %job.id, error = %e, "could not schedule job"),
+            }
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! flotilla's coordinator: the control state machine and scheduler (pure),
+//! the meta store they run on, the leader's soft state, and the gRPC
+//! services that workers and clients talk to. It never links libtorch.
+
+pub mod convert;
+pub mod coordinator;
+pub mod scheduler;
+pub mod server;
+pub mod service;
+pub mod soft;
+pub mod state;
+pub mod store;
+
+#[cfg(test)]
+mod state_tests;
+
+pub use coordinator::{Coordinator, CoordinatorConfig};
+pub use server::{serve, ServerHandle};
+pub use state::{Command, Event, JobPhase, State};
+pub use store::{MemStore, MetaStore, StoreError};

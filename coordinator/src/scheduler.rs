@@ -1,0 +1,101 @@
+//! The scheduler: a pure function from a job's size limits, the workers it
+//! has and the free workers to the ordered list of workers of its next plan
+//! (index = rank). Workers already in the job keep their order; new ones are
+//! appended in a stable order, so the same inputs always give the same plan.
+
+/// The job's size limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanRequest {
+    pub min: u32,
+    pub max: u32,
+    /// An exact world size the job asks for (`parallelism.dp: N`).
+    pub fixed: Option<u32>,
+}
+
+impl PlanRequest {
+    /// The smallest world the job can run on.
+    pub fn min_world(&self) -> u32 {
+        self.fixed.unwrap_or(self.min)
+    }
+    fn max_world(&self) -> u32 {
+        self.fixed.unwrap_or(self.max)
+    }
+}
+
+/// Picks the workers of the next plan: everyone in `current` (in order) and
+/// then free workers (in `free`'s order, sorted naturally by id) up to the
+/// job's maximum. `None` when fewer than the job's minimum are available.
+pub fn plan(req: &PlanRequest, current: &[String], free: &[String]) -> Option<Vec<String>> {
+    let available = current.len() + free.len();
+    if (available as u64) < u64::from(req.min_world()) {
+        return None;
+    }
+    let target = (req.max_world() as usize).min(available);
+    let mut extra: Vec<&String> = free.iter().filter(|w| !current.contains(w)).collect();
+    extra.sort_by_key(|w| natural_key(w));
+    let mut out: Vec<String> = current.iter().take(target).cloned().collect();
+    out.extend(extra.into_iter().take(target - out.len()).cloned());
+    Some(out)
+}
+
+/// Sort key that orders `w2` before `w10`.
+pub fn natural_key(id: &str) -> (String, u64) {
+    let digits = id.len() - id.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    let (prefix, num) = id.split_at(id.len() - digits);
+    (prefix.to_string(), num.parse().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ids(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn too_few_workers_gives_no_plan() {
+        let req = PlanRequest { min: 2, max: 4, fixed: None };
+        assert_eq!(plan(&req, &[], &ids(&["w1"])), None);
+    }
+
+    #[test]
+    fn fills_up_to_max_in_natural_order() {
+        let req = PlanRequest { min: 1, max: 3, fixed: None };
+        assert_eq!(plan(&req, &[], &ids(&["w10", "w2", "w1", "w3"])), Some(ids(&["w1", "w2", "w3"])));
+    }
+
+    #[test]
+    fn current_workers_keep_their_ranks() {
+        let req = PlanRequest { min: 1, max: 3, fixed: None };
+        assert_eq!(plan(&req, &ids(&["w5", "w2"]), &ids(&["w9", "w1"])), Some(ids(&["w5", "w2", "w1"])));
+    }
+
+    #[test]
+    fn fixed_world_needs_exactly_that_many() {
+        let req = PlanRequest { min: 1, max: 4, fixed: Some(3) };
+        assert_eq!(plan(&req, &[], &ids(&["w1", "w2"])), None);
+        assert_eq!(plan(&req, &[], &ids(&["w1", "w2", "w3", "w4"])), Some(ids(&["w1", "w2", "w3"])));
+    }
+
+    proptest! {
+        /// Planning again with the plan's own workers and nothing free gives the same plan.
+        #[test]
+        fn replanning_an_unchanged_cluster_is_idempotent(min in 1u32..4, extra in 0u32..4, n in 0usize..8) {
+            let req = PlanRequest { min, max: min + extra, fixed: None };
+            let free: Vec<String> = (0..n).map(|i| format!("w{i}")).collect();
+            if let Some(first) = plan(&req, &[], &free) {
+                prop_assert!(first.len() as u32 >= min && first.len() as u32 <= min + extra);
+                let again = plan(&req, &first, &[]).unwrap();
+                prop_assert_eq!(&again, &first);
+                let mut dedup = first.clone();
+                dedup.sort();
+                dedup.dedup();
+                prop_assert_eq!(dedup.len(), first.len());
+            } else {
+                prop_assert!((n as u32) < min);
+            }
+        }
+    }
+}

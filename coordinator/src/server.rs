@@ -1,0 +1,73 @@
+//! Runs a coordinator: the gRPC services on a listener and the driver task,
+//! until its shutdown token fires.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use flotilla_proto::v1::job_service_server::JobServiceServer;
+use flotilla_proto::v1::worker_service_server::WorkerServiceServer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::coordinator::{Coordinator, CoordinatorConfig};
+use crate::service::{JobApi, WorkerApi};
+use crate::state::{State, DEFAULT_MAX_RESTARTS};
+use crate::store::{MemStore, MetaStore};
+
+/// A running coordinator.
+pub struct ServerHandle {
+    pub addr: SocketAddr,
+    pub coordinator: Arc<Coordinator>,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl ServerHandle {
+    /// Stops serving and waits for the services and the driver to end.
+    pub async fn shutdown(self) -> Result<(), tonic::transport::Error> {
+        self.shutdown.cancel();
+        self.task.await.unwrap_or(Ok(()))
+    }
+
+    /// Waits until the server ends by itself (its token was cancelled elsewhere).
+    pub async fn wait(self) -> Result<(), tonic::transport::Error> {
+        self.task.await.unwrap_or(Ok(()))
+    }
+}
+
+/// Starts a single-node coordinator with an in-memory log on `listener`.
+pub async fn serve(
+    listener: TcpListener,
+    cfg: CoordinatorConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<ServerHandle> {
+    let store: Arc<dyn MetaStore> = Arc::new(MemStore::new(State::new(DEFAULT_MAX_RESTARTS)));
+    serve_with_store(listener, store, cfg, shutdown).await
+}
+
+pub async fn serve_with_store(
+    listener: TcpListener,
+    store: Arc<dyn MetaStore>,
+    cfg: CoordinatorConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<ServerHandle> {
+    let addr = listener.local_addr()?;
+    let coordinator = Coordinator::new(store, cfg, shutdown.clone());
+    let driver = tokio::spawn(coordinator.clone().drive());
+    let jobs = JobServiceServer::new(JobApi(coordinator.clone()));
+    let workers = WorkerServiceServer::new(WorkerApi(coordinator.clone()));
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(jobs)
+            .add_service(workers)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), token.cancelled())
+            .await;
+        let _ = driver.await;
+        result
+    });
+    tracing::info!(%addr, "coordinator listening");
+    Ok(ServerHandle { addr, coordinator, shutdown, task })
+}

@@ -1,0 +1,302 @@
+//! Thin gRPC services: parse the request, call the coordinator, map errors.
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use flotilla_jobspec::DpSize;
+use flotilla_proto::v1 as pb;
+use flotilla_proto::v1::job_service_server::JobService;
+use flotilla_proto::v1::worker_service_server::WorkerService;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::coordinator::{now_ms, Coordinator};
+use crate::state::{Command, Event, JobPhase};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[derive(Clone)]
+pub struct JobApi(pub Arc<Coordinator>);
+
+#[derive(Clone)]
+pub struct WorkerApi(pub Arc<Coordinator>);
+
+fn job_status(c: &Coordinator, job_id: &str) -> Result<pb::JobStatus, Status> {
+    let state = c.state();
+    let job = state.jobs.get(job_id).ok_or_else(|| Status::not_found(format!("job {job_id} not found")))?;
+    let soft = c.soft();
+    Ok(convert::job_status(job, soft.progress.get(job_id)))
+}
+
+#[tonic::async_trait]
+impl JobService for JobApi {
+    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let req = req.into_inner();
+        let origin = if req.origin.is_empty() { "job.yaml" } else { &req.origin };
+        let mut spec =
+            flotilla_jobspec::parse(&req.spec_yaml, origin).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let base = Path::new(&req.base_dir);
+        if !base.is_absolute() {
+            return Err(Status::invalid_argument(format!("base_dir must be an absolute path, got {:?}", req.base_dir)));
+        }
+        spec.resolve_paths(base);
+        let fixed_world = match spec.parallelism.dp {
+            DpSize::Auto => None,
+            DpSize::Fixed(n) => Some(n as u32),
+        };
+        let cmd = Command::SubmitJob {
+            name: spec.name.clone(),
+            spec_json: spec.to_json(),
+            min_workers: spec.workers.min as u32,
+            max_workers: spec.workers.max as u32,
+            fixed_world,
+            total_steps: spec.train.steps,
+            keep_checkpoints: spec.checkpoint.keep as u32,
+            output_root: spec.checkpoint.url.clone(),
+            at_ms: now_ms(),
+        };
+        let events = self.0.propose(cmd).await.map_err(convert::status)?;
+        let job_id = events
+            .iter()
+            .find_map(|e| match e {
+                Event::JobSubmitted { job } => Some(job.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| Status::internal("submit produced no job"))?;
+        tracing::info!(job = %job_id, "job submitted");
+        Ok(Response::new(pb::SubmitJobResponse { job_id }))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
+        Ok(Response::new(job_status(&self.0, &req.into_inner().job_id)?))
+    }
+
+    async fn list_jobs(&self, _req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let state = self.0.state();
+        let soft = self.0.soft();
+        let jobs = state.jobs_in_order().into_iter().map(|j| convert::job_status(j, soft.progress.get(&j.id))).collect();
+        Ok(Response::new(pb::ListJobsResponse { jobs }))
+    }
+
+    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
+        let job = req.into_inner().job_id;
+        self.0.propose(Command::CancelJob { job: job.clone(), at_ms: now_ms() }).await.map_err(convert::status)?;
+        Ok(Response::new(job_status(&self.0, &job)?))
+    }
+
+    type WatchJobStream = BoxStream<pb::JobStatus>;
+
+    async fn watch_job(&self, req: Request<pb::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let job = req.into_inner().job_id;
+        let first = job_status(&self.0, &job)?;
+        let c = self.0.clone();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut states = c.store.subscribe();
+            let mut softs = c.soft_version.subscribe();
+            let mut last = first;
+            if tx.send(Ok(last.clone())).await.is_err() {
+                return;
+            }
+            loop {
+                if last.phase == pb::JobPhase::Succeeded as i32
+                    || last.phase == pb::JobPhase::Failed as i32
+                    || last.phase == pb::JobPhase::Cancelled as i32
+                {
+                    return;
+                }
+                tokio::select! {
+                    biased;
+                    _ = c.shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    r = states.changed() => if r.is_err() { return },
+                    r = softs.changed() => if r.is_err() { return },
+                }
+                match job_status(&c, &job) {
+                    Ok(now) if now != last => {
+                        last = now;
+                        if tx.send(Ok(last.clone())).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_metrics(&self, req: Request<pb::GetMetricsRequest>) -> Result<Response<pb::GetMetricsResponse>, Status> {
+        let job = req.into_inner().job_id;
+        if !self.0.state().jobs.contains_key(&job) {
+            return Err(Status::not_found(format!("job {job} not found")));
+        }
+        let points = self.0.soft().metrics.get(&job).cloned().unwrap_or_default();
+        Ok(Response::new(pb::GetMetricsResponse { points }))
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let req = req.into_inner();
+        if req.data_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Status::invalid_argument(format!(
+                "data_addr must be a socket address like 10.0.0.5:29500, got {:?}",
+                req.data_addr
+            )));
+        }
+        let cmd = Command::RegisterWorker { data_addr: req.data_addr, hostname: req.hostname, at_ms: now_ms() };
+        let events = self.0.propose(cmd).await.map_err(convert::status)?;
+        let worker_id = events
+            .iter()
+            .find_map(|e| match e {
+                Event::WorkerRegistered { worker } => Some(worker.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| Status::internal("register produced no worker"))?;
+        self.0.soft().renew(&worker_id, Instant::now(), self.0.cfg.lease);
+        tracing::info!(worker = %worker_id, pid = req.pid, "worker registered");
+        Ok(Response::new(pb::RegisterResponse {
+            worker_id,
+            heartbeat_interval_ms: self.0.cfg.heartbeat_interval.as_millis() as u64,
+            lease_ms: self.0.cfg.lease.as_millis() as u64,
+        }))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let worker = req.into_inner().worker_id;
+        if !self.0.state().workers.contains_key(&worker) {
+            return Err(Status::not_found(format!("worker {worker} is not registered; register again")));
+        }
+        self.0.soft().renew(&worker, Instant::now(), self.0.cfg.lease);
+        Ok(Response::new(pb::HeartbeatResponse {}))
+    }
+
+    type AssignmentsStream = BoxStream<pb::Assignment>;
+
+    async fn assignments(&self, req: Request<pb::AssignmentsRequest>) -> Result<Response<Self::AssignmentsStream>, Status> {
+        let worker = req.into_inner().worker_id;
+        if !self.0.state().workers.contains_key(&worker) {
+            return Err(Status::not_found(format!("worker {worker} is not registered; register again")));
+        }
+        let c = self.0.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut states = c.store.subscribe();
+            let mut last: Option<pb::Assignment> = None;
+            loop {
+                let state = states.borrow_and_update().clone();
+                if !state.workers.contains_key(&worker) {
+                    let _ = tx.send(Err(Status::not_found(format!("worker {worker} was removed; register again")))).await;
+                    return;
+                }
+                let now = convert::assignment(&state, &worker);
+                if last.as_ref() != Some(&now) {
+                    if tx.send(Ok(now.clone())).await.is_err() {
+                        return;
+                    }
+                    last = Some(now);
+                }
+                tokio::select! {
+                    biased;
+                    _ = c.shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    r = states.changed() => if r.is_err() { return },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn report_progress(&self, req: Request<pb::ProgressReport>) -> Result<Response<pb::Ack>, Status> {
+        let r = req.into_inner();
+        let state = self.0.state();
+        let job = state.jobs.get(&r.job_id).ok_or_else(|| Status::not_found(format!("job {} not found", r.job_id)))?;
+        if job.generation != r.generation || job.phase != JobPhase::Running {
+            return Err(Status::failed_precondition(format!(
+                "progress from generation {} of {} is stale (current {})",
+                r.generation, r.job_id, job.generation
+            )));
+        }
+        let point = pb::MetricPoint {
+            step: r.step,
+            loss: r.loss,
+            lr: r.lr,
+            samples_per_sec: r.samples_per_sec,
+            grad_norm: r.grad_norm,
+            generation: r.generation,
+            world_size: job.world_size(),
+        };
+        self.0.soft().record_progress(&r.job_id, point);
+        self.0.bump_soft();
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn commit_checkpoint(
+        &self,
+        req: Request<pb::CheckpointCommit>,
+    ) -> Result<Response<pb::CheckpointCommitResponse>, Status> {
+        let r = req.into_inner();
+        let cmd = Command::CommitCheckpoint {
+            job: r.job_id.clone(),
+            generation: r.generation,
+            step: r.step,
+            location: r.location,
+            at_ms: now_ms(),
+        };
+        self.0.propose(cmd).await.map_err(convert::status)?;
+        let state = self.0.state();
+        let retained_steps =
+            state.jobs.get(&r.job_id).map(|j| j.checkpoints.iter().map(|c| c.step).collect()).unwrap_or_default();
+        Ok(Response::new(pb::CheckpointCommitResponse { retained_steps }))
+    }
+
+    async fn report_failure(&self, req: Request<pb::FailureReport>) -> Result<Response<pb::Ack>, Status> {
+        let r = req.into_inner();
+        let state = self.0.state();
+        let job = state.jobs.get(&r.job_id).ok_or_else(|| Status::not_found(format!("job {} not found", r.job_id)))?;
+        if job.generation != r.generation {
+            return Ok(Response::new(pb::Ack {}));
+        }
+        tracing::warn!(job = %r.job_id, gen = r.generation, rank = r.rank, kind = r.kind, message = %r.message, "worker reported a failure");
+        let message = format!("rank {}: {}", r.rank, r.message);
+        match pb::FailureKind::try_from(r.kind).unwrap_or(pb::FailureKind::Unspecified) {
+            pb::FailureKind::Comm => {
+                self.0.soft().record_comm_failure(&r.job_id, r.generation, message, Instant::now());
+            }
+            _ => {
+                let cmd = Command::RestartGeneration {
+                    job: r.job_id.clone(),
+                    generation: r.generation,
+                    reason: format!("restart after failure: {message}"),
+                    at_ms: now_ms(),
+                };
+                self.0.propose(cmd).await.map_err(convert::status)?;
+            }
+        }
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn report_finished(&self, req: Request<pb::FinishReport>) -> Result<Response<pb::Ack>, Status> {
+        let r = req.into_inner();
+        let cmd = Command::FinishJob {
+            job: r.job_id,
+            generation: r.generation,
+            step: r.step,
+            final_model: r.final_model,
+            at_ms: now_ms(),
+        };
+        self.0.propose(cmd).await.map_err(convert::status)?;
+        Ok(Response::new(pb::Ack {}))
+    }
+}

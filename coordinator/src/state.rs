@@ -1,0 +1,492 @@
+//! The control state machine: every durable fact the coordinator keeps (jobs,
+//! workers, generations, plans, committed checkpoints) changes only through
+//! [`State::apply`]. It does no I/O and reads no clock, so every replica that
+//! applies the same commands ends in the same state.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::scheduler::{self, PlanRequest};
+
+pub type JobId = String;
+pub type WorkerId = String;
+
+/// How many generations a job may restart on failure reports before it fails.
+pub const DEFAULT_MAX_RESTARTS: u32 = 5;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobPhase {
+    Pending,
+    Running,
+    Waiting,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobPhase {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobPhase::Succeeded | JobPhase::Failed | JobPhase::Cancelled)
+    }
+    pub fn is_active(self) -> bool {
+        !self.is_terminal()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    pub step: u64,
+    pub location: String,
+    pub generation: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankSlot {
+    pub worker: WorkerId,
+    pub data_addr: String,
+}
+
+/// Who is rank what in one generation of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub generation: u64,
+    pub ranks: Vec<RankSlot>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationRecord {
+    pub generation: u64,
+    pub world_size: u32,
+    pub reason: String,
+    pub at_ms: i64,
+    pub resumed_from_step: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    pub name: String,
+    pub spec_json: String,
+    pub min_workers: u32,
+    pub max_workers: u32,
+    /// A fixed data-parallel size, if the job asks for one.
+    pub fixed_world: Option<u32>,
+    pub total_steps: u64,
+    pub keep_checkpoints: u32,
+    pub output_dir: String,
+    pub phase: JobPhase,
+    pub generation: u64,
+    pub plan: Option<Plan>,
+    /// Committed checkpoints still retained, oldest first.
+    pub checkpoints: Vec<CheckpointRecord>,
+    pub final_model: Option<String>,
+    pub restarts: u32,
+    pub message: String,
+    pub submitted_at_ms: i64,
+    pub history: Vec<GenerationRecord>,
+}
+
+impl Job {
+    pub fn latest_checkpoint(&self) -> Option<&CheckpointRecord> {
+        self.checkpoints.last()
+    }
+    pub fn world_size(&self) -> u32 {
+        self.plan.as_ref().map_or(0, |p| p.ranks.len() as u32)
+    }
+    fn workers(&self) -> Vec<WorkerId> {
+        self.plan
+            .as_ref()
+            .map(|p| p.ranks.iter().map(|r| r.worker.clone()).collect())
+            .unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Worker {
+    pub id: WorkerId,
+    pub data_addr: String,
+    pub hostname: String,
+    pub registered_at_ms: i64,
+    /// The job this worker is assigned to, if any.
+    pub job: Option<JobId>,
+}
+
+/// A request to change the state. Time is carried in, never read.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    SubmitJob {
+        name: String,
+        spec_json: String,
+        min_workers: u32,
+        max_workers: u32,
+        fixed_world: Option<u32>,
+        total_steps: u64,
+        keep_checkpoints: u32,
+        /// Where the job's folder (named after its id) is created.
+        output_root: String,
+        at_ms: i64,
+    },
+    CancelJob { job: JobId, at_ms: i64 },
+    RegisterWorker { data_addr: String, hostname: String, at_ms: i64 },
+    RemoveWorker { worker: WorkerId, reason: String, at_ms: i64 },
+    /// Start a pending or waiting job on free workers (the leader decides when).
+    Schedule { job: JobId, at_ms: i64 },
+    /// Start a new generation of a running job with the same workers, after a
+    /// failure report that no membership change explained.
+    RestartGeneration { job: JobId, generation: u64, reason: String, at_ms: i64 },
+    CommitCheckpoint { job: JobId, generation: u64, step: u64, location: String, at_ms: i64 },
+    FinishJob { job: JobId, generation: u64, step: u64, final_model: String, at_ms: i64 },
+    FailJob { job: JobId, reason: String, at_ms: i64 },
+}
+
+/// What a command did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    JobSubmitted { job: JobId },
+    JobCancelled { job: JobId },
+    WorkerRegistered { worker: WorkerId },
+    WorkerRemoved { worker: WorkerId, reason: String },
+    GenerationStarted { job: JobId, generation: u64, world_size: u32, resume_step: u64, reason: String },
+    JobWaiting { job: JobId, generation: u64, reason: String },
+    CheckpointCommitted { job: JobId, step: u64 },
+    CheckpointsDropped { job: JobId, steps: Vec<u64> },
+    JobSucceeded { job: JobId },
+    JobFailed { job: JobId, reason: String },
+    /// A command that changed nothing because it was already applied or is
+    /// stale (an old generation's report); not an error.
+    Ignored { reason: String },
+}
+
+/// A command that cannot apply; the state is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum Rejection {
+    #[error("job {0} not found")]
+    JobNotFound(JobId),
+    #[error("worker {0} not found")]
+    WorkerNotFound(WorkerId),
+    #[error("job {job} is {phase:?}: {what}")]
+    BadPhase { job: JobId, phase: JobPhase, what: String },
+    #[error("not enough free workers for job {job}: {free} free, {needed} needed")]
+    NotEnoughWorkers { job: JobId, free: u32, needed: u32 },
+    #[error("invalid command: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub next_job_seq: u64,
+    pub next_worker_seq: u64,
+    pub jobs: BTreeMap<JobId, Job>,
+    pub workers: BTreeMap<WorkerId, Worker>,
+    pub max_restarts: u32,
+}
+
+impl State {
+    pub fn new(max_restarts: u32) -> Self {
+        State { max_restarts, ..Default::default() }
+    }
+
+    /// Free workers, in a stable order.
+    pub fn free_workers(&self) -> Vec<&Worker> {
+        self.workers.values().filter(|w| w.job.is_none()).collect()
+    }
+
+    /// Jobs in submission order.
+    pub fn jobs_in_order(&self) -> Vec<&Job> {
+        let mut jobs: Vec<&Job> = self.jobs.values().collect();
+        jobs.sort_by_key(|j| (j.submitted_at_ms, job_seq(&j.id)));
+        jobs
+    }
+
+    /// The worker's rank in its job's current plan.
+    pub fn rank_of(&self, worker: &str) -> Option<(&Job, u32)> {
+        let w = self.workers.get(worker)?;
+        let job = self.jobs.get(w.job.as_ref()?)?;
+        let plan = job.plan.as_ref()?;
+        let rank = plan.ranks.iter().position(|r| r.worker == worker)?;
+        Some((job, rank as u32))
+    }
+
+    pub fn apply(&mut self, cmd: Command) -> Result<Vec<Event>, Rejection> {
+        match cmd {
+            Command::SubmitJob {
+                name,
+                spec_json,
+                min_workers,
+                max_workers,
+                fixed_world,
+                total_steps,
+                keep_checkpoints,
+                output_root,
+                at_ms,
+            } => {
+                if min_workers == 0 || min_workers > max_workers {
+                    return Err(Rejection::Invalid(format!(
+                        "workers.min {min_workers} and workers.max {max_workers} must satisfy 1 <= min <= max"
+                    )));
+                }
+                self.next_job_seq += 1;
+                let id = format!("{name}-{}", self.next_job_seq);
+                self.jobs.insert(
+                    id.clone(),
+                    Job {
+                        id: id.clone(),
+                        name,
+                        spec_json,
+                        min_workers,
+                        max_workers,
+                        fixed_world,
+                        total_steps,
+                        keep_checkpoints: keep_checkpoints.max(1),
+                        output_dir: format!("{}/{id}", output_root.trim_end_matches('/')),
+                        phase: JobPhase::Pending,
+                        generation: 0,
+                        plan: None,
+                        checkpoints: Vec::new(),
+                        final_model: None,
+                        restarts: 0,
+                        message: "waiting for workers".into(),
+                        submitted_at_ms: at_ms,
+                        history: Vec::new(),
+                    },
+                );
+                Ok(vec![Event::JobSubmitted { job: id }])
+            }
+            Command::CancelJob { job, .. } => {
+                let j = self.job_mut(&job)?;
+                if j.phase.is_terminal() {
+                    return Ok(vec![Event::Ignored { reason: format!("job {job} already ended") }]);
+                }
+                j.phase = JobPhase::Cancelled;
+                j.message = "cancelled".into();
+                self.release_job(&job);
+                Ok(vec![Event::JobCancelled { job }])
+            }
+            Command::RegisterWorker { data_addr, hostname, at_ms } => {
+                self.next_worker_seq += 1;
+                let id = format!("w{}", self.next_worker_seq);
+                self.workers.insert(
+                    id.clone(),
+                    Worker { id: id.clone(), data_addr, hostname, registered_at_ms: at_ms, job: None },
+                );
+                Ok(vec![Event::WorkerRegistered { worker: id }])
+            }
+            Command::RemoveWorker { worker, reason, at_ms } => {
+                let w = self.workers.remove(&worker).ok_or_else(|| Rejection::WorkerNotFound(worker.clone()))?;
+                let mut events = vec![Event::WorkerRemoved { worker: worker.clone(), reason: reason.clone() }];
+                if let Some(job) = w.job {
+                    let why = format!("worker {worker} removed: {reason}");
+                    events.extend(self.replan(&job, &[worker.as_str()], why, at_ms));
+                }
+                Ok(events)
+            }
+            Command::Schedule { job, at_ms } => {
+                let j = self.job(&job)?;
+                match j.phase {
+                    JobPhase::Pending | JobPhase::Waiting => {
+                        let free: Vec<WorkerId> = self.free_workers().iter().map(|w| w.id.clone()).collect();
+                        let req = self.plan_request(j);
+                        match scheduler::plan(&req, &[], &free) {
+                            Some(workers) => {
+                                let reason = if j.generation == 0 { "job started" } else { "enough workers again" };
+                                Ok(self.start_generation(&job, workers, reason.into(), at_ms))
+                            }
+                            None => Err(Rejection::NotEnoughWorkers {
+                                job,
+                                free: free.len() as u32,
+                                needed: req.min_world(),
+                            }),
+                        }
+                    }
+                    phase => Err(Rejection::BadPhase { job, phase, what: "only pending or waiting jobs are scheduled".into() }),
+                }
+            }
+            Command::RestartGeneration { job, generation, reason, at_ms } => {
+                let j = self.job(&job)?;
+                if j.phase != JobPhase::Running || j.generation != generation {
+                    return Ok(vec![Event::Ignored {
+                        reason: format!("restart of generation {generation} of {job} is stale"),
+                    }]);
+                }
+                let workers = j.workers();
+                let restarts = j.restarts + 1;
+                if restarts > self.max_restarts {
+                    let reason = format!("gave up after {} restarts; last failure: {reason}", self.max_restarts);
+                    return Ok(self.fail(&job, reason));
+                }
+                self.job_mut(&job)?.restarts = restarts;
+                Ok(self.start_generation(&job, workers, reason, at_ms))
+            }
+            Command::CommitCheckpoint { job, generation, step, location, at_ms } => {
+                let j = self.job_mut(&job)?;
+                if !j.phase.is_active() {
+                    return Ok(vec![Event::Ignored { reason: format!("job {job} already ended") }]);
+                }
+                if j.latest_checkpoint().is_some_and(|c| c.step >= step) {
+                    return Ok(vec![Event::Ignored { reason: format!("checkpoint step {step} of {job} is not newer") }]);
+                }
+                j.checkpoints.push(CheckpointRecord { step, location, generation });
+                let mut events = vec![Event::CheckpointCommitted { job: job.clone(), step }];
+                let keep = j.keep_checkpoints as usize;
+                if j.checkpoints.len() > keep {
+                    let dropped: Vec<u64> =
+                        j.checkpoints.drain(..j.checkpoints.len() - keep).map(|c| c.step).collect();
+                    events.push(Event::CheckpointsDropped { job: job.clone(), steps: dropped });
+                }
+                // A job below its maximum grows at a checkpoint, so that the
+                // new generation resumes from it and loses no step.
+                if j.phase == JobPhase::Running && j.generation == generation {
+                    events.extend(self.grow(&job, at_ms));
+                }
+                Ok(events)
+            }
+            Command::FinishJob { job, generation, step, final_model, .. } => {
+                let j = self.job_mut(&job)?;
+                if j.phase.is_terminal() {
+                    return Ok(vec![Event::Ignored { reason: format!("job {job} already ended") }]);
+                }
+                if j.generation != generation {
+                    return Ok(vec![Event::Ignored {
+                        reason: format!("finish from generation {generation} of {job} is stale"),
+                    }]);
+                }
+                if step < j.total_steps {
+                    return Err(Rejection::Invalid(format!(
+                        "job {job} finished at step {step} of {}",
+                        j.total_steps
+                    )));
+                }
+                j.phase = JobPhase::Succeeded;
+                j.final_model = Some(final_model);
+                j.message = format!("trained {step} steps");
+                self.release_job(&job);
+                Ok(vec![Event::JobSucceeded { job }])
+            }
+            Command::FailJob { job, reason, .. } => {
+                let j = self.job(&job)?;
+                if j.phase.is_terminal() {
+                    return Ok(vec![Event::Ignored { reason: format!("job {job} already ended") }]);
+                }
+                Ok(self.fail(&job, reason))
+            }
+        }
+    }
+
+    fn job(&self, job: &str) -> Result<&Job, Rejection> {
+        self.jobs.get(job).ok_or_else(|| Rejection::JobNotFound(job.to_string()))
+    }
+
+    fn job_mut(&mut self, job: &str) -> Result<&mut Job, Rejection> {
+        self.jobs.get_mut(job).ok_or_else(|| Rejection::JobNotFound(job.to_string()))
+    }
+
+    fn plan_request(&self, job: &Job) -> PlanRequest {
+        PlanRequest { min: job.min_workers, max: job.max_workers, fixed: job.fixed_world }
+    }
+
+    fn fail(&mut self, job: &str, reason: String) -> Vec<Event> {
+        if let Some(j) = self.jobs.get_mut(job) {
+            j.phase = JobPhase::Failed;
+            j.message = reason.clone();
+        }
+        self.release_job(job);
+        vec![Event::JobFailed { job: job.to_string(), reason }]
+    }
+
+    /// Frees the job's workers and drops its plan.
+    fn release_job(&mut self, job: &str) {
+        if let Some(j) = self.jobs.get_mut(job) {
+            j.plan = None;
+        }
+        for w in self.workers.values_mut() {
+            if w.job.as_deref() == Some(job) {
+                w.job = None;
+            }
+        }
+    }
+
+    fn start_generation(&mut self, job: &str, workers: Vec<WorkerId>, reason: String, at_ms: i64) -> Vec<Event> {
+        for w in self.workers.values_mut() {
+            if w.job.as_deref() == Some(job) {
+                w.job = None;
+            }
+        }
+        let ranks: Vec<RankSlot> = workers
+            .iter()
+            .filter_map(|id| self.workers.get(id))
+            .map(|w| RankSlot { worker: w.id.clone(), data_addr: w.data_addr.clone() })
+            .collect();
+        for r in &ranks {
+            if let Some(w) = self.workers.get_mut(&r.worker) {
+                w.job = Some(job.to_string());
+            }
+        }
+        let Some(j) = self.jobs.get_mut(job) else { return Vec::new() };
+        j.generation += 1;
+        let resume_step = j.latest_checkpoint().map_or(0, |c| c.step);
+        let world_size = ranks.len() as u32;
+        j.plan = Some(Plan { generation: j.generation, ranks });
+        j.phase = JobPhase::Running;
+        j.message = reason.clone();
+        j.history.push(GenerationRecord {
+            generation: j.generation,
+            world_size,
+            reason: reason.clone(),
+            at_ms,
+            resumed_from_step: resume_step,
+        });
+        vec![Event::GenerationStarted { job: job.to_string(), generation: j.generation, world_size, resume_step, reason }]
+    }
+
+    /// After `gone` left a running job: a new generation on the workers that
+    /// remain plus free ones, or waiting when fewer than `min` are left.
+    fn replan(&mut self, job: &str, gone: &[&str], reason: String, at_ms: i64) -> Vec<Event> {
+        let Some(j) = self.jobs.get(job) else { return Vec::new() };
+        if j.phase != JobPhase::Running {
+            return Vec::new();
+        }
+        let current: Vec<WorkerId> = j.workers().into_iter().filter(|w| !gone.contains(&w.as_str())).collect();
+        let free: Vec<WorkerId> = self.free_workers().iter().map(|w| w.id.clone()).collect();
+        let req = self.plan_request(j);
+        match scheduler::plan(&req, &current, &free) {
+            Some(workers) => self.start_generation(job, workers, reason, at_ms),
+            None => {
+                self.release_job(job);
+                let j = self.jobs.get_mut(job).expect("job exists");
+                j.generation += 1;
+                j.phase = JobPhase::Waiting;
+                j.message = format!("{reason}; waiting for {} workers", j.min_workers);
+                j.history.push(GenerationRecord {
+                    generation: j.generation,
+                    world_size: 0,
+                    reason: reason.clone(),
+                    at_ms,
+                    resumed_from_step: 0,
+                });
+                vec![Event::JobWaiting { job: job.to_string(), generation: j.generation, reason }]
+            }
+        }
+    }
+
+    fn grow(&mut self, job: &str, at_ms: i64) -> Vec<Event> {
+        let Some(j) = self.jobs.get(job) else { return Vec::new() };
+        let current = j.workers();
+        let free: Vec<WorkerId> = self.free_workers().iter().map(|w| w.id.clone()).collect();
+        if free.is_empty() || current.len() as u32 >= j.max_workers {
+            return Vec::new();
+        }
+        let req = self.plan_request(j);
+        match scheduler::plan(&req, &current, &free) {
+            Some(workers) if workers != current => {
+                self.start_generation(job, workers, "workers joined".into(), at_ms)
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The sequence number in a job id `name-N`, for stable ordering.
+fn job_seq(id: &str) -> u64 {
+    id.rsplit('-').next().and_then(|s| s.parse().ok()).unwrap_or(0)
+}

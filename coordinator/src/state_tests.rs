@@ -1,0 +1,287 @@
+//! The state machine, tested by the events its commands return.
+
+use crate::state::*;
+
+fn submit(state: &mut State, name: &str, min: u32, max: u32, keep: u32) -> JobId {
+    let events = state
+        .apply(Command::SubmitJob {
+            name: name.into(),
+            spec_json: "{}".into(),
+            min_workers: min,
+            max_workers: max,
+            fixed_world: None,
+            total_steps: 100,
+            keep_checkpoints: keep,
+            output_root: "/runs".into(),
+            at_ms: 1,
+        })
+        .unwrap();
+    match &events[..] {
+        [Event::JobSubmitted { job }] => job.clone(),
+        other => panic!("unexpected events {other:?}"),
+    }
+}
+
+fn register(state: &mut State, addr: &str) -> WorkerId {
+    match &state.apply(Command::RegisterWorker { data_addr: addr.into(), hostname: "h".into(), at_ms: 2 }).unwrap()[..] {
+        [Event::WorkerRegistered { worker }] => worker.clone(),
+        other => panic!("unexpected events {other:?}"),
+    }
+}
+
+fn ranks(state: &State, job: &str) -> Vec<String> {
+    state.jobs[job].plan.as_ref().map(|p| p.ranks.iter().map(|r| r.worker.clone()).collect()).unwrap_or_default()
+}
+
+fn commit(state: &mut State, job: &str, generation: u64, step: u64) -> Vec<Event> {
+    state
+        .apply(Command::CommitCheckpoint {
+            job: job.into(),
+            generation,
+            step,
+            location: format!("/runs/{job}/step-{step}"),
+            at_ms: 3,
+        })
+        .unwrap()
+}
+
+#[test]
+fn submit_assigns_sequential_ids_and_output_folders() {
+    let mut s = State::new(3);
+    let a = submit(&mut s, "quickstart", 1, 2, 3);
+    let b = submit(&mut s, "quickstart", 1, 2, 3);
+    assert_eq!((a.as_str(), b.as_str()), ("quickstart-1", "quickstart-2"));
+    assert_eq!(s.jobs[&a].phase, JobPhase::Pending);
+    assert_eq!(s.jobs[&a].output_dir, "/runs/quickstart-1");
+}
+
+#[test]
+fn schedule_without_enough_workers_is_rejected_and_changes_nothing() {
+    let mut s = State::new(3);
+    let job = submit(&mut s, "j", 2, 2, 3);
+    register(&mut s, "127.0.0.1:1");
+    let before = s.clone();
+    let err = s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap_err();
+    assert_eq!(err, Rejection::NotEnoughWorkers { job, free: 1, needed: 2 });
+    assert_eq!(s, before);
+}
+
+#[test]
+fn schedule_starts_generation_one_on_free_workers() {
+    let mut s = State::new(3);
+    let job = submit(&mut s, "j", 1, 2, 3);
+    let w1 = register(&mut s, "127.0.0.1:1");
+    let w2 = register(&mut s, "127.0.0.1:2");
+    register(&mut s, "127.0.0.1:3");
+    let events = s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
+    assert_eq!(
+        events,
+        vec![Event::GenerationStarted {
+            job: job.clone(),
+            generation: 1,
+            world_size: 2,
+            resume_step: 0,
+            reason: "job started".into()
+        }]
+    );
+    assert_eq!(ranks(&s, &job), vec![w1.clone(), w2.clone()]);
+    assert_eq!(s.rank_of(&w2).map(|(j, r)| (j.id.clone(), r)), Some((job.clone(), 1)));
+    assert_eq!(s.free_workers().len(), 1);
+}
+
+#[test]
+fn losing_a_worker_above_min_starts_a_new_generation_from_the_latest_checkpoint() {
+    let mut s = State::new(3);
+    let job = submit(&mut s, "j", 1, 2, 3);
+    let w1 = register(&mut s, "127.0.0.1:1");
+    let w2 = register(&mut s, "127.0.0.1:2");
+    s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
+    commit(&mut s, &job, 1, 10);
+    let events = s.apply(Command::RemoveWorker { worker: w1.clone(), reason: "lease lapsed".into(), at_ms: 6 }).unwrap();
+    assert_eq!(
+        events,
+        vec![
+            Event::WorkerRemoved { worker: w1.clone(), reason: "lease lapsed".into() },
+            Event::GenerationStarted {
+                job: job.clone(),
+                generation: 2,
+                world_size: 1,
+                resume_step: 10,
+                reason: format!("worker {w1} removed: lease lapsed"),
+            }
+        ]
+    );
+    assert_eq!(ranks(&s, &job), vec![w2]);
+}
+
+#[test]
+fn losing_a_worker_below_min_waits_then_resumes_when_a_replacement_registers() {
+    let mut s = State::new(3);
+    let job = submit(&mut s, "j", 2, 2, 3);
+    let w1 = register(&mut s, "127.0.0.1:1");
+    let w2 = register(&mut s, "127.0.0.1:2");
+    s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
+    commit(&mut s, &job, 1, 20);
+    let events = s.apply(Command::RemoveWorker { worker: w2.clone(), reason: "lease lapsed".into(), at_ms: 6 }).unwrap();
+    assert!(matches!(events[1], Event::JobWaiting { generation: 2, .. }), "{events:?}");
+    assert_eq!(s.jobs[&job].phase, JobPhase::Waiting);
+    assert!(s.jobs[&job].plan.is_none());
+    assert!(s.workers[&w1].job.is_none(), "the remaining worker is released");
+    let w3 = register(&mut s, "127.0.0.1:3");
+    let events = s.apply(Command::Schedule { job: job.clone(), at_ms: 7 }).unwrap();
+    assert!(
+        matches!(&events[..], [Event::GenerationStarted { generation: 3, world_size: 2, resume_step: 20, .. }]),
+        "{events:?}"
+    );
+    assert_eq!(ranks(&s, &job), vec![w1, w3]);
+}
+
+#[test]
+fn retention_keeps_the_newest_checkpoints_and_ignores_older_commits() {
+    let mut s = State::new(3);
+    let job = submit(&mut s, "j", 1, 1, 2);
+    register(&mut s, "127.0.0.1:1");
+    s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
+    commit(&mut s, &job, 1, 10);
+    commit(&mut s, &job, 1, 20);
+    let events = commit(&mut s, &job, 1, 30);
+    assert_eq!(
+        events,
+        vec![
+            Event::CheckpointCommitted { job: job.clone(), step: 30 },
+            Event::CheckpointsDropped { job: job.clone(), steps: vec![10] }
+        ]
+    );
+    let events = commit(&mut s, &job, 1, 20);
+    assert!(matches!(events[..], [Event::Ignored { .. }]));
+    let steps: Vec<u64> = s.jobs[&job].checkpoints.iter().map(|c| c.step).collect();
+    assert_eq!(steps, vec![20, 30]);
+}
+
+#[test]
+fn a_job_below_max_grows_at_its_next_checkpoint() {
+    let mut s = State::new(3);
+    let job = submit(&mut s, "j", 1, 2, 3);
+    let w1 = register(&mut s, "127.0.0.1:1");
+    s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
+    let w2 = register(&mut s, "127.0.0.1:2");
+    let events = commit(&mut s, &job, 1, 40);
+    assert_eq!(
+        events[1],
+        Event::GenerationStarted {
+            job: job.clone(),
+            generation: 2,
+            world_size: 2,
+            resume_step: 40,
+            reason: "workers joined".into()
+        }
+    );
+    assert_eq!(ranks(&s, &job), vec![w1, w2]);
+}
+
+#[test]
+fn finish_from_a_stale_generation_is_ignored_and_the_current_one_succeeds() {
+    let mut s = State::new(3);
+    let job = submit(&mut s, "j", 1, 2, 3);
+    let w1 = register(&mut s, "127.0.0.1:1");
+    register(&mut s, "127.0.0.1:2");
+    s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
+    s.apply(Command::RemoveWorker { worker: w1, reason: "gone".into(), at_ms: 6 }).unwrap();
+    let finish = |generation| Command::FinishJob {
+        job: job.clone(),
+        generation,
+        step: 100,
+        final_model: "/runs/j-1/final/model.safetensors".into(),
+        at_ms: 7,
+    };
+    assert!(matches!(s.apply(finish(1)).unwrap()[..], [Event::Ignored { .. }]));
+    assert_eq!(s.apply(finish(2)).unwrap(), vec![Event::JobSucceeded { job: job.clone() }]);
+    assert_eq!(s.jobs[&job].phase, JobPhase::Succeeded);
+    assert_eq!(s.free_workers().len(), 1);
+    assert!(matches!(s.apply(finish(2)).unwrap()[..], [Event::Ignored { .. }]), "a retried finish changes nothing");
+}
+
+#[test]
+fn finishing_before_the_last_step_is_rejected() {
+    let mut s = State::new(3);
+    let job = submit(&mut s, "j", 1, 1, 3);
+    register(&mut s, "127.0.0.1:1");
+    s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
+    let err = s
+        .apply(Command::FinishJob { job: job.clone(), generation: 1, step: 99, final_model: "m".into(), at_ms: 7 })
+        .unwrap_err();
+    assert!(matches!(err, Rejection::Invalid(_)));
+    assert_eq!(s.jobs[&job].phase, JobPhase::Running);
+}
+
+#[test]
+fn restarts_beyond_the_limit_fail_the_job() {
+    let mut s = State::new(2);
+    let job = submit(&mut s, "j", 1, 1, 3);
+    register(&mut s, "127.0.0.1:1");
+    s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
+    for generation in 1..=2 {
+        let events = s
+            .apply(Command::RestartGeneration { job: job.clone(), generation, reason: "boom".into(), at_ms: 6 })
+            .unwrap();
+        assert!(matches!(events[..], [Event::GenerationStarted { .. }]), "{events:?}");
+    }
+    let stale = s
+        .apply(Command::RestartGeneration { job: job.clone(), generation: 1, reason: "old".into(), at_ms: 6 })
+        .unwrap();
+    assert!(matches!(stale[..], [Event::Ignored { .. }]));
+    let events =
+        s.apply(Command::RestartGeneration { job: job.clone(), generation: 3, reason: "boom".into(), at_ms: 6 }).unwrap();
+    assert!(matches!(&events[..], [Event::JobFailed { reason, .. }] if reason.contains("boom")), "{events:?}");
+    assert_eq!(s.free_workers().len(), 1);
+}
+
+#[test]
+fn cancel_releases_workers_and_is_idempotent() {
+    let mut s = State::new(3);
+    let job = submit(&mut s, "j", 1, 1, 3);
+    register(&mut s, "127.0.0.1:1");
+    s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
+    assert_eq!(s.apply(Command::CancelJob { job: job.clone(), at_ms: 6 }).unwrap(), vec![Event::JobCancelled {
+        job: job.clone()
+    }]);
+    assert_eq!(s.free_workers().len(), 1);
+    assert!(matches!(s.apply(Command::CancelJob { job: job.clone(), at_ms: 7 }).unwrap()[..], [Event::Ignored { .. }]));
+    assert_eq!(
+        s.apply(Command::CancelJob { job: "nope-9".into(), at_ms: 7 }).unwrap_err(),
+        Rejection::JobNotFound("nope-9".into())
+    );
+}
+
+#[test]
+fn replicas_applying_the_same_log_agree() {
+    let log = vec![
+        Command::SubmitJob {
+            name: "a".into(),
+            spec_json: "{}".into(),
+            min_workers: 1,
+            max_workers: 3,
+            fixed_world: None,
+            total_steps: 10,
+            keep_checkpoints: 1,
+            output_root: "/r".into(),
+            at_ms: 1,
+        },
+        Command::RegisterWorker { data_addr: "127.0.0.1:1".into(), hostname: "h".into(), at_ms: 2 },
+        Command::RegisterWorker { data_addr: "127.0.0.1:2".into(), hostname: "h".into(), at_ms: 3 },
+        Command::Schedule { job: "a-1".into(), at_ms: 4 },
+        Command::CommitCheckpoint { job: "a-1".into(), generation: 1, step: 5, location: "x".into(), at_ms: 5 },
+        Command::RemoveWorker { worker: "w1".into(), reason: "lost".into(), at_ms: 6 },
+        Command::FinishJob { job: "a-1".into(), generation: 2, step: 10, final_model: "m".into(), at_ms: 7 },
+    ];
+    let run = || {
+        let mut s = State::new(3);
+        let events: Vec<_> = log.iter().map(|c| s.apply(c.clone())).collect();
+        (s, events)
+    };
+    let (a, ea) = run();
+    let (b, eb) = run();
+    assert_eq!(a, b);
+    assert_eq!(ea, eb);
+    assert_eq!(a.jobs["a-1"].phase, JobPhase::Succeeded);
+}

@@ -1,0 +1,8 @@
+//! flotilla's wire types and gRPC stubs (package `flotilla.v1`), generated
+//! from `proto/flotilla/v1/flotilla.proto`. No logic lives here.
+
+pub mod v1 {
+    tonic::include_proto!("flotilla.v1");
+}
+
+pub use v1::*;

@@ -1,0 +1,345 @@
+//! The worker agent: registers with the coordinator, keeps its lease alive,
+//! follows its assignment stream, and supervises the train loop of the
+//! current generation (one thread), forwarding what the loop reports.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use flotilla_comm::CommListener;
+use flotilla_jobspec::JobSpec;
+use flotilla_proto::v1 as pb;
+use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+use crate::checkpoint;
+use crate::train::{self, Assignment, Outcome, TrainError, TrainEvent, TrainOptions};
+
+const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The coordinator's URL, e.g. `http://10.0.0.1:7070`.
+    pub coordinator: String,
+    /// Where to listen for peers' collectives.
+    pub data_bind: SocketAddr,
+    /// The host peers reach this worker on; by default the local address
+    /// used to reach the coordinator.
+    pub advertise_host: Option<IpAddr>,
+    pub train: TrainOptions,
+}
+
+/// Identifies one rank of one generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RunKey {
+    job: String,
+    generation: u64,
+    rank: u32,
+}
+
+enum RunMsg {
+    Event(TrainEvent),
+    Ended(Result<Outcome, TrainError>),
+}
+
+struct Run {
+    key: RunKey,
+    output_dir: PathBuf,
+    cancel: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Run {
+    async fn stop(mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        tracing::info!(job = %self.key.job, gen = self.key.generation, rank = self.key.rank, "train loop stopped");
+    }
+}
+
+fn timed<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.set_timeout(RPC_TIMEOUT);
+    r
+}
+
+/// The local address this machine uses to reach `url`'s host.
+fn local_ip_towards(url: &str) -> IpAddr {
+    let hostport = url.split("://").last().unwrap_or(url).trim_end_matches('/');
+    let probe = || -> Option<IpAddr> {
+        let target = std::net::ToSocketAddrs::to_socket_addrs(hostport).ok()?.next()?;
+        let sock = UdpSocket::bind(if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }).ok()?;
+        sock.connect(target).ok()?;
+        Some(sock.local_addr().ok()?.ip())
+    };
+    probe().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    listener: Arc<CommListener>,
+    data_addr: SocketAddr,
+    current: Option<Run>,
+    events_tx: mpsc::UnboundedSender<(RunKey, RunMsg)>,
+    events_rx: mpsc::UnboundedReceiver<(RunKey, RunMsg)>,
+}
+
+impl Agent {
+    pub fn new(cfg: AgentConfig) -> anyhow::Result<Agent> {
+        let listener = CommListener::bind(cfg.data_bind).context("bind the data port")?;
+        let host = match cfg.advertise_host {
+            Some(h) => h,
+            None if !cfg.data_bind.ip().is_unspecified() => cfg.data_bind.ip(),
+            None => local_ip_towards(&cfg.coordinator),
+        };
+        let data_addr = SocketAddr::new(host, listener.local_addr().port());
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        Ok(Agent { cfg, listener: Arc::new(listener), data_addr, current: None, events_tx, events_rx })
+    }
+
+    pub fn data_addr(&self) -> SocketAddr {
+        self.data_addr
+    }
+
+    /// Runs until `shutdown` fires; then stops the train loop and returns.
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let client = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                c = self.connect() => c,
+            };
+            match client {
+                Ok(mut client) => match self.session(&mut client, &shutdown).await {
+                    Ok(()) => break,
+                    Err(e) => tracing::warn!(error = %e, "lost the coordinator; reconnecting"),
+                },
+                Err(e) => tracing::debug!(error = %e, "coordinator not reachable yet"),
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+        if let Some(run) = self.current.take() {
+            run.stop().await;
+        }
+        self.listener.shutdown();
+        Ok(())
+    }
+
+    async fn connect(&self) -> anyhow::Result<WorkerServiceClient<Channel>> {
+        let channel = Channel::from_shared(self.cfg.coordinator.clone())
+            .context("coordinator address")?
+            .connect_timeout(Duration::from_secs(2))
+            .connect()
+            .await?;
+        Ok(WorkerServiceClient::new(channel))
+    }
+
+    /// Registers and follows assignments. `Ok` only on shutdown.
+    async fn session(
+        &mut self,
+        client: &mut WorkerServiceClient<Channel>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let reg = client
+            .register(timed(pb::RegisterRequest {
+                data_addr: self.data_addr.to_string(),
+                hostname: hostname(),
+                pid: std::process::id(),
+            }))
+            .await?
+            .into_inner();
+        let worker = reg.worker_id;
+        tracing::info!(worker = %worker, data_addr = %self.data_addr, "registered");
+        let mut heartbeat = tokio::time::interval(Duration::from_millis(reg.heartbeat_interval_ms.max(50)));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stream =
+            client.assignments(pb::AssignmentsRequest { worker_id: worker.clone() }).await?.into_inner();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = heartbeat.tick() => {
+                    if let Err(s) = client.heartbeat(timed(pb::HeartbeatRequest { worker_id: worker.clone() })).await {
+                        if s.code() == Code::NotFound {
+                            self.stop_current().await;
+                            anyhow::bail!("the coordinator forgot this worker: {}", s.message());
+                        }
+                        tracing::warn!(error = %s, "heartbeat failed");
+                    }
+                }
+                msg = stream.message() => match msg {
+                    Ok(Some(a)) => self.follow(a).await,
+                    Ok(None) => anyhow::bail!("assignment stream ended"),
+                    Err(s) => {
+                        if s.code() == Code::NotFound {
+                            self.stop_current().await;
+                        }
+                        anyhow::bail!("assignment stream failed: {s}");
+                    }
+                },
+                Some((key, msg)) = self.events_rx.recv() => self.forward(client, &worker, key, msg).await,
+            }
+        }
+    }
+
+    async fn stop_current(&mut self) {
+        if let Some(run) = self.current.take() {
+            run.stop().await;
+        }
+    }
+
+    /// Starts, keeps or stops the train loop to match assignment `a`.
+    async fn follow(&mut self, a: pb::Assignment) {
+        let key = RunKey { job: a.job_id.clone(), generation: a.generation, rank: a.rank };
+        if self.current.as_ref().is_some_and(|r| r.key == key) {
+            return;
+        }
+        self.stop_current().await;
+        if a.job_id.is_empty() {
+            tracing::info!("idle");
+            return;
+        }
+        match self.start(key.clone(), a) {
+            Ok(run) => self.current = Some(run),
+            Err(e) => {
+                let msg = RunMsg::Ended(Err(TrainError::Fatal(format!("{e:#}"))));
+                let _ = self.events_tx.send((key, msg));
+            }
+        }
+    }
+
+    fn start(&self, key: RunKey, a: pb::Assignment) -> anyhow::Result<Run> {
+        let spec = JobSpec::from_json(&a.spec_json).context("read the job spec from the coordinator")?;
+        let peers = a
+            .peers
+            .iter()
+            .map(|p| p.parse::<SocketAddr>().with_context(|| format!("peer address {p:?}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let assignment = Assignment {
+            job: a.job_id.clone(),
+            generation: a.generation,
+            rank: a.rank as usize,
+            world: a.world_size as usize,
+            peers,
+            spec,
+            spec_json: a.spec_json.clone(),
+            output_dir: PathBuf::from(&a.output_dir),
+            checkpoints: a.checkpoints.iter().map(|c| PathBuf::from(&c.location)).collect(),
+        };
+        tracing::info!(job = %key.job, gen = key.generation, rank = key.rank, world = a.world_size,
+            resume = a.checkpoints.first().map_or(0, |c| c.step), "starting train loop");
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (listener, opts, tx, k, c) =
+            (self.listener.clone(), self.cfg.train.clone(), self.events_tx.clone(), key.clone(), cancel.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("train-{}-g{}-r{}", key.job, key.generation, key.rank))
+            .spawn(move || {
+                let mut emit = |e: TrainEvent| {
+                    let _ = tx.send((k.clone(), RunMsg::Event(e)));
+                };
+                let result = train::run(&assignment, &listener, &opts, &c, &mut emit);
+                let _ = tx.send((k, RunMsg::Ended(result)));
+            })
+            .context("spawn the train thread")?;
+        Ok(Run { key, output_dir: PathBuf::from(&a.output_dir), cancel, thread: Some(thread) })
+    }
+
+    /// Sends what the train loop reported to the coordinator.
+    async fn forward(&mut self, client: &mut WorkerServiceClient<Channel>, worker: &str, key: RunKey, msg: RunMsg) {
+        let (job_id, generation, rank) = (key.job.clone(), key.generation, key.rank);
+        let result = match msg {
+            RunMsg::Event(TrainEvent::Progress { step, loss, lr, samples_per_sec, grad_norm }) => client
+                .report_progress(timed(pb::ProgressReport {
+                    worker_id: worker.into(),
+                    job_id,
+                    generation,
+                    rank,
+                    step,
+                    loss,
+                    lr,
+                    samples_per_sec,
+                    grad_norm,
+                }))
+                .await
+                .map(|_| ()),
+            RunMsg::Event(TrainEvent::Checkpoint { step, location }) => {
+                let commit = pb::CheckpointCommit {
+                    worker_id: worker.into(),
+                    job_id,
+                    generation,
+                    step,
+                    location: location.display().to_string(),
+                };
+                match client.commit_checkpoint(timed(commit)).await {
+                    Ok(resp) => {
+                        let keep = resp.into_inner().retained_steps;
+                        if let Some(dir) = self.current.as_ref().filter(|r| r.key == key).map(|r| r.output_dir.clone())
+                        {
+                            match tokio::task::spawn_blocking(move || checkpoint::prune(&dir, &keep)).await {
+                                Ok(Ok(gone)) if !gone.is_empty() => tracing::info!(steps = ?gone, "removed old checkpoints"),
+                                Ok(Err(e)) => tracing::warn!(error = %e, "could not remove old checkpoints"),
+                                _ => {}
+                            }
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            RunMsg::Event(TrainEvent::Finished { step, final_model }) => client
+                .report_finished(timed(pb::FinishReport {
+                    worker_id: worker.into(),
+                    job_id,
+                    generation,
+                    step,
+                    final_model: final_model.display().to_string(),
+                }))
+                .await
+                .map(|_| ()),
+            RunMsg::Ended(Ok(outcome)) => {
+                tracing::info!(job = %key.job, gen = generation, rank, ?outcome, "train loop ended");
+                Ok(())
+            }
+            RunMsg::Ended(Err(e)) => {
+                let (kind, peer_rank) = match &e {
+                    TrainError::Comm(c) => (pb::FailureKind::Comm, c.peer().map(|p| p as u32)),
+                    TrainError::Fatal(_) => (pb::FailureKind::Fatal, None),
+                };
+                tracing::error!(job = %key.job, gen = generation, rank, error = %e, "train loop failed");
+                client
+                    .report_failure(timed(pb::FailureReport {
+                        worker_id: worker.into(),
+                        job_id,
+                        generation,
+                        rank,
+                        kind: kind as i32,
+                        message: e.to_string(),
+                        peer_rank,
+                    }))
+                    .await
+                    .map(|_| ())
+            }
+        };
+        if let Err(s) = result {
+            tracing::warn!(job = %key.job, gen = generation, error = %s, "coordinator refused a report");
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+}

@@ -1,0 +1,445 @@
+//! Sharded checkpoints. Step `s` of a job is the folder `step-<s>/` holding
+//! one safetensors shard per rank and `manifest.json`, written last. Every
+//! logical tensor (parameters, AdamW moments) is split into contiguous flat
+//! ranges, one per rank, and the manifest says which range lives in which
+//! shard, with each shard's SHA-256. Loading assembles the logical tensors
+//! from the ranges, so a checkpoint loads under any world size, and a shard
+//! whose checksum does not match marks the checkpoint as torn.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub const MANIFEST: &str = "manifest.json";
+pub const FORMAT: &str = "flotilla-checkpoint/1";
+const GROUPS: [&str; 3] = ["param", "adam.m", "adam.v"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: String, source: std::io::Error },
+    #[error("checkpoint {path} is torn or corrupt: {message}")]
+    Corrupt { path: String, message: String },
+    #[error("checkpoint {path} does not fit this job: {message}")]
+    Mismatch { path: String, message: String },
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CheckpointError + 'a {
+    move |source| CheckpointError::Io { what, path: path.display().to_string(), source }
+}
+
+/// Names, shapes and flat offsets of the model's parameters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layout {
+    pub names: Vec<String>,
+    pub shapes: Vec<Vec<usize>>,
+    pub offsets: Vec<usize>,
+    pub total: usize,
+}
+
+impl Layout {
+    pub fn new(entries: Vec<(String, Vec<usize>)>) -> Layout {
+        let mut offsets = Vec::with_capacity(entries.len());
+        let mut total = 0;
+        for (_, shape) in &entries {
+            offsets.push(total);
+            total += shape.iter().product::<usize>();
+        }
+        let (names, shapes) = entries.into_iter().unzip();
+        Layout { names, shapes, offsets, total }
+    }
+
+    fn numel(&self, i: usize) -> usize {
+        self.shapes[i].iter().product()
+    }
+}
+
+/// The flat range of a tensor of `len` elements that rank `rank` of `world` stores.
+pub fn shard_range(len: usize, rank: usize, world: usize) -> (usize, usize) {
+    (len * rank / world, len * (rank + 1) / world)
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Piece {
+    pub shard: usize,
+    pub start: usize,
+    pub end: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorEntry {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: String,
+    pub pieces: Vec<Piece>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShardEntry {
+    pub file: String,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplerState {
+    /// Global index of the next sample to use.
+    pub position: u64,
+    pub seed: u64,
+    pub global_batch: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub job: String,
+    pub step: u64,
+    pub generation: u64,
+    pub world_size: usize,
+    pub sampler: SamplerState,
+    /// Seed of the torch generator the weights were drawn from (training
+    /// itself draws no random numbers).
+    pub torch_seed: u64,
+    pub optimizer: String,
+    pub optimizer_step: u64,
+    pub tensors: Vec<TensorEntry>,
+    pub shards: Vec<ShardEntry>,
+}
+
+/// Parameters and optimizer state, flat, in layout order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub step: u64,
+    pub params: Vec<f32>,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub optimizer_step: u64,
+}
+
+pub fn step_dir(out: &Path, step: u64) -> PathBuf {
+    out.join(format!("step-{step:08}"))
+}
+
+/// The step of a `step-<s>` folder name.
+pub fn parse_step_dir(name: &str) -> Option<u64> {
+    name.strip_prefix("step-")?.parse().ok()
+}
+
+fn shard_file(rank: usize) -> String {
+    format!("rank-{rank:05}.safetensors")
+}
+
+fn group_slice<'a>(s: &'a Snapshot, g: usize) -> &'a [f32] {
+    [&s.params, &s.m, &s.v][g]
+}
+
+fn to_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Writes rank `rank`'s shard of `snap` into `dir` (created if needed).
+pub fn write_shard(
+    dir: &Path,
+    layout: &Layout,
+    snap: &Snapshot,
+    rank: usize,
+    world: usize,
+) -> Result<ShardEntry, CheckpointError> {
+    std::fs::create_dir_all(dir).map_err(io("create checkpoint folder", dir))?;
+    let mut buffers: Vec<(String, Vec<u8>, usize)> = Vec::new();
+    for (g, group) in GROUPS.iter().enumerate() {
+        let data = group_slice(snap, g);
+        for (i, name) in layout.names.iter().enumerate() {
+            let (a, b) = shard_range(layout.numel(i), rank, world);
+            if a < b {
+                let off = layout.offsets[i];
+                buffers.push((format!("{group}/{name}"), to_bytes(&data[off + a..off + b]), b - a));
+            }
+        }
+    }
+    let views: Vec<(String, TensorView<'_>)> = buffers
+        .iter()
+        .map(|(n, bytes, len)| (n.clone(), TensorView::new(Dtype::F32, vec![*len], bytes).expect("sizes agree")))
+        .collect();
+    let bytes = safetensors::serialize(views, None).map_err(|e| CheckpointError::Corrupt {
+        path: dir.display().to_string(),
+        message: format!("serialize shard: {e}"),
+    })?;
+    let file = shard_file(rank);
+    write_atomic(&dir.join(&file), &bytes)?;
+    Ok(ShardEntry { file, sha256: hex(&Sha256::digest(&bytes)), bytes: bytes.len() as u64 })
+}
+
+/// The manifest of a checkpoint whose shards are `shards` (index = rank).
+pub fn manifest(
+    job: &str,
+    generation: u64,
+    layout: &Layout,
+    snap: &Snapshot,
+    sampler: SamplerState,
+    torch_seed: u64,
+    shards: Vec<ShardEntry>,
+) -> Manifest {
+    let world = shards.len();
+    let mut tensors = Vec::new();
+    for group in GROUPS {
+        for (i, name) in layout.names.iter().enumerate() {
+            let pieces = (0..world)
+                .map(|r| {
+                    let (start, end) = shard_range(layout.numel(i), r, world);
+                    Piece { shard: r, start, end }
+                })
+                .filter(|p| p.start < p.end)
+                .collect();
+            tensors.push(TensorEntry {
+                name: format!("{group}/{name}"),
+                shape: layout.shapes[i].clone(),
+                dtype: "f32".into(),
+                pieces,
+            });
+        }
+    }
+    Manifest {
+        format: FORMAT.into(),
+        job: job.into(),
+        step: snap.step,
+        generation,
+        world_size: world,
+        sampler,
+        torch_seed,
+        optimizer: "adamw".into(),
+        optimizer_step: snap.optimizer_step,
+        tensors,
+        shards,
+    }
+}
+
+/// Writes the manifest: the last file of a checkpoint.
+pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), CheckpointError> {
+    let json = serde_json::to_vec_pretty(m).expect("manifest serializes");
+    write_atomic(&dir.join(MANIFEST), &json)
+}
+
+pub fn read_manifest(dir: &Path) -> Result<Manifest, CheckpointError> {
+    let path = dir.join(MANIFEST);
+    let bytes = std::fs::read(&path).map_err(io("read checkpoint manifest", &path))?;
+    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt {
+        path: dir.display().to_string(),
+        message: format!("manifest is not valid: {e}"),
+    })?;
+    if m.format != FORMAT {
+        return Err(CheckpointError::Mismatch {
+            path: dir.display().to_string(),
+            message: format!("format {:?}, expected {FORMAT:?}", m.format),
+        });
+    }
+    Ok(m)
+}
+
+/// Loads a checkpoint for a model of `layout`, verifying every shard's
+/// checksum and that the pieces cover every tensor exactly once.
+pub fn load(dir: &Path, layout: &Layout) -> Result<(Manifest, Snapshot), CheckpointError> {
+    let m = read_manifest(dir)?;
+    let path = dir.display().to_string();
+    let corrupt = |message: String| CheckpointError::Corrupt { path: path.clone(), message };
+    let mut shards = Vec::with_capacity(m.shards.len());
+    for s in &m.shards {
+        let p = dir.join(&s.file);
+        let bytes = std::fs::read(&p).map_err(|e| corrupt(format!("shard {}: {e}", s.file)))?;
+        let sum = hex(&Sha256::digest(&bytes));
+        if sum != s.sha256 || bytes.len() as u64 != s.bytes {
+            return Err(corrupt(format!("shard {} has checksum {sum}, manifest says {}", s.file, s.sha256)));
+        }
+        shards.push(bytes);
+    }
+    let parsed: Vec<SafeTensors<'_>> = shards
+        .iter()
+        .zip(&m.shards)
+        .map(|(b, s)| SafeTensors::deserialize(b).map_err(|e| corrupt(format!("shard {}: {e}", s.file))))
+        .collect::<Result<_, _>>()?;
+    let entries: BTreeMap<&str, &TensorEntry> = m.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let mut groups = vec![vec![0f32; layout.total]; GROUPS.len()];
+    for (g, group) in GROUPS.iter().enumerate() {
+        for (i, name) in layout.names.iter().enumerate() {
+            let logical = format!("{group}/{name}");
+            let e = entries.get(logical.as_str()).ok_or_else(|| CheckpointError::Mismatch {
+                path: path.clone(),
+                message: format!("has no tensor {logical}"),
+            })?;
+            if e.shape != layout.shapes[i] {
+                return Err(CheckpointError::Mismatch {
+                    path: path.clone(),
+                    message: format!("{logical} has shape {:?}, the model has {:?}", e.shape, layout.shapes[i]),
+                });
+            }
+            let numel = layout.numel(i);
+            let dst = &mut groups[g][layout.offsets[i]..layout.offsets[i] + numel];
+            let mut covered = 0;
+            let mut pieces = e.pieces.clone();
+            pieces.sort_by_key(|p| p.start);
+            for p in &pieces {
+                if p.start != covered || p.end > numel || p.shard >= parsed.len() {
+                    return Err(corrupt(format!("pieces of {logical} do not tile it")));
+                }
+                let view = parsed[p.shard]
+                    .tensor(&logical)
+                    .map_err(|_| corrupt(format!("shard {} lacks {logical}", p.shard)))?;
+                let data = view.data();
+                if data.len() != (p.end - p.start) * 4 {
+                    return Err(corrupt(format!("piece of {logical} in shard {} has the wrong size", p.shard)));
+                }
+                for (d, c) in dst[p.start..p.end].iter_mut().zip(data.chunks_exact(4)) {
+                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+                covered = p.end;
+            }
+            if covered != numel {
+                return Err(corrupt(format!("pieces of {logical} cover {covered} of {numel} elements")));
+            }
+        }
+    }
+    let v = groups.pop().expect("three groups");
+    let mom = groups.pop().expect("three groups");
+    let params = groups.pop().expect("three groups");
+    let snap = Snapshot { step: m.step, params, m: mom, v, optimizer_step: m.optimizer_step };
+    Ok((m, snap))
+}
+
+/// Writes the final weights (full tensors, by parameter name) as one
+/// safetensors file and returns its path.
+pub fn write_final(out: &Path, layout: &Layout, params: &[f32], spec_json: &str) -> Result<PathBuf, CheckpointError> {
+    let dir = out.join("final");
+    std::fs::create_dir_all(&dir).map_err(io("create final model folder", &dir))?;
+    let buffers: Vec<(String, Vec<u8>, Vec<usize>)> = layout
+        .names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let off = layout.offsets[i];
+            (n.clone(), to_bytes(&params[off..off + layout.numel(i)]), layout.shapes[i].clone())
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = buffers
+        .iter()
+        .map(|(n, b, s)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("sizes agree")))
+        .collect();
+    let bytes = safetensors::serialize(views, None).map_err(|e| CheckpointError::Corrupt {
+        path: dir.display().to_string(),
+        message: format!("serialize final model: {e}"),
+    })?;
+    let model = dir.join("model.safetensors");
+    write_atomic(&model, &bytes)?;
+    write_atomic(&dir.join("job.json"), spec_json.as_bytes())?;
+    Ok(model)
+}
+
+/// Removes `step-*` folders under `out` whose step is not in `keep`.
+pub fn prune(out: &Path, keep: &[u64]) -> Result<Vec<u64>, CheckpointError> {
+    let mut removed = Vec::new();
+    let entries = match std::fs::read_dir(out) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(io("list checkpoints", out)(e)),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if let Some(step) = parse_step_dir(&name) {
+            if !keep.contains(&step) {
+                std::fs::remove_dir_all(entry.path()).map_err(io("remove old checkpoint", &entry.path()))?;
+                removed.push(step);
+            }
+        }
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    use std::io::Write;
+    let tmp = path.with_extension("partial");
+    let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+    f.write_all(bytes).map_err(io("write", &tmp))?;
+    f.sync_all().map_err(io("sync", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io("rename", path))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        Layout::new(vec![("a".into(), vec![3, 2]), ("b".into(), vec![5]), ("c".into(), vec![1])])
+    }
+
+    fn snap(l: &Layout) -> Snapshot {
+        let f = |k: f32| (0..l.total).map(|i| i as f32 * k + 0.5).collect::<Vec<_>>();
+        Snapshot { step: 7, params: f(1.0), m: f(-2.0), v: f(3.0), optimizer_step: 7 }
+    }
+
+    fn save(dir: &Path, l: &Layout, s: &Snapshot, world: usize) {
+        let shards = (0..world).map(|r| write_shard(dir, l, s, r, world).unwrap()).collect();
+        let sampler = SamplerState { position: 70, seed: 1, global_batch: 10 };
+        write_manifest(dir, &manifest("j-1", 2, l, s, sampler, 0, shards)).unwrap();
+    }
+
+    #[test]
+    fn round_trips_for_every_world_size() {
+        let l = layout();
+        let s = snap(&l);
+        for world in 1..=8 {
+            let tmp = tempfile::tempdir().unwrap();
+            save(tmp.path(), &l, &s, world);
+            let (m, back) = load(tmp.path(), &l).unwrap();
+            assert_eq!(back, s, "world {world}");
+            assert_eq!(m.world_size, world);
+            assert_eq!(m.sampler.position, 70);
+        }
+    }
+
+    #[test]
+    fn a_changed_shard_is_detected_as_torn() {
+        let l = layout();
+        let tmp = tempfile::tempdir().unwrap();
+        save(tmp.path(), &l, &snap(&l), 2);
+        let shard = tmp.path().join("rank-00001.safetensors");
+        let mut bytes = std::fs::read(&shard).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&shard, bytes).unwrap();
+        let err = load(tmp.path(), &l).unwrap_err();
+        assert!(matches!(err, CheckpointError::Corrupt { .. }), "{err}");
+        std::fs::remove_file(&shard).unwrap();
+        assert!(matches!(load(tmp.path(), &l).unwrap_err(), CheckpointError::Corrupt { .. }));
+    }
+
+    #[test]
+    fn a_folder_without_manifest_is_not_a_checkpoint_and_shapes_must_match() {
+        let l = layout();
+        let tmp = tempfile::tempdir().unwrap();
+        write_shard(tmp.path(), &l, &snap(&l), 0, 1).unwrap();
+        assert!(matches!(load(tmp.path(), &l).unwrap_err(), CheckpointError::Io { .. }));
+        save(tmp.path(), &l, &snap(&l), 1);
+        let other = Layout::new(vec![("a".into(), vec![2, 3]), ("b".into(), vec![5]), ("c".into(), vec![1])]);
+        assert!(matches!(load(tmp.path(), &other).unwrap_err(), CheckpointError::Mismatch { .. }));
+    }
+
+    #[test]
+    fn prune_keeps_only_the_listed_steps() {
+        let tmp = tempfile::tempdir().unwrap();
+        for s in [10, 20, 30] {
+            std::fs::create_dir_all(step_dir(tmp.path(), s)).unwrap();
+        }
+        std::fs::create_dir_all(tmp.path().join("final")).unwrap();
+        assert_eq!(prune(tmp.path(), &[20, 30]).unwrap(), vec![10]);
+        assert!(tmp.path().join("final").exists());
+        assert!(step_dir(tmp.path(), 30).exists());
+    }
+}

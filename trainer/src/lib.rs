@@ -1,0 +1,15 @@
+//! flotilla's worker side: the agent that follows the coordinator, the train
+//! loop it supervises, the models, data sets, sampler, optimizer and
+//! checkpoints that loop uses. Collectives come from `flotilla-comm`.
+
+pub mod agent;
+pub mod checkpoint;
+pub mod data;
+pub mod model;
+pub mod optim;
+pub mod rng;
+pub mod sampler;
+pub mod train;
+
+pub use agent::{Agent, AgentConfig};
+pub use train::TrainOptions;

@@ -1,0 +1,291 @@
+//! The train loop of one generation of a job on one rank. It runs on its own
+//! thread (libtorch work is blocking), talks to its peers through a process
+//! group, and tells its agent what happened through a callback.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use flotilla_comm::{CommError, CommListener, ProcessGroup, RingConfig, SingleProcess, TcpRing};
+use flotilla_jobspec::JobSpec;
+use tch::Tensor;
+
+use crate::checkpoint::{self, Layout, SamplerState, ShardEntry, Snapshot};
+use crate::data::Dataset;
+use crate::model::Model;
+use crate::optim::{self, AdamW};
+use crate::sampler::Sampler;
+
+/// What the coordinator asked this rank to do.
+#[derive(Debug, Clone)]
+pub struct Assignment {
+    pub job: String,
+    pub generation: u64,
+    pub rank: usize,
+    pub world: usize,
+    pub peers: Vec<SocketAddr>,
+    pub spec: JobSpec,
+    pub spec_json: String,
+    pub output_dir: PathBuf,
+    /// Committed checkpoints, newest first.
+    pub checkpoints: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainEvent {
+    Progress { step: u64, loss: f64, lr: f64, samples_per_sec: f64, grad_norm: f64 },
+    /// Rank 0 wrote the manifest of this checkpoint; commit it.
+    Checkpoint { step: u64, location: PathBuf },
+    /// Rank 0 finished the last step and wrote the final model.
+    Finished { step: u64, final_model: PathBuf },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    #[error("{0}")]
+    Fatal(String),
+}
+
+impl TrainError {
+    fn fatal(context: &str, e: impl std::fmt::Display) -> TrainError {
+        TrainError::Fatal(format!("{context}: {e}"))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Finished,
+    Cancelled,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub connect_timeout: Duration,
+    pub op_timeout: Duration,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions { connect_timeout: Duration::from_secs(30), op_timeout: Duration::from_secs(120) }
+    }
+}
+
+/// Parameters as tensors and as one flat buffer, kept in step.
+struct Params {
+    layout: Layout,
+    tensors: Vec<Tensor>,
+    flat: Vec<f32>,
+}
+
+impl Params {
+    fn new(model: &Model) -> Params {
+        let named = model.params();
+        let layout =
+            Layout::new(named.iter().map(|(n, t)| (n.clone(), t.size().iter().map(|d| *d as usize).collect())).collect());
+        let tensors: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
+        let mut flat = vec![0f32; layout.total];
+        for (i, t) in tensors.iter().enumerate() {
+            let off = layout.offsets[i];
+            let n = t.numel();
+            t.contiguous().view([-1]).copy_data(&mut flat[off..off + n], n);
+        }
+        Params { layout, tensors, flat }
+    }
+
+    /// Copies the flat buffer into the tensors.
+    fn push(&mut self) {
+        tch::no_grad(|| {
+            for (i, t) in self.tensors.iter_mut().enumerate() {
+                let off = self.layout.offsets[i];
+                let n = t.numel();
+                let src = Tensor::from_slice(&self.flat[off..off + n]).view(t.size().as_slice());
+                t.copy_(&src);
+            }
+        });
+    }
+
+    /// Gradients into `buf` (zeros where a parameter got none).
+    fn pull_grads(&self, buf: &mut [f32]) {
+        for (i, t) in self.tensors.iter().enumerate() {
+            let off = self.layout.offsets[i];
+            let n = t.numel();
+            let g = t.grad();
+            if g.defined() {
+                g.contiguous().view([-1]).copy_data(&mut buf[off..off + n], n);
+            } else {
+                buf[off..off + n].fill(0.0);
+            }
+        }
+    }
+
+    fn zero_grads(&mut self) {
+        for t in self.tensors.iter_mut() {
+            t.zero_grad();
+        }
+    }
+}
+
+fn connect(a: &Assignment, listener: &CommListener, opts: &TrainOptions) -> Result<Box<dyn ProcessGroup>, CommError> {
+    if a.world == 1 {
+        return Ok(Box::new(SingleProcess::new(a.generation)));
+    }
+    let cfg = RingConfig {
+        job: a.job.clone(),
+        generation: a.generation,
+        rank: a.rank,
+        world: a.world,
+        peers: a.peers.clone(),
+        connect_timeout: opts.connect_timeout,
+        op_timeout: opts.op_timeout,
+    };
+    Ok(Box::new(TcpRing::connect(listener, cfg)?))
+}
+
+/// Runs the assignment until the job's last step, a cancellation or an error.
+pub fn run(
+    a: &Assignment,
+    listener: &CommListener,
+    opts: &TrainOptions,
+    cancel: &AtomicBool,
+    emit: &mut dyn FnMut(TrainEvent),
+) -> Result<Outcome, TrainError> {
+    tch::set_num_threads(1);
+    let spec = &a.spec;
+    let train = &spec.train;
+    let data = Dataset::load(&spec.data, &spec.model).map_err(|e| TrainError::fatal("load data", e))?;
+    let model = Model::build(&spec.model, train.seed);
+    let mut params = Params::new(&model);
+    let mut adam = AdamW::new(params.layout.total);
+    let mut start = 0u64;
+
+    // Resume from the newest checkpoint that loads; skip torn ones.
+    let mut skipped = Vec::new();
+    for dir in &a.checkpoints {
+        match checkpoint::load(dir, &params.layout) {
+            Ok((m, snap)) => {
+                if m.sampler.global_batch != train.global_batch as u64 || m.sampler.seed != train.seed {
+                    return Err(TrainError::Fatal(format!(
+                        "checkpoint {} was taken with global_batch {} and seed {}, the job has {} and {}",
+                        dir.display(),
+                        m.sampler.global_batch,
+                        m.sampler.seed,
+                        train.global_batch,
+                        train.seed
+                    )));
+                }
+                start = snap.step;
+                params.flat = snap.params;
+                adam = AdamW { m: snap.m, v: snap.v, step: snap.optimizer_step };
+                params.push();
+                tracing::info!(job = %a.job, gen = a.generation, rank = a.rank, step = start, "resumed from checkpoint");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(job = %a.job, rank = a.rank, error = %e, "skipping checkpoint");
+                skipped.push(e.to_string());
+            }
+        }
+    }
+    if !a.checkpoints.is_empty() && skipped.len() == a.checkpoints.len() {
+        return Err(TrainError::Fatal(format!("no committed checkpoint loads: {}", skipped.join("; "))));
+    }
+
+    let mut group = connect(a, listener, opts)?;
+    let mut sampler = Sampler::new(data.len(), train.seed, train.global_batch as u64);
+    let total = params.layout.total;
+    let mut buf = vec![0f32; total + 1];
+    let global = train.global_batch as f64;
+
+    for step in start..train.steps {
+        if cancel.load(Ordering::Relaxed) {
+            return Ok(Outcome::Cancelled);
+        }
+        let t0 = Instant::now();
+        let lr = optim::learning_rate(&train.optimizer, &train.schedule, step, train.steps);
+        params.zero_grads();
+        let indices = sampler.indices(step, a.rank, a.world);
+        let mut local_loss = 0f64;
+        for chunk in indices.chunks(train.micro_batch.max(1)) {
+            let (x, y) = data.batch(chunk);
+            let loss = model.loss_sum(&x, &y);
+            local_loss += loss.double_value(&[]);
+            (loss / global).backward();
+        }
+        params.pull_grads(&mut buf[..total]);
+        buf[total] = local_loss as f32;
+        group.all_reduce_sum(&mut buf)?;
+        let loss = f64::from(buf[total]) / global;
+        if !loss.is_finite() {
+            return Err(TrainError::Fatal(format!("loss is {loss} at step {}", step + 1)));
+        }
+        let grads = &mut buf[..total];
+        let grad_norm = match train.grad_clip {
+            Some(max) => optim::clip_grad_norm(grads, max),
+            None => optim::global_norm(grads),
+        };
+        adam.update(&train.optimizer, lr, &mut params.flat, grads);
+        params.push();
+        let done = step + 1;
+        if a.rank == 0 {
+            let sps = global / t0.elapsed().as_secs_f64().max(1e-9);
+            emit(TrainEvent::Progress { step: done, loss, lr, samples_per_sec: sps, grad_norm });
+        }
+        let every = spec.checkpoint.every;
+        if every > 0 && done % every == 0 && done < train.steps {
+            let snap = Snapshot {
+                step: done,
+                params: params.flat.clone(),
+                m: adam.m.clone(),
+                v: adam.v.clone(),
+                optimizer_step: adam.step,
+            };
+            if let Some(location) = save_checkpoint(a, group.as_mut(), &params.layout, &snap)? {
+                emit(TrainEvent::Checkpoint { step: done, location });
+            }
+        }
+    }
+
+    if a.rank == 0 {
+        let path = checkpoint::write_final(&a.output_dir, &params.layout, &params.flat, &a.spec_json)
+            .map_err(|e| TrainError::fatal("write final model", e))?;
+        emit(TrainEvent::Finished { step: train.steps, final_model: path });
+    }
+    Ok(Outcome::Finished)
+}
+
+/// Every rank writes its shard; rank 0 then writes the manifest and returns
+/// the folder to commit.
+fn save_checkpoint(
+    a: &Assignment,
+    group: &mut dyn ProcessGroup,
+    layout: &Layout,
+    snap: &Snapshot,
+) -> Result<Option<PathBuf>, TrainError> {
+    let t0 = Instant::now();
+    let dir = checkpoint::step_dir(&a.output_dir, snap.step);
+    let mine = checkpoint::write_shard(&dir, layout, snap, a.rank, a.world)
+        .map_err(|e| TrainError::fatal("write checkpoint shard", e))?;
+    let encoded = serde_json::to_vec(&mine).expect("shard entry serializes");
+    let all = group.all_gather_bytes(&encoded)?;
+    if a.rank != 0 {
+        return Ok(None);
+    }
+    let shards: Vec<ShardEntry> = all
+        .iter()
+        .map(|b| serde_json::from_slice(b))
+        .collect::<Result<_, _>>()
+        .map_err(|e| TrainError::fatal("read peers' shard entries", e))?;
+    let train = &a.spec.train;
+    let sampler = SamplerState {
+        position: snap.step * train.global_batch as u64,
+        seed: train.seed,
+        global_batch: train.global_batch as u64,
+    };
+    let m = checkpoint::manifest(&a.job, a.generation, layout, snap, sampler, train.seed, shards);
+    checkpoint::write_manifest(&dir, &m).map_err(|e| TrainError::fatal("write checkpoint manifest", e))?;
+    tracing::info!(job = %a.job, step = snap.step, blocked_ms = t0.elapsed().as_millis() as u64, "checkpoint written");
+    Ok(Some(dir))
+}
