@@ -43,6 +43,63 @@ impl SpecError {
     }
 }
 
+impl SpecError {
+    /// Moves the position from a mapping's first entry (where the parser
+    /// puts it) to the key that holds the mapping, when the source shows that
+    /// key plainly: for "missing field" errors, which name the parent.
+    pub(crate) fn at_key_of(mut self, source: &str, path: &str) -> Self {
+        let last = path.rsplit('.').next().unwrap_or(path);
+        if let Some((line, column)) = key_position(source, self.line, self.column, last) {
+            self.line = line;
+            self.column = column;
+        }
+        self
+    }
+}
+
+/// Where `key:` is written for a mapping that has an entry at
+/// `line:column`: earlier on the same line (`key: {a: 1}`), or on the nearest
+/// content line above that is indented less than the entry (block style).
+fn key_position(source: &str, line: u64, column: u64, key: &str) -> Option<(u64, u64)> {
+    let li = usize::try_from(line).ok()?.checked_sub(1)?;
+    let col = usize::try_from(column).ok()?.checked_sub(1)?;
+    let lines: Vec<&str> = source.lines().collect();
+    let here = lines.get(li)?;
+    let before: String = here.chars().take(col).collect();
+    if let Some(c) = find_key(&before, key) {
+        return Some((line, c + 1));
+    }
+    for (i, text) in lines.get(..li)?.iter().enumerate().rev() {
+        let content = text.trim_start();
+        if content.is_empty() || content.starts_with('#') {
+            continue;
+        }
+        let indent = text.chars().count() - content.chars().count();
+        if indent >= col {
+            continue; // a sibling entry or its contents
+        }
+        let c = find_key(text, key)?;
+        return Some((u64::try_from(i).ok()? + 1, c + 1));
+    }
+    None
+}
+
+/// The 0-based character column of `key` written as a mapping key in `text`.
+fn find_key(text: &str, key: &str) -> Option<u64> {
+    if key.is_empty() {
+        return None;
+    }
+    let mut found = None;
+    for (at, _) in text.match_indices(key) {
+        let before_ok = text[..at].chars().next_back().is_none_or(|c| matches!(c, ' ' | '-' | '{' | ',' | '\t'));
+        let after_ok = text[at + key.len()..].trim_start_matches(' ').starts_with(':');
+        if before_ok && after_ok {
+            found = Some(text[..at].chars().count());
+        }
+    }
+    found.and_then(|c| u64::try_from(c).ok())
+}
+
 /// A field path as serde-saphyr plus `serde_path_to_error` report it, with
 /// the `value` steps that `Spanned` adds removed.
 pub(crate) fn path_segments(path: &serde_path_to_error::Path) -> Vec<String> {
@@ -80,10 +137,14 @@ pub(crate) fn from_yaml(err: &YamlError, mut segments: Vec<String>, source: &str
             format!("unknown field `{field}`, expected one of {}", tick_list(expected)),
         ),
         YamlError::SerdeMissingField { field, .. } => {
-            // Named by the parent (whose position this is), or by the field
-            // itself when the parent is the whole file.
-            let path = if segments.is_empty() { (*field).to_owned() } else { segments.join(".") };
-            (path, format!("missing field `{field}`"))
+            // Named by the parent, at its key, or by the field itself when
+            // the parent is the whole file.
+            if segments.is_empty() {
+                return SpecError::new(origin, *field, at, format!("missing field `{field}`"));
+            }
+            let path = segments.join(".");
+            return SpecError::new(origin, path.clone(), at, format!("missing field `{field}`"))
+                .at_key_of(source, &path);
         }
         YamlError::DuplicateMappingKey { key, .. } => match key {
             Some(key) => {

@@ -42,10 +42,10 @@ pub fn parse(source: &str, origin: &str) -> Result<JobSpec, SpecError> {
     // itself: a file of another version fails on its version, not on fields
     // this version does not know.
     if let Ok(probe) = serde_saphyr::from_str_with_options::<raw::VersionProbe>(source, yaml_options()) {
-        validate::version(&validate::Ctx { origin }, probe.version.as_ref())?;
+        validate::version(&validate::Ctx { origin, source }, probe.version.as_ref())?;
     }
     let raw: raw::RawJob = deserialize(source, origin)?;
-    validate::job(raw, origin)
+    validate::job(raw, origin, source)
 }
 
 fn yaml_options() -> serde_saphyr::Options {

@@ -15,15 +15,22 @@ use crate::paths::classify_checkpoint_url;
 use crate::raw::{Any, RawCheckpoint, RawJob, RawParallelism, RawWorkers};
 use crate::{CheckpointSpec, DpSize, JobSpec, ParallelismSpec, WorkersSpec};
 
-/// What every check needs: the origin for messages.
+/// What every check needs: the origin for messages, and the source to
+/// place "missing field" errors on their section's key.
 pub(crate) struct Ctx<'a> {
     pub origin: &'a str,
+    pub source: &'a str,
 }
 
 impl Ctx<'_> {
     /// An error at the position of `at`'s value.
     pub fn err<T>(&self, path: &str, at: &Spanned<T>, message: impl Into<String>) -> SpecError {
         self.err_at(path, at.referenced, message)
+    }
+
+    /// `field` is required in the section at `path`, whose value is `section`.
+    pub fn missing<T>(&self, path: &str, section: &Spanned<T>, field: &str) -> SpecError {
+        self.err(path, section, format!("missing field `{field}`")).at_key_of(self.source, path)
     }
 
     pub fn err_at(&self, path: &str, at: Location, message: impl Into<String>) -> SpecError {
@@ -54,8 +61,8 @@ impl Ctx<'_> {
 }
 
 /// Validates the whole file.
-pub(crate) fn job(raw: RawJob, origin: &str) -> Result<JobSpec, SpecError> {
-    let cx = Ctx { origin };
+pub(crate) fn job(raw: RawJob, origin: &str, source: &str) -> Result<JobSpec, SpecError> {
+    let cx = Ctx { origin, source };
     let name = name(&cx, &raw.name)?;
     let model = model::model(&cx, &raw.model)?;
     let data = model::data(&cx, &raw.data, &raw.model, &model)?;

@@ -54,7 +54,7 @@ fn required<'a, T>(
     field: &str,
     value: &'a Option<Spanned<T>>,
 ) -> Result<&'a Spanned<T>, SpecError> {
-    value.as_ref().ok_or_else(|| cx.err(section_path, section, format!("missing field `{field}`")))
+    value.as_ref().ok_or_else(|| cx.missing(section_path, section, field))
 }
 
 pub(super) fn model(cx: &Ctx, raw: &Spanned<RawModel>) -> Result<ModelSpec, SpecError> {
