@@ -140,7 +140,11 @@ pub(crate) fn from_yaml(err: &YamlError, mut segments: Vec<String>, source: &str
             // Named by the parent, at its key, or by the field itself when
             // the parent is the whole file.
             if segments.is_empty() {
-                return SpecError::new(origin, *field, at, format!("missing field `{field}`"));
+                let mut e = SpecError::new(origin, *field, at, format!("missing field `{field}`"));
+                if let Some((line, column)) = first_content(source) {
+                    (e.line, e.column) = (line, column);
+                }
+                return e;
             }
             let path = segments.join(".");
             return SpecError::new(origin, path.clone(), at, format!("missing field `{field}`"))
@@ -177,15 +181,16 @@ pub(crate) fn from_yaml(err: &YamlError, mut segments: Vec<String>, source: &str
             let expected = match *expected {
                 "mapping start" => "a mapping of fields",
                 "sequence start" => "a list",
+                "string scalar" => "a string",
                 other => other,
             };
-            (segments.join("."), format!("expected {expected}, found {}", found()))
+            (segments.join("."), format!("expected {expected}, found {}", found_node(source, at)))
         }
         YamlError::NullIntoString { .. } => (segments.join("."), "expected a string, found null".to_owned()),
         YamlError::ExternalMessage { .. } | YamlError::IndentationError { .. } => {
             (String::new(), format!("invalid YAML: {}", UserMessageFormatter.format_message(inner)))
         }
-        YamlError::Eof { .. } if source.trim().is_empty() => (String::new(), "the job file is empty".to_owned()),
+        YamlError::Eof { .. } if has_no_content(source) => (String::new(), "the job file is empty".to_owned()),
         _ => (segments.join("."), UserMessageFormatter.format_message(inner).into_owned()),
     };
     let path = if path.is_empty() { DOCUMENT_PATH.to_owned() } else { path };
@@ -222,12 +227,14 @@ fn describe_type(ty: &str) -> &str {
 fn found_text(source: &str, at: Location) -> String {
     const MAX: usize = 40;
     let span = at.span();
-    let from_span = span.byte_offset().zip(span.byte_len()).and_then(|(off, len)| {
+    // With a byte span, an empty one is an empty (null) value; without, the
+    // value is taken to run from the column to the end of the line.
+    let from_span = span.byte_offset().zip(span.byte_len()).map(|(off, len)| {
         let start = usize::try_from(off).ok()?;
         let end = start.checked_add(usize::try_from(len).ok()?)?;
         source.get(start..end).filter(|s| !s.trim().is_empty())
     });
-    let text = from_span.or_else(|| {
+    let text = from_span.unwrap_or_else(|| {
         let line = source.lines().nth(usize::try_from(at.line()).ok()?.checked_sub(1)?)?;
         let col = usize::try_from(at.column()).ok()?.checked_sub(1)?;
         let (start, _) = line.char_indices().nth(col)?;
@@ -237,10 +244,50 @@ fn found_text(source: &str, at: Location) -> String {
     match text {
         None => "nothing".to_owned(),
         Some(t) => {
-            let t = t.lines().next().unwrap_or("");
+            // A plain scalar may run over several lines (often a sign of
+            // bad indentation): show it as YAML reads it, on one line.
+            let t = t.split_whitespace().collect::<Vec<_>>().join(" ");
             let shown: String = t.chars().take(MAX).collect();
             let more = if t.chars().nth(MAX).is_some() { "..." } else { "" };
             format!("`{shown}{more}`")
         }
     }
+}
+
+/// Like [`found_text`], but for a node that may be a list or a mapping,
+/// whose span the parser leaves empty.
+fn found_node(source: &str, at: Location) -> String {
+    let text = found_text(source, at);
+    if text != "nothing" {
+        return text;
+    }
+    let first = usize::try_from(at.span().byte_offset().unwrap_or(u64::MAX))
+        .ok()
+        .and_then(|off| source.get(off..))
+        .and_then(|rest| rest.chars().next());
+    match first {
+        Some('-' | '[') => "a list".to_owned(),
+        Some('{') => "a mapping".to_owned(),
+        _ => text,
+    }
+}
+
+/// Line and column of the first thing in `source` that is not a comment.
+fn first_content(source: &str) -> Option<(u64, u64)> {
+    source.lines().enumerate().find_map(|(i, l)| {
+        let t = l.trim_start();
+        if t.is_empty() || t.starts_with('#') {
+            return None;
+        }
+        let column = l.chars().count() - t.chars().count() + 1;
+        Some((u64::try_from(i).ok()? + 1, u64::try_from(column).ok()?))
+    })
+}
+
+/// Only blank lines and comments.
+fn has_no_content(source: &str) -> bool {
+    source.lines().all(|l| {
+        let t = l.trim();
+        t.is_empty() || t.starts_with('#')
+    })
 }

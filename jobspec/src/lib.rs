@@ -67,3 +67,6 @@ fn deserialize<T: DeserializeOwned>(source: &str, origin: &str) -> Result<T, Spe
     });
     result.map_err(|e| error::from_yaml(&e, segments, source, origin))
 }
+
+#[cfg(test)]
+mod tests;

@@ -12,7 +12,7 @@ use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Unexpected, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_saphyr::Spanned;
 
-use crate::{DpSize, TokenDtype};
+use crate::TokenDtype;
 
 pub(crate) type S<T> = Spanned<T>;
 
@@ -130,7 +130,9 @@ pub(crate) struct RawSchedule {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawParallelism {
-    pub dp: Option<S<RawDp>>,
+    /// Read as any value and interpreted by validation, so that a bad value
+    /// is reported at its own position.
+    pub dp: Option<S<Any>>,
     /// Reserved: pipeline stages.
     pub pp: Option<S<Any>>,
     /// Reserved: ZeRO stage.
@@ -154,16 +156,6 @@ pub(crate) struct RawCheckpoint {
     pub url: Option<S<String>>,
     pub every: Option<S<u64>>,
     pub keep: Option<S<usize>>,
-}
-
-/// `parallelism.dp` in YAML: same forms as in JSON.
-#[derive(Debug)]
-pub(crate) struct RawDp(pub DpSize);
-
-impl<'de> Deserialize<'de> for RawDp {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(crate::spec::DpVisitor).map(RawDp)
-    }
 }
 
 impl<'de> Deserialize<'de> for Layers {
@@ -209,6 +201,7 @@ impl<'de> Visitor<'de> for LayersVisitor {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Any {
     Int(u64),
+    Str(String),
     /// Anything else, as a short human-readable rendering.
     Other(String),
 }
@@ -217,6 +210,12 @@ impl fmt::Display for Any {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self {
             Any::Int(n) => write!(f, "{n}"),
+            Any::Str(s) => {
+                const MAX: usize = 40;
+                let shown: String = s.chars().take(MAX).collect();
+                let more = if s.chars().nth(MAX).is_some() { "..." } else { "" };
+                write!(f, "`{shown}{more}`")
+            }
             Any::Other(s) => f.write_str(s),
         }
     }
@@ -256,10 +255,7 @@ impl<'de> Visitor<'de> for AnyVisitor {
         Ok(Any::Other(v.to_string()))
     }
     fn visit_str<E>(self, v: &str) -> Result<Any, E> {
-        const MAX: usize = 40;
-        let shown: String = v.chars().take(MAX).collect();
-        let ellipsis = if v.chars().nth(MAX).is_some() { "..." } else { "" };
-        Ok(Any::Other(format!("`{shown}{ellipsis}`")))
+        Ok(Any::Str(v.to_owned()))
     }
     fn visit_bytes<E>(self, _: &[u8]) -> Result<Any, E> {
         Ok(Any::Other("binary data".into()))

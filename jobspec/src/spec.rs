@@ -205,7 +205,7 @@ impl<'de> Deserialize<'de> for DpSize {
 }
 
 /// Accepts `"auto"` or a non-negative integer.
-pub(crate) struct DpVisitor;
+struct DpVisitor;
 
 impl serde::de::Visitor<'_> for DpVisitor {
     type Value = DpSize;

@@ -101,7 +101,7 @@ fn name(cx: &Ctx, name: &Spanned<String>) -> Result<String, SpecError> {
     } else if !s.starts_with(lower_alnum) {
         Some("must start with a lowercase letter or a digit".to_owned())
     } else if let Some(c) = s.chars().find(|&c| !(lower_alnum(c) || c == '-')) {
-        Some(format!("may only hold lowercase letters, digits and `-`, found {c:?}"))
+        Some(format!("may only hold lowercase letters, digits and `-`, not {c:?}"))
     } else {
         None
     };
@@ -187,18 +187,21 @@ fn parallelism(
     }
     let dp = match &p.dp {
         None => DpSize::Auto,
-        Some(dp) => match dp.value.0 {
-            DpSize::Fixed(n) if !(workers.min..=workers.max).contains(&n) => {
+        Some(dp) => match &dp.value {
+            Any::Str(s) if s == "auto" => DpSize::Auto,
+            Any::Int(n) if usize::try_from(*n).is_ok_and(|n| (workers.min..=workers.max).contains(&n)) => {
+                DpSize::Fixed(*n as usize)
+            }
+            other => {
                 return Err(cx.err(
                     "parallelism.dp",
                     dp,
                     format!(
-                        "must be `auto` or within workers.min..=workers.max ({}..={}), found {n}",
+                        "must be `auto` or within workers.min..=workers.max ({}..={}), found {other}",
                         workers.min, workers.max
                     ),
                 ));
             }
-            other => other,
         },
     };
     Ok(ParallelismSpec { dp })
