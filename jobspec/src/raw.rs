@@ -213,7 +213,11 @@ impl fmt::Display for Any {
             Any::Str(s) => {
                 const MAX: usize = 40;
                 let shown: String = s.chars().take(MAX).collect();
-                let more = if s.chars().nth(MAX).is_some() { "..." } else { "" };
+                let more = if s.chars().nth(MAX).is_some() {
+                    "..."
+                } else {
+                    ""
+                };
                 write!(f, "`{shown}{more}`")
             }
             Any::Other(s) => f.write_str(s),

@@ -54,7 +54,9 @@ fn required<'a, T>(
     field: &str,
     value: &'a Option<Spanned<T>>,
 ) -> Result<&'a Spanned<T>, SpecError> {
-    value.as_ref().ok_or_else(|| cx.missing(section_path, section, field))
+    value
+        .as_ref()
+        .ok_or_else(|| cx.missing(section_path, section, field))
 }
 
 pub(super) fn model(cx: &Ctx, raw: &Spanned<RawModel>) -> Result<ModelSpec, SpecError> {
@@ -87,7 +89,10 @@ pub(super) fn model(cx: &Ctx, raw: &Spanned<RawModel>) -> Result<ModelSpec, Spec
                 return Err(cx.err(
                     "model.layers",
                     layers,
-                    format!("needs at least 2 widths (inputs and classes), found {}", widths.len()),
+                    format!(
+                        "needs at least 2 widths (inputs and classes), found {}",
+                        widths.len()
+                    ),
                 ));
             }
             let mut out = Vec::with_capacity(widths.len());
@@ -99,7 +104,10 @@ pub(super) fn model(cx: &Ctx, raw: &Spanned<RawModel>) -> Result<ModelSpec, Spec
                 return Err(cx.err(
                     &format!("model.layers[{last}]"),
                     &widths[last],
-                    format!("the last width is the number of classes and must be at least 2, found {}", out[last]),
+                    format!(
+                        "the last width is the number of classes and must be at least 2, found {}",
+                        out[last]
+                    ),
                 ));
             }
             Ok(ModelSpec::Mlp(MlpSpec { layers: out }))
@@ -117,10 +125,16 @@ pub(super) fn model(cx: &Ctx, raw: &Spanned<RawModel>) -> Result<ModelSpec, Spec
                 }
             };
             let layers = cx.at_least_one("model.layers", &blocks)?;
-            let d_model = cx.at_least_one("model.d_model", required(cx, raw, "model", "d_model", &m.d_model)?)?;
+            let d_model = cx.at_least_one(
+                "model.d_model",
+                required(cx, raw, "model", "d_model", &m.d_model)?,
+            )?;
             let heads_s = required(cx, raw, "model", "heads", &m.heads)?;
             let heads = cx.at_least_one("model.heads", heads_s)?;
-            let context = cx.at_least_one("model.context", required(cx, raw, "model", "context", &m.context)?)?;
+            let context = cx.at_least_one(
+                "model.context",
+                required(cx, raw, "model", "context", &m.context)?,
+            )?;
             let vocab_s = required(cx, raw, "model", "vocab", &m.vocab)?;
             if d_model % heads != 0 {
                 return Err(cx.err(
@@ -130,9 +144,19 @@ pub(super) fn model(cx: &Ctx, raw: &Spanned<RawModel>) -> Result<ModelSpec, Spec
                 ));
             }
             if vocab_s.value < 2 {
-                return Err(cx.err("model.vocab", vocab_s, format!("must be at least 2, found {}", vocab_s.value)));
+                return Err(cx.err(
+                    "model.vocab",
+                    vocab_s,
+                    format!("must be at least 2, found {}", vocab_s.value),
+                ));
             }
-            Ok(ModelSpec::Gpt(GptSpec { layers, d_model, heads, context, vocab: vocab_s.value }))
+            Ok(ModelSpec::Gpt(GptSpec {
+                layers,
+                d_model,
+                heads,
+                context,
+                vocab: vocab_s.value,
+            }))
         }
     }
 }
@@ -176,7 +200,10 @@ pub(super) fn data(
     };
     Ok(match d.kind.value {
         DataKind::Synthetic => DataSpec::Synthetic {
-            seed: d.seed.as_ref().map_or(defaults::SYNTHETIC_SEED, |s| s.value),
+            seed: d
+                .seed
+                .as_ref()
+                .map_or(defaults::SYNTHETIC_SEED, |s| s.value),
             samples: match &d.samples {
                 None => defaults::SYNTHETIC_SAMPLES,
                 Some(s) => cx.at_least_one("data.samples", s)?,
