@@ -515,3 +515,30 @@ fn errors_display_as_origin_line_column_path_message() {
     };
     assert_eq!(e.to_string(), "a.yaml:3:10: train.steps: bad");
 }
+
+#[test]
+fn number_forms() {
+    let train = |extra: &str| {
+        MINIMAL.replace(
+            "  global_batch: 4\n",
+            &format!("  global_batch: 4\n{extra}"),
+        )
+    };
+    let spec = ok(&train(
+        "  grad_clip: 1\n  optimizer: {lr: 1e-3, eps: 3.0e-8}\n",
+    ));
+    assert_eq!(spec.train.grad_clip, Some(1.0));
+    assert_eq!(
+        (spec.train.optimizer.lr, spec.train.optimizer.eps),
+        (1e-3, 3.0e-8)
+    );
+    // serde-saphyr reads a quoted number as the number; harmless, and documented.
+    assert_eq!(
+        ok(&MINIMAL.replace("  steps: 10\n", "  steps: \"10\"\n"))
+            .train
+            .steps,
+        10
+    );
+    let e = err(&MINIMAL.replace("  steps: 10\n", "  steps: 1e3\n"));
+    assert_eq!(e.path, "train.steps", "{e}");
+}
