@@ -1,0 +1,55 @@
+//! Every default and limit of job file v1, defined once.
+//!
+//! Validation, the docs (`JOBFILE.md`) and the tests all refer to these names.
+
+/// The only job file version this crate reads.
+pub const VERSION: u64 = 1;
+
+/// Longest accepted job name (the name is used in ids and paths).
+pub const NAME_MAX_LEN: usize = 63;
+
+/// `data.seed` for `kind: synthetic`.
+pub const SYNTHETIC_SEED: u64 = 0;
+/// `data.samples` for `kind: synthetic`.
+pub const SYNTHETIC_SAMPLES: u64 = 4096;
+/// `data.dtype` for `kind: tokens`.
+pub const TOKEN_DTYPE: crate::TokenDtype = crate::TokenDtype::U16;
+/// Smallest `model.vocab` that `data.kind: text` accepts (one token per byte value).
+pub const TEXT_VOCAB: usize = 256;
+
+/// `train.seed`.
+pub const TRAIN_SEED: u64 = 0;
+// `train.micro_batch` defaults to `train.global_batch` (no constant: it depends on the file).
+
+/// `train.optimizer.lr`.
+pub const LR: f64 = 1e-3;
+/// `train.optimizer.betas[0]`.
+pub const BETA1: f64 = 0.9;
+/// `train.optimizer.betas[1]`.
+pub const BETA2: f64 = 0.999;
+/// `train.optimizer.eps`.
+pub const EPS: f64 = 1e-8;
+/// `train.optimizer.weight_decay`.
+pub const WEIGHT_DECAY: f64 = 0.01;
+
+/// `train.schedule.warmup_steps`.
+pub const WARMUP_STEPS: u64 = 0;
+/// `train.schedule.min_lr`.
+pub const MIN_LR: f64 = 0.0;
+
+/// `workers.min`; `workers.max` defaults to the value of `workers.min`.
+pub const WORKERS_MIN: usize = 1;
+/// Upper bound on `workers.max`.
+pub const WORKERS_LIMIT: usize = 1024;
+
+/// `checkpoint.url`.
+pub const CHECKPOINT_URL: &str = "runs";
+/// `checkpoint.every` (0 = no periodic checkpoints, only the final model).
+pub const CHECKPOINT_EVERY: u64 = 0;
+/// `checkpoint.keep`.
+pub const CHECKPOINT_KEEP: usize = 3;
+
+/// The only value `parallelism.pp` accepts for now.
+pub const PP: u64 = 1;
+/// The only value `parallelism.zero` accepts for now.
+pub const ZERO: u64 = 0;

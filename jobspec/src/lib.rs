@@ -1,0 +1,75 @@
+//! Job file v1: parse the YAML a researcher writes into a validated [`JobSpec`].
+//!
+//! Pure: the caller passes the source text and a name for it; nothing here
+//! reads files or the environment. Every rejection is a [`SpecError`] naming
+//! the field path and the line/column in the source. The format is described
+//! field by field in `JOBFILE.md`.
+//!
+//! ```
+//! let spec = flotilla_jobspec::parse(
+//!     "name: demo\n\
+//!      model: {kind: mlp, layers: [4, 16, 3]}\n\
+//!      data: {kind: synthetic, seed: 7}\n\
+//!      train: {steps: 100, global_batch: 32}\n",
+//!     "demo.yaml",
+//! )
+//! .unwrap();
+//! assert_eq!(spec.train.micro_batch, 32);
+//! assert_eq!(spec.workers.max, 1);
+//! ```
+
+pub mod defaults;
+mod error;
+mod paths;
+mod raw;
+mod spec;
+mod validate;
+
+pub use error::SpecError;
+pub use spec::{
+    AdamWSpec, CheckpointSpec, DataSpec, DpSize, GptSpec, JobSpec, MlpSpec, ModelSpec,
+    ParallelismSpec, ScheduleSpec, TokenDtype, TrainSpec, WorkersSpec,
+};
+
+use serde::de::DeserializeOwned;
+
+/// Parses and validates a job file. `origin` names the source in messages
+/// (usually the file's path as the user gave it).
+///
+/// Never panics, whatever `source` holds.
+pub fn parse(source: &str, origin: &str) -> Result<JobSpec, SpecError> {
+    // The version decides how to read the rest, so it is read first, by
+    // itself: a file of another version fails on its version, not on fields
+    // this version does not know.
+    if let Ok(probe) =
+        serde_saphyr::from_str_with_options::<raw::VersionProbe>(source, yaml_options())
+    {
+        validate::version(&validate::Ctx { origin, source }, probe.version.as_ref())?;
+    }
+    let raw: raw::RawJob = deserialize(source, origin)?;
+    validate::job(raw, origin, source)
+}
+
+fn yaml_options() -> serde_saphyr::Options {
+    let mut options = serde_saphyr::Options::default();
+    options.with_snippet = false;
+    options
+}
+
+/// YAML → `T`, with the field path of any error.
+fn deserialize<T: DeserializeOwned>(source: &str, origin: &str) -> Result<T, SpecError> {
+    let mut segments = Vec::new();
+    let result =
+        serde_saphyr::with_deserializer_from_str_with_options(source, yaml_options(), |de| {
+            let mut track = serde_path_to_error::Track::new();
+            let value = T::deserialize(serde_path_to_error::Deserializer::new(de, &mut track));
+            if value.is_err() {
+                segments = error::path_segments(&track.path());
+            }
+            value
+        });
+    result.map_err(|e| error::from_yaml(&e, segments, source, origin))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,164 @@
+//! Checkpoint URL forms and [`JobSpec::resolve_paths`].
+//!
+//! Job files name files relative to themselves; the runtime wants absolute
+//! paths. This module owns both the URL classification used by validation and
+//! the rewrite done once the job file's directory is known.
+
+use std::path::{Path, PathBuf};
+
+use crate::{DataSpec, JobSpec};
+
+/// Where `checkpoint.url` points, once classified.
+#[derive(Debug, PartialEq)]
+pub(crate) enum CheckpointTarget<'a> {
+    /// A plain filesystem path, relative or absolute.
+    Path(&'a str),
+    /// `file:///abs/path`: the absolute path after `file://`.
+    FileUrl(&'a str),
+}
+
+/// Object-store schemes that flotilla will support later.
+const OBJECT_STORE_SCHEMES: [&str; 3] = ["s3", "gs", "az"];
+
+/// Classifies a checkpoint URL, or says (as a message) why it is not accepted.
+pub(crate) fn classify_checkpoint_url(url: &str) -> Result<CheckpointTarget<'_>, String> {
+    if url.is_empty() {
+        return Err("must not be empty; use a path such as `runs` or `file:///abs/path`".into());
+    }
+    let Some((scheme, rest)) = split_scheme(url) else {
+        return Ok(CheckpointTarget::Path(url));
+    };
+    let lower = scheme.to_ascii_lowercase();
+    if lower == "file" {
+        if rest.is_empty() {
+            return Err("`file://` needs a path, e.g. `file:///abs/path`".into());
+        }
+        if !rest.starts_with('/') {
+            let host = rest.split('/').next().unwrap_or(rest);
+            return Err(format!(
+                "`{url}` names the host `{host}`; only local files are supported, \
+                 write `file:///abs/path` (three slashes)"
+            ));
+        }
+        return Ok(CheckpointTarget::FileUrl(rest));
+    }
+    if OBJECT_STORE_SCHEMES.contains(&lower.as_str()) {
+        return Err(format!(
+            "object storage ({lower}://) is not yet supported; use a local path or file://"
+        ));
+    }
+    Err(format!(
+        "unsupported URL scheme `{scheme}://`; use a local path or file:///abs/path"
+    ))
+}
+
+/// Splits `scheme://rest` when `url` starts with a URL scheme (RFC 3986 letters).
+fn split_scheme(url: &str) -> Option<(&str, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let mut chars = scheme.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic());
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    (first_ok && rest_ok).then_some((scheme, rest))
+}
+
+/// `base.join(path)` unless `path` is already absolute, with `.` segments and
+/// doubled separators removed (`..` is kept: resolving it needs the filesystem).
+fn absolutize(base: &Path, path: &str) -> String {
+    let joined: PathBuf = base.join(path).components().collect();
+    joined.to_string_lossy().into_owned()
+}
+
+impl JobSpec {
+    /// Makes the relative paths of the spec absolute against `base` (usually
+    /// the job file's directory, itself absolute).
+    ///
+    /// Rewrites the `path` of `features`, `tokens` and `text` data, and
+    /// `checkpoint.url`: `file:///abs/path` becomes `/abs/path`, a relative
+    /// path is joined onto `base`. Afterwards `checkpoint.url` is an absolute
+    /// filesystem path string, never a URL. Calling it twice changes nothing
+    /// more. Paths are taken literally: no `~` expansion, no percent-decoding.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        match &mut self.data {
+            DataSpec::Synthetic { .. } => {}
+            DataSpec::Features { path }
+            | DataSpec::Tokens { path, .. }
+            | DataSpec::Text { path } => {
+                *path = absolutize(base, path);
+            }
+        }
+        let url = &mut self.checkpoint.url;
+        let resolved = match classify_checkpoint_url(url) {
+            Ok(CheckpointTarget::Path(p)) => absolutize(base, p),
+            Ok(CheckpointTarget::FileUrl(p)) => absolutize(Path::new("/"), p),
+            // Only reachable for a spec that skipped validation; leave it be.
+            Err(_) => return,
+        };
+        *url = resolved;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_paths_are_paths() {
+        assert_eq!(
+            classify_checkpoint_url("runs"),
+            Ok(CheckpointTarget::Path("runs"))
+        );
+        assert_eq!(
+            classify_checkpoint_url("/data/ck"),
+            Ok(CheckpointTarget::Path("/data/ck"))
+        );
+        assert_eq!(
+            classify_checkpoint_url("a:b/c"),
+            Ok(CheckpointTarget::Path("a:b/c"))
+        );
+        assert_eq!(
+            classify_checkpoint_url("./x://y"),
+            Ok(CheckpointTarget::Path("./x://y"))
+        );
+    }
+
+    #[test]
+    fn file_urls_need_an_empty_host() {
+        assert_eq!(
+            classify_checkpoint_url("file:///ck"),
+            Ok(CheckpointTarget::FileUrl("/ck"))
+        );
+        assert_eq!(
+            classify_checkpoint_url("FILE:///ck"),
+            Ok(CheckpointTarget::FileUrl("/ck"))
+        );
+        let err = classify_checkpoint_url("file://server/ck").unwrap_err();
+        assert!(
+            err.contains("`server`") && err.contains("file:///"),
+            "{err}"
+        );
+        assert!(classify_checkpoint_url("file://").is_err());
+    }
+
+    #[test]
+    fn object_stores_are_not_yet_supported() {
+        for (url, scheme) in [("s3://b/k", "s3"), ("GS://b", "gs"), ("az://c/p", "az")] {
+            let err = classify_checkpoint_url(url).unwrap_err();
+            assert!(
+                err.contains(&format!("({scheme}://) is not yet supported")),
+                "{err}"
+            );
+        }
+        let err = classify_checkpoint_url("http://x/y").unwrap_err();
+        assert!(err.contains("unsupported URL scheme `http://`"), "{err}");
+        assert!(classify_checkpoint_url("").is_err());
+    }
+
+    #[test]
+    fn absolutize_joins_and_tidies() {
+        let base = Path::new("/jobs/a");
+        assert_eq!(absolutize(base, "runs"), "/jobs/a/runs");
+        assert_eq!(absolutize(base, "./data//x.bin"), "/jobs/a/data/x.bin");
+        assert_eq!(absolutize(base, "/abs/x"), "/abs/x");
+        assert_eq!(absolutize(base, "../x"), "/jobs/a/../x");
+    }
+}

@@ -1,0 +1,237 @@
+//! The validated job specification: what the rest of flotilla codes against.
+//!
+//! A `JobSpec` only comes out of [`crate::parse`] (or [`JobSpec::from_json`] on
+//! the output of [`JobSpec::to_json`]), so every constraint in `JOBFILE.md`
+//! holds for it. It carries no source positions.
+
+use serde::{Deserialize, Serialize};
+
+/// A validated job file.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct JobSpec {
+    /// `[a-z0-9][a-z0-9-]{0,62}`; used in ids and paths.
+    pub name: String,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    pub train: TrainSpec,
+    pub parallelism: ParallelismSpec,
+    pub workers: WorkersSpec,
+    pub checkpoint: CheckpointSpec,
+}
+
+/// The model to train, chosen by `model.kind`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ModelSpec {
+    Mlp(MlpSpec),
+    Gpt(GptSpec),
+}
+
+impl ModelSpec {
+    /// The `model.kind` this spec was written with: `"mlp"` or `"gpt"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ModelSpec::Mlp(_) => "mlp",
+            ModelSpec::Gpt(_) => "gpt",
+        }
+    }
+}
+
+/// A multi-layer perceptron classifier.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct MlpSpec {
+    /// `[inputs, hidden..., classes]`: at least two entries, each >= 1, classes >= 2.
+    pub layers: Vec<usize>,
+}
+
+/// A decoder-only transformer language model.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct GptSpec {
+    /// Number of transformer blocks.
+    pub layers: usize,
+    /// Width of the residual stream; a multiple of `heads`.
+    pub d_model: usize,
+    /// Attention heads per block.
+    pub heads: usize,
+    /// Sequence length the model is trained on.
+    pub context: usize,
+    /// Vocabulary size (token ids are `0..vocab`).
+    pub vocab: usize,
+}
+
+/// Where the training samples come from, chosen by `data.kind`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum DataSpec {
+    /// Generated in process from `seed`; works with either model.
+    Synthetic { seed: u64, samples: u64 },
+    /// A safetensors file with `x` (f32 `[N, inputs]`) and `y` (i64 `[N]`); MLP only.
+    Features { path: String },
+    /// A flat file of little-endian token ids; GPT only.
+    Tokens { path: String, dtype: TokenDtype },
+    /// Any file, read as bytes (token ids 0..=255); GPT only, with `vocab >= 256`.
+    Text { path: String },
+}
+
+/// Width of one token id in a `tokens` file.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenDtype {
+    U8,
+    U16,
+    U32,
+}
+
+impl TokenDtype {
+    /// Bytes per token id.
+    pub fn size(self) -> usize {
+        match self {
+            TokenDtype::U8 => 1,
+            TokenDtype::U16 => 2,
+            TokenDtype::U32 => 4,
+        }
+    }
+}
+
+/// How the job trains.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TrainSpec {
+    /// Optimizer steps to run, >= 1.
+    pub steps: u64,
+    /// Samples per optimizer step across all replicas, >= `workers.max`.
+    pub global_batch: usize,
+    /// Samples per forward/backward pass, `1..=global_batch`.
+    pub micro_batch: usize,
+    /// Seeds parameter init and the data order.
+    pub seed: u64,
+    pub optimizer: AdamWSpec,
+    pub schedule: ScheduleSpec,
+    /// Clip the global gradient norm to this value (> 0) when set.
+    pub grad_clip: Option<f64>,
+}
+
+/// AdamW hyper-parameters (all finite).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct AdamWSpec {
+    /// Peak learning rate, > 0.
+    pub lr: f64,
+    /// In `[0, 1)`.
+    pub beta1: f64,
+    /// In `[0, 1)`.
+    pub beta2: f64,
+    /// > 0.
+    pub eps: f64,
+    /// >= 0 (decoupled weight decay).
+    pub weight_decay: f64,
+}
+
+/// Learning-rate schedule: linear warmup from 0 to `lr` over `warmup_steps`,
+/// then cosine decay to `min_lr` at the last step.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ScheduleSpec {
+    /// `<= train.steps`.
+    pub warmup_steps: u64,
+    /// In `[0, lr]`.
+    pub min_lr: f64,
+}
+
+/// How the job is split across workers.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ParallelismSpec {
+    /// Number of data-parallel replicas.
+    pub dp: DpSize,
+}
+
+/// Data-parallel degree: chosen by the scheduler, or fixed by the job.
+///
+/// In JSON (and YAML) this is the string `"auto"` or a plain integer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DpSize {
+    /// One replica per live worker, within `workers.min..=workers.max`.
+    Auto,
+    /// Exactly this many replicas, within `workers.min..=workers.max`.
+    Fixed(usize),
+}
+
+/// How many workers the job runs on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct WorkersSpec {
+    /// The job runs (and keeps running) only with at least this many workers.
+    pub min: usize,
+    /// The job never uses more than this many workers; `min..=1024`.
+    pub max: usize,
+}
+
+/// Where and how often checkpoints are written.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct CheckpointSpec {
+    /// A local path (relative or absolute) or `file:///abs/path`. After
+    /// [`JobSpec::resolve_paths`] it is always an absolute filesystem path.
+    pub url: String,
+    /// Checkpoint every this many steps; 0 = only the final model.
+    pub every: u64,
+    /// Periodic checkpoints kept, >= 1 (older ones are deleted).
+    pub keep: usize,
+}
+
+impl JobSpec {
+    /// The spec as compact JSON (what the coordinator stores).
+    pub fn to_json(&self) -> String {
+        // Serialising plain structs of strings, integers and finite floats
+        // into a String cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Reads a spec written by [`JobSpec::to_json`]. It is trusted: no
+    /// validation beyond the JSON shape happens here.
+    pub fn from_json(s: &str) -> Result<JobSpec, serde_json::Error> {
+        serde_json::from_str(s)
+    }
+}
+
+impl Serialize for DpSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            DpSize::Auto => s.serialize_str("auto"),
+            DpSize::Fixed(n) => s.serialize_u64(*n as u64),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DpSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(DpVisitor)
+    }
+}
+
+/// Accepts `"auto"` or a non-negative integer.
+struct DpVisitor;
+
+impl serde::de::Visitor<'_> for DpVisitor {
+    type Value = DpSize;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("`auto` or a positive integer")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<DpSize, E> {
+        usize::try_from(v)
+            .map(DpSize::Fixed)
+            .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<DpSize, E> {
+        match u64::try_from(v) {
+            Ok(v) => self.visit_u64(v),
+            Err(_) => Err(E::invalid_value(serde::de::Unexpected::Signed(v), &self)),
+        }
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<DpSize, E> {
+        if v == "auto" {
+            Ok(DpSize::Auto)
+        } else {
+            Err(E::invalid_value(serde::de::Unexpected::Str(v), &self))
+        }
+    }
+}

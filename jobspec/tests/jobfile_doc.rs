@@ -1,0 +1,89 @@
+//! Every YAML example in `JOBFILE.md` is valid: complete examples as they
+//! are, section examples spliced into an otherwise minimal job.
+
+use flotilla_jobspec::parse;
+
+const DOC: &str = include_str!("../JOBFILE.md");
+
+const SECTIONS: [&str; 8] = [
+    "version",
+    "name",
+    "model",
+    "data",
+    "train",
+    "parallelism",
+    "workers",
+    "checkpoint",
+];
+
+fn yaml_blocks(doc: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in doc.lines() {
+        match (&mut current, line.trim_end()) {
+            (None, "```yaml") => current = Some(String::new()),
+            (Some(block), "```") => {
+                blocks.push(std::mem::take(block));
+                current = None;
+            }
+            (Some(block), _) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+            (None, _) => {}
+        }
+    }
+    blocks
+}
+
+/// A minimal job whose `key` section is `snippet` (or, for an indented
+/// snippet, whose `train` section has it added).
+fn splice(snippet: &str) -> String {
+    let uses_gpt = snippet.contains("kind: tokens") || snippet.contains("kind: text");
+    let model = if uses_gpt {
+        "model: {kind: gpt, layers: 1, d_model: 8, heads: 2, context: 8, vocab: 256}\n"
+    } else {
+        "model: {kind: mlp, layers: [4, 8, 3]}\n"
+    };
+    let mut train = "train:\n  steps: 1000\n  global_batch: 64\n".to_owned();
+    if snippet.starts_with(' ') {
+        train.push_str(snippet);
+    }
+    let base = [
+        ("name", "name: doc-example\n".to_owned()),
+        ("model", model.to_owned()),
+        ("data", "data: {kind: synthetic}\n".to_owned()),
+        ("train", train),
+    ];
+    let key = snippet.split(':').next().unwrap_or("");
+    let mut job = String::new();
+    for section in SECTIONS {
+        if section == key {
+            job.push_str(snippet);
+        } else if let Some((_, text)) = base.iter().find(|(k, _)| *k == section) {
+            job.push_str(text);
+        }
+    }
+    job
+}
+
+#[test]
+fn jobfile_examples_are_valid() {
+    let blocks = yaml_blocks(DOC);
+    assert!(
+        blocks.len() >= 10,
+        "found only {} yaml blocks",
+        blocks.len()
+    );
+    for block in blocks {
+        let complete = block.starts_with("name:") && block.contains("\ntrain:");
+        let job = if complete {
+            block.clone()
+        } else {
+            splice(&block)
+        };
+        if let Err(e) = parse(&job, "JOBFILE.md") {
+            panic!("example\n{block}\nas job\n{job}\nfails: {e}");
+        }
+    }
+}
