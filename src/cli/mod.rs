@@ -1,0 +1,113 @@
+//! The `flotilla` command line.
+
+pub mod client;
+pub mod procs;
+pub mod run;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit code for a bad job file or bad arguments.
+pub const EXIT_BAD_INPUT: i32 = 2;
+/// Exit code for a job that failed or was cancelled.
+pub const EXIT_JOB_FAILED: i32 = 1;
+
+#[derive(Debug, Parser)]
+#[command(name = "flotilla", version, about = "Distributed deep-learning training: one binary, one YAML file")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct CoordinatorArg {
+    /// The coordinator's address.
+    #[arg(long, env = "FLOTILLA_COORDINATOR", default_value = "http://127.0.0.1:7070")]
+    pub coordinator: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a job on this machine: an embedded coordinator and `workers.max`
+    /// local worker processes.
+    Run {
+        job: PathBuf,
+        /// Number of local workers (default: the job's workers.max).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Check a job file and print what it asks for.
+    Validate { job: PathBuf },
+    /// Run a coordinator.
+    Coordinator {
+        /// Address to serve the gRPC API on.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: SocketAddr,
+        /// A worker that has not heartbeated for this long is declared lost.
+        #[arg(long, default_value_t = 5000)]
+        lease_ms: u64,
+        /// How often workers heartbeat.
+        #[arg(long, default_value_t = 1000)]
+        heartbeat_ms: u64,
+        /// How long a job with enough (but fewer than workers.max) workers
+        /// waits for more before it starts.
+        #[arg(long, default_value_t = 3000)]
+        start_grace_ms: u64,
+    },
+    /// Run a worker that takes assignments from a coordinator.
+    Worker {
+        #[command(flatten)]
+        coordinator: CoordinatorArg,
+        /// Address to listen on for peers' collectives.
+        #[arg(long, default_value = "0.0.0.0:0")]
+        data_addr: SocketAddr,
+        /// Address peers use to reach this worker (default: the local address
+        /// that reaches the coordinator).
+        #[arg(long)]
+        advertise_host: Option<std::net::IpAddr>,
+        /// Seconds a collective may wait for a peer before failing.
+        #[arg(long, default_value_t = 120)]
+        op_timeout_s: u64,
+    },
+    /// Submit a job file to a running coordinator.
+    Submit {
+        job: PathBuf,
+        #[command(flatten)]
+        coordinator: CoordinatorArg,
+        /// Follow the job until it ends; exit 1 if it does not succeed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Show all jobs, or one job in detail.
+    Status {
+        job: Option<String>,
+        #[command(flatten)]
+        coordinator: CoordinatorArg,
+    },
+    /// Cancel a job.
+    Cancel {
+        job: String,
+        #[command(flatten)]
+        coordinator: CoordinatorArg,
+    },
+}
+
+/// Reads and validates a job file; on error prints it and returns the exit code.
+pub fn load_job(path: &std::path::Path) -> Result<(String, flotilla_jobspec::JobSpec), i32> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot read job file {}: {e}", path.display());
+            return Err(EXIT_BAD_INPUT);
+        }
+    };
+    match flotilla_jobspec::parse(&text, &path.display().to_string()) {
+        Ok(spec) => Ok((text, spec)),
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(EXIT_BAD_INPUT)
+        }
+    }
+}

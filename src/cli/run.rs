@@ -1,0 +1,79 @@
+//! `flotilla run JOB.yaml`: an embedded one-node coordinator on a loopback
+//! port, local worker processes, the job submitted and followed to its end.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use flotilla_coordinator::CoordinatorConfig;
+use flotilla_proto::v1 as pb;
+use tokio_util::sync::CancellationToken;
+
+use super::client;
+use super::procs::LocalWorkers;
+use super::{EXIT_BAD_INPUT, EXIT_JOB_FAILED};
+
+/// Runs the job; returns the process exit code.
+pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
+    let (text, spec) = match super::load_job(path) {
+        Ok(v) => v,
+        Err(code) => return Ok(code),
+    };
+    let n = workers.unwrap_or(spec.workers.max);
+    if n < spec.workers.min {
+        eprintln!("error: --workers {n} is below the job's workers.min ({})", spec.workers.min);
+        return Ok(EXIT_BAD_INPUT);
+    }
+
+    let shutdown = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("bind the coordinator port")?;
+    let cfg = CoordinatorConfig {
+        lease: Duration::from_secs(5),
+        heartbeat_interval: Duration::from_millis(500),
+        start_grace: Duration::from_secs(10),
+        ..CoordinatorConfig::default()
+    };
+    let server = flotilla_coordinator::serve(listener, cfg, shutdown.clone()).await?;
+    let url = format!("http://{}", server.addr);
+
+    let mut client = client::connect(&url).await?;
+    let job = match client::submit(&mut client, path, text).await {
+        Ok(job) => job,
+        Err(status) => {
+            eprintln!("error: {}", status.message());
+            server.shutdown().await.ok();
+            return Ok(if status.code() == tonic::Code::InvalidArgument { EXIT_BAD_INPUT } else { EXIT_JOB_FAILED });
+        }
+    };
+    let status = client.get_job(pb::GetJobRequest { job_id: job.clone() }).await?.into_inner();
+    let logs = Path::new(&status.output_dir).join("logs");
+    eprintln!("flotilla: running {job} on {n} local workers (coordinator {url}, logs in {})", logs.display());
+    // Started from this (the main) thread: the parent death signal follows it.
+    let mut local = LocalWorkers::start(n, &url, &logs).context("start local workers")?;
+
+    let started = Instant::now();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let outcome = tokio::select! {
+        r = client::follow(&mut client, &job) => Some(r),
+        _ = tokio::signal::ctrl_c() => None,
+        _ = sigterm.recv() => None,
+    };
+    let code = match outcome {
+        None => {
+            eprintln!("flotilla: interrupted; stopping workers");
+            let _ = client.cancel_job(pb::CancelJobRequest { job_id: job.clone() }).await;
+            130
+        }
+        Some(Ok(status)) => {
+            client::print_outcome(&status, started.elapsed());
+            if status.phase == pb::JobPhase::Succeeded as i32 { 0 } else { EXIT_JOB_FAILED }
+        }
+        Some(Err(e)) => {
+            eprintln!("error: {e:#}");
+            EXIT_JOB_FAILED
+        }
+    };
+    tokio::task::block_in_place(|| local.stop(Duration::from_secs(10)));
+    server.shutdown().await.ok();
+    Ok(code)
+}

@@ -1,0 +1,153 @@
+//! The `flotilla` binary.
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use flotilla::cli::{self, client, Cli, Command};
+use flotilla_proto::v1 as pb;
+use tokio_util::sync::CancellationToken;
+
+fn init_logs(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Cancels `token` on Ctrl-C or SIGTERM.
+fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("signal received; shutting down");
+        token.cancel();
+        // If the clean shutdown hangs, do not hang with it.
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        std::process::exit(1);
+    });
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let code = runtime.block_on(async move {
+        match main_async(cli).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                1
+            }
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    std::process::exit(code);
+}
+
+async fn main_async(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Run { job, workers } => {
+            init_logs("warn");
+            cli::run::run(&job, workers).await
+        }
+        Command::Validate { job } => match cli::load_job(&job) {
+            Ok((_, spec)) => {
+                println!("{}: ok ({} model, {} steps, {}..{} workers)", job.display(), spec.model.kind(), spec.train.steps, spec.workers.min, spec.workers.max);
+                Ok(0)
+            }
+            Err(code) => Ok(code),
+        },
+        Command::Coordinator { listen, lease_ms, heartbeat_ms, start_grace_ms } => {
+            init_logs("info");
+            let token = CancellationToken::new();
+            cancel_on_signals(token.clone());
+            let cfg = flotilla_coordinator::CoordinatorConfig {
+                lease: Duration::from_millis(lease_ms),
+                heartbeat_interval: Duration::from_millis(heartbeat_ms),
+                start_grace: Duration::from_millis(start_grace_ms),
+                comm_grace: Duration::from_millis(lease_ms + 3000),
+                ..Default::default()
+            };
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            let server = flotilla_coordinator::serve(listener, cfg, token).await?;
+            println!("coordinator listening on {}", server.addr);
+            server.wait().await?;
+            Ok(0)
+        }
+        Command::Worker { coordinator, data_addr, advertise_host, op_timeout_s } => {
+            init_logs("info");
+            let token = CancellationToken::new();
+            cancel_on_signals(token.clone());
+            let cfg = flotilla_trainer::AgentConfig {
+                coordinator: coordinator.coordinator,
+                data_bind: data_addr,
+                advertise_host,
+                train: flotilla_trainer::TrainOptions {
+                    op_timeout: Duration::from_secs(op_timeout_s),
+                    ..Default::default()
+                },
+            };
+            let agent = flotilla_trainer::Agent::new(cfg)?;
+            tracing::info!(data_addr = %agent.data_addr(), "worker starting");
+            agent.run(token).await?;
+            Ok(0)
+        }
+        Command::Submit { job, coordinator, wait } => {
+            init_logs("warn");
+            let (text, _) = match cli::load_job(&job) {
+                Ok(v) => v,
+                Err(code) => return Ok(code),
+            };
+            let mut c = client::connect(&coordinator.coordinator).await?;
+            let id = match client::submit(&mut c, &job, text).await {
+                Ok(id) => id,
+                Err(s) => {
+                    eprintln!("error: {}", s.message());
+                    return Ok(if s.code() == tonic::Code::InvalidArgument { cli::EXIT_BAD_INPUT } else { 1 });
+                }
+            };
+            println!("{id}");
+            if !wait {
+                return Ok(0);
+            }
+            let started = Instant::now();
+            let status = client::follow(&mut c, &id).await?;
+            client::print_outcome(&status, started.elapsed());
+            Ok(if status.phase == pb::JobPhase::Succeeded as i32 { 0 } else { cli::EXIT_JOB_FAILED })
+        }
+        Command::Status { job, coordinator } => {
+            init_logs("warn");
+            let mut c = client::connect(&coordinator.coordinator).await?;
+            match job {
+                Some(id) => match c.get_job(pb::GetJobRequest { job_id: id }).await {
+                    Ok(s) => client::print_detail(&s.into_inner()),
+                    Err(s) => {
+                        eprintln!("error: {}", s.message());
+                        return Ok(1);
+                    }
+                },
+                None => client::print_table(&c.list_jobs(pb::ListJobsRequest {}).await?.into_inner().jobs),
+            }
+            Ok(0)
+        }
+        Command::Cancel { job, coordinator } => {
+            init_logs("warn");
+            let mut c = client::connect(&coordinator.coordinator).await?;
+            match c.cancel_job(pb::CancelJobRequest { job_id: job }).await {
+                Ok(s) => {
+                    let s = s.into_inner();
+                    println!("{} {}", s.job_id, client::phase_name(s.phase));
+                    Ok(0)
+                }
+                Err(s) => {
+                    eprintln!("error: {}", s.message());
+                    Ok(1)
+                }
+            }
+        }
+    }
+}
