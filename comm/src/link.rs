@@ -67,8 +67,10 @@ pub(crate) struct Link {
     /// The rank at the other end.
     pub peer: usize,
     buf: Vec<u8>,
-    /// False while a message is partly written: the stream is then unusable.
-    clean: bool,
+    /// False while a message is partly written: nothing else may be sent.
+    send_idle: bool,
+    /// False while a message is partly read: the next bytes are not a header.
+    recv_idle: bool,
     read_armed: Option<(Instant, Instant)>,
     write_armed: Option<(Instant, Instant)>,
 }
@@ -79,15 +81,21 @@ impl Link {
             stream,
             peer,
             buf: Vec::new(),
-            clean: true,
+            send_idle: true,
+            recv_idle: true,
             read_armed: None,
             write_armed: None,
         }
     }
 
     /// Whether the last message was written whole, so that another may follow.
-    pub fn is_clean(&self) -> bool {
-        self.clean
+    pub fn send_idle(&self) -> bool {
+        self.send_idle
+    }
+
+    /// Whether the last message was read whole, so that a header comes next.
+    pub fn recv_idle(&self) -> bool {
+        self.recv_idle
     }
 
     /// Closes both directions now, so that a peer blocked on us fails at once.
@@ -101,10 +109,10 @@ impl Link {
             Payload::F32(values) => values.len() as u64 * 4,
             Payload::Bytes(bytes) => bytes.len() as u64,
         };
-        self.clean = false;
+        self.send_idle = false;
         self.write_message(frame, payload, dl)
             .map_err(|e| classify(e, self.peer, dl))?;
-        self.clean = true;
+        self.send_idle = true;
         Ok(())
     }
 
@@ -158,7 +166,10 @@ impl Link {
                         op: dl.op.name(),
                     }))
                 }
-                Ok(n) => got += n,
+                Ok(n) => {
+                    got += n;
+                    self.recv_idle = false;
+                }
                 Err(e) if got == 0 && is_timeout(&e) => return Err(Fault::Silent),
                 Err(e) => return Err(Fault::Failed(classify(e, self.peer, dl))),
             }
@@ -167,6 +178,7 @@ impl Link {
             rank: self.peer,
             message,
         })?;
+        self.recv_idle = frame.len == 0;
         match frame.kind {
             Kind::Data => Ok(frame),
             Kind::Stuck => Err(Fault::Stuck),
@@ -239,6 +251,7 @@ impl Link {
             }
         }
         self.buf = buf;
+        self.recv_idle = result.is_ok();
         result
     }
 
@@ -255,6 +268,7 @@ impl Link {
                 .map_err(|e| classify(e, self.peer, dl))?;
             left -= take as u64;
         }
+        self.recv_idle = true;
         Ok(out)
     }
 

@@ -161,7 +161,17 @@ impl Links<'_> {
             after: dl.timeout,
         };
         let error = match fault {
-            Fault::Failed(error) | Fault::Aborted(error) => error,
+            Fault::Aborted(error) => error,
+            Fault::Failed(error) if self.next_hung_up(&error) => {
+                // The next rank may have hung up because of an error it found;
+                // its verdict travels around the ring and may reach us soon.
+                let wait = Deadline { at: Instant::now() + grace, ..dl };
+                match self.recv.recv_frame(wait) {
+                    Err(Fault::Aborted(forwarded)) => forwarded,
+                    _ => error,
+                }
+            }
+            Fault::Failed(error) => error,
             Fault::Silent | Fault::Stuck => {
                 self.tell_next(Kind::Stuck, prev, 0, &[], dl.op, seq, grace);
                 let mut prev_stuck = matches!(fault, Fault::Stuck);
@@ -196,11 +206,18 @@ impl Links<'_> {
         error
     }
 
+    /// Whether `error` is the next rank closing on us while the previous rank
+    /// could still tell us more (its link is between messages).
+    fn next_hung_up(&self, error: &CommError) -> bool {
+        let closed = matches!(error, CommError::PeerClosed { .. } | CommError::Io { .. });
+        closed && error.peer() == Some(self.send.peer) && self.send.peer != self.recv.peer && self.recv.recv_idle()
+    }
+
     /// Best effort: sends a Stuck or Abort frame if the send side is between
     /// messages, giving up after `grace`.
     #[allow(clippy::too_many_arguments)]
     fn tell_next(&mut self, kind: Kind, rank: usize, total: u64, message: &[u8], op: Op, seq: u64, grace: Duration) {
-        if !self.send.is_clean() {
+        if !self.send.send_idle() {
             return;
         }
         let frame = Frame { kind, op, aux: rank as u32, seq, total, len: 0 };
