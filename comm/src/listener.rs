@@ -254,3 +254,76 @@ fn wake_addr(addr: SocketAddr) -> SocketAddr {
     };
     SocketAddr::new(ip, addr.port())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn say_hello(listener: &CommListener, job: &str, generation: u64) -> (TcpStream, Verdict) {
+        let mut stream = TcpStream::connect(listener.local_addr()).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let hello = Hello {
+            job: job.into(),
+            generation,
+            from_rank: 0,
+            to_rank: 1,
+            world: 2,
+        };
+        stream.write_all(&hello.encode()).unwrap();
+        let mut answer = [0u8; 9];
+        stream.read_exact(&mut answer).unwrap();
+        (stream, Verdict::decode(&answer).unwrap())
+    }
+
+    #[test]
+    fn older_generations_are_closed_and_refused() {
+        let listener = CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (mut old, verdict) = say_hello(&listener, "job", 1);
+        assert_eq!(verdict, Verdict::Accepted);
+
+        listener.begin_generation("job", 2).unwrap();
+        // the parked generation-1 connection is closed at once
+        assert_eq!(old.read(&mut [0u8; 1]).unwrap(), 0);
+        // and a new one is refused
+        assert_eq!(say_hello(&listener, "job", 1).1, Verdict::Stale { newest: 2 });
+        assert_eq!(listener.begin_generation("job", 1), Err(2));
+        // other jobs and newer generations are not affected
+        assert_eq!(say_hello(&listener, "other", 1).1, Verdict::Accepted);
+        let (_keep, verdict) = say_hello(&listener, "job", 3);
+        assert_eq!(verdict, Verdict::Accepted);
+
+        let soon = Instant::now() + Duration::from_secs(1);
+        let parked = listener.claim("job", 3, 0, soon).unwrap();
+        assert_eq!(parked.hello.generation, 3);
+        let missing = listener.claim("job", 3, 1, Instant::now() + Duration::from_millis(50));
+        assert!(matches!(missing, Err(CommError::Setup(_))));
+    }
+
+    #[test]
+    fn shutdown_fails_pending_claims_and_stops_accepting() {
+        let listener = CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr();
+        let started = Instant::now();
+        thread::scope(|scope| {
+            let claim = scope.spawn(|| listener.claim("job", 1, 0, Instant::now() + Duration::from_secs(10)));
+            thread::sleep(Duration::from_millis(50));
+            listener.shutdown();
+            assert!(matches!(claim.join().unwrap(), Err(CommError::Setup(_))));
+        });
+        assert!(started.elapsed() < Duration::from_secs(5));
+        listener.shutdown(); // idempotent
+        drop(listener);
+        assert!(TcpStream::connect(addr).is_err(), "the port is closed");
+    }
+
+    #[test]
+    fn garbage_is_dropped_without_harm() {
+        let listener = CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let mut stream = TcpStream::connect(listener.local_addr()).unwrap();
+        stream.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(matches!(stream.read(&mut buf), Ok(0) | Err(_)));
+        assert_eq!(say_hello(&listener, "job", 1).1, Verdict::Accepted);
+    }
+}
