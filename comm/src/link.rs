@@ -71,6 +71,9 @@ pub(crate) struct Link {
     send_idle: bool,
     /// False while a message is partly read: the next bytes are not a header.
     recv_idle: bool,
+    /// Sequence number and arrival time of the first data frame received for
+    /// the latest collective: proof that the sender had started it by then.
+    first_data: Option<(u64, Instant)>,
     read_armed: Option<(Instant, Instant)>,
     write_armed: Option<(Instant, Instant)>,
 }
@@ -83,6 +86,7 @@ impl Link {
             buf: Vec::new(),
             send_idle: true,
             recv_idle: true,
+            first_data: None,
             read_armed: None,
             write_armed: None,
         }
@@ -91,6 +95,11 @@ impl Link {
     /// Whether the last message was written whole, so that another may follow.
     pub fn send_idle(&self) -> bool {
         self.send_idle
+    }
+
+    /// When the first data frame of collective `seq` arrived, if one has.
+    pub fn first_data_at(&self, seq: u64) -> Option<Instant> {
+        self.first_data.filter(|(s, _)| *s == seq).map(|(_, at)| at)
     }
 
     /// Whether the last message was read whole, so that a header comes next.
@@ -180,7 +189,12 @@ impl Link {
         })?;
         self.recv_idle = frame.len == 0;
         match frame.kind {
-            Kind::Data => Ok(frame),
+            Kind::Data => {
+                if self.first_data.is_none_or(|(seq, _)| seq != frame.seq) {
+                    self.first_data = Some((frame.seq, Instant::now()));
+                }
+                Ok(frame)
+            }
             Kind::Stuck => Err(Fault::Stuck),
             Kind::Abort => Err(self.recv_abort(frame, dl)),
         }

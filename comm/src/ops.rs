@@ -74,6 +74,15 @@ impl ProcessGroup for TcpRing {
         // Position along the chain root -> root+1 -> ... -> root-1.
         let pos = (self.rank + world - root) % world;
         self.run(Op::Broadcast, |links, dl, seq| {
+            // Every rank first tells the next one that it has entered the
+            // broadcast: ranks check that they agree on root and length, and
+            // a rank whose predecessor never entered can tell so.
+            let entered = data_frame(Op::Broadcast, seq, root, len);
+            exchange(links.send, entered, Payload::Bytes(&[]), links.recv, dl, |recv| {
+                let got = recv.recv_frame(dl)?;
+                recv.expect(&got, &entered)?;
+                Ok(())
+            })?;
             let pieces = len.div_ceil(BROADCAST_PIECE).max(1);
             for k in 0..pieces {
                 let range = k * BROADCAST_PIECE..((k + 1) * BROADCAST_PIECE).min(len);

@@ -174,20 +174,36 @@ impl Links<'_> {
             Fault::Failed(error) => error,
             Fault::Silent | Fault::Stuck => {
                 self.tell_next(Kind::Stuck, prev, 0, &[], dl.op, seq, grace);
-                let mut prev_stuck = matches!(fault, Fault::Stuck);
-                let mut until = Instant::now() + if prev_stuck { 2 * grace } else { grace };
+                // A previous rank that has sent data for this op had started
+                // it by then, so its own deadline has passed by `started +
+                // timeout`: until then (and a grace) its silence may be ours.
+                let now = Instant::now();
+                let mut until = match self.recv.first_data_at(seq) {
+                    Some(started) => (now + grace).max(started + dl.timeout + grace),
+                    None => now + grace,
+                };
+                let mut prev_stuck = false;
+                let mut fault = fault;
                 loop {
-                    let wait = Deadline { at: until, ..dl };
-                    match self.recv.recv_frame(wait) {
-                        Err(Fault::Aborted(error)) => break error,
-                        Err(Fault::Stuck) if !prev_stuck => {
+                    match fault {
+                        Fault::Aborted(error) | Fault::Failed(error) => break error,
+                        // The previous rank is alive and waiting too; it passes
+                        // on its verdict as soon as it has one.
+                        Fault::Stuck if !prev_stuck => {
                             prev_stuck = true;
-                            until = Instant::now() + 2 * grace;
+                            until = Instant::now() + dl.timeout + 2 * grace;
                         }
-                        Err(Fault::Failed(error)) => break error,
-                        // Still nothing, a late data frame, or a second Stuck.
-                        _ => break silent_prev(),
+                        // A second Stuck is a protocol slip; treat it as silence.
+                        Fault::Stuck | Fault::Silent => {}
                     }
+                    if Instant::now() >= until {
+                        break silent_prev();
+                    }
+                    fault = match self.recv.recv_frame(Deadline { at: until, ..dl }) {
+                        // A late data frame: the previous rank was the slow one.
+                        Ok(_) => break silent_prev(),
+                        Err(next_fault) => next_fault,
+                    };
                 }
             }
         };

@@ -10,9 +10,12 @@ use std::time::{Duration, Instant};
 use flotilla_comm::{CommError, CommListener, ProcessGroup, TcpRing};
 use support::*;
 
-/// Every rank but `silent` calls all_reduce with a short op timeout; `silent`
-/// keeps its ring open but never calls. Returns what the others got.
-fn all_reduce_with_a_silent_rank(world: usize, silent: usize, len: usize) -> Vec<Option<Result<(), CommError>>> {
+/// Every rank but `silent` runs `op` with a short op timeout; `silent` keeps
+/// its ring open but never calls. Returns what the others got.
+fn with_a_silent_rank<F>(world: usize, silent: usize, op: F) -> Vec<Option<Result<(), CommError>>>
+where
+    F: Fn(&mut TcpRing) -> Result<(), CommError> + Sync,
+{
     let listeners = listeners(world);
     let mut rings = ring(&listeners, "silent", 1);
     let done = Barrier::new(world);
@@ -20,7 +23,7 @@ fn all_reduce_with_a_silent_rank(world: usize, silent: usize, len: usize) -> Vec
         let result = (rank != silent).then(|| {
             ring.set_op_timeout(Duration::from_millis(300));
             let started = Instant::now();
-            let result = ring.all_reduce_sum(&mut vec![1.0; len]);
+            let result = op(ring);
             assert!(started.elapsed() < Duration::from_secs(3), "rank {rank} took {:?}", started.elapsed());
             result
         });
@@ -29,13 +32,17 @@ fn all_reduce_with_a_silent_rank(world: usize, silent: usize, len: usize) -> Vec
     })
 }
 
-fn assert_timeout_naming(results: &[Option<Result<(), CommError>>], silent: usize) {
+fn all_reduce_with_a_silent_rank(world: usize, silent: usize, len: usize) -> Vec<Option<Result<(), CommError>>> {
+    with_a_silent_rank(world, silent, |ring| ring.all_reduce_sum(&mut vec![1.0; len]))
+}
+
+fn assert_timeout_naming(results: &[Option<Result<(), CommError>>], silent: usize, op_name: &str) {
     for (rank, result) in results.iter().enumerate() {
         if let Some(result) = result {
             match result {
                 Err(CommError::Timeout { rank: culprit, op, .. }) => {
                     assert_eq!(*culprit, silent, "rank {rank} blamed the wrong rank");
-                    assert_eq!(*op, "all_reduce");
+                    assert_eq!(*op, op_name);
                 }
                 other => panic!("rank {rank}: expected a timeout naming {silent}, got {other:?}"),
             }
@@ -45,14 +52,22 @@ fn assert_timeout_naming(results: &[Option<Result<(), CommError>>], silent: usiz
 
 #[test]
 fn a_silent_rank_is_named_by_its_neighbour() {
-    assert_timeout_naming(&all_reduce_with_a_silent_rank(2, 1, 1000), 1);
+    assert_timeout_naming(&all_reduce_with_a_silent_rank(2, 1, 1000), 1, "all_reduce");
 }
 
 #[test]
 fn a_silent_rank_is_named_by_every_other_rank() {
-    assert_timeout_naming(&all_reduce_with_a_silent_rank(3, 2, 1000), 2);
+    assert_timeout_naming(&all_reduce_with_a_silent_rank(3, 2, 1000), 2, "all_reduce");
     // large chunks: writers to the silent rank block as well
-    assert_timeout_naming(&all_reduce_with_a_silent_rank(4, 1, 2_000_000), 1);
+    assert_timeout_naming(&all_reduce_with_a_silent_rank(4, 1, 2_000_000), 1, "all_reduce");
+    let gather = with_a_silent_rank(5, 0, |ring| ring.all_gather_bytes(b"hi").map(drop));
+    assert_timeout_naming(&gather, 0, "all_gather_bytes");
+}
+
+#[test]
+fn a_silent_broadcast_root_is_named_along_the_chain() {
+    let results = with_a_silent_rank(4, 2, |ring| ring.broadcast(&mut vec![0.0; 1000], 2));
+    assert_timeout_naming(&results, 2, "broadcast");
 }
 
 #[test]
