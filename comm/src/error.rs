@@ -91,7 +91,7 @@ mod tests {
         );
         let io = CommError::Io {
             rank: 1,
-            source: io::Error::new(io::ErrorKind::Other, "boom"),
+            source: io::Error::other("boom"),
         };
         assert_eq!(io.duplicate().to_string(), io.to_string());
         assert_eq!(CommError::Setup("x".into()).peer(), None);

@@ -29,7 +29,7 @@ pub(crate) struct Deadline {
 impl Deadline {
     pub fn after(timeout: Duration, op: Op) -> Deadline {
         Deadline {
-            at: Instant::now() + timeout,
+            at: later(Instant::now(), timeout),
             op,
             timeout,
         }
@@ -336,6 +336,13 @@ impl Link {
     }
 }
 
+/// `at + by`, or a time so far away that it never comes when that overflows.
+pub(crate) fn later(at: Instant, by: Duration) -> Instant {
+    at.checked_add(by)
+        .or_else(|| at.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(at)
+}
+
 fn needs_rearm(armed: Option<(Instant, Instant)>, deadline: Instant, now: Instant) -> bool {
     match armed {
         Some((at, for_deadline)) => for_deadline != deadline || now.duration_since(at) > REARM_AFTER,
@@ -363,5 +370,27 @@ fn classify(e: io::Error, peer: usize, dl: Deadline) -> CommError {
             }
         }
         _ => CommError::Io { rank: peer, source: e },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_timeout_does_not_overflow() {
+        let dl = Deadline::after(Duration::MAX, Op::Barrier);
+        assert!(dl.at > Instant::now() + Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn socket_errors_name_the_peer() {
+        let dl = Deadline::after(Duration::from_millis(5), Op::AllReduce);
+        let timeout = classify(io::ErrorKind::WouldBlock.into(), 4, dl);
+        assert!(matches!(timeout, CommError::Timeout { rank: 4, op: "all_reduce", .. }));
+        let closed = classify(io::ErrorKind::ConnectionReset.into(), 2, dl);
+        assert!(matches!(closed, CommError::PeerClosed { rank: 2, .. }));
+        let other = classify(io::ErrorKind::PermissionDenied.into(), 1, dl);
+        assert_eq!(other.peer(), Some(1));
     }
 }

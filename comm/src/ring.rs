@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::error::CommError;
-use crate::link::{Deadline, Fault, Link, Payload};
+use crate::link::{later, Deadline, Fault, Link, Payload};
 use crate::listener::CommListener;
 use crate::wire::{Blame, Frame, Hello, Kind, Op, Verdict, MAX_JOB_LEN};
 
@@ -76,7 +76,7 @@ impl TcpRing {
         if world == 1 {
             return Ok(ring);
         }
-        let deadline = Instant::now() + cfg.connect_timeout;
+        let deadline = later(Instant::now(), cfg.connect_timeout);
         let next = (rank + 1) % world;
         let prev = (rank + world - 1) % world;
         let hello = Hello {
@@ -179,7 +179,7 @@ impl Links<'_> {
                 // timeout`: until then (and a grace) its silence may be ours.
                 let now = Instant::now();
                 let mut until = match self.recv.first_data_at(seq) {
-                    Some(started) => (now + grace).max(started + dl.timeout + grace),
+                    Some(started) => (now + grace).max(later(started, dl.timeout) + grace),
                     None => now + grace,
                 };
                 let mut prev_stuck = false;
@@ -191,7 +191,7 @@ impl Links<'_> {
                         // on its verdict as soon as it has one.
                         Fault::Stuck if !prev_stuck => {
                             prev_stuck = true;
-                            until = Instant::now() + dl.timeout + 2 * grace;
+                            until = later(Instant::now(), dl.timeout) + 2 * grace;
                         }
                         // A second Stuck is a protocol slip; treat it as silence.
                         Fault::Stuck | Fault::Silent => {}
