@@ -53,7 +53,10 @@ fn main() {
                     }
                     // the values doubled `world`-fold each round
                     let expected = (world as f32).powi(iters as i32);
-                    assert!(buf.iter().all(|&v| v == expected), "wrong sum on rank {rank}");
+                    assert!(
+                        buf.iter().all(|&v| v == expected),
+                        "wrong sum on rank {rank}"
+                    );
                     times
                 })
             })

@@ -11,7 +11,10 @@ use std::ops::Range;
 /// Panics if `world == 0` or `index >= world`.
 pub fn chunk_range(len: usize, world: usize, index: usize) -> Range<usize> {
     assert!(world > 0, "world must be at least 1");
-    assert!(index < world, "chunk index {index} out of range for world {world}");
+    assert!(
+        index < world,
+        "chunk index {index} out of range for world {world}"
+    );
     let bound = |i: usize| ((len as u128 * i as u128) / world as u128) as usize;
     bound(index)..bound(index + 1)
 }
@@ -115,7 +118,10 @@ mod tests {
                 let prev = (r + world - 1) % world;
                 let mine = schedules[r][step];
                 let theirs = schedules[prev][step];
-                assert_eq!(mine.recv, theirs.send, "rank {r} receives what rank {prev} sends");
+                assert_eq!(
+                    mine.recv, theirs.send,
+                    "rank {r} receives what rank {prev} sends"
+                );
                 let range = chunk_range(len, world, mine.recv);
                 for (dst, src) in bufs[r][range].iter_mut().zip(&sent[prev]) {
                     match mine.phase {

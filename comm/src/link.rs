@@ -113,7 +113,12 @@ impl Link {
     }
 
     /// Sends one message: `frame` (whose `len` is set here) and its payload.
-    pub fn send(&mut self, mut frame: Frame, payload: Payload<'_>, dl: Deadline) -> Result<(), CommError> {
+    pub fn send(
+        &mut self,
+        mut frame: Frame,
+        payload: Payload<'_>,
+        dl: Deadline,
+    ) -> Result<(), CommError> {
         frame.len = match payload {
             Payload::F32(values) => values.len() as u64 * 4,
             Payload::Bytes(bytes) => bytes.len() as u64,
@@ -125,37 +130,40 @@ impl Link {
         Ok(())
     }
 
-    fn write_message(&mut self, frame: Frame, payload: Payload<'_>, dl: Deadline) -> io::Result<()> {
+    fn write_message(
+        &mut self,
+        frame: Frame,
+        payload: Payload<'_>,
+        dl: Deadline,
+    ) -> io::Result<()> {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         buf.extend_from_slice(&frame.encode());
-        let result = (|| {
-            match payload {
-                Payload::F32(values) => {
-                    let mut rest = values;
-                    loop {
-                        let room = (PIECE.saturating_sub(buf.len()) / 4).max(1);
-                        let (now, later) = rest.split_at(rest.len().min(room));
-                        for v in now {
-                            buf.extend_from_slice(&v.to_le_bytes());
-                        }
-                        self.write_all_by(&buf, dl)?;
-                        buf.clear();
-                        rest = later;
-                        if rest.is_empty() {
-                            return Ok(());
-                        }
+        let result = (|| match payload {
+            Payload::F32(values) => {
+                let mut rest = values;
+                loop {
+                    let room = (PIECE.saturating_sub(buf.len()) / 4).max(1);
+                    let (now, later) = rest.split_at(rest.len().min(room));
+                    for v in now {
+                        buf.extend_from_slice(&v.to_le_bytes());
                     }
-                }
-                Payload::Bytes(bytes) => {
-                    let head = bytes.len().min(PIECE - FRAME_LEN);
-                    buf.extend_from_slice(&bytes[..head]);
                     self.write_all_by(&buf, dl)?;
-                    for piece in bytes[head..].chunks(PIECE) {
-                        self.write_all_by(piece, dl)?;
+                    buf.clear();
+                    rest = later;
+                    if rest.is_empty() {
+                        return Ok(());
                     }
-                    Ok(())
                 }
+            }
+            Payload::Bytes(bytes) => {
+                let head = bytes.len().min(PIECE - FRAME_LEN);
+                buf.extend_from_slice(&bytes[..head]);
+                self.write_all_by(&buf, dl)?;
+                for piece in bytes[head..].chunks(PIECE) {
+                    self.write_all_by(piece, dl)?;
+                }
+                Ok(())
             }
         })();
         self.buf = buf;
@@ -215,10 +223,20 @@ impl Link {
         let op = dl.op.name();
         let forwarded = format!("{text} (forwarded by rank {})", self.peer);
         Fault::Aborted(match Blame::from_code(frame.total) {
-            Some(Blame::Timeout) => CommError::Timeout { rank, op, after: dl.timeout },
+            Some(Blame::Timeout) => CommError::Timeout {
+                rank,
+                op,
+                after: dl.timeout,
+            },
             Some(Blame::Closed) => CommError::PeerClosed { rank, op },
-            Some(Blame::Protocol) => CommError::Protocol { rank, message: forwarded },
-            Some(Blame::Io) => CommError::Io { rank, source: io::Error::other(forwarded) },
+            Some(Blame::Protocol) => CommError::Protocol {
+                rank,
+                message: forwarded,
+            },
+            Some(Blame::Io) => CommError::Io {
+                rank,
+                source: io::Error::other(forwarded),
+            },
             None => CommError::Protocol {
                 rank: self.peer,
                 message: format!("abort with unknown blame code {}", frame.total),
@@ -345,13 +363,18 @@ pub(crate) fn later(at: Instant, by: Duration) -> Instant {
 
 fn needs_rearm(armed: Option<(Instant, Instant)>, deadline: Instant, now: Instant) -> bool {
     match armed {
-        Some((at, for_deadline)) => for_deadline != deadline || now.duration_since(at) > REARM_AFTER,
+        Some((at, for_deadline)) => {
+            for_deadline != deadline || now.duration_since(at) > REARM_AFTER
+        }
         None => true,
     }
 }
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// Turns a socket error with `peer` into the error a caller sees.
@@ -369,7 +392,10 @@ fn classify(e: io::Error, peer: usize, dl: Deadline) -> CommError {
                 op: dl.op.name(),
             }
         }
-        _ => CommError::Io { rank: peer, source: e },
+        _ => CommError::Io {
+            rank: peer,
+            source: e,
+        },
     }
 }
 
@@ -387,7 +413,14 @@ mod tests {
     fn socket_errors_name_the_peer() {
         let dl = Deadline::after(Duration::from_millis(5), Op::AllReduce);
         let timeout = classify(io::ErrorKind::WouldBlock.into(), 4, dl);
-        assert!(matches!(timeout, CommError::Timeout { rank: 4, op: "all_reduce", .. }));
+        assert!(matches!(
+            timeout,
+            CommError::Timeout {
+                rank: 4,
+                op: "all_reduce",
+                ..
+            }
+        ));
         let closed = classify(io::ErrorKind::ConnectionReset.into(), 2, dl);
         assert!(matches!(closed, CommError::PeerClosed { rank: 2, .. }));
         let other = classify(io::ErrorKind::PermissionDenied.into(), 1, dl);

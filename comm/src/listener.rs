@@ -89,7 +89,11 @@ impl CommListener {
         self.shared.changed.notify_all();
         // Wake the blocking accept with a connection of our own.
         let woke = TcpStream::connect_timeout(&wake_addr(self.addr), Duration::from_secs(1));
-        let handle = self.accept_thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let handle = self
+            .accept_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         match (woke, handle) {
             (Ok(_), Some(handle)) => {
                 let _ = handle.join();
@@ -261,7 +265,9 @@ mod tests {
 
     fn say_hello(listener: &CommListener, job: &str, generation: u64) -> (TcpStream, Verdict) {
         let mut stream = TcpStream::connect(listener.local_addr()).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         let hello = Hello {
             job: job.into(),
             generation,
@@ -285,7 +291,10 @@ mod tests {
         // the parked generation-1 connection is closed at once
         assert_eq!(old.read(&mut [0u8; 1]).unwrap(), 0);
         // and a new one is refused
-        assert_eq!(say_hello(&listener, "job", 1).1, Verdict::Stale { newest: 2 });
+        assert_eq!(
+            say_hello(&listener, "job", 1).1,
+            Verdict::Stale { newest: 2 }
+        );
         assert_eq!(listener.begin_generation("job", 1), Err(2));
         // other jobs and newer generations are not affected
         assert_eq!(say_hello(&listener, "other", 1).1, Verdict::Accepted);
@@ -305,7 +314,8 @@ mod tests {
         let addr = listener.local_addr();
         let started = Instant::now();
         thread::scope(|scope| {
-            let claim = scope.spawn(|| listener.claim("job", 1, 0, Instant::now() + Duration::from_secs(10)));
+            let claim = scope
+                .spawn(|| listener.claim("job", 1, 0, Instant::now() + Duration::from_secs(10)));
             thread::sleep(Duration::from_millis(50));
             listener.shutdown();
             assert!(matches!(claim.join().unwrap(), Err(CommError::Setup(_))));
@@ -321,7 +331,9 @@ mod tests {
         let listener = CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let mut stream = TcpStream::connect(listener.local_addr()).unwrap();
         stream.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         let mut buf = [0u8; 16];
         assert!(matches!(stream.read(&mut buf), Ok(0) | Err(_)));
         assert_eq!(say_hello(&listener, "job", 1).1, Verdict::Accepted);

@@ -55,7 +55,13 @@ impl TcpRing {
     /// the previous rank.
     pub fn connect(listener: &CommListener, cfg: RingConfig) -> Result<TcpRing, CommError> {
         validate(&cfg)?;
-        let RingConfig { job, generation, rank, world, .. } = &cfg;
+        let RingConfig {
+            job,
+            generation,
+            rank,
+            world,
+            ..
+        } = &cfg;
         let (rank, world, generation) = (*rank, *world, *generation);
         listener.begin_generation(job, generation).map_err(|newest| {
             CommError::Setup(format!(
@@ -165,7 +171,10 @@ impl Links<'_> {
             Fault::Failed(error) if self.next_hung_up(&error) => {
                 // The next rank may have hung up because of an error it found;
                 // its verdict travels around the ring and may reach us soon.
-                let wait = Deadline { at: Instant::now() + grace, ..dl };
+                let wait = Deadline {
+                    at: Instant::now() + grace,
+                    ..dl
+                };
                 match self.recv.recv_frame(wait) {
                     Err(Fault::Aborted(forwarded)) => forwarded,
                     _ => error,
@@ -215,7 +224,15 @@ impl Links<'_> {
             CommError::Setup(message) => (Blame::Io, message.clone()),
         };
         if let Some(culprit) = error.peer() {
-            self.tell_next(Kind::Abort, culprit, blame as u64, message.as_bytes(), dl.op, seq, grace);
+            self.tell_next(
+                Kind::Abort,
+                culprit,
+                blame as u64,
+                message.as_bytes(),
+                dl.op,
+                seq,
+                grace,
+            );
         }
         self.send.close();
         self.recv.close();
@@ -226,17 +243,36 @@ impl Links<'_> {
     /// could still tell us more (its link is between messages).
     fn next_hung_up(&self, error: &CommError) -> bool {
         let closed = matches!(error, CommError::PeerClosed { .. } | CommError::Io { .. });
-        closed && error.peer() == Some(self.send.peer) && self.send.peer != self.recv.peer && self.recv.recv_idle()
+        closed
+            && error.peer() == Some(self.send.peer)
+            && self.send.peer != self.recv.peer
+            && self.recv.recv_idle()
     }
 
     /// Best effort: sends a Stuck or Abort frame if the send side is between
     /// messages, giving up after `grace`.
     #[allow(clippy::too_many_arguments)]
-    fn tell_next(&mut self, kind: Kind, rank: usize, total: u64, message: &[u8], op: Op, seq: u64, grace: Duration) {
+    fn tell_next(
+        &mut self,
+        kind: Kind,
+        rank: usize,
+        total: u64,
+        message: &[u8],
+        op: Op,
+        seq: u64,
+        grace: Duration,
+    ) {
         if !self.send.send_idle() {
             return;
         }
-        let frame = Frame { kind, op, aux: rank as u32, seq, total, len: 0 };
+        let frame = Frame {
+            kind,
+            op,
+            aux: rank as u32,
+            seq,
+            total,
+            len: 0,
+        };
         let dl = Deadline::after(grace, op);
         if let Err(error) = self.send.send(frame, Payload::Bytes(message), dl) {
             tracing::debug!(%error, ?kind, "could not tell the next rank");
@@ -270,7 +306,12 @@ fn validate(cfg: &RingConfig) -> Result<(), CommError> {
 
 /// Connects to `peer` and introduces ourselves, retrying with backoff until
 /// `deadline` while the peer is not up yet. A refusal as stale is final.
-fn dial(addr: SocketAddr, peer: usize, hello: &Hello, deadline: Instant) -> Result<TcpStream, CommError> {
+fn dial(
+    addr: SocketAddr,
+    peer: usize,
+    hello: &Hello,
+    deadline: Instant,
+) -> Result<TcpStream, CommError> {
     let mut backoff = Duration::from_millis(10);
     loop {
         let error = match try_dial(addr, hello, deadline) {
@@ -295,7 +336,11 @@ fn dial(addr: SocketAddr, peer: usize, hello: &Hello, deadline: Instant) -> Resu
     }
 }
 
-fn try_dial(addr: SocketAddr, hello: &Hello, deadline: Instant) -> std::io::Result<(TcpStream, Verdict)> {
+fn try_dial(
+    addr: SocketAddr,
+    hello: &Hello,
+    deadline: Instant,
+) -> std::io::Result<(TcpStream, Verdict)> {
     let remaining = || {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {

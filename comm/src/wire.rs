@@ -81,7 +81,9 @@ impl Hello {
 pub(crate) enum Verdict {
     Accepted,
     /// The generation is older than one already claimed for the job.
-    Stale { newest: u64 },
+    Stale {
+        newest: u64,
+    },
 }
 
 impl Verdict {

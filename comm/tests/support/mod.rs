@@ -46,7 +46,10 @@ pub fn ring(listeners: &[CommListener], job: &str, generation: u64) -> Vec<TcpRi
                 scope.spawn(move || TcpRing::connect(listener, cfg))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<_>>()
     });
     results
         .into_iter()
@@ -132,12 +135,19 @@ pub fn shared_suite<G: ProcessGroup>(groups: &mut [G]) {
         for root in 0..world {
             let mut buf = vec![rank as f32 + 0.5; 5];
             group.broadcast(&mut buf, root)?;
-            assert_eq!(buf, vec![root as f32 + 0.5; 5], "broadcast from {root} on rank {rank}");
+            assert_eq!(
+                buf,
+                vec![root as f32 + 0.5; 5],
+                "broadcast from {root} on rank {rank}"
+            );
         }
 
         group.barrier()?;
         let bad_root = group.broadcast(&mut [0.0], world);
-        assert!(matches!(bad_root, Err(CommError::Protocol { .. })), "{bad_root:?}");
+        assert!(
+            matches!(bad_root, Err(CommError::Protocol { .. })),
+            "{bad_root:?}"
+        );
         group.barrier()?;
         Ok(())
     });
