@@ -1,0 +1,33 @@
+//! CPU communication backend of flotilla: a [`ProcessGroup`] over a TCP ring
+//! between worker processes, for data-parallel training.
+//!
+//! Each worker process binds one [`CommListener`] for its whole life. For each
+//! generation of a job, every rank calls [`TcpRing::connect`] with the same
+//! [`RingConfig`] (but its own rank); the ring then runs bandwidth-optimal ring
+//! collectives whose results are bit-identical on every rank. Calls block the
+//! calling thread (the train loop's own thread), each under a deadline; a
+//! failed call names the rank to blame and leaves the ring broken.
+//!
+//! Failures: a rank whose predecessor goes quiet tells its successor that it
+//! is stuck too and waits briefly for the predecessor's verdict, so every rank
+//! downstream of a silent or vanished rank names that rank, not its own
+//! neighbour. Writes to a closed peer rely on SIGPIPE being ignored, as the
+//! Rust runtime does for Rust binaries.
+//!
+//! The job id in [`RingConfig`] is also the namespace of a ring on a listener:
+//! a process in two rings of the same generation gives them two ids.
+
+mod error;
+mod group;
+mod link;
+mod listener;
+mod ops;
+mod ring;
+mod wire;
+
+pub mod chunk;
+
+pub use error::CommError;
+pub use group::{ProcessGroup, SingleProcess};
+pub use listener::CommListener;
+pub use ring::{RingConfig, TcpRing};

@@ -1,0 +1,295 @@
+//! Byte layouts on the wire: the handshake a connecting rank sends, the
+//! listener's one-line answer, and the fixed 32-byte header in front of every
+//! message of a collective. Encoding and decoding only; no sockets.
+
+use std::fmt;
+
+/// First bytes of every handshake.
+pub(crate) const MAGIC: [u8; 4] = *b"FLCM";
+/// Version of everything in this file; a peer with another one is refused.
+pub(crate) const VERSION: u16 = 1;
+/// Longest job id accepted in a handshake.
+pub(crate) const MAX_JOB_LEN: usize = 1024;
+/// Marks a frame header, so that stray bytes are caught at once.
+const FRAME_MARK: [u8; 2] = [0xF1, 0x07];
+pub(crate) const FRAME_LEN: usize = 32;
+
+/// What a connecting rank says first: who it is and which ring it wants to join.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Hello {
+    pub job: String,
+    pub generation: u64,
+    pub from_rank: u32,
+    /// The rank the connector believes it is talking to; checked when claimed.
+    pub to_rank: u32,
+    pub world: u32,
+}
+
+impl Hello {
+    pub fn encode(&self) -> Vec<u8> {
+        let job = self.job.as_bytes();
+        let mut out = Vec::with_capacity(28 + job.len());
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(job.len() as u16).to_le_bytes());
+        out.extend_from_slice(job);
+        out.extend_from_slice(&self.generation.to_le_bytes());
+        out.extend_from_slice(&self.from_rank.to_le_bytes());
+        out.extend_from_slice(&self.to_rank.to_le_bytes());
+        out.extend_from_slice(&self.world.to_le_bytes());
+        out
+    }
+
+    /// Parses the fixed 8-byte prefix (magic, version, job length) and returns
+    /// how many bytes follow it.
+    pub fn rest_len(prefix: &[u8; 8]) -> Result<usize, String> {
+        if prefix[..4] != MAGIC {
+            return Err("not a flotilla comm handshake".into());
+        }
+        let version = u16::from_le_bytes([prefix[4], prefix[5]]);
+        if version != VERSION {
+            return Err(format!("protocol version {version}, expected {VERSION}"));
+        }
+        let job_len = u16::from_le_bytes([prefix[6], prefix[7]]) as usize;
+        if job_len > MAX_JOB_LEN {
+            return Err(format!("job id of {job_len} bytes is too long"));
+        }
+        Ok(job_len + 20)
+    }
+
+    /// Parses what follows the prefix (`rest_len` bytes).
+    pub fn decode_rest(rest: &[u8]) -> Result<Hello, String> {
+        let job_len = rest.len().checked_sub(20).ok_or("handshake too short")?;
+        let job = std::str::from_utf8(&rest[..job_len])
+            .map_err(|_| "job id is not utf-8".to_string())?
+            .to_string();
+        let tail = &rest[job_len..];
+        let u32_at = |i: usize| u32::from_le_bytes(tail[i..i + 4].try_into().unwrap());
+        Ok(Hello {
+            job,
+            generation: u64::from_le_bytes(tail[..8].try_into().unwrap()),
+            from_rank: u32_at(8),
+            to_rank: u32_at(12),
+            world: u32_at(16),
+        })
+    }
+}
+
+/// The listener's answer to a handshake: 1 status byte and the newest
+/// generation it has seen claimed for the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Accepted,
+    /// The generation is older than one already claimed for the job.
+    Stale {
+        newest: u64,
+    },
+}
+
+impl Verdict {
+    pub fn encode(self) -> [u8; 9] {
+        let (status, newest) = match self {
+            Verdict::Accepted => (1u8, 0u64),
+            Verdict::Stale { newest } => (2, newest),
+        };
+        let mut out = [0u8; 9];
+        out[0] = status;
+        out[1..].copy_from_slice(&newest.to_le_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8; 9]) -> Result<Verdict, String> {
+        let newest = u64::from_le_bytes(bytes[1..].try_into().unwrap());
+        match bytes[0] {
+            1 => Ok(Verdict::Accepted),
+            2 => Ok(Verdict::Stale { newest }),
+            other => Err(format!("unknown handshake verdict {other}")),
+        }
+    }
+}
+
+/// Which collective a message belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    AllReduce = 1,
+    AllGather = 2,
+    Broadcast = 3,
+    Barrier = 4,
+}
+
+impl Op {
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::AllReduce => "all_reduce",
+            Op::AllGather => "all_gather_bytes",
+            Op::Broadcast => "broadcast",
+            Op::Barrier => "barrier",
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Op> {
+        Some(match code {
+            1 => Op::AllReduce,
+            2 => Op::AllGather,
+            3 => Op::Broadcast,
+            4 => Op::Barrier,
+            _ => return None,
+        })
+    }
+}
+
+/// What a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// Part of a collective: `len` payload bytes follow.
+    Data = 1,
+    /// "I passed my deadline waiting for rank `aux`": the receiver should wait
+    /// a little longer for the verdict instead of blaming the sender.
+    Stuck = 2,
+    /// The op failed because of rank `aux`; `total` is a [`Blame`] code and the
+    /// `len` payload bytes are the error message.
+    Abort = 3,
+}
+
+/// The kind of error an `Abort` frame forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Blame {
+    Timeout = 1,
+    Closed = 2,
+    Protocol = 3,
+    Io = 4,
+}
+
+impl Blame {
+    pub fn from_code(code: u64) -> Option<Blame> {
+        Some(match code {
+            1 => Blame::Timeout,
+            2 => Blame::Closed,
+            3 => Blame::Protocol,
+            4 => Blame::Io,
+            _ => return None,
+        })
+    }
+}
+
+/// The header in front of every message on a ring connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Frame {
+    pub kind: Kind,
+    pub op: Op,
+    /// Data: step or origin rank or root (per op); Stuck/Abort: a rank.
+    pub aux: u32,
+    /// Sequence number of the collective on this ring.
+    pub seq: u64,
+    /// Data: total elements (or bytes) of the whole op; Abort: blame code.
+    pub total: u64,
+    /// Payload bytes after the header.
+    pub len: u64,
+}
+
+impl Frame {
+    pub fn encode(&self) -> [u8; FRAME_LEN] {
+        let mut out = [0u8; FRAME_LEN];
+        out[0] = self.kind as u8;
+        out[1] = self.op as u8;
+        out[2..4].copy_from_slice(&FRAME_MARK);
+        out[4..8].copy_from_slice(&self.aux.to_le_bytes());
+        out[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        out[16..24].copy_from_slice(&self.total.to_le_bytes());
+        out[24..32].copy_from_slice(&self.len.to_le_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8; FRAME_LEN]) -> Result<Frame, String> {
+        if bytes[2..4] != FRAME_MARK {
+            return Err("bytes that are not a frame header".into());
+        }
+        let kind = match bytes[0] {
+            1 => Kind::Data,
+            2 => Kind::Stuck,
+            3 => Kind::Abort,
+            other => return Err(format!("unknown frame kind {other}")),
+        };
+        let op = Op::from_code(bytes[1]).ok_or_else(|| format!("unknown op code {}", bytes[1]))?;
+        let u64_at = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap());
+        Ok(Frame {
+            kind,
+            op,
+            aux: u32::from_le_bytes(bytes[4..8].try_into().unwrap()),
+            seq: u64_at(8),
+            total: u64_at(16),
+            len: u64_at(24),
+        })
+    }
+}
+
+impl fmt::Display for Frame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:?} frame of {} #{} (aux {}, total {}, {} bytes)",
+            self.kind,
+            self.op.name(),
+            self.seq,
+            self.aux,
+            self.total,
+            self.len
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_round_trips() {
+        let hello = Hello {
+            job: "job-7/dp".into(),
+            generation: 42,
+            from_rank: 3,
+            to_rank: 4,
+            world: 8,
+        };
+        let bytes = hello.encode();
+        let prefix: [u8; 8] = bytes[..8].try_into().unwrap();
+        let rest = Hello::rest_len(&prefix).unwrap();
+        assert_eq!(rest, bytes.len() - 8);
+        assert_eq!(Hello::decode_rest(&bytes[8..]).unwrap(), hello);
+    }
+
+    #[test]
+    fn hello_with_another_version_is_refused() {
+        let mut bytes = Hello {
+            job: "j".into(),
+            generation: 1,
+            from_rank: 0,
+            to_rank: 1,
+            world: 2,
+        }
+        .encode();
+        bytes[4] = 9;
+        let prefix: [u8; 8] = bytes[..8].try_into().unwrap();
+        assert!(Hello::rest_len(&prefix).unwrap_err().contains("version 9"));
+        assert!(Hello::rest_len(b"GET / HT").is_err());
+    }
+
+    #[test]
+    fn frame_and_verdict_round_trip() {
+        let frame = Frame {
+            kind: Kind::Abort,
+            op: Op::Broadcast,
+            aux: 5,
+            seq: u64::MAX - 1,
+            total: Blame::Closed as u64,
+            len: 17,
+        };
+        assert_eq!(Frame::decode(&frame.encode()).unwrap(), frame);
+        let mut garbage = frame.encode();
+        garbage[3] = 0;
+        assert!(Frame::decode(&garbage).is_err());
+        for verdict in [Verdict::Accepted, Verdict::Stale { newest: 9 }] {
+            assert_eq!(Verdict::decode(&verdict.encode()).unwrap(), verdict);
+        }
+    }
+}
