@@ -1,5 +1,6 @@
 //! The `flotilla` binary.
 
+use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -10,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 fn init_logs(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
 }
 
 /// Cancels `token` on Ctrl-C or SIGTERM.

@@ -1,9 +1,15 @@
-//! Every YAML example in `JOBFILE.md` is valid: complete examples as they
+//! Every YAML example in the README's job file reference is valid: complete examples as they
 //! are, section examples spliced into an otherwise minimal job.
 
 use flotilla_jobspec::parse;
 
-const DOC: &str = include_str!("../JOBFILE.md");
+/// The reference lives in the README, after its heading.
+const README: &str = include_str!("../../README.md");
+
+fn doc() -> &'static str {
+    let start = README.find("## Job file reference").expect("README has the job file reference");
+    &README[start..]
+}
 
 const SECTIONS: [&str; 8] = [
     "version",
@@ -69,7 +75,7 @@ fn splice(snippet: &str) -> String {
 
 #[test]
 fn jobfile_examples_are_valid() {
-    let blocks = yaml_blocks(DOC);
+    let blocks = yaml_blocks(doc());
     assert!(
         blocks.len() >= 10,
         "found only {} yaml blocks",
@@ -82,7 +88,7 @@ fn jobfile_examples_are_valid() {
         } else {
             splice(&block)
         };
-        if let Err(e) = parse(&job, "JOBFILE.md") {
+        if let Err(e) = parse(&job, "README.md") {
             panic!("example\n{block}\nas job\n{job}\nfails: {e}");
         }
     }

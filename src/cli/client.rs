@@ -163,9 +163,28 @@ pub fn print_outcome(s: &pb::JobStatus, elapsed: Duration) {
                 println!("    step {:>8}  {}", c.step, c.location);
             }
             println!("  final model: {}", s.final_model);
+            println!("  metrics:     {}/metrics.jsonl", s.output_dir);
         }
         _ => {
             println!("job {} {}: {}", s.job_id, phase_name(s.phase), s.message);
         }
     }
+}
+
+/// Writes the job's per-step metrics to `<output>/metrics.jsonl`.
+pub async fn save_metrics(client: &mut Client, job: &str, output: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let points = client.get_metrics(pb::GetMetricsRequest { job_id: job.to_string() }).await?.into_inner().points;
+    let mut text = String::new();
+    for p in points {
+        let line = serde_json::json!({
+            "step": p.step, "loss": p.loss, "lr": p.lr, "samples_per_sec": p.samples_per_sec,
+            "grad_norm": p.grad_norm, "generation": p.generation, "world_size": p.world_size,
+        });
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    std::fs::create_dir_all(output)?;
+    let path = output.join("metrics.jsonl");
+    std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+    Ok(path)
 }

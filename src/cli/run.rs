@@ -65,6 +65,9 @@ pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
             130
         }
         Some(Ok(status)) => {
+            if let Err(e) = client::save_metrics(&mut client, &job, Path::new(&status.output_dir)).await {
+                eprintln!("warning: could not save metrics: {e:#}");
+            }
             client::print_outcome(&status, started.elapsed());
             if status.phase == pb::JobPhase::Succeeded as i32 { 0 } else { EXIT_JOB_FAILED }
         }

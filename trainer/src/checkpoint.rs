@@ -337,9 +337,24 @@ pub fn write_final(out: &Path, layout: &Layout, params: &[f32], spec_json: &str)
     Ok(model)
 }
 
-/// Removes `step-*` folders under `out` whose step is not in `keep`.
+/// SHA-256 of a flat f32 buffer's little-endian bytes.
+pub fn digest(values: &[f32]) -> String {
+    hex(&Sha256::digest(to_bytes(values)))
+}
+
+/// Records each rank's parameter digest at the end of training in
+/// `final/replicas.json`.
+pub fn write_replica_digests(out: &Path, digests: &[String]) -> Result<(), CheckpointError> {
+    let json = serde_json::to_vec_pretty(&serde_json::json!({ "param_sha256_by_rank": digests })).expect("json");
+    write_atomic(&out.join("final").join("replicas.json"), &json)
+}
+
+/// Removes `step-*` folders under `out` whose step is not in `keep` and is
+/// older than the newest kept one. Newer folders may be checkpoints still
+/// being written, and are left alone.
 pub fn prune(out: &Path, keep: &[u64]) -> Result<Vec<u64>, CheckpointError> {
     let mut removed = Vec::new();
+    let Some(&newest) = keep.iter().max() else { return Ok(removed) };
     let entries = match std::fs::read_dir(out) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
@@ -348,7 +363,7 @@ pub fn prune(out: &Path, keep: &[u64]) -> Result<Vec<u64>, CheckpointError> {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
         if let Some(step) = parse_step_dir(&name) {
-            if !keep.contains(&step) {
+            if step < newest && !keep.contains(&step) {
                 std::fs::remove_dir_all(entry.path()).map_err(io("remove old checkpoint", &entry.path()))?;
                 removed.push(step);
             }
@@ -432,14 +447,15 @@ mod tests {
     }
 
     #[test]
-    fn prune_keeps_only_the_listed_steps() {
+    fn prune_regression_never_removes_a_checkpoint_newer_than_the_last_commit() {
         let tmp = tempfile::tempdir().unwrap();
-        for s in [10, 20, 30] {
+        for s in [10, 20, 30, 40] {
             std::fs::create_dir_all(step_dir(tmp.path(), s)).unwrap();
         }
         std::fs::create_dir_all(tmp.path().join("final")).unwrap();
         assert_eq!(prune(tmp.path(), &[20, 30]).unwrap(), vec![10]);
         assert!(tmp.path().join("final").exists());
         assert!(step_dir(tmp.path(), 30).exists());
+        assert!(step_dir(tmp.path(), 40).exists(), "a newer checkpoint may still be in flight");
     }
 }

@@ -248,9 +248,22 @@ pub fn run(
         }
     }
 
+    // Every replica must hold the same weights: compare digests before
+    // handing the model over.
+    let digest = checkpoint::digest(&params.flat);
+    let digests: Vec<String> = group
+        .all_gather_bytes(digest.as_bytes())?
+        .into_iter()
+        .map(|d| String::from_utf8_lossy(&d).into_owned())
+        .collect();
+    if digests.iter().any(|d| *d != digest) {
+        return Err(TrainError::Fatal(format!("replicas diverged: parameter digests per rank {digests:?}")));
+    }
     if a.rank == 0 {
         let path = checkpoint::write_final(&a.output_dir, &params.layout, &params.flat, &a.spec_json)
             .map_err(|e| TrainError::fatal("write final model", e))?;
+        checkpoint::write_replica_digests(&a.output_dir, &digests)
+            .map_err(|e| TrainError::fatal("write replica digests", e))?;
         emit(TrainEvent::Finished { step: train.steps, final_model: path });
     }
     Ok(Outcome::Finished)
