@@ -11,7 +11,11 @@ use tokio_util::sync::CancellationToken;
 fn init_logs(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 }
 
 /// Cancels `token` on Ctrl-C or SIGTERM.
@@ -52,12 +56,21 @@ fn main() {
 async fn main_async(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Run { job, workers } => {
-            init_logs("warn");
+            // The embedded coordinator's decisions show in the job's phase
+            // lines; its logs would only repeat them.
+            init_logs("warn,flotilla_coordinator=off");
             cli::run::run(&job, workers).await
         }
         Command::Validate { job } => match cli::load_job(&job) {
             Ok((_, spec)) => {
-                println!("{}: ok ({} model, {} steps, {}..{} workers)", job.display(), spec.model.kind(), spec.train.steps, spec.workers.min, spec.workers.max);
+                println!(
+                    "{}: ok ({} model, {} steps, {}..{} workers)",
+                    job.display(),
+                    spec.model.kind(),
+                    spec.train.steps,
+                    spec.workers.min,
+                    spec.workers.max
+                );
                 Ok(0)
             }
             Err(code) => Ok(code),

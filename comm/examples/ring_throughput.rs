@@ -15,16 +15,12 @@ use flotilla_comm::{CommListener, ProcessGroup, RingConfig, TcpRing};
 
 fn main() {
     let arg = |i: usize, default: usize| {
-        env::args()
-            .nth(i)
-            .map(|a| a.parse().expect("arguments are numbers"))
-            .unwrap_or(default)
+        env::args().nth(i).map(|a| a.parse().expect("arguments are numbers")).unwrap_or(default)
     };
     let (world, mib, iters) = (arg(1, 2), arg(2, 64), arg(3, 5));
     let len = mib * 1024 * 1024 / 4;
-    let listeners: Vec<CommListener> = (0..world)
-        .map(|_| CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap())
-        .collect();
+    let listeners: Vec<CommListener> =
+        (0..world).map(|_| CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap()).collect();
     let peers: Vec<_> = listeners.iter().map(CommListener::local_addr).collect();
 
     let times: Vec<Vec<Duration>> = thread::scope(|scope| {
@@ -53,10 +49,7 @@ fn main() {
                     }
                     // the values doubled `world`-fold each round
                     let expected = (world as f32).powi(iters as i32);
-                    assert!(
-                        buf.iter().all(|&v| v == expected),
-                        "wrong sum on rank {rank}"
-                    );
+                    assert!(buf.iter().all(|&v| v == expected), "wrong sum on rank {rank}");
                     times
                 })
             })

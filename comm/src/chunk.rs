@@ -11,10 +11,7 @@ use std::ops::Range;
 /// Panics if `world == 0` or `index >= world`.
 pub fn chunk_range(len: usize, world: usize, index: usize) -> Range<usize> {
     assert!(world > 0, "world must be at least 1");
-    assert!(
-        index < world,
-        "chunk index {index} out of range for world {world}"
-    );
+    assert!(index < world, "chunk index {index} out of range for world {world}");
     let bound = |i: usize| ((len as u128 * i as u128) / world as u128) as usize;
     bound(index)..bound(index + 1)
 }
@@ -47,18 +44,10 @@ pub fn all_reduce_steps(rank: usize, world: usize) -> Vec<RingStep> {
     let at = |offset: isize| (rank as isize + offset).rem_euclid(world as isize) as usize;
     let mut steps = Vec::with_capacity(2 * (world - 1));
     for s in 0..world as isize - 1 {
-        steps.push(RingStep {
-            phase: Phase::ReduceScatter,
-            send: at(-s),
-            recv: at(-s - 1),
-        });
+        steps.push(RingStep { phase: Phase::ReduceScatter, send: at(-s), recv: at(-s - 1) });
     }
     for s in 0..world as isize - 1 {
-        steps.push(RingStep {
-            phase: Phase::AllGather,
-            send: at(1 - s),
-            recv: at(-s),
-        });
+        steps.push(RingStep { phase: Phase::AllGather, send: at(1 - s), recv: at(-s) });
     }
     steps
 }
@@ -102,26 +91,18 @@ mod tests {
     /// Runs the schedule of every rank in lock step on integer vectors and
     /// checks that each rank ends with the full sum.
     fn simulate(world: usize, len: usize) {
-        let mut bufs: Vec<Vec<u64>> = (0..world)
-            .map(|r| (0..len).map(|i| (r * 1000 + i) as u64).collect())
-            .collect();
-        let expected: Vec<u64> = (0..len)
-            .map(|i| (0..world).map(|r| (r * 1000 + i) as u64).sum())
-            .collect();
+        let mut bufs: Vec<Vec<u64>> = (0..world).map(|r| (0..len).map(|i| (r * 1000 + i) as u64).collect()).collect();
+        let expected: Vec<u64> = (0..len).map(|i| (0..world).map(|r| (r * 1000 + i) as u64).sum()).collect();
         let schedules: Vec<_> = (0..world).map(|r| all_reduce_steps(r, world)).collect();
         for step in 0..2 * (world - 1) {
             // what every rank sends in this step, taken before anyone receives
-            let sent: Vec<Vec<u64>> = (0..world)
-                .map(|r| bufs[r][chunk_range(len, world, schedules[r][step].send)].to_vec())
-                .collect();
+            let sent: Vec<Vec<u64>> =
+                (0..world).map(|r| bufs[r][chunk_range(len, world, schedules[r][step].send)].to_vec()).collect();
             for r in 0..world {
                 let prev = (r + world - 1) % world;
                 let mine = schedules[r][step];
                 let theirs = schedules[prev][step];
-                assert_eq!(
-                    mine.recv, theirs.send,
-                    "rank {r} receives what rank {prev} sends"
-                );
+                assert_eq!(mine.recv, theirs.send, "rank {r} receives what rank {prev} sends");
                 let range = chunk_range(len, world, mine.recv);
                 for (dst, src) in bufs[r][range].iter_mut().zip(&sent[prev]) {
                     match mine.phase {
@@ -147,10 +128,7 @@ mod tests {
 
     #[test]
     fn gather_origin_walks_backwards_around_the_ring() {
-        assert_eq!(
-            (0..3).map(|s| gather_origin(0, 4, s)).collect::<Vec<_>>(),
-            vec![3, 2, 1]
-        );
+        assert_eq!((0..3).map(|s| gather_origin(0, 4, s)).collect::<Vec<_>>(), vec![3, 2, 1]);
         assert_eq!(gather_origin(2, 3, 0), 1);
     }
 }

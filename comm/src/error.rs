@@ -13,11 +13,7 @@ use std::time::Duration;
 pub enum CommError {
     /// A peer did not send (or did not read) within the op deadline.
     #[error("timed out after {after:?} waiting for rank {rank} ({op})")]
-    Timeout {
-        rank: usize,
-        op: &'static str,
-        after: Duration,
-    },
+    Timeout { rank: usize, op: &'static str, after: Duration },
     /// A peer closed or reset its connection.
     #[error("rank {rank} closed the connection ({op})")]
     PeerClosed { rank: usize, op: &'static str },
@@ -54,20 +50,12 @@ impl CommError {
     /// is not `Clone`, so an `Io` copy keeps the kind and the message.
     pub(crate) fn duplicate(&self) -> CommError {
         match self {
-            CommError::Timeout { rank, op, after } => CommError::Timeout {
-                rank: *rank,
-                op,
-                after: *after,
-            },
+            CommError::Timeout { rank, op, after } => CommError::Timeout { rank: *rank, op, after: *after },
             CommError::PeerClosed { rank, op } => CommError::PeerClosed { rank: *rank, op },
-            CommError::Protocol { rank, message } => CommError::Protocol {
-                rank: *rank,
-                message: message.clone(),
-            },
-            CommError::Io { rank, source } => CommError::Io {
-                rank: *rank,
-                source: io::Error::new(source.kind(), source.to_string()),
-            },
+            CommError::Protocol { rank, message } => CommError::Protocol { rank: *rank, message: message.clone() },
+            CommError::Io { rank, source } => {
+                CommError::Io { rank: *rank, source: io::Error::new(source.kind(), source.to_string()) }
+            }
             CommError::Setup(message) => CommError::Setup(message.clone()),
         }
     }
@@ -79,20 +67,10 @@ mod tests {
 
     #[test]
     fn peer_names_the_rank_except_for_setup() {
-        let timeout = CommError::Timeout {
-            rank: 3,
-            op: "all_reduce",
-            after: Duration::from_millis(300),
-        };
+        let timeout = CommError::Timeout { rank: 3, op: "all_reduce", after: Duration::from_millis(300) };
         assert_eq!(timeout.peer(), Some(3));
-        assert_eq!(
-            timeout.to_string(),
-            "timed out after 300ms waiting for rank 3 (all_reduce)"
-        );
-        let io = CommError::Io {
-            rank: 1,
-            source: io::Error::other("boom"),
-        };
+        assert_eq!(timeout.to_string(), "timed out after 300ms waiting for rank 3 (all_reduce)");
+        let io = CommError::Io { rank: 1, source: io::Error::other("boom") };
         assert_eq!(io.duplicate().to_string(), io.to_string());
         assert_eq!(CommError::Setup("x".into()).peer(), None);
     }

@@ -28,11 +28,7 @@ pub(crate) struct Deadline {
 
 impl Deadline {
     pub fn after(timeout: Duration, op: Op) -> Deadline {
-        Deadline {
-            at: later(Instant::now(), timeout),
-            op,
-            timeout,
-        }
+        Deadline { at: later(Instant::now(), timeout), op, timeout }
     }
 }
 
@@ -113,29 +109,18 @@ impl Link {
     }
 
     /// Sends one message: `frame` (whose `len` is set here) and its payload.
-    pub fn send(
-        &mut self,
-        mut frame: Frame,
-        payload: Payload<'_>,
-        dl: Deadline,
-    ) -> Result<(), CommError> {
+    pub fn send(&mut self, mut frame: Frame, payload: Payload<'_>, dl: Deadline) -> Result<(), CommError> {
         frame.len = match payload {
             Payload::F32(values) => values.len() as u64 * 4,
             Payload::Bytes(bytes) => bytes.len() as u64,
         };
         self.send_idle = false;
-        self.write_message(frame, payload, dl)
-            .map_err(|e| classify(e, self.peer, dl))?;
+        self.write_message(frame, payload, dl).map_err(|e| classify(e, self.peer, dl))?;
         self.send_idle = true;
         Ok(())
     }
 
-    fn write_message(
-        &mut self,
-        frame: Frame,
-        payload: Payload<'_>,
-        dl: Deadline,
-    ) -> io::Result<()> {
+    fn write_message(&mut self, frame: Frame, payload: Payload<'_>, dl: Deadline) -> io::Result<()> {
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         buf.extend_from_slice(&frame.encode());
@@ -177,12 +162,7 @@ impl Link {
         let mut got = 0;
         while got < FRAME_LEN {
             match self.read_by(&mut header[got..], dl) {
-                Ok(0) => {
-                    return Err(Fault::Failed(CommError::PeerClosed {
-                        rank: self.peer,
-                        op: dl.op.name(),
-                    }))
-                }
+                Ok(0) => return Err(Fault::Failed(CommError::PeerClosed { rank: self.peer, op: dl.op.name() })),
                 Ok(n) => {
                     got += n;
                     self.recv_idle = false;
@@ -191,10 +171,7 @@ impl Link {
                 Err(e) => return Err(Fault::Failed(classify(e, self.peer, dl))),
             }
         }
-        let frame = Frame::decode(&header).map_err(|message| CommError::Protocol {
-            rank: self.peer,
-            message,
-        })?;
+        let frame = Frame::decode(&header).map_err(|message| CommError::Protocol { rank: self.peer, message })?;
         self.recv_idle = frame.len == 0;
         match frame.kind {
             Kind::Data => {
@@ -223,20 +200,10 @@ impl Link {
         let op = dl.op.name();
         let forwarded = format!("{text} (forwarded by rank {})", self.peer);
         Fault::Aborted(match Blame::from_code(frame.total) {
-            Some(Blame::Timeout) => CommError::Timeout {
-                rank,
-                op,
-                after: dl.timeout,
-            },
+            Some(Blame::Timeout) => CommError::Timeout { rank, op, after: dl.timeout },
             Some(Blame::Closed) => CommError::PeerClosed { rank, op },
-            Some(Blame::Protocol) => CommError::Protocol {
-                rank,
-                message: forwarded,
-            },
-            Some(Blame::Io) => CommError::Io {
-                rank,
-                source: io::Error::other(forwarded),
-            },
+            Some(Blame::Protocol) => CommError::Protocol { rank, message: forwarded },
+            Some(Blame::Io) => CommError::Io { rank, source: io::Error::other(forwarded) },
             None => CommError::Protocol {
                 rank: self.peer,
                 message: format!("abort with unknown blame code {}", frame.total),
@@ -254,10 +221,7 @@ impl Link {
         if same {
             Ok(())
         } else {
-            Err(CommError::Protocol {
-                rank: self.peer,
-                message: format!("expected {want}, got {got}"),
-            })
+            Err(CommError::Protocol { rank: self.peer, message: format!("expected {want}, got {got}") })
         }
     }
 
@@ -273,9 +237,7 @@ impl Link {
                 result = Err(classify(e, self.peer, dl));
                 break;
             }
-            let values = bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            let values = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
             if add {
                 part.iter_mut().zip(values).for_each(|(d, v)| *d += v);
             } else {
@@ -296,8 +258,7 @@ impl Link {
             let start = out.len();
             let take = left.min(PIECE as u64) as usize;
             out.resize(start + take, 0);
-            self.read_exact_by(&mut out[start..], dl)
-                .map_err(|e| classify(e, self.peer, dl))?;
+            self.read_exact_by(&mut out[start..], dl).map_err(|e| classify(e, self.peer, dl))?;
             left -= take as u64;
         }
         self.recv_idle = true;
@@ -356,46 +317,29 @@ impl Link {
 
 /// `at + by`, or a time so far away that it never comes when that overflows.
 pub(crate) fn later(at: Instant, by: Duration) -> Instant {
-    at.checked_add(by)
-        .or_else(|| at.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
-        .unwrap_or(at)
+    at.checked_add(by).or_else(|| at.checked_add(Duration::from_secs(100 * 365 * 24 * 3600))).unwrap_or(at)
 }
 
 fn needs_rearm(armed: Option<(Instant, Instant)>, deadline: Instant, now: Instant) -> bool {
     match armed {
-        Some((at, for_deadline)) => {
-            for_deadline != deadline || now.duration_since(at) > REARM_AFTER
-        }
+        Some((at, for_deadline)) => for_deadline != deadline || now.duration_since(at) > REARM_AFTER,
         None => true,
     }
 }
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
 }
 
 /// Turns a socket error with `peer` into the error a caller sees.
 fn classify(e: io::Error, peer: usize, dl: Deadline) -> CommError {
     use io::ErrorKind::*;
     match e.kind() {
-        WouldBlock | TimedOut => CommError::Timeout {
-            rank: peer,
-            op: dl.op.name(),
-            after: dl.timeout,
-        },
+        WouldBlock | TimedOut => CommError::Timeout { rank: peer, op: dl.op.name(), after: dl.timeout },
         UnexpectedEof | BrokenPipe | ConnectionReset | ConnectionAborted | WriteZero => {
-            CommError::PeerClosed {
-                rank: peer,
-                op: dl.op.name(),
-            }
+            CommError::PeerClosed { rank: peer, op: dl.op.name() }
         }
-        _ => CommError::Io {
-            rank: peer,
-            source: e,
-        },
+        _ => CommError::Io { rank: peer, source: e },
     }
 }
 
@@ -413,14 +357,7 @@ mod tests {
     fn socket_errors_name_the_peer() {
         let dl = Deadline::after(Duration::from_millis(5), Op::AllReduce);
         let timeout = classify(io::ErrorKind::WouldBlock.into(), 4, dl);
-        assert!(matches!(
-            timeout,
-            CommError::Timeout {
-                rank: 4,
-                op: "all_reduce",
-                ..
-            }
-        ));
+        assert!(matches!(timeout, CommError::Timeout { rank: 4, op: "all_reduce", .. }));
         let closed = classify(io::ErrorKind::ConnectionReset.into(), 2, dl);
         assert!(matches!(closed, CommError::PeerClosed { rank: 2, .. }));
         let other = classify(io::ErrorKind::PermissionDenied.into(), 1, dl);

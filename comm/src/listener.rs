@@ -63,11 +63,7 @@ impl CommListener {
             .name("flotilla-comm-accept".into())
             .spawn(move || accept_loop(listener, accept_shared))?;
         tracing::debug!(%addr, "comm listener bound");
-        Ok(CommListener {
-            addr,
-            shared,
-            accept_thread: Mutex::new(Some(accept_thread)),
-        })
+        Ok(CommListener { addr, shared, accept_thread: Mutex::new(Some(accept_thread)) })
     }
 
     /// The address actually bound (with the real port when bound to port 0).
@@ -89,11 +85,7 @@ impl CommListener {
         self.shared.changed.notify_all();
         // Wake the blocking accept with a connection of our own.
         let woke = TcpStream::connect_timeout(&wake_addr(self.addr), Duration::from_secs(1));
-        let handle = self
-            .accept_thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let handle = self.accept_thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         match (woke, handle) {
             (Ok(_), Some(handle)) => {
                 let _ = handle.join();
@@ -118,9 +110,7 @@ impl CommListener {
             return Err(*newest);
         }
         *newest = generation;
-        state
-            .parked
-            .retain(|(j, g, _), _| !(j == job && *g < generation));
+        state.parked.retain(|(j, g, _), _| !(j == job && *g < generation));
         Ok(())
     }
 
@@ -148,12 +138,7 @@ impl CommListener {
                     "rank {from_rank} did not connect for job {job:?} generation {generation} in time"
                 )));
             }
-            state = self
-                .shared
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            state = self.shared.changed.wait_timeout(state, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 }
@@ -265,16 +250,8 @@ mod tests {
 
     fn say_hello(listener: &CommListener, job: &str, generation: u64) -> (TcpStream, Verdict) {
         let mut stream = TcpStream::connect(listener.local_addr()).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let hello = Hello {
-            job: job.into(),
-            generation,
-            from_rank: 0,
-            to_rank: 1,
-            world: 2,
-        };
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let hello = Hello { job: job.into(), generation, from_rank: 0, to_rank: 1, world: 2 };
         stream.write_all(&hello.encode()).unwrap();
         let mut answer = [0u8; 9];
         stream.read_exact(&mut answer).unwrap();
@@ -291,10 +268,7 @@ mod tests {
         // the parked generation-1 connection is closed at once
         assert_eq!(old.read(&mut [0u8; 1]).unwrap(), 0);
         // and a new one is refused
-        assert_eq!(
-            say_hello(&listener, "job", 1).1,
-            Verdict::Stale { newest: 2 }
-        );
+        assert_eq!(say_hello(&listener, "job", 1).1, Verdict::Stale { newest: 2 });
         assert_eq!(listener.begin_generation("job", 1), Err(2));
         // other jobs and newer generations are not affected
         assert_eq!(say_hello(&listener, "other", 1).1, Verdict::Accepted);
@@ -314,8 +288,7 @@ mod tests {
         let addr = listener.local_addr();
         let started = Instant::now();
         thread::scope(|scope| {
-            let claim = scope
-                .spawn(|| listener.claim("job", 1, 0, Instant::now() + Duration::from_secs(10)));
+            let claim = scope.spawn(|| listener.claim("job", 1, 0, Instant::now() + Duration::from_secs(10)));
             thread::sleep(Duration::from_millis(50));
             listener.shutdown();
             assert!(matches!(claim.join().unwrap(), Err(CommError::Setup(_))));
@@ -331,9 +304,7 @@ mod tests {
         let listener = CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let mut stream = TcpStream::connect(listener.local_addr()).unwrap();
         stream.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut buf = [0u8; 16];
         assert!(matches!(stream.read(&mut buf), Ok(0) | Err(_)));
         assert_eq!(say_hello(&listener, "job", 1).1, Verdict::Accepted);

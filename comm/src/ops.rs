@@ -42,25 +42,15 @@ impl ProcessGroup for TcpRing {
             for (i, step) in all_reduce_steps(rank, world).into_iter().enumerate() {
                 let header = data_frame(Op::AllReduce, seq, i, len);
                 let want_range = chunk_range(len, world, step.recv);
-                let want = Frame {
-                    len: want_range.len() as u64 * 4,
-                    ..header
-                };
+                let want = Frame { len: want_range.len() as u64 * 4, ..header };
                 let (src, dst) = split_two(buf, chunk_range(len, world, step.send), want_range);
                 let add = step.phase == Phase::ReduceScatter;
-                exchange(
-                    links.send,
-                    header,
-                    Payload::F32(src),
-                    links.recv,
-                    dl,
-                    |recv| {
-                        let got = recv.recv_frame(dl)?;
-                        recv.expect(&got, &want)?;
-                        recv.recv_f32(dst, add, dl)?;
-                        Ok(())
-                    },
-                )?;
+                exchange(links.send, header, Payload::F32(src), links.recv, dl, |recv| {
+                    let got = recv.recv_frame(dl)?;
+                    recv.expect(&got, &want)?;
+                    recv.recv_f32(dst, add, dl)?;
+                    Ok(())
+                })?;
             }
             Ok(())
         })
@@ -74,10 +64,7 @@ impl ProcessGroup for TcpRing {
         if root >= self.world {
             return Err(CommError::Protocol {
                 rank: self.rank,
-                message: format!(
-                    "broadcast root {root} is out of range for world {}",
-                    self.world
-                ),
+                message: format!("broadcast root {root} is out of range for world {}", self.world),
             });
         }
         if self.world == 1 {
@@ -91,27 +78,17 @@ impl ProcessGroup for TcpRing {
             // broadcast: ranks check that they agree on root and length, and
             // a rank whose predecessor never entered can tell so.
             let entered = data_frame(Op::Broadcast, seq, root, len);
-            exchange(
-                links.send,
-                entered,
-                Payload::Bytes(&[]),
-                links.recv,
-                dl,
-                |recv| {
-                    let got = recv.recv_frame(dl)?;
-                    recv.expect(&got, &entered)?;
-                    Ok(())
-                },
-            )?;
+            exchange(links.send, entered, Payload::Bytes(&[]), links.recv, dl, |recv| {
+                let got = recv.recv_frame(dl)?;
+                recv.expect(&got, &entered)?;
+                Ok(())
+            })?;
             let pieces = len.div_ceil(BROADCAST_PIECE).max(1);
             for k in 0..pieces {
                 let range = k * BROADCAST_PIECE..((k + 1) * BROADCAST_PIECE).min(len);
                 let header = data_frame(Op::Broadcast, seq, root, len);
                 if pos > 0 {
-                    let want = Frame {
-                        len: range.len() as u64 * 4,
-                        ..header
-                    };
+                    let want = Frame { len: range.len() as u64 * 4, ..header };
                     let got = links.recv.recv_frame(dl)?;
                     links.recv.expect(&got, &want)?;
                     links.recv.recv_f32(&mut buf[range.clone()], false, dl)?;
@@ -143,32 +120,13 @@ impl TcpRing {
             for step in 0..world - 1 {
                 let sending = (rank + world - step) % world;
                 let origin = gather_origin(rank, world, step);
-                let header = Frame {
-                    aux: sending as u32,
-                    ..data_frame(op, seq, 0, step)
-                };
-                let want = Frame {
-                    aux: origin as u32,
-                    ..header
-                };
-                let received = exchange(
-                    links.send,
-                    header,
-                    Payload::Bytes(&out[sending]),
-                    links.recv,
-                    dl,
-                    |recv| {
-                        let got = recv.recv_frame(dl)?;
-                        recv.expect(
-                            &got,
-                            &Frame {
-                                len: got.len,
-                                ..want
-                            },
-                        )?;
-                        Ok(recv.recv_bytes(got.len, dl)?)
-                    },
-                )?;
+                let header = Frame { aux: sending as u32, ..data_frame(op, seq, 0, step) };
+                let want = Frame { aux: origin as u32, ..header };
+                let received = exchange(links.send, header, Payload::Bytes(&out[sending]), links.recv, dl, |recv| {
+                    let got = recv.recv_frame(dl)?;
+                    recv.expect(&got, &Frame { len: got.len, ..want })?;
+                    Ok(recv.recv_bytes(got.len, dl)?)
+                })?;
                 out[origin] = received;
             }
             Ok(out)
@@ -178,14 +136,7 @@ impl TcpRing {
 
 /// A data frame header; `len` is filled in when it is sent.
 fn data_frame(op: Op, seq: u64, aux: usize, total: usize) -> Frame {
-    Frame {
-        kind: Kind::Data,
-        op,
-        aux: aux as u32,
-        seq,
-        total: total as u64,
-        len: 0,
-    }
+    Frame { kind: Kind::Data, op, aux: aux as u32, seq, total: total as u64, len: 0 }
 }
 
 /// Sends one message to the next rank while receiving one from the previous
@@ -210,9 +161,7 @@ fn exchange<R>(
     let (sent, received) = thread::scope(|scope| {
         let sender = scope.spawn(move || send.send(header, payload, dl));
         let received = receive(recv);
-        let sent = sender
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        let sent = sender.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         (sent, received)
     });
     // A receive fault comes first: it may lead to the real culprit.

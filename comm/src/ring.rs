@@ -55,13 +55,7 @@ impl TcpRing {
     /// the previous rank.
     pub fn connect(listener: &CommListener, cfg: RingConfig) -> Result<TcpRing, CommError> {
         validate(&cfg)?;
-        let RingConfig {
-            job,
-            generation,
-            rank,
-            world,
-            ..
-        } = &cfg;
+        let RingConfig { job, generation, rank, world, .. } = &cfg;
         let (rank, world, generation) = (*rank, *world, *generation);
         listener.begin_generation(job, generation).map_err(|newest| {
             CommError::Setup(format!(
@@ -85,13 +79,8 @@ impl TcpRing {
         let deadline = later(Instant::now(), cfg.connect_timeout);
         let next = (rank + 1) % world;
         let prev = (rank + world - 1) % world;
-        let hello = Hello {
-            job: job.clone(),
-            generation,
-            from_rank: rank as u32,
-            to_rank: next as u32,
-            world: world as u32,
-        };
+        let hello =
+            Hello { job: job.clone(), generation, from_rank: rank as u32, to_rank: next as u32, world: world as u32 };
         let send = dial(cfg.peers[next], next, &hello, deadline)?;
         let parked = listener.claim(job, generation, prev, deadline)?;
         if parked.hello.to_rank as usize != rank || parked.hello.world as usize != world {
@@ -100,10 +89,7 @@ impl TcpRing {
                 parked.hello.to_rank, parked.hello.world
             )));
         }
-        parked
-            .stream
-            .set_nodelay(true)
-            .map_err(|source| CommError::Io { rank: prev, source })?;
+        parked.stream.set_nodelay(true).map_err(|source| CommError::Io { rank: prev, source })?;
         ring.send = Some(Link::new(send, next));
         ring.recv = Some(Link::new(parked.stream, prev));
         tracing::debug!(job = %ring.job, generation, rank, world, "ring built");
@@ -161,20 +147,13 @@ impl Links<'_> {
     /// verdict is passed on to the next rank.
     fn resolve(&mut self, fault: Fault, dl: Deadline, seq: u64, grace: Duration) -> CommError {
         let prev = self.recv.peer;
-        let silent_prev = || CommError::Timeout {
-            rank: prev,
-            op: dl.op.name(),
-            after: dl.timeout,
-        };
+        let silent_prev = || CommError::Timeout { rank: prev, op: dl.op.name(), after: dl.timeout };
         let error = match fault {
             Fault::Aborted(error) => error,
             Fault::Failed(error) if self.next_hung_up(&error) => {
                 // The next rank may have hung up because of an error it found;
                 // its verdict travels around the ring and may reach us soon.
-                let wait = Deadline {
-                    at: Instant::now() + grace,
-                    ..dl
-                };
+                let wait = Deadline { at: Instant::now() + grace, ..dl };
                 match self.recv.recv_frame(wait) {
                     Err(Fault::Aborted(forwarded)) => forwarded,
                     _ => error,
@@ -224,15 +203,7 @@ impl Links<'_> {
             CommError::Setup(message) => (Blame::Io, message.clone()),
         };
         if let Some(culprit) = error.peer() {
-            self.tell_next(
-                Kind::Abort,
-                culprit,
-                blame as u64,
-                message.as_bytes(),
-                dl.op,
-                seq,
-                grace,
-            );
+            self.tell_next(Kind::Abort, culprit, blame as u64, message.as_bytes(), dl.op, seq, grace);
         }
         self.send.close();
         self.recv.close();
@@ -243,36 +214,17 @@ impl Links<'_> {
     /// could still tell us more (its link is between messages).
     fn next_hung_up(&self, error: &CommError) -> bool {
         let closed = matches!(error, CommError::PeerClosed { .. } | CommError::Io { .. });
-        closed
-            && error.peer() == Some(self.send.peer)
-            && self.send.peer != self.recv.peer
-            && self.recv.recv_idle()
+        closed && error.peer() == Some(self.send.peer) && self.send.peer != self.recv.peer && self.recv.recv_idle()
     }
 
     /// Best effort: sends a Stuck or Abort frame if the send side is between
     /// messages, giving up after `grace`.
     #[allow(clippy::too_many_arguments)]
-    fn tell_next(
-        &mut self,
-        kind: Kind,
-        rank: usize,
-        total: u64,
-        message: &[u8],
-        op: Op,
-        seq: u64,
-        grace: Duration,
-    ) {
+    fn tell_next(&mut self, kind: Kind, rank: usize, total: u64, message: &[u8], op: Op, seq: u64, grace: Duration) {
         if !self.send.send_idle() {
             return;
         }
-        let frame = Frame {
-            kind,
-            op,
-            aux: rank as u32,
-            seq,
-            total,
-            len: 0,
-        };
+        let frame = Frame { kind, op, aux: rank as u32, seq, total, len: 0 };
         let dl = Deadline::after(grace, op);
         if let Err(error) = self.send.send(frame, Payload::Bytes(message), dl) {
             tracing::debug!(%error, ?kind, "could not tell the next rank");
@@ -306,12 +258,7 @@ fn validate(cfg: &RingConfig) -> Result<(), CommError> {
 
 /// Connects to `peer` and introduces ourselves, retrying with backoff until
 /// `deadline` while the peer is not up yet. A refusal as stale is final.
-fn dial(
-    addr: SocketAddr,
-    peer: usize,
-    hello: &Hello,
-    deadline: Instant,
-) -> Result<TcpStream, CommError> {
+fn dial(addr: SocketAddr, peer: usize, hello: &Hello, deadline: Instant) -> Result<TcpStream, CommError> {
     let mut backoff = Duration::from_millis(10);
     loop {
         let error = match try_dial(addr, hello, deadline) {
@@ -326,9 +273,7 @@ fn dial(
         };
         let now = Instant::now();
         if now + backoff >= deadline {
-            return Err(CommError::Setup(format!(
-                "could not connect to rank {peer} at {addr} in time: {error}"
-            )));
+            return Err(CommError::Setup(format!("could not connect to rank {peer} at {addr} in time: {error}")));
         }
         tracing::trace!(peer, %addr, %error, "ring connect failed; retrying");
         thread::sleep(backoff);
@@ -336,11 +281,7 @@ fn dial(
     }
 }
 
-fn try_dial(
-    addr: SocketAddr,
-    hello: &Hello,
-    deadline: Instant,
-) -> std::io::Result<(TcpStream, Verdict)> {
+fn try_dial(addr: SocketAddr, hello: &Hello, deadline: Instant) -> std::io::Result<(TcpStream, Verdict)> {
     let remaining = || {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -356,8 +297,8 @@ fn try_dial(
     stream.set_read_timeout(Some(remaining()?))?;
     let mut answer = [0u8; 9];
     (&stream).read_exact(&mut answer)?;
-    let verdict = Verdict::decode(&answer)
-        .map_err(|message| std::io::Error::new(std::io::ErrorKind::InvalidData, message))?;
+    let verdict =
+        Verdict::decode(&answer).map_err(|message| std::io::Error::new(std::io::ErrorKind::InvalidData, message))?;
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(None)?;
     Ok((stream, verdict))

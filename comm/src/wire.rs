@@ -60,9 +60,7 @@ impl Hello {
     /// Parses what follows the prefix (`rest_len` bytes).
     pub fn decode_rest(rest: &[u8]) -> Result<Hello, String> {
         let job_len = rest.len().checked_sub(20).ok_or("handshake too short")?;
-        let job = std::str::from_utf8(&rest[..job_len])
-            .map_err(|_| "job id is not utf-8".to_string())?
-            .to_string();
+        let job = std::str::from_utf8(&rest[..job_len]).map_err(|_| "job id is not utf-8".to_string())?.to_string();
         let tail = &rest[job_len..];
         let u32_at = |i: usize| u32::from_le_bytes(tail[i..i + 4].try_into().unwrap());
         Ok(Hello {
@@ -244,13 +242,7 @@ mod tests {
 
     #[test]
     fn hello_round_trips() {
-        let hello = Hello {
-            job: "job-7/dp".into(),
-            generation: 42,
-            from_rank: 3,
-            to_rank: 4,
-            world: 8,
-        };
+        let hello = Hello { job: "job-7/dp".into(), generation: 42, from_rank: 3, to_rank: 4, world: 8 };
         let bytes = hello.encode();
         let prefix: [u8; 8] = bytes[..8].try_into().unwrap();
         let rest = Hello::rest_len(&prefix).unwrap();
@@ -260,14 +252,7 @@ mod tests {
 
     #[test]
     fn hello_with_another_version_is_refused() {
-        let mut bytes = Hello {
-            job: "j".into(),
-            generation: 1,
-            from_rank: 0,
-            to_rank: 1,
-            world: 2,
-        }
-        .encode();
+        let mut bytes = Hello { job: "j".into(), generation: 1, from_rank: 0, to_rank: 1, world: 2 }.encode();
         bytes[4] = 9;
         let prefix: [u8; 8] = bytes[..8].try_into().unwrap();
         assert!(Hello::rest_len(&prefix).unwrap_err().contains("version 9"));

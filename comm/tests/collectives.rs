@@ -17,12 +17,8 @@ fn all_reduce_sums_exactly_for_every_world_and_length() {
         on_each(&mut rings, |rank, ring| {
             for len in lengths {
                 let mut buf = int_buffer(rank, len);
-                ring.all_reduce_sum(&mut buf)
-                    .unwrap_or_else(|e| panic!("world {world} len {len} rank {rank}: {e}"));
-                assert!(
-                    buf == int_sum(world, len),
-                    "world {world} len {len} rank {rank}"
-                );
+                ring.all_reduce_sum(&mut buf).unwrap_or_else(|e| panic!("world {world} len {len} rank {rank}: {e}"));
+                assert!(buf == int_sum(world, len), "world {world} len {len} rank {rank}");
             }
         });
     }
@@ -58,10 +54,7 @@ fn all_reduce_is_bit_identical_across_ranks() {
         for i in (0..len).step_by(997) {
             let exact: f64 = inputs.iter().map(|v| v[i] as f64).sum();
             let scale: f64 = inputs.iter().map(|v| (v[i] as f64).abs()).sum();
-            assert!(
-                (outputs[0][i] as f64 - exact).abs() <= scale * 1e-6,
-                "element {i}"
-            );
+            assert!((outputs[0][i] as f64 - exact).abs() <= scale * 1e-6, "element {i}");
         }
     }
 }
@@ -86,9 +79,7 @@ fn all_gather_and_broadcast_carry_large_and_empty_payloads() {
     on_each(&mut rings, |rank, ring| {
         // lengths 0, 1 MiB + 1, 5 bytes: empty and larger than one socket write
         let sizes = [0, (1 << 20) + 1, 5];
-        let mine: Vec<u8> = (0..sizes[rank])
-            .map(|i| (i % 251) as u8 ^ rank as u8)
-            .collect();
+        let mine: Vec<u8> = (0..sizes[rank]).map(|i| (i % 251) as u8 ^ rank as u8).collect();
         let all = ring.all_gather_bytes(&mine).unwrap();
         for (r, got) in all.iter().enumerate() {
             let want: Vec<u8> = (0..sizes[r]).map(|i| (i % 251) as u8 ^ r as u8).collect();
@@ -116,18 +107,13 @@ fn many_collectives_in_a_row_stay_in_step() {
             let len = round * 13 % 40;
             let mut buf = int_buffer(rank + round, len);
             ring.all_reduce_sum(&mut buf).unwrap();
-            let expected: Vec<f32> = (0..len)
-                .map(|i| (0..world).map(|r| int_value(r + round, i)).sum())
-                .collect();
+            let expected: Vec<f32> = (0..len).map(|i| (0..world).map(|r| int_value(r + round, i)).sum()).collect();
             assert_eq!(buf, expected);
             if round % 5 == 0 {
                 ring.barrier().unwrap();
             }
             let all = ring.all_gather_bytes(&[round as u8, rank as u8]).unwrap();
-            assert!(all
-                .iter()
-                .enumerate()
-                .all(|(r, m)| m == &[round as u8, r as u8]));
+            assert!(all.iter().enumerate().all(|(r, m)| m == &[round as u8, r as u8]));
             let mut b = [rank as f32; 3];
             ring.broadcast(&mut b, round % world).unwrap();
             assert_eq!(b, [(round % world) as f32; 3]);
@@ -150,10 +136,7 @@ fn length_mismatch_is_a_protocol_error() {
         first
     });
     for (rank, result) in results.iter().enumerate() {
-        assert!(
-            matches!(result, Err(CommError::Protocol { .. })),
-            "rank {rank}: {result:?}"
-        );
+        assert!(matches!(result, Err(CommError::Protocol { .. })), "rank {rank}: {result:?}");
     }
     // rank 2 reads what rank 1 sends and sees the other length
     assert_eq!(results[2].as_ref().unwrap_err().peer(), Some(1));
@@ -164,19 +147,19 @@ fn different_ops_on_different_ranks_is_a_protocol_error() {
     let world = 2;
     let listeners = listeners(world);
     let mut rings = ring(&listeners, "order", 1);
-    let results = on_each(&mut rings, |rank, ring: &mut TcpRing| {
-        if rank == 0 {
-            ring.barrier()
-        } else {
-            ring.all_gather_bytes(b"x").map(drop)
-        }
-    });
+    let results = on_each(
+        &mut rings,
+        |rank, ring: &mut TcpRing| {
+            if rank == 0 {
+                ring.barrier()
+            } else {
+                ring.all_gather_bytes(b"x").map(drop)
+            }
+        },
+    );
     for (rank, result) in results.iter().enumerate() {
         let err = result.as_ref().expect_err("ops differ");
-        assert!(
-            matches!(err, CommError::Protocol { .. }),
-            "rank {rank}: {err}"
-        );
+        assert!(matches!(err, CommError::Protocol { .. }), "rank {rank}: {err}");
         assert_eq!(err.peer(), Some(1 - rank));
     }
 }

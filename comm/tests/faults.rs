@@ -24,11 +24,7 @@ where
             ring.set_op_timeout(Duration::from_millis(300));
             let started = Instant::now();
             let result = op(ring);
-            assert!(
-                started.elapsed() < Duration::from_secs(3),
-                "rank {rank} took {:?}",
-                started.elapsed()
-            );
+            assert!(started.elapsed() < Duration::from_secs(3), "rank {rank} took {:?}", started.elapsed());
             result
         });
         done.wait(); // the silent rank keeps its ring open until the others are done
@@ -36,23 +32,15 @@ where
     })
 }
 
-fn all_reduce_with_a_silent_rank(
-    world: usize,
-    silent: usize,
-    len: usize,
-) -> Vec<Option<Result<(), CommError>>> {
-    with_a_silent_rank(world, silent, |ring| {
-        ring.all_reduce_sum(&mut vec![1.0; len])
-    })
+fn all_reduce_with_a_silent_rank(world: usize, silent: usize, len: usize) -> Vec<Option<Result<(), CommError>>> {
+    with_a_silent_rank(world, silent, |ring| ring.all_reduce_sum(&mut vec![1.0; len]))
 }
 
 fn assert_timeout_naming(results: &[Option<Result<(), CommError>>], silent: usize, op_name: &str) {
     for (rank, result) in results.iter().enumerate() {
         if let Some(result) = result {
             match result {
-                Err(CommError::Timeout {
-                    rank: culprit, op, ..
-                }) => {
+                Err(CommError::Timeout { rank: culprit, op, .. }) => {
                     assert_eq!(*culprit, silent, "rank {rank} blamed the wrong rank");
                     assert_eq!(*op, op_name);
                 }
@@ -71,11 +59,7 @@ fn a_silent_rank_is_named_by_its_neighbour() {
 fn a_silent_rank_is_named_by_every_other_rank() {
     assert_timeout_naming(&all_reduce_with_a_silent_rank(3, 2, 1000), 2, "all_reduce");
     // chunks large enough to be sent from a helper thread
-    assert_timeout_naming(
-        &all_reduce_with_a_silent_rank(4, 1, 200_000),
-        1,
-        "all_reduce",
-    );
+    assert_timeout_naming(&all_reduce_with_a_silent_rank(4, 1, 200_000), 1, "all_reduce");
     let gather = with_a_silent_rank(5, 0, |ring| ring.all_gather_bytes(b"hi").map(drop));
     assert_timeout_naming(&gather, 0, "all_gather_bytes");
 }
@@ -90,10 +74,7 @@ fn a_silent_broadcast_root_is_named_along_the_chain() {
 fn a_rank_that_hangs_up_mid_way_is_named() {
     let world = 3;
     let listeners = listeners(world);
-    let mut rings: Vec<Option<TcpRing>> = ring(&listeners, "hangup", 1)
-        .into_iter()
-        .map(Some)
-        .collect();
+    let mut rings: Vec<Option<TcpRing>> = ring(&listeners, "hangup", 1).into_iter().map(Some).collect();
     let results = on_each(&mut rings, |rank, slot| {
         let ring = slot.as_mut().unwrap();
         ring.all_reduce_sum(&mut int_buffer(rank, 100)).unwrap();
@@ -104,19 +85,13 @@ fn a_rank_that_hangs_up_mid_way_is_named() {
         }
         let started = Instant::now();
         let result = ring.all_reduce_sum(&mut vec![1.0; 4_000_000]);
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "failed by closing, not by timeout"
-        );
+        assert!(started.elapsed() < Duration::from_secs(5), "failed by closing, not by timeout");
         Some(result)
     });
     for (rank, result) in results.iter().enumerate() {
         if let Some(result) = result {
             let err = result.as_ref().expect_err("rank 1 is gone");
-            assert!(
-                matches!(err, CommError::PeerClosed { .. } | CommError::Io { .. }),
-                "rank {rank}: {err}"
-            );
+            assert!(matches!(err, CommError::PeerClosed { .. } | CommError::Io { .. }), "rank {rank}: {err}");
             assert_eq!(err.peer(), Some(1), "rank {rank}: {err}");
         }
     }
@@ -127,9 +102,7 @@ fn a_new_generation_reuses_the_listeners_and_shuts_out_the_old_one() {
     let world = 3;
     let listeners = listeners(world);
     let mut gen1 = ring(&listeners, "replan", 1);
-    on_each(&mut gen1, |rank, ring| {
-        ring.all_reduce_sum(&mut int_buffer(rank, 10)).unwrap()
-    });
+    on_each(&mut gen1, |rank, ring| ring.all_reduce_sum(&mut int_buffer(rank, 10)).unwrap());
 
     // re-plan: the same processes build generation 2 while generation 1 still exists
     let mut gen2 = ring(&listeners, "replan", 2);
@@ -154,10 +127,7 @@ fn a_new_generation_reuses_the_listeners_and_shuts_out_the_old_one() {
         Err(other) => panic!("expected a refusal, got {other}"),
         Ok(_) => panic!("a generation-1 straggler joined after generation 2"),
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "refused, not timed out"
-    );
+    assert!(started.elapsed() < Duration::from_secs(2), "refused, not timed out");
 
     // and a process cannot go back to generation 1 on its own listener either
     let back = TcpRing::connect(&listeners[1], config(&addrs(&listeners), "replan", 1, 1));
@@ -175,11 +145,7 @@ fn a_peer_that_never_comes_up_fails_setup_in_time() {
     let started = Instant::now();
     // rank 1's listener accepts, but rank 1 never connects back to rank 0
     let result = TcpRing::connect(&listeners[0], cfg.clone());
-    assert!(
-        matches!(&result, Err(CommError::Setup(m)) if m.contains("rank 1 did not connect")),
-        "{:?}",
-        result.err()
-    );
+    assert!(matches!(&result, Err(CommError::Setup(m)) if m.contains("rank 1 did not connect")), "{:?}", result.err());
     assert!(started.elapsed() < Duration::from_secs(2));
 
     // nobody listening at all
@@ -202,9 +168,7 @@ fn bad_configs_are_refused() {
     let listener = CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let peers = vec![listener.local_addr(); 2];
     let mut cfg = config(&peers, "bad", 1, 2);
-    assert!(
-        matches!(TcpRing::connect(&listener, cfg.clone()), Err(CommError::Setup(m)) if m.contains("rank 2"))
-    );
+    assert!(matches!(TcpRing::connect(&listener, cfg.clone()), Err(CommError::Setup(m)) if m.contains("rank 2")));
     cfg.rank = 0;
     cfg.world = 3;
     assert!(
@@ -218,8 +182,7 @@ fn bad_configs_are_refused() {
 #[test]
 fn a_world_of_one_needs_no_peers_to_talk_to() {
     let listener = CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let mut ring =
-        TcpRing::connect(&listener, config(&[listener.local_addr()], "solo", 1, 0)).unwrap();
+    let mut ring = TcpRing::connect(&listener, config(&[listener.local_addr()], "solo", 1, 0)).unwrap();
     let mut buf = [1.5f32, -2.0];
     ring.all_reduce_sum(&mut buf).unwrap();
     assert_eq!(buf, [1.5, -2.0]);

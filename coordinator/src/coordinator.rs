@@ -124,7 +124,7 @@ impl Coordinator {
         let state = self.state();
         let due = self.soft().stale_comm_failures(&state, now, self.cfg.comm_grace);
         for (job, generation, message) in due {
-            let reason = format!("restart after communication failure: {message}");
+            let reason = format!("unexplained communication failure on {message}");
             let cmd = Command::RestartGeneration { job: job.clone(), generation, reason, at_ms: now_ms() };
             if let Err(e) = self.propose(cmd).await {
                 tracing::warn!(job = %job, error = %e, "could not restart generation");

@@ -79,7 +79,8 @@ impl JobService for JobApi {
     async fn list_jobs(&self, _req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
         let state = self.0.state();
         let soft = self.0.soft();
-        let jobs = state.jobs_in_order().into_iter().map(|j| convert::job_status(j, soft.progress.get(&j.id))).collect();
+        let jobs =
+            state.jobs_in_order().into_iter().map(|j| convert::job_status(j, soft.progress.get(&j.id))).collect();
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
 
@@ -135,7 +136,10 @@ impl JobService for JobApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn get_metrics(&self, req: Request<pb::GetMetricsRequest>) -> Result<Response<pb::GetMetricsResponse>, Status> {
+    async fn get_metrics(
+        &self,
+        req: Request<pb::GetMetricsRequest>,
+    ) -> Result<Response<pb::GetMetricsResponse>, Status> {
         let job = req.into_inner().job_id;
         if !self.0.state().jobs.contains_key(&job) {
             return Err(Status::not_found(format!("job {job} not found")));
@@ -184,7 +188,10 @@ impl WorkerService for WorkerApi {
 
     type AssignmentsStream = BoxStream<pb::Assignment>;
 
-    async fn assignments(&self, req: Request<pb::AssignmentsRequest>) -> Result<Response<Self::AssignmentsStream>, Status> {
+    async fn assignments(
+        &self,
+        req: Request<pb::AssignmentsRequest>,
+    ) -> Result<Response<Self::AssignmentsStream>, Status> {
         let worker = req.into_inner().worker_id;
         if !self.0.state().workers.contains_key(&worker) {
             return Err(Status::not_found(format!("worker {worker} is not registered; register again")));
@@ -197,7 +204,8 @@ impl WorkerService for WorkerApi {
             loop {
                 let state = states.borrow_and_update().clone();
                 if !state.workers.contains_key(&worker) {
-                    let _ = tx.send(Err(Status::not_found(format!("worker {worker} was removed; register again")))).await;
+                    let _ =
+                        tx.send(Err(Status::not_found(format!("worker {worker} was removed; register again")))).await;
                     return;
                 }
                 let now = convert::assignment(&state, &worker);
@@ -278,7 +286,7 @@ impl WorkerService for WorkerApi {
                 let cmd = Command::RestartGeneration {
                     job: r.job_id.clone(),
                     generation: r.generation,
-                    reason: format!("restart after failure: {message}"),
+                    reason: format!("failure on {message}"),
                     at_ms: now_ms(),
                 };
                 self.0.propose(cmd).await.map_err(convert::status)?;

@@ -95,10 +95,7 @@ impl Job {
         self.plan.as_ref().map_or(0, |p| p.ranks.len() as u32)
     }
     fn workers(&self) -> Vec<WorkerId> {
-        self.plan
-            .as_ref()
-            .map(|p| p.ranks.iter().map(|r| r.worker.clone()).collect())
-            .unwrap_or_default()
+        self.plan.as_ref().map(|p| p.ranks.iter().map(|r| r.worker.clone()).collect()).unwrap_or_default()
     }
 }
 
@@ -127,35 +124,102 @@ pub enum Command {
         output_root: String,
         at_ms: i64,
     },
-    CancelJob { job: JobId, at_ms: i64 },
-    RegisterWorker { data_addr: String, hostname: String, at_ms: i64 },
-    RemoveWorker { worker: WorkerId, reason: String, at_ms: i64 },
+    CancelJob {
+        job: JobId,
+        at_ms: i64,
+    },
+    RegisterWorker {
+        data_addr: String,
+        hostname: String,
+        at_ms: i64,
+    },
+    RemoveWorker {
+        worker: WorkerId,
+        reason: String,
+        at_ms: i64,
+    },
     /// Start a pending or waiting job on free workers (the leader decides when).
-    Schedule { job: JobId, at_ms: i64 },
+    Schedule {
+        job: JobId,
+        at_ms: i64,
+    },
     /// Start a new generation of a running job with the same workers, after a
     /// failure report that no membership change explained.
-    RestartGeneration { job: JobId, generation: u64, reason: String, at_ms: i64 },
-    CommitCheckpoint { job: JobId, generation: u64, step: u64, location: String, at_ms: i64 },
-    FinishJob { job: JobId, generation: u64, step: u64, final_model: String, at_ms: i64 },
-    FailJob { job: JobId, reason: String, at_ms: i64 },
+    RestartGeneration {
+        job: JobId,
+        generation: u64,
+        reason: String,
+        at_ms: i64,
+    },
+    CommitCheckpoint {
+        job: JobId,
+        generation: u64,
+        step: u64,
+        location: String,
+        at_ms: i64,
+    },
+    FinishJob {
+        job: JobId,
+        generation: u64,
+        step: u64,
+        final_model: String,
+        at_ms: i64,
+    },
+    FailJob {
+        job: JobId,
+        reason: String,
+        at_ms: i64,
+    },
 }
 
 /// What a command did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
-    JobSubmitted { job: JobId },
-    JobCancelled { job: JobId },
-    WorkerRegistered { worker: WorkerId },
-    WorkerRemoved { worker: WorkerId, reason: String },
-    GenerationStarted { job: JobId, generation: u64, world_size: u32, resume_step: u64, reason: String },
-    JobWaiting { job: JobId, generation: u64, reason: String },
-    CheckpointCommitted { job: JobId, step: u64 },
-    CheckpointsDropped { job: JobId, steps: Vec<u64> },
-    JobSucceeded { job: JobId },
-    JobFailed { job: JobId, reason: String },
+    JobSubmitted {
+        job: JobId,
+    },
+    JobCancelled {
+        job: JobId,
+    },
+    WorkerRegistered {
+        worker: WorkerId,
+    },
+    WorkerRemoved {
+        worker: WorkerId,
+        reason: String,
+    },
+    GenerationStarted {
+        job: JobId,
+        generation: u64,
+        world_size: u32,
+        resume_step: u64,
+        reason: String,
+    },
+    JobWaiting {
+        job: JobId,
+        generation: u64,
+        reason: String,
+    },
+    CheckpointCommitted {
+        job: JobId,
+        step: u64,
+    },
+    CheckpointsDropped {
+        job: JobId,
+        steps: Vec<u64>,
+    },
+    JobSucceeded {
+        job: JobId,
+    },
+    JobFailed {
+        job: JobId,
+        reason: String,
+    },
     /// A command that changed nothing because it was already applied or is
     /// stale (an old generation's report); not an error.
-    Ignored { reason: String },
+    Ignored {
+        reason: String,
+    },
 }
 
 /// A command that cannot apply; the state is unchanged.
@@ -299,7 +363,11 @@ impl State {
                             }),
                         }
                     }
-                    phase => Err(Rejection::BadPhase { job, phase, what: "only pending or waiting jobs are scheduled".into() }),
+                    phase => Err(Rejection::BadPhase {
+                        job,
+                        phase,
+                        what: "only pending or waiting jobs are scheduled".into(),
+                    }),
                 }
             }
             Command::RestartGeneration { job, generation, reason, at_ms } => {
@@ -324,14 +392,15 @@ impl State {
                     return Ok(vec![Event::Ignored { reason: format!("job {job} already ended") }]);
                 }
                 if j.latest_checkpoint().is_some_and(|c| c.step >= step) {
-                    return Ok(vec![Event::Ignored { reason: format!("checkpoint step {step} of {job} is not newer") }]);
+                    return Ok(vec![Event::Ignored {
+                        reason: format!("checkpoint step {step} of {job} is not newer"),
+                    }]);
                 }
                 j.checkpoints.push(CheckpointRecord { step, location, generation });
                 let mut events = vec![Event::CheckpointCommitted { job: job.clone(), step }];
                 let keep = j.keep_checkpoints as usize;
                 if j.checkpoints.len() > keep {
-                    let dropped: Vec<u64> =
-                        j.checkpoints.drain(..j.checkpoints.len() - keep).map(|c| c.step).collect();
+                    let dropped: Vec<u64> = j.checkpoints.drain(..j.checkpoints.len() - keep).map(|c| c.step).collect();
                     events.push(Event::CheckpointsDropped { job: job.clone(), steps: dropped });
                 }
                 // A job below its maximum grows at a checkpoint, so that the
@@ -352,10 +421,7 @@ impl State {
                     }]);
                 }
                 if step < j.total_steps {
-                    return Err(Rejection::Invalid(format!(
-                        "job {job} finished at step {step} of {}",
-                        j.total_steps
-                    )));
+                    return Err(Rejection::Invalid(format!("job {job} finished at step {step} of {}", j.total_steps)));
                 }
                 j.phase = JobPhase::Succeeded;
                 j.final_model = Some(final_model);
@@ -436,7 +502,13 @@ impl State {
             at_ms,
             resumed_from_step: resume_step,
         });
-        vec![Event::GenerationStarted { job: job.to_string(), generation: j.generation, world_size, resume_step, reason }]
+        vec![Event::GenerationStarted {
+            job: job.to_string(),
+            generation: j.generation,
+            world_size,
+            resume_step,
+            reason,
+        }]
     }
 
     /// After `gone` left a running job: a new generation on the workers that
@@ -478,9 +550,7 @@ impl State {
         }
         let req = self.plan_request(j);
         match scheduler::plan(&req, &current, &free) {
-            Some(workers) if workers != current => {
-                self.start_generation(job, workers, "workers joined".into(), at_ms)
-            }
+            Some(workers) if workers != current => self.start_generation(job, workers, "workers joined".into(), at_ms),
             _ => Vec::new(),
         }
     }

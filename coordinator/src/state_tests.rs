@@ -23,7 +23,8 @@ fn submit(state: &mut State, name: &str, min: u32, max: u32, keep: u32) -> JobId
 }
 
 fn register(state: &mut State, addr: &str) -> WorkerId {
-    match &state.apply(Command::RegisterWorker { data_addr: addr.into(), hostname: "h".into(), at_ms: 2 }).unwrap()[..] {
+    match &state.apply(Command::RegisterWorker { data_addr: addr.into(), hostname: "h".into(), at_ms: 2 }).unwrap()[..]
+    {
         [Event::WorkerRegistered { worker }] => worker.clone(),
         other => panic!("unexpected events {other:?}"),
     }
@@ -97,7 +98,8 @@ fn losing_a_worker_above_min_starts_a_new_generation_from_the_latest_checkpoint(
     let w2 = register(&mut s, "127.0.0.1:2");
     s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
     commit(&mut s, &job, 1, 10);
-    let events = s.apply(Command::RemoveWorker { worker: w1.clone(), reason: "lease lapsed".into(), at_ms: 6 }).unwrap();
+    let events =
+        s.apply(Command::RemoveWorker { worker: w1.clone(), reason: "lease lapsed".into(), at_ms: 6 }).unwrap();
     assert_eq!(
         events,
         vec![
@@ -122,7 +124,8 @@ fn losing_a_worker_below_min_waits_then_resumes_when_a_replacement_registers() {
     let w2 = register(&mut s, "127.0.0.1:2");
     s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
     commit(&mut s, &job, 1, 20);
-    let events = s.apply(Command::RemoveWorker { worker: w2.clone(), reason: "lease lapsed".into(), at_ms: 6 }).unwrap();
+    let events =
+        s.apply(Command::RemoveWorker { worker: w2.clone(), reason: "lease lapsed".into(), at_ms: 6 }).unwrap();
     assert!(matches!(events[1], Event::JobWaiting { generation: 2, .. }), "{events:?}");
     assert_eq!(s.jobs[&job].phase, JobPhase::Waiting);
     assert!(s.jobs[&job].plan.is_none());
@@ -230,8 +233,9 @@ fn restarts_beyond_the_limit_fail_the_job() {
         .apply(Command::RestartGeneration { job: job.clone(), generation: 1, reason: "old".into(), at_ms: 6 })
         .unwrap();
     assert!(matches!(stale[..], [Event::Ignored { .. }]));
-    let events =
-        s.apply(Command::RestartGeneration { job: job.clone(), generation: 3, reason: "boom".into(), at_ms: 6 }).unwrap();
+    let events = s
+        .apply(Command::RestartGeneration { job: job.clone(), generation: 3, reason: "boom".into(), at_ms: 6 })
+        .unwrap();
     assert!(matches!(&events[..], [Event::JobFailed { reason, .. }] if reason.contains("boom")), "{events:?}");
     assert_eq!(s.free_workers().len(), 1);
 }
@@ -242,9 +246,10 @@ fn cancel_releases_workers_and_is_idempotent() {
     let job = submit(&mut s, "j", 1, 1, 3);
     register(&mut s, "127.0.0.1:1");
     s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
-    assert_eq!(s.apply(Command::CancelJob { job: job.clone(), at_ms: 6 }).unwrap(), vec![Event::JobCancelled {
-        job: job.clone()
-    }]);
+    assert_eq!(
+        s.apply(Command::CancelJob { job: job.clone(), at_ms: 6 }).unwrap(),
+        vec![Event::JobCancelled { job: job.clone() }]
+    );
     assert_eq!(s.free_workers().len(), 1);
     assert!(matches!(s.apply(Command::CancelJob { job: job.clone(), at_ms: 7 }).unwrap()[..], [Event::Ignored { .. }]));
     assert_eq!(

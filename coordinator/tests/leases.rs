@@ -81,7 +81,11 @@ async fn leases_generations_growth_and_completion_over_grpc() {
     let mut w = WorkerServiceClient::connect(url.clone()).await.unwrap();
 
     let job = jobs
-        .submit_job(pb::SubmitJobRequest { spec_yaml: JOB.into(), origin: "lease.yaml".into(), base_dir: "/tmp".into() })
+        .submit_job(pb::SubmitJobRequest {
+            spec_yaml: JOB.into(),
+            origin: "lease.yaml".into(),
+            base_dir: "/tmp".into(),
+        })
         .await
         .unwrap()
         .into_inner()

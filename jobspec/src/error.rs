@@ -32,12 +32,7 @@ pub struct SpecError {
 pub(crate) const DOCUMENT_PATH: &str = "<yaml>";
 
 impl SpecError {
-    pub(crate) fn new(
-        origin: &str,
-        path: impl Into<String>,
-        at: Location,
-        message: impl Into<String>,
-    ) -> Self {
+    pub(crate) fn new(origin: &str, path: impl Into<String>, at: Location, message: impl Into<String>) -> Self {
         SpecError {
             origin: origin.to_owned(),
             path: path.into(),
@@ -96,13 +91,8 @@ fn find_key(text: &str, key: &str) -> Option<u64> {
     }
     let mut found = None;
     for (at, _) in text.match_indices(key) {
-        let before_ok = text[..at]
-            .chars()
-            .next_back()
-            .is_none_or(|c| matches!(c, ' ' | '-' | '{' | ',' | '\t'));
-        let after_ok = text[at + key.len()..]
-            .trim_start_matches(' ')
-            .starts_with(':');
+        let before_ok = text[..at].chars().next_back().is_none_or(|c| matches!(c, ' ' | '-' | '{' | ',' | '\t'));
+        let after_ok = text[at + key.len()..].trim_start_matches(' ').starts_with(':');
         if before_ok && after_ok {
             found = Some(text[..at].chars().count());
         }
@@ -131,12 +121,7 @@ pub(crate) fn path_segments(path: &serde_path_to_error::Path) -> Vec<String> {
 
 /// Turns a serde-saphyr error into a `SpecError`, using the field path
 /// `segments` tracked while deserialising.
-pub(crate) fn from_yaml(
-    err: &YamlError,
-    mut segments: Vec<String>,
-    source: &str,
-    origin: &str,
-) -> SpecError {
+pub(crate) fn from_yaml(err: &YamlError, mut segments: Vec<String>, source: &str, origin: &str) -> SpecError {
     let at = err.location().unwrap_or(Location::UNKNOWN);
     let inner = innermost(err);
     let found = || found_text(source, at);
@@ -147,15 +132,9 @@ pub(crate) fn from_yaml(
         segments.join(".")
     };
     let (path, message) = match inner {
-        YamlError::SerdeUnknownField {
-            field, expected, ..
-        } => (
-            named(segments, field),
-            format!(
-                "unknown field `{field}`, expected one of {}",
-                tick_list(expected)
-            ),
-        ),
+        YamlError::SerdeUnknownField { field, expected, .. } => {
+            (named(segments, field), format!("unknown field `{field}`, expected one of {}", tick_list(expected)))
+        }
         YamlError::SerdeMissingField { field, .. } => {
             // Named by the parent, at its key, or by the field itself when
             // the parent is the whole file.
@@ -179,41 +158,24 @@ pub(crate) fn from_yaml(
             }
             None => (segments.join("."), "duplicate key".to_owned()),
         },
-        YamlError::SerdeUnknownVariant {
-            variant, expected, ..
-        } => {
+        YamlError::SerdeUnknownVariant { variant, expected, .. } => {
             let what = segments.last().map_or("value", String::as_str);
             let what = what.split('[').next().unwrap_or(what);
-            let msg = format!(
-                "unknown {what} `{variant}`, expected one of {}",
-                tick_list(expected)
-            );
+            let msg = format!("unknown {what} `{variant}`, expected one of {}", tick_list(expected));
             (segments.join("."), msg)
         }
-        YamlError::InvalidScalar { ty, .. } => (
-            segments.join("."),
-            format!("expected {}, found {}", describe_type(ty), found()),
-        ),
-        YamlError::SerdeInvalidType {
-            unexpected,
-            expected,
-            ..
-        } => (
-            segments.join("."),
-            format!("expected {expected}, found {unexpected}"),
-        ),
-        YamlError::SerdeInvalidValue {
-            unexpected,
-            expected,
-            ..
-        } => (
-            segments.join("."),
-            format!("expected {expected}, found {unexpected}"),
-        ),
-        YamlError::SerdeInvalidLength { len, expected, .. } => (
-            segments.join("."),
-            format!("expected {expected}, found {len} items"),
-        ),
+        YamlError::InvalidScalar { ty, .. } => {
+            (segments.join("."), format!("expected {}, found {}", describe_type(ty), found()))
+        }
+        YamlError::SerdeInvalidType { unexpected, expected, .. } => {
+            (segments.join("."), format!("expected {expected}, found {unexpected}"))
+        }
+        YamlError::SerdeInvalidValue { unexpected, expected, .. } => {
+            (segments.join("."), format!("expected {expected}, found {unexpected}"))
+        }
+        YamlError::SerdeInvalidLength { len, expected, .. } => {
+            (segments.join("."), format!("expected {expected}, found {len} items"))
+        }
         YamlError::Unexpected { expected, .. } => {
             let expected = match *expected {
                 "mapping start" => "a mapping of fields",
@@ -221,44 +183,23 @@ pub(crate) fn from_yaml(
                 "string scalar" => "a string",
                 other => other,
             };
-            (
-                segments.join("."),
-                format!("expected {expected}, found {}", found_node(source, at)),
-            )
+            (segments.join("."), format!("expected {expected}, found {}", found_node(source, at)))
         }
-        YamlError::NullIntoString { .. } => (
-            segments.join("."),
-            "expected a string, found null".to_owned(),
-        ),
-        YamlError::ExternalMessage { .. } | YamlError::IndentationError { .. } => (
-            String::new(),
-            format!(
-                "invalid YAML: {}",
-                UserMessageFormatter.format_message(inner)
-            ),
-        ),
-        YamlError::Eof { .. } if has_no_content(source) => {
-            (String::new(), "the job file is empty".to_owned())
+        YamlError::NullIntoString { .. } => (segments.join("."), "expected a string, found null".to_owned()),
+        YamlError::ExternalMessage { .. } | YamlError::IndentationError { .. } => {
+            (String::new(), format!("invalid YAML: {}", UserMessageFormatter.format_message(inner)))
         }
-        _ => (
-            segments.join("."),
-            UserMessageFormatter.format_message(inner).into_owned(),
-        ),
+        YamlError::Eof { .. } if has_no_content(source) => (String::new(), "the job file is empty".to_owned()),
+        _ => (segments.join("."), UserMessageFormatter.format_message(inner).into_owned()),
     };
-    let path = if path.is_empty() {
-        DOCUMENT_PATH.to_owned()
-    } else {
-        path
-    };
+    let path = if path.is_empty() { DOCUMENT_PATH.to_owned() } else { path };
     SpecError::new(origin, path, at, message)
 }
 
 /// The error under any alias or snippet wrappers.
 fn innermost(err: &YamlError) -> &YamlError {
     match err {
-        YamlError::WithSnippet { error, .. } | YamlError::AliasError { error, .. } => {
-            innermost(error)
-        }
+        YamlError::WithSnippet { error, .. } | YamlError::AliasError { error, .. } => innermost(error),
         other => other,
     }
 }
@@ -293,9 +234,7 @@ fn found_text(source: &str, at: Location) -> String {
         source.get(start..end).filter(|s| !s.trim().is_empty())
     });
     let text = from_span.unwrap_or_else(|| {
-        let line = source
-            .lines()
-            .nth(usize::try_from(at.line()).ok()?.checked_sub(1)?)?;
+        let line = source.lines().nth(usize::try_from(at.line()).ok()?.checked_sub(1)?)?;
         let col = usize::try_from(at.column()).ok()?.checked_sub(1)?;
         let (start, _) = line.char_indices().nth(col)?;
         let rest = line[start..].split(" #").next().unwrap_or("").trim();
@@ -308,11 +247,7 @@ fn found_text(source: &str, at: Location) -> String {
             // bad indentation): show it as YAML reads it, on one line.
             let t = t.split_whitespace().collect::<Vec<_>>().join(" ");
             let shown: String = t.chars().take(MAX).collect();
-            let more = if t.chars().nth(MAX).is_some() {
-                "..."
-            } else {
-                ""
-            };
+            let more = if t.chars().nth(MAX).is_some() { "..." } else { "" };
             format!("`{shown}{more}`")
         }
     }

@@ -27,8 +27,8 @@ mod validate;
 
 pub use error::SpecError;
 pub use spec::{
-    AdamWSpec, CheckpointSpec, DataSpec, DpSize, GptSpec, JobSpec, MlpSpec, ModelSpec,
-    ParallelismSpec, ScheduleSpec, TokenDtype, TrainSpec, WorkersSpec,
+    AdamWSpec, CheckpointSpec, DataSpec, DpSize, GptSpec, JobSpec, MlpSpec, ModelSpec, ParallelismSpec, ScheduleSpec,
+    TokenDtype, TrainSpec, WorkersSpec,
 };
 
 use serde::de::DeserializeOwned;
@@ -41,9 +41,7 @@ pub fn parse(source: &str, origin: &str) -> Result<JobSpec, SpecError> {
     // The version decides how to read the rest, so it is read first, by
     // itself: a file of another version fails on its version, not on fields
     // this version does not know.
-    if let Ok(probe) =
-        serde_saphyr::from_str_with_options::<raw::VersionProbe>(source, yaml_options())
-    {
+    if let Ok(probe) = serde_saphyr::from_str_with_options::<raw::VersionProbe>(source, yaml_options()) {
         validate::version(&validate::Ctx { origin, source }, probe.version.as_ref())?;
     }
     let raw: raw::RawJob = deserialize(source, origin)?;
@@ -59,15 +57,14 @@ fn yaml_options() -> serde_saphyr::Options {
 /// YAML → `T`, with the field path of any error.
 fn deserialize<T: DeserializeOwned>(source: &str, origin: &str) -> Result<T, SpecError> {
     let mut segments = Vec::new();
-    let result =
-        serde_saphyr::with_deserializer_from_str_with_options(source, yaml_options(), |de| {
-            let mut track = serde_path_to_error::Track::new();
-            let value = T::deserialize(serde_path_to_error::Deserializer::new(de, &mut track));
-            if value.is_err() {
-                segments = error::path_segments(&track.path());
-            }
-            value
-        });
+    let result = serde_saphyr::with_deserializer_from_str_with_options(source, yaml_options(), |de| {
+        let mut track = serde_path_to_error::Track::new();
+        let value = T::deserialize(serde_path_to_error::Deserializer::new(de, &mut track));
+        if value.is_err() {
+            segments = error::path_segments(&track.path());
+        }
+        value
+    });
     result.map_err(|e| error::from_yaml(&e, segments, source, origin))
 }
 

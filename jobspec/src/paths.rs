@@ -43,13 +43,9 @@ pub(crate) fn classify_checkpoint_url(url: &str) -> Result<CheckpointTarget<'_>,
         return Ok(CheckpointTarget::FileUrl(rest));
     }
     if OBJECT_STORE_SCHEMES.contains(&lower.as_str()) {
-        return Err(format!(
-            "object storage ({lower}://) is not yet supported; use a local path or file://"
-        ));
+        return Err(format!("object storage ({lower}://) is not yet supported; use a local path or file://"));
     }
-    Err(format!(
-        "unsupported URL scheme `{scheme}://`; use a local path or file:///abs/path"
-    ))
+    Err(format!("unsupported URL scheme `{scheme}://`; use a local path or file:///abs/path"))
 }
 
 /// Splits `scheme://rest` when `url` starts with a URL scheme (RFC 3986 letters).
@@ -80,9 +76,7 @@ impl JobSpec {
     pub fn resolve_paths(&mut self, base: &Path) {
         match &mut self.data {
             DataSpec::Synthetic { .. } => {}
-            DataSpec::Features { path }
-            | DataSpec::Tokens { path, .. }
-            | DataSpec::Text { path } => {
+            DataSpec::Features { path } | DataSpec::Tokens { path, .. } | DataSpec::Text { path } => {
                 *path = absolutize(base, path);
             }
         }
@@ -103,39 +97,18 @@ mod tests {
 
     #[test]
     fn plain_paths_are_paths() {
-        assert_eq!(
-            classify_checkpoint_url("runs"),
-            Ok(CheckpointTarget::Path("runs"))
-        );
-        assert_eq!(
-            classify_checkpoint_url("/data/ck"),
-            Ok(CheckpointTarget::Path("/data/ck"))
-        );
-        assert_eq!(
-            classify_checkpoint_url("a:b/c"),
-            Ok(CheckpointTarget::Path("a:b/c"))
-        );
-        assert_eq!(
-            classify_checkpoint_url("./x://y"),
-            Ok(CheckpointTarget::Path("./x://y"))
-        );
+        assert_eq!(classify_checkpoint_url("runs"), Ok(CheckpointTarget::Path("runs")));
+        assert_eq!(classify_checkpoint_url("/data/ck"), Ok(CheckpointTarget::Path("/data/ck")));
+        assert_eq!(classify_checkpoint_url("a:b/c"), Ok(CheckpointTarget::Path("a:b/c")));
+        assert_eq!(classify_checkpoint_url("./x://y"), Ok(CheckpointTarget::Path("./x://y")));
     }
 
     #[test]
     fn file_urls_need_an_empty_host() {
-        assert_eq!(
-            classify_checkpoint_url("file:///ck"),
-            Ok(CheckpointTarget::FileUrl("/ck"))
-        );
-        assert_eq!(
-            classify_checkpoint_url("FILE:///ck"),
-            Ok(CheckpointTarget::FileUrl("/ck"))
-        );
+        assert_eq!(classify_checkpoint_url("file:///ck"), Ok(CheckpointTarget::FileUrl("/ck")));
+        assert_eq!(classify_checkpoint_url("FILE:///ck"), Ok(CheckpointTarget::FileUrl("/ck")));
         let err = classify_checkpoint_url("file://server/ck").unwrap_err();
-        assert!(
-            err.contains("`server`") && err.contains("file:///"),
-            "{err}"
-        );
+        assert!(err.contains("`server`") && err.contains("file:///"), "{err}");
         assert!(classify_checkpoint_url("file://").is_err());
     }
 
@@ -143,10 +116,7 @@ mod tests {
     fn object_stores_are_not_yet_supported() {
         for (url, scheme) in [("s3://b/k", "s3"), ("GS://b", "gs"), ("az://c/p", "az")] {
             let err = classify_checkpoint_url(url).unwrap_err();
-            assert!(
-                err.contains(&format!("({scheme}://) is not yet supported")),
-                "{err}"
-            );
+            assert!(err.contains(&format!("({scheme}://) is not yet supported")), "{err}");
         }
         let err = classify_checkpoint_url("http://x/y").unwrap_err();
         assert!(err.contains("unsupported URL scheme `http://`"), "{err}");

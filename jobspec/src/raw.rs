@@ -174,9 +174,7 @@ impl<'de> Visitor<'de> for LayersVisitor {
     }
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Layers, E> {
-        usize::try_from(v)
-            .map(Layers::Count)
-            .map_err(|_| E::invalid_value(Unexpected::Unsigned(v), &self))
+        usize::try_from(v).map(Layers::Count).map_err(|_| E::invalid_value(Unexpected::Unsigned(v), &self))
     }
 
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<Layers, E> {
@@ -213,11 +211,7 @@ impl fmt::Display for Any {
             Any::Str(s) => {
                 const MAX: usize = 40;
                 let shown: String = s.chars().take(MAX).collect();
-                let more = if s.chars().nth(MAX).is_some() {
-                    "..."
-                } else {
-                    ""
-                };
+                let more = if s.chars().nth(MAX).is_some() { "..." } else { "" };
                 write!(f, "`{shown}{more}`")
             }
             Any::Other(s) => f.write_str(s),

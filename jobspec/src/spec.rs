@@ -215,9 +215,7 @@ impl serde::de::Visitor<'_> for DpVisitor {
     }
 
     fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<DpSize, E> {
-        usize::try_from(v)
-            .map(DpSize::Fixed)
-            .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+        usize::try_from(v).map(DpSize::Fixed).map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
     }
 
     fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<DpSize, E> {

@@ -36,13 +36,7 @@ fn with(extra: &str) -> String {
 #[test]
 fn omitted_fields_take_their_defaults() {
     let spec = ok(MINIMAL);
-    assert_eq!(
-        spec.data,
-        DataSpec::Synthetic {
-            seed: defaults::SYNTHETIC_SEED,
-            samples: defaults::SYNTHETIC_SAMPLES
-        }
-    );
+    assert_eq!(spec.data, DataSpec::Synthetic { seed: defaults::SYNTHETIC_SEED, samples: defaults::SYNTHETIC_SAMPLES });
     let t = &spec.train;
     assert_eq!(t.micro_batch, t.global_batch);
     assert_eq!(t.seed, defaults::TRAIN_SEED);
@@ -56,22 +50,10 @@ fn omitted_fields_take_their_defaults() {
             weight_decay: defaults::WEIGHT_DECAY,
         }
     );
-    assert_eq!(
-        t.schedule,
-        ScheduleSpec {
-            warmup_steps: defaults::WARMUP_STEPS,
-            min_lr: defaults::MIN_LR
-        }
-    );
+    assert_eq!(t.schedule, ScheduleSpec { warmup_steps: defaults::WARMUP_STEPS, min_lr: defaults::MIN_LR });
     assert_eq!(t.grad_clip, None);
     assert_eq!(spec.parallelism.dp, DpSize::Auto);
-    assert_eq!(
-        spec.workers,
-        WorkersSpec {
-            min: defaults::WORKERS_MIN,
-            max: defaults::WORKERS_MIN
-        }
-    );
+    assert_eq!(spec.workers, WorkersSpec { min: defaults::WORKERS_MIN, max: defaults::WORKERS_MIN });
     assert_eq!(
         spec.checkpoint,
         CheckpointSpec {
@@ -84,10 +66,7 @@ fn omitted_fields_take_their_defaults() {
 
 #[test]
 fn empty_sections_are_like_absent_ones() {
-    assert_eq!(
-        ok(&with("workers:\nparallelism:\ncheckpoint:\n")),
-        ok(MINIMAL)
-    );
+    assert_eq!(ok(&with("workers:\nparallelism:\ncheckpoint:\n")), ok(MINIMAL));
 }
 
 #[test]
@@ -100,64 +79,38 @@ fn workers_max_defaults_to_min_and_min_to_one() {
 
 #[test]
 fn explicit_forms_are_read() {
-    let spec = ok(&with(
-        "version: 1\nparallelism: {dp: 2, pp: 1, zero: 0}\nworkers: {min: 2, max: 4}\n",
-    ));
+    let spec = ok(&with("version: 1\nparallelism: {dp: 2, pp: 1, zero: 0}\nworkers: {min: 2, max: 4}\n"));
     assert_eq!(spec.parallelism.dp, DpSize::Fixed(2));
     let source = MINIMAL.replace(
         "  global_batch: 4\n",
         "  global_batch: 4\n  optimizer: {kind: adamw, betas: [0.8, 0.95]}\n  schedule: {kind: cosine}\n",
     );
     let spec = ok(&source);
-    assert_eq!(
-        (spec.train.optimizer.beta1, spec.train.optimizer.beta2),
-        (0.8, 0.95)
-    );
+    assert_eq!((spec.train.optimizer.beta1, spec.train.optimizer.beta2), (0.8, 0.95));
 }
 
 #[test]
 fn tokens_default_to_u16() {
-    let source =
-        "name: g\nmodel: {kind: gpt, layers: 1, d_model: 8, heads: 2, context: 4, vocab: 300}\n\
+    let source = "name: g\nmodel: {kind: gpt, layers: 1, d_model: 8, heads: 2, context: 4, vocab: 300}\n\
                   data: {kind: tokens, path: t.bin}\ntrain: {steps: 1, global_batch: 1}\n";
-    assert_eq!(
-        ok(source).data,
-        DataSpec::Tokens {
-            path: "t.bin".into(),
-            dtype: TokenDtype::U16
-        }
-    );
+    assert_eq!(ok(source).data, DataSpec::Tokens { path: "t.bin".into(), dtype: TokenDtype::U16 });
 }
 
 #[test]
 fn json_round_trips() {
-    let mut spec = ok(&with(
-        "parallelism: {dp: 1}\ncheckpoint: {url: 'file:///ck', every: 5}\n",
-    ));
+    let mut spec = ok(&with("parallelism: {dp: 1}\ncheckpoint: {url: 'file:///ck', every: 5}\n"));
     spec.train.grad_clip = Some(0.1 + 0.2);
     spec.train.optimizer.lr = 3e-4;
     let json = spec.to_json();
-    assert!(
-        json.contains(r#""model":{"kind":"mlp","layers":[3,2]}"#),
-        "{json}"
-    );
-    assert!(
-        json.contains(r#""data":{"kind":"synthetic","seed":0,"samples":4096}"#),
-        "{json}"
-    );
+    assert!(json.contains(r#""model":{"kind":"mlp","layers":[3,2]}"#), "{json}");
+    assert!(json.contains(r#""data":{"kind":"synthetic","seed":0,"samples":4096}"#), "{json}");
     assert!(json.contains(r#""dp":1"#), "{json}");
     assert_eq!(JobSpec::from_json(&json).unwrap(), spec);
 
     spec.parallelism.dp = DpSize::Auto;
-    spec.data = DataSpec::Tokens {
-        path: "x".into(),
-        dtype: TokenDtype::U32,
-    };
+    spec.data = DataSpec::Tokens { path: "x".into(), dtype: TokenDtype::U32 };
     let json = spec.to_json();
-    assert!(
-        json.contains(r#""dp":"auto""#) && json.contains(r#""dtype":"u32""#),
-        "{json}"
-    );
+    assert!(json.contains(r#""dp":"auto""#) && json.contains(r#""dtype":"u32""#), "{json}");
     assert_eq!(JobSpec::from_json(&json).unwrap(), spec);
     assert!(JobSpec::from_json(&json.replace(r#""auto""#, r#""many""#)).is_err());
 }
@@ -168,12 +121,7 @@ fn resolve_paths_makes_paths_absolute() {
                   data: {kind: text, path: ./corpus/../book.txt}\ntrain: {steps: 1, global_batch: 1}\n";
     let mut spec = ok(source);
     spec.resolve_paths(Path::new("/jobs/a"));
-    assert_eq!(
-        spec.data,
-        DataSpec::Text {
-            path: "/jobs/a/corpus/../book.txt".into()
-        }
-    );
+    assert_eq!(spec.data, DataSpec::Text { path: "/jobs/a/corpus/../book.txt".into() });
     assert_eq!(spec.checkpoint.url, "/jobs/a/runs");
     let again = spec.clone();
     spec.resolve_paths(Path::new("/elsewhere"));
@@ -191,83 +139,24 @@ fn resolve_paths_makes_paths_absolute() {
 #[test]
 fn model_kind_names() {
     assert_eq!(ok(MINIMAL).model.kind(), "mlp");
-    let gpt = ModelSpec::Gpt(GptSpec {
-        layers: 1,
-        d_model: 2,
-        heads: 1,
-        context: 1,
-        vocab: 2,
-    });
+    let gpt = ModelSpec::Gpt(GptSpec { layers: 1, d_model: 2, heads: 1, context: 1, vocab: 2 });
     assert_eq!(gpt.kind(), "gpt");
 }
 
 /// Each case: (source, path, part of the message, line, column).
 #[test]
 fn errors_name_the_field_and_the_place() {
-    let train_line = |extra: &str| {
-        MINIMAL.replace(
-            "  global_batch: 4\n",
-            &format!("  global_batch: 4\n{extra}"),
-        )
-    };
+    let train_line = |extra: &str| MINIMAL.replace("  global_batch: 4\n", &format!("  global_batch: 4\n{extra}"));
     let cases: Vec<(String, &str, &str, u64, u64)> = vec![
         (String::new(), "<yaml>", "the job file is empty", 1, 1),
-        (
-            "# nothing\n\n".into(),
-            "<yaml>",
-            "the job file is empty",
-            3,
-            1,
-        ),
-        (
-            "- 1\n".into(),
-            "<yaml>",
-            "expected a mapping of fields, found a list",
-            1,
-            1,
-        ),
-        (
-            MINIMAL.replace("name: tiny\n", ""),
-            "name",
-            "missing field `name`",
-            1,
-            1,
-        ),
-        (
-            MINIMAL.replace("  layers: [3, 2]", "  layers: [3, -2]"),
-            "model.layers[1]",
-            "found `-2`",
-            4,
-            15,
-        ),
-        (
-            MINIMAL.replace("  layers: [3, 2]", "  layers: 3"),
-            "model.layers",
-            "list of widths",
-            4,
-            11,
-        ),
-        (
-            MINIMAL.replace("  layers: [3, 2]", "  layers: [3]"),
-            "model.layers",
-            "at least 2 widths",
-            4,
-            11,
-        ),
-        (
-            MINIMAL.replace("  steps: 10\n", "  steps: 1.5\n"),
-            "train.steps",
-            "found `1.5`",
-            8,
-            10,
-        ),
-        (
-            MINIMAL.replace("  steps: 10\n", "  steps: 0\n"),
-            "train.steps",
-            "must be at least 1, found 0",
-            8,
-            10,
-        ),
+        ("# nothing\n\n".into(), "<yaml>", "the job file is empty", 3, 1),
+        ("- 1\n".into(), "<yaml>", "expected a mapping of fields, found a list", 1, 1),
+        (MINIMAL.replace("name: tiny\n", ""), "name", "missing field `name`", 1, 1),
+        (MINIMAL.replace("  layers: [3, 2]", "  layers: [3, -2]"), "model.layers[1]", "found `-2`", 4, 15),
+        (MINIMAL.replace("  layers: [3, 2]", "  layers: 3"), "model.layers", "list of widths", 4, 11),
+        (MINIMAL.replace("  layers: [3, 2]", "  layers: [3]"), "model.layers", "at least 2 widths", 4, 11),
+        (MINIMAL.replace("  steps: 10\n", "  steps: 1.5\n"), "train.steps", "found `1.5`", 8, 10),
+        (MINIMAL.replace("  steps: 10\n", "  steps: 0\n"), "train.steps", "must be at least 1, found 0", 8, 10),
         (
             MINIMAL.replace("  steps: 10\n", "  steps: 10\n   global_batch: 8\n"),
             "train.steps",
@@ -296,20 +185,8 @@ fn errors_name_the_field_and_the_place() {
             7,
             12,
         ),
-        (
-            MINIMAL.replace("name: tiny", "name: -tiny"),
-            "name",
-            "must start with",
-            1,
-            7,
-        ),
-        (
-            MINIMAL.replace("name: tiny", &format!("name: {}", "a".repeat(64))),
-            "name",
-            "at most 63",
-            1,
-            7,
-        ),
+        (MINIMAL.replace("name: tiny", "name: -tiny"), "name", "must start with", 1, 7),
+        (MINIMAL.replace("name: tiny", &format!("name: {}", "a".repeat(64))), "name", "at most 63", 1, 7),
         (
             train_line("  optimizer: {kind: sgd}\n"),
             "train.optimizer.kind",
@@ -317,13 +194,7 @@ fn errors_name_the_field_and_the_place() {
             10,
             21,
         ),
-        (
-            train_line("  optimizer: {beta1: 0.9}\n"),
-            "train.optimizer.beta1",
-            "unknown field `beta1`",
-            10,
-            15,
-        ),
+        (train_line("  optimizer: {beta1: 0.9}\n"), "train.optimizer.beta1", "unknown field `beta1`", 10, 15),
         (
             train_line("  optimizer: {betas: [0.9, 1.0]}\n"),
             "train.optimizer.betas[1]",
@@ -331,34 +202,10 @@ fn errors_name_the_field_and_the_place() {
             10,
             28,
         ),
-        (
-            train_line("  optimizer: {eps: 0}\n"),
-            "train.optimizer.eps",
-            "greater than 0",
-            10,
-            20,
-        ),
-        (
-            train_line("  optimizer: {weight_decay: -0.1}\n"),
-            "train.optimizer.weight_decay",
-            "at least 0",
-            10,
-            29,
-        ),
-        (
-            train_line("  optimizer: {lr: .inf}\n"),
-            "train.optimizer.lr",
-            "finite",
-            10,
-            19,
-        ),
-        (
-            train_line("  grad_clip: 0\n"),
-            "train.grad_clip",
-            "greater than 0",
-            10,
-            14,
-        ),
+        (train_line("  optimizer: {eps: 0}\n"), "train.optimizer.eps", "greater than 0", 10, 20),
+        (train_line("  optimizer: {weight_decay: -0.1}\n"), "train.optimizer.weight_decay", "at least 0", 10, 29),
+        (train_line("  optimizer: {lr: .inf}\n"), "train.optimizer.lr", "finite", 10, 19),
+        (train_line("  grad_clip: 0\n"), "train.grad_clip", "greater than 0", 10, 14),
         (
             train_line("  schedule: {warmup_steps: 11}\n"),
             "train.schedule.warmup_steps",
@@ -366,34 +213,10 @@ fn errors_name_the_field_and_the_place() {
             10,
             28,
         ),
-        (
-            train_line("  schedule: {kind: linear}\n"),
-            "train.schedule.kind",
-            "unknown kind `linear`",
-            10,
-            20,
-        ),
-        (
-            train_line("  micro_batch: 0\n"),
-            "train.micro_batch",
-            "at least 1",
-            10,
-            16,
-        ),
-        (
-            with("parallelism:\n  micro_batches: 4\n"),
-            "parallelism.micro_batches",
-            "not yet supported",
-            11,
-            18,
-        ),
-        (
-            with("parallelism:\n  pp: two\n"),
-            "parallelism.pp",
-            "not yet supported (only pp: 1); found `two`",
-            11,
-            7,
-        ),
+        (train_line("  schedule: {kind: linear}\n"), "train.schedule.kind", "unknown kind `linear`", 10, 20),
+        (train_line("  micro_batch: 0\n"), "train.micro_batch", "at least 1", 10, 16),
+        (with("parallelism:\n  micro_batches: 4\n"), "parallelism.micro_batches", "not yet supported", 11, 18),
+        (with("parallelism:\n  pp: two\n"), "parallelism.pp", "not yet supported (only pp: 1); found `two`", 11, 7),
         (
             with("parallelism:\n  dp: many\n"),
             "parallelism.dp",
@@ -401,48 +224,12 @@ fn errors_name_the_field_and_the_place() {
             11,
             7,
         ),
-        (
-            with("parallelism:\n  tp: 2\n"),
-            "parallelism.tp",
-            "unknown field `tp`",
-            11,
-            3,
-        ),
-        (
-            with("workers: {max: 1025}\n"),
-            "workers.max",
-            "at most 1024",
-            10,
-            16,
-        ),
-        (
-            with("workers: {min: 0}\n"),
-            "workers.min",
-            "at least 1",
-            10,
-            16,
-        ),
-        (
-            with("checkpoint: {keep: 0}\n"),
-            "checkpoint.keep",
-            "at least 1",
-            10,
-            20,
-        ),
-        (
-            with("checkpoint: {url: ''}\n"),
-            "checkpoint.url",
-            "must not be empty",
-            10,
-            19,
-        ),
-        (
-            with("checkpoint: {url: 'http://x/y'}\n"),
-            "checkpoint.url",
-            "unsupported URL scheme `http://`",
-            10,
-            19,
-        ),
+        (with("parallelism:\n  tp: 2\n"), "parallelism.tp", "unknown field `tp`", 11, 3),
+        (with("workers: {max: 1025}\n"), "workers.max", "at most 1024", 10, 16),
+        (with("workers: {min: 0}\n"), "workers.min", "at least 1", 10, 16),
+        (with("checkpoint: {keep: 0}\n"), "checkpoint.keep", "at least 1", 10, 20),
+        (with("checkpoint: {url: ''}\n"), "checkpoint.url", "must not be empty", 10, 19),
+        (with("checkpoint: {url: 'http://x/y'}\n"), "checkpoint.url", "unsupported URL scheme `http://`", 10, 19),
         (
             with("checkpoint: {url: 'gs://b/p'}\n"),
             "checkpoint.url",
@@ -450,13 +237,7 @@ fn errors_name_the_field_and_the_place() {
             10,
             19,
         ),
-        (
-            with("version: 1.0\n"),
-            "version",
-            "unsupported job file version 1",
-            10,
-            10,
-        ),
+        (with("version: 1.0\n"), "version", "unsupported job file version 1", 10, 10),
         (with("---\nname: again\n"), "<yaml>", "multiple", 11, 1),
         (
             MINIMAL.replace("data:\n  kind: synthetic\n", "data:\n"),
@@ -465,13 +246,7 @@ fn errors_name_the_field_and_the_place() {
             5,
             5,
         ),
-        (
-            MINIMAL.replace("data:\n  kind: synthetic\n", "data: {seed: 1}\n"),
-            "data",
-            "missing field `kind`",
-            5,
-            1,
-        ),
+        (MINIMAL.replace("data:\n  kind: synthetic\n", "data: {seed: 1}\n"), "data", "missing field `kind`", 5, 1),
         (
             MINIMAL.replace(
                 "  kind: mlp\n  layers: [3, 2]\n",
@@ -486,59 +261,29 @@ fn errors_name_the_field_and_the_place() {
     let mut failures = Vec::new();
     for (source, path, message, line, column) in &cases {
         let e = err(source);
-        let good = e.path == *path
-            && e.message.contains(message)
-            && (e.line, e.column) == (*line, *column);
+        let good = e.path == *path && e.message.contains(message) && (e.line, e.column) == (*line, *column);
         if !good {
-            failures.push(format!(
-                "expected {line}:{column}: {path}: …{message}…\n     got {e}\n  source {source:?}"
-            ));
+            failures.push(format!("expected {line}:{column}: {path}: …{message}…\n     got {e}\n  source {source:?}"));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases differ:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {} cases differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
 }
 
 #[test]
 fn errors_display_as_origin_line_column_path_message() {
-    let e = SpecError {
-        origin: "a.yaml".into(),
-        path: "train.steps".into(),
-        line: 3,
-        column: 10,
-        message: "bad".into(),
-    };
+    let e =
+        SpecError { origin: "a.yaml".into(), path: "train.steps".into(), line: 3, column: 10, message: "bad".into() };
     assert_eq!(e.to_string(), "a.yaml:3:10: train.steps: bad");
 }
 
 #[test]
 fn number_forms() {
-    let train = |extra: &str| {
-        MINIMAL.replace(
-            "  global_batch: 4\n",
-            &format!("  global_batch: 4\n{extra}"),
-        )
-    };
-    let spec = ok(&train(
-        "  grad_clip: 1\n  optimizer: {lr: 1e-3, eps: 3.0e-8}\n",
-    ));
+    let train = |extra: &str| MINIMAL.replace("  global_batch: 4\n", &format!("  global_batch: 4\n{extra}"));
+    let spec = ok(&train("  grad_clip: 1\n  optimizer: {lr: 1e-3, eps: 3.0e-8}\n"));
     assert_eq!(spec.train.grad_clip, Some(1.0));
-    assert_eq!(
-        (spec.train.optimizer.lr, spec.train.optimizer.eps),
-        (1e-3, 3.0e-8)
-    );
+    assert_eq!((spec.train.optimizer.lr, spec.train.optimizer.eps), (1e-3, 3.0e-8));
     // serde-saphyr reads a quoted number as the number; harmless, and documented.
-    assert_eq!(
-        ok(&MINIMAL.replace("  steps: 10\n", "  steps: \"10\"\n"))
-            .train
-            .steps,
-        10
-    );
+    assert_eq!(ok(&MINIMAL.replace("  steps: 10\n", "  steps: \"10\"\n")).train.steps, 10);
     let e = err(&MINIMAL.replace("  steps: 10\n", "  steps: 1e3\n"));
     assert_eq!(e.path, "train.steps", "{e}");
 }

@@ -27,19 +27,13 @@ fn yaml_files(dir: &Path) -> Vec<PathBuf> {
 
 fn header(source: &str, key: &str) -> Option<String> {
     let prefix = format!("# {key}:");
-    source
-        .lines()
-        .take_while(|l| l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(&prefix).map(|v| v.trim().to_owned()))
+    source.lines().take_while(|l| l.starts_with('#')).find_map(|l| l.strip_prefix(&prefix).map(|v| v.trim().to_owned()))
 }
 
 #[test]
 fn good_configs_parse() {
     let files = yaml_files(&configs_dir());
-    assert!(
-        files.len() >= 3,
-        "expected the sample configs, found {files:?}"
-    );
+    assert!(files.len() >= 3, "expected the sample configs, found {files:?}");
     for file in files {
         let source = fs::read_to_string(&file).unwrap();
         if let Err(e) = parse(&source, &file.display().to_string()) {
@@ -57,14 +51,7 @@ fn quickstart_says_what_the_tutorial_says() {
     assert!(matches!(spec.data, DataSpec::Synthetic { .. }));
     assert_eq!((spec.workers.min, spec.workers.max), (1, 2));
     assert_eq!(spec.parallelism.dp, DpSize::Auto);
-    assert_eq!(
-        (
-            spec.train.steps,
-            spec.train.global_batch,
-            spec.train.micro_batch
-        ),
-        (200, 64, 32)
-    );
+    assert_eq!((spec.train.steps, spec.train.global_batch, spec.train.micro_batch), (200, 64, 32));
     assert_eq!(spec.train.grad_clip, Some(1.0));
     assert_eq!(spec.checkpoint.url, "runs");
     assert_eq!((spec.checkpoint.every, spec.checkpoint.keep), (50, 2));
@@ -73,18 +60,13 @@ fn quickstart_says_what_the_tutorial_says() {
 #[test]
 fn bad_configs_fail_where_they_say() {
     let files = yaml_files(&configs_dir().join("bad"));
-    assert!(
-        files.len() >= 14,
-        "expected at least 14 bad configs, found {}",
-        files.len()
-    );
+    assert!(files.len() >= 14, "expected at least 14 bad configs, found {}", files.len());
     let mut failures = Vec::new();
     for file in &files {
         let source = fs::read_to_string(file).unwrap();
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
         let expect = header(&source, "expect").unwrap_or_else(|| panic!("{name}: no `# expect:`"));
-        let expect_path =
-            header(&source, "expect-path").unwrap_or_else(|| panic!("{name}: no `# expect-path:`"));
+        let expect_path = header(&source, "expect-path").unwrap_or_else(|| panic!("{name}: no `# expect-path:`"));
         let err = match parse(&source, &name) {
             Ok(_) => {
                 failures.push(format!("{name}: parsed, but should fail with {expect:?}"));
@@ -93,16 +75,10 @@ fn bad_configs_fail_where_they_say() {
             Err(e) => e,
         };
         if !err.message.contains(&expect) {
-            failures.push(format!(
-                "{name}: message {:?} lacks {expect:?}",
-                err.message
-            ));
+            failures.push(format!("{name}: message {:?} lacks {expect:?}", err.message));
         }
         if err.path != expect_path {
-            failures.push(format!(
-                "{name}: path {:?}, expected {expect_path:?} ({err})",
-                err.path
-            ));
+            failures.push(format!("{name}: path {:?}, expected {expect_path:?} ({err})", err.path));
         }
         if err.origin != name {
             failures.push(format!("{name}: origin {:?}", err.origin));
@@ -113,16 +89,10 @@ fn bad_configs_fail_where_they_say() {
         });
         let line = usize::try_from(err.line).unwrap();
         match source.lines().nth(line.wrapping_sub(1)) {
-            None => failures.push(format!(
-                "{name}: line {} is not in the file ({err})",
-                err.line
-            )),
+            None => failures.push(format!("{name}: line {} is not in the file ({err})", err.line)),
             Some(text) => {
                 if !text.contains(&needle) {
-                    failures.push(format!(
-                        "{name}: line {} is {text:?}, which lacks {needle:?} ({err})",
-                        err.line
-                    ));
+                    failures.push(format!("{name}: line {} is {text:?}, which lacks {needle:?} ({err})", err.line));
                 }
                 let width = text.chars().count() as u64;
                 if err.column < 1 || err.column > width + 1 {

@@ -11,16 +11,7 @@ fn doc() -> &'static str {
     &README[start..]
 }
 
-const SECTIONS: [&str; 8] = [
-    "version",
-    "name",
-    "model",
-    "data",
-    "train",
-    "parallelism",
-    "workers",
-    "checkpoint",
-];
+const SECTIONS: [&str; 8] = ["version", "name", "model", "data", "train", "parallelism", "workers", "checkpoint"];
 
 fn yaml_blocks(doc: &str) -> Vec<String> {
     let mut blocks = Vec::new();
@@ -76,18 +67,10 @@ fn splice(snippet: &str) -> String {
 #[test]
 fn jobfile_examples_are_valid() {
     let blocks = yaml_blocks(doc());
-    assert!(
-        blocks.len() >= 10,
-        "found only {} yaml blocks",
-        blocks.len()
-    );
+    assert!(blocks.len() >= 10, "found only {} yaml blocks", blocks.len());
     for block in blocks {
         let complete = block.starts_with("name:") && block.contains("\ntrain:");
-        let job = if complete {
-            block.clone()
-        } else {
-            splice(&block)
-        };
+        let job = if complete { block.clone() } else { splice(&block) };
         if let Err(e) = parse(&job, "README.md") {
             panic!("example\n{block}\nas job\n{job}\nfails: {e}");
         }

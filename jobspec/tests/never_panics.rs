@@ -114,11 +114,7 @@ fn apply(source: &str, edit: &Edit) -> String {
             s = lines.join("\n");
         }
         Edit::Digit { at, digit } => {
-            let digits: Vec<usize> = s
-                .char_indices()
-                .filter(|(_, c)| c.is_ascii_digit())
-                .map(|(i, _)| i)
-                .collect();
+            let digits: Vec<usize> = s.char_indices().filter(|(_, c)| c.is_ascii_digit()).map(|(i, _)| i).collect();
             if !digits.is_empty() {
                 let i = digits[at % digits.len()];
                 s.replace_range(i..i + 1, &digit.to_string());
@@ -132,28 +128,15 @@ fn apply(source: &str, edit: &Edit) -> String {
 fn check(source: &str) -> Result<(), TestCaseError> {
     match parse(source, "fuzz.yaml") {
         Ok(spec) => {
-            let back = JobSpec::from_json(&spec.to_json())
-                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let back = JobSpec::from_json(&spec.to_json()).map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(back, spec);
         }
-        Err(SpecError {
-            origin,
-            path,
-            line,
-            column,
-            message,
-        }) => {
+        Err(SpecError { origin, path, line, column, message }) => {
             prop_assert_eq!(origin, "fuzz.yaml");
             prop_assert!(!path.is_empty() && !message.is_empty());
             let lines = source.split('\n').count() as u64;
             prop_assert!(line <= lines + 1, "line {} of {}: {}", line, lines, message);
-            prop_assert!(
-                (line == 0) == (column == 0),
-                "{}:{}: {}",
-                line,
-                column,
-                message
-            );
+            prop_assert!((line == 0) == (column == 0), "{}:{}: {}", line, column, message);
         }
     }
     Ok(())
@@ -194,9 +177,7 @@ fn deep_nesting_is_an_error_not_a_crash() {
         check(&"[".repeat(depth)).unwrap();
         check(&"{a: ".repeat(depth)).unwrap();
         check(&format!("name: {}{}", "[".repeat(depth), "]".repeat(depth))).unwrap();
-        let block: String = (0..depth.min(2_000))
-            .map(|i| format!("{}k{i}:\n", " ".repeat(i)))
-            .collect();
+        let block: String = (0..depth.min(2_000)).map(|i| format!("{}k{i}:\n", " ".repeat(i))).collect();
         check(&block).unwrap();
     }
 }
@@ -205,20 +186,14 @@ fn deep_nesting_is_an_error_not_a_crash() {
 fn alias_bombs_are_refused() {
     let mut source = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
     for i in 0..12 {
-        let prev = if i == 0 {
-            "a".to_owned()
-        } else {
-            format!("b{}", i - 1)
-        };
-        source.push_str(&format!("b{i}: &b{i} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"));
+        let prev = if i == 0 { "a".to_owned() } else { format!("b{}", i - 1) };
+        source.push_str(&format!(
+            "b{i}: &b{i} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"
+        ));
     }
     // `version` and the reserved keys accept any value, so they walk whatever
     // they are given: the parser's alias limits must stop the expansion.
-    for tail in [
-        "version: *b11\n",
-        "parallelism: {schedule: *b11}\n",
-        "name: *b11\n",
-    ] {
+    for tail in ["version: *b11\n", "parallelism: {schedule: *b11}\n", "name: *b11\n"] {
         let source = format!("{source}{tail}");
         let started = std::time::Instant::now();
         let err = parse(&source, "bomb.yaml").unwrap_err();

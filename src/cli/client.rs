@@ -67,9 +67,16 @@ pub fn print_table(jobs: &[pb::JobStatus]) {
 
 pub fn print_detail(j: &pb::JobStatus) {
     println!("job:          {}", j.job_id);
-    println!("phase:        {}{}", phase_name(j.phase), if j.message.is_empty() { String::new() } else { format!(" ({})", j.message) });
+    println!(
+        "phase:        {}{}",
+        phase_name(j.phase),
+        if j.message.is_empty() { String::new() } else { format!(" ({})", j.message) }
+    );
     println!("step:         {}/{}  loss {:.4}  {:.0} samples/s", j.step, j.total_steps, j.loss, j.samples_per_sec);
-    println!("workers:      {} (min {}, max {})  generation {}  restarts {}", j.world_size, j.min_workers, j.max_workers, j.generation, j.restarts);
+    println!(
+        "workers:      {} (min {}, max {})  generation {}  restarts {}",
+        j.world_size, j.min_workers, j.max_workers, j.generation, j.restarts
+    );
     for r in &j.ranks {
         println!("  rank {:<3}    {} at {}", r.rank, r.worker_id, r.data_addr);
     }
@@ -83,7 +90,10 @@ pub fn print_detail(j: &pb::JobStatus) {
     if !j.generations.is_empty() {
         println!("generations:");
         for g in &j.generations {
-            println!("  {:<4} world {:<3} from step {:<6} {}", g.generation, g.world_size, g.resumed_from_step, g.reason);
+            println!(
+                "  {:<4} world {:<3} from step {:<6} {}",
+                g.generation, g.world_size, g.resumed_from_step, g.reason
+            );
         }
     }
 }
@@ -91,11 +101,8 @@ pub fn print_detail(j: &pb::JobStatus) {
 /// Follows a job until it ends, with a progress bar on a terminal or a line
 /// every tenth of the run otherwise. Returns the final status.
 pub async fn follow(client: &mut Client, job: &str) -> anyhow::Result<pb::JobStatus> {
-    let mut stream = client
-        .watch_job(pb::WatchJobRequest { job_id: job.to_string() })
-        .await
-        .context("watch the job")?
-        .into_inner();
+    let mut stream =
+        client.watch_job(pb::WatchJobRequest { job_id: job.to_string() }).await.context("watch the job")?.into_inner();
     let tty = std::io::stderr().is_terminal();
     let bar = ProgressBar::new(0);
     if tty {
@@ -121,7 +128,11 @@ pub async fn follow(client: &mut Client, job: &str) -> anyhow::Result<pb::JobSta
         ));
         if status.phase != last_phase {
             let line = format!("{job}: {} ({})", phase_name(status.phase), status.message);
-            if tty { bar.println(line) } else { eprintln!("{line}") }
+            if tty {
+                bar.println(line)
+            } else {
+                eprintln!("{line}")
+            }
             last_phase = status.phase;
         }
         let tenth = (status.total_steps / 10).max(1);

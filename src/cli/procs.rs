@@ -29,6 +29,11 @@ impl LocalWorkers {
         Ok(LocalWorkers { children })
     }
 
+    /// Whether every worker has exited (they never do on their own).
+    pub fn all_exited(&mut self) -> bool {
+        self.children.iter_mut().all(|c| !matches!(c.try_wait(), Ok(None)))
+    }
+
     /// SIGTERM to every worker, then SIGKILL to those still alive after `grace`.
     pub fn stop(&mut self, grace: Duration) {
         for c in &self.children {

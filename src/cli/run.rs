@@ -53,8 +53,19 @@ pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
 
     let started = Instant::now();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let workers_gone = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if local.all_exited() {
+                break;
+            }
+        }
+    };
     let outcome = tokio::select! {
         r = client::follow(&mut client, &job) => Some(r),
+        _ = workers_gone => Some(Err(anyhow::anyhow!(
+            "every local worker exited; see the logs in {}", logs.display()
+        ))),
         _ = tokio::signal::ctrl_c() => None,
         _ = sigterm.recv() => None,
     };
@@ -69,7 +80,11 @@ pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
                 eprintln!("warning: could not save metrics: {e:#}");
             }
             client::print_outcome(&status, started.elapsed());
-            if status.phase == pb::JobPhase::Succeeded as i32 { 0 } else { EXIT_JOB_FAILED }
+            if status.phase == pb::JobPhase::Succeeded as i32 {
+                0
+            } else {
+                EXIT_JOB_FAILED
+            }
         }
         Some(Err(e)) => {
             eprintln!("error: {e:#}");

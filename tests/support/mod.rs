@@ -61,7 +61,8 @@ pub fn coordinator(dir: &Path) -> (Proc, String) {
         .expect("start coordinator");
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("coordinator listening on ").unwrap_or_else(|| panic!("odd first line {line:?}"));
+    let addr =
+        line.trim().strip_prefix("coordinator listening on ").unwrap_or_else(|| panic!("odd first line {line:?}"));
     let url = format!("http://{addr}");
     (Proc { child, log }, url)
 }

@@ -166,8 +166,7 @@ impl Agent {
         tracing::info!(worker = %worker, data_addr = %self.data_addr, "registered");
         let mut heartbeat = tokio::time::interval(Duration::from_millis(reg.heartbeat_interval_ms.max(50)));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut stream =
-            client.assignments(pb::AssignmentsRequest { worker_id: worker.clone() }).await?.into_inner();
+        let mut stream = client.assignments(pb::AssignmentsRequest { worker_id: worker.clone() }).await?.into_inner();
         loop {
             tokio::select! {
                 biased;
@@ -290,7 +289,9 @@ impl Agent {
                         if let Some(dir) = self.current.as_ref().filter(|r| r.key == key).map(|r| r.output_dir.clone())
                         {
                             match tokio::task::spawn_blocking(move || checkpoint::prune(&dir, &keep)).await {
-                                Ok(Ok(gone)) if !gone.is_empty() => tracing::info!(steps = ?gone, "removed old checkpoints"),
+                                Ok(Ok(gone)) if !gone.is_empty() => {
+                                    tracing::info!(steps = ?gone, "removed old checkpoints")
+                                }
                                 Ok(Err(e)) => tracing::warn!(error = %e, "could not remove old checkpoints"),
                                 _ => {}
                             }

@@ -81,10 +81,8 @@ impl Dataset {
             (DataSpec::Features { path }, ModelSpec::Mlp(m)) => load_features(Path::new(path), m),
             (DataSpec::Tokens { path, dtype }, ModelSpec::Gpt(g)) => {
                 let bytes = read(path)?;
-                let tokens = decode_tokens(&bytes, *dtype).map_err(|message| DataError::Format {
-                    path: path.clone(),
-                    message,
-                })?;
+                let tokens = decode_tokens(&bytes, *dtype)
+                    .map_err(|message| DataError::Format { path: path.clone(), message })?;
                 sequences(path, tokens, g)
             }
             (DataSpec::Text { path }, ModelSpec::Gpt(g)) => {
@@ -174,11 +172,7 @@ fn sequences(path: &str, tokens: Vec<u32>, g: &GptSpec) -> Result<Dataset, DataE
         return Err(format(format!("token {bad} at position {pos} is outside the model's vocab of {}", g.vocab)));
     }
     if tokens.len() < g.context + 1 {
-        return Err(format(format!(
-            "{} tokens are fewer than one sample (context {} + 1)",
-            tokens.len(),
-            g.context
-        )));
+        return Err(format(format!("{} tokens are fewer than one sample (context {} + 1)", tokens.len(), g.context)));
     }
     let count = (tokens.len() - 1) / g.context;
     Ok(Dataset::Sequences { context: g.context, stride: g.context, count, tokens })

@@ -34,11 +34,23 @@ pub struct Assignment {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum TrainEvent {
-    Progress { step: u64, loss: f64, lr: f64, samples_per_sec: f64, grad_norm: f64 },
+    Progress {
+        step: u64,
+        loss: f64,
+        lr: f64,
+        samples_per_sec: f64,
+        grad_norm: f64,
+    },
     /// Rank 0 wrote the manifest of this checkpoint; commit it.
-    Checkpoint { step: u64, location: PathBuf },
+    Checkpoint {
+        step: u64,
+        location: PathBuf,
+    },
     /// Rank 0 finished the last step and wrote the final model.
-    Finished { step: u64, final_model: PathBuf },
+    Finished {
+        step: u64,
+        final_model: PathBuf,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,8 +95,9 @@ struct Params {
 impl Params {
     fn new(model: &Model) -> Params {
         let named = model.params();
-        let layout =
-            Layout::new(named.iter().map(|(n, t)| (n.clone(), t.size().iter().map(|d| *d as usize).collect())).collect());
+        let layout = Layout::new(
+            named.iter().map(|(n, t)| (n.clone(), t.size().iter().map(|d| *d as usize).collect())).collect(),
+        );
         let tensors: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
         let mut flat = vec![0f32; layout.total];
         for (i, t) in tensors.iter().enumerate() {

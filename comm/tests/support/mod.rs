@@ -13,9 +13,7 @@ pub const OP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One listener per simulated worker process, on 127.0.0.1 with a free port.
 pub fn listeners(world: usize) -> Vec<CommListener> {
-    (0..world)
-        .map(|_| CommListener::bind("127.0.0.1:0".parse().unwrap()).expect("bind listener"))
-        .collect()
+    (0..world).map(|_| CommListener::bind("127.0.0.1:0".parse().unwrap()).expect("bind listener")).collect()
 }
 
 pub fn config(peers: &[SocketAddr], job: &str, generation: u64, rank: usize) -> RingConfig {
@@ -46,10 +44,7 @@ pub fn ring(listeners: &[CommListener], job: &str, generation: u64) -> Vec<TcpRi
                 scope.spawn(move || TcpRing::connect(listener, cfg))
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap())
-            .collect::<Vec<_>>()
+        handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
     });
     results
         .into_iter()
@@ -67,11 +62,8 @@ where
 {
     let f = &f;
     thread::scope(|scope| {
-        let handles: Vec<_> = groups
-            .iter_mut()
-            .enumerate()
-            .map(|(rank, group)| scope.spawn(move || f(rank, group)))
-            .collect();
+        let handles: Vec<_> =
+            groups.iter_mut().enumerate().map(|(rank, group)| scope.spawn(move || f(rank, group))).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
 }
@@ -86,9 +78,7 @@ pub fn int_buffer(rank: usize, len: usize) -> Vec<f32> {
 }
 
 pub fn int_sum(world: usize, len: usize) -> Vec<f32> {
-    (0..len)
-        .map(|i| (0..world).map(|r| int_value(r, i) as i64).sum::<i64>() as f32)
-        .collect()
+    (0..len).map(|i| (0..world).map(|r| int_value(r, i) as i64).sum::<i64>() as f32).collect()
 }
 
 /// A small deterministic generator (xorshift64*), enough for test data.
@@ -135,19 +125,12 @@ pub fn shared_suite<G: ProcessGroup>(groups: &mut [G]) {
         for root in 0..world {
             let mut buf = vec![rank as f32 + 0.5; 5];
             group.broadcast(&mut buf, root)?;
-            assert_eq!(
-                buf,
-                vec![root as f32 + 0.5; 5],
-                "broadcast from {root} on rank {rank}"
-            );
+            assert_eq!(buf, vec![root as f32 + 0.5; 5], "broadcast from {root} on rank {rank}");
         }
 
         group.barrier()?;
         let bad_root = group.broadcast(&mut [0.0], world);
-        assert!(
-            matches!(bad_root, Err(CommError::Protocol { .. })),
-            "{bad_root:?}"
-        );
+        assert!(matches!(bad_root, Err(CommError::Protocol { .. })), "{bad_root:?}");
         group.barrier()?;
         Ok(())
     });

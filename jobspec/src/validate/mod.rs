@@ -30,8 +30,7 @@ impl Ctx<'_> {
 
     /// `field` is required in the section at `path`, whose value is `section`.
     pub fn missing<T>(&self, path: &str, section: &Spanned<T>, field: &str) -> SpecError {
-        self.err(path, section, format!("missing field `{field}`"))
-            .at_key_of(self.source, path)
+        self.err(path, section, format!("missing field `{field}`")).at_key_of(self.source, path)
     }
 
     pub fn err_at(&self, path: &str, at: Location, message: impl Into<String>) -> SpecError {
@@ -47,11 +46,7 @@ impl Ctx<'_> {
         if value.value >= T::from(1) {
             Ok(value.value)
         } else {
-            Err(self.err(
-                path,
-                value,
-                format!("must be at least 1, found {}", value.value),
-            ))
+            Err(self.err(path, value, format!("must be at least 1, found {}", value.value)))
         }
     }
 
@@ -60,11 +55,7 @@ impl Ctx<'_> {
         if value.value.is_finite() {
             Ok(value.value)
         } else {
-            Err(self.err(
-                path,
-                value,
-                format!("must be a finite number, found {}", value.value),
-            ))
+            Err(self.err(path, value, format!("must be a finite number, found {}", value.value)))
         }
     }
 }
@@ -79,15 +70,7 @@ pub(crate) fn job(raw: RawJob, origin: &str, source: &str) -> Result<JobSpec, Sp
     let train = train::train(&cx, &raw.train, &workers)?;
     let parallelism = parallelism(&cx, raw.parallelism.as_ref(), &workers)?;
     let checkpoint = checkpoint(&cx, raw.checkpoint.as_ref(), train.steps)?;
-    Ok(JobSpec {
-        name,
-        model,
-        data,
-        train,
-        parallelism,
-        workers,
-        checkpoint,
-    })
+    Ok(JobSpec { name, model, data, train, parallelism, workers, checkpoint })
 }
 
 /// Checks `version` (read before the rest of the file, see `crate::parse`).
@@ -98,11 +81,7 @@ pub(crate) fn version(cx: &Ctx, version: Option<&Spanned<Any>>) -> Result<(), Sp
         Some(v) => Err(cx.err(
             "version",
             v,
-            format!(
-                "unsupported job file version {}; this flotilla reads version {}",
-                v.value,
-                defaults::VERSION
-            ),
+            format!("unsupported job file version {}; this flotilla reads version {}", v.value, defaults::VERSION),
         )),
     }
 }
@@ -115,10 +94,7 @@ fn name(cx: &Ctx, name: &Spanned<String>) -> Result<String, SpecError> {
     let problem = if s.is_empty() {
         Some("must not be empty".to_owned())
     } else if s.chars().count() > defaults::NAME_MAX_LEN {
-        Some(format!(
-            "must be at most {} characters long",
-            defaults::NAME_MAX_LEN
-        ))
+        Some(format!("must be at most {} characters long", defaults::NAME_MAX_LEN))
     } else if !s.starts_with(lower_alnum) {
         Some("must start with a lowercase letter or a digit".to_owned())
     } else {
@@ -149,11 +125,7 @@ fn workers(cx: &Ctx, raw: Option<&Spanned<RawWorkers>>) -> Result<WorkersSpec, S
         Some(m) => {
             let v = cx.at_least_one("workers.min", m)?;
             if v > limit {
-                return Err(cx.err(
-                    "workers.min",
-                    m,
-                    format!("must be at most {limit}, found {v}"),
-                ));
+                return Err(cx.err("workers.min", m, format!("must be at most {limit}, found {v}")));
             }
             v
         }
@@ -163,26 +135,15 @@ fn workers(cx: &Ctx, raw: Option<&Spanned<RawWorkers>>) -> Result<WorkersSpec, S
         Some(m) => {
             let v = cx.at_least_one("workers.max", m)?;
             if v > limit {
-                return Err(cx.err(
-                    "workers.max",
-                    m,
-                    format!("must be at most {limit}, found {v}"),
-                ));
+                return Err(cx.err("workers.max", m, format!("must be at most {limit}, found {v}")));
             }
             v
         }
     };
     if let Some(m) = min.filter(|_| min_v > max_v) {
-        return Err(cx.err(
-            "workers.min",
-            m,
-            format!("must be at most workers.max ({max_v}), found {min_v}"),
-        ));
+        return Err(cx.err("workers.min", m, format!("must be at most workers.max ({max_v}), found {min_v}")));
     }
-    Ok(WorkersSpec {
-        min: min_v,
-        max: max_v,
-    })
+    Ok(WorkersSpec { min: min_v, max: max_v })
 }
 
 fn parallelism(
@@ -198,34 +159,18 @@ fn parallelism(
         return Err(cx.err(
             "parallelism.pp",
             pp,
-            format!(
-                "pipeline parallelism is not yet supported (only pp: {}); found {}",
-                defaults::PP,
-                pp.value
-            ),
+            format!("pipeline parallelism is not yet supported (only pp: {}); found {}", defaults::PP, pp.value),
         ));
     }
-    if let Some(zero) = p
-        .zero
-        .as_ref()
-        .filter(|v| v.value != Any::Int(defaults::ZERO))
-    {
+    if let Some(zero) = p.zero.as_ref().filter(|v| v.value != Any::Int(defaults::ZERO)) {
         return Err(cx.err(
             "parallelism.zero",
             zero,
-            format!(
-                "ZeRO is not yet supported (only zero: {}); found {}",
-                defaults::ZERO,
-                zero.value
-            ),
+            format!("ZeRO is not yet supported (only zero: {}); found {}", defaults::ZERO, zero.value),
         ));
     }
     if let Some(s) = &p.schedule {
-        return Err(cx.err(
-            "parallelism.schedule",
-            s,
-            "pipeline schedules are not yet supported",
-        ));
+        return Err(cx.err("parallelism.schedule", s, "pipeline schedules are not yet supported"));
     }
     if let Some(m) = &p.micro_batches {
         return Err(cx.err(
@@ -238,9 +183,7 @@ fn parallelism(
         None => DpSize::Auto,
         Some(dp) => match &dp.value {
             Any::Str(s) if s == "auto" => DpSize::Auto,
-            Any::Int(n)
-                if usize::try_from(*n).is_ok_and(|n| (workers.min..=workers.max).contains(&n)) =>
-            {
+            Any::Int(n) if usize::try_from(*n).is_ok_and(|n| (workers.min..=workers.max).contains(&n)) => {
                 DpSize::Fixed(*n as usize)
             }
             other => {
@@ -258,11 +201,7 @@ fn parallelism(
     Ok(ParallelismSpec { dp })
 }
 
-fn checkpoint(
-    cx: &Ctx,
-    raw: Option<&Spanned<RawCheckpoint>>,
-    steps: u64,
-) -> Result<CheckpointSpec, SpecError> {
+fn checkpoint(cx: &Ctx, raw: Option<&Spanned<RawCheckpoint>>, steps: u64) -> Result<CheckpointSpec, SpecError> {
     let mut spec = CheckpointSpec {
         url: defaults::CHECKPOINT_URL.to_owned(),
         every: defaults::CHECKPOINT_EVERY,
@@ -281,10 +220,7 @@ fn checkpoint(
             return Err(cx.err(
                 "checkpoint.every",
                 every,
-                format!(
-                    "must be at most train.steps ({steps}), or 0 for only the final model; found {}",
-                    every.value
-                ),
+                format!("must be at most train.steps ({steps}), or 0 for only the final model; found {}", every.value),
             ));
         }
         spec.every = every.value;

@@ -32,10 +32,7 @@ fn only_fields(
             return Err(cx.err_at(
                 &format!("{section}.{field}"),
                 *at,
-                format!(
-                    "unknown field `{field}` for {section} kind `{kind}`, expected one of {}",
-                    expected.join(", ")
-                ),
+                format!("unknown field `{field}` for {section} kind `{kind}`, expected one of {}", expected.join(", ")),
             ));
         }
     }
@@ -54,9 +51,7 @@ fn required<'a, T>(
     field: &str,
     value: &'a Option<Spanned<T>>,
 ) -> Result<&'a Spanned<T>, SpecError> {
-    value
-        .as_ref()
-        .ok_or_else(|| cx.missing(section_path, section, field))
+    value.as_ref().ok_or_else(|| cx.missing(section_path, section, field))
 }
 
 pub(super) fn model(cx: &Ctx, raw: &Spanned<RawModel>) -> Result<ModelSpec, SpecError> {
@@ -89,10 +84,7 @@ pub(super) fn model(cx: &Ctx, raw: &Spanned<RawModel>) -> Result<ModelSpec, Spec
                 return Err(cx.err(
                     "model.layers",
                     layers,
-                    format!(
-                        "needs at least 2 widths (inputs and classes), found {}",
-                        widths.len()
-                    ),
+                    format!("needs at least 2 widths (inputs and classes), found {}", widths.len()),
                 ));
             }
             let mut out = Vec::with_capacity(widths.len());
@@ -104,10 +96,7 @@ pub(super) fn model(cx: &Ctx, raw: &Spanned<RawModel>) -> Result<ModelSpec, Spec
                 return Err(cx.err(
                     &format!("model.layers[{last}]"),
                     &widths[last],
-                    format!(
-                        "the last width is the number of classes and must be at least 2, found {}",
-                        out[last]
-                    ),
+                    format!("the last width is the number of classes and must be at least 2, found {}", out[last]),
                 ));
             }
             Ok(ModelSpec::Mlp(MlpSpec { layers: out }))
@@ -125,16 +114,10 @@ pub(super) fn model(cx: &Ctx, raw: &Spanned<RawModel>) -> Result<ModelSpec, Spec
                 }
             };
             let layers = cx.at_least_one("model.layers", &blocks)?;
-            let d_model = cx.at_least_one(
-                "model.d_model",
-                required(cx, raw, "model", "d_model", &m.d_model)?,
-            )?;
+            let d_model = cx.at_least_one("model.d_model", required(cx, raw, "model", "d_model", &m.d_model)?)?;
             let heads_s = required(cx, raw, "model", "heads", &m.heads)?;
             let heads = cx.at_least_one("model.heads", heads_s)?;
-            let context = cx.at_least_one(
-                "model.context",
-                required(cx, raw, "model", "context", &m.context)?,
-            )?;
+            let context = cx.at_least_one("model.context", required(cx, raw, "model", "context", &m.context)?)?;
             let vocab_s = required(cx, raw, "model", "vocab", &m.vocab)?;
             if d_model % heads != 0 {
                 return Err(cx.err(
@@ -144,19 +127,9 @@ pub(super) fn model(cx: &Ctx, raw: &Spanned<RawModel>) -> Result<ModelSpec, Spec
                 ));
             }
             if vocab_s.value < 2 {
-                return Err(cx.err(
-                    "model.vocab",
-                    vocab_s,
-                    format!("must be at least 2, found {}", vocab_s.value),
-                ));
+                return Err(cx.err("model.vocab", vocab_s, format!("must be at least 2, found {}", vocab_s.value)));
             }
-            Ok(ModelSpec::Gpt(GptSpec {
-                layers,
-                d_model,
-                heads,
-                context,
-                vocab: vocab_s.value,
-            }))
+            Ok(ModelSpec::Gpt(GptSpec { layers, d_model, heads, context, vocab: vocab_s.value }))
         }
     }
 }
@@ -168,12 +141,8 @@ pub(super) fn data(
     model: &ModelSpec,
 ) -> Result<DataSpec, SpecError> {
     let d = &raw.value;
-    let given = [
-        ("seed", loc(&d.seed)),
-        ("samples", loc(&d.samples)),
-        ("path", loc(&d.path)),
-        ("dtype", loc(&d.dtype)),
-    ];
+    let given =
+        [("seed", loc(&d.seed)), ("samples", loc(&d.samples)), ("path", loc(&d.path)), ("dtype", loc(&d.dtype))];
     let (name, allowed, needs_model) = match d.kind.value {
         DataKind::Synthetic => ("synthetic", SYNTHETIC_FIELDS, None),
         DataKind::Features => ("features", FEATURES_FIELDS, Some("mlp")),
@@ -184,10 +153,7 @@ pub(super) fn data(
         return Err(cx.err(
             "data.kind",
             &d.kind,
-            format!(
-                "data kind `{name}` needs model kind `{needed}`, but model.kind is `{}`",
-                model.kind()
-            ),
+            format!("data kind `{name}` needs model kind `{needed}`, but model.kind is `{}`", model.kind()),
         ));
     }
     only_fields(cx, "data", name, &given, allowed)?;
@@ -200,20 +166,16 @@ pub(super) fn data(
     };
     Ok(match d.kind.value {
         DataKind::Synthetic => DataSpec::Synthetic {
-            seed: d
-                .seed
-                .as_ref()
-                .map_or(defaults::SYNTHETIC_SEED, |s| s.value),
+            seed: d.seed.as_ref().map_or(defaults::SYNTHETIC_SEED, |s| s.value),
             samples: match &d.samples {
                 None => defaults::SYNTHETIC_SAMPLES,
                 Some(s) => cx.at_least_one("data.samples", s)?,
             },
         },
         DataKind::Features => DataSpec::Features { path: path()? },
-        DataKind::Tokens => DataSpec::Tokens {
-            path: path()?,
-            dtype: d.dtype.as_ref().map_or(defaults::TOKEN_DTYPE, |s| s.value),
-        },
+        DataKind::Tokens => {
+            DataSpec::Tokens { path: path()?, dtype: d.dtype.as_ref().map_or(defaults::TOKEN_DTYPE, |s| s.value) }
+        }
         DataKind::Text => {
             let path = path()?;
             if let (ModelSpec::Gpt(g), Some(vocab)) = (model, &raw_model.value.vocab) {

@@ -8,11 +8,7 @@ use crate::error::SpecError;
 use crate::raw::{RawOptimizer, RawSchedule, RawTrain};
 use crate::{AdamWSpec, ScheduleSpec, TrainSpec, WorkersSpec};
 
-pub(super) fn train(
-    cx: &Ctx,
-    raw: &Spanned<RawTrain>,
-    workers: &WorkersSpec,
-) -> Result<TrainSpec, SpecError> {
+pub(super) fn train(cx: &Ctx, raw: &Spanned<RawTrain>, workers: &WorkersSpec) -> Result<TrainSpec, SpecError> {
     let t = &raw.value;
     let steps = cx.at_least_one("train.steps", &t.steps)?;
     let global_batch = cx.at_least_one("train.global_batch", &t.global_batch)?;
@@ -97,10 +93,7 @@ fn optimizer(cx: &Ctx, raw: Option<&Spanned<RawOptimizer>>) -> Result<AdamWSpec,
             return Err(cx.err(
                 "train.optimizer.betas",
                 betas,
-                format!(
-                    "must hold exactly two values [beta1, beta2], found {}",
-                    betas.value.len()
-                ),
+                format!("must hold exactly two values [beta1, beta2], found {}", betas.value.len()),
             ));
         };
         spec.beta1 = unit_interval(cx, "train.optimizer.betas[0]", b1)?;
@@ -112,27 +105,15 @@ fn optimizer(cx: &Ctx, raw: Option<&Spanned<RawOptimizer>>) -> Result<AdamWSpec,
     if let Some(wd) = &o.weight_decay {
         let x = cx.finite("train.optimizer.weight_decay", wd)?;
         if x < 0.0 {
-            return Err(cx.err(
-                "train.optimizer.weight_decay",
-                wd,
-                format!("must be at least 0, found {x}"),
-            ));
+            return Err(cx.err("train.optimizer.weight_decay", wd, format!("must be at least 0, found {x}")));
         }
         spec.weight_decay = x;
     }
     Ok(spec)
 }
 
-fn schedule(
-    cx: &Ctx,
-    raw: Option<&Spanned<RawSchedule>>,
-    steps: u64,
-    lr: f64,
-) -> Result<ScheduleSpec, SpecError> {
-    let mut spec = ScheduleSpec {
-        warmup_steps: defaults::WARMUP_STEPS,
-        min_lr: defaults::MIN_LR,
-    };
+fn schedule(cx: &Ctx, raw: Option<&Spanned<RawSchedule>>, steps: u64, lr: f64) -> Result<ScheduleSpec, SpecError> {
+    let mut spec = ScheduleSpec { warmup_steps: defaults::WARMUP_STEPS, min_lr: defaults::MIN_LR };
     let Some(raw) = raw else {
         return Ok(spec);
     };
