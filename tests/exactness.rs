@@ -45,6 +45,8 @@ train:
   schedule: {warmup_steps: 5, min_lr: 0.001}
   grad_clip: 0.5
 workers: {min: WORKERS, max: WORKERS}
+# About 7 buckets, so that bucketed reduction is what is compared.
+parallelism: {bucket_mb: 0.001}
 ";
 
 const GPT: &str = "
@@ -58,8 +60,9 @@ train:
   seed: 2
   optimizer: {lr: 0.003, betas: [0.9, 0.95]}
   schedule: {warmup_steps: 5}
-  grad_clip: 1.0
 workers: {min: WORKERS, max: WORKERS}
+# No clipping: each bucket is applied as soon as it is reduced.
+parallelism: {bucket_mb: 0.002}
 ";
 
 #[test]

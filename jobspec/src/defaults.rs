@@ -49,6 +49,11 @@ pub const CHECKPOINT_EVERY: u64 = 0;
 /// `checkpoint.keep`.
 pub const CHECKPOINT_KEEP: usize = 3;
 
+/// `parallelism.bucket_mb`: gradient bucket size in MiB.
+pub const BUCKET_MB: f64 = 25.0;
+/// Upper bound on `parallelism.bucket_mb`.
+pub const BUCKET_MB_LIMIT: f64 = 4096.0;
+
 /// The only value `parallelism.pp` accepts for now.
 pub const PP: u64 = 1;
 /// The only value `parallelism.zero` accepts for now.

@@ -133,6 +133,8 @@ pub(crate) struct RawParallelism {
     /// Read as any value and interpreted by validation, so that a bad value
     /// is reported at its own position.
     pub dp: Option<S<Any>>,
+    /// Gradient bucket size in MiB.
+    pub bucket_mb: Option<S<f64>>,
     /// Reserved: pipeline stages.
     pub pp: Option<S<Any>>,
     /// Reserved: ZeRO stage.

@@ -140,6 +140,10 @@ pub struct ScheduleSpec {
 pub struct ParallelismSpec {
     /// Number of data-parallel replicas.
     pub dp: DpSize,
+    /// Size of a gradient bucket in MiB: gradients are all-reduced bucket by
+    /// bucket, so that one bucket's communication overlaps the packing and
+    /// unpacking of the others.
+    pub bucket_mb: f64,
 }
 
 /// Data-parallel degree: chosen by the scheduler, or fixed by the job.

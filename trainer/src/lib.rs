@@ -3,6 +3,7 @@
 //! checkpoints that loop uses. Collectives come from `flotilla-comm`.
 
 pub mod agent;
+pub mod buckets;
 pub mod checkpoint;
 pub mod data;
 pub mod model;

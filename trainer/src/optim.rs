@@ -24,13 +24,19 @@ pub fn global_norm(grads: &[f32]) -> f64 {
     grads.iter().map(|g| f64::from(*g) * f64::from(*g)).sum::<f64>().sqrt()
 }
 
-/// Scales `grads` so that their norm is at most `max_norm` (the coefficient
-/// PyTorch's `clip_grad_norm_` uses). Returns the norm before clipping.
+/// The factor that brings gradients of norm `norm` down to `max_norm` (the
+/// coefficient PyTorch's `clip_grad_norm_` uses), or `None` when they are
+/// already small enough.
+pub fn clip_coef(norm: f64, max_norm: f64) -> Option<f32> {
+    let coef = max_norm / (norm + 1e-6);
+    (coef < 1.0).then_some(coef as f32)
+}
+
+/// Scales `grads` so that their norm is at most `max_norm`. Returns the norm
+/// before clipping.
 pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
     let norm = global_norm(grads);
-    let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
-        let c = coef as f32;
+    if let Some(c) = clip_coef(norm, max_norm) {
         grads.iter_mut().for_each(|g| *g *= c);
     }
     norm
@@ -49,11 +55,22 @@ impl AdamW {
         AdamW { m: vec![0.0; len], v: vec![0.0; len], step: 0 }
     }
 
-    /// One update of `params` with `grads` at learning rate `lr`.
+    /// One update of all of `params` with `grads` at learning rate `lr`.
     pub fn update(&mut self, spec: &AdamWSpec, lr: f64, params: &mut [f32], grads: &[f32]) {
-        assert_eq!(params.len(), grads.len());
         assert_eq!(params.len(), self.m.len());
+        self.begin();
+        self.apply(spec, lr, 0, params, grads);
+    }
+
+    /// Starts an update: the parts are then applied with [`AdamW::apply`].
+    pub fn begin(&mut self) {
         self.step += 1;
+    }
+
+    /// Applies the current update to the parameters `offset..offset+len`
+    /// (`params` is that slice of the flat parameters, `grads` its gradients).
+    pub fn apply(&mut self, spec: &AdamWSpec, lr: f64, offset: usize, params: &mut [f32], grads: &[f32]) {
+        assert_eq!(params.len(), grads.len());
         let t = self.step as i32;
         let (b1, b2) = (spec.beta1, spec.beta2);
         let bc1 = 1.0 - b1.powi(t);
@@ -64,7 +81,8 @@ impl AdamW {
         let (one_b1, one_b2) = ((1.0 - b1) as f32, (1.0 - b2) as f32);
         let bc2_sqrt = bc2_sqrt as f32;
         let eps = spec.eps as f32;
-        for (((p, g), m), v) in params.iter_mut().zip(grads).zip(self.m.iter_mut()).zip(self.v.iter_mut()) {
+        let (m, v) = (&mut self.m[offset..offset + params.len()], &mut self.v[offset..offset + params.len()]);
+        for (((p, g), m), v) in params.iter_mut().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
             *p *= decay;
             *m = b1f * *m + one_b1 * g;
             *v = b2f * *v + one_b2 * g * g;
@@ -102,6 +120,23 @@ mod tests {
         assert!((p[1] - 1.1).abs() < 1e-6, "{p:?}");
         assert_eq!(p[2], 1.0);
         assert_eq!(adam.step, 1);
+    }
+
+    #[test]
+    fn an_update_applied_in_parts_equals_the_whole() {
+        let grads: Vec<f32> = (0..10).map(|i| i as f32 * 0.3 - 1.0).collect();
+        let mut whole = AdamW::new(10);
+        let mut parts = AdamW::new(10);
+        let mut p1: Vec<f32> = (0..10).map(|i| i as f32).collect();
+        let mut p2 = p1.clone();
+        for _ in 0..3 {
+            whole.update(&spec(), 0.1, &mut p1, &grads);
+            parts.begin();
+            parts.apply(&spec(), 0.1, 0, &mut p2[..4], &grads[..4]);
+            parts.apply(&spec(), 0.1, 4, &mut p2[4..], &grads[4..]);
+        }
+        assert_eq!(p1, p2);
+        assert_eq!(whole, parts);
     }
 
     #[test]

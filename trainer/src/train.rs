@@ -3,6 +3,7 @@
 //! group, and tells its agent what happened through a callback.
 
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -11,6 +12,7 @@ use flotilla_comm::{CommError, CommListener, ProcessGroup, RingConfig, SinglePro
 use flotilla_jobspec::JobSpec;
 use tch::Tensor;
 
+use crate::buckets::{self, CommThread};
 use crate::checkpoint::{self, Layout, SamplerState, ShardEntry, Snapshot};
 use crate::data::Dataset;
 use crate::model::Model;
@@ -120,16 +122,22 @@ impl Params {
         });
     }
 
-    /// Gradients into `buf` (zeros where a parameter got none).
-    fn pull_grads(&self, buf: &mut [f32]) {
+    /// The gradients of flat range `range` into `buf` (zeros where a
+    /// parameter got none).
+    fn pull_grads(&self, range: Range<usize>, buf: &mut [f32]) {
         for (i, t) in self.tensors.iter().enumerate() {
             let off = self.layout.offsets[i];
             let n = t.numel();
+            let (a, b) = (range.start.max(off), range.end.min(off + n));
+            if a >= b {
+                continue;
+            }
+            let dst = &mut buf[a - range.start..b - range.start];
             let g = t.grad();
             if g.defined() {
-                g.contiguous().view([-1]).copy_data(&mut buf[off..off + n], n);
+                g.contiguous().view([-1]).narrow(0, (a - off) as i64, (b - a) as i64).copy_data(dst, b - a);
             } else {
-                buf[off..off + n].fill(0.0);
+                dst.fill(0.0);
             }
         }
     }
@@ -206,10 +214,10 @@ pub fn run(
         return Err(TrainError::Fatal(format!("no committed checkpoint loads: {}", skipped.join("; "))));
     }
 
-    let mut group = connect(a, listener, opts)?;
+    let comm = CommThread::spawn(connect(a, listener, opts)?);
     let mut sampler = Sampler::new(data.len(), train.seed, train.global_batch as u64);
-    let total = params.layout.total;
-    let mut buf = vec![0f32; total + 1];
+    let ranges = buckets::bucket_ranges(params.layout.total, buckets::bucket_elems(spec.parallelism.bucket_mb));
+    let mut spare: Vec<Vec<f32>> = Vec::new();
     let global = train.global_batch as f64;
 
     for step in start..train.steps {
@@ -227,19 +235,47 @@ pub fn run(
             local_loss += loss.double_value(&[]);
             (loss / global).backward();
         }
-        params.pull_grads(&mut buf[..total]);
-        buf[total] = local_loss as f32;
-        group.all_reduce_sum(&mut buf)?;
-        let loss = f64::from(buf[total]) / global;
+        // Pack bucket by bucket while the comm thread reduces the ones before;
+        // the loss sum rides at the end of the last bucket.
+        let last = ranges.len() - 1;
+        for (k, r) in ranges.iter().enumerate() {
+            let mut b = spare.pop().unwrap_or_default();
+            b.resize(r.len() + usize::from(k == last), 0.0);
+            params.pull_grads(r.clone(), &mut b[..r.len()]);
+            if k == last {
+                b[r.len()] = local_loss as f32;
+            }
+            comm.submit(b);
+        }
+        // Without clipping, each bucket is applied as soon as it is reduced;
+        // with clipping, the norm is summed as they arrive and applied after.
+        adam.begin();
+        let mut reduced = Vec::with_capacity(ranges.len());
+        let mut squares = 0f64;
+        for r in &ranges {
+            let b = comm.next_reduced()?;
+            squares += b[..r.len()].iter().map(|g| f64::from(*g) * f64::from(*g)).sum::<f64>();
+            if train.grad_clip.is_none() {
+                adam.apply(&train.optimizer, lr, r.start, &mut params.flat[r.clone()], &b[..r.len()]);
+            }
+            reduced.push(b);
+        }
+        let loss = f64::from(reduced[last][ranges[last].len()]) / global;
         if !loss.is_finite() {
             return Err(TrainError::Fatal(format!("loss is {loss} at step {}", step + 1)));
         }
-        let grads = &mut buf[..total];
-        let grad_norm = match train.grad_clip {
-            Some(max) => optim::clip_grad_norm(grads, max),
-            None => optim::global_norm(grads),
-        };
-        adam.update(&train.optimizer, lr, &mut params.flat, grads);
+        let grad_norm = squares.sqrt();
+        if let Some(max) = train.grad_clip {
+            let coef = optim::clip_coef(grad_norm, max);
+            for (r, b) in ranges.iter().zip(reduced.iter_mut()) {
+                let g = &mut b[..r.len()];
+                if let Some(c) = coef {
+                    g.iter_mut().for_each(|x| *x *= c);
+                }
+                adam.apply(&train.optimizer, lr, r.start, &mut params.flat[r.clone()], g);
+            }
+        }
+        spare = reduced;
         params.push();
         let done = step + 1;
         if a.rank == 0 {
@@ -255,7 +291,7 @@ pub fn run(
                 v: adam.v.clone(),
                 optimizer_step: adam.step,
             };
-            if let Some(location) = save_checkpoint(a, group.as_mut(), &params.layout, &snap)? {
+            if let Some(location) = save_checkpoint(a, &comm, &params.layout, &snap)? {
                 emit(TrainEvent::Checkpoint { step: done, location });
             }
         }
@@ -264,8 +300,8 @@ pub fn run(
     // Every replica must hold the same weights: compare digests before
     // handing the model over.
     let digest = checkpoint::digest(&params.flat);
-    let digests: Vec<String> = group
-        .all_gather_bytes(digest.as_bytes())?
+    let digests: Vec<String> = comm
+        .all_gather_bytes(digest.as_bytes().to_vec())?
         .into_iter()
         .map(|d| String::from_utf8_lossy(&d).into_owned())
         .collect();
@@ -286,7 +322,7 @@ pub fn run(
 /// the folder to commit.
 fn save_checkpoint(
     a: &Assignment,
-    group: &mut dyn ProcessGroup,
+    comm: &CommThread,
     layout: &Layout,
     snap: &Snapshot,
 ) -> Result<Option<PathBuf>, TrainError> {
@@ -295,7 +331,7 @@ fn save_checkpoint(
     let mine = checkpoint::write_shard(&dir, layout, snap, a.rank, a.world)
         .map_err(|e| TrainError::fatal("write checkpoint shard", e))?;
     let encoded = serde_json::to_vec(&mine).expect("shard entry serializes");
-    let all = group.all_gather_bytes(&encoded)?;
+    let all = comm.all_gather_bytes(encoded)?;
     if a.rank != 0 {
         return Ok(None);
     }

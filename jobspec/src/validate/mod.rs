@@ -152,7 +152,7 @@ fn parallelism(
     workers: &WorkersSpec,
 ) -> Result<ParallelismSpec, SpecError> {
     let Some(raw) = raw else {
-        return Ok(ParallelismSpec { dp: DpSize::Auto });
+        return Ok(ParallelismSpec { dp: DpSize::Auto, bucket_mb: defaults::BUCKET_MB });
     };
     let p = &raw.value;
     if let Some(pp) = p.pp.as_ref().filter(|v| v.value != Any::Int(defaults::PP)) {
@@ -198,7 +198,21 @@ fn parallelism(
             }
         },
     };
-    Ok(ParallelismSpec { dp })
+    let bucket_mb = match &p.bucket_mb {
+        None => defaults::BUCKET_MB,
+        Some(b) => {
+            let v = cx.finite("parallelism.bucket_mb", b)?;
+            if v <= 0.0 || v > defaults::BUCKET_MB_LIMIT {
+                return Err(cx.err(
+                    "parallelism.bucket_mb",
+                    b,
+                    format!("must be > 0 and at most {}, found {v}", defaults::BUCKET_MB_LIMIT),
+                ));
+            }
+            v
+        }
+    };
+    Ok(ParallelismSpec { dp, bucket_mb })
 }
 
 fn checkpoint(cx: &Ctx, raw: Option<&Spanned<RawCheckpoint>>, steps: u64) -> Result<CheckpointSpec, SpecError> {
