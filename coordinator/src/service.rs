@@ -20,8 +20,24 @@ use crate::state::{Command, Event, JobPhase};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// Largest value a rank may publish on the rendezvous board.
+const RENDEZVOUS_VALUE_LIMIT: usize = 64 * 1024;
+
 #[derive(Clone)]
 pub struct JobApi(pub Arc<Coordinator>);
+
+/// Refuses requests for a job's older (or future) generation.
+fn current_generation(c: &Coordinator, job_id: &str, generation: u64) -> Result<(), Status> {
+    let state = c.state();
+    let job = state.jobs.get(job_id).ok_or_else(|| Status::not_found(format!("job {job_id} not found")))?;
+    if job.generation != generation || job.phase != JobPhase::Running {
+        return Err(Status::failed_precondition(format!(
+            "generation {generation} of {job_id} is not the running one (current {})",
+            job.generation
+        )));
+    }
+    Ok(())
+}
 
 #[derive(Clone)]
 pub struct WorkerApi(pub Arc<Coordinator>);
@@ -293,6 +309,32 @@ impl WorkerService for WorkerApi {
             }
         }
         Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn publish_rendezvous(&self, req: Request<pb::RendezvousPut>) -> Result<Response<pb::Ack>, Status> {
+        let r = req.into_inner();
+        current_generation(&self.0, &r.job_id, r.generation)?;
+        if r.value.len() > RENDEZVOUS_VALUE_LIMIT {
+            return Err(Status::invalid_argument(format!(
+                "rendezvous values are at most {RENDEZVOUS_VALUE_LIMIT} bytes, got {}",
+                r.value.len()
+            )));
+        }
+        self.0.soft().publish(&r.job_id, r.generation, &r.key, r.value);
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn lookup_rendezvous(
+        &self,
+        req: Request<pb::RendezvousGet>,
+    ) -> Result<Response<pb::RendezvousValue>, Status> {
+        let r = req.into_inner();
+        current_generation(&self.0, &r.job_id, r.generation)?;
+        let soft = self.0.soft();
+        let value = soft.lookup(&r.job_id, r.generation, &r.key).ok_or_else(|| {
+            Status::not_found(format!("{} is not published yet in generation {} of {}", r.key, r.generation, r.job_id))
+        })?;
+        Ok(Response::new(pb::RendezvousValue { value: value.clone() }))
     }
 
     async fn report_finished(&self, req: Request<pb::FinishReport>) -> Result<Response<pb::Ack>, Status> {

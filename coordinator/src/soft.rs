@@ -30,6 +30,8 @@ pub struct Soft {
     comm_failures: HashMap<(JobId, u64), (Instant, String)>,
     /// job -> since when it has had at least `min` free workers.
     ready_since: HashMap<JobId, Instant>,
+    /// (job, generation, key) -> value published for that generation.
+    rendezvous: HashMap<(JobId, u64, String), Vec<u8>>,
 }
 
 impl Soft {
@@ -103,12 +105,34 @@ impl Soft {
     pub fn not_ready(&mut self, job: &str) {
         self.ready_since.remove(job);
     }
+
+    /// Publishes `value` under `key` for the job's `generation`, dropping
+    /// what older generations of the job published.
+    pub fn publish(&mut self, job: &str, generation: u64, key: &str, value: Vec<u8>) {
+        self.rendezvous.retain(|(j, g, _), _| j != job || *g >= generation);
+        self.rendezvous.insert((job.to_string(), generation, key.to_string()), value);
+    }
+
+    pub fn lookup(&self, job: &str, generation: u64, key: &str) -> Option<&Vec<u8>> {
+        self.rendezvous.get(&(job.to_string(), generation, key.to_string()))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::state::Command;
+
+    #[test]
+    fn rendezvous_values_belong_to_one_generation() {
+        let mut soft = Soft::default();
+        soft.publish("j-1", 1, "nccl", vec![1]);
+        assert_eq!(soft.lookup("j-1", 1, "nccl"), Some(&vec![1]));
+        assert_eq!(soft.lookup("j-1", 2, "nccl"), None);
+        soft.publish("j-1", 2, "nccl", vec![2]);
+        assert_eq!(soft.lookup("j-1", 1, "nccl"), None, "older generations are dropped");
+        assert_eq!(soft.lookup("j-1", 2, "nccl"), Some(&vec![2]));
+    }
 
     #[test]
     fn a_lease_lapses_only_after_its_term_and_renewal_extends_it() {

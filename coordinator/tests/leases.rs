@@ -113,6 +113,23 @@ async fn leases_generations_growth_and_completion_over_grpc() {
     let spec = flotilla_jobspec::JobSpec::from_json(&a1.spec_json).unwrap();
     assert_eq!(spec.train.steps, 100);
 
+    // The rendezvous board of generation 1 (how NCCL ids travel).
+    let put = |generation, value: &[u8]| pb::RendezvousPut {
+        job_id: job.clone(),
+        generation,
+        key: "nccl-unique-id".into(),
+        value: value.to_vec(),
+    };
+    let get = |generation| pb::RendezvousGet { job_id: job.clone(), generation, key: "nccl-unique-id".into() };
+    let early = w.lookup_rendezvous(get(1)).await.unwrap_err();
+    assert_eq!(early.code(), tonic::Code::NotFound);
+    w.publish_rendezvous(put(1, b"id-of-gen-1")).await.unwrap();
+    assert_eq!(w.lookup_rendezvous(get(1)).await.unwrap().into_inner().value, b"id-of-gen-1");
+    let future = w.publish_rendezvous(put(7, b"x")).await.unwrap_err();
+    assert_eq!(future.code(), tonic::Code::FailedPrecondition);
+    let huge = w.publish_rendezvous(put(1, &vec![0u8; 100_000])).await.unwrap_err();
+    assert_eq!(huge.code(), tonic::Code::InvalidArgument);
+
     // A checkpoint of generation 1 is committed and retained.
     let commit = |generation, step| pb::CheckpointCommit {
         worker_id: w1.clone(),
@@ -139,6 +156,10 @@ async fn leases_generations_growth_and_completion_over_grpc() {
     assert_eq!(gone.code(), tonic::Code::NotFound, "the lost worker is told to register again");
     let hb = w.heartbeat(pb::HeartbeatRequest { worker_id: w2.clone() }).await;
     assert_eq!(hb.unwrap_err().code(), tonic::Code::NotFound);
+
+    // Generation 1's board is closed; generation 2 starts empty.
+    assert_eq!(w.lookup_rendezvous(get(1)).await.unwrap_err().code(), tonic::Code::FailedPrecondition);
+    assert_eq!(w.lookup_rendezvous(get(2)).await.unwrap_err().code(), tonic::Code::NotFound);
 
     // Reports from generation 1 are stale now.
     let stale = w

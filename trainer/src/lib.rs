@@ -7,7 +7,10 @@ pub mod buckets;
 pub mod checkpoint;
 pub mod data;
 pub mod model;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod optim;
+pub mod rendezvous;
 pub mod rng;
 pub mod sampler;
 pub mod train;
