@@ -18,8 +18,9 @@ fn init_logs(default: &str) {
         .init();
 }
 
-/// Cancels `token` on Ctrl-C or SIGTERM.
-fn cancel_on_signals(token: CancellationToken) {
+/// Cancels `token` on Ctrl-C, and on SIGTERM too when `sigterm` (a worker
+/// treats SIGTERM as a preemption notice instead).
+fn cancel_on_signals(token: CancellationToken, sigterm: bool) {
     tokio::spawn(async move {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(s) => s,
@@ -27,7 +28,7 @@ fn cancel_on_signals(token: CancellationToken) {
         };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+            _ = term.recv(), if sigterm => {}
         }
         tracing::info!("signal received; shutting down");
         token.cancel();
@@ -78,7 +79,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
         Command::Coordinator { listen, lease_ms, heartbeat_ms, start_grace_ms } => {
             init_logs("info");
             let token = CancellationToken::new();
-            cancel_on_signals(token.clone());
+            cancel_on_signals(token.clone(), true);
             let cfg = flotilla_coordinator::CoordinatorConfig {
                 lease: Duration::from_millis(lease_ms),
                 heartbeat_interval: Duration::from_millis(heartbeat_ms),
@@ -92,10 +93,20 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
             server.wait().await?;
             Ok(0)
         }
-        Command::Worker { coordinator, data_addr, advertise_host, op_timeout_s } => {
+        Command::Worker {
+            coordinator,
+            data_addr,
+            advertise_host,
+            op_timeout_s,
+            aws_metadata_url,
+            gce_metadata_url,
+            metadata_poll_ms,
+            preemption_signal,
+            preemption_grace_s,
+        } => {
             init_logs("info");
             let token = CancellationToken::new();
-            cancel_on_signals(token.clone());
+            cancel_on_signals(token.clone(), false);
             let cfg = flotilla_trainer::AgentConfig {
                 coordinator: coordinator.coordinator,
                 data_bind: data_addr,
@@ -104,6 +115,13 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
                     op_timeout: Duration::from_secs(op_timeout_s),
                     ..Default::default()
                 },
+                preemption: flotilla_trainer::preemption::PreemptionConfig {
+                    aws_metadata_url,
+                    gce_metadata_url,
+                    poll: Duration::from_millis(metadata_poll_ms),
+                    signal: preemption_signal,
+                },
+                preemption_grace: Duration::from_secs(preemption_grace_s),
             };
             let agent = flotilla_trainer::Agent::new(cfg)?;
             tracing::info!(data_addr = %agent.data_addr(), "worker starting");

@@ -89,6 +89,7 @@ pub fn assignment(state: &State, worker: &str) -> pb::Assignment {
         spec_json: job.spec_json.clone(),
         output_dir: job.output_dir.clone(),
         checkpoints: job.checkpoints.iter().rev().map(checkpoint).collect(),
+        checkpoint_request: job.checkpoint_request,
     }
 }
 

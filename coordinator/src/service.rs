@@ -311,6 +311,15 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(pb::Ack {}))
     }
 
+    async fn report_preemption(&self, req: Request<pb::PreemptionNotice>) -> Result<Response<pb::Ack>, Status> {
+        let r = req.into_inner();
+        let reason = if r.detail.is_empty() { r.source.clone() } else { format!("{}: {}", r.source, r.detail) };
+        tracing::warn!(worker = %r.worker_id, reason = %reason, "worker preempted");
+        let cmd = Command::PreemptWorker { worker: r.worker_id, reason, at_ms: now_ms() };
+        self.0.propose(cmd).await.map_err(convert::status)?;
+        Ok(Response::new(pb::Ack {}))
+    }
+
     async fn publish_rendezvous(&self, req: Request<pb::RendezvousPut>) -> Result<Response<pb::Ack>, Status> {
         let r = req.into_inner();
         current_generation(&self.0, &r.job_id, r.generation)?;

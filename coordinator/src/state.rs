@@ -85,6 +85,8 @@ pub struct Job {
     pub message: String,
     pub submitted_at_ms: i64,
     pub history: Vec<GenerationRecord>,
+    /// Raised to ask the job's ranks for a checkpoint at once.
+    pub checkpoint_request: u64,
 }
 
 impl Job {
@@ -107,6 +109,9 @@ pub struct Worker {
     pub registered_at_ms: i64,
     /// The job this worker is assigned to, if any.
     pub job: Option<JobId>,
+    /// Set when the worker announced it is going away: it is no longer
+    /// scheduled, and leaves its job at the next committed checkpoint.
+    pub leaving: Option<String>,
 }
 
 /// A request to change the state. Time is carried in, never read.
@@ -134,6 +139,13 @@ pub enum Command {
         at_ms: i64,
     },
     RemoveWorker {
+        worker: WorkerId,
+        reason: String,
+        at_ms: i64,
+    },
+    /// The worker is going away: checkpoint its job now and let it leave
+    /// then (a free worker is removed at once).
+    PreemptWorker {
         worker: WorkerId,
         reason: String,
         at_ms: i64,
@@ -187,6 +199,15 @@ pub enum Event {
     WorkerRemoved {
         worker: WorkerId,
         reason: String,
+    },
+    WorkerLeaving {
+        worker: WorkerId,
+        job: JobId,
+        reason: String,
+    },
+    CheckpointRequested {
+        job: JobId,
+        request: u64,
     },
     GenerationStarted {
         job: JobId,
@@ -251,9 +272,9 @@ impl State {
         State { max_restarts, ..Default::default() }
     }
 
-    /// Free workers, in a stable order.
+    /// Free workers (not leaving), in a stable order.
     pub fn free_workers(&self) -> Vec<&Worker> {
-        self.workers.values().filter(|w| w.job.is_none()).collect()
+        self.workers.values().filter(|w| w.job.is_none() && w.leaving.is_none()).collect()
     }
 
     /// Jobs in submission order.
@@ -313,6 +334,7 @@ impl State {
                         message: "waiting for workers".into(),
                         submitted_at_ms: at_ms,
                         history: Vec::new(),
+                        checkpoint_request: 0,
                     },
                 );
                 Ok(vec![Event::JobSubmitted { job: id }])
@@ -332,7 +354,7 @@ impl State {
                 let id = format!("w{}", self.next_worker_seq);
                 self.workers.insert(
                     id.clone(),
-                    Worker { id: id.clone(), data_addr, hostname, registered_at_ms: at_ms, job: None },
+                    Worker { id: id.clone(), data_addr, hostname, registered_at_ms: at_ms, job: None, leaving: None },
                 );
                 Ok(vec![Event::WorkerRegistered { worker: id }])
             }
@@ -344,6 +366,24 @@ impl State {
                     events.extend(self.replan(&job, &[worker.as_str()], why, at_ms));
                 }
                 Ok(events)
+            }
+            Command::PreemptWorker { worker, reason, at_ms } => {
+                let w = self.workers.get(&worker).ok_or_else(|| Rejection::WorkerNotFound(worker.clone()))?;
+                if w.leaving.is_some() {
+                    return Ok(vec![Event::Ignored { reason: format!("worker {worker} is already leaving") }]);
+                }
+                let running = w.job.clone().filter(|j| self.jobs.get(j).is_some_and(|j| j.phase == JobPhase::Running));
+                let Some(job) = running else {
+                    return self.apply(Command::RemoveWorker { worker, reason, at_ms });
+                };
+                self.workers.get_mut(&worker).expect("checked").leaving = Some(reason.clone());
+                let j = self.jobs.get_mut(&job).expect("checked");
+                j.checkpoint_request += 1;
+                let request = j.checkpoint_request;
+                Ok(vec![
+                    Event::WorkerLeaving { worker, job: job.clone(), reason },
+                    Event::CheckpointRequested { job, request },
+                ])
             }
             Command::Schedule { job, at_ms } => {
                 let j = self.job(&job)?;
@@ -403,10 +443,31 @@ impl State {
                     let dropped: Vec<u64> = j.checkpoints.drain(..j.checkpoints.len() - keep).map(|c| c.step).collect();
                     events.push(Event::CheckpointsDropped { job: job.clone(), steps: dropped });
                 }
-                // A job below its maximum grows at a checkpoint, so that the
-                // new generation resumes from it and loses no step.
-                if j.phase == JobPhase::Running && j.generation == generation {
-                    events.extend(self.grow(&job, at_ms));
+                let current = j.phase == JobPhase::Running && j.generation == generation;
+                let members = j.workers();
+                if current {
+                    // Workers that announced their end leave now: the new
+                    // generation resumes from this checkpoint, redoing nothing.
+                    let leaving: Vec<WorkerId> = members
+                        .into_iter()
+                        .filter(|w| self.workers.get(w).is_some_and(|w| w.leaving.is_some()))
+                        .collect();
+                    if leaving.is_empty() {
+                        // A job below its maximum grows at a checkpoint, so that
+                        // the new generation resumes from it and loses no step.
+                        events.extend(self.grow(&job, at_ms));
+                    } else {
+                        for w in &leaving {
+                            let reason = self.workers.remove(w).and_then(|w| w.leaving).unwrap_or_default();
+                            events.push(Event::WorkerRemoved {
+                                worker: w.clone(),
+                                reason: format!("preempted: {reason}"),
+                            });
+                        }
+                        let gone: Vec<&str> = leaving.iter().map(String::as_str).collect();
+                        let why = format!("{} preempted", leaving.join(", "));
+                        events.extend(self.replan(&job, &gone, why, at_ms));
+                    }
                 }
                 Ok(events)
             }

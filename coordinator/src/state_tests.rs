@@ -290,3 +290,47 @@ fn replicas_applying_the_same_log_agree() {
     assert_eq!(ea, eb);
     assert_eq!(a.jobs["a-1"].phase, JobPhase::Succeeded);
 }
+
+#[test]
+fn a_preempted_worker_triggers_a_checkpoint_and_leaves_when_it_is_committed() {
+    let mut s = State::new(3);
+    let job = submit(&mut s, "j", 1, 2, 3);
+    let w1 = register(&mut s, "127.0.0.1:1");
+    let w2 = register(&mut s, "127.0.0.1:2");
+    s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
+    let events =
+        s.apply(Command::PreemptWorker { worker: w2.clone(), reason: "aws: terminate".into(), at_ms: 6 }).unwrap();
+    assert_eq!(
+        events,
+        vec![
+            Event::WorkerLeaving { worker: w2.clone(), job: job.clone(), reason: "aws: terminate".into() },
+            Event::CheckpointRequested { job: job.clone(), request: 1 },
+        ]
+    );
+    assert_eq!(s.jobs[&job].generation, 1, "the job keeps running until the checkpoint");
+    let again = s.apply(Command::PreemptWorker { worker: w2.clone(), reason: "sigterm".into(), at_ms: 7 }).unwrap();
+    assert!(matches!(again[..], [Event::Ignored { .. }]));
+    let events = commit(&mut s, &job, 1, 31);
+    assert_eq!(events[1], Event::WorkerRemoved { worker: w2.clone(), reason: "preempted: aws: terminate".into() });
+    assert_eq!(
+        events[2],
+        Event::GenerationStarted {
+            job: job.clone(),
+            generation: 2,
+            world_size: 1,
+            resume_step: 31,
+            reason: format!("{w2} preempted")
+        }
+    );
+    assert_eq!(ranks(&s, &job), vec![w1]);
+    assert!(!s.workers.contains_key(&w2));
+}
+
+#[test]
+fn a_preempted_free_worker_is_removed_at_once_and_never_scheduled() {
+    let mut s = State::new(3);
+    let w1 = register(&mut s, "127.0.0.1:1");
+    let events = s.apply(Command::PreemptWorker { worker: w1.clone(), reason: "gce".into(), at_ms: 6 }).unwrap();
+    assert_eq!(events, vec![Event::WorkerRemoved { worker: w1, reason: "gce".into() }]);
+    assert!(s.workers.is_empty());
+}

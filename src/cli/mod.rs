@@ -70,6 +70,25 @@ pub enum Command {
         /// Seconds a collective may wait for a peer before failing.
         #[arg(long, default_value_t = 120)]
         op_timeout_s: u64,
+        /// Watch the AWS spot interruption notice at this metadata base URL
+        /// (http://169.254.169.254 on EC2).
+        #[arg(long)]
+        aws_metadata_url: Option<String>,
+        /// Watch the GCE preempted flag at this metadata base URL
+        /// (http://metadata.google.internal on GCE).
+        #[arg(long)]
+        gce_metadata_url: Option<String>,
+        /// How often the metadata endpoints are polled.
+        #[arg(long, default_value_t = 1000)]
+        metadata_poll_ms: u64,
+        /// A signal that means "checkpoint and leave", besides SIGTERM
+        /// (e.g. USR1 with Slurm's `--signal=USR1@90`).
+        #[arg(long, value_parser = parse_signal)]
+        preemption_signal: Option<i32>,
+        /// After a preemption notice, seconds to wait for the job's
+        /// checkpoint before leaving anyway.
+        #[arg(long, default_value_t = 60)]
+        preemption_grace_s: u64,
     },
     /// Submit a job file to a running coordinator.
     Submit {
@@ -92,6 +111,18 @@ pub enum Command {
         #[command(flatten)]
         coordinator: CoordinatorArg,
     },
+}
+
+fn parse_signal(s: &str) -> Result<i32, String> {
+    let name = s.trim_start_matches("SIG").to_ascii_uppercase();
+    Ok(match name.as_str() {
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "HUP" => libc::SIGHUP,
+        "TERM" => libc::SIGTERM,
+        "INT" => libc::SIGINT,
+        other => other.parse().map_err(|_| format!("unknown signal {s:?}; use USR1, USR2, HUP or a number"))?,
+    })
 }
 
 /// Reads and validates a job file; on error prints it and returns the exit code.

@@ -1,5 +1,5 @@
 //! Local worker processes started by `flotilla run`: started with a parent
-//! death signal so that they never outlive it, and stopped with SIGTERM then
+//! death signal so that they never outlive it, and stopped with SIGINT then
 //! SIGKILL.
 
 use std::path::Path;
@@ -34,11 +34,12 @@ impl LocalWorkers {
         self.children.iter_mut().all(|c| !matches!(c.try_wait(), Ok(None)))
     }
 
-    /// SIGTERM to every worker, then SIGKILL to those still alive after `grace`.
+    /// SIGINT (a worker's "stop now"; SIGTERM would mean "checkpoint and
+    /// leave") to every worker, then SIGKILL to those still alive after `grace`.
     pub fn stop(&mut self, grace: Duration) {
         for c in &self.children {
             // SAFETY: sending a signal to our own child's pid.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
         }
         let deadline = Instant::now() + grace;
         for c in &mut self.children {
@@ -64,7 +65,7 @@ impl Drop for LocalWorkers {
     }
 }
 
-/// The child gets SIGTERM when the thread that started it dies, so workers
+/// The child gets SIGINT when the thread that started it dies, so workers
 /// never outlive `flotilla run`, even after `kill -9`.
 fn parent_death_signal(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
@@ -73,7 +74,7 @@ fn parent_death_signal(cmd: &mut Command) {
     unsafe {
         let parent = libc::getpid();
         cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             if libc::getppid() != parent {

@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request};
 
 use crate::checkpoint;
+use crate::preemption::{self, Notice, PreemptionConfig};
 use crate::train::{self, Assignment, Outcome, TrainError, TrainEvent, TrainOptions};
 
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,6 +34,10 @@ pub struct AgentConfig {
     /// used to reach the coordinator.
     pub advertise_host: Option<IpAddr>,
     pub train: TrainOptions,
+    pub preemption: PreemptionConfig,
+    /// After a preemption notice, how long the worker waits for its job's
+    /// checkpoint (and its release by the coordinator) before it exits anyway.
+    pub preemption_grace: Duration,
 }
 
 /// Identifies one rank of one generation.
@@ -51,6 +56,7 @@ enum RunMsg {
 struct Run {
     key: RunKey,
     output_dir: PathBuf,
+    checkpoint_request: Arc<AtomicU64>,
     cancel: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -90,6 +96,8 @@ pub struct Agent {
     current: Option<Run>,
     events_tx: mpsc::UnboundedSender<(RunKey, RunMsg)>,
     events_rx: mpsc::UnboundedReceiver<(RunKey, RunMsg)>,
+    /// Set once the machine announced its end: exit when released or then.
+    leaving: Option<tokio::time::Instant>,
 }
 
 impl Agent {
@@ -102,7 +110,7 @@ impl Agent {
         };
         let data_addr = SocketAddr::new(host, listener.local_addr().port());
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        Ok(Agent { cfg, listener: Arc::new(listener), data_addr, current: None, events_tx, events_rx })
+        Ok(Agent { cfg, listener: Arc::new(listener), data_addr, current: None, events_tx, events_rx, leaving: None })
     }
 
     pub fn data_addr(&self) -> SocketAddr {
@@ -111,6 +119,8 @@ impl Agent {
 
     /// Runs until `shutdown` fires; then stops the train loop and returns.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let mut notices = preemption::watch(&self.cfg.preemption, shutdown.child_token())
+            .context("start the preemption watchers")?;
         let mut backoff = Duration::from_millis(100);
         loop {
             let client = tokio::select! {
@@ -119,7 +129,7 @@ impl Agent {
                 c = self.connect() => c,
             };
             match client {
-                Ok(mut client) => match self.session(&mut client, &shutdown).await {
+                Ok(mut client) => match self.session(&mut client, &shutdown, &mut notices).await {
                     Ok(()) => break,
                     Err(e) => tracing::warn!(error = %e, "lost the coordinator; reconnecting"),
                 },
@@ -148,11 +158,13 @@ impl Agent {
         Ok(WorkerServiceClient::new(channel))
     }
 
-    /// Registers and follows assignments. `Ok` only on shutdown.
+    /// Registers and follows assignments. `Ok` on shutdown, or when a
+    /// preempted worker is released or its grace runs out.
     async fn session(
         &mut self,
         client: &mut WorkerServiceClient<Channel>,
         shutdown: &CancellationToken,
+        notices: &mut mpsc::Receiver<Notice>,
     ) -> anyhow::Result<()> {
         let reg = client
             .register(timed(pb::RegisterRequest {
@@ -168,11 +180,36 @@ impl Agent {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stream = client.assignments(pb::AssignmentsRequest { worker_id: worker.clone() }).await?.into_inner();
         loop {
+            let deadline = self.leaving;
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return Ok(()),
+                _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
+                    tracing::warn!("preemption grace is over; leaving without a final checkpoint");
+                    return Ok(());
+                }
+                Some(notice) = notices.recv() => {
+                    if self.leaving.is_some() {
+                        continue;
+                    }
+                    tracing::warn!(source = notice.source, detail = %notice.detail, "preemption notice");
+                    self.leaving = Some(tokio::time::Instant::now() + self.cfg.preemption_grace);
+                    let report = pb::PreemptionNotice {
+                        worker_id: worker.clone(),
+                        source: notice.source.into(),
+                        detail: notice.detail,
+                    };
+                    if let Err(s) = client.report_preemption(timed(report)).await {
+                        tracing::warn!(error = %s, "could not tell the coordinator; leaving now");
+                        return Ok(());
+                    }
+                }
                 _ = heartbeat.tick() => {
                     if let Err(s) = client.heartbeat(timed(pb::HeartbeatRequest { worker_id: worker.clone() })).await {
+                        if s.code() == Code::NotFound && self.leaving.is_some() {
+                            tracing::info!("released by the coordinator after preemption");
+                            return Ok(());
+                        }
                         if s.code() == Code::NotFound {
                             self.stop_current().await;
                             anyhow::bail!("the coordinator forgot this worker: {}", s.message());
@@ -184,6 +221,10 @@ impl Agent {
                     Ok(Some(a)) => self.follow(a).await,
                     Ok(None) => anyhow::bail!("assignment stream ended"),
                     Err(s) => {
+                        if s.code() == Code::NotFound && self.leaving.is_some() {
+                            tracing::info!("released by the coordinator after preemption");
+                            return Ok(());
+                        }
                         if s.code() == Code::NotFound {
                             self.stop_current().await;
                         }
@@ -204,7 +245,8 @@ impl Agent {
     /// Starts, keeps or stops the train loop to match assignment `a`.
     async fn follow(&mut self, a: pb::Assignment) {
         let key = RunKey { job: a.job_id.clone(), generation: a.generation, rank: a.rank };
-        if self.current.as_ref().is_some_and(|r| r.key == key) {
+        if let Some(run) = self.current.as_ref().filter(|r| r.key == key) {
+            run.checkpoint_request.store(a.checkpoint_request, Ordering::Relaxed);
             return;
         }
         self.stop_current().await;
@@ -238,10 +280,12 @@ impl Agent {
             spec_json: a.spec_json.clone(),
             output_dir: PathBuf::from(&a.output_dir),
             checkpoints: a.checkpoints.iter().map(|c| PathBuf::from(&c.location)).collect(),
+            checkpoint_request: Arc::new(AtomicU64::new(a.checkpoint_request)),
         };
         tracing::info!(job = %key.job, gen = key.generation, rank = key.rank, world = a.world_size,
             resume = a.checkpoints.first().map_or(0, |c| c.step), "starting train loop");
         let cancel = Arc::new(AtomicBool::new(false));
+        let checkpoint_request = assignment.checkpoint_request.clone();
         let (listener, opts, tx, k, c) =
             (self.listener.clone(), self.cfg.train.clone(), self.events_tx.clone(), key.clone(), cancel.clone());
         let thread = std::thread::Builder::new()
@@ -254,7 +298,7 @@ impl Agent {
                 let _ = tx.send((k, RunMsg::Ended(result)));
             })
             .context("spawn the train thread")?;
-        Ok(Run { key, output_dir: PathBuf::from(&a.output_dir), cancel, thread: Some(thread) })
+        Ok(Run { key, output_dir: PathBuf::from(&a.output_dir), checkpoint_request, cancel, thread: Some(thread) })
     }
 
     /// Sends what the train loop reported to the coordinator.

@@ -10,6 +10,7 @@ pub mod model;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod optim;
+pub mod preemption;
 pub mod rendezvous;
 pub mod rng;
 pub mod sampler;

@@ -5,7 +5,8 @@
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_comm::{CommError, CommListener, ProcessGroup, RingConfig, SingleProcess, TcpRing};
@@ -18,6 +19,10 @@ use crate::data::Dataset;
 use crate::model::Model;
 use crate::optim::{self, AdamW};
 use crate::sampler::Sampler;
+
+/// After a checkpoint the coordinator asked for, how long ranks wait for the
+/// new generation before they train on.
+const REQUESTED_CHECKPOINT_WAIT: Duration = Duration::from_secs(10);
 
 /// What the coordinator asked this rank to do.
 #[derive(Debug, Clone)]
@@ -32,6 +37,9 @@ pub struct Assignment {
     pub output_dir: PathBuf,
     /// Committed checkpoints, newest first.
     pub checkpoints: Vec<PathBuf>,
+    /// The coordinator's checkpoint request counter, kept current by the
+    /// agent: rank 0 asks for a checkpoint when it grows.
+    pub checkpoint_request: Arc<AtomicU64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -219,6 +227,7 @@ pub fn run(
     let ranges = buckets::bucket_ranges(params.layout.total, buckets::bucket_elems(spec.parallelism.bucket_mb));
     let mut spare: Vec<Vec<f32>> = Vec::new();
     let global = train.global_batch as f64;
+    let mut seen_request = a.checkpoint_request.load(Ordering::Relaxed);
 
     for step in start..train.steps {
         if cancel.load(Ordering::Relaxed) {
@@ -235,15 +244,19 @@ pub fn run(
             local_loss += loss.double_value(&[]);
             (loss / global).backward();
         }
-        // Pack bucket by bucket while the comm thread reduces the ones before;
-        // the loss sum rides at the end of the last bucket.
+        // Pack bucket by bucket while the comm thread reduces the ones before.
+        // The loss sum and rank 0's "checkpoint now" flag ride at the end of
+        // the last bucket, so every rank sees the same decision.
+        let wanted = a.checkpoint_request.load(Ordering::Relaxed);
+        let flag = if a.rank == 0 && wanted > seen_request { 1.0 } else { 0.0 };
         let last = ranges.len() - 1;
         for (k, r) in ranges.iter().enumerate() {
             let mut b = spare.pop().unwrap_or_default();
-            b.resize(r.len() + usize::from(k == last), 0.0);
+            b.resize(r.len() + if k == last { 2 } else { 0 }, 0.0);
             params.pull_grads(r.clone(), &mut b[..r.len()]);
             if k == last {
                 b[r.len()] = local_loss as f32;
+                b[r.len() + 1] = flag;
             }
             comm.submit(b);
         }
@@ -261,6 +274,10 @@ pub fn run(
             reduced.push(b);
         }
         let loss = f64::from(reduced[last][ranges[last].len()]) / global;
+        let requested = reduced[last][ranges[last].len() + 1] > 0.5;
+        if requested && a.rank == 0 {
+            seen_request = wanted;
+        }
         if !loss.is_finite() {
             return Err(TrainError::Fatal(format!("loss is {loss} at step {}", step + 1)));
         }
@@ -283,7 +300,8 @@ pub fn run(
             emit(TrainEvent::Progress { step: done, loss, lr, samples_per_sec: sps, grad_norm });
         }
         let every = spec.checkpoint.every;
-        if every > 0 && done % every == 0 && done < train.steps {
+        let periodic = every > 0 && done % every == 0;
+        if (periodic || requested) && done < train.steps {
             let snap = Snapshot {
                 step: done,
                 params: params.flat.clone(),
@@ -293,6 +311,15 @@ pub fn run(
             };
             if let Some(location) = save_checkpoint(a, &comm, &params.layout, &snap)? {
                 emit(TrainEvent::Checkpoint { step: done, location });
+            }
+            if requested {
+                // A worker is leaving: the coordinator starts a new
+                // generation from this checkpoint as soon as it is committed.
+                // Wait for it rather than train steps that would be redone.
+                let until = Instant::now() + REQUESTED_CHECKPOINT_WAIT;
+                while !cancel.load(Ordering::Relaxed) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
             }
         }
     }
