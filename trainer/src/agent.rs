@@ -119,8 +119,8 @@ impl Agent {
 
     /// Runs until `shutdown` fires; then stops the train loop and returns.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let mut notices = preemption::watch(&self.cfg.preemption, shutdown.child_token())
-            .context("start the preemption watchers")?;
+        let mut notices =
+            preemption::watch(&self.cfg.preemption, shutdown.child_token()).context("start the preemption watchers")?;
         let mut backoff = Duration::from_millis(100);
         loop {
             let client = tokio::select! {

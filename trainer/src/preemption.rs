@@ -128,7 +128,8 @@ async fn http(base: &str, method: &str, path: &str, headers: &[(&str, &str)]) ->
     let addr = if hostport.contains(':') { hostport.to_string() } else { format!("{hostport}:80") };
     let exchange = async {
         let mut s = TcpStream::connect(&addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
-        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\nContent-Length: 0\r\n");
+        let mut req =
+            format!("{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\nContent-Length: 0\r\n");
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
