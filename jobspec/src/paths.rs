@@ -15,9 +15,12 @@ pub(crate) enum CheckpointTarget<'a> {
     Path(&'a str),
     /// `file:///abs/path`: the absolute path after `file://`.
     FileUrl(&'a str),
+    /// An object store: `s3://bucket/prefix`, `gs://bucket/prefix`,
+    /// `az://container/prefix`.
+    ObjectStore,
 }
 
-/// Object-store schemes that flotilla will support later.
+/// Object-store schemes, reached through one crate.
 const OBJECT_STORE_SCHEMES: [&str; 3] = ["s3", "gs", "az"];
 
 /// Classifies a checkpoint URL, or says (as a message) why it is not accepted.
@@ -43,9 +46,16 @@ pub(crate) fn classify_checkpoint_url(url: &str) -> Result<CheckpointTarget<'_>,
         return Ok(CheckpointTarget::FileUrl(rest));
     }
     if OBJECT_STORE_SCHEMES.contains(&lower.as_str()) {
-        return Err(format!("object storage ({lower}://) is not yet supported; use a local path or file://"));
+        if scheme != lower {
+            return Err(format!("write the scheme in lowercase: `{lower}://`"));
+        }
+        let bucket = rest.split('/').next().unwrap_or("");
+        if bucket.is_empty() {
+            return Err(format!("`{url}` needs a bucket, e.g. `{lower}://my-bucket/checkpoints`"));
+        }
+        return Ok(CheckpointTarget::ObjectStore);
     }
-    Err(format!("unsupported URL scheme `{scheme}://`; use a local path or file:///abs/path"))
+    Err(format!("unsupported URL scheme `{scheme}://`; use a path, file:///abs/path, s3://, gs:// or az://"))
 }
 
 /// Splits `scheme://rest` when `url` starts with a URL scheme (RFC 3986 letters).
@@ -71,7 +81,8 @@ impl JobSpec {
     /// Rewrites the `path` of `features`, `tokens` and `text` data, and
     /// `checkpoint.url`: `file:///abs/path` becomes `/abs/path`, a relative
     /// path is joined onto `base`. Afterwards `checkpoint.url` is an absolute
-    /// filesystem path string, never a URL. Calling it twice changes nothing
+    /// filesystem path, or an object-store URL (`s3://`, `gs://`, `az://`,
+    /// without a trailing slash). Calling it twice changes nothing
     /// more. Paths are taken literally: no `~` expansion, no percent-decoding.
     pub fn resolve_paths(&mut self, base: &Path) {
         match &mut self.data {
@@ -84,6 +95,7 @@ impl JobSpec {
         let resolved = match classify_checkpoint_url(url) {
             Ok(CheckpointTarget::Path(p)) => absolutize(base, p),
             Ok(CheckpointTarget::FileUrl(p)) => absolutize(Path::new("/"), p),
+            Ok(CheckpointTarget::ObjectStore) => url.trim_end_matches('/').to_string(),
             // Only reachable for a spec that skipped validation; leave it be.
             Err(_) => return,
         };
@@ -113,14 +125,26 @@ mod tests {
     }
 
     #[test]
-    fn object_stores_are_not_yet_supported() {
-        for (url, scheme) in [("s3://b/k", "s3"), ("GS://b", "gs"), ("az://c/p", "az")] {
-            let err = classify_checkpoint_url(url).unwrap_err();
-            assert!(err.contains(&format!("({scheme}://) is not yet supported")), "{err}");
+    fn object_store_urls_need_a_bucket_and_a_lowercase_scheme() {
+        for url in ["s3://b/k", "gs://b", "az://c/p"] {
+            assert_eq!(classify_checkpoint_url(url), Ok(CheckpointTarget::ObjectStore), "{url}");
         }
+        assert!(classify_checkpoint_url("s3://").unwrap_err().contains("needs a bucket"));
+        assert!(classify_checkpoint_url("GS://b").unwrap_err().contains("lowercase"));
         let err = classify_checkpoint_url("http://x/y").unwrap_err();
         assert!(err.contains("unsupported URL scheme `http://`"), "{err}");
         assert!(classify_checkpoint_url("").is_err());
+    }
+
+    #[test]
+    fn object_store_urls_are_kept_as_urls() {
+        let mut spec = crate::parse(
+            "name: s\nmodel: {kind: mlp, layers: [2, 2]}\ndata: {kind: synthetic}\ntrain: {steps: 1, global_batch: 1}\ncheckpoint: {url: 's3://bucket/runs/'}\n",
+            "s.yaml",
+        )
+        .unwrap();
+        spec.resolve_paths(Path::new("/jobs"));
+        assert_eq!(spec.checkpoint.url, "s3://bucket/runs");
     }
 
     #[test]

@@ -230,13 +230,7 @@ fn errors_name_the_field_and_the_place() {
         (with("checkpoint: {keep: 0}\n"), "checkpoint.keep", "at least 1", 10, 20),
         (with("checkpoint: {url: ''}\n"), "checkpoint.url", "must not be empty", 10, 19),
         (with("checkpoint: {url: 'http://x/y'}\n"), "checkpoint.url", "unsupported URL scheme `http://`", 10, 19),
-        (
-            with("checkpoint: {url: 'gs://b/p'}\n"),
-            "checkpoint.url",
-            "object storage (gs://) is not yet supported",
-            10,
-            19,
-        ),
+        (with("checkpoint: {url: 'gs://'}\n"), "checkpoint.url", "needs a bucket", 10, 19),
         (with("version: 1.0\n"), "version", "unsupported job file version 1", 10, 10),
         (with("---\nname: again\n"), "<yaml>", "multiple", 11, 1),
         (

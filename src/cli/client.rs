@@ -183,7 +183,7 @@ pub fn print_outcome(s: &pb::JobStatus, elapsed: Duration) {
 }
 
 /// Writes the job's per-step metrics to `<output>/metrics.jsonl`.
-pub async fn save_metrics(client: &mut Client, job: &str, output: &Path) -> anyhow::Result<std::path::PathBuf> {
+pub async fn save_metrics(client: &mut Client, job: &str, output: &str) -> anyhow::Result<String> {
     let points = client.get_metrics(pb::GetMetricsRequest { job_id: job.to_string() }).await?.into_inner().points;
     let mut text = String::new();
     for p in points {
@@ -194,8 +194,7 @@ pub async fn save_metrics(client: &mut Client, job: &str, output: &Path) -> anyh
         text.push_str(&line.to_string());
         text.push('\n');
     }
-    std::fs::create_dir_all(output)?;
-    let path = output.join("metrics.jsonl");
-    std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
-    Ok(path)
+    let out = flotilla_trainer::storage::Storage::open(output)?;
+    out.put("metrics.jsonl", text.into_bytes()).await.context("write metrics.jsonl")?;
+    Ok(format!("{output}/metrics.jsonl"))
 }

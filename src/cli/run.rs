@@ -46,7 +46,12 @@ pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
         }
     };
     let status = client.get_job(pb::GetJobRequest { job_id: job.clone() }).await?.into_inner();
-    let logs = Path::new(&status.output_dir).join("logs");
+    // Logs stay on this machine even when outputs go to an object store.
+    let logs = if status.output_dir.starts_with('/') {
+        Path::new(&status.output_dir).join("logs")
+    } else {
+        std::env::current_dir()?.join("flotilla-logs").join(&job)
+    };
     eprintln!("flotilla: running {job} on {n} local workers (coordinator {url}, logs in {})", logs.display());
     // Started from this (the main) thread: the parent death signal follows it.
     let mut local = LocalWorkers::start(n, &url, &logs).context("start local workers")?;
@@ -76,7 +81,7 @@ pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
             130
         }
         Some(Ok(status)) => {
-            if let Err(e) = client::save_metrics(&mut client, &job, Path::new(&status.output_dir)).await {
+            if let Err(e) = client::save_metrics(&mut client, &job, &status.output_dir).await {
                 eprintln!("warning: could not save metrics: {e:#}");
             }
             client::print_outcome(&status, started.elapsed());

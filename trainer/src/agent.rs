@@ -3,7 +3,6 @@
 //! current generation (one thread), forwarding what the loop reports.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +18,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request};
 
 use crate::checkpoint;
+use crate::storage::Storage;
 use crate::preemption::{self, Notice, PreemptionConfig};
 use crate::train::{self, Assignment, Outcome, TrainError, TrainEvent, TrainOptions};
 
@@ -55,7 +55,7 @@ enum RunMsg {
 
 struct Run {
     key: RunKey,
-    output_dir: PathBuf,
+    output_dir: String,
     checkpoint_request: Arc<AtomicU64>,
     cancel: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -278,8 +278,9 @@ impl Agent {
             peers,
             spec,
             spec_json: a.spec_json.clone(),
-            output_dir: PathBuf::from(&a.output_dir),
-            checkpoints: a.checkpoints.iter().map(|c| PathBuf::from(&c.location)).collect(),
+            output_dir: a.output_dir.clone(),
+            checkpoints: a.checkpoints.iter().map(|c| c.location.clone()).collect(),
+            io: tokio::runtime::Handle::current(),
             checkpoint_request: Arc::new(AtomicU64::new(a.checkpoint_request)),
         };
         tracing::info!(job = %key.job, gen = key.generation, rank = key.rank, world = a.world_size,
@@ -298,7 +299,7 @@ impl Agent {
                 let _ = tx.send((k, RunMsg::Ended(result)));
             })
             .context("spawn the train thread")?;
-        Ok(Run { key, output_dir: PathBuf::from(&a.output_dir), checkpoint_request, cancel, thread: Some(thread) })
+        Ok(Run { key, output_dir: a.output_dir.clone(), checkpoint_request, cancel, thread: Some(thread) })
     }
 
     /// Sends what the train loop reported to the coordinator.
@@ -325,18 +326,22 @@ impl Agent {
                     job_id,
                     generation,
                     step,
-                    location: location.display().to_string(),
+                    location,
                 };
                 match client.commit_checkpoint(timed(commit)).await {
                     Ok(resp) => {
                         let keep = resp.into_inner().retained_steps;
                         if let Some(dir) = self.current.as_ref().filter(|r| r.key == key).map(|r| r.output_dir.clone())
                         {
-                            match tokio::task::spawn_blocking(move || checkpoint::prune(&dir, &keep)).await {
-                                Ok(Ok(gone)) if !gone.is_empty() => {
+                            let pruned = match Storage::open(&dir) {
+                                Ok(out) => checkpoint::prune(&out, &keep).await,
+                                Err(e) => Err(e.into()),
+                            };
+                            match pruned {
+                                Ok(gone) if !gone.is_empty() => {
                                     tracing::info!(steps = ?gone, "removed old checkpoints")
                                 }
-                                Ok(Err(e)) => tracing::warn!(error = %e, "could not remove old checkpoints"),
+                                Err(e) => tracing::warn!(error = %e, "could not remove old checkpoints"),
                                 _ => {}
                             }
                         }
@@ -351,7 +356,7 @@ impl Agent {
                     job_id,
                     generation,
                     step,
-                    final_model: final_model.display().to_string(),
+                    final_model,
                 }))
                 .await
                 .map(|_| ()),

@@ -7,12 +7,13 @@
 //! whose checksum does not match marks the checkpoint as torn.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::storage::{Storage, StorageError, Upload};
 
 pub const MANIFEST: &str = "manifest.json";
 pub const FORMAT: &str = "flotilla-checkpoint/1";
@@ -20,17 +21,14 @@ const GROUPS: [&str; 3] = ["param", "adam.m", "adam.v"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: String, source: std::io::Error },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
     #[error("checkpoint {path} is torn or corrupt: {message}")]
     Corrupt { path: String, message: String },
     #[error("checkpoint {path} does not fit this job: {message}")]
     Mismatch { path: String, message: String },
 }
 
-fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> CheckpointError + 'a {
-    move |source| CheckpointError::Io { what, path: path.display().to_string(), source }
-}
 
 /// Names, shapes and flat offsets of the model's parameters.
 #[derive(Debug, Clone, PartialEq)]
@@ -120,8 +118,9 @@ pub struct Snapshot {
     pub optimizer_step: u64,
 }
 
-pub fn step_dir(out: &Path, step: u64) -> PathBuf {
-    out.join(format!("step-{step:08}"))
+/// The folder name of step `step`'s checkpoint.
+pub fn step_name(step: u64) -> String {
+    format!("step-{step:08}")
 }
 
 /// The step of a `step-<s>` folder name.
@@ -141,15 +140,8 @@ fn to_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// Writes rank `rank`'s shard of `snap` into `dir` (created if needed).
-pub fn write_shard(
-    dir: &Path,
-    layout: &Layout,
-    snap: &Snapshot,
-    rank: usize,
-    world: usize,
-) -> Result<ShardEntry, CheckpointError> {
-    std::fs::create_dir_all(dir).map_err(io("create checkpoint folder", dir))?;
+/// Rank `rank`'s shard of `snap`: the safetensors bytes and their entry.
+pub fn encode_shard(layout: &Layout, snap: &Snapshot, rank: usize, world: usize) -> (Vec<u8>, ShardEntry) {
     let mut buffers: Vec<(String, Vec<u8>, usize)> = Vec::new();
     for (g, group) in GROUPS.iter().enumerate() {
         let data = group_slice(snap, g);
@@ -165,13 +157,22 @@ pub fn write_shard(
         .iter()
         .map(|(n, bytes, len)| (n.clone(), TensorView::new(Dtype::F32, vec![*len], bytes).expect("sizes agree")))
         .collect();
-    let bytes = safetensors::serialize(views, None).map_err(|e| CheckpointError::Corrupt {
-        path: dir.display().to_string(),
-        message: format!("serialize shard: {e}"),
-    })?;
-    let file = shard_file(rank);
-    write_atomic(&dir.join(&file), &bytes)?;
-    Ok(ShardEntry { file, sha256: hex(&Sha256::digest(&bytes)), bytes: bytes.len() as u64 })
+    let bytes = safetensors::serialize(views, None).expect("f32 views serialize");
+    let entry = ShardEntry { file: shard_file(rank), sha256: hex(&Sha256::digest(&bytes)), bytes: bytes.len() as u64 };
+    (bytes, entry)
+}
+
+/// Uploads rank `rank`'s shard of `snap` into the checkpoint folder `dir`.
+pub async fn write_shard(
+    dir: &Storage,
+    layout: &Layout,
+    snap: &Snapshot,
+    rank: usize,
+    world: usize,
+) -> Result<(ShardEntry, Upload), CheckpointError> {
+    let (bytes, entry) = encode_shard(layout, snap, rank, world);
+    let upload = dir.put(&entry.file, bytes).await?;
+    Ok((entry, upload))
 }
 
 /// The manifest of a checkpoint whose shards are `shards` (index = rank).
@@ -219,21 +220,20 @@ pub fn manifest(
 }
 
 /// Writes the manifest: the last file of a checkpoint.
-pub fn write_manifest(dir: &Path, m: &Manifest) -> Result<(), CheckpointError> {
+pub async fn write_manifest(dir: &Storage, m: &Manifest) -> Result<(), CheckpointError> {
     let json = serde_json::to_vec_pretty(m).expect("manifest serializes");
-    write_atomic(&dir.join(MANIFEST), &json)
+    dir.put(MANIFEST, json).await?;
+    Ok(())
 }
 
-pub fn read_manifest(dir: &Path) -> Result<Manifest, CheckpointError> {
-    let path = dir.join(MANIFEST);
-    let bytes = std::fs::read(&path).map_err(io("read checkpoint manifest", &path))?;
-    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt {
-        path: dir.display().to_string(),
+pub fn decode_manifest(bytes: &[u8], path: &str) -> Result<Manifest, CheckpointError> {
+    let m: Manifest = serde_json::from_slice(bytes).map_err(|e| CheckpointError::Corrupt {
+        path: path.to_string(),
         message: format!("manifest is not valid: {e}"),
     })?;
     if m.format != FORMAT {
         return Err(CheckpointError::Mismatch {
-            path: dir.display().to_string(),
+            path: path.to_string(),
             message: format!("format {:?}, expected {FORMAT:?}", m.format),
         });
     }
@@ -242,19 +242,37 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest, CheckpointError> {
 
 /// Loads a checkpoint for a model of `layout`, verifying every shard's
 /// checksum and that the pieces cover every tensor exactly once.
-pub fn load(dir: &Path, layout: &Layout) -> Result<(Manifest, Snapshot), CheckpointError> {
-    let m = read_manifest(dir)?;
-    let path = dir.display().to_string();
-    let corrupt = |message: String| CheckpointError::Corrupt { path: path.clone(), message };
+pub async fn load(dir: &Storage, layout: &Layout) -> Result<(Manifest, Snapshot), CheckpointError> {
+    let m = decode_manifest(&dir.get(MANIFEST).await?, dir.url())?;
     let mut shards = Vec::with_capacity(m.shards.len());
     for s in &m.shards {
-        let p = dir.join(&s.file);
-        let bytes = std::fs::read(&p).map_err(|e| corrupt(format!("shard {}: {e}", s.file)))?;
-        let sum = hex(&Sha256::digest(&bytes));
+        match dir.get(&s.file).await {
+            Ok(b) => shards.push(b),
+            Err(e) => {
+                return Err(CheckpointError::Corrupt {
+                    path: dir.url().to_string(),
+                    message: format!("shard {}: {e}", s.file),
+                })
+            }
+        }
+    }
+    let snap = assemble(&m, &shards, layout, dir.url())?;
+    Ok((m, snap))
+}
+
+/// Assembles the logical tensors from the shards' bytes (index = rank),
+/// after checking each shard against the manifest.
+pub fn assemble(m: &Manifest, shards: &[Vec<u8>], layout: &Layout, path: &str) -> Result<Snapshot, CheckpointError> {
+    let path = path.to_string();
+    let corrupt = |message: String| CheckpointError::Corrupt { path: path.clone(), message };
+    if shards.len() != m.shards.len() {
+        return Err(corrupt(format!("{} shards for {} entries", shards.len(), m.shards.len())));
+    }
+    for (bytes, s) in shards.iter().zip(&m.shards) {
+        let sum = hex(&Sha256::digest(bytes));
         if sum != s.sha256 || bytes.len() as u64 != s.bytes {
             return Err(corrupt(format!("shard {} has checksum {sum}, manifest says {}", s.file, s.sha256)));
         }
-        shards.push(bytes);
     }
     let parsed: Vec<SafeTensors<'_>> = shards
         .iter()
@@ -305,15 +323,13 @@ pub fn load(dir: &Path, layout: &Layout) -> Result<(Manifest, Snapshot), Checkpo
     let v = groups.pop().expect("three groups");
     let mom = groups.pop().expect("three groups");
     let params = groups.pop().expect("three groups");
-    let snap = Snapshot { step: m.step, params, m: mom, v, optimizer_step: m.optimizer_step };
-    Ok((m, snap))
+    Ok(Snapshot { step: m.step, params, m: mom, v, optimizer_step: m.optimizer_step })
 }
 
 /// Writes the final weights (full tensors, by parameter name) as one
-/// safetensors file and returns its path.
-pub fn write_final(out: &Path, layout: &Layout, params: &[f32], spec_json: &str) -> Result<PathBuf, CheckpointError> {
-    let dir = out.join("final");
-    std::fs::create_dir_all(&dir).map_err(io("create final model folder", &dir))?;
+/// safetensors file beside the job spec, under `final/`; returns the model's
+/// location.
+pub async fn write_final(out: &Storage, layout: &Layout, params: &[f32], spec_json: &str) -> Result<String, CheckpointError> {
     let buffers: Vec<(String, Vec<u8>, Vec<usize>)> = layout
         .names
         .iter()
@@ -327,14 +343,11 @@ pub fn write_final(out: &Path, layout: &Layout, params: &[f32], spec_json: &str)
         .iter()
         .map(|(n, b, s)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("sizes agree")))
         .collect();
-    let bytes = safetensors::serialize(views, None).map_err(|e| CheckpointError::Corrupt {
-        path: dir.display().to_string(),
-        message: format!("serialize final model: {e}"),
-    })?;
-    let model = dir.join("model.safetensors");
-    write_atomic(&model, &bytes)?;
-    write_atomic(&dir.join("job.json"), spec_json.as_bytes())?;
-    Ok(model)
+    let bytes = safetensors::serialize(views, None).expect("f32 views serialize");
+    let dir = out.child("final");
+    dir.put("model.safetensors", bytes).await?;
+    dir.put("job.json", spec_json.as_bytes().to_vec()).await?;
+    Ok(format!("{}/model.safetensors", dir.url()))
 }
 
 /// SHA-256 of a flat f32 buffer's little-endian bytes.
@@ -344,42 +357,28 @@ pub fn digest(values: &[f32]) -> String {
 
 /// Records each rank's parameter digest at the end of training in
 /// `final/replicas.json`.
-pub fn write_replica_digests(out: &Path, digests: &[String]) -> Result<(), CheckpointError> {
+pub async fn write_replica_digests(out: &Storage, digests: &[String]) -> Result<(), CheckpointError> {
     let json = serde_json::to_vec_pretty(&serde_json::json!({ "param_sha256_by_rank": digests })).expect("json");
-    write_atomic(&out.join("final").join("replicas.json"), &json)
+    out.child("final").put("replicas.json", json).await?;
+    Ok(())
 }
 
 /// Removes `step-*` folders under `out` whose step is not in `keep` and is
 /// older than the newest kept one. Newer folders may be checkpoints still
 /// being written, and are left alone.
-pub fn prune(out: &Path, keep: &[u64]) -> Result<Vec<u64>, CheckpointError> {
+pub async fn prune(out: &Storage, keep: &[u64]) -> Result<Vec<u64>, CheckpointError> {
     let mut removed = Vec::new();
     let Some(&newest) = keep.iter().max() else { return Ok(removed) };
-    let entries = match std::fs::read_dir(out) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(removed),
-        Err(e) => return Err(io("list checkpoints", out)(e)),
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
+    for name in out.folders().await? {
         if let Some(step) = parse_step_dir(&name) {
             if step < newest && !keep.contains(&step) {
-                std::fs::remove_dir_all(entry.path()).map_err(io("remove old checkpoint", &entry.path()))?;
+                out.delete_folder(&name).await?;
                 removed.push(step);
             }
         }
     }
     removed.sort();
     Ok(removed)
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    use std::io::Write;
-    let tmp = path.with_extension("partial");
-    let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
-    f.write_all(bytes).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("sync", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io("rename", path))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -399,63 +398,76 @@ mod tests {
         Snapshot { step: 7, params: f(1.0), m: f(-2.0), v: f(3.0), optimizer_step: 7 }
     }
 
-    fn save(dir: &Path, l: &Layout, s: &Snapshot, world: usize) {
-        let shards = (0..world).map(|r| write_shard(dir, l, s, r, world).unwrap()).collect();
-        let sampler = SamplerState { position: 70, seed: 1, global_batch: 10 };
-        write_manifest(dir, &manifest("j-1", 2, l, s, sampler, 0, shards)).unwrap();
+    fn storage(dir: &std::path::Path) -> Storage {
+        Storage::open(dir.to_str().unwrap()).unwrap()
     }
 
-    #[test]
-    fn round_trips_for_every_world_size() {
+    async fn save(dir: &Storage, l: &Layout, s: &Snapshot, world: usize) {
+        let mut shards = Vec::new();
+        for r in 0..world {
+            shards.push(write_shard(dir, l, s, r, world).await.unwrap().0);
+        }
+        let sampler = SamplerState { position: 70, seed: 1, global_batch: 10 };
+        write_manifest(dir, &manifest("j-1", 2, l, s, sampler, 0, shards)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn round_trips_for_every_world_size() {
         let l = layout();
         let s = snap(&l);
         for world in 1..=8 {
             let tmp = tempfile::tempdir().unwrap();
-            save(tmp.path(), &l, &s, world);
-            let (m, back) = load(tmp.path(), &l).unwrap();
+            let dir = storage(tmp.path());
+            save(&dir, &l, &s, world).await;
+            let (m, back) = load(&dir, &l).await.unwrap();
             assert_eq!(back, s, "world {world}");
             assert_eq!(m.world_size, world);
             assert_eq!(m.sampler.position, 70);
         }
     }
 
-    #[test]
-    fn a_changed_shard_is_detected_as_torn() {
+    #[tokio::test]
+    async fn a_changed_shard_is_detected_as_torn() {
         let l = layout();
         let tmp = tempfile::tempdir().unwrap();
-        save(tmp.path(), &l, &snap(&l), 2);
+        let dir = storage(tmp.path());
+        save(&dir, &l, &snap(&l), 2).await;
         let shard = tmp.path().join("rank-00001.safetensors");
         let mut bytes = std::fs::read(&shard).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0xff;
         std::fs::write(&shard, bytes).unwrap();
-        let err = load(tmp.path(), &l).unwrap_err();
+        let err = load(&dir, &l).await.unwrap_err();
         assert!(matches!(err, CheckpointError::Corrupt { .. }), "{err}");
         std::fs::remove_file(&shard).unwrap();
-        assert!(matches!(load(tmp.path(), &l).unwrap_err(), CheckpointError::Corrupt { .. }));
+        assert!(matches!(load(&dir, &l).await.unwrap_err(), CheckpointError::Corrupt { .. }));
     }
 
-    #[test]
-    fn a_folder_without_manifest_is_not_a_checkpoint_and_shapes_must_match() {
+    #[tokio::test]
+    async fn a_folder_without_manifest_is_not_a_checkpoint_and_shapes_must_match() {
         let l = layout();
         let tmp = tempfile::tempdir().unwrap();
-        write_shard(tmp.path(), &l, &snap(&l), 0, 1).unwrap();
-        assert!(matches!(load(tmp.path(), &l).unwrap_err(), CheckpointError::Io { .. }));
-        save(tmp.path(), &l, &snap(&l), 1);
+        let dir = storage(tmp.path());
+        write_shard(&dir, &l, &snap(&l), 0, 1).await.unwrap();
+        let err = load(&dir, &l).await.unwrap_err();
+        assert!(matches!(&err, CheckpointError::Storage(e) if e.is_not_found()), "{err}");
+        save(&dir, &l, &snap(&l), 1).await;
         let other = Layout::new(vec![("a".into(), vec![2, 3]), ("b".into(), vec![5]), ("c".into(), vec![1])]);
-        assert!(matches!(load(tmp.path(), &other).unwrap_err(), CheckpointError::Mismatch { .. }));
+        assert!(matches!(load(&dir, &other).await.unwrap_err(), CheckpointError::Mismatch { .. }));
     }
 
-    #[test]
-    fn prune_regression_never_removes_a_checkpoint_newer_than_the_last_commit() {
+    #[tokio::test]
+    async fn prune_regression_never_removes_a_checkpoint_newer_than_the_last_commit() {
         let tmp = tempfile::tempdir().unwrap();
+        let out = storage(tmp.path());
         for s in [10, 20, 30, 40] {
-            std::fs::create_dir_all(step_dir(tmp.path(), s)).unwrap();
+            out.child(&step_name(s)).put("manifest.json", b"{}".to_vec()).await.unwrap();
         }
-        std::fs::create_dir_all(tmp.path().join("final")).unwrap();
-        assert_eq!(prune(tmp.path(), &[20, 30]).unwrap(), vec![10]);
+        out.child("final").put("model.safetensors", vec![0]).await.unwrap();
+        assert_eq!(prune(&out, &[20, 30]).await.unwrap(), vec![10]);
         assert!(tmp.path().join("final").exists());
-        assert!(step_dir(tmp.path(), 30).exists());
-        assert!(step_dir(tmp.path(), 40).exists(), "a newer checkpoint may still be in flight");
+        assert!(!tmp.path().join(step_name(10)).exists());
+        assert!(tmp.path().join(step_name(30)).exists());
+        assert!(tmp.path().join(step_name(40)).exists(), "a newer checkpoint may still be in flight");
     }
 }

@@ -14,6 +14,7 @@ pub mod preemption;
 pub mod rendezvous;
 pub mod rng;
 pub mod sampler;
+pub mod storage;
 pub mod train;
 
 pub use agent::{Agent, AgentConfig};

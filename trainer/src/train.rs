@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +14,7 @@ use tch::Tensor;
 
 use crate::buckets::{self, CommThread};
 use crate::checkpoint::{self, Layout, SamplerState, ShardEntry, Snapshot};
+use crate::storage::Storage;
 use crate::data::Dataset;
 use crate::model::Model;
 use crate::optim::{self, AdamW};
@@ -34,9 +34,12 @@ pub struct Assignment {
     pub peers: Vec<SocketAddr>,
     pub spec: JobSpec,
     pub spec_json: String,
-    pub output_dir: PathBuf,
-    /// Committed checkpoints, newest first.
-    pub checkpoints: Vec<PathBuf>,
+    /// Where the job's checkpoints and final model go (path or URL).
+    pub output_dir: String,
+    /// Committed checkpoints (paths or URLs), newest first.
+    pub checkpoints: Vec<String>,
+    /// The agent's runtime, for storage I/O from the train thread.
+    pub io: tokio::runtime::Handle,
     /// The coordinator's checkpoint request counter, kept current by the
     /// agent: rank 0 asks for a checkpoint when it grows.
     pub checkpoint_request: Arc<AtomicU64>,
@@ -54,12 +57,12 @@ pub enum TrainEvent {
     /// Rank 0 wrote the manifest of this checkpoint; commit it.
     Checkpoint {
         step: u64,
-        location: PathBuf,
+        location: String,
     },
     /// Rank 0 finished the last step and wrote the final model.
     Finished {
         step: u64,
-        final_model: PathBuf,
+        final_model: String,
     },
 }
 
@@ -192,13 +195,18 @@ pub fn run(
 
     // Resume from the newest checkpoint that loads; skip torn ones.
     let mut skipped = Vec::new();
-    for dir in &a.checkpoints {
-        match checkpoint::load(dir, &params.layout) {
+    let out = Storage::open(&a.output_dir).map_err(|e| TrainError::fatal("open the output location", e))?;
+    for location in &a.checkpoints {
+        let loaded = match Storage::open(location) {
+            Ok(dir) => a.io.block_on(checkpoint::load(&dir, &params.layout)),
+            Err(e) => Err(e.into()),
+        };
+        match loaded {
             Ok((m, snap)) => {
                 if m.sampler.global_batch != train.global_batch as u64 || m.sampler.seed != train.seed {
                     return Err(TrainError::Fatal(format!(
                         "checkpoint {} was taken with global_batch {} and seed {}, the job has {} and {}",
-                        dir.display(),
+                        location,
                         m.sampler.global_batch,
                         m.sampler.seed,
                         train.global_batch,
@@ -309,7 +317,7 @@ pub fn run(
                 v: adam.v.clone(),
                 optimizer_step: adam.step,
             };
-            if let Some(location) = save_checkpoint(a, &comm, &params.layout, &snap)? {
+            if let Some(location) = save_checkpoint(a, &out, &comm, &params.layout, &snap)? {
                 emit(TrainEvent::Checkpoint { step: done, location });
             }
             if requested {
@@ -336,9 +344,11 @@ pub fn run(
         return Err(TrainError::Fatal(format!("replicas diverged: parameter digests per rank {digests:?}")));
     }
     if a.rank == 0 {
-        let path = checkpoint::write_final(&a.output_dir, &params.layout, &params.flat, &a.spec_json)
+        let path = a
+            .io
+            .block_on(checkpoint::write_final(&out, &params.layout, &params.flat, &a.spec_json))
             .map_err(|e| TrainError::fatal("write final model", e))?;
-        checkpoint::write_replica_digests(&a.output_dir, &digests)
+        a.io.block_on(checkpoint::write_replica_digests(&out, &digests))
             .map_err(|e| TrainError::fatal("write replica digests", e))?;
         emit(TrainEvent::Finished { step: train.steps, final_model: path });
     }
@@ -349,14 +359,18 @@ pub fn run(
 /// the folder to commit.
 fn save_checkpoint(
     a: &Assignment,
+    out: &Storage,
     comm: &CommThread,
     layout: &Layout,
     snap: &Snapshot,
-) -> Result<Option<PathBuf>, TrainError> {
+) -> Result<Option<String>, TrainError> {
     let t0 = Instant::now();
-    let dir = checkpoint::step_dir(&a.output_dir, snap.step);
-    let mine = checkpoint::write_shard(&dir, layout, snap, a.rank, a.world)
+    let dir = out.child(&checkpoint::step_name(snap.step));
+    let (mine, upload) = a
+        .io
+        .block_on(checkpoint::write_shard(&dir, layout, snap, a.rank, a.world))
         .map_err(|e| TrainError::fatal("write checkpoint shard", e))?;
+    tracing::info!(step = snap.step, bytes = upload.bytes, parts = upload.parts, "checkpoint shard uploaded");
     let encoded = serde_json::to_vec(&mine).expect("shard entry serializes");
     let all = comm.all_gather_bytes(encoded)?;
     if a.rank != 0 {
@@ -374,7 +388,7 @@ fn save_checkpoint(
         global_batch: train.global_batch as u64,
     };
     let m = checkpoint::manifest(&a.job, a.generation, layout, snap, sampler, train.seed, shards);
-    checkpoint::write_manifest(&dir, &m).map_err(|e| TrainError::fatal("write checkpoint manifest", e))?;
+    a.io.block_on(checkpoint::write_manifest(&dir, &m)).map_err(|e| TrainError::fatal("write checkpoint manifest", e))?;
     tracing::info!(job = %a.job, step = snap.step, blocked_ms = t0.elapsed().as_millis() as u64, "checkpoint written");
-    Ok(Some(dir))
+    Ok(Some(dir.url().to_string()))
 }

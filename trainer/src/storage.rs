@@ -1,0 +1,224 @@
+//! Where checkpoints and final models go: one interface over the local file
+//! system, S3 (and S3-compatible stores), GCS and Azure, through the
+//! `object_store` crate. Credentials and endpoints come from the standard
+//! environment of each store (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT`,
+//! `AWS_ALLOW_HTTP`, `GOOGLE_SERVICE_ACCOUNT`, `AZURE_STORAGE_ACCOUNT_NAME`, ...).
+//! Objects above the part size go up as multipart uploads.
+
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+
+/// Objects larger than this are uploaded in parts of this size.
+pub const DEFAULT_PART_BYTES: usize = 8 << 20;
+/// Environment variable that overrides [`DEFAULT_PART_BYTES`].
+pub const PART_BYTES_ENV: &str = "FLOTILLA_UPLOAD_PART_BYTES";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{what} {location}: {source}")]
+    Store { what: &'static str, location: String, source: object_store::Error },
+    #[error("storage URL {url:?}: {message}")]
+    Url { url: String, message: String },
+}
+
+impl StorageError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StorageError::Store { source: object_store::Error::NotFound { .. }, .. })
+    }
+}
+
+/// A folder in some object store.
+#[derive(Clone)]
+pub struct Storage {
+    store: Arc<dyn ObjectStore>,
+    /// The folder inside the store.
+    prefix: String,
+    /// The URL (or absolute path) the folder was opened from.
+    url: String,
+    part_bytes: usize,
+    /// Whether the store is the local file system.
+    local: bool,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Storage({})", self.url)
+    }
+}
+
+/// Upload statistics of one object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upload {
+    pub bytes: usize,
+    /// 0 for a single-request upload.
+    pub parts: usize,
+}
+
+impl Storage {
+    /// Opens `url`: an absolute path, `file:///abs`, `s3://bucket/prefix`,
+    /// `gs://bucket/prefix` or `az://container/prefix`.
+    pub fn open(url: &str) -> Result<Storage, StorageError> {
+        let bad = |message: String| StorageError::Url { url: url.to_string(), message };
+        let url = url.trim_end_matches('/');
+        let local = url.strip_prefix("file://").unwrap_or(url);
+        let (store, prefix): (Arc<dyn ObjectStore>, String) = if local.starts_with('/') {
+            (Arc::new(object_store::local::LocalFileSystem::new()), local.trim_start_matches('/').to_string())
+        } else if let Some((scheme, rest)) = url.split_once("://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(bad("needs a bucket".into()));
+            }
+            let root = format!("{scheme}://{bucket}");
+            let store: Arc<dyn ObjectStore> = match scheme {
+                "s3" => Arc::new(
+                    object_store::aws::AmazonS3Builder::from_env()
+                        .with_url(root)
+                        .build()
+                        .map_err(|e| bad(e.to_string()))?,
+                ),
+                "gs" => Arc::new(
+                    object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                        .with_url(root)
+                        .build()
+                        .map_err(|e| bad(e.to_string()))?,
+                ),
+                "az" => Arc::new(
+                    object_store::azure::MicrosoftAzureBuilder::from_env()
+                        .with_url(root)
+                        .build()
+                        .map_err(|e| bad(e.to_string()))?,
+                ),
+                other => return Err(bad(format!("unsupported scheme {other}://"))),
+            };
+            (store, prefix.to_string())
+        } else {
+            return Err(bad("use an absolute path or a URL".into()));
+        };
+        let local = local.starts_with('/');
+        let part_bytes = std::env::var(PART_BYTES_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_PART_BYTES);
+        Ok(Storage { store, prefix, url: url.to_string(), part_bytes: part_bytes.max(1), local })
+    }
+
+    pub fn with_part_bytes(mut self, part_bytes: usize) -> Storage {
+        self.part_bytes = part_bytes.max(1);
+        self
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The sub-folder `name`.
+    pub fn child(&self, name: &str) -> Storage {
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}/{name}", self.prefix) };
+        Storage {
+            store: self.store.clone(),
+            prefix,
+            url: format!("{}/{name}", self.url),
+            part_bytes: self.part_bytes,
+            local: self.local,
+        }
+    }
+
+    fn path(&self, name: &str) -> ObjPath {
+        ObjPath::from(if self.prefix.is_empty() { name.to_string() } else { format!("{}/{name}", self.prefix) })
+    }
+
+    fn err(&self, what: &'static str, name: &str) -> impl FnOnce(object_store::Error) -> StorageError {
+        let location = format!("{}/{name}", self.url);
+        move |source| StorageError::Store { what, location, source }
+    }
+
+    /// Writes `name` whole (readers never see part of it); large objects go
+    /// up in parts.
+    pub async fn put(&self, name: &str, bytes: Vec<u8>) -> Result<Upload, StorageError> {
+        let path = self.path(name);
+        let len = bytes.len();
+        if len <= self.part_bytes {
+            self.store.put(&path, PutPayload::from(bytes)).await.map_err(self.err("write", name))?;
+            return Ok(Upload { bytes: len, parts: 0 });
+        }
+        let upload = self.store.put_multipart(&path).await.map_err(self.err("start upload of", name))?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_bytes);
+        let data = bytes::Bytes::from(bytes);
+        let mut parts = 0;
+        for start in (0..len).step_by(self.part_bytes) {
+            writer.wait_for_capacity(4).await.map_err(self.err("upload part of", name))?;
+            writer.put(data.slice(start..(start + self.part_bytes).min(len)));
+            parts += 1;
+        }
+        writer.finish().await.map_err(self.err("finish upload of", name))?;
+        Ok(Upload { bytes: len, parts })
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Vec<u8>, StorageError> {
+        let r = self.store.get(&self.path(name)).await.map_err(self.err("read", name))?;
+        Ok(r.bytes().await.map_err(self.err("read", name))?.to_vec())
+    }
+
+    /// Names of the direct sub-folders.
+    pub async fn folders(&self) -> Result<Vec<String>, StorageError> {
+        let prefix = (!self.prefix.is_empty()).then(|| ObjPath::from(self.prefix.as_str()));
+        let listing = match self.store.list_with_delimiter(prefix.as_ref()).await {
+            Ok(l) => l,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(self.err("list", "")(e)),
+        };
+        Ok(listing.common_prefixes.iter().filter_map(|p| p.filename().map(str::to_string)).collect())
+    }
+
+    /// Deletes everything under the sub-folder `name`.
+    pub async fn delete_folder(&self, name: &str) -> Result<(), StorageError> {
+        let prefix = self.path(name);
+        let objects: Vec<_> =
+            self.store.list(Some(&prefix)).try_collect().await.map_err(self.err("list", name))?;
+        for o in objects {
+            match self.store.delete(&o.location).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.err("delete", name)(e)),
+            }
+        }
+        // A file system keeps the emptied folders; object stores have none.
+        if self.local {
+            let dir = std::path::Path::new("/").join(prefix.as_ref());
+            match tokio::fs::remove_dir_all(&dir).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    let source = object_store::Error::Generic { store: "local", source: Box::new(e) };
+                    return Err(StorageError::Store { what: "delete", location: dir.display().to_string(), source });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn local_put_get_list_delete_and_multipart() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Storage::open(&format!("file://{}", tmp.path().display())).unwrap().with_part_bytes(1000);
+        let small = s.child("step-1").put("a.bin", vec![1; 10]).await.unwrap();
+        assert_eq!(small, Upload { bytes: 10, parts: 0 });
+        let big: Vec<u8> = (0..2500u32).map(|i| i as u8).collect();
+        let up = s.child("step-2").put("b.bin", big.clone()).await.unwrap();
+        assert_eq!(up, Upload { bytes: 2500, parts: 3 });
+        assert_eq!(s.child("step-2").get("b.bin").await.unwrap(), big);
+        assert_eq!(std::fs::read(tmp.path().join("step-2/b.bin")).unwrap(), big, "a plain file on disk");
+        let mut folders = s.folders().await.unwrap();
+        folders.sort();
+        assert_eq!(folders, vec!["step-1", "step-2"]);
+        s.delete_folder("step-1").await.unwrap();
+        assert_eq!(s.folders().await.unwrap(), vec!["step-2"]);
+        assert!(s.get("nope").await.unwrap_err().is_not_found());
+        assert!(Storage::open("relative/path").is_err());
+        assert!(Storage::open("s3://").is_err());
+    }
+}
