@@ -17,16 +17,20 @@
 //! The job id in [`RingConfig`] is also the namespace of a ring on a listener:
 //! a process in two rings of the same generation gives them two ids.
 
+mod bytes;
+mod direct;
 mod error;
 mod group;
 mod link;
 mod listener;
 mod ops;
 mod ring;
+mod sender;
 mod wire;
 
 pub mod chunk;
 
+pub use chunk::{Algorithm, DIRECT_MAX_BYTES};
 pub use error::CommError;
 pub use group::{ProcessGroup, SingleProcess};
 pub use listener::CommListener;
