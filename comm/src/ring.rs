@@ -179,10 +179,9 @@ impl TcpRing {
             // so that no queued piece outlives the caller's buffer.
             let guard = FlushOnDrop(sender);
             let outcome = body(&mut links, dl, self.seq);
-            if outcome.is_err() {
-                sender.cancel();
-            }
             drop(guard);
+            // Sends already queued still go out (or fail) before the verdict
+            // is passed on, so that the next rank reads whole messages.
             let flushed = sender.flush();
             links.send.set_send_idle(flushed.idle);
             match (outcome, flushed.error) {
