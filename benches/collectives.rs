@@ -10,8 +10,10 @@
 //!
 //! Gloo runs through `benches/gloo_collectives.py` with `$FLOTILLA_PYTHON`,
 //! else `.deps/venv/bin/python`; without a Python that imports torch, gloo is
-//! skipped. `FLOTILLA_BENCH_MAX_BYTES` caps the sizes. Under `cargo test`
-//! (no `--bench` argument) it runs a smoke round: two small sizes, no Python.
+//! skipped. `FLOTILLA_BENCH_MIN_BYTES` / `FLOTILLA_BENCH_MAX_BYTES` bound the
+//! sizes, `FLOTILLA_BENCH_OPS` and `FLOTILLA_BENCH_WORLDS` (comma-separated)
+//! pick ops and rank counts. Under `cargo test` (no `--bench` argument) it runs
+//! a smoke round: two small sizes, 2 ranks, a few repetitions, no Python.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -26,8 +28,17 @@ const OPS: [&str; 4] = ["all_reduce", "reduce_scatter", "all_gather", "broadcast
 /// Bytes each measurement aims to move: reps = budget / size, within bounds.
 const BUDGET_BYTES: usize = 256 << 20;
 
-fn reps_for(bytes: usize) -> usize {
-    (BUDGET_BYTES / bytes.max(1)).clamp(3, 200)
+fn reps_for(bytes: usize, full: bool) -> usize {
+    if full {
+        (BUDGET_BYTES / bytes.max(1)).clamp(3, 200)
+    } else {
+        3
+    }
+}
+
+/// A comma-separated list from the environment, if set.
+fn env_list(name: &str) -> Option<Vec<String>> {
+    std::env::var(name).ok().map(|v| v.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect())
 }
 
 /// busbw / algbw for `op` over `world` ranks.
@@ -80,7 +91,12 @@ fn run_op(ring: &mut TcpRing, op: &str, buf: &mut [f32]) {
 
 /// Mean seconds per call of every (op, size) on the slowest of `world` ranks,
 /// each rank a thread with its own listener, as a worker process would have.
-fn flotilla_seconds(world: usize, sizes: &[usize]) -> HashMap<(&'static str, usize), f64> {
+fn flotilla_seconds(
+    world: usize,
+    ops: &[&'static str],
+    sizes: &[usize],
+    full: bool,
+) -> HashMap<(&'static str, usize), f64> {
     let listeners: Vec<CommListener> =
         (0..world).map(|_| CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap()).collect();
     let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect();
@@ -102,11 +118,11 @@ fn flotilla_seconds(world: usize, sizes: &[usize]) -> HashMap<(&'static str, usi
                     };
                     let mut ring = TcpRing::connect(l, cfg).unwrap();
                     let mut times = Vec::new();
-                    for op in OPS {
+                    for &op in ops {
                         for &bytes in sizes {
                             let mut buf = vec![1.0f32; bytes / 4];
                             run_op(&mut ring, op, &mut buf); // warm-up
-                            let reps = reps_for(bytes);
+                            let reps = reps_for(bytes, full);
                             ring.barrier().unwrap();
                             let t0 = Instant::now();
                             for _ in 0..reps {
@@ -123,7 +139,7 @@ fn flotilla_seconds(world: usize, sizes: &[usize]) -> HashMap<(&'static str, usi
     });
     let mut out = HashMap::new();
     let mut i = 0;
-    for op in OPS {
+    for &op in ops {
         for &bytes in sizes {
             out.insert((op, bytes), per_rank.iter().map(|t| t[i]).fold(0.0, f64::max));
             i += 1;
@@ -142,12 +158,17 @@ fn python() -> Option<PathBuf> {
 }
 
 /// Runs the gloo script for `world` ranks; seconds per (op, size), or why not.
-fn gloo_seconds(python: &PathBuf, world: usize, sizes: &[usize]) -> Result<HashMap<(String, usize), f64>, String> {
+fn gloo_seconds(
+    python: &PathBuf,
+    world: usize,
+    ops: &[&str],
+    sizes: &[usize],
+) -> Result<HashMap<(String, usize), f64>, String> {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/gloo_collectives.py");
     let sizes_arg: Vec<String> = sizes.iter().map(|s| s.to_string()).collect();
     let mut child = Command::new(python)
         .arg(&script)
-        .args(["--world", &world.to_string(), "--sizes", &sizes_arg.join(",")])
+        .args(["--world", &world.to_string(), "--sizes", &sizes_arg.join(","), "--ops", &ops.join(",")])
         .args(["--budget-bytes", &BUDGET_BYTES.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -205,11 +226,19 @@ fn time(secs: f64) -> String {
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let cap = std::env::var("FLOTILLA_BENCH_MAX_BYTES").ok().and_then(|v| v.parse().ok()).unwrap_or(usize::MAX);
-    let (sizes, worlds): (Vec<usize>, &[usize]) = if full {
-        ((0..=9).map(|i| 1024usize << (2 * i)).filter(|&b| b <= cap).collect(), &[2, 4])
+    let bound = |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let (min, max) = (bound("FLOTILLA_BENCH_MIN_BYTES", 0), bound("FLOTILLA_BENCH_MAX_BYTES", usize::MAX));
+    let (sizes, worlds): (Vec<usize>, Vec<usize>) = if full {
+        let worlds = env_list("FLOTILLA_BENCH_WORLDS")
+            .map(|w| w.iter().map(|n| n.parse().expect("FLOTILLA_BENCH_WORLDS holds numbers")).collect())
+            .unwrap_or_else(|| vec![2, 4]);
+        ((0..=9).map(|i| 1024usize << (2 * i)).filter(|&b| (min..=max).contains(&b)).collect(), worlds)
     } else {
-        (vec![1 << 10, 256 << 10], &[2])
+        (vec![1 << 10, 256 << 10], vec![2])
+    };
+    let ops: Vec<&'static str> = match env_list("FLOTILLA_BENCH_OPS") {
+        Some(names) => OPS.iter().copied().filter(|op| names.iter().any(|n| n == op)).collect(),
+        None => OPS.to_vec(),
     };
     let started = Instant::now();
     let limit = loopback_limit(if full { 1 << 30 } else { 16 << 20 });
@@ -226,16 +255,16 @@ fn main() {
         "{:<15} {:>5} {:>8} | {:>10} {:>10} | {:>10} {:>10} | {:>6} {:>9}",
         "op", "ranks", "size", "flotilla", "busbw GB/s", "gloo", "busbw GB/s", "ratio", "of limit"
     );
-    for &world in worlds {
-        let ours = flotilla_seconds(world, &sizes);
+    for &world in &worlds {
+        let ours = flotilla_seconds(world, &ops, &sizes, full);
         let gloo = match &python {
-            Some(p) => gloo_seconds(p, world, &sizes).unwrap_or_else(|why| {
+            Some(p) => gloo_seconds(p, world, &ops, &sizes).unwrap_or_else(|why| {
                 println!("gloo skipped for {world} ranks: {why}");
                 HashMap::new()
             }),
             None => HashMap::new(),
         };
-        for op in OPS {
+        for &op in &ops {
             for &bytes in &sizes {
                 let secs = ours[&(op, bytes)];
                 let busbw = bytes as f64 / secs * bus_factor(op, world);
