@@ -210,7 +210,7 @@ fn a_silent_rank_is_named_in_every_new_op_by_both_algorithms() {
     assert_timeout_naming(&results, 1, "all_reduce");
     let results = with_a_silent_rank(4, 3, |ring| {
         ring.set_algorithm(Algorithm::Direct);
-        ring.broadcast(&mut vec![1.0; 10], 3)
+        ring.broadcast(&mut [1.0; 10], 3)
     });
     assert_timeout_naming(&results, 3, "broadcast");
 }
