@@ -1,6 +1,7 @@
-//! Pure arithmetic of the ring all-reduce: where each of the `world` chunks of
-//! a buffer starts and ends, and which chunk a rank sends and receives at each
-//! step. No sockets here, so it is tested by what it returns.
+//! Pure arithmetic of the collectives: where each of the `world` chunks of a
+//! buffer starts and ends, which chunk a rank sends and receives at each step
+//! of a ring schedule, the pieces a chunk is streamed in, and which algorithm
+//! a buffer size gets. No sockets here, so it is tested by what it returns.
 
 use std::ops::Range;
 
@@ -34,22 +35,75 @@ pub struct RingStep {
     pub recv: usize,
 }
 
-/// The `2 * (world - 1)` steps of a ring all-reduce for `rank`: reduce-scatter,
-/// after which `rank` holds the full sum of chunk `(rank + 1) % world`, then
-/// all-gather, which passes each full chunk once around the ring. Every chunk
-/// is summed by exactly one rank and then only copied, so all ranks end with
-/// bit-identical results.
-pub fn all_reduce_steps(rank: usize, world: usize) -> Vec<RingStep> {
+/// The `world - 1` steps of a ring reduce-scatter for `rank`: at step `s` it
+/// sends chunk `rank - s - 1` (what it received and reduced at step `s - 1`,
+/// its own values at step 0) and receives chunk `rank - s - 2`, adding into
+/// it. Afterwards `rank` holds the full sum of its own chunk `rank`.
+pub fn reduce_scatter_steps(rank: usize, world: usize) -> Vec<RingStep> {
     assert!(rank < world, "rank {rank} out of range for world {world}");
     let at = |offset: isize| (rank as isize + offset).rem_euclid(world as isize) as usize;
-    let mut steps = Vec::with_capacity(2 * (world - 1));
-    for s in 0..world as isize - 1 {
-        steps.push(RingStep { phase: Phase::ReduceScatter, send: at(-s), recv: at(-s - 1) });
-    }
-    for s in 0..world as isize - 1 {
-        steps.push(RingStep { phase: Phase::AllGather, send: at(1 - s), recv: at(-s) });
-    }
+    (0..world as isize - 1)
+        .map(|s| RingStep { phase: Phase::ReduceScatter, send: at(-s - 1), recv: at(-s - 2) })
+        .collect()
+}
+
+/// The `world - 1` steps of a ring all-gather for `rank`, which starts with
+/// its own chunk: at step `s` it sends chunk `rank - s` and receives chunk
+/// `rank - s - 1`, overwriting it.
+pub fn all_gather_steps(rank: usize, world: usize) -> Vec<RingStep> {
+    assert!(rank < world, "rank {rank} out of range for world {world}");
+    let at = |offset: isize| (rank as isize + offset).rem_euclid(world as isize) as usize;
+    (0..world as isize - 1).map(|s| RingStep { phase: Phase::AllGather, send: at(-s), recv: at(-s - 1) }).collect()
+}
+
+/// The `2 * (world - 1)` steps of a ring all-reduce for `rank`: the
+/// reduce-scatter, after which `rank` holds the full sum of its own chunk,
+/// then the all-gather, which passes each full chunk once around the ring.
+/// Every chunk is summed by exactly one rank per addition and then only
+/// copied, so all ranks end with bit-identical results.
+///
+/// In every schedule here the chunk sent at step `s + 1` is the one received
+/// at step `s`, so a rank forwards each piece as soon as it has it.
+pub fn all_reduce_steps(rank: usize, world: usize) -> Vec<RingStep> {
+    let mut steps = reduce_scatter_steps(rank, world);
+    steps.extend(all_gather_steps(rank, world));
     steps
+}
+
+/// The pieces of at most `piece` elements that `range` is sent in, in order;
+/// none for an empty range.
+pub fn pieces(range: Range<usize>, piece: usize) -> impl Iterator<Item = Range<usize>> {
+    assert!(piece > 0, "pieces must hold at least one element");
+    let end = range.end;
+    range.step_by(piece).map(move |start| start..(start + piece).min(end))
+}
+
+/// Buffers of at most this many bytes are all-reduced, reduce-scattered,
+/// all-gathered and broadcast by direct exchange between every pair of ranks
+/// (one round trip); larger ones by the bandwidth-optimal ring.
+pub const DIRECT_MAX_BYTES: usize = 64 * 1024;
+
+/// Which algorithm a collective uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Algorithm {
+    /// Direct exchange up to [`DIRECT_MAX_BYTES`], the ring above.
+    #[default]
+    Auto,
+    /// Always the pipelined ring.
+    Ring,
+    /// Always direct exchange between every pair of ranks.
+    Direct,
+}
+
+impl Algorithm {
+    /// Whether a collective over a buffer of `bytes` uses direct exchange.
+    pub fn is_direct(self, bytes: usize) -> bool {
+        match self {
+            Algorithm::Auto => bytes <= DIRECT_MAX_BYTES,
+            Algorithm::Ring => false,
+            Algorithm::Direct => true,
+        }
+    }
 }
 
 /// The rank whose message `rank` receives at step `step` of a ring all-gather,
@@ -123,6 +177,81 @@ mod tests {
             for len in [0, 1, 2, 3, world.saturating_sub(1), world + 1, 97] {
                 simulate(world, len);
             }
+        }
+    }
+
+    /// Runs a reduce-scatter schedule on integer vectors; every rank must end
+    /// with the full sum of its own chunk.
+    fn simulate_reduce_scatter(world: usize, len: usize) {
+        let mut bufs: Vec<Vec<u64>> = (0..world).map(|r| (0..len).map(|i| (r * 1000 + i) as u64).collect()).collect();
+        let expected: Vec<u64> = (0..len).map(|i| (0..world).map(|r| (r * 1000 + i) as u64).sum()).collect();
+        let schedules: Vec<_> = (0..world).map(|r| reduce_scatter_steps(r, world)).collect();
+        for step in 0..world - 1 {
+            let sent: Vec<Vec<u64>> =
+                (0..world).map(|r| bufs[r][chunk_range(len, world, schedules[r][step].send)].to_vec()).collect();
+            for r in 0..world {
+                let prev = (r + world - 1) % world;
+                assert_eq!(schedules[r][step].recv, schedules[prev][step].send);
+                let range = chunk_range(len, world, schedules[r][step].recv);
+                for (dst, src) in bufs[r][range].iter_mut().zip(&sent[prev]) {
+                    *dst += *src;
+                }
+            }
+        }
+        for (r, buf) in bufs.iter().enumerate() {
+            let own = chunk_range(len, world, r);
+            assert_eq!(&buf[own.clone()], &expected[own], "rank {r} of world {world}, len {len}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn every_step_forwards_what_the_previous_one_received(world in 1usize..=64, rank_seed in 0usize..1000) {
+            let rank = rank_seed % world;
+            for steps in [reduce_scatter_steps(rank, world), all_gather_steps(rank, world), all_reduce_steps(rank, world)] {
+                for pair in steps.windows(2) {
+                    prop_assert_eq!(pair[1].send, pair[0].recv);
+                }
+            }
+            let rs = reduce_scatter_steps(rank, world);
+            prop_assert_eq!(rs.len(), world - 1);
+            if let Some(last) = rs.last() {
+                prop_assert_eq!(last.recv, rank, "the reduce-scatter ends on the rank's own chunk");
+            }
+            let ag = all_gather_steps(rank, world);
+            if let Some(first) = ag.first() {
+                prop_assert_eq!(first.send, rank, "the all-gather starts with the rank's own chunk");
+            }
+            // in the all-gather every other chunk arrives exactly once
+            let mut got: Vec<usize> = ag.iter().map(|s| s.recv).collect();
+            got.sort_unstable();
+            let others: Vec<usize> = (0..world).filter(|&c| c != rank).collect();
+            prop_assert_eq!(got, others);
+        }
+
+        #[test]
+        fn reduce_scatter_leaves_each_rank_its_own_sum(world in 1usize..=9, len in 0usize..=200) {
+            simulate_reduce_scatter(world, len);
+        }
+
+        #[test]
+        fn pieces_cover_a_range_in_order(start in 0usize..1000, len in 0usize..5000, piece in 1usize..700) {
+            let ps: Vec<_> = pieces(start..start + len, piece).collect();
+            let mut next = start;
+            for p in &ps {
+                prop_assert_eq!(p.start, next);
+                prop_assert!(!p.is_empty() && p.len() <= piece);
+                next = p.end;
+            }
+            prop_assert_eq!(next, start + len);
+            prop_assert_eq!(ps.len(), len.div_ceil(piece));
+        }
+
+        #[test]
+        fn direct_exchange_is_chosen_by_size_unless_forced(bytes in 0usize..(1 << 24)) {
+            prop_assert_eq!(Algorithm::Auto.is_direct(bytes), bytes <= DIRECT_MAX_BYTES);
+            prop_assert!(Algorithm::Direct.is_direct(bytes));
+            prop_assert!(!Algorithm::Ring.is_direct(bytes));
         }
     }
 

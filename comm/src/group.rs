@@ -1,25 +1,46 @@
 //! The `ProcessGroup` trait that parallel strategies code against, and the
 //! trivial group of one process.
 
+use std::ops::Range;
+
+use crate::chunk::chunk_range;
 use crate::error::CommError;
 
 /// The ranks of one generation of a job, able to run collectives together.
 ///
 /// Every rank must call the same collectives in the same order with buffers of
-/// the same length (all_gather messages may differ); a mismatch is reported as
-/// [`CommError::Protocol`]. Each call has a deadline (the group's op timeout).
-/// Results are bit-identical on every rank.
+/// the same length (all_gather_bytes messages may differ); a mismatch is
+/// reported as [`CommError::Protocol`]. `send` and `recv` involve only the two
+/// ranks named, in matching order per pair. Each call has a deadline (the
+/// group's op timeout); a failed call names the rank to blame. Results are
+/// bit-identical on every rank.
+///
+/// Chunked ops split a buffer of `len` elements into `world` chunks at
+/// [`chunk_range`]`(len, world, r)`; rank `r` owns chunk `r`.
 pub trait ProcessGroup: Send {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
     fn generation(&self) -> u64;
     /// In-place sum over all ranks.
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError>;
+    /// In-place sum over all ranks of this rank's own chunk only; returns its
+    /// range. The rest of `buf` is left with unspecified values.
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<Range<usize>, CommError>;
+    /// Every rank fills its own chunk of `buf`; afterwards every rank has every
+    /// rank's chunk.
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CommError>;
     /// Every rank contributes `mine` (lengths may differ per rank); returns
     /// all ranks' contributions in rank order.
     fn all_gather_bytes(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CommError>;
     /// Overwrite `buf` on every rank with root's contents.
     fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CommError>;
+    /// Sends `buf` to rank `to`, which receives it with `recv(this rank, ..)`
+    /// of the same length. Returns once the message is written to the
+    /// connection; two ranks that send large messages to each other at the same
+    /// time must not both wait for theirs to be read first.
+    fn send(&mut self, to: usize, buf: &[f32]) -> Result<(), CommError>;
+    /// Receives the next message that rank `from` sends to this rank.
+    fn recv(&mut self, from: usize, buf: &mut [f32]) -> Result<(), CommError>;
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<(), CommError>;
 }
@@ -53,6 +74,14 @@ impl ProcessGroup for SingleProcess {
         Ok(())
     }
 
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<Range<usize>, CommError> {
+        Ok(chunk_range(buf.len(), 1, 0))
+    }
+
+    fn all_gather(&mut self, _buf: &mut [f32]) -> Result<(), CommError> {
+        Ok(())
+    }
+
     fn all_gather_bytes(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
         Ok(vec![mine.to_vec()])
     }
@@ -67,7 +96,19 @@ impl ProcessGroup for SingleProcess {
         Ok(())
     }
 
+    fn send(&mut self, to: usize, _buf: &[f32]) -> Result<(), CommError> {
+        Err(no_peer(to))
+    }
+
+    fn recv(&mut self, from: usize, _buf: &mut [f32]) -> Result<(), CommError> {
+        Err(no_peer(from))
+    }
+
     fn barrier(&mut self) -> Result<(), CommError> {
         Ok(())
     }
+}
+
+fn no_peer(peer: usize) -> CommError {
+    CommError::Protocol { rank: 0, message: format!("rank 0 of a world of 1 has no rank {peer} to talk to") }
 }

@@ -3,10 +3,15 @@
 //!
 //! Each worker process binds one [`CommListener`] for its whole life. For each
 //! generation of a job, every rank calls [`TcpRing::connect`] with the same
-//! [`RingConfig`] (but its own rank); the ring then runs bandwidth-optimal ring
-//! collectives whose results are bit-identical on every rank. Calls block the
-//! calling thread (the train loop's own thread), each under a deadline; a
-//! failed call names the rank to blame and leaves the ring broken.
+//! [`RingConfig`] (but its own rank). Buffers above [`DIRECT_MAX_BYTES`] then
+//! go around the ring with the bandwidth-optimal algorithm, pipelined in
+//! pieces on a writer thread per link; smaller ones by direct exchange between
+//! every pair of ranks in one round trip ([`Algorithm`] overrides the choice).
+//! Either way results are bit-identical on every rank. `send`/`recv` and the
+//! direct exchange use connections made on first use through the same
+//! listeners and generation-checked handshake. Calls block the calling thread
+//! (the train loop's own thread), each under a deadline; a failed call names
+//! the rank to blame and leaves the group broken.
 //!
 //! Failures: a rank whose predecessor goes quiet tells its successor that it
 //! is stuck too and waits briefly for the predecessor's verdict, so every rank
@@ -17,16 +22,20 @@
 //! The job id in [`RingConfig`] is also the namespace of a ring on a listener:
 //! a process in two rings of the same generation gives them two ids.
 
+mod bytes;
+mod direct;
 mod error;
 mod group;
 mod link;
 mod listener;
 mod ops;
 mod ring;
+mod sender;
 mod wire;
 
 pub mod chunk;
 
+pub use chunk::{Algorithm, DIRECT_MAX_BYTES};
 pub use error::CommError;
 pub use group::{ProcessGroup, SingleProcess};
 pub use listener::CommListener;

@@ -6,14 +6,18 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
+use crate::bytes::as_bytes_mut;
 use crate::error::CommError;
 use crate::wire::{Blame, Frame, Kind, Op, FRAME_LEN};
 
 /// Bytes moved per system call; also the size of the staging buffer.
-const PIECE: usize = 256 * 1024;
+pub(crate) const PIECE: usize = 256 * 1024;
 /// A socket timeout set this long ago is set again before the next call, so
 /// that a call never overshoots its deadline by more than this.
 const REARM_AFTER: Duration = Duration::from_millis(2);
+/// Payloads up to this size are copied behind their header and written in one
+/// system call.
+const INLINE_PAYLOAD: usize = 16 * 1024;
 /// Largest error message accepted in an `Abort` frame.
 const MAX_ABORT_MESSAGE: u64 = 64 * 1024;
 
@@ -32,9 +36,8 @@ impl Deadline {
     }
 }
 
-/// What is sent after a header.
+/// What is sent after a header (f32 buffers as their little-endian bytes).
 pub(crate) enum Payload<'a> {
-    F32(&'a [f32]),
     Bytes(&'a [u8]),
 }
 
@@ -63,6 +66,8 @@ pub(crate) struct Link {
     /// The rank at the other end.
     pub peer: usize,
     buf: Vec<u8>,
+    /// Where received values wait to be added into the caller's buffer.
+    stage: Vec<f32>,
     /// False while a message is partly written: nothing else may be sent.
     send_idle: bool,
     /// False while a message is partly read: the next bytes are not a header.
@@ -80,6 +85,7 @@ impl Link {
             stream,
             peer,
             buf: Vec::new(),
+            stage: Vec::new(),
             send_idle: true,
             recv_idle: true,
             first_data: None,
@@ -91,6 +97,17 @@ impl Link {
     /// Whether the last message was written whole, so that another may follow.
     pub fn send_idle(&self) -> bool {
         self.send_idle
+    }
+
+    /// Records whether a writer thread on a clone of this connection left a
+    /// message half written.
+    pub fn set_send_idle(&mut self, idle: bool) {
+        self.send_idle = idle;
+    }
+
+    /// Another handle to the same connection, for a writer thread.
+    pub fn clone_stream(&self) -> io::Result<TcpStream> {
+        self.stream.try_clone()
     }
 
     /// When the first data frame of collective `seq` arrived, if one has.
@@ -111,7 +128,6 @@ impl Link {
     /// Sends one message: `frame` (whose `len` is set here) and its payload.
     pub fn send(&mut self, mut frame: Frame, payload: Payload<'_>, dl: Deadline) -> Result<(), CommError> {
         frame.len = match payload {
-            Payload::F32(values) => values.len() as u64 * 4,
             Payload::Bytes(bytes) => bytes.len() as u64,
         };
         self.send_idle = false;
@@ -121,36 +137,15 @@ impl Link {
     }
 
     fn write_message(&mut self, frame: Frame, payload: Payload<'_>, dl: Deadline) -> io::Result<()> {
+        let Payload::Bytes(bytes) = payload;
+        // Small messages go out in one write with their header; large ones
+        // straight from the caller's buffer after it.
+        let head = if bytes.len() <= INLINE_PAYLOAD { bytes.len() } else { 0 };
         let mut buf = std::mem::take(&mut self.buf);
         buf.clear();
         buf.extend_from_slice(&frame.encode());
-        let result = (|| match payload {
-            Payload::F32(values) => {
-                let mut rest = values;
-                loop {
-                    let room = (PIECE.saturating_sub(buf.len()) / 4).max(1);
-                    let (now, later) = rest.split_at(rest.len().min(room));
-                    for v in now {
-                        buf.extend_from_slice(&v.to_le_bytes());
-                    }
-                    self.write_all_by(&buf, dl)?;
-                    buf.clear();
-                    rest = later;
-                    if rest.is_empty() {
-                        return Ok(());
-                    }
-                }
-            }
-            Payload::Bytes(bytes) => {
-                let head = bytes.len().min(PIECE - FRAME_LEN);
-                buf.extend_from_slice(&bytes[..head]);
-                self.write_all_by(&buf, dl)?;
-                for piece in bytes[head..].chunks(PIECE) {
-                    self.write_all_by(piece, dl)?;
-                }
-                Ok(())
-            }
-        })();
+        buf.extend_from_slice(&bytes[..head]);
+        let result = self.write_all_by(&buf, dl).and_then(|()| self.write_all_by(&bytes[head..], dl));
         self.buf = buf;
         result
     }
@@ -225,27 +220,28 @@ impl Link {
         }
     }
 
-    /// Receives `dst.len()` little-endian f32s and adds them into `dst` (or
-    /// overwrites it), a piece at a time.
+    /// Receives `dst.len()` f32s and adds them into `dst` (or overwrites it,
+    /// reading straight into it).
     pub fn recv_f32(&mut self, dst: &mut [f32], add: bool, dl: Deadline) -> Result<(), CommError> {
-        let mut buf = std::mem::take(&mut self.buf);
-        buf.resize(PIECE, 0);
+        let result = if add { self.recv_add(dst, dl) } else { self.read_exact_by(as_bytes_mut(dst), dl) };
+        self.recv_idle = result.is_ok();
+        result.map_err(|e| classify(e, self.peer, dl))
+    }
+
+    /// Reads a piece at a time into the staging buffer and adds it into `dst`.
+    fn recv_add(&mut self, dst: &mut [f32], dl: Deadline) -> io::Result<()> {
+        let mut stage = std::mem::take(&mut self.stage);
+        stage.resize(PIECE / 4, 0.0);
         let mut result = Ok(());
         for part in dst.chunks_mut(PIECE / 4) {
-            let bytes = &mut buf[..part.len() * 4];
-            if let Err(e) = self.read_exact_by(bytes, dl) {
-                result = Err(classify(e, self.peer, dl));
+            let got = &mut stage[..part.len()];
+            if let Err(e) = self.read_exact_by(as_bytes_mut(got), dl) {
+                result = Err(e);
                 break;
             }
-            let values = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-            if add {
-                part.iter_mut().zip(values).for_each(|(d, v)| *d += v);
-            } else {
-                part.iter_mut().zip(values).for_each(|(d, v)| *d = v);
-            }
+            part.iter_mut().zip(got.iter()).for_each(|(d, v)| *d += *v);
         }
-        self.buf = buf;
-        self.recv_idle = result.is_ok();
+        self.stage = stage;
         result
     }
 
@@ -293,26 +289,37 @@ impl Link {
         Ok(())
     }
 
-    fn write_all_by(&mut self, mut buf: &[u8], dl: Deadline) -> io::Result<()> {
-        while !buf.is_empty() {
-            let now = Instant::now();
-            let remaining = dl.at.saturating_duration_since(now);
-            if remaining.is_zero() {
-                return Err(io::ErrorKind::TimedOut.into());
-            }
-            if needs_rearm(self.write_armed, dl.at, now) {
-                self.stream.set_write_timeout(Some(remaining))?;
-                self.write_armed = Some((now, dl.at));
-            }
-            match self.stream.write(buf) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => buf = &buf[n..],
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+    fn write_all_by(&mut self, buf: &[u8], dl: Deadline) -> io::Result<()> {
+        write_all_by(&self.stream, &mut self.write_armed, buf, dl)
     }
+}
+
+/// Writes all of `buf` to `stream` before the deadline; `armed` remembers the
+/// socket's write timeout so that it is not set on every call.
+pub(crate) fn write_all_by(
+    mut stream: &TcpStream,
+    armed: &mut Option<(Instant, Instant)>,
+    mut buf: &[u8],
+    dl: Deadline,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        let now = Instant::now();
+        let remaining = dl.at.saturating_duration_since(now);
+        if remaining.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        if needs_rearm(*armed, dl.at, now) {
+            stream.set_write_timeout(Some(remaining))?;
+            *armed = Some((now, dl.at));
+        }
+        match stream.write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// `at + by`, or a time so far away that it never comes when that overflows.
@@ -332,7 +339,7 @@ fn is_timeout(e: &io::Error) -> bool {
 }
 
 /// Turns a socket error with `peer` into the error a caller sees.
-fn classify(e: io::Error, peer: usize, dl: Deadline) -> CommError {
+pub(crate) fn classify(e: io::Error, peer: usize, dl: Deadline) -> CommError {
     use io::ErrorKind::*;
     match e.kind() {
         WouldBlock | TimedOut => CommError::Timeout { rank: peer, op: dl.op.name(), after: dl.timeout },

@@ -12,7 +12,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::error::CommError;
-use crate::wire::{Hello, Verdict};
+use crate::wire::{Hello, Lane, Verdict};
 
 /// How long an accepted connection may take to send its handshake.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -32,7 +32,7 @@ struct Shared {
     stop: AtomicBool,
 }
 
-type Key = (String, u64, u32);
+type Key = (String, u64, u32, Lane);
 
 #[derive(Default)]
 struct State {
@@ -110,21 +110,59 @@ impl CommListener {
             return Err(*newest);
         }
         *newest = generation;
-        state.parked.retain(|(j, g, _), _| !(j == job && *g < generation));
+        state.parked.retain(|(j, g, _, _), _| !(j == job && *g < generation));
         Ok(())
     }
 
-    /// Waits until `from_rank` of (`job`, `generation`) has connected, and
-    /// takes its connection.
+    /// Waits until `from_rank` of (`job`, `generation`) has connected on
+    /// `lane`, and takes its connection.
     pub(crate) fn claim(
         &self,
         job: &str,
         generation: u64,
         from_rank: usize,
+        lane: Lane,
         deadline: Instant,
     ) -> Result<Parked, CommError> {
-        let key: Key = (job.to_string(), generation, from_rank as u32);
-        let mut state = self.shared.lock();
+        self.shared.claim(job, generation, from_rank, lane, deadline)
+    }
+
+    /// A handle that can claim connections later, for links that a ring
+    /// builds on demand.
+    pub(crate) fn handle(&self) -> ListenerHandle {
+        ListenerHandle(Arc::clone(&self.shared))
+    }
+}
+
+/// Claims connections parked on a [`CommListener`]; kept by a ring for the
+/// direct links it builds on demand.
+#[derive(Clone)]
+pub(crate) struct ListenerHandle(Arc<Shared>);
+
+impl ListenerHandle {
+    pub(crate) fn claim(
+        &self,
+        job: &str,
+        generation: u64,
+        from_rank: usize,
+        lane: Lane,
+        deadline: Instant,
+    ) -> Result<Parked, CommError> {
+        self.0.claim(job, generation, from_rank, lane, deadline)
+    }
+}
+
+impl Shared {
+    fn claim(
+        &self,
+        job: &str,
+        generation: u64,
+        from_rank: usize,
+        lane: Lane,
+        deadline: Instant,
+    ) -> Result<Parked, CommError> {
+        let key: Key = (job.to_string(), generation, from_rank as u32, lane);
+        let mut state = self.lock();
         loop {
             if state.shut {
                 return Err(CommError::Setup("the comm listener is shut down".into()));
@@ -138,7 +176,7 @@ impl CommListener {
                     "rank {from_rank} did not connect for job {job:?} generation {generation} in time"
                 )));
             }
-            state = self.shared.changed.wait_timeout(state, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            state = self.changed.wait_timeout(state, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
 }
@@ -214,7 +252,7 @@ fn receive_hello(shared: &Shared, mut stream: TcpStream, from: SocketAddr) {
         %from, job = %hello.job, generation = hello.generation, from_rank = hello.from_rank,
         "parked a ring connection"
     );
-    let key = (hello.job.clone(), hello.generation, hello.from_rank);
+    let key = (hello.job.clone(), hello.generation, hello.from_rank, hello.lane);
     // A repeated key is a retry of the same connector: the newest wins.
     state.parked.insert(key, Parked { stream, hello });
     drop(state);
@@ -251,7 +289,7 @@ mod tests {
     fn say_hello(listener: &CommListener, job: &str, generation: u64) -> (TcpStream, Verdict) {
         let mut stream = TcpStream::connect(listener.local_addr()).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let hello = Hello { job: job.into(), generation, from_rank: 0, to_rank: 1, world: 2 };
+        let hello = Hello { job: job.into(), generation, from_rank: 0, to_rank: 1, world: 2, lane: Lane::Ring };
         stream.write_all(&hello.encode()).unwrap();
         let mut answer = [0u8; 9];
         stream.read_exact(&mut answer).unwrap();
@@ -276,9 +314,9 @@ mod tests {
         assert_eq!(verdict, Verdict::Accepted);
 
         let soon = Instant::now() + Duration::from_secs(1);
-        let parked = listener.claim("job", 3, 0, soon).unwrap();
+        let parked = listener.claim("job", 3, 0, Lane::Ring, soon).unwrap();
         assert_eq!(parked.hello.generation, 3);
-        let missing = listener.claim("job", 3, 1, Instant::now() + Duration::from_millis(50));
+        let missing = listener.claim("job", 3, 1, Lane::Ring, Instant::now() + Duration::from_millis(50));
         assert!(matches!(missing, Err(CommError::Setup(_))));
     }
 
@@ -288,7 +326,8 @@ mod tests {
         let addr = listener.local_addr();
         let started = Instant::now();
         thread::scope(|scope| {
-            let claim = scope.spawn(|| listener.claim("job", 1, 0, Instant::now() + Duration::from_secs(10)));
+            let claim =
+                scope.spawn(|| listener.claim("job", 1, 0, Lane::Ring, Instant::now() + Duration::from_secs(10)));
             thread::sleep(Duration::from_millis(50));
             listener.shutdown();
             assert!(matches!(claim.join().unwrap(), Err(CommError::Setup(_))));

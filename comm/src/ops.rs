@@ -1,24 +1,31 @@
-//! The collectives of [`TcpRing`]: ring all-reduce (reduce-scatter then
-//! all-gather), ring all-gather of byte messages, a pipelined broadcast along
-//! the ring, and a barrier. Each message carries a header that the receiver
-//! checks against what it expects, so ranks that disagree fail loudly.
+//! The collectives of [`TcpRing`]. Buffers up to
+//! [`DIRECT_MAX_BYTES`](crate::chunk::DIRECT_MAX_BYTES) go by direct exchange
+//! (`direct.rs`, one round trip); larger ones by the bandwidth-optimal ring,
+//! pipelined: each chunk is streamed in pieces, and a piece received (and
+//! reduced straight from the receive buffer) is queued at once on the link's
+//! writer thread for the next rank, so sending, receiving and reducing
+//! overlap. Byte messages and barriers go around the ring. Each message
+//! carries a header that the receiver checks, so ranks that disagree fail
+//! loudly.
 
 use std::ops::Range;
-use std::thread;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
-use crate::chunk::{all_reduce_steps, chunk_range, gather_origin, Phase};
+use crate::bytes::as_bytes;
+use crate::chunk::{all_gather_steps, all_reduce_steps, chunk_range, gather_origin, pieces, reduce_scatter_steps};
+use crate::chunk::{Phase, RingStep};
+use crate::direct::DirectLinks;
 use crate::error::CommError;
 use crate::group::ProcessGroup;
-use crate::link::{Deadline, Fault, Link, Payload};
-use crate::ring::TcpRing;
+use crate::link::{Deadline, Fault};
+use crate::ring::{Links, TcpRing};
 use crate::wire::{Frame, Kind, Op};
 
-/// Messages up to this many payload bytes are written before reading, without
-/// a helper thread: they fit in the socket buffers, so this cannot deadlock.
-const INLINE_SEND: usize = 8 * 1024;
-/// Elements per message of a broadcast, so that ranks along the ring forward
-/// one piece while the next one arrives.
-const BROADCAST_PIECE: usize = 256 * 1024;
+/// Elements per piece that a ring chunk is streamed in.
+const RING_PIECE: usize = 64 * 1024;
+/// Elements per message of a ring broadcast, so that ranks along the chain
+/// forward one piece while the next one arrives.
+const BROADCAST_PIECE: usize = 64 * 1024;
 
 impl ProcessGroup for TcpRing {
     fn rank(&self) -> usize {
@@ -35,25 +42,36 @@ impl ProcessGroup for TcpRing {
 
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
         if self.world == 1 {
-            return Ok(());
+            return self.check_broken();
         }
-        let (rank, world, len) = (self.rank, self.world, buf.len());
-        self.run(Op::AllReduce, |links, dl, seq| {
-            for (i, step) in all_reduce_steps(rank, world).into_iter().enumerate() {
-                let header = data_frame(Op::AllReduce, seq, i, len);
-                let want_range = chunk_range(len, world, step.recv);
-                let want = Frame { len: want_range.len() as u64 * 4, ..header };
-                let (src, dst) = split_two(buf, chunk_range(len, world, step.send), want_range);
-                let add = step.phase == Phase::ReduceScatter;
-                exchange(links.send, header, Payload::F32(src), links.recv, dl, |recv| {
-                    let got = recv.recv_frame(dl)?;
-                    recv.expect(&got, &want)?;
-                    recv.recv_f32(dst, add, dl)?;
-                    Ok(())
-                })?;
-            }
-            Ok(())
-        })
+        if self.algorithm.is_direct(buf.len() * 4) {
+            return self.run_direct(Op::AllReduce, true, |direct, dl, seq| direct.all_reduce(buf, dl, seq));
+        }
+        let steps = all_reduce_steps(self.rank, self.world);
+        self.ring_pipeline(Op::AllReduce, buf, &steps)
+    }
+
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<Range<usize>, CommError> {
+        let own = chunk_range(buf.len(), self.world, self.rank);
+        if self.world == 1 {
+            return self.check_broken().map(|()| own);
+        }
+        if self.algorithm.is_direct(buf.len() * 4) {
+            return self.run_direct(Op::ReduceScatter, true, |direct, dl, seq| direct.reduce_scatter(buf, dl, seq));
+        }
+        let steps = reduce_scatter_steps(self.rank, self.world);
+        self.ring_pipeline(Op::ReduceScatter, buf, &steps).map(|()| own)
+    }
+
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        if self.world == 1 {
+            return self.check_broken();
+        }
+        if self.algorithm.is_direct(buf.len() * 4) {
+            return self.run_direct(Op::AllGatherF32, true, |direct, dl, seq| direct.all_gather(buf, dl, seq));
+        }
+        let steps = all_gather_steps(self.rank, self.world);
+        self.ring_pipeline(Op::AllGatherF32, buf, &steps)
     }
 
     fn all_gather_bytes(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
@@ -68,37 +86,22 @@ impl ProcessGroup for TcpRing {
             });
         }
         if self.world == 1 {
-            return Ok(());
+            return self.check_broken();
         }
-        let (world, len) = (self.world, buf.len());
-        // Position along the chain root -> root+1 -> ... -> root-1.
-        let pos = (self.rank + world - root) % world;
-        self.run(Op::Broadcast, |links, dl, seq| {
-            // Every rank first tells the next one that it has entered the
-            // broadcast: ranks check that they agree on root and length, and
-            // a rank whose predecessor never entered can tell so.
-            let entered = data_frame(Op::Broadcast, seq, root, len);
-            exchange(links.send, entered, Payload::Bytes(&[]), links.recv, dl, |recv| {
-                let got = recv.recv_frame(dl)?;
-                recv.expect(&got, &entered)?;
-                Ok(())
-            })?;
-            let pieces = len.div_ceil(BROADCAST_PIECE).max(1);
-            for k in 0..pieces {
-                let range = k * BROADCAST_PIECE..((k + 1) * BROADCAST_PIECE).min(len);
-                let header = data_frame(Op::Broadcast, seq, root, len);
-                if pos > 0 {
-                    let want = Frame { len: range.len() as u64 * 4, ..header };
-                    let got = links.recv.recv_frame(dl)?;
-                    links.recv.expect(&got, &want)?;
-                    links.recv.recv_f32(&mut buf[range.clone()], false, dl)?;
-                }
-                if pos < world - 1 {
-                    links.send.send(header, Payload::F32(&buf[range]), dl)?;
-                }
-            }
-            Ok(())
-        })
+        if self.algorithm.is_direct(buf.len() * 4) {
+            return self.run_direct(Op::Broadcast, true, |direct, dl, seq| direct.broadcast(buf, root, dl, seq));
+        }
+        self.ring_broadcast(buf, root)
+    }
+
+    fn send(&mut self, to: usize, buf: &[f32]) -> Result<(), CommError> {
+        self.check_peer(to, "send to")?;
+        self.run_direct(Op::PointToPoint, false, |direct, dl, _| direct.send(to, buf, dl))
+    }
+
+    fn recv(&mut self, from: usize, buf: &mut [f32]) -> Result<(), CommError> {
+        self.check_peer(from, "receive from")?;
+        self.run_direct(Op::PointToPoint, false, |direct, dl, _| direct.recv(from, buf, dl))
     }
 
     fn barrier(&mut self) -> Result<(), CommError> {
@@ -106,11 +109,174 @@ impl ProcessGroup for TcpRing {
     }
 }
 
+/// A caller's buffer shared between the collective's thread, which writes the
+/// pieces it receives, and the writer thread, which reads the pieces queued
+/// for sending. Only disjoint pieces are ever borrowed at once: a piece is
+/// written only after every queued send of it has finished.
+#[derive(Clone, Copy)]
+struct RawBuf {
+    ptr: *mut f32,
+    len: usize,
+}
+
+impl RawBuf {
+    fn new(buf: &mut [f32]) -> RawBuf {
+        RawBuf { ptr: buf.as_mut_ptr(), len: buf.len() }
+    }
+
+    /// # Safety
+    /// No other borrow of `range` may be alive, and no queued send of it may
+    /// be unfinished.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice_mut(&self, range: Range<usize>) -> &mut [f32] {
+        assert!(range.start <= range.end && range.end <= self.len);
+        std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len())
+    }
+
+    /// # Safety
+    /// No mutable borrow of `range` may be alive while the result is.
+    unsafe fn slice(&self, range: Range<usize>) -> &[f32] {
+        assert!(range.start <= range.end && range.end <= self.len);
+        std::slice::from_raw_parts(self.ptr.add(range.start), range.len())
+    }
+}
+
 impl TcpRing {
+    fn check_peer(&self, peer: usize, what: &str) -> Result<(), CommError> {
+        self.check_broken()?;
+        if peer >= self.world || peer == self.rank {
+            return Err(CommError::Protocol {
+                rank: self.rank,
+                message: format!("rank {} cannot {what} rank {peer} in a world of {}", self.rank, self.world),
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs an op over direct connections; `collective` ops take the ring's
+    /// next sequence number. Any failure closes the whole group.
+    fn run_direct<T>(
+        &mut self,
+        op: Op,
+        collective: bool,
+        body: impl FnOnce(&mut DirectLinks, Deadline, u64) -> Result<T, CommError>,
+    ) -> Result<T, CommError> {
+        self.check_broken()?;
+        if collective {
+            self.seq += 1;
+        }
+        let dl = Deadline::after(self.op_timeout, op);
+        let seq = self.seq;
+        let outcome = catch_unwind(AssertUnwindSafe(|| body(&mut self.direct, dl, seq)));
+        if !matches!(outcome, Ok(Ok(_))) {
+            self.direct.cancel_all();
+        }
+        // Whatever happened, no writer thread may still read the buffer.
+        let flushed = self.direct.flush_all();
+        let outcome = outcome.unwrap_or_else(|panic| resume_unwind(panic));
+        let error = match (outcome, flushed) {
+            (Ok(value), None) => return Ok(value),
+            (Ok(_), Some(error)) | (Err(error), _) => error,
+        };
+        self.break_with(&error);
+        Err(error)
+    }
+
+    /// The pipelined ring: runs `steps`, streaming each chunk in pieces, and
+    /// queues each received piece for the next rank as soon as it is in
+    /// (every schedule sends at step `s + 1` what it received at step `s`).
+    fn ring_pipeline(&mut self, op: Op, buf: &mut [f32], steps: &[RingStep]) -> Result<(), CommError> {
+        let (world, len) = (self.world, buf.len());
+        let raw = RawBuf::new(buf);
+        self.run(op, |links, dl, seq| {
+            let header = |step: usize, chunk: usize| Frame {
+                len: chunk_range(len, world, chunk).len() as u64 * 4,
+                ..data_frame(op, seq, step, len)
+            };
+            // Job numbers of the queued sends of each chunk's pieces, so that
+            // a piece is overwritten only once its send is done.
+            let mut queued: Vec<Vec<u64>> = vec![Vec::new(); world];
+            let first = steps[0].send;
+            queue_chunk(links, raw, header(0, first), chunk_range(len, world, first), dl, &mut queued[first]);
+            for (i, step) in steps.iter().enumerate() {
+                let want = header(i, step.recv);
+                let got = links.recv.recv_frame(dl)?;
+                links.recv.expect(&got, &want)?;
+                let forward = steps.get(i + 1).map(|next| {
+                    debug_assert_eq!(next.send, step.recv, "schedules forward what they received");
+                    header(i + 1, step.recv)
+                });
+                let range = chunk_range(len, world, step.recv);
+                if range.is_empty() {
+                    if let Some(frame) = forward {
+                        // SAFETY: an empty piece reads nothing.
+                        unsafe { links.sender.queue(Some(frame), &[], dl) };
+                    }
+                }
+                let sent_before = std::mem::take(&mut queued[step.recv]);
+                for (k, piece) in pieces(range, RING_PIECE).enumerate() {
+                    if let Some(&job) = sent_before.get(k) {
+                        links.sender.wait_written(job);
+                    }
+                    // SAFETY: this piece's earlier send is done, and the only
+                    // other pieces borrowed are queued sends, disjoint from it.
+                    let dst = unsafe { raw.slice_mut(piece.clone()) };
+                    links.recv.recv_f32(dst, step.phase == Phase::ReduceScatter, dl)?;
+                    if let Some(frame) = forward {
+                        let frame = (k == 0).then_some(frame);
+                        // SAFETY: the run waits for the writer before returning.
+                        let job = unsafe { links.sender.queue(frame, as_bytes(raw.slice(piece)), dl) };
+                        queued[step.recv].push(job);
+                    }
+                }
+                if let Some(error) = links.sender.take_error() {
+                    return Err(Fault::Failed(error));
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Broadcast along the chain root -> root+1 -> ... -> root-1, in pieces,
+    /// each forwarded as soon as it arrives.
+    fn ring_broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
+        let (world, len) = (self.world, buf.len());
+        let pos = (self.rank + world - root) % world;
+        let raw = RawBuf::new(buf);
+        self.run(Op::Broadcast, |links, dl, seq| {
+            // Every rank first tells the next one that it has entered the
+            // broadcast: ranks check that they agree on root and length, and
+            // a rank whose predecessor never entered can tell so.
+            let entered = data_frame(Op::Broadcast, seq, root, len);
+            // SAFETY: an empty payload reads nothing.
+            unsafe { links.sender.queue(Some(entered), &[], dl) };
+            let got = links.recv.recv_frame(dl)?;
+            links.recv.expect(&got, &entered)?;
+            for piece in pieces(0..len, BROADCAST_PIECE) {
+                let header = Frame { len: piece.len() as u64 * 4, ..entered };
+                if pos > 0 {
+                    let got = links.recv.recv_frame(dl)?;
+                    links.recv.expect(&got, &header)?;
+                    // SAFETY: each piece is received once, before it is queued.
+                    links.recv.recv_f32(unsafe { raw.slice_mut(piece.clone()) }, false, dl)?;
+                }
+                if pos < world - 1 {
+                    // SAFETY: the run waits for the writer before returning.
+                    unsafe { links.sender.queue(Some(header), as_bytes(raw.slice(piece)), dl) };
+                }
+                if let Some(error) = links.sender.take_error() {
+                    return Err(Fault::Failed(error));
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// Ring all-gather of variable-length messages: at step `s` each rank
     /// forwards the message it received at step `s - 1` (its own at step 0).
     fn gather(&mut self, op: Op, mine: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
         if self.world == 1 {
+            self.check_broken()?;
             return Ok(vec![mine.to_vec()]);
         }
         let (rank, world) = (self.rank, self.world);
@@ -120,14 +286,22 @@ impl TcpRing {
             for step in 0..world - 1 {
                 let sending = (rank + world - step) % world;
                 let origin = gather_origin(rank, world, step);
-                let header = Frame { aux: sending as u32, ..data_frame(op, seq, 0, step) };
+                let header =
+                    Frame { aux: sending as u32, len: out[sending].len() as u64, ..data_frame(op, seq, 0, step) };
                 let want = Frame { aux: origin as u32, ..header };
-                let received = exchange(links.send, header, Payload::Bytes(&out[sending]), links.recv, dl, |recv| {
-                    let got = recv.recv_frame(dl)?;
-                    recv.expect(&got, &Frame { len: got.len, ..want })?;
-                    Ok(recv.recv_bytes(got.len, dl)?)
-                })?;
-                out[origin] = received;
+                // SAFETY: waited for below, before `out` changes.
+                let job = unsafe { links.sender.queue(Some(header), &out[sending], dl) };
+                let received = links.recv.recv_frame(dl).and_then(|got| {
+                    links.recv.expect(&got, &Frame { len: got.len, ..want })?;
+                    Ok(links.recv.recv_bytes(got.len, dl)?)
+                });
+                // Our message goes out whole even when theirs was wrong, so
+                // that the next rank reads it before any verdict.
+                links.sender.wait_written(job);
+                out[origin] = received?;
+                if let Some(error) = links.sender.take_error() {
+                    return Err(Fault::Failed(error));
+                }
             }
             Ok(out)
         })
@@ -139,62 +313,18 @@ fn data_frame(op: Op, seq: u64, aux: usize, total: usize) -> Frame {
     Frame { kind: Kind::Data, op, aux: aux as u32, seq, total: total as u64, len: 0 }
 }
 
-/// Sends one message to the next rank while receiving one from the previous
-/// rank with `receive`. Large messages are sent from a scoped helper thread so
-/// that a ring of blocked writers cannot deadlock.
-fn exchange<R>(
-    send: &mut Link,
-    header: Frame,
-    payload: Payload<'_>,
-    recv: &mut Link,
-    dl: Deadline,
-    receive: impl FnOnce(&mut Link) -> Result<R, Fault>,
-) -> Result<R, Fault> {
-    let bytes = match &payload {
-        Payload::F32(values) => values.len() * 4,
-        Payload::Bytes(bytes) => bytes.len(),
-    };
-    if bytes <= INLINE_SEND {
-        send.send(header, payload, dl)?;
-        return receive(recv);
+/// Queues every piece of `range` on the writer thread, the header with the
+/// first (alone when the range is empty); records the job numbers.
+fn queue_chunk(links: &Links<'_>, raw: RawBuf, header: Frame, range: Range<usize>, dl: Deadline, jobs: &mut Vec<u64>) {
+    if range.is_empty() {
+        // SAFETY: an empty payload reads nothing.
+        unsafe { links.sender.queue(Some(header), &[], dl) };
+        return;
     }
-    let (sent, received) = thread::scope(|scope| {
-        let sender = scope.spawn(move || send.send(header, payload, dl));
-        let received = receive(recv);
-        let sent = sender.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (sent, received)
-    });
-    // A receive fault comes first: it may lead to the real culprit.
-    let value = received?;
-    sent?;
-    Ok(value)
-}
-
-/// A shared view of chunk `a` and a mutable view of chunk `b` of one buffer;
-/// the two chunks must not overlap.
-fn split_two(buf: &mut [f32], a: Range<usize>, b: Range<usize>) -> (&[f32], &mut [f32]) {
-    if a.end <= b.start {
-        let (left, right) = buf.split_at_mut(b.start);
-        (&left[a], &mut right[..b.end - b.start])
-    } else {
-        assert!(b.end <= a.start, "chunks {a:?} and {b:?} overlap");
-        let (left, right) = buf.split_at_mut(a.start);
-        (&right[..a.end - a.start], &mut left[b])
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn split_two_gives_both_orders() {
-        let mut buf: Vec<f32> = (0..10).map(|i| i as f32).collect();
-        let (a, b) = split_two(&mut buf, 0..3, 5..7);
-        assert_eq!(a, &[0.0, 1.0, 2.0]);
-        assert_eq!(b, &[5.0, 6.0]);
-        let (a, b) = split_two(&mut buf, 8..10, 3..3);
-        assert_eq!(a, &[8.0, 9.0]);
-        assert!(b.is_empty());
+    for (k, piece) in pieces(range, RING_PIECE).enumerate() {
+        // SAFETY: the run waits for the writer before returning; the piece
+        // is overwritten only after `wait_written` of its job.
+        let job = unsafe { links.sender.queue((k == 0).then_some(header), as_bytes(raw.slice(piece)), dl) };
+        jobs.push(job);
     }
 }

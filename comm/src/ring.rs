@@ -8,10 +8,13 @@ use std::net::{SocketAddr, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::chunk::Algorithm;
+use crate::direct::DirectLinks;
 use crate::error::CommError;
 use crate::link::{later, Deadline, Fault, Link, Payload};
 use crate::listener::CommListener;
-use crate::wire::{Blame, Frame, Hello, Kind, Op, Verdict, MAX_JOB_LEN};
+use crate::sender::Sender;
+use crate::wire::{Blame, Frame, Hello, Kind, Lane, Op, Verdict, MAX_JOB_LEN};
 
 /// Everything a rank needs to join a ring of one generation of a job.
 #[derive(Debug, Clone)]
@@ -32,7 +35,9 @@ pub struct RingConfig {
 }
 
 /// A process group whose ranks form a ring of TCP connections: each rank
-/// sends to `rank + 1` and receives from `rank - 1`.
+/// sends to `rank + 1` and receives from `rank - 1`. Small collectives and
+/// `send`/`recv` use direct connections between any two ranks, made on first
+/// use through the same listeners and handshake.
 pub struct TcpRing {
     pub(crate) job: String,
     pub(crate) rank: usize,
@@ -45,6 +50,12 @@ pub struct TcpRing {
     pub(crate) send: Option<Link>,
     /// From `rank - 1`; `None` for a world of one or once broken.
     pub(crate) recv: Option<Link>,
+    /// The writer thread of `send`.
+    pub(crate) sender: Option<Sender>,
+    /// Direct connections to the other ranks, made on demand.
+    pub(crate) direct: DirectLinks,
+    /// Which algorithm collectives use.
+    pub(crate) algorithm: Algorithm,
     /// The error that broke the ring, repeated by every later call.
     pub(crate) broken: Option<CommError>,
 }
@@ -71,6 +82,9 @@ impl TcpRing {
             seq: 0,
             send: None,
             recv: None,
+            sender: None,
+            direct: DirectLinks::new(listener.handle(), job.clone(), generation, rank, cfg.peers.clone()),
+            algorithm: Algorithm::Auto,
             broken: None,
         };
         if world == 1 {
@@ -79,10 +93,16 @@ impl TcpRing {
         let deadline = later(Instant::now(), cfg.connect_timeout);
         let next = (rank + 1) % world;
         let prev = (rank + world - 1) % world;
-        let hello =
-            Hello { job: job.clone(), generation, from_rank: rank as u32, to_rank: next as u32, world: world as u32 };
-        let send = dial(cfg.peers[next], next, &hello, deadline)?;
-        let parked = listener.claim(job, generation, prev, deadline)?;
+        let hello = Hello {
+            job: job.clone(),
+            generation,
+            from_rank: rank as u32,
+            to_rank: next as u32,
+            world: world as u32,
+            lane: Lane::Ring,
+        };
+        let send = dial(cfg.peers[next], next, &hello, deadline).map_err(DialError::into_error)?;
+        let parked = listener.claim(job, generation, prev, Lane::Ring, deadline)?;
         if parked.hello.to_rank as usize != rank || parked.hello.world as usize != world {
             return Err(CommError::Setup(format!(
                 "rank {prev} connected to rank {} of a world of {}, but this is rank {rank} of {world}",
@@ -90,7 +110,10 @@ impl TcpRing {
             )));
         }
         parked.stream.set_nodelay(true).map_err(|source| CommError::Io { rank: prev, source })?;
-        ring.send = Some(Link::new(send, next));
+        let send = Link::new(send, next);
+        let writer = send.clone_stream().map_err(|source| CommError::Io { rank: next, source })?;
+        ring.sender = Some(Sender::start(writer, next).map_err(|source| CommError::Io { rank, source })?);
+        ring.send = Some(send);
         ring.recv = Some(Link::new(parked.stream, prev));
         tracing::debug!(job = %ring.job, generation, rank, world, "ring built");
         Ok(ring)
@@ -99,6 +122,39 @@ impl TcpRing {
     /// Changes the deadline of every later collective.
     pub fn set_op_timeout(&mut self, d: Duration) {
         self.op_timeout = d;
+    }
+
+    /// Chooses the algorithm of later collectives ([`Algorithm::Auto`] by
+    /// default: by buffer size). Every rank must choose the same.
+    pub fn set_algorithm(&mut self, algorithm: Algorithm) {
+        self.algorithm = algorithm;
+    }
+
+    /// The error that broke the group, if one did.
+    pub(crate) fn check_broken(&self) -> Result<(), CommError> {
+        match &self.broken {
+            Some(error) => Err(error.duplicate()),
+            None => Ok(()),
+        }
+    }
+
+    /// Closes every connection after a failure; later calls repeat `error`.
+    pub(crate) fn break_with(&mut self, error: &CommError) {
+        tracing::warn!(
+            job = %self.job, generation = self.generation, rank = self.rank, seq = self.seq,
+            %error, "collective failed; group closed"
+        );
+        if let Some(link) = &self.send {
+            link.close();
+        }
+        if let Some(link) = &self.recv {
+            link.close();
+        }
+        self.direct.close_all();
+        self.sender = None;
+        self.send = None;
+        self.recv = None;
+        self.broken = Some(error.duplicate());
     }
 
     /// Runs one collective: stamps it with the next sequence number, and on
@@ -113,31 +169,53 @@ impl TcpRing {
         }
         self.seq += 1;
         let dl = Deadline::after(self.op_timeout, op);
-        let (Some(send), Some(recv)) = (self.send.as_mut(), self.recv.as_mut()) else {
-            unreachable!("a ring of world > 1 that is not broken has both links");
+        let (Some(send), Some(recv), Some(sender)) = (self.send.as_mut(), self.recv.as_mut(), self.sender.as_ref())
+        else {
+            unreachable!("a ring of world > 1 that is not broken has both links and a writer");
         };
-        let mut links = Links { send, recv };
-        let fault = match body(&mut links, dl, self.seq) {
-            Ok(value) => return Ok(value),
-            Err(fault) => fault,
+        let mut links = Links { send, recv, sender };
+        let outcome = {
+            // Waits for the writer thread whatever happens, also on unwinding,
+            // so that no queued piece outlives the caller's buffer.
+            let guard = FlushOnDrop(sender);
+            let outcome = body(&mut links, dl, self.seq);
+            drop(guard);
+            // Sends already queued still go out (or fail) before the verdict
+            // is passed on, so that the next rank reads whole messages.
+            let flushed = sender.flush();
+            links.send.set_send_idle(flushed.idle);
+            match (outcome, flushed.error) {
+                (Ok(value), None) => return Ok(value),
+                (Ok(_), Some(error)) => Fault::Failed(error),
+                // A receive fault comes first: it may lead to the real culprit.
+                (Err(fault), _) => fault,
+            }
         };
-        let error = links.resolve(fault, dl, self.seq, grace(self.op_timeout));
-        tracing::warn!(
-            job = %self.job, generation = self.generation, rank = self.rank, seq = self.seq,
-            %error, "collective failed; ring closed"
-        );
+        let error = links.resolve(outcome, dl, self.seq, grace(self.op_timeout));
         // Dropping the sockets makes neighbours still blocked on us fail at once.
-        self.send = None;
-        self.recv = None;
-        self.broken = Some(error.duplicate());
+        self.break_with(&error);
         Err(error)
     }
 }
 
-/// The two connections of a working ring, borrowed for one collective.
+/// The two connections of a working ring, borrowed for one collective, and
+/// the writer thread that sends on `send`.
 pub(crate) struct Links<'a> {
     pub send: &'a mut Link,
     pub recv: &'a mut Link,
+    pub sender: &'a Sender,
+}
+
+/// Cancels and waits for a writer thread when dropped while unwinding.
+struct FlushOnDrop<'a>(&'a Sender);
+
+impl Drop for FlushOnDrop<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.cancel();
+            self.0.flush();
+        }
+    }
 }
 
 impl Links<'_> {
@@ -256,24 +334,42 @@ fn validate(cfg: &RingConfig) -> Result<(), CommError> {
     Err(CommError::Setup(problem))
 }
 
+/// Why [`dial`] failed.
+pub(crate) enum DialError {
+    /// The peer's listener refused our generation as older than its newest.
+    Stale(CommError),
+    /// The peer could not be reached before the deadline.
+    Unreachable(CommError),
+}
+
+impl DialError {
+    pub fn into_error(self) -> CommError {
+        match self {
+            DialError::Stale(error) | DialError::Unreachable(error) => error,
+        }
+    }
+}
+
 /// Connects to `peer` and introduces ourselves, retrying with backoff until
 /// `deadline` while the peer is not up yet. A refusal as stale is final.
-fn dial(addr: SocketAddr, peer: usize, hello: &Hello, deadline: Instant) -> Result<TcpStream, CommError> {
+pub(crate) fn dial(addr: SocketAddr, peer: usize, hello: &Hello, deadline: Instant) -> Result<TcpStream, DialError> {
     let mut backoff = Duration::from_millis(10);
     loop {
         let error = match try_dial(addr, hello, deadline) {
             Ok((stream, Verdict::Accepted)) => return Ok(stream),
             Ok((_, Verdict::Stale { newest })) => {
-                return Err(CommError::Setup(format!(
+                return Err(DialError::Stale(CommError::Setup(format!(
                     "rank {peer} at {addr} refused generation {} of job {:?}: generation {newest} already exists",
                     hello.generation, hello.job
-                )))
+                ))))
             }
             Err(error) => error,
         };
         let now = Instant::now();
         if now + backoff >= deadline {
-            return Err(CommError::Setup(format!("could not connect to rank {peer} at {addr} in time: {error}")));
+            return Err(DialError::Unreachable(CommError::Setup(format!(
+                "could not connect to rank {peer} at {addr} in time: {error}"
+            ))));
         }
         tracing::trace!(peer, %addr, %error, "ring connect failed; retrying");
         thread::sleep(backoff);

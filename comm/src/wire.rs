@@ -7,12 +7,14 @@ use std::fmt;
 /// First bytes of every handshake.
 pub(crate) const MAGIC: [u8; 4] = *b"FLCM";
 /// Version of everything in this file; a peer with another one is refused.
-pub(crate) const VERSION: u16 = 1;
+pub(crate) const VERSION: u16 = 2;
 /// Longest job id accepted in a handshake.
 pub(crate) const MAX_JOB_LEN: usize = 1024;
 /// Marks a frame header, so that stray bytes are caught at once.
 const FRAME_MARK: [u8; 2] = [0xF1, 0x07];
 pub(crate) const FRAME_LEN: usize = 32;
+/// Bytes of a handshake after the job id: generation, three u32 and the lane.
+const HELLO_TAIL: usize = 24;
 
 /// What a connecting rank says first: who it is and which ring it wants to join.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,12 +25,38 @@ pub(crate) struct Hello {
     /// The rank the connector believes it is talking to; checked when claimed.
     pub to_rank: u32,
     pub world: u32,
+    /// Which kind of connection this is, so that the ring link and the direct
+    /// links between the same two ranks are told apart.
+    pub lane: Lane,
+}
+
+/// The kinds of connection between two ranks of one ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Lane {
+    /// From a rank to the next one around the ring.
+    Ring = 1,
+    /// Between any two ranks, for the latency-optimal collectives; dialed by
+    /// the lower rank, used in both directions.
+    Direct = 2,
+    /// Between any two ranks, for `send`/`recv`; dialed by the lower rank.
+    PointToPoint = 3,
+}
+
+impl Lane {
+    fn from_code(code: u32) -> Option<Lane> {
+        Some(match code {
+            1 => Lane::Ring,
+            2 => Lane::Direct,
+            3 => Lane::PointToPoint,
+            _ => return None,
+        })
+    }
 }
 
 impl Hello {
     pub fn encode(&self) -> Vec<u8> {
         let job = self.job.as_bytes();
-        let mut out = Vec::with_capacity(28 + job.len());
+        let mut out = Vec::with_capacity(32 + job.len());
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&(job.len() as u16).to_le_bytes());
@@ -37,6 +65,7 @@ impl Hello {
         out.extend_from_slice(&self.from_rank.to_le_bytes());
         out.extend_from_slice(&self.to_rank.to_le_bytes());
         out.extend_from_slice(&self.world.to_le_bytes());
+        out.extend_from_slice(&(self.lane as u32).to_le_bytes());
         out
     }
 
@@ -54,12 +83,12 @@ impl Hello {
         if job_len > MAX_JOB_LEN {
             return Err(format!("job id of {job_len} bytes is too long"));
         }
-        Ok(job_len + 20)
+        Ok(job_len + HELLO_TAIL)
     }
 
     /// Parses what follows the prefix (`rest_len` bytes).
     pub fn decode_rest(rest: &[u8]) -> Result<Hello, String> {
-        let job_len = rest.len().checked_sub(20).ok_or("handshake too short")?;
+        let job_len = rest.len().checked_sub(HELLO_TAIL).ok_or("handshake too short")?;
         let job = std::str::from_utf8(&rest[..job_len]).map_err(|_| "job id is not utf-8".to_string())?.to_string();
         let tail = &rest[job_len..];
         let u32_at = |i: usize| u32::from_le_bytes(tail[i..i + 4].try_into().unwrap());
@@ -69,6 +98,7 @@ impl Hello {
             from_rank: u32_at(8),
             to_rank: u32_at(12),
             world: u32_at(16),
+            lane: Lane::from_code(u32_at(20)).ok_or_else(|| format!("unknown connection lane {}", u32_at(20)))?,
         })
     }
 }
@@ -113,6 +143,9 @@ pub(crate) enum Op {
     AllGather = 2,
     Broadcast = 3,
     Barrier = 4,
+    ReduceScatter = 5,
+    AllGatherF32 = 6,
+    PointToPoint = 7,
 }
 
 impl Op {
@@ -122,6 +155,9 @@ impl Op {
             Op::AllGather => "all_gather_bytes",
             Op::Broadcast => "broadcast",
             Op::Barrier => "barrier",
+            Op::ReduceScatter => "reduce_scatter",
+            Op::AllGatherF32 => "all_gather",
+            Op::PointToPoint => "send/recv",
         }
     }
 
@@ -131,6 +167,9 @@ impl Op {
             2 => Op::AllGather,
             3 => Op::Broadcast,
             4 => Op::Barrier,
+            5 => Op::ReduceScatter,
+            6 => Op::AllGatherF32,
+            7 => Op::PointToPoint,
             _ => return None,
         })
     }
@@ -242,7 +281,8 @@ mod tests {
 
     #[test]
     fn hello_round_trips() {
-        let hello = Hello { job: "job-7/dp".into(), generation: 42, from_rank: 3, to_rank: 4, world: 8 };
+        let hello =
+            Hello { job: "job-7/dp".into(), generation: 42, from_rank: 3, to_rank: 4, world: 8, lane: Lane::Direct };
         let bytes = hello.encode();
         let prefix: [u8; 8] = bytes[..8].try_into().unwrap();
         let rest = Hello::rest_len(&prefix).unwrap();
@@ -252,7 +292,8 @@ mod tests {
 
     #[test]
     fn hello_with_another_version_is_refused() {
-        let mut bytes = Hello { job: "j".into(), generation: 1, from_rank: 0, to_rank: 1, world: 2 }.encode();
+        let mut bytes =
+            Hello { job: "j".into(), generation: 1, from_rank: 0, to_rank: 1, world: 2, lane: Lane::Ring }.encode();
         bytes[4] = 9;
         let prefix: [u8; 8] = bytes[..8].try_into().unwrap();
         assert!(Hello::rest_len(&prefix).unwrap_err().contains("version 9"));

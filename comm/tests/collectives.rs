@@ -160,6 +160,6 @@ fn different_ops_on_different_ranks_is_a_protocol_error() {
     for (rank, result) in results.iter().enumerate() {
         let err = result.as_ref().expect_err("ops differ");
         assert!(matches!(err, CommError::Protocol { .. }), "rank {rank}: {err}");
-        assert_eq!(err.peer(), Some(1 - rank));
+        assert_eq!(err.peer(), Some(1 - rank), "rank {rank}: {err}");
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use flotilla_comm::{CommError, CommListener, ProcessGroup, TcpRing};
+use flotilla_comm::{Algorithm, CommError, CommListener, ProcessGroup, TcpRing};
 use support::*;
 
 /// Every rank but `silent` runs `op` with a short op timeout; `silent` keeps
@@ -187,4 +187,70 @@ fn a_world_of_one_needs_no_peers_to_talk_to() {
     ring.all_reduce_sum(&mut buf).unwrap();
     assert_eq!(buf, [1.5, -2.0]);
     assert_eq!(ring.all_gather_bytes(b"me").unwrap(), vec![b"me".to_vec()]);
+}
+
+#[test]
+fn a_silent_rank_is_named_in_every_new_op_by_both_algorithms() {
+    for algorithm in [Algorithm::Ring, Algorithm::Direct] {
+        let results = with_a_silent_rank(4, 2, |ring| {
+            ring.set_algorithm(algorithm);
+            ring.reduce_scatter_sum(&mut vec![1.0; 100_000]).map(drop)
+        });
+        assert_timeout_naming(&results, 2, "reduce_scatter");
+        let results = with_a_silent_rank(3, 0, |ring| {
+            ring.set_algorithm(algorithm);
+            ring.all_gather(&mut vec![1.0; 1000])
+        });
+        assert_timeout_naming(&results, 0, "all_gather");
+    }
+    let results = with_a_silent_rank(3, 1, |ring| {
+        ring.set_algorithm(Algorithm::Direct);
+        ring.all_reduce_sum(&mut vec![1.0; 50_000])
+    });
+    assert_timeout_naming(&results, 1, "all_reduce");
+    let results = with_a_silent_rank(4, 3, |ring| {
+        ring.set_algorithm(Algorithm::Direct);
+        ring.broadcast(&mut [1.0; 10], 3)
+    });
+    assert_timeout_naming(&results, 3, "broadcast");
+}
+
+#[test]
+fn recv_from_a_silent_rank_names_it() {
+    // ranks 0 and 1 wait for a message that rank 2 (above and below them)
+    // never sends; rank 3 waits for rank 0, which does not send either
+    let results = with_a_silent_rank(3, 2, |ring| ring.recv(2, &mut [0.0; 10]));
+    assert_timeout_naming(&results, 2, "send/recv");
+    let results = with_a_silent_rank(2, 0, |ring| ring.recv(0, &mut vec![0.0; 100_000]));
+    assert_timeout_naming(&results, 0, "send/recv");
+}
+
+#[test]
+fn a_straggler_of_an_older_generation_cannot_open_direct_links() {
+    let world = 3;
+    let listeners = listeners(world);
+    let mut gen1 = ring(&listeners, "direct-replan", 1);
+    let mut gen2 = ring(&listeners, "direct-replan", 2);
+    // generation 1 has no direct links yet, and its peers now refuse it
+    let started = Instant::now();
+    let err = gen1[0].send(2, &[1.0]).unwrap_err();
+    assert!(matches!(&err, CommError::Setup(m) if m.contains("refused generation 1")), "{err}");
+    gen1[1].set_algorithm(Algorithm::Direct);
+    let err = gen1[1].all_reduce_sum(&mut [1.0; 4]).unwrap_err();
+    assert!(matches!(&err, CommError::Setup(m) if m.contains("refused generation 1")), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2), "refused, not timed out");
+    // generation 2 opens its direct links and is unharmed
+    on_each(&mut gen2, |rank, ring| {
+        ring.set_algorithm(Algorithm::Direct);
+        let mut buf = int_buffer(rank, 10);
+        ring.all_reduce_sum(&mut buf).unwrap();
+        assert_eq!(buf, int_sum(world, 10));
+        if rank == 0 {
+            ring.send(2, &[5.0]).unwrap();
+        } else if rank == 2 {
+            let mut got = [0.0];
+            ring.recv(0, &mut got).unwrap();
+            assert_eq!(got, [5.0]);
+        }
+    });
 }
