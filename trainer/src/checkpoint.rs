@@ -314,6 +314,15 @@ pub fn load(dir: &Path, layout: &Layout) -> Result<(Manifest, Snapshot), Checkpo
 pub fn write_final(out: &Path, layout: &Layout, params: &[f32], spec_json: &str) -> Result<PathBuf, CheckpointError> {
     let dir = out.join("final");
     std::fs::create_dir_all(&dir).map_err(io("create final model folder", &dir))?;
+    let model = dir.join("model.safetensors");
+    write_weights(&model, layout, params)?;
+    write_atomic(&dir.join("job.json"), spec_json.as_bytes())?;
+    Ok(model)
+}
+
+/// Writes `params` (flat, in `layout` order) to `path` as a safetensors file
+/// with one full-shape f32 tensor per parameter, by name.
+pub fn write_weights(path: &Path, layout: &Layout, params: &[f32]) -> Result<(), CheckpointError> {
     let buffers: Vec<(String, Vec<u8>, Vec<usize>)> = layout
         .names
         .iter()
@@ -328,13 +337,10 @@ pub fn write_final(out: &Path, layout: &Layout, params: &[f32], spec_json: &str)
         .map(|(n, b, s)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("sizes agree")))
         .collect();
     let bytes = safetensors::serialize(views, None).map_err(|e| CheckpointError::Corrupt {
-        path: dir.display().to_string(),
-        message: format!("serialize final model: {e}"),
+        path: path.display().to_string(),
+        message: format!("serialize weights: {e}"),
     })?;
-    let model = dir.join("model.safetensors");
-    write_atomic(&model, &bytes)?;
-    write_atomic(&dir.join("job.json"), spec_json.as_bytes())?;
-    Ok(model)
+    write_atomic(path, &bytes)
 }
 
 /// SHA-256 of a flat f32 buffer's little-endian bytes.

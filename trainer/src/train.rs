@@ -94,17 +94,8 @@ struct Params {
 
 impl Params {
     fn new(model: &Model) -> Params {
-        let named = model.params();
-        let layout = Layout::new(
-            named.iter().map(|(n, t)| (n.clone(), t.size().iter().map(|d| *d as usize).collect())).collect(),
-        );
-        let tensors: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
-        let mut flat = vec![0f32; layout.total];
-        for (i, t) in tensors.iter().enumerate() {
-            let off = layout.offsets[i];
-            let n = t.numel();
-            t.contiguous().view([-1]).copy_data(&mut flat[off..off + n], n);
-        }
+        let (layout, flat) = model.flat();
+        let tensors: Vec<Tensor> = model.params().into_iter().map(|(_, t)| t).collect();
         Params { layout, tensors, flat }
     }
 
