@@ -45,7 +45,10 @@ class SplitMix64:
     @classmethod
     def keyed(cls, seed, stream, index):
         g = cls(seed ^ ((stream * 0xD1B5_4A32_D192_ED03) & MASK64))
-        g.state ^= g.next_u64() ^ ((index * 0x9E37_79B9_7F4A_7C15) & MASK64)
+        # Rust evaluates the right side of `g.0 ^= g.next_u64() ^ ...` first,
+        # so the state it XORs into is the one after that draw.
+        mixed = g.next_u64() ^ ((index * 0x9E37_79B9_7F4A_7C15) & MASK64)
+        g.state ^= mixed
         return g
 
     def next_u64(self):
