@@ -52,8 +52,11 @@ fn check(name: &str, dir: &std::path::Path, yaml: &str, global_batch: usize) {
                 f[0].loss,
                 r[0].loss
             );
-            let (worst_step, worst) =
-                f.iter().zip(r).map(|(a, b)| (a.step, rel(a.loss, b.loss))).fold((0, 0.0), |m, x| if x.1 > m.1 { x } else { m });
+            let (worst_step, worst) = f
+                .iter()
+                .zip(r)
+                .map(|(a, b)| (a.step, rel(a.loss, b.loss)))
+                .fold((0, 0.0), |m, x| if x.1 > m.1 { x } else { m });
             eprintln!(
                 "{name}: {fl} vs {rl}: step 1 relative difference {first:.2e}, largest {worst:.2e} at step {worst_step}; \
                  loss {:.5} -> {:.5}",
@@ -62,7 +65,13 @@ fn check(name: &str, dir: &std::path::Path, yaml: &str, global_batch: usize) {
             );
             for (a, b) in f.iter().zip(r) {
                 let d = rel(a.loss, b.loss);
-                assert!(d <= RTOL, "{name}: step {} differs, {fl} {} vs {rl} {} (relative {d:e})", a.step, a.loss, b.loss);
+                assert!(
+                    d <= RTOL,
+                    "{name}: step {} differs, {fl} {} vs {rl} {} (relative {d:e})",
+                    a.step,
+                    a.loss,
+                    b.loss
+                );
             }
         }
     }

@@ -149,8 +149,9 @@ impl Model {
     /// one flat buffer in that layout: what checkpoints and collectives use.
     pub fn flat(&self) -> (Layout, Vec<f32>) {
         let named = self.params();
-        let layout =
-            Layout::new(named.iter().map(|(n, t)| (n.clone(), t.size().iter().map(|d| *d as usize).collect())).collect());
+        let layout = Layout::new(
+            named.iter().map(|(n, t)| (n.clone(), t.size().iter().map(|d| *d as usize).collect())).collect(),
+        );
         let mut flat = vec![0f32; layout.total];
         for (i, (_, t)) in named.iter().enumerate() {
             let off = layout.offsets[i];
