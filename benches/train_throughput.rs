@@ -5,6 +5,8 @@
 //! `cargo bench --bench train_throughput` prints steady-state samples/s
 //! (the steps after the first few, from each step's own wall time, so that
 //! process start-up, imports and connecting are excluded) and the ratio.
+//! Each configuration runs `ROUNDS` times, flotilla and PyTorch alternating,
+//! and the median of each is shown: on a shared machine single runs are noisy.
 //! It needs `.deps/venv` (`./scripts/bootstrap --python`). Under
 //! `cargo test` it only trains a tiny job on flotilla, without Python.
 
@@ -18,6 +20,13 @@ use support::*;
 
 /// Steps left out of the steady-state figure.
 const WARMUP_STEPS: usize = 10;
+/// Runs of each configuration; the median is reported.
+const ROUNDS: usize = 3;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
 
 struct Job {
     name: &'static str,
@@ -75,11 +84,12 @@ fn main() {
         smoke();
         return;
     }
-    let steps = 60;
+    let steps = 50;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     println!(
-        "steady-state training throughput, samples/s (steps {}..{steps} of each run; 1 CPU thread per process)",
+        "steady-state training throughput, samples/s (steps {}..{steps} of each run, median of {ROUNDS} runs; \
+         1 CPU thread per process)",
         WARMUP_STEPS + 1
     );
     println!("{:<5} {:>5} {:>16} {:>20} {:>14}", "model", "procs", "flotilla", "pytorch (DDP/gloo)", "flotilla/torch");
@@ -87,10 +97,14 @@ fn main() {
         let (spec, init) = oracle_inputs(d, &job_for(d, &job, 1));
         for w in [1usize, 2] {
             let path = job_for(d, &job, w);
-            let ours = flotilla_steps(d, &path, &format!("bench-{}", job.name), w, job.global_batch);
-            let theirs = reference_steps(d, &spec, &init, w);
-            let a = steady_samples_per_sec(&ours, job.global_batch, WARMUP_STEPS);
-            let b = steady_samples_per_sec(&theirs, job.global_batch, WARMUP_STEPS);
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            for _ in 0..ROUNDS {
+                let f = flotilla_steps(d, &path, &format!("bench-{}", job.name), w, job.global_batch);
+                ours.push(steady_samples_per_sec(&f, job.global_batch, WARMUP_STEPS));
+                let r = reference_steps(d, &spec, &init, w);
+                theirs.push(steady_samples_per_sec(&r, job.global_batch, WARMUP_STEPS));
+            }
+            let (a, b) = (median(ours), median(theirs));
             println!("{:<5} {w:>5} {a:>16.0} {b:>20.0} {:>14.2}", job.name, a / b);
         }
     }

@@ -218,9 +218,12 @@ pub fn run(
             local_loss += loss.double_value(&[]);
             (loss / global).backward();
         }
+        let t_compute = t0.elapsed();
         params.pull_grads(&mut buf[..total]);
         buf[total] = local_loss as f32;
+        let t_pull = t0.elapsed();
         group.all_reduce_sum(&mut buf)?;
+        let t_comm = t0.elapsed();
         let loss = f64::from(buf[total]) / global;
         if !loss.is_finite() {
             return Err(TrainError::Fatal(format!("loss is {loss} at step {}", step + 1)));
@@ -233,6 +236,15 @@ pub fn run(
         adam.update(&train.optimizer, lr, &mut params.flat, grads);
         params.push();
         let done = step + 1;
+        // Where a step's time goes, cumulative from its start (FLOTILLA_LOG=flotilla_trainer=debug).
+        tracing::debug!(
+            step = done,
+            forward_backward_ms = t_compute.as_secs_f64() * 1e3,
+            pull_grads_ms = t_pull.as_secs_f64() * 1e3,
+            all_reduce_ms = t_comm.as_secs_f64() * 1e3,
+            total_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "step timing"
+        );
         if a.rank == 0 {
             let sps = global / t0.elapsed().as_secs_f64().max(1e-9);
             emit(TrainEvent::Progress { step: done, loss, lr, samples_per_sec: sps, grad_norm });
