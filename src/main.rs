@@ -3,6 +3,7 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use clap::Parser;
 use flotilla::cli::{self, client, Cli, Command};
 use flotilla_proto::v1 as pb;
@@ -62,7 +63,12 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
             init_logs("warn,flotilla_coordinator=off");
             cli::run::run(&job, workers).await
         }
-        Command::Validate { job } => match cli::load_job(&job) {
+        Command::Validate { job, json } => match cli::load_job(&job) {
+            Ok((_, mut spec)) if json => {
+                spec.resolve_paths(&std::env::current_dir()?);
+                println!("{}", spec.to_json());
+                Ok(0)
+            }
             Ok((_, spec)) => {
                 println!(
                     "{}: ok ({} model, {} steps, {}..{} workers)",
@@ -76,6 +82,20 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
             }
             Err(code) => Ok(code),
         },
+        Command::ExportInit { job, out } => {
+            let spec = match cli::load_job(&job) {
+                Ok((_, spec)) => spec,
+                Err(code) => return Ok(code),
+            };
+            // As the train loop does before it builds the model.
+            tch::set_num_threads(1);
+            let model = flotilla_trainer::model::Model::build(&spec.model, spec.train.seed);
+            let (layout, flat) = model.flat();
+            std::fs::write(&out, flotilla_trainer::checkpoint::encode_weights(&layout, &flat))
+                .with_context(|| format!("write initial weights to {}", out.display()))?;
+            println!("{}: {} tensors, {} parameters", out.display(), layout.names.len(), layout.total);
+            Ok(0)
+        }
         Command::Coordinator { listen, lease_ms, heartbeat_ms, start_grace_ms } => {
             init_logs("info");
             let token = CancellationToken::new();

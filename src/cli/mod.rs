@@ -39,7 +39,16 @@ pub enum Command {
         workers: Option<usize>,
     },
     /// Check a job file and print what it asks for.
-    Validate { job: PathBuf },
+    Validate {
+        job: PathBuf,
+        /// Print the validated spec as JSON (defaults filled in, paths made
+        /// absolute against the current directory) instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the initial weights a job's train loop starts from (built from
+    /// `train.seed`) as safetensors: one f32 tensor per parameter, by name.
+    ExportInit { job: PathBuf, out: PathBuf },
     /// Run a coordinator.
     Coordinator {
         /// Address to serve the gRPC API on.

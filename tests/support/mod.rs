@@ -191,3 +191,136 @@ pub fn alive(pid: i32) -> bool {
         Err(_) => false,
     }
 }
+
+/// The PyTorch oracle's interpreter, `.deps/venv/bin/python`. Panics (never
+/// skips) when it is missing or cannot import torch: `scripts/test` installs
+/// it, so a missing venv is a broken setup, not a reason to pass.
+pub fn oracle_python() -> PathBuf {
+    let py = repo().join(".deps/venv/bin/python");
+    let ok = Command::new(&py)
+        .args(["-c", "import torch, safetensors, numpy"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "the PyTorch oracle needs {} with torch, safetensors and numpy: run `./scripts/bootstrap --python` \
+         (./scripts/test does this)",
+        py.display()
+    );
+    py
+}
+
+/// Writes a `features` data file (`x` f32 [N, inputs], `y` i64 [N]) with
+/// flotilla's synthetic teacher-labelled data for an MLP of `layers`.
+pub fn write_features(path: &Path, layers: &[usize], seed: u64, samples: u64) {
+    use flotilla::trainer::data::{synthetic_classes, Dataset};
+    let spec = flotilla::jobspec::MlpSpec { layers: layers.to_vec() };
+    let Dataset::Classes { inputs, x, y } = synthetic_classes(&spec, seed, samples) else { unreachable!() };
+    let xb: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let yb: Vec<u8> = y.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let n = y.len();
+    let views = vec![
+        ("x", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n, inputs], &xb).unwrap()),
+        ("y", safetensors::tensor::TensorView::new(safetensors::Dtype::I64, vec![n], &yb).unwrap()),
+    ];
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+/// Writes a `tokens` data file (u16, little-endian) of `samples` chains from
+/// flotilla's synthetic token generator for `gpt`.
+pub fn write_tokens(path: &Path, gpt: &flotilla::jobspec::GptSpec, seed: u64, samples: u64) {
+    use flotilla::trainer::data::{synthetic_sequences, Dataset};
+    let Dataset::Sequences { tokens, .. } = synthetic_sequences(gpt, seed, samples) else { unreachable!() };
+    let bytes: Vec<u8> = tokens.iter().flat_map(|t| (*t as u16).to_le_bytes()).collect();
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// One step of a loss curve: 1-based step, loss, and the step's wall time.
+#[derive(Debug, Clone, Copy)]
+pub struct StepRecord {
+    pub step: u64,
+    pub loss: f64,
+    pub seconds: f64,
+}
+
+/// A flotilla run's metrics.jsonl as step records (seconds from samples/s).
+pub fn read_steps(path: &Path, global_batch: usize) -> Vec<StepRecord> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            StepRecord {
+                step: v["step"].as_u64().unwrap(),
+                loss: v["loss"].as_f64().unwrap(),
+                seconds: global_batch as f64 / v["samples_per_sec"].as_f64().unwrap(),
+            }
+        })
+        .collect()
+}
+
+/// Runs `flotilla run JOB --workers N` in `dir` and returns its steps.
+pub fn flotilla_steps(dir: &Path, job: &Path, name: &str, workers: usize, global_batch: usize) -> Vec<StepRecord> {
+    let _ = std::fs::remove_dir_all(dir.join("runs"));
+    let out = flotilla(dir, &["run", job.to_str().unwrap(), "--workers", &workers.to_string()]);
+    assert!(
+        out.status.success(),
+        "flotilla run on {workers} workers: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    read_steps(&dir.join(format!("runs/{name}-1/metrics.jsonl")), global_batch)
+}
+
+/// Writes the job's spec as JSON (`flotilla validate --json`) and its
+/// initial weights (`flotilla export-init`) into `dir`; returns their paths.
+pub fn oracle_inputs(dir: &Path, job: &Path) -> (PathBuf, PathBuf) {
+    let out = flotilla(dir, &["validate", "--json", job.to_str().unwrap()]);
+    assert!(out.status.success(), "validate --json: {}", String::from_utf8_lossy(&out.stderr));
+    let spec = dir.join("spec.json");
+    std::fs::write(&spec, &out.stdout).unwrap();
+    let init = dir.join("init.safetensors");
+    let out = flotilla(dir, &["export-init", job.to_str().unwrap(), init.to_str().unwrap()]);
+    assert!(out.status.success(), "export-init: {}", String::from_utf8_lossy(&out.stderr));
+    (spec, init)
+}
+
+/// Runs the PyTorch reference (`scripts/oracle/reference.py`) with `world`
+/// processes (DDP on gloo when > 1) and returns its steps.
+pub fn reference_steps(dir: &Path, spec: &Path, init: &Path, world: usize) -> Vec<StepRecord> {
+    let out_path = dir.join(format!("reference-{world}.jsonl"));
+    let out = Command::new(oracle_python())
+        .arg(repo().join("scripts/oracle/reference.py"))
+        .args(["--spec", spec.to_str().unwrap(), "--init", init.to_str().unwrap()])
+        .args(["--out", out_path.to_str().unwrap(), "--world", &world.to_string()])
+        .current_dir(dir)
+        .output()
+        .expect("start the PyTorch reference");
+    assert!(
+        out.status.success(),
+        "reference with {world} processes: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&out_path).unwrap();
+    text.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            StepRecord {
+                step: v["step"].as_u64().unwrap(),
+                loss: v["loss"].as_f64().unwrap(),
+                seconds: v["seconds"].as_f64().unwrap(),
+            }
+        })
+        .collect()
+}
+
+/// Samples per second over the steps after the first `skip` (start-up,
+/// first-touch allocation), from the steps' own wall times.
+pub fn steady_samples_per_sec(steps: &[StepRecord], global_batch: usize, skip: usize) -> f64 {
+    let rest = &steps[skip.min(steps.len().saturating_sub(1))..];
+    let secs: f64 = rest.iter().map(|s| s.seconds).sum();
+    (rest.len() * global_batch) as f64 / secs
+}

@@ -18,8 +18,8 @@ use tonic::transport::Channel;
 use tonic::{Code, Request};
 
 use crate::checkpoint;
-use crate::storage::Storage;
 use crate::preemption::{self, Notice, PreemptionConfig};
+use crate::storage::Storage;
 use crate::train::{self, Assignment, Outcome, TrainError, TrainEvent, TrainOptions};
 
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -321,13 +321,7 @@ impl Agent {
                 .await
                 .map(|_| ()),
             RunMsg::Event(TrainEvent::Checkpoint { step, location }) => {
-                let commit = pb::CheckpointCommit {
-                    worker_id: worker.into(),
-                    job_id,
-                    generation,
-                    step,
-                    location,
-                };
+                let commit = pb::CheckpointCommit { worker_id: worker.into(), job_id, generation, step, location };
                 match client.commit_checkpoint(timed(commit)).await {
                     Ok(resp) => {
                         let keep = resp.into_inner().retained_steps;

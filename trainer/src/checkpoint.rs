@@ -29,7 +29,6 @@ pub enum CheckpointError {
     Mismatch { path: String, message: String },
 }
 
-
 /// Names, shapes and flat offsets of the model's parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Layout {
@@ -326,10 +325,9 @@ pub fn assemble(m: &Manifest, shards: &[Vec<u8>], layout: &Layout, path: &str) -
     Ok(Snapshot { step: m.step, params, m: mom, v, optimizer_step: m.optimizer_step })
 }
 
-/// Writes the final weights (full tensors, by parameter name) as one
-/// safetensors file beside the job spec, under `final/`; returns the model's
-/// location.
-pub async fn write_final(out: &Storage, layout: &Layout, params: &[f32], spec_json: &str) -> Result<String, CheckpointError> {
+/// `params` (flat, in `layout` order) as a safetensors file with one
+/// full-shape f32 tensor per parameter, by name.
+pub fn encode_weights(layout: &Layout, params: &[f32]) -> Vec<u8> {
     let buffers: Vec<(String, Vec<u8>, Vec<usize>)> = layout
         .names
         .iter()
@@ -343,9 +341,19 @@ pub async fn write_final(out: &Storage, layout: &Layout, params: &[f32], spec_js
         .iter()
         .map(|(n, b, s)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("sizes agree")))
         .collect();
-    let bytes = safetensors::serialize(views, None).expect("f32 views serialize");
+    safetensors::serialize(views, None).expect("f32 views serialize")
+}
+
+/// Writes the final weights beside the job spec, under `final/`; returns
+/// the model's location.
+pub async fn write_final(
+    out: &Storage,
+    layout: &Layout,
+    params: &[f32],
+    spec_json: &str,
+) -> Result<String, CheckpointError> {
     let dir = out.child("final");
-    dir.put("model.safetensors", bytes).await?;
+    dir.put("model.safetensors", encode_weights(layout, params)).await?;
     dir.put("job.json", spec_json.as_bytes().to_vec()).await?;
     Ok(format!("{}/model.safetensors", dir.url()))
 }

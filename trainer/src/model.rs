@@ -7,6 +7,8 @@ use flotilla_jobspec::{GptSpec, ModelSpec};
 use tch::nn::{self, Module};
 use tch::{Kind, Reduction, Tensor};
 
+use crate::checkpoint::Layout;
+
 pub struct Model {
     vs: nn::VarStore,
     net: Net,
@@ -141,6 +143,22 @@ impl Model {
         let mut v: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
+    }
+
+    /// The parameters' layout (names, shapes, offsets) and their values as
+    /// one flat buffer in that layout: what checkpoints and collectives use.
+    pub fn flat(&self) -> (Layout, Vec<f32>) {
+        let named = self.params();
+        let layout = Layout::new(
+            named.iter().map(|(n, t)| (n.clone(), t.size().iter().map(|d| *d as usize).collect())).collect(),
+        );
+        let mut flat = vec![0f32; layout.total];
+        for (i, (_, t)) in named.iter().enumerate() {
+            let off = layout.offsets[i];
+            let n = t.numel();
+            t.contiguous().view([-1]).copy_data(&mut flat[off..off + n], n);
+        }
+        (layout, flat)
     }
 }
 

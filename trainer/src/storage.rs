@@ -173,8 +173,7 @@ impl Storage {
     /// Deletes everything under the sub-folder `name`.
     pub async fn delete_folder(&self, name: &str) -> Result<(), StorageError> {
         let prefix = self.path(name);
-        let objects: Vec<_> =
-            self.store.list(Some(&prefix)).try_collect().await.map_err(self.err("list", name))?;
+        let objects: Vec<_> = self.store.list(Some(&prefix)).try_collect().await.map_err(self.err("list", name))?;
         for o in objects {
             match self.store.delete(&o.location).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}

@@ -14,11 +14,11 @@ use tch::Tensor;
 
 use crate::buckets::{self, CommThread};
 use crate::checkpoint::{self, Layout, SamplerState, ShardEntry, Snapshot};
-use crate::storage::Storage;
 use crate::data::Dataset;
 use crate::model::Model;
 use crate::optim::{self, AdamW};
 use crate::sampler::Sampler;
+use crate::storage::Storage;
 
 /// After a checkpoint the coordinator asked for, how long ranks wait for the
 /// new generation before they train on.
@@ -107,17 +107,8 @@ struct Params {
 
 impl Params {
     fn new(model: &Model) -> Params {
-        let named = model.params();
-        let layout = Layout::new(
-            named.iter().map(|(n, t)| (n.clone(), t.size().iter().map(|d| *d as usize).collect())).collect(),
-        );
-        let tensors: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
-        let mut flat = vec![0f32; layout.total];
-        for (i, t) in tensors.iter().enumerate() {
-            let off = layout.offsets[i];
-            let n = t.numel();
-            t.contiguous().view([-1]).copy_data(&mut flat[off..off + n], n);
-        }
+        let (layout, flat) = model.flat();
+        let tensors: Vec<Tensor> = model.params().into_iter().map(|(_, t)| t).collect();
         Params { layout, tensors, flat }
     }
 
@@ -206,11 +197,7 @@ pub fn run(
                 if m.sampler.global_batch != train.global_batch as u64 || m.sampler.seed != train.seed {
                     return Err(TrainError::Fatal(format!(
                         "checkpoint {} was taken with global_batch {} and seed {}, the job has {} and {}",
-                        location,
-                        m.sampler.global_batch,
-                        m.sampler.seed,
-                        train.global_batch,
-                        train.seed
+                        location, m.sampler.global_batch, m.sampler.seed, train.global_batch, train.seed
                     )));
                 }
                 start = snap.step;
@@ -252,6 +239,7 @@ pub fn run(
             local_loss += loss.double_value(&[]);
             (loss / global).backward();
         }
+        let t_compute = t0.elapsed();
         // Pack bucket by bucket while the comm thread reduces the ones before.
         // The loss sum and rank 0's "checkpoint now" flag ride at the end of
         // the last bucket, so every rank sees the same decision.
@@ -268,6 +256,7 @@ pub fn run(
             }
             comm.submit(b);
         }
+        let t_pull = t0.elapsed();
         // Without clipping, each bucket is applied as soon as it is reduced;
         // with clipping, the norm is summed as they arrive and applied after.
         adam.begin();
@@ -281,6 +270,7 @@ pub fn run(
             }
             reduced.push(b);
         }
+        let t_comm = t0.elapsed();
         let loss = f64::from(reduced[last][ranges[last].len()]) / global;
         let requested = reduced[last][ranges[last].len() + 1] > 0.5;
         if requested && a.rank == 0 {
@@ -303,6 +293,15 @@ pub fn run(
         spare = reduced;
         params.push();
         let done = step + 1;
+        // Where a step's time goes, cumulative from its start (FLOTILLA_LOG=flotilla_trainer=debug).
+        tracing::debug!(
+            step = done,
+            forward_backward_ms = t_compute.as_secs_f64() * 1e3,
+            pull_grads_ms = t_pull.as_secs_f64() * 1e3,
+            all_reduce_ms = t_comm.as_secs_f64() * 1e3,
+            total_ms = t0.elapsed().as_secs_f64() * 1e3,
+            "step timing"
+        );
         if a.rank == 0 {
             let sps = global / t0.elapsed().as_secs_f64().max(1e-9);
             emit(TrainEvent::Progress { step: done, loss, lr, samples_per_sec: sps, grad_norm });
@@ -344,10 +343,9 @@ pub fn run(
         return Err(TrainError::Fatal(format!("replicas diverged: parameter digests per rank {digests:?}")));
     }
     if a.rank == 0 {
-        let path = a
-            .io
-            .block_on(checkpoint::write_final(&out, &params.layout, &params.flat, &a.spec_json))
-            .map_err(|e| TrainError::fatal("write final model", e))?;
+        let path =
+            a.io.block_on(checkpoint::write_final(&out, &params.layout, &params.flat, &a.spec_json))
+                .map_err(|e| TrainError::fatal("write final model", e))?;
         a.io.block_on(checkpoint::write_replica_digests(&out, &digests))
             .map_err(|e| TrainError::fatal("write replica digests", e))?;
         emit(TrainEvent::Finished { step: train.steps, final_model: path });
@@ -366,10 +364,9 @@ fn save_checkpoint(
 ) -> Result<Option<String>, TrainError> {
     let t0 = Instant::now();
     let dir = out.child(&checkpoint::step_name(snap.step));
-    let (mine, upload) = a
-        .io
-        .block_on(checkpoint::write_shard(&dir, layout, snap, a.rank, a.world))
-        .map_err(|e| TrainError::fatal("write checkpoint shard", e))?;
+    let (mine, upload) =
+        a.io.block_on(checkpoint::write_shard(&dir, layout, snap, a.rank, a.world))
+            .map_err(|e| TrainError::fatal("write checkpoint shard", e))?;
     tracing::info!(step = snap.step, bytes = upload.bytes, parts = upload.parts, "checkpoint shard uploaded");
     let encoded = serde_json::to_vec(&mine).expect("shard entry serializes");
     let all = comm.all_gather_bytes(encoded)?;
@@ -388,7 +385,8 @@ fn save_checkpoint(
         global_batch: train.global_batch as u64,
     };
     let m = checkpoint::manifest(&a.job, a.generation, layout, snap, sampler, train.seed, shards);
-    a.io.block_on(checkpoint::write_manifest(&dir, &m)).map_err(|e| TrainError::fatal("write checkpoint manifest", e))?;
+    a.io.block_on(checkpoint::write_manifest(&dir, &m))
+        .map_err(|e| TrainError::fatal("write checkpoint manifest", e))?;
     tracing::info!(job = %a.job, step = snap.step, blocked_ms = t0.elapsed().as_millis() as u64, "checkpoint written");
     Ok(Some(dir.url().to_string()))
 }
