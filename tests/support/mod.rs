@@ -324,3 +324,68 @@ pub fn steady_samples_per_sec(steps: &[StepRecord], global_batch: usize, skip: u
     let secs: f64 = rest.iter().map(|s| s.seconds).sum();
     (rest.len() * global_batch) as f64 / secs
 }
+
+/// Starts `flotilla worker` with extra environment variables.
+pub fn worker_with_env(dir: &Path, url: &str, name: &str, env: &[(String, String)]) -> Proc {
+    let log = dir.join(format!("{name}.log"));
+    let child = Command::new(bin())
+        .args(["worker", "--coordinator", url, "--data-addr", "127.0.0.1:0", "--op-timeout-s", "20"])
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start worker");
+    Proc { child, log }
+}
+
+/// A real S3-compatible server (s3s-fs, installed by `scripts/bootstrap --s3`)
+/// on a free loopback port, storing buckets as folders under `root`.
+pub struct S3Server {
+    pub proc: Proc,
+    pub root: PathBuf,
+    pub endpoint: String,
+}
+
+pub const S3_KEY: &str = "flotilla-test";
+pub const S3_SECRET: &str = "flotilla-test-secret";
+
+impl S3Server {
+    pub fn start(dir: &Path, buckets: &[&str]) -> S3Server {
+        let exe = repo().join(".deps/s3s-fs/bin/s3s-fs");
+        assert!(exe.exists(), "{} is missing: run ./scripts/bootstrap --s3", exe.display());
+        let root = dir.join("s3-root");
+        for b in buckets {
+            std::fs::create_dir_all(root.join(b)).unwrap();
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let log = dir.join("s3s-fs.log");
+        let child = Command::new(exe)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", S3_KEY])
+            .args(["--secret-key", S3_SECRET])
+            .arg(&root)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start s3s-fs");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "s3s-fs did not start: {}", std::fs::read_to_string(&log).unwrap());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        S3Server { proc: Proc { child, log }, root, endpoint: format!("http://127.0.0.1:{port}") }
+    }
+
+    /// The environment a worker needs to reach this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ACCESS_KEY_ID", S3_KEY),
+            ("AWS_SECRET_ACCESS_KEY", S3_SECRET),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ENDPOINT", self.endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+}

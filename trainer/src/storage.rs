@@ -15,6 +15,8 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 pub const DEFAULT_PART_BYTES: usize = 8 << 20;
 /// Environment variable that overrides [`DEFAULT_PART_BYTES`].
 pub const PART_BYTES_ENV: &str = "FLOTILLA_UPLOAD_PART_BYTES";
+/// S3 refuses parts smaller than this (but the last).
+pub const S3_MIN_PART_BYTES: usize = 5 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -99,7 +101,13 @@ impl Storage {
         };
         let local = local.starts_with('/');
         let part_bytes = std::env::var(PART_BYTES_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_PART_BYTES);
-        Ok(Storage { store, prefix, url: url.to_string(), part_bytes: part_bytes.max(1), local })
+        let s3 = url.starts_with("s3://");
+        let mut storage = Storage { store, prefix, url: url.to_string(), part_bytes: 1, local };
+        storage = storage.with_part_bytes(part_bytes);
+        if s3 {
+            storage.part_bytes = storage.part_bytes.max(S3_MIN_PART_BYTES);
+        }
+        Ok(storage)
     }
 
     pub fn with_part_bytes(mut self, part_bytes: usize) -> Storage {
