@@ -45,6 +45,12 @@ checkpoint: {url: runs, every: 10, keep: 3}
     for step in [80, 90, 100] {
         assert!(stdout.contains(&format!("step {step:>8}")), "the run lists retained step {step}: {stdout}");
     }
+    // Saving is asynchronous: training stood still only to copy the state.
+    for line in stdout.lines().filter(|l| l.contains("(blocked ")) {
+        let num = |key: &str| -> f64 { line.split(key).nth(1).unwrap().split(" ms").next().unwrap().parse().unwrap() };
+        let (blocked, total) = (num("(blocked "), num("saved in "));
+        assert!(blocked <= total, "{line}");
+    }
 }
 
 const SLOW: &str = "

@@ -19,7 +19,13 @@ pub fn phase(p: JobPhase) -> pb::JobPhase {
 }
 
 pub fn checkpoint(c: &CheckpointRecord) -> pb::CheckpointRef {
-    pb::CheckpointRef { step: c.step, location: c.location.clone(), generation: c.generation }
+    pb::CheckpointRef {
+        step: c.step,
+        location: c.location.clone(),
+        generation: c.generation,
+        blocked_ms: c.blocked_ms,
+        total_ms: c.total_ms,
+    }
 }
 
 pub fn job_status(job: &Job, progress: Option<&Progress>) -> pb::JobStatus {

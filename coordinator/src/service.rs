@@ -276,6 +276,8 @@ impl WorkerService for WorkerApi {
             generation: r.generation,
             step: r.step,
             location: r.location,
+            blocked_ms: r.blocked_ms,
+            total_ms: r.total_ms,
             at_ms: now_ms(),
         };
         self.0.propose(cmd).await.map_err(convert::status)?;

@@ -39,6 +39,11 @@ pub struct CheckpointRecord {
     pub step: u64,
     pub location: String,
     pub generation: u64,
+    /// How long training stood still for it, and how long it took in all.
+    #[serde(default)]
+    pub blocked_ms: f64,
+    #[serde(default)]
+    pub total_ms: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,6 +173,11 @@ pub enum Command {
         generation: u64,
         step: u64,
         location: String,
+        /// How long training stood still for it, and how long it took in all.
+        #[serde(default)]
+        blocked_ms: f64,
+        #[serde(default)]
+        total_ms: f64,
         at_ms: i64,
     },
     FinishJob {
@@ -426,7 +436,7 @@ impl State {
                 self.job_mut(&job)?.restarts = restarts;
                 Ok(self.start_generation(&job, workers, reason, at_ms))
             }
-            Command::CommitCheckpoint { job, generation, step, location, at_ms } => {
+            Command::CommitCheckpoint { job, generation, step, location, blocked_ms, total_ms, at_ms } => {
                 let j = self.job_mut(&job)?;
                 if !j.phase.is_active() {
                     return Ok(vec![Event::Ignored { reason: format!("job {job} already ended") }]);
@@ -436,7 +446,7 @@ impl State {
                         reason: format!("checkpoint step {step} of {job} is not newer"),
                     }]);
                 }
-                j.checkpoints.push(CheckpointRecord { step, location, generation });
+                j.checkpoints.push(CheckpointRecord { step, location, generation, blocked_ms, total_ms });
                 let mut events = vec![Event::CheckpointCommitted { job: job.clone(), step }];
                 let keep = j.keep_checkpoints as usize;
                 if j.checkpoints.len() > keep {

@@ -41,6 +41,8 @@ fn commit(state: &mut State, job: &str, generation: u64, step: u64) -> Vec<Event
             generation,
             step,
             location: format!("/runs/{job}/step-{step}"),
+            blocked_ms: 1.0,
+            total_ms: 5.0,
             at_ms: 3,
         })
         .unwrap()
@@ -275,7 +277,15 @@ fn replicas_applying_the_same_log_agree() {
         Command::RegisterWorker { data_addr: "127.0.0.1:1".into(), hostname: "h".into(), at_ms: 2 },
         Command::RegisterWorker { data_addr: "127.0.0.1:2".into(), hostname: "h".into(), at_ms: 3 },
         Command::Schedule { job: "a-1".into(), at_ms: 4 },
-        Command::CommitCheckpoint { job: "a-1".into(), generation: 1, step: 5, location: "x".into(), at_ms: 5 },
+        Command::CommitCheckpoint {
+            job: "a-1".into(),
+            generation: 1,
+            step: 5,
+            location: "x".into(),
+            blocked_ms: 0.0,
+            total_ms: 0.0,
+            at_ms: 5,
+        },
         Command::RemoveWorker { worker: "w1".into(), reason: "lost".into(), at_ms: 6 },
         Command::FinishJob { job: "a-1".into(), generation: 2, step: 10, final_model: "m".into(), at_ms: 7 },
     ];

@@ -137,6 +137,8 @@ async fn leases_generations_growth_and_completion_over_grpc() {
         generation,
         step,
         location: format!("/tmp/flotilla-lease-test/lease-1/step-{step:08}"),
+        blocked_ms: 0.5,
+        total_ms: 20.0,
     };
     let kept = w.commit_checkpoint(commit(1, 10)).await.unwrap().into_inner().retained_steps;
     assert_eq!(kept, vec![10]);
@@ -193,6 +195,8 @@ async fn leases_generations_growth_and_completion_over_grpc() {
     assert!(reasons[1].contains("lease lapsed"), "{reasons:?}");
     assert_eq!(reasons[2], "workers joined");
     assert_eq!(status.step, 15);
+    let latest = status.latest_checkpoint.expect("a committed checkpoint");
+    assert_eq!((latest.step, latest.blocked_ms, latest.total_ms), (20, 0.5, 20.0), "timings are kept with it");
 
     // Finishing from a stale generation changes nothing; the current one ends the job.
     let finish = |generation| pb::FinishReport {

@@ -82,7 +82,10 @@ pub fn print_detail(j: &pb::JobStatus) {
     }
     println!("output:       {}", j.output_dir);
     if let Some(c) = &j.latest_checkpoint {
-        println!("checkpoint:   step {} at {}", c.step, c.location);
+        println!(
+            "checkpoint:   step {} at {} (training blocked {:.1} ms of {:.1} ms)",
+            c.step, c.location, c.blocked_ms, c.total_ms
+        );
     }
     if !j.final_model.is_empty() {
         println!("final model:  {}", j.final_model);
@@ -171,7 +174,10 @@ pub fn print_outcome(s: &pb::JobStatus, elapsed: Duration) {
             );
             println!("  checkpoints: {}", s.output_dir);
             for c in &s.checkpoints {
-                println!("    step {:>8}  {}", c.step, c.location);
+                println!(
+                    "    step {:>8}  {}  (blocked {:.1} ms, saved in {:.1} ms)",
+                    c.step, c.location, c.blocked_ms, c.total_ms
+                );
             }
             println!("  final model: {}", s.final_model);
             println!("  metrics:     {}/metrics.jsonl", s.output_dir);

@@ -320,8 +320,16 @@ impl Agent {
                 }))
                 .await
                 .map(|_| ()),
-            RunMsg::Event(TrainEvent::Checkpoint { step, location }) => {
-                let commit = pb::CheckpointCommit { worker_id: worker.into(), job_id, generation, step, location };
+            RunMsg::Event(TrainEvent::Checkpoint { step, location, blocked_ms, total_ms }) => {
+                let commit = pb::CheckpointCommit {
+                    worker_id: worker.into(),
+                    job_id,
+                    generation,
+                    step,
+                    location,
+                    blocked_ms,
+                    total_ms,
+                };
                 match client.commit_checkpoint(timed(commit)).await {
                     Ok(resp) => {
                         let keep = resp.into_inner().retained_steps;

@@ -14,6 +14,7 @@ pub mod preemption;
 pub mod rendezvous;
 pub mod rng;
 pub mod sampler;
+pub mod saver;
 pub mod storage;
 pub mod train;
 

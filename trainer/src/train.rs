@@ -13,11 +13,12 @@ use flotilla_jobspec::JobSpec;
 use tch::Tensor;
 
 use crate::buckets::{self, CommThread};
-use crate::checkpoint::{self, Layout, SamplerState, ShardEntry, Snapshot};
+use crate::checkpoint::{self, Layout, Snapshot};
 use crate::data::Dataset;
 use crate::model::Model;
 use crate::optim::{self, AdamW};
 use crate::sampler::Sampler;
+use crate::saver::{Saved, Saver};
 use crate::storage::Storage;
 
 /// After a checkpoint the coordinator asked for, how long ranks wait for the
@@ -58,6 +59,9 @@ pub enum TrainEvent {
     Checkpoint {
         step: u64,
         location: String,
+        /// How long training stood still for it, and how long it took in all.
+        blocked_ms: f64,
+        total_ms: f64,
     },
     /// Rank 0 finished the last step and wrote the final model.
     Finished {
@@ -223,6 +227,13 @@ pub fn run(
     let mut spare: Vec<Vec<f32>> = Vec::new();
     let global = train.global_batch as f64;
     let mut seen_request = a.checkpoint_request.load(Ordering::Relaxed);
+    let mut saver = Saver::default();
+    let committed = |saved: Saved| TrainEvent::Checkpoint {
+        step: saved.step,
+        location: saved.location,
+        blocked_ms: saved.blocked.as_secs_f64() * 1e3,
+        total_ms: saved.total.as_secs_f64() * 1e3,
+    };
 
     for step in start..train.steps {
         if cancel.load(Ordering::Relaxed) {
@@ -245,14 +256,16 @@ pub fn run(
         // the last bucket, so every rank sees the same decision.
         let wanted = a.checkpoint_request.load(Ordering::Relaxed);
         let flag = if a.rank == 0 && wanted > seen_request { 1.0 } else { 0.0 };
+        let uploaded = if saver.local_done() { 1.0 } else { 0.0 };
         let last = ranges.len() - 1;
         for (k, r) in ranges.iter().enumerate() {
             let mut b = spare.pop().unwrap_or_default();
-            b.resize(r.len() + if k == last { 2 } else { 0 }, 0.0);
+            b.resize(r.len() + if k == last { 3 } else { 0 }, 0.0);
             params.pull_grads(r.clone(), &mut b[..r.len()]);
             if k == last {
                 b[r.len()] = local_loss as f32;
                 b[r.len() + 1] = flag;
+                b[r.len() + 2] = uploaded;
             }
             comm.submit(b);
         }
@@ -273,6 +286,9 @@ pub fn run(
         let t_comm = t0.elapsed();
         let loss = f64::from(reduced[last][ranges[last].len()]) / global;
         let requested = reduced[last][ranges[last].len() + 1] > 0.5;
+        // Every rank's shard of the pending checkpoint is up: finish it now,
+        // at the same step everywhere.
+        let all_uploaded = saver.is_pending() && reduced[last][ranges[last].len() + 2] > a.world as f32 - 0.5;
         if requested && a.rank == 0 {
             seen_request = wanted;
         }
@@ -306,9 +322,20 @@ pub fn run(
             let sps = global / t0.elapsed().as_secs_f64().max(1e-9);
             emit(TrainEvent::Progress { step: done, loss, lr, samples_per_sec: sps, grad_norm });
         }
+        if all_uploaded {
+            if let Some(saved) = saver.finish(a, &comm, &params.layout)? {
+                emit(committed(saved));
+            }
+        }
         let every = spec.checkpoint.every;
         let periodic = every > 0 && done % every == 0;
         if (periodic || requested) && done < train.steps {
+            // One checkpoint in flight at a time: a slow upload holds the
+            // next checkpoint (all ranks reach this at the same step).
+            if let Some(saved) = saver.finish(a, &comm, &params.layout)? {
+                emit(committed(saved));
+            }
+            let t0 = Instant::now();
             let snap = Snapshot {
                 step: done,
                 params: params.flat.clone(),
@@ -316,10 +343,15 @@ pub fn run(
                 v: adam.v.clone(),
                 optimizer_step: adam.step,
             };
-            if let Some(location) = save_checkpoint(a, &out, &comm, &params.layout, &snap)? {
-                emit(TrainEvent::Checkpoint { step: done, location });
-            }
+            saver.start(a, &out, &params.layout, snap, t0);
             if requested {
+                // A worker is leaving: this one is finished at once, and the
+                // coordinator starts a new generation from it as soon as it
+                // is committed. Wait for that rather than train steps that
+                // would be redone.
+                if let Some(saved) = saver.finish(a, &comm, &params.layout)? {
+                    emit(committed(saved));
+                }
                 // A worker is leaving: the coordinator starts a new
                 // generation from this checkpoint as soon as it is committed.
                 // Wait for it rather than train steps that would be redone.
@@ -331,6 +363,9 @@ pub fn run(
         }
     }
 
+    if let Some(saved) = saver.finish(a, &comm, &params.layout)? {
+        emit(committed(saved));
+    }
     // Every replica must hold the same weights: compare digests before
     // handing the model over.
     let digest = checkpoint::digest(&params.flat);
@@ -351,42 +386,4 @@ pub fn run(
         emit(TrainEvent::Finished { step: train.steps, final_model: path });
     }
     Ok(Outcome::Finished)
-}
-
-/// Every rank writes its shard; rank 0 then writes the manifest and returns
-/// the folder to commit.
-fn save_checkpoint(
-    a: &Assignment,
-    out: &Storage,
-    comm: &CommThread,
-    layout: &Layout,
-    snap: &Snapshot,
-) -> Result<Option<String>, TrainError> {
-    let t0 = Instant::now();
-    let dir = out.child(&checkpoint::step_name(snap.step));
-    let (mine, upload) =
-        a.io.block_on(checkpoint::write_shard(&dir, layout, snap, a.rank, a.world))
-            .map_err(|e| TrainError::fatal("write checkpoint shard", e))?;
-    tracing::info!(step = snap.step, bytes = upload.bytes, parts = upload.parts, "checkpoint shard uploaded");
-    let encoded = serde_json::to_vec(&mine).expect("shard entry serializes");
-    let all = comm.all_gather_bytes(encoded)?;
-    if a.rank != 0 {
-        return Ok(None);
-    }
-    let shards: Vec<ShardEntry> = all
-        .iter()
-        .map(|b| serde_json::from_slice(b))
-        .collect::<Result<_, _>>()
-        .map_err(|e| TrainError::fatal("read peers' shard entries", e))?;
-    let train = &a.spec.train;
-    let sampler = SamplerState {
-        position: snap.step * train.global_batch as u64,
-        seed: train.seed,
-        global_batch: train.global_batch as u64,
-    };
-    let m = checkpoint::manifest(&a.job, a.generation, layout, snap, sampler, train.seed, shards);
-    a.io.block_on(checkpoint::write_manifest(&dir, &m))
-        .map_err(|e| TrainError::fatal("write checkpoint manifest", e))?;
-    tracing::info!(job = %a.job, step = snap.step, blocked_ms = t0.elapsed().as_millis() as u64, "checkpoint written");
-    Ok(Some(dir.url().to_string()))
 }

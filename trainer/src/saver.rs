@@ -1,0 +1,145 @@
+//! Asynchronous checkpoints. The step that takes a checkpoint only copies
+//! the state (parameters and AdamW moments); the shard is encoded and
+//! uploaded on the agent's runtime while training goes on. Ranks learn that
+//! every shard is up through the step's gradient reduction (each adds 1 when
+//! its own upload is done), so they all finish the checkpoint at the same
+//! step: they exchange their shard entries, and rank 0 writes the manifest
+//! and hands the checkpoint over to be committed.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::buckets::CommThread;
+use crate::checkpoint::{self, Layout, SamplerState, ShardEntry, Snapshot};
+use crate::storage::Storage;
+use crate::train::{Assignment, TrainError};
+
+/// A checkpoint rank 0 wrote the manifest of.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Saved {
+    pub step: u64,
+    pub location: String,
+    /// How long training stood still for it (copying the state).
+    pub blocked: Duration,
+    /// From the copy to the manifest.
+    pub total: Duration,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Outcome {
+    Uploaded(ShardEntry),
+    Failed(String),
+}
+
+struct Pending {
+    step: u64,
+    optimizer_step: u64,
+    dir: Storage,
+    started: Instant,
+    blocked: Duration,
+    result: Arc<Mutex<Option<Outcome>>>,
+}
+
+#[derive(Default)]
+pub struct Saver {
+    pending: Option<Pending>,
+}
+
+impl Saver {
+    pub fn is_pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Whether this rank's shard of the pending checkpoint is up (or failed).
+    pub fn local_done(&self) -> bool {
+        self.pending.as_ref().is_some_and(|p| p.result.lock().expect("saver lock").is_some())
+    }
+
+    /// Starts saving `snap`, copied at `since`: encodes and uploads this
+    /// rank's shard in the background.
+    pub fn start(&mut self, a: &Assignment, out: &Storage, layout: &Layout, snap: Snapshot, since: Instant) {
+        assert!(self.pending.is_none(), "finish the pending checkpoint first");
+        let (step, optimizer_step) = (snap.step, snap.optimizer_step);
+        let dir = out.child(&checkpoint::step_name(step));
+        let result = Arc::new(Mutex::new(None));
+        let (slot, target, layout, rank, world) = (result.clone(), dir.clone(), layout.clone(), a.rank, a.world);
+        a.io.spawn(async move {
+            let encoded =
+                tokio::task::spawn_blocking(move || checkpoint::encode_shard(&layout, &snap, rank, world)).await;
+            let outcome = match encoded {
+                Ok((bytes, entry)) => match target.put(&entry.file, bytes).await {
+                    Ok(up) => {
+                        tracing::info!(step, bytes = up.bytes, parts = up.parts, "checkpoint shard uploaded");
+                        Outcome::Uploaded(entry)
+                    }
+                    Err(e) => Outcome::Failed(e.to_string()),
+                },
+                Err(e) => Outcome::Failed(format!("encode shard: {e}")),
+            };
+            *slot.lock().expect("saver lock") = Some(outcome);
+        });
+        self.pending = Some(Pending { step, optimizer_step, dir, started: since, blocked: since.elapsed(), result });
+    }
+
+    /// Finishes the pending checkpoint. Every rank must call this at the
+    /// same step. Returns what rank 0 wrote; `None` on other ranks, or when
+    /// a rank's upload failed (the checkpoint is then abandoned: without a
+    /// manifest it is never loaded, and later retention removes it).
+    pub fn finish(&mut self, a: &Assignment, comm: &CommThread, layout: &Layout) -> Result<Option<Saved>, TrainError> {
+        let Some(p) = self.pending.take() else { return Ok(None) };
+        let outcome = loop {
+            if let Some(o) = p.result.lock().expect("saver lock").take() {
+                break o;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let all = comm.all_gather_bytes(serde_json::to_vec(&outcome).expect("outcome serializes"))?;
+        let outcomes: Vec<Outcome> = all
+            .iter()
+            .map(|b| serde_json::from_slice(b))
+            .collect::<Result<_, _>>()
+            .map_err(|e| TrainError::Fatal(format!("read peers' shard entries: {e}")))?;
+        let mut shards = Vec::with_capacity(outcomes.len());
+        for (rank, o) in outcomes.into_iter().enumerate() {
+            match o {
+                Outcome::Uploaded(e) => shards.push(e),
+                Outcome::Failed(why) => {
+                    tracing::warn!(step = p.step, rank, error = %why, "checkpoint abandoned: a shard did not upload");
+                    return Ok(None);
+                }
+            }
+        }
+        if a.rank != 0 {
+            return Ok(None);
+        }
+        let train = &a.spec.train;
+        let sampler = SamplerState {
+            position: p.step * train.global_batch as u64,
+            seed: train.seed,
+            global_batch: train.global_batch as u64,
+        };
+        // The manifest needs the step counters only; the tensors are in the shards.
+        let meta = Snapshot {
+            step: p.step,
+            params: Vec::new(),
+            m: Vec::new(),
+            v: Vec::new(),
+            optimizer_step: p.optimizer_step,
+        };
+        let m = checkpoint::manifest(&a.job, a.generation, layout, &meta, sampler, train.seed, shards);
+        a.io.block_on(checkpoint::write_manifest(&p.dir, &m))
+            .map_err(|e| TrainError::Fatal(format!("write checkpoint manifest: {e}")))?;
+        let saved =
+            Saved { step: p.step, location: p.dir.url().to_string(), blocked: p.blocked, total: p.started.elapsed() };
+        tracing::info!(
+            job = %a.job,
+            step = saved.step,
+            blocked_ms = saved.blocked.as_secs_f64() * 1e3,
+            total_ms = saved.total.as_secs_f64() * 1e3,
+            "checkpoint written"
+        );
+        Ok(Some(saved))
+    }
+}
