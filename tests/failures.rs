@@ -2,8 +2,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -44,16 +42,7 @@ train: {steps: 100000000, global_batch: 8}
 workers: {min: 2, max: 2}
 ",
     );
-    let mut run = Command::new(bin())
-        .args(["run", job.to_str().unwrap()])
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(run.stderr.take().unwrap()).lines();
-    while !lines.next().expect("run ended early").unwrap().contains("running (job started)") {}
-    let workers = children_of(run.id() as i32);
+    let (mut run, lines, workers) = start_run(dir.path(), &job);
     assert_eq!(workers.len(), 2);
     for w in workers {
         unsafe { libc::kill(w, libc::SIGKILL) };

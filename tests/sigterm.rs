@@ -2,8 +2,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -19,25 +17,8 @@ workers: {min: 2, max: 2}
 fn stop_run_with(signal: i32) {
     let dir = tempfile::tempdir().unwrap();
     let job = job_file(dir.path(), "job", LONG_JOB);
-    let mut run = Command::new(bin())
-        .args(["run", job.to_str().unwrap()])
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut run, lines, workers) = start_run(dir.path(), &job);
     let pid = run.id() as i32;
-    // Wait until training runs on both workers.
-    let mut lines = BufReader::new(run.stderr.take().unwrap()).lines();
-    let started = Instant::now();
-    loop {
-        let line = lines.next().expect("run ended early").unwrap();
-        if line.contains("running (job started)") {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "job did not start");
-    }
-    let workers = children_of(pid);
     assert_eq!(workers.len(), 2, "two local workers: {workers:?}");
     // Keep draining stderr so the process never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
@@ -73,17 +54,7 @@ fn ctrl_c_to_run_leaves_no_process_behind() {
 fn kill_9_of_run_still_takes_its_workers_down() {
     let dir = tempfile::tempdir().unwrap();
     let job = job_file(dir.path(), "job", LONG_JOB);
-    let mut run = Command::new(bin())
-        .args(["run", job.to_str().unwrap()])
-        .current_dir(dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = run.id() as i32;
-    let mut lines = BufReader::new(run.stderr.take().unwrap()).lines();
-    while !lines.next().expect("run ended early").unwrap().contains("running (job started)") {}
-    let workers = children_of(pid);
+    let (mut run, _lines, workers) = start_run(dir.path(), &job);
     assert_eq!(workers.len(), 2);
     run.kill().unwrap();
     run.wait().unwrap();

@@ -389,3 +389,26 @@ impl S3Server {
         .collect()
     }
 }
+
+/// `flotilla run JOB` in `cwd`, returned once its job is running, with the
+/// rest of its stderr and the pids of its local workers.
+pub fn start_run(cwd: &Path, job: &Path) -> (Child, std::io::Lines<BufReader<std::process::ChildStderr>>, Vec<i32>) {
+    let mut run = Command::new(bin())
+        .args(["run", job.to_str().unwrap()])
+        .current_dir(cwd)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start flotilla run");
+    let mut lines = BufReader::new(run.stderr.take().unwrap()).lines();
+    let started = Instant::now();
+    loop {
+        let line = lines.next().expect("run ended before its job started").unwrap();
+        if line.contains("running (job started)") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "job did not start");
+    }
+    let workers = children_of(run.id() as i32);
+    (run, lines, workers)
+}
