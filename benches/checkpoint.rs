@@ -1,0 +1,99 @@
+//! Checkpoint saving: flotilla's asynchronous path (copy the state, then
+//! encode and upload the shard in the background) on the local disk and on a
+//! real S3-compatible server (s3s-fs), against `torch.save` and
+//! `safetensors` of the same state from Python, measured in the same run.
+//!
+//! `cargo bench --bench checkpoint` saves a state of parameters plus two
+//! AdamW moments (>= 256 MiB) and prints, per target, the time training is
+//! blocked (the copy), the total save time and the throughput. It needs
+//! `./scripts/bootstrap --python --s3`. Under `cargo test` it saves a small
+//! state to the local disk only.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::process::Command;
+use std::time::Instant;
+
+use flotilla::trainer::checkpoint::{self, Layout, Snapshot};
+use flotilla::trainer::storage::Storage;
+use support::*;
+
+struct Measure {
+    blocked_s: f64,
+    total_s: f64,
+    bytes: usize,
+}
+
+/// The train loop's path: clone the state (blocked), then encode and upload.
+fn flotilla_save(rt: &tokio::runtime::Runtime, url: &str, layout: &Layout, state: &Snapshot) -> Measure {
+    let out = Storage::open(url).unwrap();
+    let t0 = Instant::now();
+    let snap = state.clone();
+    let blocked_s = t0.elapsed().as_secs_f64();
+    let dir = out.child(&checkpoint::step_name(snap.step));
+    let (entry, up) = rt.block_on(checkpoint::write_shard(&dir, layout, &snap, 0, 1)).unwrap();
+    let total_s = t0.elapsed().as_secs_f64();
+    assert_eq!(up.bytes as u64, entry.bytes);
+    Measure { blocked_s, total_s, bytes: up.bytes }
+}
+
+fn row(name: &str, m: &Measure) {
+    println!(
+        "{name:<22} {:>10.1} MiB {:>10.1} ms {:>10.1} ms {:>8.1}% {:>9.2} GB/s",
+        m.bytes as f64 / (1 << 20) as f64,
+        m.blocked_s * 1e3,
+        m.total_s * 1e3,
+        100.0 * m.blocked_s / m.total_s,
+        m.bytes as f64 / m.total_s / 1e9
+    );
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    // Parameters and two moments of `numel` f32 each.
+    let numel: usize = if full { 24 << 20 } else { 1 << 16 };
+    let layout = Layout::new(vec![("w".into(), vec![numel / 1024, 1024])]);
+    let f = |k: f32| (0..numel).map(|i| (i as f32 * k).sin()).collect::<Vec<f32>>();
+    let state = Snapshot { step: 1, params: f(1e-3), m: f(2e-3), v: f(3e-3), optimizer_step: 1 };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    println!("{:<22} {:>14} {:>13} {:>13} {:>9} {:>14}", "target", "state", "blocked", "total", "blocked", "throughput");
+    let local = flotilla_save(&rt, dir.path().join("local").to_str().unwrap(), &layout, &state);
+    row("flotilla, local disk", &local);
+    if !full {
+        return;
+    }
+    let s3 = S3Server::start(dir.path(), &["bench"]);
+    for (k, v) in s3.env() {
+        // SAFETY: no other thread reads the environment yet.
+        unsafe { std::env::set_var(k, v) };
+    }
+    let remote = flotilla_save(&rt, "s3://bench/ckpt", &layout, &state);
+    row("flotilla, s3s-fs", &remote);
+
+    let py = repo().join(".deps/venv/bin/python");
+    if !py.exists() {
+        println!("baselines skipped: run ./scripts/bootstrap --python");
+        return;
+    }
+    let out = Command::new(py)
+        .arg(repo().join("benches/checkpoint_baseline.py"))
+        .arg(numel.to_string())
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for name in ["torch_save", "safetensors"] {
+        let secs = v[name].as_f64().unwrap();
+        let bytes = v[&format!("{name}_bytes")].as_u64().unwrap() as usize;
+        // Both block training for the whole save.
+        row(&format!("PyTorch {name}, disk"), &Measure { blocked_s: secs, total_s: secs, bytes });
+        println!(
+            "  flotilla local / {name}: {:.2}x throughput, training blocked {:.0}x less",
+            (local.bytes as f64 / local.total_s) / (bytes as f64 / secs),
+            secs / local.blocked_s
+        );
+    }
+}
