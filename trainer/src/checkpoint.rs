@@ -135,20 +135,25 @@ fn group_slice<'a>(s: &'a Snapshot, g: usize) -> &'a [f32] {
     [&s.params, &s.m, &s.v][g]
 }
 
-fn to_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+/// The little-endian bytes of `v`, borrowed: safetensors stores f32 little
+/// endian, which is the memory layout on every target flotilla builds for.
+fn as_bytes(v: &[f32]) -> &[u8] {
+    const { assert!(cfg!(target_endian = "little"), "checkpoints assume a little-endian target") };
+    // SAFETY: f32 has no padding and any byte pattern is a valid u8; the
+    // slice covers exactly the floats' memory and lives as long as `v`.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
 /// Rank `rank`'s shard of `snap`: the safetensors bytes and their entry.
 pub fn encode_shard(layout: &Layout, snap: &Snapshot, rank: usize, world: usize) -> (Vec<u8>, ShardEntry) {
-    let mut buffers: Vec<(String, Vec<u8>, usize)> = Vec::new();
+    let mut buffers: Vec<(String, &[u8], usize)> = Vec::new();
     for (g, group) in GROUPS.iter().enumerate() {
         let data = group_slice(snap, g);
         for (i, name) in layout.names.iter().enumerate() {
             let (a, b) = shard_range(layout.numel(i), rank, world);
             if a < b {
                 let off = layout.offsets[i];
-                buffers.push((format!("{group}/{name}"), to_bytes(&data[off + a..off + b]), b - a));
+                buffers.push((format!("{group}/{name}"), as_bytes(&data[off + a..off + b]), b - a));
             }
         }
     }
@@ -328,13 +333,13 @@ pub fn assemble(m: &Manifest, shards: &[Vec<u8>], layout: &Layout, path: &str) -
 /// `params` (flat, in `layout` order) as a safetensors file with one
 /// full-shape f32 tensor per parameter, by name.
 pub fn encode_weights(layout: &Layout, params: &[f32]) -> Vec<u8> {
-    let buffers: Vec<(String, Vec<u8>, Vec<usize>)> = layout
+    let buffers: Vec<(String, &[u8], Vec<usize>)> = layout
         .names
         .iter()
         .enumerate()
         .map(|(i, n)| {
             let off = layout.offsets[i];
-            (n.clone(), to_bytes(&params[off..off + layout.numel(i)]), layout.shapes[i].clone())
+            (n.clone(), as_bytes(&params[off..off + layout.numel(i)]), layout.shapes[i].clone())
         })
         .collect();
     let views: Vec<(String, TensorView<'_>)> = buffers
@@ -360,7 +365,7 @@ pub async fn write_final(
 
 /// SHA-256 of a flat f32 buffer's little-endian bytes.
 pub fn digest(values: &[f32]) -> String {
-    hex(&Sha256::digest(to_bytes(values)))
+    hex(&Sha256::digest(as_bytes(values)))
 }
 
 /// Records each rank's parameter digest at the end of training in
