@@ -58,7 +58,10 @@ fn main() {
     let state = Snapshot { step: 1, params: f(1e-3), m: f(2e-3), v: f(3e-3), optimizer_step: 1 };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    println!("{:<22} {:>14} {:>13} {:>13} {:>9} {:>14}", "target", "state", "blocked", "total", "blocked", "throughput");
+    println!(
+        "{:<22} {:>14} {:>13} {:>13} {:>9} {:>14}",
+        "target", "state", "blocked", "total", "blocked", "throughput"
+    );
     let local = flotilla_save(&rt, dir.path().join("local").to_str().unwrap(), &layout, &state);
     row("flotilla, local disk", &local);
     if !full {
