@@ -244,14 +244,9 @@ impl WorkerService for WorkerApi {
 
     async fn report_progress(&self, req: Request<pb::ProgressReport>) -> Result<Response<pb::Ack>, Status> {
         let r = req.into_inner();
+        current_generation(&self.0, &r.job_id, r.generation)?;
         let state = self.0.state();
-        let job = state.jobs.get(&r.job_id).ok_or_else(|| Status::not_found(format!("job {} not found", r.job_id)))?;
-        if job.generation != r.generation || job.phase != JobPhase::Running {
-            return Err(Status::failed_precondition(format!(
-                "progress from generation {} of {} is stale (current {})",
-                r.generation, r.job_id, job.generation
-            )));
-        }
+        let job = &state.jobs[&r.job_id];
         let point = pb::MetricPoint {
             step: r.step,
             loss: r.loss,
