@@ -31,8 +31,19 @@ pub trait MetaStore: Send + Sync + 'static {
     fn snapshot(&self) -> Arc<State>;
     /// Changes to the applied state, one value per apply (or fewer).
     fn subscribe(&self) -> watch::Receiver<Arc<State>>;
-    /// Whether this replica may decide (leases, scheduling).
+    /// Whether this replica may decide (leases, scheduling) and take writes.
     fn is_leader(&self) -> bool;
+    /// The client-facing address (`http://host:port`) of the replica that is
+    /// leader now, if this replica knows it: the hint a follower answers with.
+    fn leader_hint(&self) -> Option<String> {
+        None
+    }
+    /// A read that reflects every write acknowledged before the call began
+    /// (Raft's read index on a replicated store). Fails on a replica that
+    /// cannot prove it is current, for example a deposed leader.
+    async fn read_fresh(&self) -> Result<Arc<State>, StoreError> {
+        Ok(self.snapshot())
+    }
 }
 
 /// A single-node store with the log in memory: the embedded default until
