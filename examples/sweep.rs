@@ -25,8 +25,12 @@ async fn main() -> anyhow::Result<()> {
         let yaml = template
             .replace("name: quickstart", &format!("name: sweep-lr{}", (lr * 1e4) as u32))
             .replace("lr: 0.003", &format!("lr: {lr}"));
-        let req =
-            pb::SubmitJobRequest { spec_yaml: yaml, origin: format!("sweep lr={lr}"), base_dir: base_dir.clone() };
+        let req = pb::SubmitJobRequest {
+            spec_yaml: yaml,
+            origin: format!("sweep lr={lr}"),
+            base_dir: base_dir.clone(),
+            ..Default::default()
+        };
         let job = client.submit_job(req).await?.into_inner().job_id;
         println!("submitted {job} (lr {lr})");
         runs.push((lr, job));

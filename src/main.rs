@@ -128,7 +128,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
             let token = CancellationToken::new();
             cancel_on_signals(token.clone(), false);
             let cfg = flotilla_trainer::AgentConfig {
-                coordinator: coordinator.coordinator,
+                coordinators: flotilla_proto::leader::parse_addrs(&coordinator.coordinator),
                 data_bind: data_addr,
                 advertise_host,
                 train: flotilla_trainer::TrainOptions {
@@ -175,23 +175,22 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
             init_logs("warn");
             let mut c = client::connect(&coordinator.coordinator).await?;
             match job {
-                Some(id) => match c.get_job(pb::GetJobRequest { job_id: id }).await {
-                    Ok(s) => client::print_detail(&s.into_inner()),
+                Some(id) => match flotilla::rpc!(c, get_job, pb::GetJobRequest { job_id: id.clone() }) {
+                    Ok(s) => client::print_detail(&s),
                     Err(s) => {
                         eprintln!("error: {}", s.message());
                         return Ok(1);
                     }
                 },
-                None => client::print_table(&c.list_jobs(pb::ListJobsRequest {}).await?.into_inner().jobs),
+                None => client::print_table(&flotilla::rpc!(c, list_jobs, pb::ListJobsRequest {})?.jobs),
             }
             Ok(0)
         }
         Command::Cancel { job, coordinator } => {
             init_logs("warn");
             let mut c = client::connect(&coordinator.coordinator).await?;
-            match c.cancel_job(pb::CancelJobRequest { job_id: job }).await {
+            match flotilla::rpc!(c, cancel_job, pb::CancelJobRequest { job_id: job.clone() }) {
                 Ok(s) => {
-                    let s = s.into_inner();
                     println!("{} {}", s.job_id, client::phase_name(s.phase));
                     Ok(0)
                 }

@@ -83,6 +83,7 @@ fn the_coordinator_refuses_bad_configs_with_invalid_argument() {
                 spec_yaml: b.text.clone(),
                 origin: b.path.display().to_string(),
                 base_dir: "/tmp".into(),
+                ..Default::default()
             };
             let status = c.submit_job(req).await.expect_err("a bad config is refused");
             assert_eq!(status.code(), tonic::Code::InvalidArgument, "{}", b.path.display());
@@ -92,6 +93,7 @@ fn the_coordinator_refuses_bad_configs_with_invalid_argument() {
             spec_yaml: std::fs::read_to_string(repo().join("configs/quickstart.yaml")).unwrap(),
             origin: "q.yaml".into(),
             base_dir: "not/absolute".into(),
+            ..Default::default()
         };
         let status = c.submit_job(relative).await.expect_err("relative base_dir");
         assert_eq!(status.code(), tonic::Code::InvalidArgument);

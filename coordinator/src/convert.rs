@@ -108,7 +108,7 @@ pub fn status(e: StoreError) -> Status {
             }
             Rejection::Invalid(_) => Status::invalid_argument(r.to_string()),
         },
-        e @ StoreError::NotLeader { .. } => Status::unavailable(e.to_string()),
+        StoreError::NotLeader { leader } => flotilla_proto::leader::not_leader(leader.as_deref()),
         e @ StoreError::Unavailable(_) => Status::unavailable(e.to_string()),
     }
 }

@@ -45,6 +45,8 @@ pub struct Coordinator {
     pub(crate) soft: Mutex<Soft>,
     /// Bumped whenever soft state that clients watch changes (progress).
     pub(crate) soft_version: watch::Sender<u64>,
+    /// Whether this replica leads, as the driver last saw it.
+    pub(crate) leading: watch::Sender<bool>,
     pub(crate) cfg: CoordinatorConfig,
     pub(crate) shutdown: CancellationToken,
 }
@@ -56,7 +58,8 @@ pub fn now_ms() -> i64 {
 impl Coordinator {
     pub fn new(store: Arc<dyn MetaStore>, cfg: CoordinatorConfig, shutdown: CancellationToken) -> Arc<Self> {
         let (soft_version, _) = watch::channel(0);
-        Arc::new(Coordinator { store, soft: Mutex::new(Soft::default()), soft_version, cfg, shutdown })
+        let (leading, _) = watch::channel(false);
+        Arc::new(Coordinator { store, soft: Mutex::new(Soft::default()), soft_version, leading, cfg, shutdown })
     }
 
     pub fn state(&self) -> Arc<State> {
@@ -104,7 +107,17 @@ impl Coordinator {
                 _ = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if self.store.is_leader() {
+            let leader = self.store.is_leader();
+            if leader != *self.leading.borrow() {
+                if leader {
+                    tracing::info!("this replica leads now; every known worker gets a fresh lease");
+                    self.soft().new_term();
+                } else {
+                    tracing::warn!(leader = ?self.store.leader_hint(), "this replica no longer leads");
+                }
+                self.leading.send_replace(leader);
+            }
+            if leader {
                 self.drive_once(Instant::now()).await;
             }
         }

@@ -42,6 +42,32 @@ fn current_generation(c: &Coordinator, job_id: &str, generation: u64) -> Result<
 #[derive(Clone)]
 pub struct WorkerApi(pub Arc<Coordinator>);
 
+/// Resolves once this replica no longer leads (checked at the driver's
+/// period and on every change the driver sees).
+async fn lost_lead(c: &Coordinator) {
+    let mut leading = c.leading.subscribe();
+    let mut tick = tokio::time::interval(c.cfg.tick);
+    loop {
+        if !c.store.is_leader() {
+            return;
+        }
+        tokio::select! {
+            _ = leading.changed() => {}
+            _ = tick.tick() => {}
+        }
+    }
+}
+
+/// Every call but `GetLeader` is served by the leading replica only; the
+/// others refuse with the leader's address so that clients can follow it.
+fn lead(c: &Coordinator) -> Result<(), Status> {
+    if c.store.is_leader() {
+        Ok(())
+    } else {
+        Err(flotilla_proto::leader::not_leader(c.store.leader_hint().as_deref()))
+    }
+}
+
 fn job_status(c: &Coordinator, job_id: &str) -> Result<pb::JobStatus, Status> {
     let state = c.state();
     let job = state.jobs.get(job_id).ok_or_else(|| Status::not_found(format!("job {job_id} not found")))?;
@@ -52,6 +78,7 @@ fn job_status(c: &Coordinator, job_id: &str) -> Result<pb::JobStatus, Status> {
 #[tonic::async_trait]
 impl JobService for JobApi {
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        lead(&self.0)?;
         let req = req.into_inner();
         let origin = if req.origin.is_empty() { "job.yaml" } else { &req.origin };
         let mut spec =
@@ -74,13 +101,14 @@ impl JobService for JobApi {
             total_steps: spec.train.steps,
             keep_checkpoints: spec.checkpoint.keep as u32,
             output_root: spec.checkpoint.url.clone(),
+            submission_id: (!req.submission_id.is_empty()).then(|| req.submission_id.clone()),
             at_ms: now_ms(),
         };
         let events = self.0.propose(cmd).await.map_err(convert::status)?;
         let job_id = events
             .iter()
             .find_map(|e| match e {
-                Event::JobSubmitted { job } => Some(job.clone()),
+                Event::JobSubmitted { job } | Event::SubmissionRepeated { job } => Some(job.clone()),
                 _ => None,
             })
             .ok_or_else(|| Status::internal("submit produced no job"))?;
@@ -88,11 +116,21 @@ impl JobService for JobApi {
         Ok(Response::new(pb::SubmitJobResponse { job_id }))
     }
 
+    async fn get_leader(&self, _req: Request<pb::GetLeaderRequest>) -> Result<Response<pb::LeaderInfo>, Status> {
+        let is_leader = self.0.store.is_leader();
+        let leader = self.0.store.leader_hint().unwrap_or_default();
+        Ok(Response::new(pb::LeaderInfo { is_leader, leader }))
+    }
+
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
+        lead(&self.0)?;
+        self.0.store.read_fresh().await.map_err(convert::status)?;
         Ok(Response::new(job_status(&self.0, &req.into_inner().job_id)?))
     }
 
     async fn list_jobs(&self, _req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        lead(&self.0)?;
+        self.0.store.read_fresh().await.map_err(convert::status)?;
         let state = self.0.state();
         let soft = self.0.soft();
         let jobs =
@@ -101,6 +139,7 @@ impl JobService for JobApi {
     }
 
     async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
+        lead(&self.0)?;
         let job = req.into_inner().job_id;
         self.0.propose(Command::CancelJob { job: job.clone(), at_ms: now_ms() }).await.map_err(convert::status)?;
         Ok(Response::new(job_status(&self.0, &job)?))
@@ -109,6 +148,7 @@ impl JobService for JobApi {
     type WatchJobStream = BoxStream<pb::JobStatus>;
 
     async fn watch_job(&self, req: Request<pb::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        lead(&self.0)?;
         let job = req.into_inner().job_id;
         let first = job_status(&self.0, &job)?;
         let c = self.0.clone();
@@ -131,6 +171,10 @@ impl JobService for JobApi {
                     biased;
                     _ = c.shutdown.cancelled() => return,
                     _ = tx.closed() => return,
+                    _ = lost_lead(&c) => {
+                        let _ = tx.send(Err(flotilla_proto::leader::not_leader(c.store.leader_hint().as_deref()))).await;
+                        return;
+                    }
                     r = states.changed() => if r.is_err() { return },
                     r = softs.changed() => if r.is_err() { return },
                 }
@@ -156,6 +200,7 @@ impl JobService for JobApi {
         &self,
         req: Request<pb::GetMetricsRequest>,
     ) -> Result<Response<pb::GetMetricsResponse>, Status> {
+        lead(&self.0)?;
         let job = req.into_inner().job_id;
         if !self.0.state().jobs.contains_key(&job) {
             return Err(Status::not_found(format!("job {job} not found")));
@@ -168,12 +213,24 @@ impl JobService for JobApi {
 #[tonic::async_trait]
 impl WorkerService for WorkerApi {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        lead(&self.0)?;
         let req = req.into_inner();
         if req.data_addr.parse::<std::net::SocketAddr>().is_err() {
             return Err(Status::invalid_argument(format!(
                 "data_addr must be a socket address like 10.0.0.5:29500, got {:?}",
                 req.data_addr
             )));
+        }
+        let known = self.0.state().workers.get(&req.worker_id).is_some_and(|w| w.data_addr == req.data_addr);
+        if known {
+            // Back after a lost connection or a leader change: same id, fresh lease.
+            self.0.soft().renew(&req.worker_id, Instant::now(), self.0.cfg.lease);
+            tracing::info!(worker = %req.worker_id, pid = req.pid, "worker reconnected");
+            return Ok(Response::new(pb::RegisterResponse {
+                worker_id: req.worker_id,
+                heartbeat_interval_ms: self.0.cfg.heartbeat_interval.as_millis() as u64,
+                lease_ms: self.0.cfg.lease.as_millis() as u64,
+            }));
         }
         let cmd = Command::RegisterWorker { data_addr: req.data_addr, hostname: req.hostname, at_ms: now_ms() };
         let events = self.0.propose(cmd).await.map_err(convert::status)?;
@@ -194,6 +251,7 @@ impl WorkerService for WorkerApi {
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        lead(&self.0)?;
         let worker = req.into_inner().worker_id;
         if !self.0.state().workers.contains_key(&worker) {
             return Err(Status::not_found(format!("worker {worker} is not registered; register again")));
@@ -208,6 +266,7 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::AssignmentsRequest>,
     ) -> Result<Response<Self::AssignmentsStream>, Status> {
+        lead(&self.0)?;
         let worker = req.into_inner().worker_id;
         if !self.0.state().workers.contains_key(&worker) {
             return Err(Status::not_found(format!("worker {worker} is not registered; register again")));
@@ -235,6 +294,10 @@ impl WorkerService for WorkerApi {
                     biased;
                     _ = c.shutdown.cancelled() => return,
                     _ = tx.closed() => return,
+                    _ = lost_lead(&c) => {
+                        let _ = tx.send(Err(flotilla_proto::leader::not_leader(c.store.leader_hint().as_deref()))).await;
+                        return;
+                    }
                     r = states.changed() => if r.is_err() { return },
                 }
             }
@@ -243,6 +306,7 @@ impl WorkerService for WorkerApi {
     }
 
     async fn report_progress(&self, req: Request<pb::ProgressReport>) -> Result<Response<pb::Ack>, Status> {
+        lead(&self.0)?;
         let r = req.into_inner();
         current_generation(&self.0, &r.job_id, r.generation)?;
         let state = self.0.state();
@@ -265,6 +329,7 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::CheckpointCommit>,
     ) -> Result<Response<pb::CheckpointCommitResponse>, Status> {
+        lead(&self.0)?;
         let r = req.into_inner();
         let cmd = Command::CommitCheckpoint {
             job: r.job_id.clone(),
@@ -283,6 +348,7 @@ impl WorkerService for WorkerApi {
     }
 
     async fn report_failure(&self, req: Request<pb::FailureReport>) -> Result<Response<pb::Ack>, Status> {
+        lead(&self.0)?;
         let r = req.into_inner();
         let state = self.0.state();
         let job = state.jobs.get(&r.job_id).ok_or_else(|| Status::not_found(format!("job {} not found", r.job_id)))?;
@@ -309,6 +375,7 @@ impl WorkerService for WorkerApi {
     }
 
     async fn report_preemption(&self, req: Request<pb::PreemptionNotice>) -> Result<Response<pb::Ack>, Status> {
+        lead(&self.0)?;
         let r = req.into_inner();
         let reason = if r.detail.is_empty() { r.source.clone() } else { format!("{}: {}", r.source, r.detail) };
         tracing::warn!(worker = %r.worker_id, reason = %reason, "worker preempted");
@@ -318,6 +385,7 @@ impl WorkerService for WorkerApi {
     }
 
     async fn publish_rendezvous(&self, req: Request<pb::RendezvousPut>) -> Result<Response<pb::Ack>, Status> {
+        lead(&self.0)?;
         let r = req.into_inner();
         current_generation(&self.0, &r.job_id, r.generation)?;
         if r.value.len() > RENDEZVOUS_VALUE_LIMIT {
@@ -334,6 +402,7 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::RendezvousGet>,
     ) -> Result<Response<pb::RendezvousValue>, Status> {
+        lead(&self.0)?;
         let r = req.into_inner();
         current_generation(&self.0, &r.job_id, r.generation)?;
         let soft = self.0.soft();
@@ -344,6 +413,7 @@ impl WorkerService for WorkerApi {
     }
 
     async fn report_finished(&self, req: Request<pb::FinishReport>) -> Result<Response<pb::Ack>, Status> {
+        lead(&self.0)?;
         let r = req.into_inner();
         let cmd = Command::FinishJob {
             job: r.job_id,

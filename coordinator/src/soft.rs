@@ -39,6 +39,16 @@ impl Soft {
         self.leases.insert(worker.to_string(), now + lease);
     }
 
+    /// This replica just became the leader: leases, grace periods and
+    /// failure reports it may hold from an earlier term are stale. Dropping
+    /// them makes [`Soft::lapsed`] grant every known worker a fresh lease, so
+    /// a fail-over alone never costs a worker.
+    pub fn new_term(&mut self) {
+        self.leases.clear();
+        self.comm_failures.clear();
+        self.ready_since.clear();
+    }
+
     pub fn forget(&mut self, worker: &str) {
         self.leases.remove(worker);
     }
@@ -147,5 +157,22 @@ mod tests {
         soft.renew("w1", t0 + Duration::from_secs(2), lease);
         assert!(soft.lapsed(&state, t0 + Duration::from_secs(4), lease).is_empty());
         assert_eq!(soft.lapsed(&state, t0 + Duration::from_secs(5), lease), vec!["w1".to_string()]);
+    }
+
+    #[test]
+    fn a_new_term_grants_fresh_leases_instead_of_old_deadlines() {
+        let mut state = State::new(3);
+        state.apply(Command::RegisterWorker { data_addr: "a".into(), hostname: "h".into(), at_ms: 0 }).unwrap();
+        let mut soft = Soft::default();
+        let t0 = Instant::now();
+        let lease = Duration::from_secs(3);
+        soft.renew("w1", t0, lease);
+        // This replica lost the lead at t0 and wins it again at t0 + 10 s:
+        // the lease it remembers lapsed long ago, but the worker may have
+        // heartbeated the other leader all along.
+        soft.new_term();
+        let t1 = t0 + Duration::from_secs(10);
+        assert!(soft.lapsed(&state, t1, lease).is_empty(), "a fail-over alone costs no worker");
+        assert_eq!(soft.lapsed(&state, t1 + lease, lease), vec!["w1".to_string()], "the fresh lease still lapses");
     }
 }

@@ -132,6 +132,10 @@ pub enum Command {
         keep_checkpoints: u32,
         /// Where the job's folder (named after its id) is created.
         output_root: String,
+        /// Chosen by the client, the same on every retry of one submission:
+        /// a repeat returns the job the first one created.
+        #[serde(default)]
+        submission_id: Option<String>,
         at_ms: i64,
     },
     CancelJob {
@@ -197,6 +201,10 @@ pub enum Command {
 /// What a command did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
+    /// A submission retried with the id of one already taken.
+    SubmissionRepeated {
+        job: JobId,
+    },
     JobSubmitted {
         job: JobId,
     },
@@ -275,6 +283,9 @@ pub struct State {
     pub jobs: BTreeMap<JobId, Job>,
     pub workers: BTreeMap<WorkerId, Worker>,
     pub max_restarts: u32,
+    /// Client submission ids -> the job each created.
+    #[serde(default)]
+    pub submissions: BTreeMap<String, JobId>,
 }
 
 impl State {
@@ -314,8 +325,12 @@ impl State {
                 total_steps,
                 keep_checkpoints,
                 output_root,
+                submission_id,
                 at_ms,
             } => {
+                if let Some(job) = submission_id.as_ref().and_then(|s| self.submissions.get(s)) {
+                    return Ok(vec![Event::SubmissionRepeated { job: job.clone() }]);
+                }
                 if min_workers == 0 || min_workers > max_workers {
                     return Err(Rejection::Invalid(format!(
                         "workers.min {min_workers} and workers.max {max_workers} must satisfy 1 <= min <= max"
@@ -347,6 +362,9 @@ impl State {
                         checkpoint_request: 0,
                     },
                 );
+                if let Some(s) = submission_id {
+                    self.submissions.insert(s, id.clone());
+                }
                 Ok(vec![Event::JobSubmitted { job: id }])
             }
             Command::CancelJob { job, .. } => {

@@ -13,6 +13,7 @@ fn submit(state: &mut State, name: &str, min: u32, max: u32, keep: u32) -> JobId
             total_steps: 100,
             keep_checkpoints: keep,
             output_root: "/runs".into(),
+            submission_id: None,
             at_ms: 1,
         })
         .unwrap();
@@ -272,6 +273,7 @@ fn replicas_applying_the_same_log_agree() {
             total_steps: 10,
             keep_checkpoints: 1,
             output_root: "/r".into(),
+            submission_id: Some("s-1".into()),
             at_ms: 1,
         },
         Command::RegisterWorker { data_addr: "127.0.0.1:1".into(), hostname: "h".into(), at_ms: 2 },
@@ -343,4 +345,26 @@ fn a_preempted_free_worker_is_removed_at_once_and_never_scheduled() {
     let events = s.apply(Command::PreemptWorker { worker: w1.clone(), reason: "gce".into(), at_ms: 6 }).unwrap();
     assert_eq!(events, vec![Event::WorkerRemoved { worker: w1, reason: "gce".into() }]);
     assert!(s.workers.is_empty());
+}
+
+#[test]
+fn a_repeated_submission_returns_the_first_job() {
+    let mut state = State::new(3);
+    let cmd = |sub: Option<&str>| Command::SubmitJob {
+        name: "j".into(),
+        spec_json: "{}".into(),
+        min_workers: 1,
+        max_workers: 1,
+        fixed_world: None,
+        total_steps: 10,
+        keep_checkpoints: 1,
+        output_root: "/r".into(),
+        submission_id: sub.map(str::to_string),
+        at_ms: 1,
+    };
+    assert_eq!(state.apply(cmd(Some("abc"))).unwrap(), vec![Event::JobSubmitted { job: "j-1".into() }]);
+    assert_eq!(state.apply(cmd(Some("abc"))).unwrap(), vec![Event::SubmissionRepeated { job: "j-1".into() }]);
+    assert_eq!(state.apply(cmd(Some("other"))).unwrap(), vec![Event::JobSubmitted { job: "j-2".into() }]);
+    assert_eq!(state.apply(cmd(None)).unwrap(), vec![Event::JobSubmitted { job: "j-3".into() }]);
+    assert_eq!(state.jobs.len(), 3);
 }

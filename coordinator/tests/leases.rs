@@ -42,7 +42,12 @@ async fn next_change(stream: &mut Streaming<pb::Assignment>, previous: &pb::Assi
 
 async fn register(w: &mut WorkerServiceClient<Channel>, port: u16) -> (String, Streaming<pb::Assignment>) {
     let id = w
-        .register(pb::RegisterRequest { data_addr: format!("127.0.0.1:{port}"), hostname: "h".into(), pid: 1 })
+        .register(pb::RegisterRequest {
+            data_addr: format!("127.0.0.1:{port}"),
+            hostname: "h".into(),
+            pid: 1,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -85,6 +90,7 @@ async fn leases_generations_growth_and_completion_over_grpc() {
             spec_yaml: JOB.into(),
             origin: "lease.yaml".into(),
             base_dir: "/tmp".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -92,7 +98,14 @@ async fn leases_generations_growth_and_completion_over_grpc() {
         .job_id;
     assert_eq!(job, "lease-1");
 
-    let bad = w.register(pb::RegisterRequest { data_addr: "nowhere".into(), hostname: "h".into(), pid: 1 }).await;
+    let bad = w
+        .register(pb::RegisterRequest {
+            data_addr: "nowhere".into(),
+            hostname: "h".into(),
+            pid: 1,
+            ..Default::default()
+        })
+        .await;
     assert_eq!(bad.unwrap_err().code(), tonic::Code::InvalidArgument);
 
     let (w1, mut s1) = register(&mut w, 5001).await;
@@ -223,4 +236,52 @@ async fn leases_generations_growth_and_completion_over_grpc() {
     hb3.cancel();
     drop((s1, s3));
     server.shutdown().await.unwrap();
+}
+
+/// A worker that reconnects with the id it was given keeps that id and its
+/// place; a retried submission returns the job the first attempt created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnecting_workers_and_retried_submissions_are_not_duplicated() {
+    let shutdown = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = flotilla_coordinator::serve(listener, CoordinatorConfig::default(), shutdown.clone()).await.unwrap();
+    let url = format!("http://{}", server.addr);
+    let mut jobs = JobServiceClient::connect(url.clone()).await.unwrap();
+    let mut w = WorkerServiceClient::connect(url.clone()).await.unwrap();
+
+    let info = jobs.get_leader(pb::GetLeaderRequest {}).await.unwrap().into_inner();
+    assert!(info.is_leader, "a single replica leads");
+
+    let (id, _stream) = register(&mut w, 7001).await;
+    let again = |worker_id: String, port: u16| pb::RegisterRequest {
+        data_addr: format!("127.0.0.1:{port}"),
+        hostname: "h".into(),
+        pid: 2,
+        worker_id,
+    };
+    let back = w.register(again(id.clone(), 7001)).await.unwrap().into_inner().worker_id;
+    assert_eq!(back, id, "the same worker keeps its id");
+    // An id the coordinator does not know, or one claimed from another
+    // address, gets a new worker.
+    let other = w.register(again(id.clone(), 7002)).await.unwrap().into_inner().worker_id;
+    assert_ne!(other, id);
+    let unknown = w.register(again("w-999".into(), 7003)).await.unwrap().into_inner().worker_id;
+    assert!(unknown != id && unknown != "w-999");
+
+    let submit = |sub: &str| pb::SubmitJobRequest {
+        spec_yaml: JOB.into(),
+        origin: "lease.yaml".into(),
+        base_dir: "/tmp".into(),
+        submission_id: sub.into(),
+    };
+    let first = jobs.submit_job(submit("s-1")).await.unwrap().into_inner().job_id;
+    let retry = jobs.submit_job(submit("s-1")).await.unwrap().into_inner().job_id;
+    let second = jobs.submit_job(submit("s-2")).await.unwrap().into_inner().job_id;
+    assert_eq!(first, retry);
+    assert_ne!(first, second);
+    let listed = jobs.list_jobs(pb::ListJobsRequest {}).await.unwrap().into_inner().jobs;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+
+    shutdown.cancel();
+    server.wait().await.unwrap();
 }

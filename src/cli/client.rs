@@ -5,30 +5,129 @@ use std::io::IsTerminal;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use flotilla_proto::leader;
 use flotilla_proto::v1 as pb;
 use flotilla_proto::v1::job_service_client::JobServiceClient;
 use indicatif::{ProgressBar, ProgressStyle};
 use tonic::transport::Channel;
 
-pub type Client = JobServiceClient<Channel>;
+/// How long a call keeps retrying while the coordinator replicas elect a
+/// leader or the leader is unreachable.
+const RETRY_FOR: Duration = Duration::from_secs(30);
 
-pub async fn connect(url: &str) -> anyhow::Result<Client> {
-    let channel = Channel::from_shared(url.to_string())
-        .with_context(|| format!("coordinator address {url:?}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| format!("connect to the coordinator at {url}"))?;
-    Ok(JobServiceClient::new(channel))
+/// A JobService client that follows the leading replica among a list of
+/// coordinator addresses and retries calls across a leader change.
+pub struct Client {
+    addrs: Vec<String>,
+    leader: String,
+    inner: JobServiceClient<Channel>,
+}
+
+fn retryable(s: &tonic::Status) -> bool {
+    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
+}
+
+/// Calls `method` with `req` on the leader through [`Client::call`].
+#[macro_export]
+macro_rules! rpc {
+    ($client:expr, $method:ident, $req:expr) => {{
+        let req = $req;
+        $client
+            .call(move |mut c| {
+                let req = req.clone();
+                async move { c.$method(req).await }
+            })
+            .await
+    }};
+}
+
+/// Connects to the leader among `list` (comma-separated addresses).
+pub async fn connect(list: &str) -> anyhow::Result<Client> {
+    let addrs = leader::parse_addrs(list);
+    anyhow::ensure!(!addrs.is_empty(), "no coordinator address given (--coordinator or FLOTILLA_COORDINATOR)");
+    let (leader, channel) = find(&addrs, None).await?;
+    Ok(Client { addrs, leader, inner: JobServiceClient::new(channel) })
+}
+
+async fn find(addrs: &[String], hint: Option<&str>) -> anyhow::Result<(String, Channel)> {
+    let deadline = Instant::now() + RETRY_FOR;
+    let mut hint = hint.map(str::to_string);
+    loop {
+        match leader::find_leader(addrs, hint.take().as_deref()).await {
+            Ok(found) => return Ok(found),
+            Err(e) if Instant::now() >= deadline => anyhow::bail!("no leading coordinator among {addrs:?}: {e}"),
+            Err(e) => tracing::debug!(error = %e, "no leading coordinator yet"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+impl Client {
+    /// The address of the replica this client talks to.
+    pub fn leader(&self) -> &str {
+        &self.leader
+    }
+
+    /// Finds the leader again, starting where `status` points.
+    async fn reconnect(&mut self, status: &tonic::Status) -> anyhow::Result<()> {
+        let hint = leader::leader_hint(status);
+        let (addr, channel) = find(&self.addrs, hint.as_deref()).await?;
+        if addr != self.leader {
+            tracing::info!(from = %self.leader, to = %addr, "following the new coordinator leader");
+        }
+        self.leader = addr;
+        self.inner = JobServiceClient::new(channel);
+        Ok(())
+    }
+
+    /// Runs `f` against the leader; on a refusal or a lost connection, finds
+    /// the leader again and retries, for up to [`RETRY_FOR`].
+    pub async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T, tonic::Status>
+    where
+        F: FnMut(JobServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = Instant::now() + RETRY_FOR;
+        loop {
+            match f(self.inner.clone()).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if retryable(&s) && Instant::now() < deadline => {
+                    if let Err(e) = self.reconnect(&s).await {
+                        return Err(tonic::Status::unavailable(format!("{}; {e:#}", s.message())));
+                    }
+                }
+                Err(s) => return Err(s),
+            }
+        }
+    }
 }
 
 /// Submits a job file's text; relative paths in it resolve against the
-/// current directory.
+/// current directory. Retries across a leader change never create the job
+/// twice: every attempt carries the same submission id.
 pub async fn submit(client: &mut Client, path: &Path, text: String) -> Result<String, tonic::Status> {
     let base = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_else(|_| "/".into());
-    let req = pb::SubmitJobRequest { spec_yaml: text, origin: path.display().to_string(), base_dir: base };
-    Ok(client.submit_job(req).await?.into_inner().job_id)
+    let req = pb::SubmitJobRequest {
+        spec_yaml: text,
+        origin: path.display().to_string(),
+        base_dir: base,
+        submission_id: submission_id(),
+    };
+    Ok(crate::rpc!(client, submit_job, req)?.job_id)
+}
+
+/// A fresh id for one submission: 128 random bits, hex.
+fn submission_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = String::new();
+    for i in 0..2u64 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(i);
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+        h.write_u32(std::process::id());
+        out.push_str(&format!("{:016x}", h.finish()));
+    }
+    out
 }
 
 pub fn phase_name(phase: i32) -> &'static str {
@@ -104,8 +203,11 @@ pub fn print_detail(j: &pb::JobStatus) {
 /// Follows a job until it ends, with a progress bar on a terminal or a line
 /// every tenth of the run otherwise. Returns the final status.
 pub async fn follow(client: &mut Client, job: &str) -> anyhow::Result<pb::JobStatus> {
-    let mut stream =
-        client.watch_job(pb::WatchJobRequest { job_id: job.to_string() }).await.context("watch the job")?.into_inner();
+    let watch = |mut c: JobServiceClient<Channel>| {
+        let req = pb::WatchJobRequest { job_id: job.to_string() };
+        async move { c.watch_job(req).await }
+    };
+    let mut stream = client.call(watch).await.map_err(|s| anyhow::anyhow!("watch the job: {}", s.message()))?;
     let tty = std::io::stderr().is_terminal();
     let bar = ProgressBar::new(0);
     if tty {
@@ -122,7 +224,17 @@ pub async fn follow(client: &mut Client, job: &str) -> anyhow::Result<pb::JobSta
     let mut last_line_step = 0u64;
     let mut last_phase = -1;
     let mut last: Option<pb::JobStatus> = None;
-    while let Some(status) = stream.message().await.context("follow the job")? {
+    loop {
+        let status = match stream.message().await {
+            Ok(Some(status)) => status,
+            Ok(None) => break,
+            Err(s) if retryable(&s) => {
+                // The leader changed or went away: watch again on the new one.
+                stream = client.call(watch).await.map_err(|s| anyhow::anyhow!("follow the job: {}", s.message()))?;
+                continue;
+            }
+            Err(s) => anyhow::bail!("follow the job: {}", s.message()),
+        };
         bar.set_length(status.total_steps);
         bar.set_position(status.step);
         bar.set_message(format!(
@@ -158,7 +270,7 @@ pub async fn follow(client: &mut Client, job: &str) -> anyhow::Result<pb::JobSta
         }
     }
     bar.finish_and_clear();
-    last.context("the coordinator closed the watch before the job ended")
+    last.ok_or_else(|| anyhow::anyhow!("the coordinator closed the watch before the job ended"))
 }
 
 /// One line per outcome, for `run` and `submit --wait`.
@@ -190,7 +302,8 @@ pub fn print_outcome(s: &pb::JobStatus, elapsed: Duration) {
 
 /// Writes the job's per-step metrics to `<output>/metrics.jsonl`.
 pub async fn save_metrics(client: &mut Client, job: &str, output: &str) -> anyhow::Result<String> {
-    let points = client.get_metrics(pb::GetMetricsRequest { job_id: job.to_string() }).await?.into_inner().points;
+    let req = pb::GetMetricsRequest { job_id: job.to_string() };
+    let points = crate::rpc!(client, get_metrics, req)?.points;
     let mut text = String::new();
     for p in points {
         let line = serde_json::json!({
@@ -201,6 +314,6 @@ pub async fn save_metrics(client: &mut Client, job: &str, output: &str) -> anyho
         text.push('\n');
     }
     let out = flotilla_trainer::storage::Storage::open(output)?;
-    out.put("metrics.jsonl", text.into_bytes()).await.context("write metrics.jsonl")?;
+    out.put("metrics.jsonl", text.into_bytes()).await.map_err(|e| anyhow::anyhow!("write metrics.jsonl: {e}"))?;
     Ok(format!("{output}/metrics.jsonl"))
 }

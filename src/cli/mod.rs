@@ -23,7 +23,8 @@ pub struct Cli {
 
 #[derive(Debug, Args, Clone)]
 pub struct CoordinatorArg {
-    /// The coordinator's address.
+    /// The coordinator's address, or the addresses of its replicas separated
+    /// by commas (the leader among them is found and followed).
     #[arg(long, env = "FLOTILLA_COORDINATOR", default_value = "http://127.0.0.1:7070")]
     pub coordinator: String,
 }

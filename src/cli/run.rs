@@ -45,7 +45,8 @@ pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
             return Ok(if status.code() == tonic::Code::InvalidArgument { EXIT_BAD_INPUT } else { EXIT_JOB_FAILED });
         }
     };
-    let status = client.get_job(pb::GetJobRequest { job_id: job.clone() }).await?.into_inner();
+    let req = pb::GetJobRequest { job_id: job.clone() };
+    let status = crate::rpc!(client, get_job, req)?;
     // Logs stay on this machine even when outputs go to an object store.
     let logs = if status.output_dir.starts_with('/') {
         Path::new(&status.output_dir).join("logs")
@@ -77,7 +78,8 @@ pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
     let code = match outcome {
         None => {
             eprintln!("flotilla: interrupted; stopping workers");
-            let _ = client.cancel_job(pb::CancelJobRequest { job_id: job.clone() }).await;
+            let req = pb::CancelJobRequest { job_id: job.clone() };
+            let _ = crate::rpc!(client, cancel_job, req);
             130
         }
         Some(Ok(status)) => {

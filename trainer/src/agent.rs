@@ -26,8 +26,9 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// The coordinator's URL, e.g. `http://10.0.0.1:7070`.
-    pub coordinator: String,
+    /// The coordinator replicas' URLs, e.g. `http://10.0.0.1:7070`; the
+    /// agent follows whichever leads.
+    pub coordinators: Vec<String>,
     /// Where to listen for peers' collectives.
     pub data_bind: SocketAddr,
     /// The host peers reach this worker on; by default the local address
@@ -98,6 +99,26 @@ pub struct Agent {
     events_rx: mpsc::UnboundedReceiver<(RunKey, RunMsg)>,
     /// Set once the machine announced its end: exit when released or then.
     leaving: Option<tokio::time::Instant>,
+    /// The id the coordinator gave this worker; kept across reconnections
+    /// so that a leader change does not make a new worker of it.
+    worker_id: Option<String>,
+    /// Where the last refusal said the leader is.
+    leader_hint: Option<String>,
+    /// Reports that must reach the coordinator (checkpoint commits, the end
+    /// of a train loop), kept while it cannot be reached.
+    pending: std::collections::VecDeque<(RunKey, RunMsg)>,
+}
+
+/// A report that failed this way may succeed on another replica or later.
+fn retryable(s: &tonic::Status) -> bool {
+    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded)
+}
+
+impl RunMsg {
+    /// Whether losing this report would lose work or stall the job.
+    fn must_arrive(&self) -> bool {
+        !matches!(self, RunMsg::Event(TrainEvent::Progress { .. }))
+    }
 }
 
 impl Agent {
@@ -106,11 +127,22 @@ impl Agent {
         let host = match cfg.advertise_host {
             Some(h) => h,
             None if !cfg.data_bind.ip().is_unspecified() => cfg.data_bind.ip(),
-            None => local_ip_towards(&cfg.coordinator),
+            None => local_ip_towards(cfg.coordinators.first().map_or("127.0.0.1:7070", String::as_str)),
         };
         let data_addr = SocketAddr::new(host, listener.local_addr().port());
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        Ok(Agent { cfg, listener: Arc::new(listener), data_addr, current: None, events_tx, events_rx, leaving: None })
+        Ok(Agent {
+            cfg,
+            listener: Arc::new(listener),
+            data_addr,
+            current: None,
+            events_tx,
+            events_rx,
+            leaving: None,
+            worker_id: None,
+            leader_hint: None,
+            pending: Default::default(),
+        })
     }
 
     pub fn data_addr(&self) -> SocketAddr {
@@ -129,18 +161,33 @@ impl Agent {
                 c = self.connect() => c,
             };
             match client {
-                Ok(mut client) => match self.session(&mut client, &shutdown, &mut notices).await {
-                    Ok(()) => break,
-                    Err(e) => tracing::warn!(error = %e, "lost the coordinator; reconnecting"),
-                },
-                Err(e) => tracing::debug!(error = %e, "coordinator not reachable yet"),
+                Ok(mut client) => {
+                    backoff = Duration::from_millis(100);
+                    match self.session(&mut client, &shutdown, &mut notices).await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            if let Some(s) = e.downcast_ref::<tonic::Status>() {
+                                self.leader_hint = flotilla_proto::leader::leader_hint(s);
+                            }
+                            tracing::warn!(error = %e, "lost the coordinator; reconnecting")
+                        }
+                    }
+                    if self.leader_hint.is_some() {
+                        // Pointed at the new leader: go there at once.
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    self.leader_hint = None;
+                    tracing::debug!(error = %e, "no leading coordinator reachable yet")
+                }
             }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(backoff) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
         if let Some(run) = self.current.take() {
             run.stop().await;
@@ -149,12 +196,12 @@ impl Agent {
         Ok(())
     }
 
-    async fn connect(&self) -> anyhow::Result<WorkerServiceClient<Channel>> {
-        let channel = Channel::from_shared(self.cfg.coordinator.clone())
-            .context("coordinator address")?
-            .connect_timeout(Duration::from_secs(2))
-            .connect()
-            .await?;
+    async fn connect(&mut self) -> anyhow::Result<WorkerServiceClient<Channel>> {
+        let hint = self.leader_hint.take();
+        let (addr, channel) = flotilla_proto::leader::find_leader(&self.cfg.coordinators, hint.as_deref())
+            .await
+            .map_err(|e| anyhow::anyhow!("no leading coordinator: {e}"))?;
+        tracing::debug!(coordinator = %addr, "connected to the leading coordinator");
         Ok(WorkerServiceClient::new(channel))
     }
 
@@ -171,11 +218,25 @@ impl Agent {
                 data_addr: self.data_addr.to_string(),
                 hostname: hostname(),
                 pid: std::process::id(),
+                worker_id: self.worker_id.clone().unwrap_or_default(),
             }))
             .await?
             .into_inner();
         let worker = reg.worker_id;
-        tracing::info!(worker = %worker, data_addr = %self.data_addr, "registered");
+        if self.worker_id.as_ref() != Some(&worker) {
+            tracing::info!(worker = %worker, data_addr = %self.data_addr, "registered");
+            self.worker_id = Some(worker.clone());
+        }
+        // What could not be told to the previous leader.
+        while let Some((key, msg)) = self.pending.pop_front() {
+            if let Err(s) = self.forward(client, &worker, &key, &msg).await {
+                if retryable(&s) {
+                    self.pending.push_front((key, msg));
+                    return Err(s.into());
+                }
+                tracing::warn!(job = %key.job, gen = key.generation, error = %s, "coordinator refused a report");
+            }
+        }
         let mut heartbeat = tokio::time::interval(Duration::from_millis(reg.heartbeat_interval_ms.max(50)));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut stream = client.assignments(pb::AssignmentsRequest { worker_id: worker.clone() }).await?.into_inner();
@@ -231,7 +292,15 @@ impl Agent {
                         anyhow::bail!("assignment stream failed: {s}");
                     }
                 },
-                Some((key, msg)) = self.events_rx.recv() => self.forward(client, &worker, key, msg).await,
+                Some((key, msg)) = self.events_rx.recv() => {
+                    if let Err(s) = self.forward(client, &worker, &key, &msg).await {
+                        if retryable(&s) && msg.must_arrive() {
+                            self.pending.push_back((key, msg));
+                            return Err(s.into());
+                        }
+                        tracing::warn!(job = %key.job, gen = key.generation, error = %s, "coordinator refused a report");
+                    }
+                }
             }
         }
     }
@@ -303,20 +372,26 @@ impl Agent {
     }
 
     /// Sends what the train loop reported to the coordinator.
-    async fn forward(&mut self, client: &mut WorkerServiceClient<Channel>, worker: &str, key: RunKey, msg: RunMsg) {
+    async fn forward(
+        &mut self,
+        client: &mut WorkerServiceClient<Channel>,
+        worker: &str,
+        key: &RunKey,
+        msg: &RunMsg,
+    ) -> Result<(), tonic::Status> {
         let (job_id, generation, rank) = (key.job.clone(), key.generation, key.rank);
-        let result = match msg {
+        match msg {
             RunMsg::Event(TrainEvent::Progress { step, loss, lr, samples_per_sec, grad_norm }) => client
                 .report_progress(timed(pb::ProgressReport {
                     worker_id: worker.into(),
                     job_id,
                     generation,
                     rank,
-                    step,
-                    loss,
-                    lr,
-                    samples_per_sec,
-                    grad_norm,
+                    step: *step,
+                    loss: *loss,
+                    lr: *lr,
+                    samples_per_sec: *samples_per_sec,
+                    grad_norm: *grad_norm,
                 }))
                 .await
                 .map(|_| ()),
@@ -325,15 +400,15 @@ impl Agent {
                     worker_id: worker.into(),
                     job_id,
                     generation,
-                    step,
-                    location,
-                    blocked_ms,
-                    total_ms,
+                    step: *step,
+                    location: location.clone(),
+                    blocked_ms: *blocked_ms,
+                    total_ms: *total_ms,
                 };
                 match client.commit_checkpoint(timed(commit)).await {
                     Ok(resp) => {
                         let keep = resp.into_inner().retained_steps;
-                        if let Some(dir) = self.current.as_ref().filter(|r| r.key == key).map(|r| r.output_dir.clone())
+                        if let Some(dir) = self.current.as_ref().filter(|r| r.key == *key).map(|r| r.output_dir.clone())
                         {
                             let pruned = match Storage::open(&dir) {
                                 Ok(out) => checkpoint::prune(&out, &keep).await,
@@ -357,8 +432,8 @@ impl Agent {
                     worker_id: worker.into(),
                     job_id,
                     generation,
-                    step,
-                    final_model,
+                    step: *step,
+                    final_model: final_model.clone(),
                 }))
                 .await
                 .map(|_| ()),
@@ -367,7 +442,7 @@ impl Agent {
                 Ok(())
             }
             RunMsg::Ended(Err(e)) => {
-                let (kind, peer_rank) = match &e {
+                let (kind, peer_rank) = match e {
                     TrainError::Comm(c) => (pb::FailureKind::Comm, c.peer().map(|p| p as u32)),
                     TrainError::Fatal(_) => (pb::FailureKind::Fatal, None),
                 };
@@ -385,9 +460,6 @@ impl Agent {
                     .await
                     .map(|_| ())
             }
-        };
-        if let Err(s) = result {
-            tracing::warn!(job = %key.job, gen = generation, error = %s, "coordinator refused a report");
         }
     }
 }

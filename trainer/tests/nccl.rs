@@ -35,8 +35,12 @@ fn all_reduce_and_broadcast_cuda_tensors_across_every_gpu() {
         let req = pb::SubmitJobRequest { spec_yaml: yaml, origin: "nccl.yaml".into(), base_dir: "/tmp".into() };
         let job = jobs.submit_job(req).await.unwrap().into_inner().job_id;
         for i in 0..gpus {
-            let req =
-                pb::RegisterRequest { data_addr: format!("127.0.0.1:{}", 6000 + i), hostname: "h".into(), pid: 1 };
+            let req = pb::RegisterRequest {
+                data_addr: format!("127.0.0.1:{}", 6000 + i),
+                hostname: "h".into(),
+                pid: 1,
+                ..Default::default()
+            };
             w.register(req).await.unwrap();
         }
         let status = loop {
