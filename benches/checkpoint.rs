@@ -13,6 +13,7 @@
 mod support;
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Instant;
 
 use flotilla::trainer::checkpoint::{self, Layout, Snapshot};
@@ -25,17 +26,44 @@ struct Measure {
     bytes: usize,
 }
 
-/// The train loop's path: clone the state (blocked), then encode and upload.
-fn flotilla_save(rt: &tokio::runtime::Runtime, url: &str, layout: &Layout, state: &Snapshot) -> Measure {
+/// The train loop's path: copy the state into the buffers of the previous
+/// checkpoint (training is blocked for this), then write this rank's shard
+/// from them in the background.
+fn flotilla_save(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+    layout: &Layout,
+    state: &Snapshot,
+    buffers: &mut Option<Snapshot>,
+) -> Measure {
     let out = Storage::open(url).unwrap();
     let t0 = Instant::now();
-    let snap = state.clone();
+    let mut snap = buffers.take().unwrap_or_default();
+    snap.step = state.step;
+    snap.optimizer_step = state.optimizer_step;
+    snap.params.clone_from(&state.params);
+    snap.m.clone_from(&state.m);
+    snap.v.clone_from(&state.v);
     let blocked_s = t0.elapsed().as_secs_f64();
+    let snap = Arc::new(snap);
     let dir = out.child(&checkpoint::step_name(snap.step));
     let (entry, up) = rt.block_on(checkpoint::write_shard(&dir, layout, &snap, 0, 1)).unwrap();
     let total_s = t0.elapsed().as_secs_f64();
     assert_eq!(up.bytes as u64, entry.bytes);
+    *buffers = Arc::try_unwrap(snap).ok();
+    assert!(buffers.is_some(), "the upload released the snapshot");
     Measure { blocked_s, total_s, bytes: up.bytes }
+}
+
+/// A first checkpoint (fresh buffers), then the steady state: the same
+/// save again, as every later checkpoint of a run.
+fn flotilla_rows(rt: &tokio::runtime::Runtime, name: &str, url: &str, layout: &Layout, state: &Snapshot) -> Measure {
+    let mut buffers = None;
+    let first = flotilla_save(rt, &format!("{url}/first"), layout, state, &mut buffers);
+    row(&format!("{name} (1st)"), &first);
+    let steady = flotilla_save(rt, &format!("{url}/steady"), layout, state, &mut buffers);
+    row(name, &steady);
+    steady
 }
 
 fn row(name: &str, m: &Measure) {
@@ -62,8 +90,7 @@ fn main() {
         "{:<22} {:>14} {:>13} {:>13} {:>9} {:>14}",
         "target", "state", "blocked", "total", "blocked", "throughput"
     );
-    let local = flotilla_save(&rt, dir.path().join("local").to_str().unwrap(), &layout, &state);
-    row("flotilla, local disk", &local);
+    let local = flotilla_rows(&rt, "flotilla, local disk", dir.path().join("local").to_str().unwrap(), &layout, &state);
     if !full {
         return;
     }
@@ -72,8 +99,7 @@ fn main() {
         // SAFETY: no other thread reads the environment yet.
         unsafe { std::env::set_var(k, v) };
     }
-    let remote = flotilla_save(&rt, "s3://bench/ckpt", &layout, &state);
-    row("flotilla, s3s-fs", &remote);
+    flotilla_rows(&rt, "flotilla, s3s-fs", "s3://bench/ckpt", &layout, &state);
 
     let py = repo().join(".deps/venv/bin/python");
     if !py.exists() {

@@ -7,7 +7,9 @@
 //! whose checksum does not match marks the checkpoint as torn.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use bytes::Bytes;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
@@ -27,6 +29,8 @@ pub enum CheckpointError {
     Corrupt { path: String, message: String },
     #[error("checkpoint {path} does not fit this job: {message}")]
     Mismatch { path: String, message: String },
+    #[error("encode a checkpoint shard: {0}")]
+    Encode(String),
 }
 
 /// Names, shapes and flat offsets of the model's parameters.
@@ -110,7 +114,7 @@ pub struct Manifest {
 }
 
 /// Parameters and optimizer state, flat, in layout order.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     pub step: u64,
     pub params: Vec<f32>,
@@ -146,38 +150,103 @@ fn as_bytes(v: &[f32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
-/// Rank `rank`'s shard of `snap`: the safetensors bytes and their entry.
-pub fn encode_shard(layout: &Layout, snap: &Snapshot, rank: usize, world: usize) -> (Vec<u8>, ShardEntry) {
-    let mut buffers: Vec<(String, &[u8], usize)> = Vec::new();
-    for (g, group) in GROUPS.iter().enumerate() {
-        let data = group_slice(snap, g);
-        for (i, name) in layout.names.iter().enumerate() {
-            let (a, b) = shard_range(layout.numel(i), rank, world);
-            if a < b {
-                let off = layout.offsets[i];
-                buffers.push((format!("{group}/{name}"), as_bytes(&data[off + a..off + b]), b - a));
-            }
-        }
-    }
-    let views: Vec<(String, TensorView<'_>)> = buffers
-        .iter()
-        .map(|(n, bytes, len)| (n.clone(), TensorView::new(Dtype::F32, vec![*len], bytes).expect("sizes agree")))
-        .collect();
-    let bytes = safetensors::serialize(views, None).expect("f32 views serialize");
-    let entry = ShardEntry { file: shard_file(rank), crc32c: crc(&bytes), bytes: bytes.len() as u64 };
-    (bytes, entry)
+/// One tensor piece of a shard: `GROUPS[group]`'s floats `start..end` of
+/// the flat state.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    group: usize,
+    start: usize,
+    end: usize,
 }
 
-/// Uploads rank `rank`'s shard of `snap` into the checkpoint folder `dir`.
+/// Rank `rank`'s shard layout: the safetensors header (length prefix and
+/// JSON, padded to 8 bytes) and the spans of the flat state that follow it
+/// in file order. Nothing is copied: the spans are written straight from the
+/// snapshot's memory.
+fn shard_plan(layout: &Layout, rank: usize, world: usize) -> (Vec<u8>, Vec<Span>) {
+    let mut json = String::from("{");
+    let mut spans = Vec::new();
+    let mut offset = 0usize;
+    for (g, group) in GROUPS.iter().enumerate() {
+        for (i, name) in layout.names.iter().enumerate() {
+            let (a, b) = shard_range(layout.numel(i), rank, world);
+            if a >= b {
+                continue;
+            }
+            let bytes = (b - a) * 4;
+            if !spans.is_empty() {
+                json.push(',');
+            }
+            let key = serde_json::to_string(&format!("{group}/{name}")).expect("a string serializes");
+            json.push_str(&format!(
+                r#"{key}:{{"dtype":"F32","shape":[{}],"data_offsets":[{offset},{}]}}"#,
+                b - a,
+                offset + bytes
+            ));
+            offset += bytes;
+            let off = layout.offsets[i];
+            spans.push(Span { group: g, start: off + a, end: off + b });
+        }
+    }
+    json.push('}');
+    while (8 + json.len()) % 8 != 0 {
+        json.push(' ');
+    }
+    let mut header = (json.len() as u64).to_le_bytes().to_vec();
+    header.extend_from_slice(json.as_bytes());
+    (header, spans)
+}
+
+/// A span of a shared snapshot, handed to the storage layer without a copy.
+struct SnapshotBytes {
+    snap: Arc<Snapshot>,
+    span: Span,
+}
+
+impl AsRef<[u8]> for SnapshotBytes {
+    fn as_ref(&self) -> &[u8] {
+        as_bytes(&group_slice(&self.snap, self.span.group)[self.span.start..self.span.end])
+    }
+}
+
+/// Rank `rank`'s shard of `snap` as the pieces of one safetensors file
+/// (borrowing the snapshot's memory), and its entry with the CRC-32C of the
+/// whole file.
+pub fn shard_pieces(layout: &Layout, snap: &Arc<Snapshot>, rank: usize, world: usize) -> (Vec<Bytes>, ShardEntry) {
+    let (header, spans) = shard_plan(layout, rank, world);
+    let mut crc = crc32c::crc32c(&header);
+    let mut len = header.len();
+    let mut pieces = vec![Bytes::from(header)];
+    for span in spans {
+        let piece = SnapshotBytes { snap: snap.clone(), span };
+        crc = crc32c::crc32c_append(crc, piece.as_ref());
+        len += piece.as_ref().len();
+        pieces.push(Bytes::from_owner(piece));
+    }
+    let entry = ShardEntry { file: shard_file(rank), crc32c: format!("{crc:08x}"), bytes: len as u64 };
+    (pieces, entry)
+}
+
+/// Rank `rank`'s shard of `snap`: the safetensors bytes and their entry.
+pub fn encode_shard(layout: &Layout, snap: &Arc<Snapshot>, rank: usize, world: usize) -> (Vec<u8>, ShardEntry) {
+    let (pieces, entry) = shard_pieces(layout, snap, rank, world);
+    (pieces.concat(), entry)
+}
+
+/// Uploads rank `rank`'s shard of `snap` into the checkpoint folder `dir`,
+/// straight from the snapshot's memory.
 pub async fn write_shard(
     dir: &Storage,
     layout: &Layout,
-    snap: &Snapshot,
+    snap: &Arc<Snapshot>,
     rank: usize,
     world: usize,
 ) -> Result<(ShardEntry, Upload), CheckpointError> {
-    let (bytes, entry) = encode_shard(layout, snap, rank, world);
-    let upload = dir.put(&entry.file, bytes).await?;
+    let (layout, snap2) = (layout.clone(), snap.clone());
+    let (pieces, entry) = tokio::task::spawn_blocking(move || shard_pieces(&layout, &snap2, rank, world))
+        .await
+        .map_err(|e| CheckpointError::Encode(e.to_string()))?;
+    let upload = dir.put_pieces(&entry.file, pieces).await?;
     Ok((entry, upload))
 }
 
@@ -429,8 +498,9 @@ mod tests {
 
     async fn save(dir: &Storage, l: &Layout, s: &Snapshot, world: usize) {
         let mut shards = Vec::new();
+        let shared = Arc::new(s.clone());
         for r in 0..world {
-            shards.push(write_shard(dir, l, s, r, world).await.unwrap().0);
+            shards.push(write_shard(dir, l, &shared, r, world).await.unwrap().0);
         }
         let sampler = SamplerState { position: 70, seed: 1, global_batch: 10 };
         write_manifest(dir, &manifest("j-1", 2, l, s, sampler, 0, shards)).await.unwrap();
@@ -473,7 +543,7 @@ mod tests {
         let l = layout();
         let tmp = tempfile::tempdir().unwrap();
         let dir = storage(tmp.path());
-        write_shard(&dir, &l, &snap(&l), 0, 1).await.unwrap();
+        write_shard(&dir, &l, &Arc::new(snap(&l)), 0, 1).await.unwrap();
         let err = load(&dir, &l).await.unwrap_err();
         assert!(matches!(&err, CheckpointError::Storage(e) if e.is_not_found()), "{err}");
         save(&dir, &l, &snap(&l), 1).await;

@@ -45,6 +45,10 @@ struct Pending {
 #[derive(Default)]
 pub struct Saver {
     pending: Option<Pending>,
+    /// The buffers of the last snapshot, back from its upload: the next
+    /// snapshot is copied into them instead of into fresh memory, which
+    /// would be paged in while training waits.
+    spare: Arc<Mutex<Option<Snapshot>>>,
 }
 
 impl Saver {
@@ -57,27 +61,33 @@ impl Saver {
         self.pending.as_ref().is_some_and(|p| p.result.lock().expect("saver lock").is_some())
     }
 
-    /// Starts saving `snap`, copied at `since`: encodes and uploads this
-    /// rank's shard in the background.
+    /// A snapshot to copy the state into: the buffers of an earlier one
+    /// when its upload is done, else empty ones.
+    pub fn buffers(&mut self) -> Snapshot {
+        self.spare.lock().expect("saver lock").take().unwrap_or_default()
+    }
+
+    /// Starts saving `snap`, copied at `since`: this rank's shard is written
+    /// from the snapshot's memory in the background.
     pub fn start(&mut self, a: &Assignment, out: &Storage, layout: &Layout, snap: Snapshot, since: Instant) {
         assert!(self.pending.is_none(), "finish the pending checkpoint first");
         let (step, optimizer_step) = (snap.step, snap.optimizer_step);
         let dir = out.child(&checkpoint::step_name(step));
         let result = Arc::new(Mutex::new(None));
         let (slot, target, layout, rank, world) = (result.clone(), dir.clone(), layout.clone(), a.rank, a.world);
+        let spare = self.spare.clone();
         a.io.spawn(async move {
-            let encoded =
-                tokio::task::spawn_blocking(move || checkpoint::encode_shard(&layout, &snap, rank, world)).await;
-            let outcome = match encoded {
-                Ok((bytes, entry)) => match target.put(&entry.file, bytes).await {
-                    Ok(up) => {
-                        tracing::info!(step, bytes = up.bytes, parts = up.parts, "checkpoint shard uploaded");
-                        Outcome::Uploaded(entry)
-                    }
-                    Err(e) => Outcome::Failed(e.to_string()),
-                },
-                Err(e) => Outcome::Failed(format!("encode shard: {e}")),
+            let snap = Arc::new(snap);
+            let outcome = match checkpoint::write_shard(&target, &layout, &snap, rank, world).await {
+                Ok((entry, up)) => {
+                    tracing::info!(step, bytes = up.bytes, parts = up.parts, "checkpoint shard uploaded");
+                    Outcome::Uploaded(entry)
+                }
+                Err(e) => Outcome::Failed(e.to_string()),
             };
+            if let Ok(buffers) = Arc::try_unwrap(snap) {
+                *spare.lock().expect("saver lock") = Some(buffers);
+            }
             *slot.lock().expect("saver lock") = Some(outcome);
         });
         self.pending = Some(Pending { step, optimizer_step, dir, started: since, blocked: since.elapsed(), result });

@@ -24,6 +24,8 @@ pub enum StorageError {
     Store { what: &'static str, location: String, source: object_store::Error },
     #[error("storage URL {url:?}: {message}")]
     Url { url: String, message: String },
+    #[error("{what} {location}: {source}")]
+    Local { what: &'static str, location: String, source: std::io::Error },
 }
 
 impl StorageError {
@@ -143,24 +145,45 @@ impl Storage {
     /// Writes `name` whole (readers never see part of it); large objects go
     /// up in parts.
     pub async fn put(&self, name: &str, bytes: Vec<u8>) -> Result<Upload, StorageError> {
+        self.put_pieces(name, vec![bytes::Bytes::from(bytes)]).await
+    }
+
+    /// Writes the concatenation of `pieces` as `name`, whole, without joining
+    /// them in memory first. On the local file system: a temporary file,
+    /// written and flushed to disk, then renamed. Elsewhere: one request up
+    /// to the part size, a multipart upload above it.
+    pub async fn put_pieces(&self, name: &str, pieces: Vec<bytes::Bytes>) -> Result<Upload, StorageError> {
+        let len: usize = pieces.iter().map(|p| p.len()).sum();
+        if self.local {
+            let path = std::path::PathBuf::from(format!("/{}", self.path(name)));
+            let location = format!("{}/{name}", self.url);
+            tokio::task::spawn_blocking(move || write_file(&path, &pieces))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .map_err(|source| StorageError::Local { what: "write", location, source })?;
+            return Ok(Upload { bytes: len, parts: 0 });
+        }
         let path = self.path(name);
-        let len = bytes.len();
-        // The local file system gains nothing from parts: one write, then a rename.
-        if self.local || len <= self.part_bytes {
-            self.store.put(&path, PutPayload::from(bytes)).await.map_err(self.err("write", name))?;
+        if len <= self.part_bytes {
+            let payload: PutPayload = pieces.into_iter().collect();
+            self.store.put(&path, payload).await.map_err(self.err("write", name))?;
             return Ok(Upload { bytes: len, parts: 0 });
         }
         let upload = self.store.put_multipart(&path).await.map_err(self.err("start upload of", name))?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_bytes);
-        let data = bytes::Bytes::from(bytes);
-        let mut parts = 0;
-        for start in (0..len).step_by(self.part_bytes) {
-            writer.wait_for_capacity(4).await.map_err(self.err("upload part of", name))?;
-            writer.put(data.slice(start..(start + self.part_bytes).min(len)));
-            parts += 1;
+        for piece in pieces {
+            // Whole parts of one piece go up without a copy; the writer
+            // joins what straddles a part boundary.
+            let mut at = 0;
+            while at < piece.len() {
+                writer.wait_for_capacity(4).await.map_err(self.err("upload part of", name))?;
+                let end = (at + self.part_bytes).min(piece.len());
+                writer.put(piece.slice(at..end));
+                at = end;
+            }
         }
         writer.finish().await.map_err(self.err("finish upload of", name))?;
-        Ok(Upload { bytes: len, parts })
+        Ok(Upload { bytes: len, parts: len.div_ceil(self.part_bytes) })
     }
 
     pub async fn get(&self, name: &str) -> Result<Vec<u8>, StorageError> {
@@ -229,4 +252,27 @@ mod tests {
         assert!(Storage::open("relative/path").is_err());
         assert!(Storage::open("s3://").is_err());
     }
+}
+
+/// Writes `pieces` to a temporary file next to `path`, flushes it to disk and
+/// renames it into place: a reader sees the whole file or none.
+fn write_file(path: &std::path::Path, pieces: &[bytes::Bytes]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("object");
+    let tmp = path.with_file_name(format!(".{name}.{}.partial", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        for piece in pieces {
+            f.write_all(piece)?;
+        }
+        f.sync_data()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }

@@ -13,7 +13,7 @@ use flotilla_jobspec::JobSpec;
 use tch::Tensor;
 
 use crate::buckets::{self, CommThread};
-use crate::checkpoint::{self, Layout, Snapshot};
+use crate::checkpoint::{self, Layout};
 use crate::data::Dataset;
 use crate::model::Model;
 use crate::optim::{self, AdamW};
@@ -336,13 +336,12 @@ pub fn run(
                 emit(committed(saved));
             }
             let t0 = Instant::now();
-            let snap = Snapshot {
-                step: done,
-                params: params.flat.clone(),
-                m: adam.m.clone(),
-                v: adam.v.clone(),
-                optimizer_step: adam.step,
-            };
+            let mut snap = saver.buffers();
+            snap.step = done;
+            snap.optimizer_step = adam.step;
+            snap.params.clone_from(&params.flat);
+            snap.m.clone_from(&adam.m);
+            snap.v.clone_from(&adam.v);
             saver.start(a, &out, &params.layout, snap, t0);
             if requested {
                 // A worker is leaving: this one is finished at once, and the
