@@ -99,6 +99,11 @@ pub fn assignment(state: &State, worker: &str) -> pb::Assignment {
     }
 }
 
+/// The gRPC metadata key under which a follower names the leader's address
+/// when it refuses a call with UNAVAILABLE.
+pub const LEADER_METADATA: &str = "flotilla-leader";
+
+/// The one mapping from meta-store errors to gRPC statuses.
 pub fn status(e: StoreError) -> Status {
     match e {
         StoreError::Rejected(r) => match r {
@@ -108,7 +113,13 @@ pub fn status(e: StoreError) -> Status {
             }
             Rejection::Invalid(_) => Status::invalid_argument(r.to_string()),
         },
-        e @ StoreError::NotLeader { .. } => Status::unavailable(e.to_string()),
+        StoreError::NotLeader { leader } => {
+            let mut status = Status::unavailable(StoreError::NotLeader { leader: leader.clone() }.to_string());
+            if let Some(value) = leader.and_then(|l| l.parse().ok()) {
+                status.metadata_mut().insert(LEADER_METADATA, value);
+            }
+            status
+        }
         e @ StoreError::Unavailable(_) => Status::unavailable(e.to_string()),
     }
 }
