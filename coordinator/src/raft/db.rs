@@ -3,7 +3,7 @@
 //! durable when it returns, so a `kill -9` loses nothing acknowledged.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use redb::{Database, ReadableDatabase, TableDefinition};
 use serde::de::DeserializeOwned;
@@ -22,6 +22,10 @@ pub(crate) const KEY_SNAPSHOT: &str = "snapshot";
 /// The file inside the data dir.
 pub(crate) const FILE_NAME: &str = "meta.redb";
 
+/// How many times `open` tries again while another handle in this
+/// process still closes the file (20 ms apart).
+const OPEN_RETRIES: u32 = 100;
+
 /// A shared handle on the database; redb calls run on the blocking pool.
 #[derive(Clone)]
 pub(crate) struct Db(Arc<Database>);
@@ -37,15 +41,39 @@ impl DbError {
 }
 
 impl Db {
-    /// Opens (or creates) the database in `dir`, creating its tables.
-    pub(crate) fn open(dir: &Path) -> Result<Db, DbError> {
+    /// Opens (or creates) the database in `dir`, creating its tables. A
+    /// database still held by a node of this process that is shutting down
+    /// is waited for, a little.
+    pub(crate) async fn open(dir: &Path) -> Result<Db, DbError> {
         std::fs::create_dir_all(dir).map_err(|e| DbError::from("create data dir", e))?;
-        let db = Database::create(dir.join(FILE_NAME)).map_err(|e| DbError::from("open redb", e))?;
+        let path = dir.join(FILE_NAME);
+        let mut attempts = 0;
+        let db = loop {
+            let opened = tokio::task::spawn_blocking({
+                let path = path.clone();
+                move || Database::create(path)
+            })
+            .await
+            .map_err(|e| DbError::from("redb task", e))?;
+            match opened {
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if attempts < OPEN_RETRIES => {
+                    attempts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                other => break other.map_err(|e| DbError::from("open redb", e))?,
+            }
+        };
         let txn = db.begin_write().map_err(|e| DbError::from("begin write", e))?;
         txn.open_table(LOG).map_err(|e| DbError::from("create log table", e))?;
         txn.open_table(META).map_err(|e| DbError::from("create meta table", e))?;
         txn.commit().map_err(|e| DbError::from("commit", e))?;
         Ok(Db(Arc::new(db)))
+    }
+
+    /// A handle that does not keep the database open: it is closed once
+    /// every `Db` is dropped.
+    pub(crate) fn downgrade(&self) -> Weak<Database> {
+        Arc::downgrade(&self.0)
     }
 
     /// Runs `f` on the blocking pool.

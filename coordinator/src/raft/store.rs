@@ -3,7 +3,7 @@
 //! address. Also the membership administration used by the `Cluster` service.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,6 +29,9 @@ const MAX_MESSAGE: usize = 64 << 20;
 /// How long `add_member` waits for a new replica to catch up.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long `shutdown` waits for the storage to close.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Why a replica could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -52,6 +55,8 @@ struct Inner {
     raft: Raft,
     state: watch::Receiver<Arc<State>>,
     write_timeout: Duration,
+    /// The database, to know when the node's tasks have let go of it.
+    db: Weak<redb::Database>,
 }
 
 /// One member of the cluster as this replica sees it.
@@ -90,7 +95,8 @@ impl RaftStore {
     {
         let config = Arc::new(opts.raft_config()?);
         let storage_err = |reason: String| OpenError::Storage { dir: opts.data_dir.display().to_string(), reason };
-        let db = Db::open(&opts.data_dir).map_err(|e| storage_err(e.to_string()))?;
+        let db = Db::open(&opts.data_dir).await.map_err(|e| storage_err(e.to_string()))?;
+        let weak_db = db.downgrade();
         let mut log_store = LogStore::new(db.clone());
         let pristine = log_store.is_pristine().await.map_err(|e| storage_err(e.to_string()))?;
         let sm =
@@ -106,7 +112,7 @@ impl RaftStore {
             raft.initialize(members).await.map_err(|e| OpenError::Start(format!("initialize cluster: {e}")))?;
         }
         tracing::info!(id = opts.id, addr = %opts.addr, pristine, "raft replica open");
-        let inner = Inner { id: opts.id, addr: opts.addr, raft, state, write_timeout: opts.write_timeout };
+        let inner = Inner { id: opts.id, addr: opts.addr, raft, state, write_timeout: opts.write_timeout, db: weak_db };
         Ok(RaftStore { inner: Arc::new(inner) })
     }
 
@@ -132,10 +138,19 @@ impl RaftStore {
         Routes::new(raft).add_service(cluster)
     }
 
-    /// Stops the Raft node; its storage is closed once its tasks end.
+    /// Stops the Raft node and waits (up to a few seconds) until its tasks
+    /// have closed the database, so that the data dir can be opened again.
     pub async fn shutdown(&self) {
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!(error = %e, "raft node ended with an error");
+        }
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_TIMEOUT;
+        while self.inner.db.strong_count() > 0 {
+            if tokio::time::Instant::now() > deadline {
+                tracing::warn!(id = self.inner.id, "raft storage still open after shutdown");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

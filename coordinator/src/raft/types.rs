@@ -106,7 +106,8 @@ impl RaftOptions {
             election_timeout_max: self.election_max.as_millis() as u64,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             max_in_snapshot_log_to_keep: self.logs_kept_after_snapshot,
-            purge_batch_size: 256,
+            // Purge as soon as a snapshot covers the entries.
+            purge_batch_size: 1,
             ..Default::default()
         }
         .validate()
