@@ -111,7 +111,7 @@ async fn chaos(size: u64, run_for: Duration) {
     propose_following(&nodes, leader, submit("final"), mem_id).await.expect("write after healing");
     let state = support::wait_converged(&nodes, Duration::from_secs(15)).await;
 
-    let o = outcomes.lock().unwrap();
+    let o = std::mem::take(&mut *outcomes.lock().unwrap());
     println!("size {size}: {} acknowledged, {} failed, {} jobs", o.acked.len(), o.failed.len(), state.jobs.len());
     assert!(o.acked.len() >= 10, "too few writes got through: {}", o.acked.len());
     for node in nodes.values() {

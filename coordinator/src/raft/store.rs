@@ -36,7 +36,7 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("invalid raft options: {0}")]
-    Config(#[from] openraft::ConfigError),
+    Config(#[from] Box<openraft::ConfigError>),
     #[error("open raft storage in {dir}: {reason}")]
     Storage { dir: String, reason: String },
     #[error("start raft node: {0}")]

@@ -98,7 +98,7 @@ impl RaftOptions {
     }
 
     /// openraft's configuration, validated.
-    pub(crate) fn raft_config(&self) -> Result<Config, openraft::ConfigError> {
+    pub(crate) fn raft_config(&self) -> Result<Config, Box<openraft::ConfigError>> {
         Config {
             cluster_name: "flotilla".to_string(),
             heartbeat_interval: self.heartbeat.as_millis() as u64,
@@ -111,5 +111,6 @@ impl RaftOptions {
             ..Default::default()
         }
         .validate()
+        .map_err(Box::new)
     }
 }

@@ -154,6 +154,8 @@ pub struct RouterPeer {
 type RpcErr<E> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
 
 impl RouterPeer {
+    // The error type is openraft's, as in `RaftNetwork` itself.
+    #[allow(clippy::result_large_err)]
     fn finish<T, E: std::error::Error>(
         &self,
         fate: &Fate,
