@@ -78,7 +78,7 @@ async fn chaos(size: u64, run_for: Duration) {
             // isolated replica.
             let rest: BTreeMap<u64, RaftStore> =
                 nodes.iter().filter(|(id, _)| **id != leader).map(|(id, s)| (*id, s.clone())).collect();
-            support::wait_leader(&rest, Duration::from_secs(10)).await;
+            support::wait_leader(&rest, Duration::from_secs(20)).await;
             let name = format!("minority-{leader}-{}", minority_names.len());
             let result = nodes[&leader].propose(submit(&name)).await;
             assert!(result.is_err(), "replica {leader}, cut off from the majority, acknowledged {name}");
@@ -106,10 +106,10 @@ async fn chaos(size: u64, run_for: Duration) {
 
     router.heal();
     router.set_faults(Faults::default());
-    let leader = support::wait_leader(&nodes, Duration::from_secs(15)).await;
+    let leader = support::wait_leader(&nodes, Duration::from_secs(20)).await;
     // A write in the final term makes every earlier entry committed.
     propose_following(&nodes, leader, submit("final"), mem_id).await.expect("write after healing");
-    let state = support::wait_converged(&nodes, Duration::from_secs(15)).await;
+    let state = support::wait_converged(&nodes, Duration::from_secs(20)).await;
 
     let o = std::mem::take(&mut *outcomes.lock().unwrap());
     println!("size {size}: {} acknowledged, {} failed, {} jobs", o.acked.len(), o.failed.len(), state.jobs.len());
