@@ -162,3 +162,49 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, Entry, EntryPayload};
+
+    use super::*;
+    use crate::state::{Command, DEFAULT_MAX_RESTARTS};
+
+    fn job(index: u64, name: &str) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Command::SubmitJob {
+                name: name.into(),
+                spec_json: "{}".into(),
+                min_workers: 1,
+                max_workers: 1,
+                fixed_world: None,
+                total_steps: 1,
+                keep_checkpoints: 1,
+                output_root: "/tmp".into(),
+                at_ms: 0,
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replayed_entry_is_not_applied_again_and_snapshots_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).await.unwrap();
+        let mut sm = StateMachineStore::open(db.clone(), State::new(DEFAULT_MAX_RESTARTS)).await.unwrap();
+        let first = sm.apply([job(1, "a"), job(2, "b")]).await.unwrap();
+        assert!(first.iter().all(|r| matches!(r, Ok(events) if events.len() == 1)), "{first:?}");
+        let replay = sm.apply([job(2, "b"), job(3, "c")]).await.unwrap();
+        assert_eq!(replay[0], Ok(Vec::new()));
+        let state = sm.watch().borrow().clone();
+        assert_eq!(state.jobs.len(), 3);
+        assert_eq!(state.jobs.values().filter(|j| j.name == "b").count(), 1);
+
+        let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(3));
+        drop(sm);
+        let mut reopened = StateMachineStore::open(db, State::default()).await.unwrap();
+        assert_eq!(*reopened.watch().borrow().clone(), *state);
+        assert_eq!(reopened.applied_state().await.unwrap().0.map(|l| l.index), Some(3));
+    }
+}
