@@ -99,6 +99,11 @@ pub fn assignment(state: &State, worker: &str) -> pb::Assignment {
     }
 }
 
+/// The gRPC metadata key under which a follower names the leader's address
+/// when it refuses a call with UNAVAILABLE.
+pub use flotilla_proto::leader::LEADER_METADATA;
+
+/// The one mapping from meta-store errors to gRPC statuses.
 pub fn status(e: StoreError) -> Status {
     match e {
         StoreError::Rejected(r) => match r {

@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod coordinator;
+pub mod raft;
 pub mod scheduler;
 pub mod server;
 pub mod service;
@@ -15,6 +16,7 @@ pub mod store;
 mod state_tests;
 
 pub use coordinator::{Coordinator, CoordinatorConfig};
-pub use server::{serve, ServerHandle};
+pub use raft::{RaftOptions, RaftStore};
+pub use server::{serve, serve_with_routes, serve_with_store, ServerHandle};
 pub use state::{Command, Event, JobPhase, State};
 pub use store::{MemStore, MetaStore, StoreError};

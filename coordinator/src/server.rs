@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 
 use crate::coordinator::{Coordinator, CoordinatorConfig};
 use crate::service::{JobApi, WorkerApi};
@@ -47,22 +48,36 @@ pub async fn serve(
     serve_with_store(listener, store, cfg, shutdown).await
 }
 
+/// Starts a coordinator on `store`, serving the client services.
 pub async fn serve_with_store(
     listener: TcpListener,
     store: Arc<dyn MetaStore>,
     cfg: CoordinatorConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<ServerHandle> {
+    serve_with_routes(listener, store, cfg, shutdown, Routes::default()).await
+}
+
+/// Starts a coordinator on `store`, serving `extra` (for example a Raft
+/// replica's own services, `RaftStore::routes`) on the same port as the
+/// client services.
+pub async fn serve_with_routes(
+    listener: TcpListener,
+    store: Arc<dyn MetaStore>,
+    cfg: CoordinatorConfig,
+    shutdown: CancellationToken,
+    extra: Routes,
+) -> std::io::Result<ServerHandle> {
     let addr = listener.local_addr()?;
     let coordinator = Coordinator::new(store, cfg, shutdown.clone());
     let driver = tokio::spawn(coordinator.clone().drive());
-    let jobs = JobServiceServer::new(JobApi(coordinator.clone()));
-    let workers = WorkerServiceServer::new(WorkerApi(coordinator.clone()));
+    let routes = extra
+        .add_service(JobServiceServer::new(JobApi(coordinator.clone())))
+        .add_service(WorkerServiceServer::new(WorkerApi(coordinator.clone())));
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
-            .add_service(jobs)
-            .add_service(workers)
+            .add_routes(routes)
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), token.cancelled())
             .await;
         let _ = driver.await;

@@ -1,0 +1,301 @@
+//! [`RaftStore`]: the [`MetaStore`] on openraft. Writes go through
+//! `client_write` on the leader; a follower answers with the leader's
+//! address. Also the membership administration used by the `Cluster` service.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use flotilla_proto::raft::v1::cluster_server::ClusterServer;
+use flotilla_proto::raft::v1::raft_server::RaftServer;
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, RaftMetrics, RaftNetworkFactory, ServerState};
+use tokio::sync::watch;
+use tonic::service::Routes;
+
+use super::db::Db;
+use super::log_store::LogStore;
+use super::network::GrpcNetwork;
+use super::service::{ClusterApi, RaftApi};
+use super::state_machine::StateMachineStore;
+use super::types::{NodeId, Raft, RaftOptions, TypeConfig};
+use crate::state::{Command, Event, State};
+use crate::store::{MetaStore, StoreError};
+
+/// The largest gRPC message a replica accepts from a peer (snapshot chunks
+/// and entry batches, JSON-encoded).
+const MAX_MESSAGE: usize = 64 << 20;
+/// How long `add_member` waits for a new replica to catch up.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long `shutdown` waits for the storage to close.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a replica could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("invalid raft options: {0}")]
+    Config(#[from] Box<openraft::ConfigError>),
+    #[error("open raft storage in {dir}: {reason}")]
+    Storage { dir: String, reason: String },
+    #[error("start raft node: {0}")]
+    Start(String),
+}
+
+/// One replica of the coordinator's meta store; a cheap clone of a handle.
+#[derive(Clone)]
+pub struct RaftStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: NodeId,
+    addr: String,
+    raft: Raft,
+    state: watch::Receiver<Arc<State>>,
+    write_timeout: Duration,
+    /// The database, to know when the node's tasks have let go of it.
+    db: Weak<redb::Database>,
+}
+
+/// One member of the cluster as this replica sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberInfo {
+    pub id: NodeId,
+    pub addr: String,
+    /// A voter, or a learner that only follows the log.
+    pub voter: bool,
+    /// The highest index known to be replicated to it; known on the leader.
+    pub matched_index: Option<u64>,
+}
+
+/// The membership and the leader, as this replica sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterInfo {
+    pub leader: Option<NodeId>,
+    pub leader_addr: Option<String>,
+    pub members: Vec<MemberInfo>,
+}
+
+impl RaftStore {
+    /// Opens the replica described by `opts`, with peers reached over gRPC.
+    /// On a fresh data dir, the lowest id of `opts.peers` creates the
+    /// cluster with those peers as voters; an existing data dir is resumed
+    /// as it was and never initialized again.
+    pub async fn open(opts: RaftOptions) -> Result<RaftStore, OpenError> {
+        RaftStore::open_with_network(opts, GrpcNetwork).await
+    }
+
+    /// As [`RaftStore::open`], with another network (tests route messages
+    /// in memory).
+    pub async fn open_with_network<N>(opts: RaftOptions, network: N) -> Result<RaftStore, OpenError>
+    where
+        N: RaftNetworkFactory<TypeConfig>,
+    {
+        let config = Arc::new(opts.raft_config()?);
+        let storage_err = |reason: String| OpenError::Storage { dir: opts.data_dir.display().to_string(), reason };
+        let db = Db::open(&opts.data_dir).await.map_err(|e| storage_err(e.to_string()))?;
+        let weak_db = db.downgrade();
+        let mut log_store = LogStore::new(db.clone());
+        let pristine = log_store.is_pristine().await.map_err(|e| storage_err(e.to_string()))?;
+        let sm =
+            StateMachineStore::open(db, opts.initial_state.clone()).await.map_err(|e| storage_err(e.to_string()))?;
+        let state = sm.watch();
+        let raft =
+            Raft::new(opts.id, config, network, log_store, sm).await.map_err(|e| OpenError::Start(e.to_string()))?;
+        let founder = opts.peers.keys().next() == Some(&opts.id);
+        if pristine && founder {
+            let members: BTreeMap<NodeId, BasicNode> =
+                opts.peers.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
+            tracing::info!(id = opts.id, members = ?opts.peers, "initializing raft cluster");
+            raft.initialize(members).await.map_err(|e| OpenError::Start(format!("initialize cluster: {e}")))?;
+        }
+        tracing::info!(id = opts.id, addr = %opts.addr, pristine, "raft replica open");
+        let inner = Inner { id: opts.id, addr: opts.addr, raft, state, write_timeout: opts.write_timeout, db: weak_db };
+        Ok(RaftStore { inner: Arc::new(inner) })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// This replica's gRPC address.
+    pub fn addr(&self) -> &str {
+        &self.inner.addr
+    }
+
+    /// The openraft node: for metrics, and for tests that deliver messages.
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// The `Raft` and `Cluster` gRPC services of this replica, to be served
+    /// beside the coordinator's own (see `server::serve_with_routes`).
+    pub fn routes(&self) -> Routes {
+        let raft = RaftServer::new(RaftApi(self.inner.raft.clone())).max_decoding_message_size(MAX_MESSAGE);
+        let cluster = ClusterServer::new(ClusterApi(self.clone()));
+        Routes::new(raft).add_service(cluster)
+    }
+
+    /// Stops the Raft node and waits (up to a few seconds) until its tasks
+    /// have closed the database, so that the data dir can be opened again.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft node ended with an error");
+        }
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_TIMEOUT;
+        while self.inner.db.strong_count() > 0 {
+            if tokio::time::Instant::now() > deadline {
+                tracing::warn!(id = self.inner.id, "raft storage still open after shutdown");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn metrics(&self) -> RaftMetrics<NodeId, BasicNode> {
+        self.inner.raft.metrics().borrow().clone()
+    }
+
+    fn addr_of(metrics: &RaftMetrics<NodeId, BasicNode>, id: NodeId) -> Option<String> {
+        metrics.membership_config.membership().get_node(&id).map(|n| n.addr.clone())
+    }
+
+    /// The membership and leader as this replica sees them.
+    pub fn members(&self) -> ClusterInfo {
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| MemberInfo {
+                id: *id,
+                addr: node.addr.clone(),
+                voter: voters.contains(id),
+                matched_index: m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned().flatten())
+                    .map(|l| l.index)
+                    .or(if *id == m.id { m.last_log_index } else { None }),
+            })
+            .collect();
+        ClusterInfo {
+            leader: m.current_leader,
+            leader_addr: m.current_leader.and_then(|l| Self::addr_of(&m, l)),
+            members,
+        }
+    }
+
+    /// [`RaftStore::members`], or `NotLeader` on a follower.
+    pub(crate) fn members_on_leader(&self) -> Result<ClusterInfo, StoreError> {
+        self.ensure_leader()?;
+        Ok(self.members())
+    }
+
+    fn ensure_leader(&self) -> Result<(), StoreError> {
+        if self.is_leader() {
+            Ok(())
+        } else {
+            Err(StoreError::NotLeader { leader: self.leader_hint() })
+        }
+    }
+
+    /// Adds replica `id` at `addr` (`http://host:port`): first as a learner,
+    /// waiting until it has caught up with the log, then as a voter. Only on
+    /// the leader.
+    pub async fn add_member(&self, id: NodeId, addr: String) -> Result<ClusterInfo, StoreError> {
+        self.ensure_leader()?;
+        let raft = &self.inner.raft;
+        let learner = tokio::time::timeout(CATCH_UP_TIMEOUT, raft.add_learner(id, BasicNode { addr }, true)).await;
+        learner
+            .map_err(|_| StoreError::Unavailable(format!("replica {id} did not catch up in {CATCH_UP_TIMEOUT:?}")))?
+            .map_err(|e| self.write_error(e))?;
+        let ids = BTreeSet::from([id]);
+        self.membership_write(ChangeMembers::AddVoterIds(ids)).await?;
+        tracing::info!(id, "replica added to the cluster");
+        Ok(self.members())
+    }
+
+    /// Removes replica `id` from the voters and from the cluster. Only on
+    /// the leader.
+    pub async fn remove_member(&self, id: NodeId) -> Result<ClusterInfo, StoreError> {
+        self.ensure_leader()?;
+        self.membership_write(ChangeMembers::RemoveVoters(BTreeSet::from([id]))).await?;
+        // A removed voter stays a learner unless removed as a node too.
+        self.membership_write(ChangeMembers::RemoveNodes(BTreeSet::from([id]))).await?;
+        tracing::info!(id, "replica removed from the cluster");
+        Ok(self.members())
+    }
+
+    async fn membership_write(&self, change: ChangeMembers<NodeId, BasicNode>) -> Result<(), StoreError> {
+        let write = self.inner.raft.change_membership(change, false);
+        match tokio::time::timeout(self.inner.write_timeout, write).await {
+            Err(_) => Err(self.no_quorum()),
+            Ok(result) => result.map(|_| ()).map_err(|e| self.write_error(e)),
+        }
+    }
+
+    fn no_quorum(&self) -> StoreError {
+        StoreError::Unavailable(format!("no quorum within {:?}", self.inner.write_timeout))
+    }
+
+    fn write_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> StoreError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                StoreError::NotLeader { leader: f.leader_node.map(|n| n.addr).or_else(|| self.leader_hint()) }
+            }
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+                StoreError::Unavailable(format!("change membership: {c}"))
+            }
+            RaftError::Fatal(f) => StoreError::Unavailable(format!("raft stopped: {f}")),
+        }
+    }
+}
+
+#[async_trait]
+impl MetaStore for RaftStore {
+    async fn propose(&self, cmd: Command) -> Result<Vec<Event>, StoreError> {
+        let write = self.inner.raft.client_write(cmd);
+        match tokio::time::timeout(self.inner.write_timeout, write).await {
+            Err(_) => Err(self.no_quorum()),
+            Ok(Err(e)) => Err(self.write_error(e)),
+            Ok(Ok(response)) => response.data.map_err(StoreError::Rejected),
+        }
+    }
+
+    fn snapshot(&self) -> Arc<State> {
+        self.inner.state.borrow().clone()
+    }
+
+    fn subscribe(&self) -> watch::Receiver<Arc<State>> {
+        self.inner.state.clone()
+    }
+
+    fn is_leader(&self) -> bool {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_leader == Some(self.inner.id)
+    }
+
+    fn leader_hint(&self) -> Option<String> {
+        let m = self.metrics();
+        m.current_leader.and_then(|l| Self::addr_of(&m, l))
+    }
+
+    async fn read_fresh(&self) -> Result<Arc<State>, StoreError> {
+        let read = self.inner.raft.ensure_linearizable();
+        match tokio::time::timeout(self.inner.write_timeout, read).await {
+            Err(_) => Err(self.no_quorum()),
+            Ok(Ok(_)) => Ok(self.snapshot()),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                Err(StoreError::NotLeader { leader: f.leader_node.map(|n| n.addr).or_else(|| self.leader_hint()) })
+            }
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {
+                Err(StoreError::Unavailable(q.to_string()))
+            }
+            Ok(Err(RaftError::Fatal(f))) => Err(StoreError::Unavailable(format!("raft stopped: {f}"))),
+        }
+    }
+}
