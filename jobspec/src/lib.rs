@@ -54,6 +54,13 @@ fn yaml_options() -> serde_saphyr::Options {
     options
 }
 
+/// YAML → `T`, with the field path, line and column of any error, in the
+/// job file's error format. For other flotilla YAML files (the coordinator's
+/// configuration).
+pub fn read_yaml<T: DeserializeOwned>(source: &str, origin: &str) -> Result<T, SpecError> {
+    deserialize(source, origin)
+}
+
 /// YAML → `T`, with the field path of any error.
 fn deserialize<T: DeserializeOwned>(source: &str, origin: &str) -> Result<T, SpecError> {
     let mut segments = Vec::new();

@@ -182,6 +182,7 @@ mod tests {
                 total_steps: 1,
                 keep_checkpoints: 1,
                 output_root: "/tmp".into(),
+                submission_id: None,
                 at_ms: 0,
             }),
         }

@@ -67,6 +67,7 @@ pub fn submit(name: &str) -> Command {
         total_steps: 10,
         keep_checkpoints: 1,
         output_root: "/tmp/flotilla-raft-test".to_string(),
+        submission_id: None,
         at_ms: 0,
     }
 }
