@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod coordinator;
+pub mod etcd;
 pub mod scheduler;
 pub mod server;
 pub mod service;
@@ -15,6 +16,7 @@ pub mod store;
 mod state_tests;
 
 pub use coordinator::{Coordinator, CoordinatorConfig};
+pub use etcd::{EtcdOptions, EtcdStore};
 pub use server::{serve, ServerHandle};
 pub use state::{Command, Event, JobPhase, State};
 pub use store::{MemStore, MetaStore, StoreError};
