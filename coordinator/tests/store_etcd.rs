@@ -159,6 +159,32 @@ async fn halted_leader_is_replaced_after_its_lease() {
     assert_eq!(c.store(ni).snapshot().workers.len(), 2);
 }
 
+/// A leader that loses etcd steps down before its lease could lapse, and
+/// takes no writes; once etcd is back, a leader is elected and writes go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_steps_down_when_etcd_is_lost() {
+    let mut c = Etcd::new(1, 2).await;
+    propose(&c, register("before")).await.expect("propose");
+    let (li, l) = leader(&c).await;
+    c.etcd.kill(0);
+    let t = Instant::now();
+    while l.is_leader() {
+        assert!(t.elapsed() < Duration::from_secs(2), "still leader {:?} after etcd died", t.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    match l.propose(register("during")).await {
+        Err(StoreError::NotLeader { .. } | StoreError::Unavailable(_)) => {}
+        other => panic!("a write without etcd gave {other:?}"),
+    }
+    assert!(!c.store(1 - li).is_leader());
+    c.etcd.restart(0).await.expect("restart etcd");
+    propose(&c, register("after")).await.expect("propose after etcd is back");
+    let want = (*leader(&c).await.1.read_fresh().await.expect("fresh read")).clone();
+    let hosts: BTreeSet<String> = want.workers.values().map(|w| w.hostname.clone()).collect();
+    assert_eq!(hosts, BTreeSet::from(["before".to_string(), "after".to_string()]));
+    converge(&c, &want).await;
+}
+
 /// etcd that cannot be reached is `Unavailable`, not a hang.
 #[tokio::test]
 async fn unreachable_etcd_is_unavailable() {

@@ -39,13 +39,21 @@ impl Shared {
     async fn term(&self) -> Result<TermEnd, StoreError> {
         let t = self.opts.op_timeout;
         let ttl = self.opts.lease_ttl_s.max(1);
-        let mut leases = self.client.lease_client();
-        let lease = timed(t, leases.grant(ttl, None)).await?.id();
+        let lease = timed(t, || {
+            let mut leases = self.client.lease_client();
+            async move { leases.grant(ttl, None).await }
+        })
+        .await?
+        .id();
         let end = self.hold(lease, ttl).await;
         self.leader_tx.send_if_modified(|l| l.take().is_some());
         // Whatever ended the term, give the lease up so that the others need
         // not wait for it to lapse; a lost etcd lets it lapse by itself.
-        let revoke = timed(t, leases.revoke(lease)).await;
+        let revoke = timed(t, || {
+            let mut leases = self.client.lease_client();
+            async move { leases.revoke(lease).await }
+        })
+        .await;
         if let Err(e) = revoke {
             tracing::debug!(error = %e, "etcd store: cannot revoke lease");
         }
@@ -54,7 +62,11 @@ impl Shared {
 
     async fn hold(&self, lease: i64, ttl: i64) -> Result<TermEnd, StoreError> {
         let t = self.opts.op_timeout;
-        let (keeper, stream) = timed(t, self.client.lease_client().keep_alive(lease)).await?;
+        let (keeper, stream) = timed(t, || {
+            let mut leases = self.client.lease_client();
+            async move { leases.keep_alive(lease).await }
+        })
+        .await?;
         let keep_alive = keep_alive(keeper, stream, Duration::from_millis(ttl as u64 * 1000 / 3));
         tokio::pin!(keep_alive);
         let mut election = self.client.election_client();
@@ -93,7 +105,13 @@ impl Shared {
         self.leader_tx.send_if_modified(|l| l.take().is_some());
         tracing::info!(advertise = %self.opts.advertise, "etcd store: stepped down");
         if matches!(end, TermEnd::Shutdown) {
-            let _ = timed(t, election.resign(Some(ResignOptions::new().with_leader(key)))).await;
+            let resign = ResignOptions::new().with_leader(key);
+            let _ = timed(t, || {
+                let mut election = self.client.election_client();
+                let resign = resign.clone();
+                async move { election.resign(Some(resign)).await }
+            })
+            .await;
         }
         Ok(end)
     }
@@ -128,9 +146,12 @@ impl Shared {
     /// The leader's address: asked from etcd, or the last one observed when
     /// etcd does not answer.
     pub(crate) async fn current_leader(&self) -> Option<String> {
-        let mut election = self.client.election_client();
-        let asked =
-            timed(self.opts.op_timeout.min(Duration::from_secs(1)), election.leader(self.keys.election.as_str())).await;
+        let asked = timed(self.opts.op_timeout.min(Duration::from_secs(1)), || {
+            let mut election = self.client.election_client();
+            let name = self.keys.election.clone();
+            async move { election.leader(name).await }
+        })
+        .await;
         let fresh = asked.ok().and_then(|r| r.kv().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()));
         let mut hint = self.hint.lock().expect(LOCK);
         if fresh.is_some() {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{EventType, GetOptions, KeyValue, WatchOptions};
+use etcd_client::{EventType, GetOptions, GetResponse, KeyValue, Txn, TxnResponse, WatchOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -70,6 +70,8 @@ pub(crate) struct SnapshotRecord {
     pub index: u64,
     pub state: State,
 }
+
+type EtcdResult<T> = Result<T, etcd_client::Error>;
 
 pub(crate) type ApplyResult = Result<Vec<Event>, Rejection>;
 
@@ -140,9 +142,8 @@ impl Shared {
     /// Loads the snapshot and the log after it as of one revision, and
     /// returns that revision: the watch goes on from the next one.
     pub(crate) async fn load(&self) -> Result<i64, StoreError> {
-        let mut kv = self.client.kv_client();
         let t = self.opts.op_timeout;
-        let resp = timed(t, kv.get(self.keys.snapshot.as_str(), None)).await?;
+        let resp = timed(t, || self.get(&self.keys.snapshot, None)).await?;
         let rev = resp.header().map_or(0, |h| h.revision());
         let snap: Option<SnapshotRecord> = match resp.kvs().first() {
             Some(kv) => Some(decode("snapshot", kv.value())?),
@@ -150,8 +151,9 @@ impl Shared {
         };
         let from = snap.as_ref().map_or(0, |s| s.index) + 1;
         let at_rev = GetOptions::new().with_revision(rev);
-        let log = timed(t, kv.get(self.keys.log(from), Some(at_rev.clone().with_range(self.keys.log_end())))).await?;
-        let head = timed(t, kv.get(self.keys.head.as_str(), Some(at_rev))).await?;
+        let log_opts = at_rev.clone().with_range(self.keys.log_end());
+        let log = timed(t, || self.get(&self.keys.log(from), Some(log_opts.clone()))).await?;
+        let head = timed(t, || self.get(&self.keys.head, Some(at_rev.clone()))).await?;
         if let Some(snap) = snap {
             let mut r = self.replica.lock().expect(LOCK);
             r.snapshot_index = r.snapshot_index.max(snap.index);
@@ -257,12 +259,25 @@ impl Shared {
 
     /// The index of the last entry in the log, read linearizably.
     pub(crate) async fn read_head(&self) -> Result<u64, StoreError> {
-        let mut kv = self.client.kv_client();
-        let resp = timed(self.opts.op_timeout, kv.get(self.keys.head.as_str(), None)).await?;
+        let resp = timed(self.opts.op_timeout, || self.get(&self.keys.head, None)).await?;
         match resp.kvs().first() {
             Some(h) => decode("head", h.value()),
             None => Ok(0),
         }
+    }
+
+    /// One etcd range request.
+    fn get(&self, key: &str, opts: Option<GetOptions>) -> impl std::future::Future<Output = EtcdResult<GetResponse>> {
+        let mut kv = self.client.kv_client();
+        let key = key.to_string();
+        async move { kv.get(key, opts).await }
+    }
+
+    /// One etcd transaction.
+    pub(crate) fn txn(&self, txn: &Txn) -> impl std::future::Future<Output = EtcdResult<TxnResponse>> {
+        let mut kv = self.client.kv_client();
+        let txn = txn.clone();
+        async move { kv.txn(txn).await }
     }
 
     pub(crate) async fn pause(&self, d: Duration) {
@@ -273,14 +288,34 @@ impl Shared {
     }
 }
 
-/// Runs an etcd call with a deadline; both failures read as unavailable.
-pub(crate) async fn timed<T>(
-    within: Duration,
-    f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout(within, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(unavailable("etcd", e)),
-        Err(_) => Err(StoreError::Unavailable(format!("etcd did not answer within {within:?}"))),
+/// Runs an etcd call, again while it fails for want of a connection (a
+/// member that is down), until `within` has passed; a failure then reads as
+/// unavailable. `call` makes a fresh request each time.
+pub(crate) async fn timed<T, F, Fut>(within: Duration, mut call: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    const PAUSE: Duration = Duration::from_millis(50);
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, call()).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if transient(&e) && tokio::time::Instant::now() + PAUSE < deadline => {
+                tracing::debug!(error = %e, "etcd store: retrying");
+                tokio::time::sleep(PAUSE).await;
+            }
+            Ok(Err(e)) => return Err(unavailable("etcd", e)),
+            Err(_) => return Err(StoreError::Unavailable(format!("etcd did not answer within {within:?}"))),
+        }
+    }
+}
+
+/// Whether the request failed before etcd could act on it: retrying is safe.
+fn transient(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::Unavailable,
+        _ => false,
     }
 }

@@ -100,7 +100,7 @@ impl EtcdStore {
     /// cannot be reached within `op_timeout`.
     pub async fn connect(opts: EtcdOptions) -> Result<Arc<EtcdStore>, StoreError> {
         let connect = ConnectOptions::new().with_connect_timeout(opts.op_timeout);
-        let client = timed(opts.op_timeout, Client::connect(&opts.endpoints, Some(connect))).await?;
+        let client = timed(opts.op_timeout, || Client::connect(&opts.endpoints, Some(connect.clone()))).await?;
         let keys = Keys::new(&opts.prefix);
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         static STORES: AtomicU64 = AtomicU64::new(0);
@@ -179,7 +179,7 @@ impl Shared {
         let txn = Txn::new()
             .when([Compare::version(self.keys.snapshot.as_str(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(self.keys.snapshot.as_str(), value, None)]);
-        timed(self.opts.op_timeout, self.client.kv_client().txn(txn)).await?;
+        timed(self.opts.op_timeout, || self.txn(&txn)).await?;
         Ok(())
     }
 
@@ -203,7 +203,7 @@ impl Shared {
         let value = serde_json::to_vec(&entry).map_err(|e| unavailable("encode entry", e))?;
         let (tx, rx) = oneshot::channel();
         self.replica.lock().expect(LOCK).pending.insert(seq, tx);
-        let appended = self.append(&leader, value).await;
+        let appended = self.append(&leader, seq, value).await;
         if let Err(e) = appended {
             self.replica.lock().expect(LOCK).pending.remove(&seq);
             return Err(e);
@@ -224,16 +224,22 @@ impl Shared {
         Ok(result?)
     }
 
-    /// Appends one entry after the last one this replica applied; when
-    /// someone appended since, catches up and tries again.
-    async fn append(&self, leader: &Leadership, value: Vec<u8>) -> Result<(), StoreError> {
-        let t = self.opts.op_timeout;
-        let deadline = tokio::time::Instant::now() + t;
+    /// Appends entry `seq` after the last one this replica applied. When
+    /// someone appended since, or a try failed on the way, catches up and
+    /// tries again, unless catching up applied the entry: then an earlier try
+    /// went through.
+    async fn append(&self, leader: &Leadership, seq: u64, value: Vec<u8>) -> Result<(), StoreError> {
+        const PAUSE: Duration = Duration::from_millis(50);
+        let deadline = tokio::time::Instant::now() + self.opts.op_timeout;
         loop {
             let (index, head_rev) = {
                 let r = self.replica.lock().expect(LOCK);
+                if !r.pending.contains_key(&seq) {
+                    return Ok(());
+                }
                 (r.index + 1, r.head_rev)
             };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let txn = Txn::new()
                 .when([
                     Compare::create_revision(leader.key.clone(), CompareOp::Equal, leader.rev),
@@ -244,7 +250,20 @@ impl Shared {
                     TxnOp::put(self.keys.head.as_str(), index.to_string(), None),
                 ])
                 .or_else([TxnOp::get(leader.key.clone(), None), TxnOp::get(self.keys.head.as_str(), None)]);
-            let resp = timed(t, self.client.kv_client().txn(txn)).await?;
+            let resp = match timed(left, || self.txn(&txn)).await {
+                Ok(resp) => resp,
+                Err(e) if tokio::time::Instant::now() + PAUSE < deadline => {
+                    // The try may have gone through: catch up before the next.
+                    tracing::debug!(error = %e, "etcd store: append failed; catching up");
+                    self.pause(PAUSE).await;
+                    if let Ok(head) = self.read_head().await {
+                        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                        self.wait_applied(head, left).await?;
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if resp.succeeded() {
                 return Ok(());
             }
@@ -267,11 +286,8 @@ impl Shared {
                 Some(kv) => decode("head", kv.value())?,
                 None => 0,
             };
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Err(StoreError::Unavailable("could not append: the log kept moving".into()));
-            }
-            self.wait_applied(head, deadline - now).await?;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            self.wait_applied(head, left).await?;
         }
     }
 
@@ -287,7 +303,7 @@ impl Shared {
                 TxnOp::put(self.keys.snapshot.as_str(), value, None::<PutOptions>),
                 TxnOp::delete(self.keys.log(0), Some(DeleteOptions::new().with_range(self.keys.log(index + 1)))),
             ]);
-        let resp = timed(self.opts.op_timeout, self.client.kv_client().txn(txn)).await?;
+        let resp = timed(self.opts.op_timeout, || self.txn(&txn)).await?;
         if !resp.succeeded() {
             self.leader_tx.send_if_modified(|l| l.take().is_some());
             return Err(StoreError::NotLeader { leader: self.current_leader().await });
