@@ -1,8 +1,10 @@
 //! Starts real etcd servers (`etcd` on PATH; `scripts/bootstrap --etcd`
 //! installs it) on loopback with free ports and a scratch data folder, waits
 //! until they are healthy, and kills them when dropped, panics included.
-//! Self-contained (std and tokio only) so that tests and benches elsewhere
-//! can include it with `#[path]`.
+//! Each etcd runs under a small `sh` that kills it with SIGKILL as soon as
+//! its stdin closes, so that no etcd outlives the test process, even one
+//! killed by a signal. Self-contained (std and tokio only) so that tests and
+//! benches elsewhere can include it with `#[path]`.
 #![allow(dead_code)]
 
 use std::io;
@@ -69,7 +71,14 @@ impl EtcdCluster {
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join(format!("{}.log", m.name)))?;
         let client = format!("http://127.0.0.1:{}", m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let child = Command::new("etcd")
+        // sh exits when etcd does; the reader in the background kills etcd
+        // when our end of stdin closes (dropped, or this process died).
+        // (Background jobs of sh read /dev/null unless told otherwise: the
+        // reader gets stdin through fd 3.)
+        let guard =
+            r#"exec 3<&0; etcd "$@" </dev/null 3<&- & pid=$!; (read _x <&3; kill -9 $pid 2>/dev/null) & wait $pid"#;
+        let child = Command::new("sh")
+            .args(["-c", guard, "etcd"])
             .arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
@@ -79,7 +88,7 @@ impl EtcdCluster {
             .args(["--initial-cluster", &initial, "--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", "flotilla-test"])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
@@ -99,10 +108,10 @@ impl EtcdCluster {
         self.members.len()
     }
 
-    /// Kills member `i` with SIGKILL and reaps it.
+    /// Kills member `i` with SIGKILL and waits until it is gone.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.members[i].child.take() {
-            let _ = child.kill();
+            drop(child.stdin.take());
             let _ = child.wait();
         }
     }
