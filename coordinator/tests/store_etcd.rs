@@ -143,6 +143,44 @@ async fn automatic_snapshots() {
     assert!(log.kvs().len() < 5, "{} log keys left after snapshots every 5", log.kvs().len());
 }
 
+/// A follower cut off from etcd while the log is snapshotted and etcd's
+/// history compacted finds its watch compacted when it is back: it reloads
+/// from the snapshot and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_behind_a_compaction_reloads() {
+    let etcd = EtcdCluster::start(3).await.expect("start etcd");
+    let eps = etcd.endpoints();
+    let mut c = Etcd { stores: vec![None, None], etcd };
+    // Replica 1 reaches etcd only through member 2.
+    let mut o = c.options(0);
+    o.endpoints = eps[..2].to_vec();
+    c.stores[0] = Some(EtcdStore::connect(o).await.expect("connect"));
+    let mut o = c.options(1);
+    o.endpoints = vec![eps[2].clone()];
+    c.stores[1] = Some(EtcdStore::connect(o).await.expect("connect"));
+    propose(&c, register("early")).await.expect("propose");
+    converge(&c, &c.store(0).snapshot()).await;
+    c.etcd.kill(2);
+    let t = Instant::now();
+    while !c.store(0).is_leader() {
+        assert!(t.elapsed() < Duration::from_secs(10), "replica 0 did not take over");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for k in 0..10 {
+        propose(&c, register(&format!("late{k}"))).await.expect("propose");
+    }
+    c.store(0).snapshot_now().await.expect("snapshot");
+    let mut kv = Client::connect(&eps[..2], None).await.expect("etcd client");
+    let rev = kv.get("/", None).await.expect("get").header().expect("header").revision();
+    kv.compact(rev, None).await.expect("compact etcd history");
+    assert_eq!(c.store(1).applied_index(), 1, "replica 1 should have been cut off");
+    c.etcd.restart(2).await.expect("restart member 2");
+    let want = (*c.store(0).snapshot()).clone();
+    assert_eq!(want.workers.len(), 11);
+    converge(&c, &want).await;
+    assert_eq!(c.store(1).applied_index(), 11);
+}
+
 /// A leader that dies without resigning is replaced once its lease lapses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn halted_leader_is_replaced_after_its_lease() {
