@@ -188,8 +188,7 @@ impl Shared {
     pub(crate) async fn follow(self: Arc<Self>, mut rev: i64) {
         let mut watcher = self.client.watch_client();
         while !self.cancel.is_cancelled() {
-            let opts =
-                WatchOptions::new().with_range(self.keys.log_end()).with_start_revision(rev + 1).with_progress_notify();
+            let opts = WatchOptions::new().with_range(self.keys.log_end()).with_start_revision(rev + 1);
             let outcome = tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => return,
