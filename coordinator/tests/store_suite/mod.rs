@@ -34,11 +34,14 @@ pub fn live(c: &dyn TestCluster) -> Vec<(usize, Arc<dyn MetaStore>)> {
     (0..c.size()).filter_map(|i| c.replica(i).map(|r| (i, r))).collect()
 }
 
-/// Waits until exactly one running replica is leader and returns it.
+/// Waits until exactly one running replica is leader and returns it; fails
+/// if it ever sees two.
 pub async fn leader(c: &dyn TestCluster) -> (usize, Arc<dyn MetaStore>) {
     let deadline = Instant::now() + WAIT;
     loop {
         let leaders: Vec<_> = live(c).into_iter().filter(|(_, r)| r.is_leader()).collect();
+        let who: Vec<usize> = leaders.iter().map(|(i, _)| *i).collect();
+        assert!(who.len() <= 1, "replicas {who:?} are all leaders");
         if leaders.len() == 1 {
             return leaders.into_iter().next().unwrap();
         }
