@@ -210,7 +210,10 @@ impl Shared {
         }
         let result = match tokio::time::timeout(self.opts.op_timeout, rx).await {
             Ok(Ok(result)) => result,
-            _ => return Err(StoreError::Unavailable("entry committed but not applied in time".into())),
+            _ => {
+                self.replica.lock().expect(LOCK).pending.remove(&seq);
+                return Err(StoreError::Unavailable("entry committed but not applied in time".into()));
+            }
         };
         let due = {
             let r = self.replica.lock().expect(LOCK);
