@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod coordinator;
+pub mod etcd;
 pub mod raft;
 pub mod scheduler;
 pub mod server;
@@ -16,6 +17,7 @@ pub mod store;
 mod state_tests;
 
 pub use coordinator::{Coordinator, CoordinatorConfig};
+pub use etcd::{EtcdOptions, EtcdStore};
 pub use raft::{RaftOptions, RaftStore};
 pub use server::{serve, serve_with_routes, serve_with_store, ServerHandle};
 pub use state::{Command, Event, JobPhase, State};

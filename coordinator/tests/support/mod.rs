@@ -1,8 +1,10 @@
-//! Shared helpers of the Raft tests: an in-memory message router with
-//! faults, and small cluster utilities.
+//! Helpers shared by the coordinator's integration tests: real etcd
+//! servers on loopback, an in-memory Raft message router with faults, and
+//! small cluster utilities.
 
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod router;
 
 use std::collections::BTreeMap;
