@@ -306,7 +306,7 @@ impl Agent {
     async fn forward(&mut self, client: &mut WorkerServiceClient<Channel>, worker: &str, key: RunKey, msg: RunMsg) {
         let (job_id, generation, rank) = (key.job.clone(), key.generation, key.rank);
         let result = match msg {
-            RunMsg::Event(TrainEvent::Progress { step, loss, lr, samples_per_sec, grad_norm }) => client
+            RunMsg::Event(TrainEvent::Progress { step, loss, lr, samples_per_sec, grad_norm, time_ms }) => client
                 .report_progress(timed(pb::ProgressReport {
                     worker_id: worker.into(),
                     job_id,
@@ -317,6 +317,7 @@ impl Agent {
                     lr,
                     samples_per_sec,
                     grad_norm,
+                    time_ms,
                 }))
                 .await
                 .map(|_| ()),
