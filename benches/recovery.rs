@@ -216,11 +216,13 @@ fn stop_torchrun(run: &mut std::process::Child, out: &Path) {
     }
 }
 
-fn summary(trials: &[Trial]) -> (f64, f64, Option<f64>) {
+/// Medians of recovery, steps redone, restarts and (flotilla) detection.
+fn summary(trials: &[Trial]) -> (f64, f64, f64, Option<f64>) {
     let detect: Vec<f64> = trials.iter().filter_map(|t| t.detect_s).collect();
     (
         median(trials.iter().map(|t| t.recovery_s).collect()),
         median(trials.iter().map(|t| t.steps_redone as f64).collect()),
+        median(trials.iter().map(|t| t.restarts as f64).collect()),
         (!detect.is_empty()).then(|| median(detect)),
     )
 }
@@ -282,16 +284,16 @@ fn main() {
         s.gpt.layers, s.gpt.d_model, s.gpt.context, s.gpt.vocab, s.every, s.past
     );
     println!(
-        "{:<34} {:>14} {:>12} {:>12} {:>16}",
-        "system", "recovery (s)", "detect (s)", "steps redone", "vs torchrun"
+        "{:<34} {:>14} {:>12} {:>12} {:>9} {:>12}",
+        "system", "recovery (s)", "detect (s)", "steps redone", "restarts", "vs torchrun"
     );
     for (name, trials) in [
         ("flotilla, survivor alone", &alone),
         ("flotilla, replacement at once", &replaced),
         ("torchrun (c10d, max-restarts 3)", &torch),
     ] {
-        let (rec, redone, detect) = summary(trials);
+        let (rec, redone, restarts, detect) = summary(trials);
         let detect = detect.map_or("-".to_string(), |d| format!("{d:.2}"));
-        println!("{name:<34} {rec:>14.2} {detect:>12} {redone:>12.0} {:>16.2}", rec / base.0);
+        println!("{name:<34} {rec:>14.2} {detect:>12} {redone:>12.0} {restarts:>9.0} {:>12.2}", rec / base.0);
     }
 }
