@@ -1,6 +1,8 @@
 //! `kill -9` of a worker mid-run while a replacement starts: the job resumes
 //! from its last committed checkpoint and ends with the same parameters as
-//! an uninterrupted run.
+//! an uninterrupted run. And without a replacement, under a lease far longer
+//! than the test: the survivor's report and the closed connection remove the
+//! killed worker at once.
 
 mod support;
 
@@ -70,4 +72,38 @@ fn a_killed_worker_is_replaced_and_the_job_resumes_exactly() {
 
     let got = read_tensors(&dir.path().join("runs/resume-1/final/model.safetensors"));
     assert_params_close(&got, &expected, 1e-5);
+}
+
+#[test]
+fn a_killed_worker_is_removed_without_waiting_for_its_lease() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    // A lease longer than the bound below: only the fast path can explain
+    // a recovery within it.
+    let (_coord, url) = coordinator_with(dir.path(), &["--lease-ms", "120000", "--start-grace-ms", "300"]);
+    let _a = worker(dir.path(), &url, "worker-a");
+    let mut b = worker(dir.path(), &url, "worker-b");
+    let job = job_file(dir.path(), "job", &JOB.replace("workers: {min: 2, max: 2}", "workers: {min: 1, max: 2}"));
+    let out = flotilla(dir.path(), &["submit", job.to_str().unwrap(), "--coordinator", &url]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+
+    rt.block_on(async {
+        let mut c = client(&url).await;
+        let s = wait_for(&mut c, &id, Duration::from_secs(60), |s| {
+            s.latest_checkpoint.as_ref().is_some_and(|c| c.step >= 20) && s.step >= 25 && s.world_size == 2
+        })
+        .await;
+        let killed_gen = s.generation;
+        b.kill9();
+        // Generous: recovery takes about a second; the lease is two minutes.
+        let resumed = wait_for(&mut c, &id, Duration::from_secs(60), |s| {
+            s.generation > killed_gen && is_phase(s, pb::JobPhase::Running) && s.samples_per_sec > 0.0
+        })
+        .await;
+        assert_eq!(resumed.world_size, 1, "{resumed:#?}");
+        let next = resumed.generations.iter().find(|g| g.generation == killed_gen + 1).expect("the next generation");
+        assert!(next.reason.contains("connection closed"), "{resumed:#?}");
+        assert!(next.resumed_from_step >= 20, "{resumed:#?}");
+    });
 }

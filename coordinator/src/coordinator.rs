@@ -1,6 +1,7 @@
 //! The coordinator process core: the meta store, the leader's soft state and
 //! the driver task that turns soft state into committed decisions (lapsed
-//! leases, starting jobs, restarting after unexplained failures).
+//! leases, workers gone by two signs, starting jobs, restarting after
+//! unexplained failures).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -123,8 +124,37 @@ impl Coordinator {
         }
     }
 
+    /// Removes the workers that a peer reported unreachable and whose
+    /// assignment stream closed, at once rather than when their lease
+    /// lapses. Called when either sign arrives, and by the driver.
+    pub async fn remove_unreachable(&self) {
+        if !self.store.is_leader() {
+            return;
+        }
+        let state = self.state();
+        let gone = self.soft().blamed_and_disconnected(&state);
+        for worker in gone {
+            let reason = "its connection closed and a peer could not reach it".to_string();
+            let cmd = Command::RemoveWorker { worker: worker.clone(), reason, at_ms: now_ms() };
+            match self.propose(cmd).await {
+                Ok(_) => {}
+                // Removed meanwhile by another caller.
+                Err(StoreError::Rejected(_)) => {}
+                Err(e) => tracing::warn!(worker = %worker, error = %e, "could not remove an unreachable worker"),
+            }
+        }
+    }
+
+    /// The worker's assignment stream closed from its side.
+    pub async fn stream_closed(&self, worker: &str, now: Instant) {
+        tracing::info!(worker = %worker, "assignment stream closed");
+        self.soft().disconnected(worker, now);
+        self.remove_unreachable().await;
+    }
+
     /// One pass of the leader's decisions.
     pub async fn drive_once(&self, now: Instant) {
+        self.remove_unreachable().await;
         let state = self.state();
         let lapsed = self.soft().lapsed(&state, now, self.cfg.lease);
         for worker in lapsed {
@@ -168,5 +198,53 @@ impl Coordinator {
                 Err(e) => tracing::warn!(job = %job.id, error = %e, "could not schedule job"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemStore;
+
+    fn running_pair(cfg: CoordinatorConfig) -> Arc<Coordinator> {
+        let store = Arc::new(MemStore::new(crate::soft::tests::running_pair()));
+        Coordinator::new(store, cfg, CancellationToken::new())
+    }
+
+    #[tokio::test]
+    async fn a_blamed_worker_whose_stream_closed_is_removed_before_its_lease_lapses() {
+        let cfg = CoordinatorConfig { lease: Duration::from_secs(60), ..CoordinatorConfig::default() };
+        let c = running_pair(cfg);
+        let t0 = Instant::now();
+        // Leases are fresh: nothing happens on its own.
+        c.drive_once(t0).await;
+        assert_eq!(c.state().jobs["j-1"].generation, 1);
+
+        c.soft().record_comm_failure("j-1", 1, "rank 0: rank 1 closed".into(), Some("w2".into()), t0);
+        c.drive_once(t0 + Duration::from_millis(100)).await;
+        assert_eq!(c.state().jobs["j-1"].generation, 1, "a report alone waits for the lease or the comm grace");
+
+        c.stream_closed("w2", t0 + Duration::from_millis(150)).await;
+        let state = c.state();
+        let job = &state.jobs["j-1"];
+        assert_eq!(job.generation, 2);
+        assert_eq!(job.world_size(), 1);
+        assert!(!state.workers.contains_key("w2"));
+        assert!(job.message.contains("w2 removed"), "{}", job.message);
+    }
+
+    #[tokio::test]
+    async fn a_closed_stream_alone_leaves_the_decision_to_the_lease() {
+        let cfg = CoordinatorConfig { lease: Duration::from_secs(5), ..CoordinatorConfig::default() };
+        let c = running_pair(cfg);
+        let t0 = Instant::now();
+        c.drive_once(t0).await;
+        c.stream_closed("w2", t0).await;
+        c.drive_once(t0 + Duration::from_secs(1)).await;
+        assert!(c.state().workers.contains_key("w2"));
+        c.soft().renew("w1", t0 + Duration::from_secs(5), Duration::from_secs(5));
+        c.drive_once(t0 + Duration::from_secs(6)).await;
+        assert!(!c.state().workers.contains_key("w2"), "removed when its lease lapsed");
+        assert_eq!(c.state().jobs["j-1"].generation, 2);
     }
 }

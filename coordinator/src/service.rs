@@ -271,6 +271,7 @@ impl WorkerService for WorkerApi {
         if !self.0.state().workers.contains_key(&worker) {
             return Err(Status::not_found(format!("worker {worker} is not registered; register again")));
         }
+        self.0.soft().connected(&worker);
         let c = self.0.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
@@ -286,14 +287,14 @@ impl WorkerService for WorkerApi {
                 let now = convert::assignment(&state, &worker);
                 if last.as_ref() != Some(&now) {
                     if tx.send(Ok(now.clone())).await.is_err() {
-                        return;
+                        break;
                     }
                     last = Some(now);
                 }
                 tokio::select! {
                     biased;
                     _ = c.shutdown.cancelled() => return,
-                    _ = tx.closed() => return,
+                    _ = tx.closed() => break,
                     _ = lost_lead(&c) => {
                         let _ = tx.send(Err(flotilla_proto::leader::not_leader(c.store.leader_hint().as_deref()))).await;
                         return;
@@ -301,6 +302,8 @@ impl WorkerService for WorkerApi {
                     r = states.changed() => if r.is_err() { return },
                 }
             }
+            // The worker hung up (its process died, or it lost us).
+            c.stream_closed(&worker, Instant::now()).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -319,6 +322,7 @@ impl WorkerService for WorkerApi {
             grad_norm: r.grad_norm,
             generation: r.generation,
             world_size: job.world_size(),
+            time_ms: if r.time_ms > 0 { r.time_ms } else { now_ms() },
         };
         self.0.soft().record_progress(&r.job_id, point);
         self.0.bump_soft();
@@ -359,7 +363,10 @@ impl WorkerService for WorkerApi {
         let message = format!("rank {}: {}", r.rank, r.message);
         match pb::FailureKind::try_from(r.kind).unwrap_or(pb::FailureKind::Unspecified) {
             pb::FailureKind::Comm => {
-                self.0.soft().record_comm_failure(&r.job_id, r.generation, message, Instant::now());
+                let blamed =
+                    r.peer_rank.and_then(|p| job.plan.as_ref()?.ranks.get(p as usize)).map(|s| s.worker.clone());
+                self.0.soft().record_comm_failure(&r.job_id, r.generation, message, blamed, Instant::now());
+                self.0.remove_unreachable().await;
             }
             _ => {
                 let cmd = Command::RestartGeneration {

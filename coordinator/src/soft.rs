@@ -1,9 +1,10 @@
-//! Leader-only soft state: worker leases, the latest progress of each job and
-//! its metric history, and unexplained communication failures. None of it is
-//! replicated; only the decisions taken from it are committed. Time is passed
-//! in, so the logic is testable without a clock.
+//! Leader-only soft state: worker leases, closed assignment streams, the
+//! latest progress of each job and its metric history, and unexplained
+//! communication failures. None of it is replicated; only the decisions taken
+//! from it are committed. Time is passed in, so the logic is testable without
+//! a clock.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use flotilla_proto::v1::MetricPoint;
@@ -21,13 +22,27 @@ pub struct Progress {
     pub samples_per_sec: f64,
 }
 
+/// The communication failures reported in one generation of a job.
+#[derive(Debug)]
+struct CommFailure {
+    /// When the first was reported, and what it said.
+    since: Instant,
+    message: String,
+    /// The workers the reports named as the peer that did not answer.
+    blamed: BTreeSet<WorkerId>,
+}
+
 #[derive(Debug, Default)]
 pub struct Soft {
     leases: HashMap<WorkerId, Instant>,
+    /// worker -> when its assignment stream closed from its side. An agent
+    /// never reopens the stream of a worker id (it registers again), so a
+    /// closed stream means the process is gone or cut off.
+    disconnected: HashMap<WorkerId, Instant>,
     pub progress: HashMap<JobId, Progress>,
     pub metrics: HashMap<JobId, Vec<MetricPoint>>,
-    /// (job, generation) -> when the first communication failure was reported.
-    comm_failures: HashMap<(JobId, u64), (Instant, String)>,
+    /// (job, generation) -> the communication failures reported in it.
+    comm_failures: HashMap<(JobId, u64), CommFailure>,
     /// job -> since when it has had at least `min` free workers.
     ready_since: HashMap<JobId, Instant>,
     /// (job, generation, key) -> value published for that generation.
@@ -51,6 +66,17 @@ impl Soft {
 
     pub fn forget(&mut self, worker: &str) {
         self.leases.remove(worker);
+        self.disconnected.remove(worker);
+    }
+
+    /// The worker's assignment stream closed from its side at `now`.
+    pub fn disconnected(&mut self, worker: &str, now: Instant) {
+        self.disconnected.entry(worker.to_string()).or_insert(now);
+    }
+
+    /// The worker (re)opened its assignment stream.
+    pub fn connected(&mut self, worker: &str) {
+        self.disconnected.remove(worker);
     }
 
     /// Workers of `state` whose lease lapsed. A worker the leader has no lease
@@ -83,8 +109,37 @@ impl Soft {
         }
     }
 
-    pub fn record_comm_failure(&mut self, job: &str, generation: u64, message: String, now: Instant) {
-        self.comm_failures.entry((job.to_string(), generation)).or_insert((now, message));
+    /// A rank of `job`'s `generation` reported a failed collective, naming
+    /// the worker that did not answer when it knew it.
+    pub fn record_comm_failure(
+        &mut self,
+        job: &str,
+        generation: u64,
+        message: String,
+        blamed: Option<WorkerId>,
+        now: Instant,
+    ) {
+        let failure = self.comm_failures.entry((job.to_string(), generation)).or_insert_with(|| CommFailure {
+            since: now,
+            message,
+            blamed: BTreeSet::new(),
+        });
+        failure.blamed.extend(blamed);
+    }
+
+    /// Workers that a peer in a current generation reported unreachable and
+    /// whose assignment stream has closed: two independent signs that the
+    /// process is gone, so they are removed without waiting for the lease.
+    pub fn blamed_and_disconnected(&mut self, state: &State) -> Vec<WorkerId> {
+        self.disconnected.retain(|w, _| state.workers.contains_key(w));
+        let mut out = BTreeSet::new();
+        for ((job, generation), failure) in &self.comm_failures {
+            let current = state.jobs.get(job).is_some_and(|j| j.generation == *generation && j.phase.is_active());
+            if current {
+                out.extend(failure.blamed.iter().filter(|w| self.disconnected.contains_key(*w)).cloned());
+            }
+        }
+        out.into_iter().collect()
     }
 
     /// Communication failures older than `grace` whose generation is still
@@ -96,8 +151,8 @@ impl Soft {
         let due: Vec<(JobId, u64, String)> = self
             .comm_failures
             .iter()
-            .filter(|(_, (since, _))| now.duration_since(*since) >= grace)
-            .map(|((job, g), (_, msg))| (job.clone(), *g, msg.clone()))
+            .filter(|(_, f)| now.duration_since(f.since) >= grace)
+            .map(|((job, g), f)| (job.clone(), *g, f.message.clone()))
             .collect();
         for (job, g, _) in &due {
             self.comm_failures.remove(&(job.clone(), *g));
@@ -129,7 +184,7 @@ impl Soft {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::state::Command;
 
@@ -142,6 +197,73 @@ mod tests {
         soft.publish("j-1", 2, "nccl", vec![2]);
         assert_eq!(soft.lookup("j-1", 1, "nccl"), None, "older generations are dropped");
         assert_eq!(soft.lookup("j-1", 2, "nccl"), Some(&vec![2]));
+    }
+
+    /// Workers `w1` and `w2` running generation 1 of job `j-1` (min 1, max 2).
+    pub(crate) fn running_pair() -> State {
+        let mut state = State::new(3);
+        for addr in ["a", "b"] {
+            state.apply(Command::RegisterWorker { data_addr: addr.into(), hostname: "h".into(), at_ms: 0 }).unwrap();
+        }
+        state
+            .apply(Command::SubmitJob {
+                name: "j".into(),
+                spec_json: "{}".into(),
+                min_workers: 1,
+                max_workers: 2,
+                fixed_world: None,
+                total_steps: 100,
+                keep_checkpoints: 2,
+                output_root: "/runs".into(),
+                at_ms: 1,
+            })
+            .unwrap();
+        state.apply(Command::Schedule { job: "j-1".into(), at_ms: 2 }).unwrap();
+        assert_eq!(state.jobs["j-1"].generation, 1);
+        state
+    }
+
+    #[test]
+    fn a_worker_is_unreachable_only_when_blamed_and_disconnected() {
+        let state = running_pair();
+        let t0 = Instant::now();
+        let mut soft = Soft::default();
+        // Blamed by its peer, but its stream is open: the lease and the comm
+        // grace decide, as before.
+        soft.record_comm_failure("j-1", 1, "rank 0: closed".into(), Some("w2".into()), t0);
+        assert!(soft.blamed_and_disconnected(&state).is_empty());
+        // Its stream closes: gone.
+        soft.disconnected("w2", t0 + Duration::from_millis(5));
+        assert_eq!(soft.blamed_and_disconnected(&state), vec!["w2".to_string()]);
+
+        // The other order: the stream closes first, the report follows.
+        let mut soft = Soft::default();
+        soft.disconnected("w1", t0);
+        assert!(soft.blamed_and_disconnected(&state).is_empty(), "a closed stream alone waits for the lease");
+        soft.record_comm_failure("j-1", 1, "rank 1: closed".into(), None, t0);
+        assert!(soft.blamed_and_disconnected(&state).is_empty(), "a report naming no peer blames nobody");
+        soft.record_comm_failure("j-1", 1, "rank 1: closed".into(), Some("w1".into()), t0);
+        assert_eq!(soft.blamed_and_disconnected(&state), vec!["w1".to_string()]);
+        // A worker that opens its stream again is not gone.
+        soft.connected("w1");
+        assert!(soft.blamed_and_disconnected(&state).is_empty());
+    }
+
+    #[test]
+    fn blame_from_an_older_generation_removes_nobody() {
+        let mut state = running_pair();
+        state
+            .apply(Command::RestartGeneration { job: "j-1".into(), generation: 1, reason: "test".into(), at_ms: 3 })
+            .unwrap();
+        let t0 = Instant::now();
+        let mut soft = Soft::default();
+        soft.disconnected("w2", t0);
+        soft.record_comm_failure("j-1", 1, "rank 0: closed".into(), Some("w2".into()), t0);
+        assert!(soft.blamed_and_disconnected(&state).is_empty());
+        soft.record_comm_failure("j-1", 2, "rank 0: closed".into(), Some("w2".into()), t0);
+        assert_eq!(soft.blamed_and_disconnected(&state), vec!["w2".to_string()]);
+        soft.forget("w2");
+        assert!(soft.blamed_and_disconnected(&state).is_empty(), "a removed worker is forgotten");
     }
 
     #[test]

@@ -51,10 +51,16 @@ impl Drop for Proc {
 /// Starts `flotilla coordinator` on a free loopback port with short leases;
 /// returns it and its URL.
 pub fn coordinator(dir: &Path) -> (Proc, String) {
+    coordinator_with(dir, &["--lease-ms", "1500", "--heartbeat-ms", "200", "--start-grace-ms", "300"])
+}
+
+/// Starts `flotilla coordinator` on a free loopback port with `args` (none:
+/// the defaults); returns it and its URL.
+pub fn coordinator_with(dir: &Path, args: &[&str]) -> (Proc, String) {
     let log = dir.join("coordinator.log");
     let mut child = Command::new(bin())
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--lease-ms", "1500", "--heartbeat-ms", "200"])
-        .args(["--start-grace-ms", "300"])
+        .args(["coordinator", "--listen", "127.0.0.1:0"])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()

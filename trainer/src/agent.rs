@@ -381,7 +381,7 @@ impl Agent {
     ) -> Result<(), tonic::Status> {
         let (job_id, generation, rank) = (key.job.clone(), key.generation, key.rank);
         match msg {
-            RunMsg::Event(TrainEvent::Progress { step, loss, lr, samples_per_sec, grad_norm }) => client
+            RunMsg::Event(TrainEvent::Progress { step, loss, lr, samples_per_sec, grad_norm, time_ms }) => client
                 .report_progress(timed(pb::ProgressReport {
                     worker_id: worker.into(),
                     job_id,
@@ -392,6 +392,7 @@ impl Agent {
                     lr: *lr,
                     samples_per_sec: *samples_per_sec,
                     grad_norm: *grad_norm,
+                    time_ms: *time_ms,
                 }))
                 .await
                 .map(|_| ()),

@@ -54,6 +54,8 @@ pub enum TrainEvent {
         lr: f64,
         samples_per_sec: f64,
         grad_norm: f64,
+        /// When the step finished, wall-clock milliseconds since the Unix epoch.
+        time_ms: i64,
     },
     /// Rank 0 wrote the manifest of this checkpoint; commit it.
     Checkpoint {
@@ -64,10 +66,7 @@ pub enum TrainEvent {
         total_ms: f64,
     },
     /// Rank 0 finished the last step and wrote the final model.
-    Finished {
-        step: u64,
-        final_model: String,
-    },
+    Finished { step: u64, final_model: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +168,11 @@ fn connect(a: &Assignment, listener: &CommListener, opts: &TrainOptions) -> Resu
         op_timeout: opts.op_timeout,
     };
     Ok(Box::new(TcpRing::connect(listener, cfg)?))
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Runs the assignment until the job's last step, a cancellation or an error.
@@ -320,7 +324,7 @@ pub fn run(
         );
         if a.rank == 0 {
             let sps = global / t0.elapsed().as_secs_f64().max(1e-9);
-            emit(TrainEvent::Progress { step: done, loss, lr, samples_per_sec: sps, grad_norm });
+            emit(TrainEvent::Progress { step: done, loss, lr, samples_per_sec: sps, grad_norm, time_ms: wall_ms() });
         }
         if all_uploaded {
             if let Some(saved) = saver.finish(a, &comm, &params.layout)? {
