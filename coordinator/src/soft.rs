@@ -215,6 +215,7 @@ pub(crate) mod tests {
                 total_steps: 100,
                 keep_checkpoints: 2,
                 output_root: "/runs".into(),
+                submission_id: None,
                 at_ms: 1,
             })
             .unwrap();
