@@ -96,23 +96,39 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
             println!("{}: {} tensors, {} parameters", out.display(), layout.names.len(), layout.total);
             Ok(0)
         }
-        Command::Coordinator { listen, lease_ms, heartbeat_ms, start_grace_ms } => {
-            init_logs("info");
-            let token = CancellationToken::new();
-            cancel_on_signals(token.clone(), true);
-            let cfg = flotilla_coordinator::CoordinatorConfig {
-                lease: Duration::from_millis(lease_ms),
-                heartbeat_interval: Duration::from_millis(heartbeat_ms),
-                start_grace: Duration::from_millis(start_grace_ms),
-                comm_grace: Duration::from_millis(lease_ms + 3000),
-                ..Default::default()
-            };
-            let listener = tokio::net::TcpListener::bind(listen).await?;
-            let server = flotilla_coordinator::serve(listener, cfg, token).await?;
-            println!("coordinator listening on {}", server.addr);
-            server.wait().await?;
-            Ok(0)
-        }
+        Command::Coordinator(cmd) => match cmd.admin {
+            Some(admin) => {
+                init_logs("warn");
+                cli::coordinator::admin(admin).await
+            }
+            None => {
+                init_logs("info");
+                let a = cmd.serve;
+                let overrides = cli::coordinator::Overrides {
+                    listen: a.listen,
+                    advertise: a.advertise,
+                    lease_ms: a.lease_ms,
+                    heartbeat_ms: a.heartbeat_ms,
+                    start_grace_ms: a.start_grace_ms,
+                    id: a.id,
+                    data_dir: a.data_dir,
+                    peers: a.peers,
+                    etcd: a.etcd,
+                    memory: a.memory,
+                };
+                let (cfg, base) = match cli::coordinator::load(a.config.as_deref(), overrides) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return Ok(cli::EXIT_BAD_INPUT);
+                    }
+                };
+                let token = CancellationToken::new();
+                cancel_on_signals(token.clone(), true);
+                cli::coordinator::run(cfg, base, token).await?;
+                Ok(0)
+            }
+        },
         Command::Worker {
             coordinator,
             data_addr,

@@ -1,6 +1,7 @@
 //! The `flotilla` command line.
 
 pub mod client;
+pub mod coordinator;
 pub mod procs;
 pub mod run;
 
@@ -50,22 +51,9 @@ pub enum Command {
     /// Write the initial weights a job's train loop starts from (built from
     /// `train.seed`) as safetensors: one f32 tensor per parameter, by name.
     ExportInit { job: PathBuf, out: PathBuf },
-    /// Run a coordinator.
-    Coordinator {
-        /// Address to serve the gRPC API on.
-        #[arg(long, default_value = "127.0.0.1:7070")]
-        listen: SocketAddr,
-        /// A worker that has not heartbeated for this long is declared lost.
-        #[arg(long, default_value_t = 5000)]
-        lease_ms: u64,
-        /// How often workers heartbeat.
-        #[arg(long, default_value_t = 1000)]
-        heartbeat_ms: u64,
-        /// How long a job with enough (but fewer than workers.max) workers
-        /// waits for more before it starts.
-        #[arg(long, default_value_t = 3000)]
-        start_grace_ms: u64,
-    },
+    /// Run a coordinator replica, or administer a replicated coordinator
+    /// (`members`, `add`, `remove`).
+    Coordinator(CoordinatorCmd),
     /// Run a worker that takes assignments from a coordinator.
     Worker {
         #[command(flatten)]
@@ -118,6 +106,85 @@ pub enum Command {
     /// Cancel a job.
     Cancel {
         job: String,
+        #[command(flatten)]
+        coordinator: CoordinatorArg,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct CoordinatorCmd {
+    #[command(subcommand)]
+    pub admin: Option<AdminCommand>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Runs one replica. Settings come from `--config` (YAML) and the flags,
+/// flags winning; without either, a one-replica Raft cluster keeps its log
+/// in `./flotilla-coordinator`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The coordinator's configuration file (YAML: listen, advertise,
+    /// lease_ms, heartbeat_ms, start_grace_ms, store: {raft | etcd | memory}).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to serve the gRPC API on (clients, workers, peer replicas)
+    /// [default: 127.0.0.1:7070].
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// The URL clients and peers reach this replica at [default: http://<listen>].
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// A worker that has not heartbeated for this long is declared lost [default: 5000].
+    #[arg(long)]
+    pub lease_ms: Option<u64>,
+    /// How often workers heartbeat [default: 1000].
+    #[arg(long)]
+    pub heartbeat_ms: Option<u64>,
+    /// How long a job with enough (but fewer than workers.max) workers
+    /// waits for more before it starts [default: 3000].
+    #[arg(long)]
+    pub start_grace_ms: Option<u64>,
+    /// Raft: this replica's id [default: 1].
+    #[arg(long)]
+    pub id: Option<u64>,
+    /// Raft: where this replica keeps its log, vote and snapshots
+    /// [default: ./flotilla-coordinator].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Raft: an initial member, ID=URL; repeat for each (this replica
+    /// included). Used only when the data directory is new.
+    #[arg(long = "peer", value_parser = coordinator::parse_peer)]
+    pub peers: Vec<(u64, String)>,
+    /// Keep the log in an existing etcd cluster instead: its endpoints,
+    /// comma-separated.
+    #[arg(long)]
+    pub etcd: Option<String>,
+    /// Keep the log in memory only (lost with the process).
+    #[arg(long)]
+    pub memory: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Show the replicas, the leader, and how far each has replicated the log.
+    Members {
+        #[command(flatten)]
+        coordinator: CoordinatorArg,
+    },
+    /// Add a replica: started beforehand with `--id ID` and no `--peer`, it
+    /// first catches up as a learner, then becomes a voter.
+    Add {
+        id: u64,
+        /// The new replica's URL, e.g. http://10.0.0.4:7070.
+        url: String,
+        #[command(flatten)]
+        coordinator: CoordinatorArg,
+    },
+    /// Remove a replica from the cluster.
+    Remove {
+        id: u64,
         #[command(flatten)]
         coordinator: CoordinatorArg,
     },

@@ -33,7 +33,9 @@ pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
         start_grace: Duration::from_secs(10),
         ..CoordinatorConfig::default()
     };
-    let server = flotilla_coordinator::serve(listener, cfg, shutdown.clone()).await?;
+    // The coordinator's log lives as long as this run.
+    let data_dir = std::env::temp_dir().join(format!("flotilla-run-{}", std::process::id()));
+    let (server, store) = super::coordinator::embedded(listener, cfg, shutdown.clone(), &data_dir).await?;
     let url = format!("http://{}", server.addr);
 
     let mut client = client::connect(&url).await?;
@@ -42,6 +44,8 @@ pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
         Err(status) => {
             eprintln!("error: {}", status.message());
             server.shutdown().await.ok();
+            store.shutdown().await;
+            let _ = std::fs::remove_dir_all(&data_dir);
             return Ok(if status.code() == tonic::Code::InvalidArgument { EXIT_BAD_INPUT } else { EXIT_JOB_FAILED });
         }
     };
@@ -100,5 +104,7 @@ pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
     };
     tokio::task::block_in_place(|| local.stop(Duration::from_secs(10)));
     server.shutdown().await.ok();
+    store.shutdown().await;
+    let _ = std::fs::remove_dir_all(&data_dir);
     Ok(code)
 }

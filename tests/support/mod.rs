@@ -60,6 +60,7 @@ pub fn coordinator_with(dir: &Path, args: &[&str]) -> (Proc, String) {
     let log = dir.join("coordinator.log");
     let mut child = Command::new(bin())
         .args(["coordinator", "--listen", "127.0.0.1:0"])
+        .args(["--data-dir", dir.join("coordinator-data").to_str().unwrap()])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())

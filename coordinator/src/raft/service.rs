@@ -52,6 +52,7 @@ fn members_reply(info: ClusterInfo) -> pb::MembersReply {
             .collect(),
         leader: info.leader,
         leader_addr: info.leader_addr.unwrap_or_default(),
+        last_log_index: info.last_log_index,
     }
 }
 

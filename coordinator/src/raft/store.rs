@@ -76,6 +76,9 @@ pub struct ClusterInfo {
     pub leader: Option<NodeId>,
     pub leader_addr: Option<String>,
     pub members: Vec<MemberInfo>,
+    /// The last log index this replica holds (on the leader: every member
+    /// whose matched index equals it has the whole log).
+    pub last_log_index: Option<u64>,
 }
 
 impl RaftStore {
@@ -185,6 +188,7 @@ impl RaftStore {
             leader: m.current_leader,
             leader_addr: m.current_leader.and_then(|l| Self::addr_of(&m, l)),
             members,
+            last_log_index: m.last_log_index,
         }
     }
 

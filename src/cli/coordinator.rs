@@ -1,0 +1,336 @@
+//! `flotilla coordinator`: one coordinator replica, configured by a YAML file
+//! (and a few flags), on the meta store it names: embedded Raft (the
+//! default), an existing etcd cluster, or memory (tests and throw-away runs).
+//!
+//! ```yaml
+//! listen: 0.0.0.0:7070
+//! advertise: http://10.0.0.1:7070     # how clients and peers reach this replica
+//! store:
+//!   raft:
+//!     id: 1
+//!     data_dir: /var/lib/flotilla/coordinator
+//!     peers: {1: http://10.0.0.1:7070, 2: http://10.0.0.2:7070, 3: http://10.0.0.3:7070}
+//! # or
+//! #  etcd: {endpoints: [http://10.0.0.9:2379], prefix: /flotilla}
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use flotilla_coordinator::state::DEFAULT_MAX_RESTARTS;
+use flotilla_coordinator::{
+    CoordinatorConfig, EtcdOptions, EtcdStore, MemStore, MetaStore, RaftOptions, RaftStore, State,
+};
+use flotilla_proto::leader;
+use flotilla_proto::raft::v1 as rpb;
+use flotilla_proto::raft::v1::cluster_client::ClusterClient;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+/// The coordinator's configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorFile {
+    /// Address to serve the gRPC API (clients, workers and peers) on.
+    pub listen: Option<SocketAddr>,
+    /// The URL clients and peer replicas reach this replica at; default
+    /// `http://<listen>`.
+    pub advertise: Option<String>,
+    pub lease_ms: Option<u64>,
+    pub heartbeat_ms: Option<u64>,
+    pub start_grace_ms: Option<u64>,
+    #[serde(default)]
+    pub store: StoreFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreFile {
+    pub raft: Option<RaftFile>,
+    pub etcd: Option<EtcdFile>,
+    /// `memory: true`: the log in memory, lost with the process.
+    #[serde(default)]
+    pub memory: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaftFile {
+    /// This replica's id, unique in the cluster (default 1).
+    pub id: Option<u64>,
+    /// Where the log, vote and snapshots are kept (default
+    /// `./flotilla-coordinator`, relative to the configuration file).
+    pub data_dir: Option<PathBuf>,
+    /// The initial members, id → URL, this replica included (default: this
+    /// replica alone). Used only when the data directory is new; later
+    /// changes go through `flotilla coordinator add/remove`.
+    #[serde(default)]
+    pub peers: BTreeMap<u64, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdFile {
+    pub endpoints: Vec<String>,
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+}
+
+fn default_prefix() -> String {
+    "/flotilla".into()
+}
+
+/// What the command line says, on top of the file.
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub advertise: Option<String>,
+    pub lease_ms: Option<u64>,
+    pub heartbeat_ms: Option<u64>,
+    pub start_grace_ms: Option<u64>,
+    pub id: Option<u64>,
+    pub data_dir: Option<PathBuf>,
+    pub peers: Vec<(u64, String)>,
+    pub etcd: Option<String>,
+    pub memory: bool,
+}
+
+/// Reads the configuration file (if any) and applies the flags.
+pub fn load(file: Option<&Path>, o: Overrides) -> Result<(CoordinatorFile, PathBuf), String> {
+    let (mut cfg, base) = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let cfg: CoordinatorFile = if text.trim().is_empty() {
+                CoordinatorFile::default()
+            } else {
+                flotilla_jobspec::read_yaml(&text, &path.display().to_string()).map_err(|e| e.to_string())?
+            };
+            let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            (cfg, base)
+        }
+        None => (CoordinatorFile::default(), PathBuf::new()),
+    };
+    let origin = file.map_or_else(|| "command line".to_string(), |p| p.display().to_string());
+    cfg.listen = o.listen.or(cfg.listen);
+    cfg.advertise = o.advertise.or(cfg.advertise);
+    cfg.lease_ms = o.lease_ms.or(cfg.lease_ms);
+    cfg.heartbeat_ms = o.heartbeat_ms.or(cfg.heartbeat_ms);
+    cfg.start_grace_ms = o.start_grace_ms.or(cfg.start_grace_ms);
+    if let Some(list) = o.etcd {
+        let endpoints = flotilla_proto::leader::parse_addrs(&list);
+        let prefix = cfg.store.etcd.take().map_or_else(default_prefix, |e| e.prefix);
+        cfg.store.etcd = Some(EtcdFile { endpoints, prefix });
+    }
+    cfg.store.memory |= o.memory;
+    if o.id.is_some() || o.data_dir.is_some() || !o.peers.is_empty() {
+        let raft = cfg.store.raft.get_or_insert_with(RaftFile::default);
+        raft.id = o.id.or(raft.id);
+        raft.data_dir = o.data_dir.or(raft.data_dir.take());
+        if !o.peers.is_empty() {
+            raft.peers = o.peers.into_iter().map(|(id, url)| (id, url_of(&url))).collect();
+        }
+    }
+    let chosen = [cfg.store.raft.is_some(), cfg.store.etcd.is_some(), cfg.store.memory];
+    if chosen.iter().filter(|c| **c).count() > 1 {
+        return Err(format!("{origin}: store: choose one of raft, etcd and memory"));
+    }
+    if let Some(etcd) = &cfg.store.etcd {
+        if etcd.endpoints.is_empty() {
+            return Err(format!("{origin}: store.etcd.endpoints: give at least one etcd endpoint"));
+        }
+        if !etcd.prefix.starts_with('/') {
+            return Err(format!("{origin}: store.etcd.prefix: must start with '/', got {:?}", etcd.prefix));
+        }
+    }
+    if let Some(raft) = &cfg.store.raft {
+        let id = raft.id.unwrap_or(1);
+        if id == 0 {
+            return Err(format!("{origin}: store.raft.id: replica ids start at 1"));
+        }
+        if !raft.peers.is_empty() && !raft.peers.contains_key(&id) {
+            let ids: Vec<String> = raft.peers.keys().map(u64::to_string).collect();
+            return Err(format!(
+                "{origin}: store.raft.peers: this replica's id {id} is not among the peers ({}); a replica that \
+                 joins later starts with no peers and is added with `flotilla coordinator add`",
+                ids.join(", ")
+            ));
+        }
+    }
+    Ok((cfg, base))
+}
+
+/// `host:port` gets `http://`.
+fn url_of(addr: &str) -> String {
+    flotilla_proto::leader::parse_addrs(addr).pop().unwrap_or_default()
+}
+
+/// Parses `ID=URL` for `--peer`.
+pub fn parse_peer(s: &str) -> Result<(u64, String), String> {
+    let (id, url) = s.split_once('=').ok_or_else(|| format!("expected ID=URL, got {s:?}"))?;
+    let id = id.trim().parse().map_err(|_| format!("replica id {id:?} is not a number"))?;
+    Ok((id, url.trim().to_string()))
+}
+
+/// Runs one replica until SIGINT/SIGTERM.
+pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) -> anyhow::Result<()> {
+    let listen = cfg.listen.unwrap_or_else(|| "127.0.0.1:7070".parse().expect("a socket address"));
+    let lease_ms = cfg.lease_ms.unwrap_or(5000);
+    let coordinator_cfg = CoordinatorConfig {
+        lease: Duration::from_millis(lease_ms),
+        heartbeat_interval: Duration::from_millis(cfg.heartbeat_ms.unwrap_or(1000)),
+        start_grace: Duration::from_millis(cfg.start_grace_ms.unwrap_or(3000)),
+        comm_grace: Duration::from_millis(lease_ms + 3000),
+        ..Default::default()
+    };
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
+    let bound = listener.local_addr()?;
+    let advertise = cfg.advertise.clone().map(|a| url_of(&a)).unwrap_or_else(|| format!("http://{bound}"));
+    let initial = State::new(DEFAULT_MAX_RESTARTS);
+    let mut raft_store: Option<RaftStore> = None;
+    let mut etcd_store: Option<Arc<EtcdStore>> = None;
+    let (store, routes, what): (Arc<dyn MetaStore>, _, String) = if cfg.store.memory {
+        (Arc::new(MemStore::new(initial)), tonic::service::Routes::default(), "memory".into())
+    } else if let Some(etcd) = cfg.store.etcd {
+        let mut opts = EtcdOptions::new(etcd.endpoints.clone(), advertise.clone());
+        opts.prefix = etcd.prefix.clone();
+        opts.initial = initial;
+        let store = EtcdStore::connect(opts)
+            .await
+            .with_context(|| format!("connect to etcd at {}", etcd.endpoints.join(",")))?;
+        etcd_store = Some(store.clone());
+        (store, tonic::service::Routes::default(), format!("etcd {} under {}", etcd.endpoints.join(","), etcd.prefix))
+    } else {
+        let raft = cfg.store.raft.unwrap_or_default();
+        let id = raft.id.unwrap_or(1);
+        let data_dir = base.join(raft.data_dir.unwrap_or_else(|| PathBuf::from("flotilla-coordinator")));
+        let mut peers = raft.peers;
+        if peers.is_empty() {
+            peers.insert(id, advertise.clone());
+        }
+        let mut opts = RaftOptions::new(id, &data_dir, advertise.clone());
+        opts.peers = peers;
+        opts.initial_state = initial;
+        let store = RaftStore::open(opts)
+            .await
+            .with_context(|| format!("open the Raft replica {id} in {}", data_dir.display()))?;
+        let routes = store.routes();
+        raft_store = Some(store.clone());
+        (Arc::new(store), routes, format!("raft replica {id} in {}", data_dir.display()))
+    };
+    let server = flotilla_coordinator::serve_with_routes(listener, store, coordinator_cfg, token, routes).await?;
+    // The first line of standard output is for scripts and tests: keep its form.
+    println!("coordinator listening on {}", server.addr);
+    tracing::info!(store = %what, %advertise, "coordinator replica serving");
+    let served = server.wait().await;
+    if let Some(raft) = raft_store {
+        raft.shutdown().await;
+    }
+    if let Some(etcd) = etcd_store {
+        etcd.shutdown().await;
+    }
+    served?;
+    Ok(())
+}
+
+/// The embedded coordinator of `flotilla run`: a one-replica Raft cluster
+/// with its log in `data_dir`, on `listener`.
+pub async fn embedded(
+    listener: tokio::net::TcpListener,
+    cfg: CoordinatorConfig,
+    token: CancellationToken,
+    data_dir: &Path,
+) -> anyhow::Result<(flotilla_coordinator::ServerHandle, RaftStore)> {
+    let addr = format!("http://{}", listener.local_addr()?);
+    let mut opts = RaftOptions::new(1, data_dir, addr.clone());
+    opts.peers = BTreeMap::from([(1, addr)]);
+    opts.initial_state = State::new(DEFAULT_MAX_RESTARTS);
+    let store =
+        RaftStore::open(opts).await.with_context(|| format!("open the coordinator's log in {}", data_dir.display()))?;
+    let routes = store.routes();
+    let server = flotilla_coordinator::serve_with_routes(listener, Arc::new(store.clone()), cfg, token, routes).await?;
+    Ok((server, store))
+}
+
+/// Runs `f` on the leader's Cluster service, following refusals.
+async fn on_leader<T, F, Fut>(list: &str, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut(ClusterClient<tonic::transport::Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let addrs = leader::parse_addrs(list);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut hint = None;
+    loop {
+        let error = match leader::find_leader(&addrs, hint.as_deref()).await {
+            Ok((_, channel)) => match f(ClusterClient::new(channel)).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if s.code() == tonic::Code::Unimplemented => {
+                    anyhow::bail!("this coordinator keeps no Raft log (it runs on etcd or in memory)")
+                }
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    hint = leader::leader_hint(&s);
+                    s.message().to_string()
+                }
+                Err(s) => anyhow::bail!("{}", s.message()),
+            },
+            Err(e) => e,
+        };
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("no leading coordinator among {addrs:?}: {error}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn print_members(m: &rpb::MembersReply) {
+    match m.leader {
+        Some(id) => println!("leader: {id} ({})", m.leader_addr),
+        None => println!("leader: none"),
+    }
+    if let Some(last) = m.last_log_index {
+        println!("last log index: {last}");
+    }
+    println!("{:<6} {:<8} {:<32} {:>10}", "ID", "ROLE", "ADDRESS", "MATCHED");
+    for r in &m.members {
+        let matched = r.matched_index.map_or_else(|| "-".to_string(), |i| i.to_string());
+        println!("{:<6} {:<8} {:<32} {:>10}", r.id, if r.voter { "voter" } else { "learner" }, r.addr, matched);
+    }
+}
+
+/// `flotilla coordinator members|add|remove`.
+pub async fn admin(cmd: super::AdminCommand) -> anyhow::Result<i32> {
+    use super::AdminCommand as A;
+    let reply = match cmd {
+        A::Members { coordinator } => {
+            on_leader(&coordinator.coordinator, |mut c| async move { c.members(rpb::MembersRequest {}).await }).await
+        }
+        A::Add { id, url, coordinator } => {
+            let addr = url_of(&url);
+            on_leader(&coordinator.coordinator, |mut c| {
+                let req = rpb::AddMemberRequest { id, addr: addr.clone() };
+                async move { c.add_member(req).await }
+            })
+            .await
+        }
+        A::Remove { id, coordinator } => {
+            on_leader(&coordinator.coordinator, |mut c| async move {
+                c.remove_member(rpb::RemoveMemberRequest { id }).await
+            })
+            .await
+        }
+    };
+    match reply {
+        Ok(m) => {
+            print_members(&m);
+            Ok(0)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            Ok(1)
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! Three coordinator replicas (embedded Raft) and two workers, all real
+//! processes on loopback: `kill -9` of the leader mid-training costs the job
+//! nothing. A new leader is elected, the workers follow it without a new
+//! generation, the job finishes with every job and committed checkpoint still
+//! listed, and the killed replica, restarted on its data directory, catches
+//! up.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla::proto::leader;
+use flotilla::proto::v1 as pb;
+use flotilla::proto::v1::job_service_client::JobServiceClient;
+use support::*;
+
+const JOB: &str = "
+name: ha
+model: {kind: gpt, layers: 2, d_model: 64, heads: 4, context: 64, vocab: 64}
+data: {kind: synthetic, seed: 4, samples: 4096}
+train:
+  steps: 160
+  global_batch: 32
+  micro_batch: 16
+  seed: 3
+  optimizer: {lr: 0.002}
+  schedule: {warmup_steps: 10}
+workers: {min: 2, max: 2}
+checkpoint: {url: runs, every: 10, keep: 100}
+";
+
+/// Free loopback ports (bound and released; the replicas bind them next).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<_> = (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+/// Starts replica `id` of the cluster whose replicas listen on `ports`.
+fn replica(dir: &std::path::Path, id: usize, ports: &[u16]) -> Proc {
+    let log = dir.join(format!("coordinator-{id}.log"));
+    let mut cmd = Command::new(bin());
+    cmd.args(["coordinator", "--listen", &format!("127.0.0.1:{}", ports[id - 1])])
+        .args(["--id", &id.to_string(), "--data-dir", dir.join(format!("replica-{id}")).to_str().unwrap()])
+        .args(["--lease-ms", "1500", "--heartbeat-ms", "200", "--start-grace-ms", "300"]);
+    for (i, port) in ports.iter().enumerate() {
+        cmd.args(["--peer", &format!("{}=http://127.0.0.1:{port}", i + 1)]);
+    }
+    let child = cmd.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+    Proc { child, log }
+}
+
+/// The leader's client, found among `addrs` (waits through an election).
+async fn leader_client(addrs: &[String]) -> (String, JobServiceClient<tonic::transport::Channel>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match leader::find_leader(addrs, None).await {
+            Ok((addr, ch)) => return (addr, JobServiceClient::new(ch)),
+            Err(e) if Instant::now() > deadline => panic!("no leader: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// The job's status from whichever replica leads.
+async fn job(addrs: &[String], id: &str) -> pb::JobStatus {
+    loop {
+        let (_, mut c) = leader_client(addrs).await;
+        if let Ok(s) = c.get_job(pb::GetJobRequest { job_id: id.into() }).await {
+            return s.into_inner();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_job(
+    addrs: &[String],
+    id: &str,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&pb::JobStatus) -> bool,
+) -> pb::JobStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = job(addrs, id).await;
+        if done(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}: {s:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn killing_the_leader_replica_costs_the_job_nothing() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let ports = free_ports(3);
+    let addrs: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let list = addrs.join(",");
+    let mut replicas: Vec<Option<Proc>> = (1..=3).map(|id| Some(replica(dir.path(), id, &ports))).collect();
+
+    let _a = worker(dir.path(), &list, "worker-a");
+    let _b = worker(dir.path(), &list, "worker-b");
+    let job_path = job_file(dir.path(), "job", JOB);
+    let out = flotilla(dir.path(), &["submit", job_path.to_str().unwrap(), "--coordinator", &list]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+
+    rt.block_on(async {
+        let before = wait_job(&addrs, &id, Duration::from_secs(90), "a committed checkpoint", |s| {
+            s.checkpoints.len() >= 2 && s.step >= 25
+        })
+        .await;
+        assert!(before.step < 160, "the job ended before the fail-over; make it longer");
+        assert_eq!(before.generations.len(), 1, "{before:#?}");
+
+        let (leader_addr, _) = leader_client(&addrs).await;
+        let index = addrs.iter().position(|a| *a == leader_addr).unwrap();
+        eprintln!("killing the leader, replica {} at {leader_addr}, at step {}", index + 1, before.step);
+        replicas[index].as_mut().unwrap().kill9();
+        let killed_at = Instant::now();
+
+        let (new_leader, _) = leader_client(&addrs).await;
+        assert_ne!(new_leader, leader_addr);
+        eprintln!("new leader {new_leader} after {:.2}s", killed_at.elapsed().as_secs_f64());
+
+        let done = wait_job(&addrs, &id, Duration::from_secs(180), "the job to end", |s| {
+            matches!(pb::JobPhase::try_from(s.phase), Ok(pb::JobPhase::Succeeded | pb::JobPhase::Failed))
+        })
+        .await;
+        assert!(is_phase(&done, pb::JobPhase::Succeeded), "{done:#?}");
+        assert_eq!(done.generations.len(), 1, "a fail-over alone never starts a new generation: {done:#?}");
+        let steps: Vec<u64> = done.checkpoints.iter().map(|c| c.step).collect();
+        for c in &before.checkpoints {
+            assert!(steps.contains(&c.step), "checkpoint {} committed before the kill is gone: {steps:?}", c.step);
+        }
+        let (_, mut c) = leader_client(&addrs).await;
+        let jobs = c.list_jobs(pb::ListJobsRequest {}).await.unwrap().into_inner().jobs;
+        assert_eq!(jobs.iter().map(|j| j.job_id.as_str()).collect::<Vec<_>>(), vec![id.as_str()]);
+
+        // The killed replica comes back on its data directory and catches up.
+        replicas[index] = Some(replica(dir.path(), index + 1, &ports));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = flotilla(dir.path(), &["coordinator", "members", "--coordinator", &list]);
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            if out.status.success() && caught_up(&text, index + 1) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "replica {} did not catch up:\n{text}", index + 1);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let model = dir.path().join(format!("runs/{id}/final/model.safetensors"));
+    assert!(model.exists(), "final model at {}", model.display());
+}
+
+/// Whether `flotilla coordinator members` shows replica `id` as a voter
+/// with the leader's whole log.
+fn caught_up(members: &str, id: usize) -> bool {
+    let commit = members
+        .lines()
+        .find_map(|l| l.strip_prefix("last log index:").map(|v| v.trim().parse::<u64>().unwrap_or(u64::MAX)));
+    let row = members.lines().find(|l| l.split_whitespace().next() == Some(&id.to_string()));
+    match (commit, row) {
+        (Some(commit), Some(row)) => {
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            cols.contains(&"voter") && cols.last().and_then(|m| m.parse::<u64>().ok()) == Some(commit)
+        }
+        _ => false,
+    }
+}
