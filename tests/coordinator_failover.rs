@@ -3,8 +3,11 @@
 //! nothing. A new leader is elected, the workers follow it without a new
 //! generation, the job finishes with every job and committed checkpoint still
 //! listed, and the killed replica, restarted on its data directory, catches
-//! up.
+//! up. Then the same job on coordinators that keep their log in a real
+//! three-member etcd cluster, one member of which is killed mid-training.
 
+#[path = "../coordinator/tests/support/etcd.rs"]
+mod etcd;
 mod support;
 
 use std::process::{Command, Stdio};
@@ -170,4 +173,59 @@ fn caught_up(members: &str, id: usize) -> bool {
         }
         _ => false,
     }
+}
+
+/// Starts a coordinator replica on the etcd cluster at `endpoints`.
+fn etcd_replica(dir: &std::path::Path, i: usize, port: u16, endpoints: &str) -> Proc {
+    let log = dir.join(format!("coordinator-etcd-{i}.log"));
+    let child = Command::new(bin())
+        .args(["coordinator", "--listen", &format!("127.0.0.1:{port}"), "--etcd", endpoints])
+        .args(["--lease-ms", "1500", "--heartbeat-ms", "200", "--start-grace-ms", "300"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Proc { child, log }
+}
+
+#[test]
+fn the_job_finishes_when_an_etcd_member_dies() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = rt.block_on(etcd::EtcdCluster::start(3)).expect("start etcd");
+    let endpoints = etcd.endpoints().join(",");
+    let ports = free_ports(2);
+    let addrs: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let list = addrs.join(",");
+    let _replicas: Vec<Proc> = (0..2).map(|i| etcd_replica(dir.path(), i, ports[i], &endpoints)).collect();
+
+    let _a = worker(dir.path(), &list, "worker-a");
+    let _b = worker(dir.path(), &list, "worker-b");
+    let job_path = job_file(dir.path(), "job", JOB);
+    let out = flotilla(dir.path(), &["submit", job_path.to_str().unwrap(), "--coordinator", &list]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+
+    rt.block_on(async {
+        let before = wait_job(&addrs, &id, Duration::from_secs(90), "a committed checkpoint", |s| {
+            s.checkpoints.len() >= 2 && s.step >= 25
+        })
+        .await;
+        assert!(before.step < 160, "the job ended before the kill; make it longer");
+        eprintln!("killing etcd member 1 of 3 at step {}", before.step);
+        etcd.kill(0);
+
+        let done = wait_job(&addrs, &id, Duration::from_secs(180), "the job to end", |s| {
+            matches!(pb::JobPhase::try_from(s.phase), Ok(pb::JobPhase::Succeeded | pb::JobPhase::Failed))
+        })
+        .await;
+        assert!(is_phase(&done, pb::JobPhase::Succeeded), "{done:#?}");
+        let steps: Vec<u64> = done.checkpoints.iter().map(|c| c.step).collect();
+        for c in &before.checkpoints {
+            assert!(steps.contains(&c.step), "checkpoint {} committed before the kill is gone: {steps:?}", c.step);
+        }
+        assert!(steps.iter().any(|s| *s > before.step), "checkpoints were committed after the kill: {steps:?}");
+    });
+    let model = dir.path().join(format!("runs/{id}/final/model.safetensors"));
+    assert!(model.exists(), "final model at {}", model.display());
 }
