@@ -280,7 +280,10 @@ impl MetaStore for RaftStore {
     fn is_leader(&self) -> bool {
         let m = self.inner.raft.metrics();
         let m = m.borrow();
-        m.state == ServerState::Leader && m.current_leader == Some(self.inner.id)
+        // A leader restarted from its own committed vote believes it leads
+        // until it hears of a newer term; until a quorum has acknowledged it
+        // in this term, it does not count as leading.
+        m.state == ServerState::Leader && m.current_leader == Some(self.inner.id) && m.millis_since_quorum_ack.is_some()
     }
 
     fn leader_hint(&self) -> Option<String> {
