@@ -191,8 +191,8 @@ pub async fn wait_until(ready: impl Fn() -> bool, what: &str) {
     }
 }
 
-/// Raft replicas in this process, each served on its own loopback port with
-/// its own data dir.
+/// Raft replicas in this process, each served as a coordinator (its Raft
+/// routes and the client services, one port) with its own data dir.
 struct RaftCluster {
     replicas: Vec<(RaftStore, ServerHandle)>,
     _dirs: Vec<TempDir>,
@@ -215,7 +215,8 @@ impl RaftCluster {
             let server = serve_with_routes(
                 listener,
                 Arc::new(store.clone()),
-                CoordinatorConfig::default(),
+                // Workers that never heartbeat: no lease may lapse during the run.
+                CoordinatorConfig { lease: Duration::from_secs(3600), ..CoordinatorConfig::default() },
                 CancellationToken::new(),
                 store.routes(),
             )

@@ -34,6 +34,8 @@ const LEASE: Duration = Duration::from_secs(60);
 const CHANNELS: usize = 32;
 /// Registrations in flight at once.
 const REGISTER_CONCURRENCY: usize = 64;
+/// How many times one registration is sent again after an error.
+const REGISTER_TRIES: usize = 5;
 
 /// The simulated fleet.
 pub struct Load {
@@ -176,7 +178,7 @@ pub async fn run(load: &Load) {
     }
 
     let t = Instant::now();
-    let ids = register_all(&clients, load.workers).await;
+    let (ids, retried) = register_all(&clients, load.workers).await;
     let register_time = t.elapsed();
     eprintln!("registered {} workers in {register_time:?}", ids.len());
 
@@ -188,8 +190,9 @@ pub async fn run(load: &Load) {
     let followers: Vec<String> = (0..3).filter(|i| *i != leader).map(|i| format!("{:.2}", cores[i])).collect();
     let target = load.workers as f64 / load.period.as_secs_f64();
     println!(
-        "\nHeartbeats: {} workers registered on the leader in {:.1} s ({:.0}/s), then heartbeating once every {:?} \
-         for {:?} over {CHANNELS} HTTP/2 channels; 3 replicas as processes. Latency from send to reply:\n",
+        "\nHeartbeats: {} workers registered on the leader in {:.1} s ({:.0}/s, {retried} sent again after an error), \
+         then heartbeating once every {:?} for {:?} over {CHANNELS} HTTP/2 channels; 3 replicas as processes. \
+         Latency from send to reply:\n",
         ids.len(),
         register_time.as_secs_f64(),
         ids.len() as f64 / register_time.as_secs_f64(),
@@ -227,12 +230,14 @@ pub async fn run(load: &Load) {
     assert_eq!(sample.count(), sent, "every heartbeat measured");
 }
 
-/// Registers `n` workers with unique data addresses; their ids in order.
-async fn register_all(clients: &[WorkerServiceClient<Channel>], n: usize) -> Vec<String> {
+/// Registers `n` workers with unique data addresses; their ids in order,
+/// and how many registrations failed and were sent again.
+async fn register_all(clients: &[WorkerServiceClient<Channel>], n: usize) -> (Vec<String>, usize) {
     let next = Arc::new(AtomicUsize::new(0));
+    let retried = Arc::new(AtomicUsize::new(0));
     let tasks: Vec<_> = (0..REGISTER_CONCURRENCY)
         .map(|t| {
-            let (mut client, next) = (clients[t % clients.len()].clone(), next.clone());
+            let (mut client, next, retried) = (clients[t % clients.len()].clone(), next.clone(), retried.clone());
             tokio::spawn(async move {
                 let mut out = Vec::new();
                 loop {
@@ -246,7 +251,18 @@ async fn register_all(clients: &[WorkerServiceClient<Channel>], n: usize) -> Vec
                         pid: 1,
                         worker_id: String::new(),
                     };
-                    let id = client.register(req).await.expect("register").into_inner().worker_id;
+                    let mut tries = 0;
+                    let id = loop {
+                        match client.register(req.clone()).await {
+                            Ok(reply) => break reply.into_inner().worker_id,
+                            Err(status) if tries < REGISTER_TRIES => {
+                                tries += 1;
+                                retried.fetch_add(1, Ordering::Relaxed);
+                                eprintln!("register {i} failed, trying again: {}", status.message());
+                            }
+                            Err(status) => panic!("register {i}: {status}"),
+                        }
+                    };
                     out.push((i, id));
                 }
             })
@@ -257,7 +273,7 @@ async fn register_all(clients: &[WorkerServiceClient<Channel>], n: usize) -> Vec
         all.extend(t.await.expect("register task"));
     }
     all.sort();
-    all.into_iter().map(|(_, id)| id).collect()
+    (all.into_iter().map(|(_, id)| id).collect(), retried.load(Ordering::Relaxed))
 }
 
 /// Sends heartbeats of `ids` round-robin at `ids.len() / period` per second
