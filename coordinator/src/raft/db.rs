@@ -94,11 +94,28 @@ impl Db {
         self.run(move |db| read_meta(db, key)).await
     }
 
-    /// Writes one record of the META table.
+    /// Writes one record of the META table, durable when this returns.
     pub(crate) async fn put_meta<T: Serialize>(&self, key: &'static str, value: &T) -> Result<(), DbError> {
+        self.put_meta_with(key, value, redb::Durability::Immediate).await
+    }
+
+    /// Writes one record of the META table without waiting for the disk: it
+    /// becomes durable with the next durable commit (the next log append or
+    /// vote). For what may safely be older after a crash.
+    pub(crate) async fn put_meta_lazily<T: Serialize>(&self, key: &'static str, value: &T) -> Result<(), DbError> {
+        self.put_meta_with(key, value, redb::Durability::None).await
+    }
+
+    async fn put_meta_with<T: Serialize>(
+        &self,
+        key: &'static str,
+        value: &T,
+        durability: redb::Durability,
+    ) -> Result<(), DbError> {
         let bytes = encode(value)?;
         self.run(move |db| {
-            let txn = db.begin_write().map_err(|e| DbError::from("begin write", e))?;
+            let mut txn = db.begin_write().map_err(|e| DbError::from("begin write", e))?;
+            txn.set_durability(durability).map_err(|e| DbError::from("set durability", e))?;
             {
                 let mut table = txn.open_table(META).map_err(|e| DbError::from("open meta", e))?;
                 table.insert(key, bytes.as_slice()).map_err(|e| DbError::from("write meta", e))?;

@@ -91,7 +91,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.db.put_meta(KEY_COMMITTED, &committed).await.map_err(|e| StorageIOError::write(&e).into())
+        // The committed index may be older after a crash (the leader tells it
+        // again; every acknowledged entry is in the durable log): no fsync
+        // of its own on the apply path.
+        self.db.put_meta_lazily(KEY_COMMITTED, &committed).await.map_err(|e| StorageIOError::write(&e).into())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
