@@ -5,7 +5,8 @@
 //!
 //! `cargo bench --bench checkpoint` saves a state of parameters plus two
 //! AdamW moments (>= 256 MiB) and prints, per target, the time training is
-//! blocked (the copy), the total save time and the throughput. It needs
+//! blocked (the copy), the total save time and the throughput, each the
+//! median of 5 rounds that alternate between the contenders. It needs
 //! `./scripts/bootstrap --python --s3`. Under `cargo test` it saves a small
 //! state to the local disk only.
 
@@ -57,13 +58,29 @@ fn flotilla_save(
 
 /// A first checkpoint (fresh buffers), then the steady state: the same
 /// save again, as every later checkpoint of a run.
-fn flotilla_rows(rt: &tokio::runtime::Runtime, name: &str, url: &str, layout: &Layout, state: &Snapshot) -> Measure {
-    let mut buffers = None;
-    let first = flotilla_save(rt, &format!("{url}/first"), layout, state, &mut buffers);
-    row(&format!("{name} (1st)"), &first);
-    let steady = flotilla_save(rt, &format!("{url}/steady"), layout, state, &mut buffers);
-    row(name, &steady);
-    steady
+/// The median of `ms` by total save time.
+fn median(mut ms: Vec<Measure>) -> Measure {
+    ms.sort_by(|a, b| a.total_s.total_cmp(&b.total_s));
+    ms.swap_remove(ms.len() / 2)
+}
+
+/// Runs the Python baselines once: (torch.save, safetensors).
+fn python_round(py: &std::path::Path, numel: usize, dir: &std::path::Path) -> (Measure, Measure) {
+    let out = Command::new(py)
+        .arg(repo().join("benches/checkpoint_baseline.py"))
+        .arg(numel.to_string())
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Both block training for the whole save.
+    let m = |name: &str| {
+        let secs = v[name].as_f64().unwrap();
+        let bytes = v[&format!("{name}_bytes")].as_u64().unwrap() as usize;
+        Measure { blocked_s: secs, total_s: secs, bytes }
+    };
+    (m("torch_save"), m("safetensors"))
 }
 
 fn row(name: &str, m: &Measure) {
@@ -90,8 +107,15 @@ fn main() {
         "{:<22} {:>14} {:>13} {:>13} {:>9} {:>14}",
         "target", "state", "blocked", "total", "blocked", "throughput"
     );
-    let local = flotilla_rows(&rt, "flotilla, local disk", dir.path().join("local").to_str().unwrap(), &layout, &state);
+    let local_root = dir.path().join("local");
+    let local_url = local_root.to_str().unwrap().to_string();
+    let mut buffers = None;
+    let first = flotilla_save(&rt, &format!("{local_url}/first"), &layout, &state, &mut buffers);
+    row("flotilla, local (1st)", &first);
     if !full {
+        let steady = flotilla_save(&rt, &format!("{local_url}/steady"), &layout, &state, &mut buffers);
+        row("flotilla, local disk", &steady);
+        assert!(steady.bytes >= numel * 12, "the shard holds the whole state");
         return;
     }
     let s3 = S3Server::start(dir.path(), &["bench"]);
@@ -99,30 +123,38 @@ fn main() {
         // SAFETY: no other thread reads the environment yet.
         unsafe { std::env::set_var(k, v) };
     }
-    flotilla_rows(&rt, "flotilla, s3s-fs", "s3://bench/ckpt", &layout, &state);
-
     let py = repo().join(".deps/venv/bin/python");
-    if !py.exists() {
+    let have_py = py.exists();
+    if !have_py {
         println!("baselines skipped: run ./scripts/bootstrap --python");
+    }
+    // Rounds alternate between the contenders, so that the machine's page
+    // cache and load weigh on each alike; each row is the median round.
+    const ROUNDS: usize = 5;
+    let (mut local, mut remote, mut torch, mut st) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut s3_buffers = None;
+    for r in 0..ROUNDS {
+        local.push(flotilla_save(&rt, &format!("{local_url}/r{r}"), &layout, &state, &mut buffers));
+        let _ = std::fs::remove_dir_all(local_root.join(format!("r{r}")));
+        remote.push(flotilla_save(&rt, &format!("s3://bench/ckpt/r{r}"), &layout, &state, &mut s3_buffers));
+        if have_py {
+            let (t, s) = python_round(&py, numel, dir.path());
+            torch.push(t);
+            st.push(s);
+        }
+    }
+    let local = median(local);
+    row("flotilla, local disk", &local);
+    row("flotilla, s3s-fs", &median(remote));
+    if !have_py {
         return;
     }
-    let out = Command::new(py)
-        .arg(repo().join("benches/checkpoint_baseline.py"))
-        .arg(numel.to_string())
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for name in ["torch_save", "safetensors"] {
-        let secs = v[name].as_f64().unwrap();
-        let bytes = v[&format!("{name}_bytes")].as_u64().unwrap() as usize;
-        // Both block training for the whole save.
-        row(&format!("PyTorch {name}, disk"), &Measure { blocked_s: secs, total_s: secs, bytes });
+    for (name, m) in [("torch_save", median(torch)), ("safetensors", median(st))] {
+        row(&format!("PyTorch {name}, disk"), &m);
         println!(
             "  flotilla local / {name}: {:.2}x throughput, training blocked {:.0}x less",
-            (local.bytes as f64 / local.total_s) / (bytes as f64 / secs),
-            secs / local.blocked_s
+            (local.bytes as f64 / local.total_s) / (m.bytes as f64 / m.total_s),
+            m.blocked_s / local.blocked_s
         );
     }
 }
