@@ -40,11 +40,7 @@ fn flotilla_save(
     let out = Storage::open(url).unwrap();
     let t0 = Instant::now();
     let mut snap = buffers.take().unwrap_or_default();
-    snap.step = state.step;
-    snap.optimizer_step = state.optimizer_step;
-    snap.params.clone_from(&state.params);
-    snap.m.clone_from(&state.m);
-    snap.v.clone_from(&state.v);
+    snap.fill(state.step, state.optimizer_step, &state.params, &state.m, &state.v);
     let blocked_s = t0.elapsed().as_secs_f64();
     let snap = Arc::new(snap);
     let dir = out.child(&checkpoint::step_name(snap.step));

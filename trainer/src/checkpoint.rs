@@ -123,6 +123,38 @@ pub struct Snapshot {
     pub optimizer_step: u64,
 }
 
+impl Snapshot {
+    /// Copies the live state into this snapshot, reusing its buffers. This
+    /// is the part of a checkpoint that training waits for, so the copy runs
+    /// on two threads: the train thread and one more, each taking half of
+    /// every array (memory bandwidth, not arithmetic, is the limit).
+    pub fn fill(&mut self, step: u64, optimizer_step: u64, params: &[f32], m: &[f32], v: &[f32]) {
+        self.step = step;
+        self.optimizer_step = optimizer_step;
+        let mut halves: [Vec<(&mut [f32], &[f32])>; 2] = [Vec::new(), Vec::new()];
+        for (dst, src) in [(&mut self.params, params), (&mut self.m, m), (&mut self.v, v)] {
+            dst.resize(src.len(), 0.0);
+            let mid = src.len() / 2;
+            let (d0, d1) = dst.split_at_mut(mid);
+            let (s0, s1) = src.split_at(mid);
+            halves[0].push((d0, s0));
+            halves[1].push((d1, s1));
+        }
+        let [mine, theirs] = halves;
+        let copy = |pairs: Vec<(&mut [f32], &[f32])>| pairs.into_iter().for_each(|(d, s)| d.copy_from_slice(s));
+        if params.len() < 1 << 16 {
+            // Small states: a thread costs more than it saves.
+            copy(mine);
+            copy(theirs);
+            return;
+        }
+        std::thread::scope(|scope| {
+            scope.spawn(|| copy(theirs));
+            copy(mine);
+        });
+    }
+}
+
 /// The folder name of step `step`'s checkpoint.
 pub fn step_name(step: u64) -> String {
     format!("step-{step:08}")
@@ -504,6 +536,22 @@ mod tests {
         }
         let sampler = SamplerState { position: 70, seed: 1, global_batch: 10 };
         write_manifest(dir, &manifest("j-1", 2, l, s, sampler, 0, shards)).await.unwrap();
+    }
+
+    #[test]
+    fn fill_copies_the_state_into_reused_buffers() {
+        for n in [5usize, 1 << 17] {
+            let f = |k: f32| (0..n).map(|i| i as f32 * k).collect::<Vec<f32>>();
+            let (p, m, v) = (f(1.0), f(2.0), f(3.0));
+            let mut snap = Snapshot { params: vec![9.0; n + 3], ..Default::default() };
+            snap.fill(4, 3, &p, &m, &v);
+            assert_eq!((snap.step, snap.optimizer_step), (4, 3));
+            assert_eq!((snap.params == p, snap.m == m, snap.v == v), (true, true, true), "n = {n}");
+            let before = snap.params.as_ptr();
+            snap.fill(5, 4, &v, &p, &m);
+            assert_eq!(snap.params.as_ptr(), before, "the buffers are reused");
+            assert_eq!((snap.params == v, snap.m == p, snap.v == m), (true, true, true), "n = {n}");
+        }
     }
 
     #[tokio::test]

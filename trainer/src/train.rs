@@ -341,11 +341,7 @@ pub fn run(
             }
             let t0 = Instant::now();
             let mut snap = saver.buffers();
-            snap.step = done;
-            snap.optimizer_step = adam.step;
-            snap.params.clone_from(&params.flat);
-            snap.m.clone_from(&adam.m);
-            snap.v.clone_from(&adam.v);
+            snap.fill(done, adam.step, &params.flat, &adam.m, &adam.v);
             saver.start(a, &out, &params.layout, snap, t0);
             if requested {
                 // A worker is leaving: this one is finished at once, and the
