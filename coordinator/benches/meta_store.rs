@@ -13,9 +13,10 @@
 //!    HTTP/2 channels; heartbeat latency and the replicas' CPU use.
 //!
 //! `cargo bench -p flotilla-coordinator --bench meta_store` runs both; it
-//! needs etcd (`./scripts/bootstrap --etcd`). Under `cargo test` it runs a
-//! few writes per backend and 200 workers for 2 s, and checks that every
-//! write and heartbeat was answered.
+//! needs etcd (`./scripts/bootstrap --etcd`). `FLOTILLA_BENCH_PARTS=writes`
+//! (or `scale`) runs only that part. Under `cargo test` it runs a few writes
+//! per backend and 200 workers for 2 s, and checks that every write and
+//! heartbeat was answered.
 
 #[path = "../tests/support/etcd.rs"]
 mod etcd;
@@ -40,6 +41,10 @@ use tempfile::TempDir;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// Which parts run: a comma-separated list of `writes` and `scale`; both
+/// when unset.
+const PARTS_ENV: &str = "FLOTILLA_BENCH_PARTS";
+
 /// The sizes of one run.
 struct Setup {
     /// Writes before each measurement, not counted.
@@ -59,10 +64,17 @@ fn main() {
     } else {
         Setup { warmup: 2, budget: Budget::Ops(4), scale: scale::Load::smoke() }
     };
+    let parts = std::env::var(PARTS_ENV).unwrap_or_else(|_| "writes,scale".into());
+    let part = |name: &str| parts.split(',').any(|p| p.trim() == name);
+    assert!(part("writes") || part("scale"), "{PARTS_ENV}={parts}: expected `writes`, `scale` or both");
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     rt.block_on(async {
-        writes(&setup).await;
-        scale::run(&setup.scale).await;
+        if part("writes") {
+            writes(&setup).await;
+        }
+        if part("scale") {
+            scale::run(&setup.scale).await;
+        }
     });
 }
 

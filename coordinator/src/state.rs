@@ -3,7 +3,7 @@
 //! [`State::apply`]. It does no I/O and reads no clock, so every replica that
 //! applies the same commands ends in the same state.
 
-use std::collections::BTreeMap;
+use imbl::OrdMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -276,16 +276,19 @@ pub enum Rejection {
     Invalid(String),
 }
 
+/// The replicated state. Its maps are persistent (`imbl::OrdMap`): a clone
+/// shares every node, so publishing the state after each applied batch
+/// costs O(1), not O(workers), and an update copies only its path.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {
     pub next_job_seq: u64,
     pub next_worker_seq: u64,
-    pub jobs: BTreeMap<JobId, Job>,
-    pub workers: BTreeMap<WorkerId, Worker>,
+    pub jobs: OrdMap<JobId, Job>,
+    pub workers: OrdMap<WorkerId, Worker>,
     pub max_restarts: u32,
     /// Client submission ids -> the job each created.
     #[serde(default)]
-    pub submissions: BTreeMap<String, JobId>,
+    pub submissions: OrdMap<String, JobId>,
 }
 
 impl State {
@@ -554,19 +557,23 @@ impl State {
         if let Some(j) = self.jobs.get_mut(job) {
             j.plan = None;
         }
-        for w in self.workers.values_mut() {
-            if w.job.as_deref() == Some(job) {
+        self.unassign(job);
+    }
+
+    /// Takes every worker off `job`, touching only those on it (the maps
+    /// share their nodes with published states: a write copies its path).
+    fn unassign(&mut self, job: &str) {
+        let on_job: Vec<WorkerId> =
+            self.workers.values().filter(|w| w.job.as_deref() == Some(job)).map(|w| w.id.clone()).collect();
+        for id in on_job {
+            if let Some(w) = self.workers.get_mut(&id) {
                 w.job = None;
             }
         }
     }
 
     fn start_generation(&mut self, job: &str, workers: Vec<WorkerId>, reason: String, at_ms: i64) -> Vec<Event> {
-        for w in self.workers.values_mut() {
-            if w.job.as_deref() == Some(job) {
-                w.job = None;
-            }
-        }
+        self.unassign(job);
         let ranks: Vec<RankSlot> = workers
             .iter()
             .filter_map(|id| self.workers.get(id))

@@ -29,11 +29,12 @@
 //!
 //! Files: `types` (type config, options), `db` (redb tables), `log_store`,
 //! `state_machine`, `network` (gRPC client), `service` (gRPC servers),
-//! `store` (the `MetaStore`).
+//! `proposer` (batches concurrent writes), `store` (the `MetaStore`).
 
 mod db;
 mod log_store;
 mod network;
+mod proposer;
 mod service;
 mod state_machine;
 mod store;

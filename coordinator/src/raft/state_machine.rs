@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::db::{decode, encode, Db, DbError, KEY_SNAPSHOT};
-use super::types::{ApplyResult, Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use super::types::{
+    ApplyResult, Entry, LogId, Proposal, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+};
 use crate::state::State;
 
 /// What a snapshot holds, as stored in redb.
@@ -100,7 +102,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok((self.applied.last_applied, self.applied.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ApplyResult>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<ApplyResult>>, StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -111,16 +113,19 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             // (a replay): answering it again must not change the state.
             if Some(entry.log_id) <= self.applied.last_applied {
                 tracing::warn!(log_id = %entry.log_id, "entry applied twice; skipped");
-                results.push(Ok(Vec::new()));
+                results.push(Vec::new());
                 continue;
             }
             self.applied.last_applied = Some(entry.log_id);
             let result = match entry.payload {
-                EntryPayload::Blank => Ok(Vec::new()),
-                EntryPayload::Normal(cmd) => self.applied.state.apply(cmd),
+                EntryPayload::Blank => Vec::new(),
+                EntryPayload::Normal(Proposal::One(cmd)) => vec![self.applied.state.apply(cmd)],
+                EntryPayload::Normal(Proposal::Batch(cmds)) => {
+                    cmds.into_iter().map(|cmd| self.applied.state.apply(cmd)).collect()
+                }
                 EntryPayload::Membership(m) => {
                     self.applied.membership = StoredMembership::new(Some(entry.log_id), m);
-                    Ok(Vec::new())
+                    Vec::new()
                 }
             };
             results.push(result);
@@ -173,7 +178,7 @@ mod tests {
     fn job(index: u64, name: &str) -> Entry<TypeConfig> {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(Command::SubmitJob {
+            payload: EntryPayload::Normal(Proposal::One(Command::SubmitJob {
                 name: name.into(),
                 spec_json: "{}".into(),
                 min_workers: 1,
@@ -184,7 +189,7 @@ mod tests {
                 output_root: "/tmp".into(),
                 submission_id: None,
                 at_ms: 0,
-            }),
+            })),
         }
     }
 
@@ -194,9 +199,9 @@ mod tests {
         let db = Db::open(dir.path()).await.unwrap();
         let mut sm = StateMachineStore::open(db.clone(), State::new(DEFAULT_MAX_RESTARTS)).await.unwrap();
         let first = sm.apply([job(1, "a"), job(2, "b")]).await.unwrap();
-        assert!(first.iter().all(|r| matches!(r, Ok(events) if events.len() == 1)), "{first:?}");
+        assert!(first.iter().all(|r| matches!(&r[..], [Ok(events)] if events.len() == 1)), "{first:?}");
         let replay = sm.apply([job(2, "b"), job(3, "c")]).await.unwrap();
-        assert_eq!(replay[0], Ok(Vec::new()));
+        assert_eq!(replay[0], Vec::new());
         let state = sm.watch().borrow().clone();
         assert_eq!(state.jobs.len(), 3);
         assert_eq!(state.jobs.values().filter(|j| j.name == "b").count(), 1);

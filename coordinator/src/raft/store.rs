@@ -17,6 +17,7 @@ use tonic::service::Routes;
 use super::db::Db;
 use super::log_store::LogStore;
 use super::network::GrpcNetwork;
+use super::proposer::Proposer;
 use super::service::{ClusterApi, RaftApi};
 use super::state_machine::StateMachineStore;
 use super::types::{NodeId, Raft, RaftOptions, TypeConfig};
@@ -53,6 +54,8 @@ struct Inner {
     id: NodeId,
     addr: String,
     raft: Raft,
+    /// Batches concurrent writes into one entry each.
+    proposer: Proposer,
     state: watch::Receiver<Arc<State>>,
     write_timeout: Duration,
     /// The database, to know when the node's tasks have let go of it.
@@ -115,7 +118,16 @@ impl RaftStore {
             raft.initialize(members).await.map_err(|e| OpenError::Start(format!("initialize cluster: {e}")))?;
         }
         tracing::info!(id = opts.id, addr = %opts.addr, pristine, "raft replica open");
-        let inner = Inner { id: opts.id, addr: opts.addr, raft, state, write_timeout: opts.write_timeout, db: weak_db };
+        let proposer = Proposer::start(raft.clone(), opts.write_timeout);
+        let inner = Inner {
+            id: opts.id,
+            addr: opts.addr,
+            raft,
+            proposer,
+            state,
+            write_timeout: opts.write_timeout,
+            db: weak_db,
+        };
         Ok(RaftStore { inner: Arc::new(inner) })
     }
 
@@ -144,6 +156,7 @@ impl RaftStore {
     /// Stops the Raft node and waits (up to a few seconds) until its tasks
     /// have closed the database, so that the data dir can be opened again.
     pub async fn shutdown(&self) {
+        self.inner.proposer.shutdown().await;
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!(error = %e, "raft node ended with an error");
         }
@@ -261,11 +274,12 @@ impl RaftStore {
 #[async_trait]
 impl MetaStore for RaftStore {
     async fn propose(&self, cmd: Command) -> Result<Vec<Event>, StoreError> {
-        let write = self.inner.raft.client_write(cmd);
+        let write = self.inner.proposer.propose(cmd);
         match tokio::time::timeout(self.inner.write_timeout, write).await {
             Err(_) => Err(self.no_quorum()),
-            Ok(Err(e)) => Err(self.write_error(e)),
-            Ok(Ok(response)) => response.data.map_err(StoreError::Rejected),
+            Ok(Err(_)) => Err(StoreError::Unavailable("raft stopped".into())),
+            Ok(Ok(Err(e))) => Err(self.write_error(e)),
+            Ok(Ok(Ok(result))) => result.map_err(StoreError::Rejected),
         }
     }
 

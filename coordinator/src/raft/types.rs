@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use openraft::{BasicNode, Config, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
 
 use crate::state::{Command, Event, Rejection, State, DEFAULT_MAX_RESTARTS};
 
@@ -17,12 +18,23 @@ pub type NodeId = u64;
 /// or its refusal. Blank and membership entries answer `Ok(vec![])`.
 pub type ApplyResult = Result<Vec<Event>, Rejection>;
 
+/// What one log entry proposes: one command, or several proposed together
+/// (applied in order, each answered on its own). A lone command is stored
+/// as a bare `Command`, as before batching.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Proposal {
+    One(Command),
+    Batch(Vec<Command>),
+}
+
 openraft::declare_raft_types!(
-    /// The meta store's Raft: `Command`s in, `ApplyResult`s out, replicas
-    /// named by `u64` and reached at `BasicNode { addr: "http://host:port" }`.
+    /// The meta store's Raft: `Proposal`s in, one `ApplyResult` per command
+    /// out, replicas named by `u64` and reached at
+    /// `BasicNode { addr: "http://host:port" }`.
     pub TypeConfig:
-        D = Command,
-        R = ApplyResult,
+        D = Proposal,
+        R = Vec<ApplyResult>,
         NodeId = NodeId,
         Node = BasicNode,
         SnapshotData = Cursor<Vec<u8>>,
@@ -112,5 +124,24 @@ impl RaftOptions {
         }
         .validate()
         .map_err(Box::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn register(i: u64) -> Command {
+        Command::RegisterWorker { data_addr: format!("10.0.0.{i}:7000"), hostname: format!("h{i}"), at_ms: 0 }
+    }
+
+    #[test]
+    fn a_lone_command_is_stored_as_before_batching_and_a_batch_reads_back() {
+        let bare = serde_json::to_vec(&register(1)).unwrap();
+        assert_eq!(serde_json::to_vec(&Proposal::One(register(1))).unwrap(), bare);
+        assert_eq!(serde_json::from_slice::<Proposal>(&bare).unwrap(), Proposal::One(register(1)));
+        let batch = Proposal::Batch(vec![register(1), register(2)]);
+        let bytes = serde_json::to_vec(&batch).unwrap();
+        assert_eq!(serde_json::from_slice::<Proposal>(&bytes).unwrap(), batch);
     }
 }
