@@ -32,7 +32,12 @@ fn all_reduce_and_broadcast_cuda_tensors_across_every_gpu() {
             "name: nccl\nmodel: {{kind: mlp, layers: [2, 2]}}\ndata: {{kind: synthetic}}\n\
              train: {{steps: 1, global_batch: {gpus}}}\nworkers: {{min: {gpus}, max: {gpus}}}\n"
         );
-        let req = pb::SubmitJobRequest { spec_yaml: yaml, origin: "nccl.yaml".into(), base_dir: "/tmp".into() };
+        let req = pb::SubmitJobRequest {
+            spec_yaml: yaml,
+            origin: "nccl.yaml".into(),
+            base_dir: "/tmp".into(),
+            ..Default::default()
+        };
         let job = jobs.submit_job(req).await.unwrap().into_inner().job_id;
         for i in 0..gpus {
             let req = pb::RegisterRequest {
