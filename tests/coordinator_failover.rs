@@ -94,6 +94,22 @@ async fn wait_job(
     }
 }
 
+/// Two workers following the replicas in `list`, and the job submitted
+/// through them; returns the workers and the job's id.
+fn start_job(dir: &std::path::Path, list: &str) -> (Vec<Proc>, String) {
+    let workers = vec![worker(dir, list, "worker-a"), worker(dir, list, "worker-b")];
+    let job_path = job_file(dir, "job", JOB);
+    let out = flotilla(dir, &["submit", job_path.to_str().unwrap(), "--coordinator", list]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (workers, String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Waits until the job has committed two checkpoints and passed step 25.
+async fn past_two_checkpoints(addrs: &[String], id: &str) -> pb::JobStatus {
+    wait_job(addrs, id, Duration::from_secs(90), "a committed checkpoint", |s| s.checkpoints.len() >= 2 && s.step >= 25)
+        .await
+}
+
 #[test]
 fn killing_the_leader_replica_costs_the_job_nothing() {
     let rt = runtime();
@@ -103,18 +119,10 @@ fn killing_the_leader_replica_costs_the_job_nothing() {
     let list = addrs.join(",");
     let mut replicas: Vec<Option<Proc>> = (1..=3).map(|id| Some(replica(dir.path(), id, &ports))).collect();
 
-    let _a = worker(dir.path(), &list, "worker-a");
-    let _b = worker(dir.path(), &list, "worker-b");
-    let job_path = job_file(dir.path(), "job", JOB);
-    let out = flotilla(dir.path(), &["submit", job_path.to_str().unwrap(), "--coordinator", &list]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (_workers, id) = start_job(dir.path(), &list);
 
     rt.block_on(async {
-        let before = wait_job(&addrs, &id, Duration::from_secs(90), "a committed checkpoint", |s| {
-            s.checkpoints.len() >= 2 && s.step >= 25
-        })
-        .await;
+        let before = past_two_checkpoints(&addrs, &id).await;
         assert!(before.step < 160, "the job ended before the fail-over; make it longer");
         assert_eq!(before.generations.len(), 1, "{before:#?}");
 
@@ -199,18 +207,10 @@ fn the_job_finishes_when_an_etcd_member_dies() {
     let list = addrs.join(",");
     let _replicas: Vec<Proc> = (0..2).map(|i| etcd_replica(dir.path(), i, ports[i], &endpoints)).collect();
 
-    let _a = worker(dir.path(), &list, "worker-a");
-    let _b = worker(dir.path(), &list, "worker-b");
-    let job_path = job_file(dir.path(), "job", JOB);
-    let out = flotilla(dir.path(), &["submit", job_path.to_str().unwrap(), "--coordinator", &list]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (_workers, id) = start_job(dir.path(), &list);
 
     rt.block_on(async {
-        let before = wait_job(&addrs, &id, Duration::from_secs(90), "a committed checkpoint", |s| {
-            s.checkpoints.len() >= 2 && s.step >= 25
-        })
-        .await;
+        let before = past_two_checkpoints(&addrs, &id).await;
         assert!(before.step < 160, "the job ended before the kill; make it longer");
         eprintln!("killing etcd member 1 of 3 at step {}", before.step);
         etcd.kill(0);

@@ -1,7 +1,7 @@
-use std::sync::Arc;
-use std::time::Instant;
 use flotilla_trainer::checkpoint::{self, Layout, Snapshot};
 use flotilla_trainer::storage::Storage;
+use std::sync::Arc;
+use std::time::Instant;
 fn main() {
     let numel: usize = 24 << 20;
     let layout = Layout::new(vec![("w".into(), vec![numel / 1024, 1024])]);
@@ -19,7 +19,9 @@ fn main() {
         {
             use std::io::Write;
             let mut f = std::fs::File::create(&path).unwrap();
-            for p in &pieces { f.write_all(p).unwrap(); }
+            for p in &pieces {
+                f.write_all(p).unwrap();
+            }
             let w = t.elapsed();
             f.sync_data().unwrap();
             println!("round {round}: crc {:?} write {:?} fsync {:?} ({} bytes)", crc, w, t.elapsed() - w, entry.bytes);
