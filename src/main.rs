@@ -113,6 +113,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
                     id: a.id,
                     data_dir: a.data_dir,
                     peers: a.peers,
+                    join: a.join,
                     etcd: a.etcd,
                     memory: a.memory,
                 };

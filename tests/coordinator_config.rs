@@ -76,3 +76,42 @@ fn a_config_file_starts_a_raft_replica_that_keeps_its_jobs_across_a_restart() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("leader: 7") && text.contains("voter"), "{text}");
 }
+
+/// A second replica started with `--join` becomes a voter through
+/// `flotilla coordinator add`, and leaves through `remove`.
+#[test]
+fn a_joining_replica_is_added_and_removed_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = |id: &str, extra: &[&str]| {
+        let mut child = Command::new(bin())
+            .args(["coordinator", "--listen", "127.0.0.1:0", "--id", id])
+            .args(["--data-dir", dir.path().join(format!("r{id}")).to_str().unwrap()])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let url = format!("http://{}", line.trim().strip_prefix("coordinator listening on ").unwrap());
+        (Proc { child, log: dir.path().join("none.log") }, url)
+    };
+    let (_one, first) = start("1", &[]);
+    let (_two, second) = start("2", &["--join"]);
+    let list = format!("{first},{second}");
+    let members = |args: &[&str]| {
+        let out = flotilla(dir.path(), &[&["coordinator"], args, &["--coordinator", &list]].concat());
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let voters = |text: &str| text.lines().filter(|l| l.contains(" voter ")).count();
+    assert_eq!(voters(&members(&["members"])), 1, "the joining replica founded no cluster of its own");
+    let text = members(&["add", "2", &second]);
+    assert_eq!(voters(&text), 2, "{text}");
+    assert!(text.contains("leader: 1"), "{text}");
+    let text = members(&["remove", "2"]);
+    assert_eq!(voters(&text), 1, "{text}");
+    // Clients given both addresses still find the leader.
+    let out = flotilla(dir.path(), &["status", "--coordinator", &list]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

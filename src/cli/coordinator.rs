@@ -70,6 +70,10 @@ pub struct RaftFile {
     /// changes go through `flotilla coordinator add/remove`.
     #[serde(default)]
     pub peers: BTreeMap<u64, String>,
+    /// Start without a cluster and wait to be added to one with
+    /// `flotilla coordinator add` (only on a new data directory).
+    #[serde(default)]
+    pub join: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +99,7 @@ pub struct Overrides {
     pub id: Option<u64>,
     pub data_dir: Option<PathBuf>,
     pub peers: Vec<(u64, String)>,
+    pub join: bool,
     pub etcd: Option<String>,
     pub memory: bool,
 }
@@ -126,13 +131,14 @@ pub fn load(file: Option<&Path>, o: Overrides) -> Result<(CoordinatorFile, PathB
         cfg.store.etcd = Some(EtcdFile { endpoints, prefix });
     }
     cfg.store.memory |= o.memory;
-    if o.id.is_some() || o.data_dir.is_some() || !o.peers.is_empty() {
+    if o.id.is_some() || o.data_dir.is_some() || !o.peers.is_empty() || o.join {
         let raft = cfg.store.raft.get_or_insert_with(RaftFile::default);
         raft.id = o.id.or(raft.id);
         raft.data_dir = o.data_dir.or(raft.data_dir.take());
         if !o.peers.is_empty() {
             raft.peers = o.peers.into_iter().map(|(id, url)| (id, url_of(&url))).collect();
         }
+        raft.join |= o.join;
     }
     let chosen = [cfg.store.raft.is_some(), cfg.store.etcd.is_some(), cfg.store.memory];
     if chosen.iter().filter(|c| **c).count() > 1 {
@@ -151,11 +157,17 @@ pub fn load(file: Option<&Path>, o: Overrides) -> Result<(CoordinatorFile, PathB
         if id == 0 {
             return Err(format!("{origin}: store.raft.id: replica ids start at 1"));
         }
+        if raft.join && !raft.peers.is_empty() {
+            return Err(format!(
+                "{origin}: store.raft.join: a joining replica has no initial peers; it is added with \
+                 `flotilla coordinator add`"
+            ));
+        }
         if !raft.peers.is_empty() && !raft.peers.contains_key(&id) {
             let ids: Vec<String> = raft.peers.keys().map(u64::to_string).collect();
             return Err(format!(
                 "{origin}: store.raft.peers: this replica's id {id} is not among the peers ({}); a replica that \
-                 joins later starts with no peers and is added with `flotilla coordinator add`",
+                 joins later starts with `join: true` (`--join`) and is added with `flotilla coordinator add`",
                 ids.join(", ")
             ));
         }
@@ -208,7 +220,7 @@ pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) 
         let id = raft.id.unwrap_or(1);
         let data_dir = base.join(raft.data_dir.unwrap_or_else(|| PathBuf::from("flotilla-coordinator")));
         let mut peers = raft.peers;
-        if peers.is_empty() {
+        if peers.is_empty() && !raft.join {
             peers.insert(id, advertise.clone());
         }
         let mut opts = RaftOptions::new(id, &data_dir, advertise.clone());

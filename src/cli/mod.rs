@@ -157,6 +157,10 @@ pub struct ServeArgs {
     /// included). Used only when the data directory is new.
     #[arg(long = "peer", value_parser = coordinator::parse_peer)]
     pub peers: Vec<(u64, String)>,
+    /// Raft: start outside any cluster and wait to be added to one with
+    /// `flotilla coordinator add` (a new data directory only).
+    #[arg(long)]
+    pub join: bool,
     /// Keep the log in an existing etcd cluster instead: its endpoints,
     /// comma-separated.
     #[arg(long)]
@@ -173,7 +177,7 @@ pub enum AdminCommand {
         #[command(flatten)]
         coordinator: CoordinatorArg,
     },
-    /// Add a replica: started beforehand with `--id ID` and no `--peer`, it
+    /// Add a replica: started beforehand with `--id ID --join`, it
     /// first catches up as a learner, then becomes a voter.
     Add {
         id: u64,
