@@ -129,6 +129,10 @@ impl Snapshot {
     /// on two threads: the train thread and one more, each taking half of
     /// every array (memory bandwidth, not arithmetic, is the limit).
     pub fn fill(&mut self, step: u64, optimizer_step: u64, params: &[f32], m: &[f32], v: &[f32]) {
+        self.fill_on(step, optimizer_step, params, m, v, true)
+    }
+
+    fn fill_on(&mut self, step: u64, optimizer_step: u64, params: &[f32], m: &[f32], v: &[f32], two_threads: bool) {
         self.step = step;
         self.optimizer_step = optimizer_step;
         let mut halves: [Vec<(&mut [f32], &[f32])>; 2] = [Vec::new(), Vec::new()];
@@ -142,7 +146,7 @@ impl Snapshot {
         }
         let [mine, theirs] = halves;
         let copy = |pairs: Vec<(&mut [f32], &[f32])>| pairs.into_iter().for_each(|(d, s)| d.copy_from_slice(s));
-        if params.len() < 1 << 16 {
+        if !two_threads || params.len() < 1 << 16 {
             // Small states: a thread costs more than it saves.
             copy(mine);
             copy(theirs);
@@ -152,6 +156,70 @@ impl Snapshot {
             scope.spawn(|| copy(theirs));
             copy(mine);
         });
+    }
+}
+
+/// A copy of the state into a snapshot that runs on its own thread while
+/// training goes on, for as long as training only reads the state (the
+/// next step's forward and backward passes); [`BackgroundCopy::finish`]
+/// waits for it before anything writes to the state again.
+pub struct BackgroundCopy {
+    handle: Option<std::thread::JoinHandle<Snapshot>>,
+    started: std::time::Instant,
+    spawn: std::time::Duration,
+}
+
+/// The state's memory, lent to the copying thread.
+struct Lent(*const f32, usize);
+// SAFETY: the memory is only read, and `BackgroundCopy`'s contract keeps it
+// alive and unwritten until the copying thread has been joined.
+unsafe impl Send for Lent {}
+
+impl BackgroundCopy {
+    /// Starts copying `params`, `m` and `v` into `snap`.
+    ///
+    /// # Safety
+    /// Until [`BackgroundCopy::finish`] returns or the value is dropped (both
+    /// join the copying thread), nothing may write to or free the memory of
+    /// `params`, `m` and `v`.
+    pub unsafe fn start(
+        mut snap: Snapshot,
+        step: u64,
+        optimizer_step: u64,
+        params: &[f32],
+        m: &[f32],
+        v: &[f32],
+    ) -> BackgroundCopy {
+        let started = std::time::Instant::now();
+        let lent = [params, m, v].map(|s| Lent(s.as_ptr(), s.len()));
+        let handle = std::thread::Builder::new()
+            .name("checkpoint-copy".into())
+            .spawn(move || {
+                let lent = lent;
+                // SAFETY: see `start`'s contract.
+                let [p, m, v] = lent.each_ref().map(|l| unsafe { std::slice::from_raw_parts(l.0, l.1) });
+                // One thread: the other core is training.
+                snap.fill_on(step, optimizer_step, p, m, v, false);
+                snap
+            })
+            .expect("spawn the checkpoint copy thread");
+        BackgroundCopy { handle: Some(handle), started, spawn: started.elapsed() }
+    }
+
+    /// Waits for the copy. Returns the snapshot, when the copy started, and
+    /// how long training waited for it (starting it and this wait).
+    pub fn finish(mut self) -> (Snapshot, std::time::Instant, std::time::Duration) {
+        let t = std::time::Instant::now();
+        let snap = self.handle.take().expect("joined once").join().expect("the checkpoint copy thread panicked");
+        (snap, self.started, self.spawn + t.elapsed())
+    }
+}
+
+impl Drop for BackgroundCopy {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
     }
 }
 

@@ -70,6 +70,20 @@ impl Saver {
     /// Starts saving `snap`, copied at `since`: this rank's shard is written
     /// from the snapshot's memory in the background.
     pub fn start(&mut self, a: &Assignment, out: &Storage, layout: &Layout, snap: Snapshot, since: Instant) {
+        self.start_blocked(a, out, layout, snap, since, since.elapsed())
+    }
+
+    /// [`Saver::start`] for a snapshot whose copy began at `since` and kept
+    /// training waiting for `blocked` in all.
+    pub fn start_blocked(
+        &mut self,
+        a: &Assignment,
+        out: &Storage,
+        layout: &Layout,
+        snap: Snapshot,
+        since: Instant,
+        blocked: Duration,
+    ) {
         assert!(self.pending.is_none(), "finish the pending checkpoint first");
         let (step, optimizer_step) = (snap.step, snap.optimizer_step);
         let dir = out.child(&checkpoint::step_name(step));
@@ -90,7 +104,7 @@ impl Saver {
             }
             *slot.lock().expect("saver lock") = Some(outcome);
         });
-        self.pending = Some(Pending { step, optimizer_step, dir, started: since, blocked: since.elapsed(), result });
+        self.pending = Some(Pending { step, optimizer_step, dir, started: since, blocked, result });
     }
 
     /// Finishes the pending checkpoint. Every rank must call this at the

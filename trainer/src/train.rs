@@ -13,7 +13,7 @@ use flotilla_jobspec::JobSpec;
 use tch::Tensor;
 
 use crate::buckets::{self, CommThread};
-use crate::checkpoint::{self, Layout};
+use crate::checkpoint::{self, BackgroundCopy, Layout};
 use crate::data::Dataset;
 use crate::model::Model;
 use crate::optim::{self, AdamW};
@@ -232,6 +232,10 @@ pub fn run(
     let global = train.global_batch as f64;
     let mut seen_request = a.checkpoint_request.load(Ordering::Relaxed);
     let mut saver = Saver::default();
+    // A checkpoint's copy of the state, running beside the next forward and
+    // backward passes. Declared after the state it reads, so that an early
+    // return drops (joins) it first.
+    let mut copying: Option<BackgroundCopy> = None;
     let committed = |saved: Saved| TrainEvent::Checkpoint {
         step: saved.step,
         location: saved.location,
@@ -276,6 +280,11 @@ pub fn run(
         let t_pull = t0.elapsed();
         // Without clipping, each bucket is applied as soon as it is reduced;
         // with clipping, the norm is summed as they arrive and applied after.
+        // The optimizer writes the state next: the copy must be done.
+        if let Some(copy) = copying.take() {
+            let (snap, since, blocked) = copy.finish();
+            saver.start_blocked(a, &out, &params.layout, snap, since, blocked);
+        }
         adam.begin();
         let mut reduced = Vec::with_capacity(ranges.len());
         let mut squares = 0f64;
@@ -339,10 +348,18 @@ pub fn run(
             if let Some(saved) = saver.finish(a, &comm, &params.layout)? {
                 emit(committed(saved));
             }
-            let t0 = Instant::now();
-            let mut snap = saver.buffers();
-            snap.fill(done, adam.step, &params.flat, &adam.m, &adam.v);
-            saver.start(a, &out, &params.layout, snap, t0);
+            // SAFETY: nothing writes to the flat parameters or the moments
+            // before the copy is finished: the next write is the optimizer's,
+            // after `copying.take()` above; an early return drops `copying`
+            // (joining the thread) before the state.
+            let copy =
+                unsafe { BackgroundCopy::start(saver.buffers(), done, adam.step, &params.flat, &adam.m, &adam.v) };
+            if !requested {
+                copying = Some(copy);
+            } else {
+                let (snap, since, blocked) = copy.finish();
+                saver.start_blocked(a, &out, &params.layout, snap, since, blocked);
+            }
             if requested {
                 // A worker is leaving: this one is finished at once, and the
                 // coordinator starts a new generation from it as soon as it
