@@ -4,8 +4,7 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use support::*;
 
@@ -44,18 +43,7 @@ fn a_config_file_starts_a_raft_replica_that_keeps_its_jobs_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.yaml");
     std::fs::write(&path, "listen: 127.0.0.1:0\nstore:\n  raft:\n    id: 7\n    data_dir: log\n").unwrap();
-    let start = || {
-        let mut child = Command::new(bin())
-            .args(["coordinator", "--config", path.to_str().unwrap()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let url = format!("http://{}", line.trim().strip_prefix("coordinator listening on ").unwrap());
-        (Proc { child, log: dir.path().join("none.log") }, url)
-    };
+    let start = || spawn_coordinator(&dir.path().join("coordinator.log"), &["--config", path.to_str().unwrap()]);
     let (mut first, url) = start();
     // data_dir is relative to the configuration file.
     assert!(dir.path().join("log").is_dir());
@@ -83,18 +71,9 @@ fn a_config_file_starts_a_raft_replica_that_keeps_its_jobs_across_a_restart() {
 fn a_joining_replica_is_added_and_removed_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let start = |id: &str, extra: &[&str]| {
-        let mut child = Command::new(bin())
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--id", id])
-            .args(["--data-dir", dir.path().join(format!("r{id}")).to_str().unwrap()])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let url = format!("http://{}", line.trim().strip_prefix("coordinator listening on ").unwrap());
-        (Proc { child, log: dir.path().join("none.log") }, url)
+        let data = dir.path().join(format!("r{id}"));
+        let args = [&["--listen", "127.0.0.1:0", "--id", id, "--data-dir", data.to_str().unwrap()][..], extra].concat();
+        spawn_coordinator(&dir.path().join(format!("coordinator-{id}.log")), &args)
     };
     let (_one, first) = start("1", &[]);
     let (_two, second) = start("2", &["--join"]);

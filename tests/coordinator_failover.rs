@@ -10,7 +10,6 @@
 mod etcd;
 mod support;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flotilla::proto::leader;
@@ -41,17 +40,20 @@ fn free_ports(n: usize) -> Vec<u16> {
 
 /// Starts replica `id` of the cluster whose replicas listen on `ports`.
 fn replica(dir: &std::path::Path, id: usize, ports: &[u16]) -> Proc {
-    let log = dir.join(format!("coordinator-{id}.log"));
-    let mut cmd = Command::new(bin());
-    cmd.args(["coordinator", "--listen", &format!("127.0.0.1:{}", ports[id - 1])])
-        .args(["--id", &id.to_string(), "--data-dir", dir.join(format!("replica-{id}")).to_str().unwrap()])
-        .args(["--lease-ms", "1500", "--heartbeat-ms", "200", "--start-grace-ms", "300"]);
+    let (listen, id_arg) = (format!("127.0.0.1:{}", ports[id - 1]), id.to_string());
+    let data = dir.join(format!("replica-{id}"));
+    let mut args = vec!["--listen".to_string(), listen, "--id".into(), id_arg, "--data-dir".into()];
+    args.push(data.to_str().unwrap().into());
+    args.extend(TIMINGS.map(String::from));
     for (i, port) in ports.iter().enumerate() {
-        cmd.args(["--peer", &format!("{}=http://127.0.0.1:{port}", i + 1)]);
+        args.extend(["--peer".to_string(), format!("{}=http://127.0.0.1:{port}", i + 1)]);
     }
-    let child = cmd.stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
-    Proc { child, log }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    spawn_coordinator(&dir.join(format!("coordinator-{id}.log")), &args).0
 }
+
+/// Short leases and grace periods, as the other real-process tests use.
+const TIMINGS: [&str; 6] = ["--lease-ms", "1500", "--heartbeat-ms", "200", "--start-grace-ms", "300"];
 
 /// The leader's client, found among `addrs` (waits through an election).
 async fn leader_client(addrs: &[String]) -> (String, JobServiceClient<tonic::transport::Channel>) {
@@ -185,15 +187,9 @@ fn caught_up(members: &str, id: usize) -> bool {
 
 /// Starts a coordinator replica on the etcd cluster at `endpoints`.
 fn etcd_replica(dir: &std::path::Path, i: usize, port: u16, endpoints: &str) -> Proc {
-    let log = dir.join(format!("coordinator-etcd-{i}.log"));
-    let child = Command::new(bin())
-        .args(["coordinator", "--listen", &format!("127.0.0.1:{port}"), "--etcd", endpoints])
-        .args(["--lease-ms", "1500", "--heartbeat-ms", "200", "--start-grace-ms", "300"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    Proc { child, log }
+    let listen = format!("127.0.0.1:{port}");
+    let args = [&["--listen", listen.as_str(), "--etcd", endpoints][..], &TIMINGS[..]].concat();
+    spawn_coordinator(&dir.join(format!("coordinator-etcd-{i}.log")), &args).0
 }
 
 #[test]

@@ -57,10 +57,17 @@ pub fn coordinator(dir: &Path) -> (Proc, String) {
 /// Starts `flotilla coordinator` on a free loopback port with `args` (none:
 /// the defaults); returns it and its URL.
 pub fn coordinator_with(dir: &Path, args: &[&str]) -> (Proc, String) {
-    let log = dir.join("coordinator.log");
+    let data = dir.join("coordinator-data");
+    let base = ["--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()];
+    spawn_coordinator(&dir.join("coordinator.log"), &[&base[..], args].concat())
+}
+
+/// Starts `flotilla coordinator ARGS`, logging to `log`; returns it and the
+/// URL from the first line it prints.
+pub fn spawn_coordinator(log: &Path, args: &[&str]) -> (Proc, String) {
+    let log = log.to_path_buf();
     let mut child = Command::new(bin())
-        .args(["coordinator", "--listen", "127.0.0.1:0"])
-        .args(["--data-dir", dir.join("coordinator-data").to_str().unwrap()])
+        .arg("coordinator")
         .args(args)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
