@@ -27,9 +27,13 @@ mod validate;
 
 pub use error::SpecError;
 pub use spec::{
-    AdamWSpec, CheckpointSpec, DataSpec, DpSize, GptSpec, JobSpec, MlpSpec, ModelSpec, ParallelismSpec, ScheduleSpec,
-    TokenDtype, TrainSpec, WorkersSpec,
+    AdamWSpec, CheckpointSpec, DataSpec, DpSize, GptSpec, JobSpec, MlpSpec, ModelSpec, ParallelismSpec, RegistryKind,
+    RegistrySpec, ScheduleSpec, TokenDtype, TrainSpec, WorkersSpec,
 };
+
+/// Checks a registered model name and an alias as `registry.model` and
+/// `registry.alias` are checked; the message says what is allowed.
+pub use validate::registry::{alias as check_alias, model_name as check_model_name};
 
 use serde::de::DeserializeOwned;
 

@@ -91,16 +91,23 @@ impl JobSpec {
                 *path = absolutize(base, path);
             }
         }
-        let url = &mut self.checkpoint.url;
-        let resolved = match classify_checkpoint_url(url) {
-            Ok(CheckpointTarget::Path(p)) => absolutize(base, p),
-            Ok(CheckpointTarget::FileUrl(p)) => absolutize(Path::new("/"), p),
-            Ok(CheckpointTarget::ObjectStore) => url.trim_end_matches('/').to_string(),
-            // Only reachable for a spec that skipped validation; leave it be.
-            Err(_) => return,
-        };
-        *url = resolved;
+        resolve_location(&mut self.checkpoint.url, base);
+        if let Some(r) = self.registry.as_mut().filter(|r| r.kind == crate::RegistryKind::Builtin) {
+            resolve_location(&mut r.url, base);
+        }
     }
+}
+
+/// A path or `file://` URL made absolute, an object-store URL trimmed.
+fn resolve_location(url: &mut String, base: &Path) {
+    let resolved = match classify_checkpoint_url(url) {
+        Ok(CheckpointTarget::Path(p)) => absolutize(base, p),
+        Ok(CheckpointTarget::FileUrl(p)) => absolutize(Path::new("/"), p),
+        Ok(CheckpointTarget::ObjectStore) => url.trim_end_matches('/').to_string(),
+        // Only reachable for a spec that skipped validation; leave it be.
+        Err(_) => return,
+    };
+    *url = resolved;
 }
 
 #[cfg(test)]

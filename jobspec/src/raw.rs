@@ -30,6 +30,7 @@ pub(crate) struct RawJob {
     pub parallelism: Option<S<RawParallelism>>,
     pub workers: Option<S<RawWorkers>>,
     pub checkpoint: Option<S<RawCheckpoint>>,
+    pub registry: Option<S<RawRegistry>>,
 }
 
 /// Reads only `version`, whatever else the file holds, so that a file of
@@ -158,6 +159,24 @@ pub(crate) struct RawCheckpoint {
     pub url: Option<S<String>>,
     pub every: Option<S<u64>>,
     pub keep: Option<S<usize>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RegistryKind {
+    Mlflow,
+    Builtin,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRegistry {
+    pub kind: S<RegistryKind>,
+    pub url: Option<S<String>>,
+    pub model: Option<S<String>>,
+    pub experiment: Option<S<String>>,
+    pub alias: Option<S<String>>,
+    pub tags: Option<S<std::collections::BTreeMap<String, S<String>>>>,
 }
 
 impl<'de> Deserialize<'de> for Layers {

@@ -17,6 +17,10 @@ pub struct JobSpec {
     pub parallelism: ParallelismSpec,
     pub workers: WorkersSpec,
     pub checkpoint: CheckpointSpec,
+    /// Where the finished model is handed over; none: it stays in the
+    /// job's output folder only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<RegistrySpec>,
 }
 
 /// The model to train, chosen by `model.kind`.
@@ -176,6 +180,35 @@ pub struct CheckpointSpec {
     pub every: u64,
     /// Periodic checkpoints kept, >= 1 (older ones are deleted).
     pub keep: usize,
+}
+
+/// The model registry a finished job hands its model to.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct RegistrySpec {
+    pub kind: RegistryKind,
+    /// MLflow: the tracking server's `http(s)://` URL. Built-in: where the
+    /// registry lives (after [`JobSpec::resolve_paths`], an absolute path
+    /// or an object-store URL).
+    pub url: String,
+    /// The registered model's name (default: the job's name).
+    pub model: String,
+    /// MLflow: the experiment the job's run is logged in (default: the
+    /// job's name). Empty for the built-in registry.
+    #[serde(default)]
+    pub experiment: String,
+    /// An alias moved to each new version (e.g. `candidate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    /// Tags set on the registered version (and the MLflow run).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tags: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistryKind {
+    Mlflow,
+    Builtin,
 }
 
 impl JobSpec {

@@ -281,3 +281,58 @@ fn number_forms() {
     let e = err(&MINIMAL.replace("  steps: 10\n", "  steps: 1e3\n"));
     assert_eq!(e.path, "train.steps", "{e}");
 }
+
+#[test]
+fn registry_defaults_and_paths() {
+    assert_eq!(ok(MINIMAL).registry, None);
+    let spec = ok(&with("registry:\n  kind: mlflow\n  url: http://127.0.0.1:5000\n  alias: candidate\n  tags: {team: vision}\n"));
+    let r = spec.registry.as_ref().unwrap();
+    assert_eq!((r.kind, r.model.as_str(), r.experiment.as_str()), (RegistryKind::Mlflow, "tiny", "tiny"));
+    assert_eq!(r.alias.as_deref(), Some("candidate"));
+    assert_eq!(r.tags.get("team").map(String::as_str), Some("vision"));
+    assert_eq!(JobSpec::from_json(&spec.to_json()).unwrap(), spec);
+
+    let mut spec = ok(&with("registry: {kind: builtin, url: models, model: Digits.v2}\n"));
+    spec.resolve_paths(Path::new("/jobs"));
+    let r = spec.registry.unwrap();
+    assert_eq!((r.url.as_str(), r.model.as_str(), r.experiment.as_str()), ("/jobs/models", "Digits.v2", ""));
+    let mut spec = ok(&with("registry: {kind: builtin, url: 's3://bucket/models/'}\n"));
+    spec.resolve_paths(Path::new("/jobs"));
+    assert_eq!(spec.registry.unwrap().url, "s3://bucket/models");
+}
+
+#[test]
+fn registry_errors_name_the_field_and_the_place() {
+    let line = MINIMAL.lines().count() as u64 + 1;
+    let cases: Vec<(&str, &str, &str, u64, u64)> = vec![
+        ("registry: {kind: mlflow}\n", "registry", "missing field `url`", line, 1),
+        ("registry: {kind: wandb, url: x}\n", "registry.kind", "wandb", line, 18),
+        ("registry: {kind: mlflow, url: 's3://b/m'}\n", "registry.url", "http://host:port", line, 31),
+        ("registry: {kind: builtin, url: 'ftp://x/y'}\n", "registry.url", "unsupported URL scheme", line, 32),
+        ("registry: {kind: builtin, url: m, model: 'a/b'}\n", "registry.model", "model name", line, 42),
+        ("registry: {kind: builtin, url: m, experiment: e}\n", "registry.experiment", "only an MLflow", line, 47),
+        ("registry: {kind: builtin, url: m, alias: v3}\n", "registry.alias", "reserved", line, 42),
+        ("registry: {kind: builtin, url: m, alias: Prod}\n", "registry.alias", "lowercase", line, 42),
+        ("registry: {kind: builtin, url: m, tags: {flotilla.job: x}}\n", "registry.tags.flotilla.job", "set by flotilla", line, 56),
+        ("registry: {kind: builtin, url: m, color: red}\n", "registry.color", "unknown field", line, 35),
+    ];
+    let mut failures = Vec::new();
+    for (extra, path, message, line, column) in &cases {
+        let e = err(&with(extra));
+        let good = e.path == *path && e.message.contains(message) && (e.line, e.column) == (*line, *column);
+        if !good {
+            failures.push(format!("expected {line}:{column}: {path}: …{message}…\n     got {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} cases differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
+}
+
+#[test]
+fn names_and_aliases() {
+    assert!(check_model_name("digits-mlp_1.0").is_ok());
+    assert!(check_model_name("-x").is_err() && check_model_name("").is_err() && check_model_name("a b").is_err());
+    assert!(check_alias("candidate").is_ok() && check_alias("champion-2").is_ok());
+    for bad in ["latest", "v12", "3", "Prod", ""] {
+        assert!(check_alias(bad).is_err(), "{bad}");
+    }
+}

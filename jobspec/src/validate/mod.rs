@@ -5,6 +5,7 @@
 //! result (`train` and `parallelism` need `workers`, `data` needs `model`).
 
 mod model;
+pub(crate) mod registry;
 mod train;
 
 use serde_saphyr::{Location, Spanned};
@@ -70,7 +71,8 @@ pub(crate) fn job(raw: RawJob, origin: &str, source: &str) -> Result<JobSpec, Sp
     let train = train::train(&cx, &raw.train, &workers)?;
     let parallelism = parallelism(&cx, raw.parallelism.as_ref(), &workers)?;
     let checkpoint = checkpoint(&cx, raw.checkpoint.as_ref(), train.steps)?;
-    Ok(JobSpec { name, model, data, train, parallelism, workers, checkpoint })
+    let registry = raw.registry.as_ref().map(|r| registry::registry(&cx, r, &name)).transpose()?;
+    Ok(JobSpec { name, model, data, train, parallelism, workers, checkpoint, registry })
 }
 
 /// Checks `version` (read before the rest of the file, see `crate::parse`).
