@@ -15,8 +15,9 @@ pub mod rendezvous;
 pub mod rng;
 pub mod sampler;
 pub mod saver;
-pub mod storage;
 pub mod train;
 
 pub use agent::{Agent, AgentConfig};
+/// Checkpoint and model storage (its own crate, shared with the coordinator).
+pub use flotilla_storage as storage;
 pub use train::TrainOptions;

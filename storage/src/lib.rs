@@ -4,12 +4,15 @@
 //! environment of each store (`AWS_ACCESS_KEY_ID`, `AWS_ENDPOINT`,
 //! `AWS_ALLOW_HTTP`, `GOOGLE_SERVICE_ACCOUNT`, `AZURE_STORAGE_ACCOUNT_NAME`, ...).
 //! Objects above the part size go up as multipart uploads.
+//! Shared by the workers (checkpoints, final models) and the coordinator
+//! (the registry hand-off reads the final model; the built-in registry
+//! lives in a folder of its own).
 
 use std::sync::Arc;
 
 use futures::TryStreamExt;
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
 
 /// Objects larger than this are uploaded in parts of this size.
 pub const DEFAULT_PART_BYTES: usize = 8 << 20;
@@ -191,6 +194,55 @@ impl Storage {
         Ok(r.bytes().await.map_err(self.err("read", name))?.to_vec())
     }
 
+    /// Writes `name` only if nothing is there yet: `Ok(false)` if it
+    /// exists. Atomic against concurrent writers on the local file system
+    /// (a hard link of a finished temporary file) and on stores with
+    /// conditional writes (S3's `If-None-Match`, GCS, Azure).
+    pub async fn put_new(&self, name: &str, bytes: Vec<u8>) -> Result<bool, StorageError> {
+        if self.local {
+            let path = std::path::PathBuf::from(format!("/{}", self.path(name)));
+            let location = format!("{}/{name}", self.url);
+            return tokio::task::spawn_blocking(move || create_file(&path, &bytes))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .map_err(|source| StorageError::Local { what: "create", location, source });
+        }
+        let opts = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+        match self.store.put_opts(&self.path(name), PutPayload::from(bytes), opts).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(self.err("create", name)(e)),
+        }
+    }
+
+    /// Deletes the object `name`; a missing one is not an error.
+    pub async fn delete(&self, name: &str) -> Result<(), StorageError> {
+        match self.store.delete(&self.path(name)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err("delete", name)(e)),
+        }
+    }
+
+    /// Every object under this folder, as (path relative to it, size),
+    /// sorted by path. Temporary files of unfinished local writes (names
+    /// starting with `.`) are left out.
+    pub async fn files(&self) -> Result<Vec<(String, u64)>, StorageError> {
+        let prefix = (!self.prefix.is_empty()).then(|| ObjPath::from(self.prefix.as_str()));
+        let objects: Vec<_> = match self.store.list(prefix.as_ref()).try_collect().await {
+            Ok(o) => o,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(self.err("list", "")(e)),
+        };
+        let skip = if self.prefix.is_empty() { 0 } else { self.prefix.len() + 1 };
+        let mut files: Vec<(String, u64)> = objects
+            .into_iter()
+            .filter(|o| !o.location.filename().is_some_and(|n| n.starts_with('.')))
+            .map(|o| (o.location.as_ref().get(skip..).unwrap_or("").to_string(), o.size))
+            .collect();
+        files.sort();
+        Ok(files)
+    }
+
     /// Names of the direct sub-folders.
     pub async fn folders(&self) -> Result<Vec<String>, StorageError> {
         let prefix = (!self.prefix.is_empty()).then(|| ObjPath::from(self.prefix.as_str()));
@@ -251,6 +303,37 @@ mod tests {
         assert!(s.get("nope").await.unwrap_err().is_not_found());
         assert!(Storage::open("relative/path").is_err());
         assert!(Storage::open("s3://").is_err());
+    }
+
+    #[tokio::test]
+    async fn put_new_writes_once_and_files_lists_everything_below() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Storage::open(tmp.path().to_str().unwrap()).unwrap();
+        assert!(s.put_new("m/claims/1", b"job-a".to_vec()).await.unwrap());
+        assert!(!s.put_new("m/claims/1", b"job-b".to_vec()).await.unwrap(), "the second writer loses");
+        assert_eq!(s.get("m/claims/1").await.unwrap(), b"job-a");
+        s.put("m/1/model.bin", vec![0; 7]).await.unwrap();
+        let files = s.child("m").files().await.unwrap();
+        assert_eq!(files, vec![("1/model.bin".to_string(), 7), ("claims/1".to_string(), 5)]);
+        s.delete("m/1/model.bin").await.unwrap();
+        s.delete("m/1/model.bin").await.unwrap();
+        assert_eq!(s.child("m").files().await.unwrap().len(), 1);
+        assert!(s.child("none").files().await.unwrap().is_empty());
+    }
+}
+
+/// Writes `bytes` to a temporary file and links it to `path` unless `path`
+/// exists: `Ok(false)` then. Readers see the whole file or none.
+fn create_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<bool> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("object");
+    let tmp = path.with_file_name(format!(".{name}.{}.new", std::process::id()));
+    write_file(&tmp, &[bytes::Bytes::copy_from_slice(bytes)])?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
