@@ -15,6 +15,8 @@ pub fn phase(p: JobPhase) -> pb::JobPhase {
         JobPhase::Succeeded => pb::JobPhase::Succeeded,
         JobPhase::Failed => pb::JobPhase::Failed,
         JobPhase::Cancelled => pb::JobPhase::Cancelled,
+        JobPhase::Registering => pb::JobPhase::Registering,
+        JobPhase::TrainedNotRegistered => pb::JobPhase::TrainedNotRegistered,
     }
 }
 
@@ -34,7 +36,8 @@ pub fn job_status(job: &Job, progress: Option<&Progress>) -> pb::JobStatus {
         Some(p) => (p.step, p.loss, if p.generation == job.generation { p.samples_per_sec } else { 0.0 }),
         None => (job.latest_checkpoint().map_or(0, |c| c.step), 0.0, 0.0),
     };
-    let step = if job.phase == JobPhase::Succeeded { job.total_steps } else { step };
+    let trained = job.final_model.is_some();
+    let step = if trained { job.total_steps } else { step };
     pb::JobStatus {
         job_id: job.id.clone(),
         name: job.name.clone(),
@@ -79,7 +82,28 @@ pub fn job_status(job: &Job, progress: Option<&Progress>) -> pb::JobStatus {
                     .collect()
             })
             .unwrap_or_default(),
+        registration: registration(job),
     }
+}
+
+/// The hand-off part of a job's status; `None` for a job without a registry.
+fn registration(job: &Job) -> Option<pb::Registration> {
+    if !job.registers {
+        return None;
+    }
+    let target = flotilla_jobspec::JobSpec::from_json(&job.spec_json).ok().and_then(|s| s.registry);
+    let handoff = job.handoff.clone().unwrap_or_default();
+    let done = handoff.registered.as_ref();
+    Some(pb::Registration {
+        registry: target.as_ref().map(|t| t.url.clone()).unwrap_or_default(),
+        model: done.map(|r| r.model.clone()).or(target.map(|t| t.model)).unwrap_or_default(),
+        version: done.map_or(0, |r| r.version),
+        uri: done.map(|r| r.uri.clone()).unwrap_or_default(),
+        run_id: done.map(|r| r.run_id.clone()).unwrap_or_default(),
+        attempts: handoff.attempts,
+        last_error: handoff.last_error,
+        tracking_run: job.tracking_run.clone().unwrap_or_default(),
+    })
 }
 
 /// The worker's assignment as the state says it now.

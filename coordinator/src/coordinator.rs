@@ -6,7 +6,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::watch;
+use flotilla_registry::{Registrar, Registries};
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::soft::Soft;
@@ -27,6 +28,14 @@ pub struct CoordinatorConfig {
     pub comm_grace: Duration,
     /// The driver's period.
     pub tick: Duration,
+    /// A failed registry hand-off is retried after this, doubled per
+    /// failure up to `handoff_retry_max`.
+    pub handoff_retry: Duration,
+    pub handoff_retry_max: Duration,
+    /// One hand-off attempt may take this long.
+    pub handoff_timeout: Duration,
+    /// How often training jobs' new metric points go to their tracking run.
+    pub track_every: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -37,6 +46,10 @@ impl Default for CoordinatorConfig {
             start_grace: Duration::from_secs(3),
             comm_grace: Duration::from_secs(8),
             tick: Duration::from_millis(100),
+            handoff_retry: Duration::from_secs(2),
+            handoff_retry_max: Duration::from_secs(60),
+            handoff_timeout: Duration::from_secs(30 * 60),
+            track_every: Duration::from_secs(2),
         }
     }
 }
@@ -50,6 +63,9 @@ pub struct Coordinator {
     pub(crate) leading: watch::Sender<bool>,
     pub(crate) cfg: CoordinatorConfig,
     pub(crate) shutdown: CancellationToken,
+    /// Wakes the registry driver (a job finished training, a retry by hand).
+    pub(crate) handoff_wake: Notify,
+    registrar: Mutex<Arc<dyn Registrar>>,
 }
 
 pub fn now_ms() -> i64 {
@@ -60,7 +76,25 @@ impl Coordinator {
     pub fn new(store: Arc<dyn MetaStore>, cfg: CoordinatorConfig, shutdown: CancellationToken) -> Arc<Self> {
         let (soft_version, _) = watch::channel(0);
         let (leading, _) = watch::channel(false);
-        Arc::new(Coordinator { store, soft: Mutex::new(Soft::default()), soft_version, leading, cfg, shutdown })
+        Arc::new(Coordinator {
+            store,
+            soft: Mutex::new(Soft::default()),
+            soft_version,
+            leading,
+            cfg,
+            shutdown,
+            handoff_wake: Notify::new(),
+            registrar: Mutex::new(Arc::new(Registries)),
+        })
+    }
+
+    /// Replaces the registrar (MLflow and the built-in registry by default).
+    pub fn set_registrar(&self, r: Arc<dyn Registrar>) {
+        *self.registrar.lock().expect("registrar lock") = r;
+    }
+
+    pub(crate) fn registrar(&self) -> Arc<dyn Registrar> {
+        self.registrar.lock().expect("registrar lock").clone()
     }
 
     pub fn state(&self) -> Arc<State> {
@@ -83,6 +117,10 @@ impl Coordinator {
                 }
                 Event::JobFailed { job, reason } => tracing::error!(job = %job, reason = %reason, "job failed"),
                 Event::JobSucceeded { job } => tracing::info!(job = %job, "job succeeded"),
+                Event::JobTrained { job } => {
+                    tracing::info!(job = %job, "job trained; handing the model to its registry");
+                    self.handoff_wake.notify_one();
+                }
                 Event::CheckpointCommitted { job, step } => tracing::info!(job = %job, step, "checkpoint committed"),
                 _ => {}
             }

@@ -71,6 +71,7 @@ pub async fn serve_with_routes(
     let addr = listener.local_addr()?;
     let coordinator = Coordinator::new(store, cfg, shutdown.clone());
     let driver = tokio::spawn(coordinator.clone().drive());
+    let registry = tokio::spawn(coordinator.clone().run_registry());
     let routes = extra
         .add_service(JobServiceServer::new(JobApi(coordinator.clone())))
         .add_service(WorkerServiceServer::new(WorkerApi(coordinator.clone())));
@@ -83,6 +84,7 @@ pub async fn serve_with_routes(
             .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), token.cancelled())
             .await;
         let _ = driver.await;
+        let _ = registry.await;
         result
     });
     tracing::info!(%addr, "coordinator listening");

@@ -102,6 +102,8 @@ impl JobService for JobApi {
             keep_checkpoints: spec.checkpoint.keep as u32,
             output_root: spec.checkpoint.url.clone(),
             submission_id: (!req.submission_id.is_empty()).then(|| req.submission_id.clone()),
+            registers: spec.registry.is_some(),
+            spec_yaml: req.spec_yaml,
             at_ms: now_ms(),
         };
         let events = self.0.propose(cmd).await.map_err(convert::status)?;
@@ -142,6 +144,14 @@ impl JobService for JobApi {
         lead(&self.0)?;
         let job = req.into_inner().job_id;
         self.0.propose(Command::CancelJob { job: job.clone(), at_ms: now_ms() }).await.map_err(convert::status)?;
+        Ok(Response::new(job_status(&self.0, &job)?))
+    }
+
+    async fn register_model(&self, req: Request<pb::RegisterModelRequest>) -> Result<Response<pb::JobStatus>, Status> {
+        lead(&self.0)?;
+        let job = req.into_inner().job_id;
+        self.0.propose(Command::RetryHandoff { job: job.clone(), at_ms: now_ms() }).await.map_err(convert::status)?;
+        self.0.handoff_wake.notify_one();
         Ok(Response::new(job_status(&self.0, &job)?))
     }
 

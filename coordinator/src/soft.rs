@@ -216,6 +216,8 @@ pub(crate) mod tests {
                 keep_checkpoints: 2,
                 output_root: "/runs".into(),
                 submission_id: None,
+                spec_yaml: String::new(),
+                registers: false,
                 at_ms: 1,
             })
             .unwrap();

@@ -23,15 +23,54 @@ pub enum JobPhase {
     Succeeded,
     Failed,
     Cancelled,
+    /// Trained; the model is being handed to the job's registry.
+    Registering,
+    /// Trained, but the last hand-off failed; it is retried with backoff
+    /// (and by `flotilla register`).
+    TrainedNotRegistered,
 }
 
 impl JobPhase {
     pub fn is_terminal(self) -> bool {
         matches!(self, JobPhase::Succeeded | JobPhase::Failed | JobPhase::Cancelled)
     }
+    /// Training, or waiting to train: the job holds or wants workers.
     pub fn is_active(self) -> bool {
-        !self.is_terminal()
+        matches!(self, JobPhase::Pending | JobPhase::Running | JobPhase::Waiting)
     }
+    /// Trained, with the registry hand-off still to be done.
+    pub fn is_handing_off(self) -> bool {
+        matches!(self, JobPhase::Registering | JobPhase::TrainedNotRegistered)
+    }
+}
+
+/// A model version the hand-off registered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisteredModel {
+    /// The registry's URL.
+    pub registry: String,
+    pub model: String,
+    pub version: u64,
+    /// Where the version's files are (an MLflow source URI, or the version's
+    /// folder in the built-in registry).
+    pub uri: String,
+    /// The MLflow run the version points at ("" for the built-in registry).
+    #[serde(default)]
+    pub run_id: String,
+    pub at_ms: i64,
+}
+
+/// The registry hand-off of a job that has a `registry` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handoff {
+    /// Failed attempts so far.
+    pub attempts: u32,
+    pub last_error: String,
+    pub last_attempt_ms: i64,
+    /// Raised by `flotilla register JOB`: try again now.
+    pub retry_request: u64,
+    /// Set once, by the first attempt that succeeds.
+    pub registered: Option<RegisteredModel>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,6 +131,18 @@ pub struct Job {
     pub history: Vec<GenerationRecord>,
     /// Raised to ask the job's ranks for a checkpoint at once.
     pub checkpoint_request: u64,
+    /// The job file as submitted (the YAML handed to the registry).
+    #[serde(default)]
+    pub spec_yaml: String,
+    /// Whether the job hands its model to a registry when trained.
+    #[serde(default)]
+    pub registers: bool,
+    /// The registry hand-off, from the moment training finished.
+    #[serde(default)]
+    pub handoff: Option<Handoff>,
+    /// The MLflow run that tracks the job, once created.
+    #[serde(default)]
+    pub tracking_run: Option<String>,
 }
 
 impl Job {
@@ -136,6 +187,12 @@ pub enum Command {
         /// a repeat returns the job the first one created.
         #[serde(default)]
         submission_id: Option<String>,
+        /// The job file's text, kept for the registry hand-off.
+        #[serde(default)]
+        spec_yaml: String,
+        /// Whether the job has a `registry` section.
+        #[serde(default)]
+        registers: bool,
         at_ms: i64,
     },
     CancelJob {
@@ -196,6 +253,28 @@ pub enum Command {
         reason: String,
         at_ms: i64,
     },
+    /// A hand-off attempt registered the model: the job has succeeded.
+    HandoffDone {
+        job: JobId,
+        registered: RegisteredModel,
+        at_ms: i64,
+    },
+    /// A hand-off attempt failed; it is retried later.
+    HandoffFailed {
+        job: JobId,
+        error: String,
+        at_ms: i64,
+    },
+    /// Retry the hand-off now (`flotilla register JOB`).
+    RetryHandoff {
+        job: JobId,
+        at_ms: i64,
+    },
+    /// Records the MLflow run that tracks the job (the first one wins).
+    SetTrackingRun {
+        job: JobId,
+        run_id: String,
+    },
 }
 
 /// What a command did.
@@ -253,6 +332,27 @@ pub enum Event {
     JobFailed {
         job: JobId,
         reason: String,
+    },
+    /// Training finished; the registry hand-off starts.
+    JobTrained {
+        job: JobId,
+    },
+    ModelRegistered {
+        job: JobId,
+        model: String,
+        version: u64,
+    },
+    HandoffFailed {
+        job: JobId,
+        attempts: u32,
+        error: String,
+    },
+    HandoffRetried {
+        job: JobId,
+    },
+    TrackingRunSet {
+        job: JobId,
+        run_id: String,
     },
     /// A command that changed nothing because it was already applied or is
     /// stale (an old generation's report); not an error.
@@ -329,6 +429,8 @@ impl State {
                 keep_checkpoints,
                 output_root,
                 submission_id,
+                spec_yaml,
+                registers,
                 at_ms,
             } => {
                 if let Some(job) = submission_id.as_ref().and_then(|s| self.submissions.get(s)) {
@@ -363,6 +465,10 @@ impl State {
                         submitted_at_ms: at_ms,
                         history: Vec::new(),
                         checkpoint_request: 0,
+                        spec_yaml,
+                        registers,
+                        handoff: None,
+                        tracking_run: None,
                     },
                 );
                 if let Some(s) = submission_id {
@@ -375,8 +481,12 @@ impl State {
                 if j.phase.is_terminal() {
                     return Ok(vec![Event::Ignored { reason: format!("job {job} already ended") }]);
                 }
+                j.message = if j.phase.is_handing_off() {
+                    format!("cancelled before the model was registered; it stays at {}", j.final_model.as_deref().unwrap_or("?"))
+                } else {
+                    "cancelled".into()
+                };
                 j.phase = JobPhase::Cancelled;
-                j.message = "cancelled".into();
                 self.release_job(&job);
                 Ok(vec![Event::JobCancelled { job }])
             }
@@ -515,11 +625,19 @@ impl State {
                 if step < j.total_steps {
                     return Err(Rejection::Invalid(format!("job {job} finished at step {step} of {}", j.total_steps)));
                 }
-                j.phase = JobPhase::Succeeded;
                 j.final_model = Some(final_model);
-                j.message = format!("trained {step} steps");
+                let event = if j.registers {
+                    j.phase = JobPhase::Registering;
+                    j.message = format!("trained {step} steps; handing the model to the registry");
+                    j.handoff = Some(Handoff::default());
+                    Event::JobTrained { job: job.clone() }
+                } else {
+                    j.phase = JobPhase::Succeeded;
+                    j.message = format!("trained {step} steps");
+                    Event::JobSucceeded { job: job.clone() }
+                };
                 self.release_job(&job);
-                Ok(vec![Event::JobSucceeded { job }])
+                Ok(vec![event])
             }
             Command::FailJob { job, reason, .. } => {
                 let j = self.job(&job)?;
@@ -527,6 +645,67 @@ impl State {
                     return Ok(vec![Event::Ignored { reason: format!("job {job} already ended") }]);
                 }
                 Ok(self.fail(&job, reason))
+            }
+            Command::HandoffDone { job, registered, .. } => {
+                let j = self.job_mut(&job)?;
+                if let Some(done) = j.handoff.as_ref().and_then(|h| h.registered.as_ref()) {
+                    return Ok(vec![Event::Ignored {
+                        reason: format!("job {job} is already registered as {}@{}", done.model, done.version),
+                    }]);
+                }
+                if !j.phase.is_handing_off() {
+                    return Err(Rejection::BadPhase { job, phase: j.phase, what: "only a trained job is registered".into() });
+                }
+                let (model, version) = (registered.model.clone(), registered.version);
+                j.phase = JobPhase::Succeeded;
+                j.message = format!("trained {} steps; registered as {model} version {version}", j.total_steps);
+                j.handoff.get_or_insert_with(Handoff::default).registered = Some(registered);
+                Ok(vec![Event::ModelRegistered { job, model, version }, Event::JobSucceeded { job: j.id.clone() }])
+            }
+            Command::HandoffFailed { job, error, at_ms } => {
+                let j = self.job_mut(&job)?;
+                if !j.phase.is_handing_off() {
+                    return Ok(vec![Event::Ignored { reason: format!("job {job} is not waiting for its hand-off") }]);
+                }
+                let h = j.handoff.get_or_insert_with(Handoff::default);
+                h.attempts += 1;
+                h.last_error = error.clone();
+                h.last_attempt_ms = at_ms;
+                let attempts = h.attempts;
+                j.phase = JobPhase::TrainedNotRegistered;
+                j.message = format!("trained, not registered (attempt {attempts}): {error}; retrying");
+                Ok(vec![Event::HandoffFailed { job, attempts, error }])
+            }
+            Command::RetryHandoff { job, .. } => {
+                let j = self.job_mut(&job)?;
+                if !j.registers {
+                    return Err(Rejection::Invalid(format!("job {job} has no registry section in its job file")));
+                }
+                if let Some(done) = j.handoff.as_ref().and_then(|h| h.registered.as_ref()) {
+                    return Ok(vec![Event::Ignored {
+                        reason: format!("job {job} is already registered as {}@{}", done.model, done.version),
+                    }]);
+                }
+                if !j.phase.is_handing_off() {
+                    return Err(Rejection::BadPhase {
+                        job,
+                        phase: j.phase,
+                        what: "only a trained job that is not registered yet can be registered".into(),
+                    });
+                }
+                let h = j.handoff.get_or_insert_with(Handoff::default);
+                h.retry_request += 1;
+                j.phase = JobPhase::Registering;
+                j.message = "registration retried by hand".into();
+                Ok(vec![Event::HandoffRetried { job }])
+            }
+            Command::SetTrackingRun { job, run_id } => {
+                let j = self.job_mut(&job)?;
+                if let Some(run) = &j.tracking_run {
+                    return Ok(vec![Event::Ignored { reason: format!("job {job} is already tracked by run {run}") }]);
+                }
+                j.tracking_run = Some(run_id.clone());
+                Ok(vec![Event::TrackingRunSet { job, run_id }])
             }
         }
     }

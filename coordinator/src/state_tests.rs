@@ -14,6 +14,8 @@ fn submit(state: &mut State, name: &str, min: u32, max: u32, keep: u32) -> JobId
             keep_checkpoints: keep,
             output_root: "/runs".into(),
             submission_id: None,
+            spec_yaml: String::new(),
+            registers: false,
             at_ms: 1,
         })
         .unwrap();
@@ -274,6 +276,8 @@ fn replicas_applying_the_same_log_agree() {
             keep_checkpoints: 1,
             output_root: "/r".into(),
             submission_id: Some("s-1".into()),
+            spec_yaml: String::new(),
+            registers: false,
             at_ms: 1,
         },
         Command::RegisterWorker { data_addr: "127.0.0.1:1".into(), hostname: "h".into(), at_ms: 2 },
@@ -360,6 +364,8 @@ fn a_repeated_submission_returns_the_first_job() {
         keep_checkpoints: 1,
         output_root: "/r".into(),
         submission_id: sub.map(str::to_string),
+        spec_yaml: String::new(),
+        registers: false,
         at_ms: 1,
     };
     assert_eq!(state.apply(cmd(Some("abc"))).unwrap(), vec![Event::JobSubmitted { job: "j-1".into() }]);
@@ -367,4 +373,130 @@ fn a_repeated_submission_returns_the_first_job() {
     assert_eq!(state.apply(cmd(Some("other"))).unwrap(), vec![Event::JobSubmitted { job: "j-2".into() }]);
     assert_eq!(state.apply(cmd(None)).unwrap(), vec![Event::JobSubmitted { job: "j-3".into() }]);
     assert_eq!(state.jobs.len(), 3);
+}
+
+/// A job with a registry section, trained to its end by one worker.
+fn trained_job(s: &mut State) -> JobId {
+    let events = s
+        .apply(Command::SubmitJob {
+            name: "reg".into(),
+            spec_json: "{}".into(),
+            min_workers: 1,
+            max_workers: 1,
+            fixed_world: None,
+            total_steps: 100,
+            keep_checkpoints: 2,
+            output_root: "/runs".into(),
+            submission_id: None,
+            spec_yaml: "name: reg\n".into(),
+            registers: true,
+            at_ms: 1,
+        })
+        .unwrap();
+    let [Event::JobSubmitted { job }] = &events[..] else { panic!("{events:?}") };
+    let job = job.clone();
+    register(s, "127.0.0.1:1");
+    s.apply(Command::Schedule { job: job.clone(), at_ms: 2 }).unwrap();
+    let events = s
+        .apply(Command::FinishJob {
+            job: job.clone(),
+            generation: 1,
+            step: 100,
+            final_model: "/runs/reg-1/final/model.safetensors".into(),
+            at_ms: 3,
+        })
+        .unwrap();
+    assert_eq!(events, vec![Event::JobTrained { job: job.clone() }]);
+    job
+}
+
+fn registered(version: u64) -> RegisteredModel {
+    RegisteredModel {
+        registry: "http://mlflow".into(),
+        model: "reg".into(),
+        version,
+        uri: "mlflow-artifacts:/1/r/artifacts/model".into(),
+        run_id: "r".into(),
+        at_ms: 9,
+    }
+}
+
+#[test]
+fn a_job_with_a_registry_is_trained_then_registered_exactly_once() {
+    let mut s = State::new(3);
+    let job = trained_job(&mut s);
+    let j = &s.jobs[&job];
+    assert_eq!(j.phase, JobPhase::Registering);
+    assert!(!j.phase.is_terminal() && !j.phase.is_active(), "holds no workers, but has not ended");
+    assert_eq!(s.free_workers().len(), 1, "its workers are free while the model is handed over");
+    assert_eq!(j.spec_yaml, "name: reg\n");
+
+    let done = |v| Command::HandoffDone { job: job.clone(), registered: registered(v), at_ms: 10 };
+    let events = s.apply(done(4)).unwrap();
+    assert_eq!(
+        events,
+        vec![
+            Event::ModelRegistered { job: job.clone(), model: "reg".into(), version: 4 },
+            Event::JobSucceeded { job: job.clone() }
+        ]
+    );
+    assert_eq!(s.jobs[&job].phase, JobPhase::Succeeded);
+    // A second attempt's outcome (an old leader's) changes nothing.
+    assert!(matches!(s.apply(done(5)).unwrap()[..], [Event::Ignored { .. }]));
+    assert_eq!(s.jobs[&job].handoff.as_ref().unwrap().registered.as_ref().unwrap().version, 4);
+    assert!(matches!(s.apply(Command::RetryHandoff { job: job.clone(), at_ms: 11 }).unwrap()[..], [Event::Ignored { .. }]));
+    let failed = Command::HandoffFailed { job: job.clone(), error: "late".into(), at_ms: 12 };
+    assert!(matches!(s.apply(failed).unwrap()[..], [Event::Ignored { .. }]));
+    assert_eq!(s.jobs[&job].phase, JobPhase::Succeeded);
+}
+
+#[test]
+fn a_failed_hand_off_is_a_distinct_state_that_retries() {
+    let mut s = State::new(3);
+    let job = trained_job(&mut s);
+    let fail = |at_ms| Command::HandoffFailed { job: job.clone(), error: "connection refused".into(), at_ms };
+    assert_eq!(
+        s.apply(fail(10)).unwrap(),
+        vec![Event::HandoffFailed { job: job.clone(), attempts: 1, error: "connection refused".into() }]
+    );
+    s.apply(fail(20)).unwrap();
+    let j = &s.jobs[&job];
+    assert_eq!(j.phase, JobPhase::TrainedNotRegistered);
+    let h = j.handoff.as_ref().unwrap();
+    assert_eq!((h.attempts, h.last_attempt_ms, h.retry_request), (2, 20, 0));
+    assert!(j.message.contains("trained, not registered") && j.message.contains("connection refused"), "{}", j.message);
+
+    assert_eq!(s.apply(Command::RetryHandoff { job: job.clone(), at_ms: 21 }).unwrap(), vec![Event::HandoffRetried { job: job.clone() }]);
+    assert_eq!(s.jobs[&job].phase, JobPhase::Registering);
+    assert_eq!(s.jobs[&job].handoff.as_ref().unwrap().retry_request, 1);
+    s.apply(Command::HandoffDone { job: job.clone(), registered: registered(1), at_ms: 22 }).unwrap();
+    assert_eq!(s.jobs[&job].phase, JobPhase::Succeeded);
+}
+
+#[test]
+fn register_by_hand_needs_a_registry_and_a_trained_job() {
+    let mut s = State::new(3);
+    let plain = submit(&mut s, "plain", 1, 1, 1);
+    let err = s.apply(Command::RetryHandoff { job: plain.clone(), at_ms: 1 }).unwrap_err();
+    assert!(err.to_string().contains("no registry section"), "{err}");
+    let job = trained_job(&mut s);
+    s.apply(Command::CancelJob { job: job.clone(), at_ms: 5 }).unwrap();
+    let j = &s.jobs[&job];
+    assert_eq!(j.phase, JobPhase::Cancelled);
+    let model = j.final_model.clone().unwrap();
+    assert!(j.message.ends_with(&format!("it stays at {model}")), "says where the model stays: {}", j.message);
+    assert!(matches!(
+        s.apply(Command::RetryHandoff { job, at_ms: 6 }),
+        Err(Rejection::BadPhase { phase: JobPhase::Cancelled, .. })
+    ));
+}
+
+#[test]
+fn the_tracking_run_is_set_once() {
+    let mut s = State::new(3);
+    let job = trained_job(&mut s);
+    let set = |run: &str| Command::SetTrackingRun { job: job.clone(), run_id: run.into() };
+    assert_eq!(s.apply(set("a")).unwrap(), vec![Event::TrackingRunSet { job: job.clone(), run_id: "a".into() }]);
+    assert!(matches!(s.apply(set("b")).unwrap()[..], [Event::Ignored { .. }]));
+    assert_eq!(s.jobs[&job].tracking_run.as_deref(), Some("a"));
 }

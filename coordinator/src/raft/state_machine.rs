@@ -188,6 +188,8 @@ mod tests {
                 keep_checkpoints: 1,
                 output_root: "/tmp".into(),
                 submission_id: None,
+                spec_yaml: String::new(),
+                registers: false,
                 at_ms: 0,
             })),
         }

@@ -70,6 +70,8 @@ pub fn submit(name: &str) -> Command {
         keep_checkpoints: 1,
         output_root: "/tmp/flotilla-raft-test".to_string(),
         submission_id: None,
+        spec_yaml: String::new(),
+        registers: false,
         at_ms: 0,
     }
 }
