@@ -186,7 +186,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
             let started = Instant::now();
             let status = client::follow(&mut c, &id).await?;
             client::print_outcome(&status, started.elapsed());
-            Ok(if status.phase == pb::JobPhase::Succeeded as i32 { 0 } else { cli::EXIT_JOB_FAILED })
+            Ok(cli::exit_code(status.phase))
         }
         Command::Status { job, coordinator } => {
             init_logs("warn");
@@ -202,6 +202,15 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
                 None => client::print_table(&flotilla::rpc!(c, list_jobs, pb::ListJobsRequest {})?.jobs),
             }
             Ok(0)
+        }
+        Command::Register { job, coordinator, no_wait } => {
+            init_logs("warn");
+            let mut c = client::connect(&coordinator.coordinator).await?;
+            cli::models::register(&mut c, &job, no_wait).await
+        }
+        Command::Models(cmd) => {
+            init_logs("warn");
+            cli::models::models(cmd).await
         }
         Command::Cancel { job, coordinator } => {
             init_logs("warn");

@@ -23,7 +23,7 @@ pub struct Client {
     inner: JobServiceClient<Channel>,
 }
 
-fn retryable(s: &tonic::Status) -> bool {
+pub fn retryable(s: &tonic::Status) -> bool {
     matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
 }
 
@@ -138,6 +138,8 @@ pub fn phase_name(phase: i32) -> &'static str {
         pb::JobPhase::Succeeded => "succeeded",
         pb::JobPhase::Failed => "failed",
         pb::JobPhase::Cancelled => "cancelled",
+        pb::JobPhase::Registering => "registering",
+        pb::JobPhase::TrainedNotRegistered => "trained-not-registered",
         pb::JobPhase::Unspecified => "unknown",
     }
 }
@@ -147,6 +149,24 @@ pub fn is_terminal(phase: i32) -> bool {
         pb::JobPhase::try_from(phase),
         Ok(pb::JobPhase::Succeeded | pb::JobPhase::Failed | pb::JobPhase::Cancelled)
     )
+}
+
+/// Where a follower stops: the job ended, or its model is trained but the
+/// registry hand-off failed (the coordinator keeps retrying it).
+pub fn is_settled(phase: i32) -> bool {
+    is_terminal(phase) || phase == pb::JobPhase::TrainedNotRegistered as i32
+}
+
+/// One line about the registry hand-off, if the job has a registry.
+pub fn registration_line(j: &pb::JobStatus) -> Option<String> {
+    let r = j.registration.as_ref()?;
+    Some(if r.version > 0 {
+        format!("{} version {} in {} ({})", r.model, r.version, r.registry, r.uri)
+    } else if r.attempts > 0 {
+        format!("not registered in {} after {} attempts: {}", r.registry, r.attempts, r.last_error)
+    } else {
+        format!("{} in {}: pending", r.model, r.registry)
+    })
 }
 
 pub fn print_table(jobs: &[pb::JobStatus]) {
@@ -188,6 +208,12 @@ pub fn print_detail(j: &pb::JobStatus) {
     }
     if !j.final_model.is_empty() {
         println!("final model:  {}", j.final_model);
+    }
+    if let Some(line) = registration_line(j) {
+        println!("registry:     {line}");
+    }
+    if let Some(run) = j.registration.as_ref().map(|r| &r.tracking_run).filter(|r| !r.is_empty()) {
+        println!("tracking run: {run}");
     }
     if !j.generations.is_empty() {
         println!("generations:");
@@ -263,7 +289,7 @@ pub async fn follow(client: &mut Client, job: &str) -> anyhow::Result<pb::JobSta
             );
             last_line_step = status.step;
         }
-        let done = is_terminal(status.phase);
+        let done = is_settled(status.phase);
         last = Some(status);
         if done {
             break;
@@ -293,6 +319,14 @@ pub fn print_outcome(s: &pb::JobStatus, elapsed: Duration) {
             }
             println!("  final model: {}", s.final_model);
             println!("  metrics:     {}/metrics.jsonl", s.output_dir);
+            if let Some(line) = registration_line(s) {
+                println!("  registered:  {line}");
+            }
+        }
+        Ok(pb::JobPhase::TrainedNotRegistered) => {
+            println!("job {} trained, not registered: {}", s.job_id, s.message);
+            println!("  final model: {}", s.final_model);
+            println!("  the coordinator retries the hand-off; `flotilla register {}` retries it now", s.job_id);
         }
         _ => {
             println!("job {} {}: {}", s.job_id, phase_name(s.phase), s.message);

@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod coordinator;
+pub mod models;
 pub mod procs;
 pub mod run;
 
@@ -14,6 +15,19 @@ use clap::{Args, Parser, Subcommand};
 pub const EXIT_BAD_INPUT: i32 = 2;
 /// Exit code for a job that failed or was cancelled.
 pub const EXIT_JOB_FAILED: i32 = 1;
+/// Exit code for a job whose model is trained but not registered (its
+/// registry hand-off failed; the coordinator keeps retrying).
+pub const EXIT_NOT_REGISTERED: i32 = 3;
+
+/// The phase's exit code for `run`, `submit --wait` and `register`.
+pub fn exit_code(phase: i32) -> i32 {
+    use flotilla_proto::v1::JobPhase;
+    match JobPhase::try_from(phase) {
+        Ok(JobPhase::Succeeded) => 0,
+        Ok(JobPhase::TrainedNotRegistered | JobPhase::Registering) => EXIT_NOT_REGISTERED,
+        _ => EXIT_JOB_FAILED,
+    }
+}
 
 #[derive(Debug, Parser)]
 #[command(name = "flotilla", version, about = "Distributed deep-learning training: one binary, one YAML file")]
@@ -108,6 +122,52 @@ pub enum Command {
         job: String,
         #[command(flatten)]
         coordinator: CoordinatorArg,
+    },
+    /// Hand a trained job's model to its registry now (a job whose hand-off
+    /// failed: "trained-not-registered"). Never registers a job twice.
+    Register {
+        job: String,
+        #[command(flatten)]
+        coordinator: CoordinatorArg,
+        /// Return once the retry is requested instead of waiting for its outcome.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Read a model registry: list models, show a version, download one.
+    Models(ModelsCmd),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelsCmd {
+    #[command(subcommand)]
+    pub command: ModelsCommand,
+    /// The registry: an MLflow tracking server (http://host:port), or a
+    /// built-in registry's folder (path, file://, s3://, gs://, az://).
+    #[arg(long, env = "FLOTILLA_REGISTRY", global = true)]
+    pub registry: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// Every registered model, its latest version and aliases.
+    List {
+        /// One JSON object per model instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One version: NAME (the latest), NAME@VERSION or NAME@ALIAS.
+    Show {
+        reference: String,
+        /// Print it as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy a version's files (weights, job file, metrics, lineage) into a folder.
+    Download {
+        reference: String,
+        /// The folder to write into [default: ./NAME-VERSION].
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 

@@ -91,11 +91,13 @@ pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
                 eprintln!("warning: could not save metrics: {e:#}");
             }
             client::print_outcome(&status, started.elapsed());
-            if status.phase == pb::JobPhase::Succeeded as i32 {
-                0
-            } else {
-                EXIT_JOB_FAILED
+            if status.phase == pb::JobPhase::TrainedNotRegistered as i32 {
+                eprintln!(
+                    "flotilla: this run's coordinator ends with it; to register the model later, run the job \
+                     on a long-lived coordinator (`flotilla coordinator`, `flotilla submit`)"
+                );
             }
+            super::exit_code(status.phase)
         }
         Some(Err(e)) => {
             eprintln!("error: {e:#}");

@@ -540,6 +540,36 @@ pub async fn write_final(
     Ok(format!("{}/model.safetensors", dir.url()))
 }
 
+/// The metric history file of a checkpoint and of the final model.
+pub const HISTORY: &str = "metrics.jsonl";
+
+/// Writes `history` as `metrics.jsonl` in `dir`.
+pub async fn write_history(dir: &Storage, history: &[flotilla_registry::MetricRecord]) -> Result<(), CheckpointError> {
+    dir.put(HISTORY, flotilla_registry::record::to_jsonl(history).into_bytes()).await?;
+    Ok(())
+}
+
+/// The metric history saved in the checkpoint at `location`, up to `step`.
+/// A missing or unreadable history is not worth failing a resume for: the
+/// steps before it are then missing from the job's history, with a warning.
+pub async fn read_history(location: &str, step: u64) -> Vec<flotilla_registry::MetricRecord> {
+    let text = match Storage::open(location) {
+        Ok(dir) => dir.get(HISTORY).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let records = text.and_then(|b| flotilla_registry::record::from_jsonl(&String::from_utf8_lossy(&b)));
+    match records {
+        Ok(mut r) => {
+            r.retain(|m| m.step <= step);
+            r
+        }
+        Err(e) => {
+            tracing::warn!(checkpoint = location, error = %e, "no metric history in the checkpoint; it starts here");
+            Vec::new()
+        }
+    }
+}
+
 /// SHA-256 of a flat f32 buffer's little-endian bytes.
 pub fn digest(values: &[f32]) -> String {
     hex(&Sha256::digest(as_bytes(values)))

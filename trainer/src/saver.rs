@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::buckets::CommThread;
 use crate::checkpoint::{self, Layout, SamplerState, ShardEntry, Snapshot};
 use crate::storage::Storage;
+use flotilla_registry::MetricRecord;
 use crate::train::{Assignment, TrainError};
 
 /// A checkpoint rank 0 wrote the manifest of.
@@ -111,7 +112,14 @@ impl Saver {
     /// same step. Returns what rank 0 wrote; `None` on other ranks, or when
     /// a rank's upload failed (the checkpoint is then abandoned: without a
     /// manifest it is never loaded, and later retention removes it).
-    pub fn finish(&mut self, a: &Assignment, comm: &CommThread, layout: &Layout) -> Result<Option<Saved>, TrainError> {
+    /// Rank 0 writes `history` (up to the checkpoint's step) into it.
+    pub fn finish(
+        &mut self,
+        a: &Assignment,
+        comm: &CommThread,
+        layout: &Layout,
+        history: &[MetricRecord],
+    ) -> Result<Option<Saved>, TrainError> {
         let Some(p) = self.pending.take() else { return Ok(None) };
         let outcome = loop {
             if let Some(o) = p.result.lock().expect("saver lock").take() {
@@ -152,6 +160,9 @@ impl Saver {
             v: Vec::new(),
             optimizer_step: p.optimizer_step,
         };
+        let upto: Vec<MetricRecord> = history.iter().filter(|r| r.step <= p.step).cloned().collect();
+        a.io.block_on(checkpoint::write_history(&p.dir, &upto))
+            .map_err(|e| TrainError::Fatal(format!("write the checkpoint's metric history: {e}")))?;
         let m = checkpoint::manifest(&a.job, a.generation, layout, &meta, sampler, train.seed, shards);
         a.io.block_on(checkpoint::write_manifest(&p.dir, &m))
             .map_err(|e| TrainError::Fatal(format!("write checkpoint manifest: {e}")))?;

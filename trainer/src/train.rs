@@ -20,6 +20,7 @@ use crate::optim::{self, AdamW};
 use crate::sampler::Sampler;
 use crate::saver::{Saved, Saver};
 use crate::storage::Storage;
+use flotilla_registry::MetricRecord;
 
 /// After a checkpoint the coordinator asked for, how long ranks wait for the
 /// new generation before they train on.
@@ -191,6 +192,9 @@ pub fn run(
     let mut params = Params::new(&model);
     let mut adam = AdamW::new(params.layout.total);
     let mut start = 0u64;
+    // Rank 0's record of every step the weights went through: carried in
+    // each checkpoint (resumed with it) and written beside the final model.
+    let mut history: Vec<MetricRecord> = Vec::new();
 
     // Resume from the newest checkpoint that loads; skip torn ones.
     let mut skipped = Vec::new();
@@ -212,6 +216,9 @@ pub fn run(
                 params.flat = snap.params;
                 adam = AdamW { m: snap.m, v: snap.v, step: snap.optimizer_step };
                 params.push();
+                if a.rank == 0 {
+                    history = a.io.block_on(checkpoint::read_history(location, start));
+                }
                 tracing::info!(job = %a.job, gen = a.generation, rank = a.rank, step = start, "resumed from checkpoint");
                 break;
             }
@@ -333,10 +340,21 @@ pub fn run(
         );
         if a.rank == 0 {
             let sps = global / t0.elapsed().as_secs_f64().max(1e-9);
-            emit(TrainEvent::Progress { step: done, loss, lr, samples_per_sec: sps, grad_norm, time_ms: wall_ms() });
+            let time_ms = wall_ms();
+            history.push(MetricRecord {
+                step: done,
+                loss,
+                lr,
+                samples_per_sec: sps,
+                grad_norm,
+                generation: a.generation,
+                world_size: a.world as u32,
+                time_ms,
+            });
+            emit(TrainEvent::Progress { step: done, loss, lr, samples_per_sec: sps, grad_norm, time_ms });
         }
         if all_uploaded {
-            if let Some(saved) = saver.finish(a, &comm, &params.layout)? {
+            if let Some(saved) = saver.finish(a, &comm, &params.layout, &history)? {
                 emit(committed(saved));
             }
         }
@@ -345,7 +363,7 @@ pub fn run(
         if (periodic || requested) && done < train.steps {
             // One checkpoint in flight at a time: a slow upload holds the
             // next checkpoint (all ranks reach this at the same step).
-            if let Some(saved) = saver.finish(a, &comm, &params.layout)? {
+            if let Some(saved) = saver.finish(a, &comm, &params.layout, &history)? {
                 emit(committed(saved));
             }
             // SAFETY: nothing writes to the flat parameters or the moments
@@ -365,7 +383,7 @@ pub fn run(
                 // coordinator starts a new generation from it as soon as it
                 // is committed. Wait for that rather than train steps that
                 // would be redone.
-                if let Some(saved) = saver.finish(a, &comm, &params.layout)? {
+                if let Some(saved) = saver.finish(a, &comm, &params.layout, &history)? {
                     emit(committed(saved));
                 }
                 // A worker is leaving: the coordinator starts a new
@@ -379,7 +397,7 @@ pub fn run(
         }
     }
 
-    if let Some(saved) = saver.finish(a, &comm, &params.layout)? {
+    if let Some(saved) = saver.finish(a, &comm, &params.layout, &history)? {
         emit(committed(saved));
     }
     // Every replica must hold the same weights: compare digests before
@@ -399,6 +417,8 @@ pub fn run(
                 .map_err(|e| TrainError::fatal("write final model", e))?;
         a.io.block_on(checkpoint::write_replica_digests(&out, &digests))
             .map_err(|e| TrainError::fatal("write replica digests", e))?;
+        a.io.block_on(checkpoint::write_history(&out.child("final"), &history))
+            .map_err(|e| TrainError::fatal("write the metric history", e))?;
         emit(TrainEvent::Finished { step: train.steps, final_model: path });
     }
     Ok(Outcome::Finished)
