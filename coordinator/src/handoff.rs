@@ -41,6 +41,7 @@ fn tracked(job: &Job) -> Option<TrackedJob> {
     let spec = flotilla_jobspec::JobSpec::from_json(&job.spec_json).ok()?;
     Some(TrackedJob {
         job_id: job.id.clone(),
+        job_uid: if job.uid.is_empty() { job.id.clone() } else { job.uid.clone() },
         job_name: job.name.clone(),
         spec_json: job.spec_json.clone(),
         registry: spec.registry?,

@@ -218,6 +218,7 @@ pub(crate) mod tests {
                 submission_id: None,
                 spec_yaml: String::new(),
                 registers: false,
+                uid: String::new(),
                 at_ms: 1,
             })
             .unwrap();

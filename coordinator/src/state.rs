@@ -137,6 +137,10 @@ pub struct Job {
     /// Whether the job hands its model to a registry when trained.
     #[serde(default)]
     pub registers: bool,
+    /// Unique across coordinators (ids like `name-3` repeat on another
+    /// coordinator): it names the job in registries.
+    #[serde(default)]
+    pub uid: String,
     /// The registry hand-off, from the moment training finished.
     #[serde(default)]
     pub handoff: Option<Handoff>,
@@ -193,6 +197,9 @@ pub enum Command {
         /// Whether the job has a `registry` section.
         #[serde(default)]
         registers: bool,
+        /// Chosen by the leader at random.
+        #[serde(default)]
+        uid: String,
         at_ms: i64,
     },
     CancelJob {
@@ -431,6 +438,7 @@ impl State {
                 submission_id,
                 spec_yaml,
                 registers,
+                uid,
                 at_ms,
             } => {
                 if let Some(job) = submission_id.as_ref().and_then(|s| self.submissions.get(s)) {
@@ -467,6 +475,7 @@ impl State {
                         checkpoint_request: 0,
                         spec_yaml,
                         registers,
+                        uid: if uid.is_empty() { id.clone() } else { uid },
                         handoff: None,
                         tracking_run: None,
                     },

@@ -16,6 +16,7 @@ fn submit(state: &mut State, name: &str, min: u32, max: u32, keep: u32) -> JobId
             submission_id: None,
             spec_yaml: String::new(),
             registers: false,
+            uid: String::new(),
             at_ms: 1,
         })
         .unwrap();
@@ -278,6 +279,7 @@ fn replicas_applying_the_same_log_agree() {
             submission_id: Some("s-1".into()),
             spec_yaml: String::new(),
             registers: false,
+            uid: String::new(),
             at_ms: 1,
         },
         Command::RegisterWorker { data_addr: "127.0.0.1:1".into(), hostname: "h".into(), at_ms: 2 },
@@ -366,6 +368,7 @@ fn a_repeated_submission_returns_the_first_job() {
         submission_id: sub.map(str::to_string),
         spec_yaml: String::new(),
         registers: false,
+        uid: String::new(),
         at_ms: 1,
     };
     assert_eq!(state.apply(cmd(Some("abc"))).unwrap(), vec![Event::JobSubmitted { job: "j-1".into() }]);
@@ -390,6 +393,7 @@ fn trained_job(s: &mut State) -> JobId {
             submission_id: None,
             spec_yaml: "name: reg\n".into(),
             registers: true,
+            uid: String::new(),
             at_ms: 1,
         })
         .unwrap();

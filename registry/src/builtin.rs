@@ -39,6 +39,9 @@ pub struct VersionRecord {
     pub model: String,
     pub version: u64,
     pub job_id: String,
+    /// The job's unique id (job ids repeat across coordinators).
+    #[serde(default)]
+    pub job_uid: String,
     pub created_ms: i64,
     pub files: Vec<FileEntry>,
     #[serde(default)]
@@ -63,6 +66,8 @@ struct IndexEntry {
 pub struct NewVersion<'a> {
     pub model: &'a str,
     pub job_id: &'a str,
+    /// Unique per job, whichever coordinator ran it: what a claim names.
+    pub job_uid: &'a str,
     pub created_ms: i64,
     pub files: Vec<(String, Vec<u8>)>,
     pub tags: &'a BTreeMap<String, String>,
@@ -86,18 +91,18 @@ impl Builtin {
     /// Registers `v` once per job: see the module's documentation.
     pub async fn register(&self, v: NewVersion<'_>) -> Result<Registered, RegistryError> {
         let model = self.root.child(v.model);
-        let version = self.claim(&model, v.job_id).await?;
+        let version = self.claim(&model, v.job_uid).await?;
         let dir = model.child(&version.to_string());
         let uri = dir.url().to_string();
         let done = Registered { model: v.model.to_string(), version, uri, run_id: String::new() };
         match read_json::<VersionRecord>(&dir, VERSION_FILE).await? {
-            Some(rec) if rec.job_id == v.job_id => {
+            Some(rec) if rec.job_uid == v.job_uid => {
                 tracing::info!(model = v.model, version, job = v.job_id, "version already written by an earlier attempt");
             }
             Some(rec) => {
                 return Err(RegistryError::Corrupt {
                     what: format!("{}/{VERSION_FILE}", dir.url()),
-                    message: format!("claimed by job {} but written by job {}", v.job_id, rec.job_id),
+                    message: format!("claimed by job {} ({}) but written by job {} ({})", v.job_id, v.job_uid, rec.job_id, rec.job_uid),
                 });
             }
             None => {
@@ -110,6 +115,7 @@ impl Builtin {
                     model: v.model.to_string(),
                     version,
                     job_id: v.job_id.to_string(),
+                    job_uid: v.job_uid.to_string(),
                     created_ms: v.created_ms,
                     files,
                     tags: v.tags.clone(),
@@ -124,7 +130,8 @@ impl Builtin {
         Ok(done)
     }
 
-    /// The version this job claimed before, or the next free one.
+    /// The version this job (by its unique id) claimed before, or the next
+    /// free one.
     async fn claim(&self, model: &Storage, job: &str) -> Result<u64, RegistryError> {
         let claims = model.child("claims");
         let mut highest = 0;
@@ -291,6 +298,7 @@ mod tests {
         NewVersion {
             model: "digits",
             job_id: job,
+            job_uid: job,
             created_ms: 1,
             files: vec![("model.safetensors".into(), weights.to_vec()), ("job.yaml".into(), b"name: x\n".to_vec())],
             tags,

@@ -11,7 +11,7 @@ use flotilla_storage::Storage;
 use serde_json::Value;
 
 use crate::builtin::{Builtin, NewVersion};
-use crate::mlflow::{Mlflow, Run, JOB_TAG};
+use crate::mlflow::{Mlflow, Run, JOB_TAG, UID_TAG};
 use crate::record::{self, CheckpointLineage, GenerationLineage, Lineage, MetricRecord};
 use crate::{Registered, Registrar, RegistryError};
 
@@ -46,6 +46,9 @@ pub struct HandoffRequest {
 #[derive(Debug, Clone)]
 pub struct TrackedJob {
     pub job_id: String,
+    /// Unique across coordinators (job ids are not): what makes a hand-off
+    /// idempotent.
+    pub job_uid: String,
     pub job_name: String,
     pub spec_json: String,
     pub registry: RegistrySpec,
@@ -89,6 +92,7 @@ impl Registrar for Registries {
                 reg.register(NewVersion {
                     model: &r.model,
                     job_id: &req.job.job_id,
+                    job_uid: &req.job.job_uid,
                     created_ms: now_ms(),
                     files,
                     tags: &tags,
@@ -124,7 +128,7 @@ impl Registrar for Registries {
 /// The job's run: found by its tag, or created with the job's parameters.
 async fn tracking_run(ml: &Mlflow, job: &TrackedJob) -> Result<Run, RegistryError> {
     let experiment = ml.experiment(&job.registry.experiment).await?;
-    if let Some(run) = ml.find_run(&experiment, &job.job_id).await? {
+    if let Some(run) = ml.find_run(&experiment, &job.job_uid).await? {
         return Ok(run);
     }
     let mut tags = tags(job);
@@ -190,6 +194,7 @@ async fn mlflow_hand_off(
 fn tags(job: &TrackedJob) -> BTreeMap<String, String> {
     let mut tags = job.registry.tags.clone();
     tags.insert(JOB_TAG.into(), job.job_id.clone());
+    tags.insert(UID_TAG.into(), job.job_uid.clone());
     tags.insert("flotilla.job_name".into(), job.job_name.clone());
     tags.insert("flotilla.version".into(), env!("CARGO_PKG_VERSION").into());
     tags

@@ -18,6 +18,8 @@ pub const MAX_METRICS_PER_BATCH: usize = 1000;
 pub const MAX_PARAMS_PER_BATCH: usize = 100;
 /// The tag that ties runs and model versions to the job that made them.
 pub const JOB_TAG: &str = "flotilla.job_id";
+/// The job's unique id: what a retried hand-off finds its run by.
+pub const UID_TAG: &str = "flotilla.job_uid";
 const ARTIFACT_SCHEME: &str = "mlflow-artifacts:/";
 
 pub struct Mlflow {
@@ -117,9 +119,9 @@ impl Mlflow {
         }
     }
 
-    /// The run tagged with `job`, if there is one.
-    pub async fn find_run(&self, experiment_id: &str, job: &str) -> Result<Option<Run>, RegistryError> {
-        let filter = format!("tags.`{JOB_TAG}` = '{}'", job.replace('\'', "\\'"));
+    /// The run tagged with the job's unique id, if there is one.
+    pub async fn find_run(&self, experiment_id: &str, job_uid: &str) -> Result<Option<Run>, RegistryError> {
+        let filter = format!("tags.`{UID_TAG}` = '{}'", job_uid.replace('\'', "\\'"));
         let v = self
             .post(
                 "runs/search",

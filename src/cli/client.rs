@@ -118,16 +118,7 @@ pub async fn submit(client: &mut Client, path: &Path, text: String) -> Result<St
 
 /// A fresh id for one submission: 128 random bits, hex.
 fn submission_id() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut out = String::new();
-    for i in 0..2u64 {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(i);
-        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
-        h.write_u32(std::process::id());
-        out.push_str(&format!("{:016x}", h.finish()));
-    }
-    out
+    flotilla_coordinator::random_id()
 }
 
 pub fn phase_name(phase: i32) -> &'static str {

@@ -190,6 +190,7 @@ mod tests {
                 submission_id: None,
                 spec_yaml: String::new(),
                 registers: false,
+                uid: String::new(),
                 at_ms: 0,
             })),
         }

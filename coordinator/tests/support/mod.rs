@@ -72,6 +72,7 @@ pub fn submit(name: &str) -> Command {
         submission_id: None,
         spec_yaml: String::new(),
         registers: false,
+        uid: String::new(),
         at_ms: 0,
     }
 }
