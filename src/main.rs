@@ -110,6 +110,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
                     lease_ms: a.lease_ms,
                     heartbeat_ms: a.heartbeat_ms,
                     start_grace_ms: a.start_grace_ms,
+                    handoff_retry_max_ms: a.handoff_retry_max_ms,
                     id: a.id,
                     data_dir: a.data_dir,
                     peers: a.peers,

@@ -17,6 +17,8 @@ use crate::state::{Command, Job, JobPhase, RegisteredModel};
 
 /// The driver's period when nothing wakes it.
 const POLL: Duration = Duration::from_millis(250);
+/// How soon a tracking run is created for a job that started.
+const NEW_RUN_EVERY: Duration = Duration::from_millis(500);
 
 /// Delay before retry number `attempts` (after that many failures): the base
 /// doubled per failure, capped.
@@ -118,7 +120,14 @@ impl Coordinator {
                     cursors = updated;
                 }
             }
-            if tracking.is_none() && last_track.elapsed() >= self.cfg.track_every {
+            // A job that needs a tracking run gets one soon after it starts.
+            let needs_run = state.jobs.values().any(|j| {
+                j.phase.is_active()
+                    && j.tracking_run.is_none()
+                    && tracked(j).is_some_and(|t| t.registry.kind == flotilla_jobspec::RegistryKind::Mlflow)
+            });
+            let every = if needs_run { self.cfg.track_every.min(NEW_RUN_EVERY) } else { self.cfg.track_every };
+            if tracking.is_none() && last_track.elapsed() >= every {
                 last_track = Instant::now();
                 let c = self.clone();
                 let start = std::mem::take(&mut cursors);

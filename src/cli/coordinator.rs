@@ -43,6 +43,9 @@ pub struct CoordinatorFile {
     pub lease_ms: Option<u64>,
     pub heartbeat_ms: Option<u64>,
     pub start_grace_ms: Option<u64>,
+    /// A failed registry hand-off is retried after 2 s, doubled per failure
+    /// up to this (default 60000).
+    pub handoff_retry_max_ms: Option<u64>,
     #[serde(default)]
     pub store: StoreFile,
 }
@@ -96,6 +99,7 @@ pub struct Overrides {
     pub lease_ms: Option<u64>,
     pub heartbeat_ms: Option<u64>,
     pub start_grace_ms: Option<u64>,
+    pub handoff_retry_max_ms: Option<u64>,
     pub id: Option<u64>,
     pub data_dir: Option<PathBuf>,
     pub peers: Vec<(u64, String)>,
@@ -125,6 +129,7 @@ pub fn load(file: Option<&Path>, o: Overrides) -> Result<(CoordinatorFile, PathB
     cfg.lease_ms = o.lease_ms.or(cfg.lease_ms);
     cfg.heartbeat_ms = o.heartbeat_ms.or(cfg.heartbeat_ms);
     cfg.start_grace_ms = o.start_grace_ms.or(cfg.start_grace_ms);
+    cfg.handoff_retry_max_ms = o.handoff_retry_max_ms.or(cfg.handoff_retry_max_ms);
     if let Some(list) = o.etcd {
         let endpoints = flotilla_proto::leader::parse_addrs(&list);
         let prefix = cfg.store.etcd.take().map_or_else(default_prefix, |e| e.prefix);
@@ -196,6 +201,7 @@ pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) 
         heartbeat_interval: Duration::from_millis(cfg.heartbeat_ms.unwrap_or(1000)),
         start_grace: Duration::from_millis(cfg.start_grace_ms.unwrap_or(3000)),
         comm_grace: Duration::from_millis(lease_ms + 3000),
+        handoff_retry_max: Duration::from_millis(cfg.handoff_retry_max_ms.unwrap_or(60_000)),
         ..Default::default()
     };
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;

@@ -206,6 +206,10 @@ pub struct ServeArgs {
     /// waits for more before it starts [default: 3000].
     #[arg(long)]
     pub start_grace_ms: Option<u64>,
+    /// A failed registry hand-off is retried after 2 s, doubled per failure
+    /// up to this many milliseconds [default: 60000].
+    #[arg(long)]
+    pub handoff_retry_max_ms: Option<u64>,
     /// Raft: this replica's id [default: 1].
     #[arg(long)]
     pub id: Option<u64>,

@@ -3,6 +3,9 @@
 //! leaves behind.
 #![allow(dead_code)]
 
+pub mod cluster;
+pub mod mlflow;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
