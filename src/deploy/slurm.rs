@@ -176,7 +176,7 @@ pub fn render(spec: &JobSpec, opts: &SlurmOptions) -> Result<String, RenderError
     line("# One worker per task. Each asks for rank $SLURM_PROCID; all submit the job with");
     line("# one submission id, so it is created once. A worker exits 0 when the job");
     line(&format!("# succeeds, 1 if it fails, {} if it left on USR1 after the checkpoint.", super::EXIT_PREEMPTED));
-    line("srun --kill-on-bad-exit=0 \"$flotilla\" worker --submit \"$job_file\" --submission-id \"slurm-$SLURM_JOB_ID\" \\");
+    line("srun --kill-on-bad-exit=0 --label \"$flotilla\" worker --submit \"$job_file\" --submission-id \"slurm-$SLURM_JOB_ID\" \\");
     line(&format!("    --preemption-signal USR1 --preemption-grace-s {}", opts.preemption_grace_s));
     line("rc=$?");
     line("echo \"flotilla: workers finished (exit $rc)\" >&2");
@@ -214,7 +214,7 @@ mod tests {
             ]
         );
         assert!(s.contains("--preemption-signal USR1 --preemption-grace-s 90\n"), "{s}");
-        assert!(s.contains("srun --kill-on-bad-exit=0 \"$flotilla\" worker --submit \"$job_file\""), "{s}");
+        assert!(s.contains("srun --kill-on-bad-exit=0 --label \"$flotilla\" worker --submit \"$job_file\""), "{s}");
         assert!(s.contains("(trap '' USR1; exec \"$flotilla\" coordinator"), "{s}");
         assert!(s.contains("coordinator_host=\"$(hostname)\"\n"), "{s}");
     }

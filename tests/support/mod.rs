@@ -3,6 +3,8 @@
 //! leaves behind.
 #![allow(dead_code)]
 
+pub mod slurm;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
