@@ -58,7 +58,7 @@ impl SlurmCluster {
         let socket = dir.join("munge/munge.socket");
         let mut cluster = SlurmCluster { conf: dir.join("slurm.conf"), dir: dir.clone(), daemons: Vec::new() };
 
-        let munged = cluster.spawn(
+        cluster.spawn(
             "munged",
             Command::new(program("munged")).args(["-F", "-f", "--num-threads", "2"]).args([
                 format!("--socket={}", socket.display()),
