@@ -78,8 +78,22 @@ fn sbatch_of_the_rendered_script_trains_a_two_worker_job() {
     }
     let run = dir.path().join("runs/tiny-1");
     assert!(run.join("final/model.safetensors").exists(), "{out}");
-    let metrics = read_metrics(&run.join("metrics.jsonl"));
-    assert_eq!(metrics.last().map(|m| (m.0, m.2)), Some((40, 2)), "40 steps on 2 workers");
+    assert!(run.join("step-00000020/manifest.json").exists(), "{out}");
+    // The coordinator's log, kept per Slurm job, has the job succeeded on 2 workers.
+    let (_restarted, url) = restart_coordinator(dir.path(), &id);
+    runtime().block_on(async {
+        let mut c = client(&url).await;
+        let s = c.get_job(pb::GetJobRequest { job_id: "tiny-1".into() }).await.unwrap().into_inner();
+        assert!(is_phase(&s, pb::JobPhase::Succeeded), "{s:#?}");
+        assert_eq!((s.step, s.generations.len(), s.generations[0].world_size), (40, 1, 2), "{s:#?}");
+    });
+}
+
+/// A coordinator on the log that the batch script's coordinator kept.
+fn restart_coordinator(dir: &Path, slurm_job: &str) -> (Proc, String) {
+    let data = dir.join(format!("flotilla-coordinator/{slurm_job}/data"));
+    assert!(data.exists(), "{} is missing", data.display());
+    spawn_coordinator(&dir.join("restarted.log"), &["--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()])
 }
 
 #[test]
@@ -99,6 +113,12 @@ fn scancel_usr1_commits_a_checkpoint_before_the_workers_end() {
     let url = format!("http://127.0.0.1:{port}");
     let before = runtime().block_on(async {
         let mut c = client_when_up(&url, &cluster, &id, dir.path()).await;
+        // The workers submit the job once they are up.
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while c.get_job(pb::GetJobRequest { job_id: "long-1".into() }).await.is_err() {
+            assert!(std::time::Instant::now() < deadline, "never submitted: {}", output_of(dir.path(), "long", &id));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         wait_for(&mut c, "long-1", Duration::from_secs(120), |s| s.step >= 20 && s.world_size == 2).await.step
     });
     let out = cluster.cmd("scancel", &["--signal=USR1", &id]);
@@ -125,11 +145,7 @@ fn scancel_usr1_commits_a_checkpoint_before_the_workers_end() {
 
     // The coordinator's log (kept per Slurm job) has the checkpoint committed
     // at the step of the notice: a coordinator restarted on it says so.
-    let data = dir.path().join(format!("flotilla-coordinator/{id}/data"));
-    let (mut restarted, url) = spawn_coordinator(
-        &dir.path().join("restarted.log"),
-        &["--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()],
-    );
+    let (mut restarted, url) = restart_coordinator(dir.path(), &id);
     runtime().block_on(async {
         let mut c = client(&url).await;
         let s = wait_for(&mut c, "long-1", Duration::from_secs(20), |s| s.latest_checkpoint.is_some()).await;
