@@ -5,6 +5,8 @@
 //! hints a worker reads from the launcher that started it.
 
 pub mod k8s;
+#[cfg(test)]
+mod k8s_tests;
 pub mod launch_env;
 pub mod slurm;
 pub mod yaml;
