@@ -5,6 +5,7 @@
 //! trainer.
 
 pub mod cli;
+pub mod deploy;
 
 pub use flotilla_comm as comm;
 pub use flotilla_coordinator as coordinator;

@@ -131,41 +131,14 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
                 Ok(0)
             }
         },
-        Command::Worker {
-            coordinator,
-            data_addr,
-            advertise_host,
-            op_timeout_s,
-            aws_metadata_url,
-            gce_metadata_url,
-            metadata_poll_ms,
-            preemption_signal,
-            preemption_grace_s,
-        } => {
+        Command::Worker(args) => {
             init_logs("info");
             let token = CancellationToken::new();
             cancel_on_signals(token.clone(), false);
-            let cfg = flotilla_trainer::AgentConfig {
-                coordinators: flotilla_proto::leader::parse_addrs(&coordinator.coordinator),
-                data_bind: data_addr,
-                advertise_host,
-                train: flotilla_trainer::TrainOptions {
-                    op_timeout: Duration::from_secs(op_timeout_s),
-                    ..Default::default()
-                },
-                preemption: flotilla_trainer::preemption::PreemptionConfig {
-                    aws_metadata_url,
-                    gce_metadata_url,
-                    poll: Duration::from_millis(metadata_poll_ms),
-                    signal: preemption_signal,
-                },
-                preemption_grace: Duration::from_secs(preemption_grace_s),
-            };
-            let agent = flotilla_trainer::Agent::new(cfg)?;
-            tracing::info!(data_addr = %agent.data_addr(), "worker starting");
-            agent.run(token).await?;
-            Ok(0)
+            cli::worker::run(args, token).await
         }
+        Command::K8s { cmd } => Ok(cli::render::k8s(cmd)),
+        Command::Slurm { cmd } => Ok(cli::render::slurm(cmd)),
         Command::Submit { job, coordinator, wait } => {
             init_logs("warn");
             let (text, _) = match cli::load_job(&job) {

@@ -80,7 +80,12 @@ fn main() {
 
 /// The command a flotilla write proposes; `i` makes its address unique.
 pub fn register(i: u64) -> Command {
-    Command::RegisterWorker { data_addr: worker_addr(i), hostname: format!("bench-host-{i}"), at_ms: 1_700_000_000_000 }
+    Command::RegisterWorker {
+        data_addr: worker_addr(i),
+        hostname: format!("bench-host-{i}"),
+        rank_hint: None,
+        at_ms: 1_700_000_000_000,
+    }
 }
 
 /// A unique worker data address, `10.x.y.z:7000`.

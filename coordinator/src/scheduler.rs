@@ -38,6 +38,25 @@ pub fn plan(req: &PlanRequest, current: &[String], free: &[String]) -> Option<Ve
     Some(out)
 }
 
+/// Reorders a job's first plan by the ranks its workers asked for (Slurm's
+/// task id, an indexed Job's index): a worker whose hint is below the plan's
+/// size and not taken by a worker before it gets that rank; the others fill
+/// the remaining ranks in the plan's order. Without hints the plan is
+/// unchanged.
+pub fn apply_rank_hints(workers: Vec<String>, hint: impl Fn(&str) -> Option<u32>) -> Vec<String> {
+    let n = workers.len();
+    let mut slots: Vec<Option<String>> = vec![None; n];
+    let mut rest = Vec::new();
+    for w in workers {
+        match hint(&w).map(|h| h as usize) {
+            Some(h) if h < n && slots[h].is_none() => slots[h] = Some(w),
+            _ => rest.push(w),
+        }
+    }
+    let mut rest = rest.into_iter();
+    slots.into_iter().map(|s| s.or_else(|| rest.next()).expect("one worker per empty slot")).collect()
+}
+
 /// Sort key that orders `w2` before `w10`.
 pub fn natural_key(id: &str) -> (String, u64) {
     let digits = id.len() - id.trim_end_matches(|c: char| c.is_ascii_digit()).len();
@@ -79,7 +98,51 @@ mod tests {
         assert_eq!(plan(&req, &[], &ids(&["w1", "w2", "w3", "w4"])), Some(ids(&["w1", "w2", "w3"])));
     }
 
+    fn hinted(workers: &[&str], hints: &[(&str, u32)]) -> Vec<String> {
+        let hints: std::collections::HashMap<&str, u32> = hints.iter().copied().collect();
+        apply_rank_hints(ids(workers), |w| hints.get(w).copied())
+    }
+
+    #[test]
+    fn rank_hints_order_a_plan() {
+        assert_eq!(hinted(&["w1", "w2", "w3"], &[("w1", 2), ("w2", 0), ("w3", 1)]), ids(&["w2", "w3", "w1"]));
+    }
+
+    #[test]
+    fn workers_without_hints_fill_the_free_ranks_in_plan_order() {
+        assert_eq!(hinted(&["w1", "w2", "w3"], &[("w3", 0)]), ids(&["w3", "w1", "w2"]));
+        assert_eq!(hinted(&["w1", "w2"], &[]), ids(&["w1", "w2"]));
+    }
+
+    #[test]
+    fn out_of_range_and_repeated_hints_fall_back_to_plan_order() {
+        // w2 asks for rank 5 of 2; w3 asks for rank 0, which w1 took first.
+        assert_eq!(hinted(&["w1", "w2", "w3"], &[("w1", 0), ("w2", 5), ("w3", 0)]), ids(&["w1", "w2", "w3"]));
+        assert_eq!(hinted(&["w1", "w2"], &[("w1", 1), ("w2", 1)]), ids(&["w2", "w1"]));
+    }
+
     proptest! {
+        /// Hints only permute a plan: the same workers, each once.
+        #[test]
+        fn rank_hints_keep_the_plan_s_workers(hints in proptest::collection::vec(proptest::option::of(0u32..6), 0..6)) {
+            let workers: Vec<String> = (0..hints.len()).map(|i| format!("w{i}")).collect();
+            let out = apply_rank_hints(workers.clone(), |w| hints[w[1..].parse::<usize>().unwrap()]);
+            let mut sorted = out.clone();
+            sorted.sort();
+            let mut expected = workers.clone();
+            expected.sort();
+            prop_assert_eq!(sorted, expected);
+            for (rank, w) in out.iter().enumerate() {
+                if let Some(h) = hints[w[1..].parse::<usize>().unwrap()] {
+                    // A worker whose hint was honoured sits at its hint.
+                    let first_with_hint = workers.iter().find(|x| hints[x[1..].parse::<usize>().unwrap()] == Some(h)).unwrap();
+                    if (h as usize) < workers.len() && first_with_hint == w {
+                        prop_assert_eq!(rank, h as usize);
+                    }
+                }
+            }
+        }
+
         /// Planning again with the plan's own workers and nothing free gives the same plan.
         #[test]
         fn replanning_an_unchanged_cluster_is_idempotent(min in 1u32..4, extra in 0u32..4, n in 0usize..8) {

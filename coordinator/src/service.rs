@@ -243,7 +243,12 @@ impl WorkerService for WorkerApi {
                 lease_ms: self.0.cfg.lease.as_millis() as u64,
             }));
         }
-        let cmd = Command::RegisterWorker { data_addr: req.data_addr, hostname: req.hostname, at_ms: now_ms() };
+        let cmd = Command::RegisterWorker {
+            data_addr: req.data_addr,
+            hostname: req.hostname,
+            rank_hint: req.rank_hint,
+            at_ms: now_ms(),
+        };
         let events = self.0.propose(cmd).await.map_err(convert::status)?;
         let worker_id = events
             .iter()

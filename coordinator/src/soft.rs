@@ -203,7 +203,14 @@ pub(crate) mod tests {
     pub(crate) fn running_pair() -> State {
         let mut state = State::new(3);
         for addr in ["a", "b"] {
-            state.apply(Command::RegisterWorker { data_addr: addr.into(), hostname: "h".into(), at_ms: 0 }).unwrap();
+            state
+                .apply(Command::RegisterWorker {
+                    data_addr: addr.into(),
+                    hostname: "h".into(),
+                    rank_hint: None,
+                    at_ms: 0,
+                })
+                .unwrap();
         }
         state
             .apply(Command::SubmitJob {
@@ -273,7 +280,9 @@ pub(crate) mod tests {
     #[test]
     fn a_lease_lapses_only_after_its_term_and_renewal_extends_it() {
         let mut state = State::new(3);
-        state.apply(Command::RegisterWorker { data_addr: "a".into(), hostname: "h".into(), at_ms: 0 }).unwrap();
+        state
+            .apply(Command::RegisterWorker { data_addr: "a".into(), hostname: "h".into(), rank_hint: None, at_ms: 0 })
+            .unwrap();
         let mut soft = Soft::default();
         let t0 = Instant::now();
         let lease = Duration::from_secs(3);
@@ -288,7 +297,9 @@ pub(crate) mod tests {
     #[test]
     fn a_new_term_grants_fresh_leases_instead_of_old_deadlines() {
         let mut state = State::new(3);
-        state.apply(Command::RegisterWorker { data_addr: "a".into(), hostname: "h".into(), at_ms: 0 }).unwrap();
+        state
+            .apply(Command::RegisterWorker { data_addr: "a".into(), hostname: "h".into(), rank_hint: None, at_ms: 0 })
+            .unwrap();
         let mut soft = Soft::default();
         let t0 = Instant::now();
         let lease = Duration::from_secs(3);

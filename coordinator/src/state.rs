@@ -172,6 +172,9 @@ pub struct Worker {
     /// Set when the worker announced it is going away: it is no longer
     /// scheduled, and leaves its job at the next committed checkpoint.
     pub leaving: Option<String>,
+    /// The rank it asked for in a job's first plan (see [`scheduler::apply_rank_hints`]).
+    #[serde(default)]
+    pub rank_hint: Option<u32>,
 }
 
 /// A request to change the state. Time is carried in, never read.
@@ -209,6 +212,9 @@ pub enum Command {
     RegisterWorker {
         data_addr: String,
         hostname: String,
+        /// The rank the worker asks for (Slurm's task id, an indexed Job's index).
+        #[serde(default)]
+        rank_hint: Option<u32>,
         at_ms: i64,
     },
     RemoveWorker {
@@ -499,13 +505,19 @@ impl State {
                 self.release_job(&job);
                 Ok(vec![Event::JobCancelled { job }])
             }
-            Command::RegisterWorker { data_addr, hostname, at_ms } => {
+            Command::RegisterWorker { data_addr, hostname, rank_hint, at_ms } => {
                 self.next_worker_seq += 1;
                 let id = format!("w{}", self.next_worker_seq);
-                self.workers.insert(
-                    id.clone(),
-                    Worker { id: id.clone(), data_addr, hostname, registered_at_ms: at_ms, job: None, leaving: None },
-                );
+                let worker = Worker {
+                    id: id.clone(),
+                    data_addr,
+                    hostname,
+                    registered_at_ms: at_ms,
+                    job: None,
+                    leaving: None,
+                    rank_hint,
+                };
+                self.workers.insert(id.clone(), worker);
                 Ok(vec![Event::WorkerRegistered { worker: id }])
             }
             Command::RemoveWorker { worker, reason, at_ms } => {
@@ -541,7 +553,8 @@ impl State {
                     JobPhase::Pending | JobPhase::Waiting => {
                         let free: Vec<WorkerId> = self.free_workers().iter().map(|w| w.id.clone()).collect();
                         let req = self.plan_request(j);
-                        match scheduler::plan(&req, &[], &free) {
+                        let hint = |id: &str| self.workers.get(id).and_then(|w| w.rank_hint);
+                        match scheduler::plan(&req, &[], &free).map(|ws| scheduler::apply_rank_hints(ws, hint)) {
                             Some(workers) => {
                                 let reason = if j.generation == 0 { "job started" } else { "enough workers again" };
                                 Ok(self.start_generation(&job, workers, reason.into(), at_ms))

@@ -27,7 +27,9 @@ fn submit(state: &mut State, name: &str, min: u32, max: u32, keep: u32) -> JobId
 }
 
 fn register(state: &mut State, addr: &str) -> WorkerId {
-    match &state.apply(Command::RegisterWorker { data_addr: addr.into(), hostname: "h".into(), at_ms: 2 }).unwrap()[..]
+    match &state
+        .apply(Command::RegisterWorker { data_addr: addr.into(), hostname: "h".into(), rank_hint: None, at_ms: 2 })
+        .unwrap()[..]
     {
         [Event::WorkerRegistered { worker }] => worker.clone(),
         other => panic!("unexpected events {other:?}"),
@@ -282,8 +284,8 @@ fn replicas_applying_the_same_log_agree() {
             uid: String::new(),
             at_ms: 1,
         },
-        Command::RegisterWorker { data_addr: "127.0.0.1:1".into(), hostname: "h".into(), at_ms: 2 },
-        Command::RegisterWorker { data_addr: "127.0.0.1:2".into(), hostname: "h".into(), at_ms: 3 },
+        Command::RegisterWorker { data_addr: "127.0.0.1:1".into(), hostname: "h".into(), rank_hint: None, at_ms: 2 },
+        Command::RegisterWorker { data_addr: "127.0.0.1:2".into(), hostname: "h".into(), rank_hint: None, at_ms: 3 },
         Command::Schedule { job: "a-1".into(), at_ms: 4 },
         Command::CommitCheckpoint {
             job: "a-1".into(),
@@ -503,4 +505,21 @@ fn the_tracking_run_is_set_once() {
     assert_eq!(s.apply(set("a")).unwrap(), vec![Event::TrackingRunSet { job: job.clone(), run_id: "a".into() }]);
     assert!(matches!(s.apply(set("b")).unwrap()[..], [Event::Ignored { .. }]));
     assert_eq!(s.jobs[&job].tracking_run.as_deref(), Some("a"));
+}
+
+#[test]
+fn a_first_plan_follows_the_workers_rank_hints() {
+    let mut s = State::new(3);
+    let job = submit(&mut s, "j", 2, 2, 3);
+    let mut hinted = |addr: &str, rank_hint| match &s
+        .apply(Command::RegisterWorker { data_addr: addr.into(), hostname: "h".into(), rank_hint, at_ms: 2 })
+        .unwrap()[..]
+    {
+        [Event::WorkerRegistered { worker }] => worker.clone(),
+        other => panic!("unexpected events {other:?}"),
+    };
+    let w1 = hinted("127.0.0.1:1", Some(1));
+    let w2 = hinted("127.0.0.1:2", Some(0));
+    s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
+    assert_eq!(ranks(&s, &job), vec![w2, w1]);
 }

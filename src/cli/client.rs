@@ -106,13 +106,15 @@ impl Client {
 /// current directory. Retries across a leader change never create the job
 /// twice: every attempt carries the same submission id.
 pub async fn submit(client: &mut Client, path: &Path, text: String) -> Result<String, tonic::Status> {
+    submit_as(client, path, text, submission_id()).await
+}
+
+/// [`submit`] with a submission id chosen by the caller: every call with the
+/// same id, from any process, returns the one job the first created.
+pub async fn submit_as(client: &mut Client, path: &Path, text: String, id: String) -> Result<String, tonic::Status> {
     let base = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_else(|_| "/".into());
-    let req = pb::SubmitJobRequest {
-        spec_yaml: text,
-        origin: path.display().to_string(),
-        base_dir: base,
-        submission_id: submission_id(),
-    };
+    let req =
+        pb::SubmitJobRequest { spec_yaml: text, origin: path.display().to_string(), base_dir: base, submission_id: id };
     Ok(crate::rpc!(client, submit_job, req)?.job_id)
 }
 

@@ -4,7 +4,9 @@ pub mod client;
 pub mod coordinator;
 pub mod models;
 pub mod procs;
+pub mod render;
 pub mod run;
+pub mod worker;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -69,39 +71,7 @@ pub enum Command {
     /// (`members`, `add`, `remove`).
     Coordinator(CoordinatorCmd),
     /// Run a worker that takes assignments from a coordinator.
-    Worker {
-        #[command(flatten)]
-        coordinator: CoordinatorArg,
-        /// Address to listen on for peers' collectives.
-        #[arg(long, default_value = "0.0.0.0:0")]
-        data_addr: SocketAddr,
-        /// Address peers use to reach this worker (default: the local address
-        /// that reaches the coordinator).
-        #[arg(long)]
-        advertise_host: Option<std::net::IpAddr>,
-        /// Seconds a collective may wait for a peer before failing.
-        #[arg(long, default_value_t = 120)]
-        op_timeout_s: u64,
-        /// Watch the AWS spot interruption notice at this metadata base URL
-        /// (http://169.254.169.254 on EC2).
-        #[arg(long)]
-        aws_metadata_url: Option<String>,
-        /// Watch the GCE preempted flag at this metadata base URL
-        /// (http://metadata.google.internal on GCE).
-        #[arg(long)]
-        gce_metadata_url: Option<String>,
-        /// How often the metadata endpoints are polled.
-        #[arg(long, default_value_t = 1000)]
-        metadata_poll_ms: u64,
-        /// A signal that means "checkpoint and leave", besides SIGTERM
-        /// (e.g. USR1 with Slurm's `--signal=USR1@90`).
-        #[arg(long, value_parser = parse_signal)]
-        preemption_signal: Option<i32>,
-        /// After a preemption notice, seconds to wait for the job's
-        /// checkpoint before leaving anyway.
-        #[arg(long, default_value_t = 60)]
-        preemption_grace_s: u64,
-    },
+    Worker(worker::WorkerArgs),
     /// Submit a job file to a running coordinator.
     Submit {
         job: PathBuf,
@@ -135,6 +105,16 @@ pub enum Command {
     },
     /// Read a model registry: list models, show a version, download one.
     Models(ModelsCmd),
+    /// Kubernetes: render the manifests that run a job's workers.
+    K8s {
+        #[command(subcommand)]
+        cmd: render::K8sCommand,
+    },
+    /// Slurm: render an sbatch script that runs a job.
+    Slurm {
+        #[command(subcommand)]
+        cmd: render::SlurmCommand,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod mlflow;
+pub mod slurm;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

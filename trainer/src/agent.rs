@@ -39,6 +39,9 @@ pub struct AgentConfig {
     /// After a preemption notice, how long the worker waits for its job's
     /// checkpoint (and its release by the coordinator) before it exits anyway.
     pub preemption_grace: Duration,
+    /// The rank this worker asks for in a job's first plan (Slurm's
+    /// `SLURM_PROCID`, an indexed Job's `JOB_COMPLETION_INDEX`).
+    pub rank_hint: Option<u32>,
 }
 
 /// Identifies one rank of one generation.
@@ -219,6 +222,7 @@ impl Agent {
                 hostname: hostname(),
                 pid: std::process::id(),
                 worker_id: self.worker_id.clone().unwrap_or_default(),
+                rank_hint: self.cfg.rank_hint,
             }))
             .await?
             .into_inner();

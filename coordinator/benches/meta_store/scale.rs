@@ -250,6 +250,7 @@ async fn register_all(clients: &[WorkerServiceClient<Channel>], n: usize) -> (Ve
                         hostname: format!("sim-{i}"),
                         pid: 1,
                         worker_id: String::new(),
+                        rank_hint: None,
                     };
                     let mut tries = 0;
                     let id = loop {

@@ -132,7 +132,12 @@ mod tests {
     use super::*;
 
     fn register(i: u64) -> Command {
-        Command::RegisterWorker { data_addr: format!("10.0.0.{i}:7000"), hostname: format!("h{i}"), at_ms: 0 }
+        Command::RegisterWorker {
+            data_addr: format!("10.0.0.{i}:7000"),
+            hostname: format!("h{i}"),
+            rank_hint: None,
+            at_ms: 0,
+        }
     }
 
     #[test]
