@@ -139,14 +139,18 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::K8s { cmd } => Ok(cli::render::k8s(cmd)),
         Command::Slurm { cmd } => Ok(cli::render::slurm(cmd)),
-        Command::Submit { job, coordinator, wait } => {
+        Command::Submit { job, coordinator, wait, submission_id } => {
             init_logs("warn");
             let (text, _) = match cli::load_job(&job) {
                 Ok(v) => v,
                 Err(code) => return Ok(code),
             };
             let mut c = client::connect(&coordinator.coordinator).await?;
-            let id = match client::submit(&mut c, &job, text).await {
+            let submitted = match submission_id {
+                Some(sid) => client::submit_as(&mut c, &job, text, sid).await,
+                None => client::submit(&mut c, &job, text).await,
+            };
+            let id = match submitted {
                 Ok(id) => id,
                 Err(s) => {
                     eprintln!("error: {}", s.message());

@@ -79,6 +79,7 @@ async fn leases_generations_growth_and_completion_over_grpc() {
         start_grace: Duration::from_millis(200),
         comm_grace: Duration::from_secs(2),
         tick: Duration::from_millis(50),
+        ..CoordinatorConfig::default()
     };
     let server = flotilla_coordinator::serve(listener, cfg, shutdown.clone()).await.unwrap();
     let url = format!("http://{}", server.addr);

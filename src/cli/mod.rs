@@ -77,9 +77,14 @@ pub enum Command {
         job: PathBuf,
         #[command(flatten)]
         coordinator: CoordinatorArg,
-        /// Follow the job until it ends; exit 1 if it does not succeed.
+        /// Follow the job until it ends; exit 1 if it does not succeed, 3 if
+        /// its model is trained but not registered.
         #[arg(long)]
         wait: bool,
+        /// Name the submission: every submit with the same id returns the job
+        /// the first one created (default: a new random id).
+        #[arg(long)]
+        submission_id: Option<String>,
     },
     /// Show all jobs, or one job in detail.
     Status {

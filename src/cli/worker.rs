@@ -134,6 +134,10 @@ pub async fn run(args: WorkerArgs, token: CancellationToken) -> anyhow::Result<i
             tracing::info!(job = %job, "job succeeded; worker done");
             0
         }
+        Some(p) if p == pb::JobPhase::Registering as i32 || p == pb::JobPhase::TrainedNotRegistered as i32 => {
+            tracing::info!(job = %job, "job trained; the coordinator hands the model to the registry; worker done");
+            0
+        }
         Some(p) => {
             tracing::warn!(job = %job, phase = %client::phase_name(p), "job ended without success; worker done");
             super::EXIT_JOB_FAILED
@@ -195,7 +199,7 @@ async fn watch_job(coordinator: String, job: String, stop: CancellationToken, en
         }
         let Some(cl) = c.as_mut() else { continue };
         match crate::rpc!(cl, get_job, pb::GetJobRequest { job_id: job.clone() }) {
-            Ok(s) if pb::JobPhase::try_from(s.phase).is_ok_and(is_terminal) => {
+            Ok(s) if pb::JobPhase::try_from(s.phase).is_ok_and(is_done) => {
                 *ended.lock().expect("job phase") = Some(s.phase);
                 stop.cancel();
                 return;
@@ -209,6 +213,15 @@ async fn watch_job(coordinator: String, job: String, stop: CancellationToken, en
     }
 }
 
-fn is_terminal(p: pb::JobPhase) -> bool {
-    matches!(p, pb::JobPhase::Succeeded | pb::JobPhase::Failed | pb::JobPhase::Cancelled)
+/// The job needs this worker no more: it ended, or it is trained and only
+/// its registry hand-off (the coordinator's work) remains.
+fn is_done(p: pb::JobPhase) -> bool {
+    matches!(
+        p,
+        pb::JobPhase::Succeeded
+            | pb::JobPhase::Failed
+            | pb::JobPhase::Cancelled
+            | pb::JobPhase::Registering
+            | pb::JobPhase::TrainedNotRegistered
+    )
 }

@@ -180,6 +180,14 @@ pub fn render(spec: &JobSpec, opts: &SlurmOptions) -> Result<String, RenderError
     line(&format!("    --preemption-signal USR1 --preemption-grace-s {}", opts.preemption_grace_s));
     line("rc=$?");
     line("echo \"flotilla: workers finished (exit $rc)\" >&2");
+    if opts.coordinator.is_none() {
+        line("# A job with a registry is done when its model is handed over: keep this");
+        line("# coordinator until then (exit 3: trained, not registered).");
+        line("if [ \"$rc\" = 0 ]; then");
+        line("  \"$flotilla\" submit \"$job_file\" --submission-id \"slurm-$SLURM_JOB_ID\" --wait >&2");
+        line("  rc=$?");
+        line("fi");
+    }
     line("exit $rc");
     Ok(s)
 }
