@@ -39,8 +39,12 @@ checkpoint: {url: runs, every: 10, keep: 3}
     for s in &left {
         let files: Vec<String> =
             std::fs::read_dir(run.join(s)).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into()).collect();
-        assert_eq!(files.len(), 3, "{s}: two shards and a manifest, no partial files: {files:?}");
+        assert_eq!(files.len(), 4, "{s}: two shards, a manifest and the metric history, no partial files: {files:?}");
         assert!(run.join(s).join("manifest.json").exists());
+        // The history of every step up to the checkpoint's, carried on at a resume.
+        let step: u64 = s.trim_start_matches("step-").parse().unwrap();
+        let history = read_metrics(&run.join(s).join("metrics.jsonl"));
+        assert_eq!(history.iter().map(|h| h.0).collect::<Vec<_>>(), (1..=step).collect::<Vec<_>>(), "{s}");
     }
     for step in [80, 90, 100] {
         assert!(stdout.contains(&format!("step {step:>8}")), "the run lists retained step {step}: {stdout}");

@@ -72,6 +72,24 @@ fn a_killed_worker_is_replaced_and_the_job_resumes_exactly() {
 
     let got = read_tensors(&dir.path().join("runs/resume-1/final/model.safetensors"));
     assert_params_close(&got, &expected, 1e-5);
+    // The history beside the final model is the weights' own: every step
+    // once, those before the resume from the checkpoint it came from, the
+    // redone ones from the new generation; and its losses are the
+    // uninterrupted run's.
+    let history: Vec<serde_json::Value> = std::fs::read_to_string(dir.path().join("runs/resume-1/final/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<u64> = history.iter().map(|h| h["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=steps.len() as u64).collect::<Vec<_>>());
+    assert!(history.first().unwrap()["generation"] == 1 && history.last().unwrap()["generation"].as_u64() > Some(1));
+    let uninterrupted = read_metrics(&reference.path().join("runs/resume-1/final/metrics.jsonl"));
+    assert_eq!(uninterrupted.len(), history.len());
+    for (r, h) in uninterrupted.iter().zip(&history) {
+        let loss = h["loss"].as_f64().unwrap();
+        assert!((r.1 - loss).abs() <= 1e-4 * r.1.abs().max(1e-6), "step {}: {} vs {loss}", r.0, r.1);
+    }
 }
 
 #[test]
