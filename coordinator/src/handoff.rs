@@ -148,13 +148,15 @@ impl Coordinator {
         };
         tracing::info!(job = %job.id, registry = %req.job.registry.url, model = %req.job.registry.model, "handing the model over");
         let registrar = self.registrar();
+        let started = Instant::now();
         let result = match tokio::time::timeout(self.cfg.handoff_timeout, registrar.hand_off(&req)).await {
             Ok(r) => r.map_err(|e| e.to_string()),
             Err(_) => Err(format!("no answer within {:?}", self.cfg.handoff_timeout)),
         };
         let cmd = match result {
             Ok(r) => {
-                tracing::info!(job = %job.id, model = %r.model, version = r.version, "model registered");
+                let ms = started.elapsed().as_secs_f64() * 1e3;
+                tracing::info!(job = %job.id, model = %r.model, version = r.version, hand_off_ms = ms, "model registered");
                 if job.tracking_run.is_none() && !r.run_id.is_empty() {
                     let _ = self.propose(Command::SetTrackingRun { job: job.id.clone(), run_id: r.run_id.clone() }).await;
                 }

@@ -113,11 +113,20 @@ pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
+/// A client of the coordinator at `url`, once it leads (a replica that has
+/// just started refuses calls until it has won its election).
 pub async fn client(url: &str) -> JobServiceClient<Channel> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match JobServiceClient::connect(url.to_string()).await {
-            Ok(c) => return c,
+            Ok(mut c) => {
+                let leads = c.get_leader(pb::GetLeaderRequest {}).await.is_ok_and(|r| r.into_inner().is_leader);
+                if leads {
+                    return c;
+                }
+                assert!(Instant::now() < deadline, "coordinator at {url} does not lead");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             Err(e) if Instant::now() > deadline => panic!("coordinator at {url} unreachable: {e}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
