@@ -81,7 +81,7 @@ fn mlflow_gets_metrics_while_training_and_one_version_at_the_end() {
         phase(s) != pb::JobPhase::Running || s.registration.as_ref().is_some_and(|r| !r.tracking_run.is_empty())
     });
     assert_eq!(phase(&training), pb::JobPhase::Running, "the job ended before its tracking run appeared");
-    let done = wait(&addrs, &id, Duration::from_secs(120), "the job to end", |s| client_settled(s));
+    let done = wait(&addrs, &id, Duration::from_secs(120), "the job to end", client_settled);
     assert_eq!(phase(&done), pb::JobPhase::Succeeded, "{done:#?}");
     let reg = done.registration.clone().unwrap();
     assert_eq!((reg.model.as_str(), reg.version), ("digits-mlp", 1));

@@ -280,6 +280,44 @@ impl Storage {
     }
 }
 
+/// Writes `bytes` to a temporary file and links it to `path` unless `path`
+/// exists: `Ok(false)` then. Readers see the whole file or none.
+fn create_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<bool> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("object");
+    let tmp = path.with_file_name(format!(".{name}.{}.new", std::process::id()));
+    write_file(&tmp, &[bytes::Bytes::copy_from_slice(bytes)])?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `pieces` to a temporary file next to `path`, flushes it to disk and
+/// renames it into place: a reader sees the whole file or none.
+fn write_file(path: &std::path::Path, pieces: &[bytes::Bytes]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("object");
+    let tmp = path.with_file_name(format!(".{name}.{}.partial", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        for piece in pieces {
+            f.write_all(piece)?;
+        }
+        f.sync_data()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,42 +358,4 @@ mod tests {
         assert_eq!(s.child("m").files().await.unwrap().len(), 1);
         assert!(s.child("none").files().await.unwrap().is_empty());
     }
-}
-
-/// Writes `bytes` to a temporary file and links it to `path` unless `path`
-/// exists: `Ok(false)` then. Readers see the whole file or none.
-fn create_file(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<bool> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("object");
-    let tmp = path.with_file_name(format!(".{name}.{}.new", std::process::id()));
-    write_file(&tmp, &[bytes::Bytes::copy_from_slice(bytes)])?;
-    let linked = std::fs::hard_link(&tmp, path);
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
-/// Writes `pieces` to a temporary file next to `path`, flushes it to disk and
-/// renames it into place: a reader sees the whole file or none.
-fn write_file(path: &std::path::Path, pieces: &[bytes::Bytes]) -> std::io::Result<()> {
-    use std::io::Write;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("object");
-    let tmp = path.with_file_name(format!(".{name}.{}.partial", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        for piece in pieces {
-            f.write_all(piece)?;
-        }
-        f.sync_data()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
