@@ -79,6 +79,53 @@ fn loopback_limit(bytes: usize) -> f64 {
     bytes as f64 / t0.elapsed().as_secs_f64()
 }
 
+/// Bytes per second of each stream when `world` loopback streams run at
+/// once, stream `i` from thread `i` to thread `i + 1`: the traffic of a ring
+/// of `world` ranks, so the limit of one rank's link at that concurrency
+/// (on a machine with fewer cores than streams, they share the cores).
+fn ring_limit(world: usize, bytes: usize) -> f64 {
+    let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let barrier = std::sync::Barrier::new(2 * world);
+    let t0 = std::sync::Mutex::new(None::<Instant>);
+    std::thread::scope(|s| {
+        for (i, l) in listeners.iter().enumerate() {
+            let (barrier, t0) = (&barrier, &t0);
+            // Readers and writers start together, once every stream is up.
+            s.spawn(move || {
+                let (mut r, _) = l.accept().unwrap();
+                let mut buf = vec![0u8; 1 << 20];
+                if barrier.wait().is_leader() {
+                    *t0.lock().unwrap() = Some(Instant::now());
+                }
+                let mut got = 0;
+                while got < bytes {
+                    let n = r.read(&mut buf).unwrap();
+                    assert!(n > 0);
+                    got += n;
+                }
+            });
+            let to = addrs[(i + 1) % world];
+            s.spawn(move || {
+                let mut w = TcpStream::connect(to).unwrap();
+                w.set_nodelay(true).unwrap();
+                let chunk = vec![1u8; 1 << 20];
+                if barrier.wait().is_leader() {
+                    *t0.lock().unwrap() = Some(Instant::now());
+                }
+                let mut sent = 0;
+                while sent < bytes {
+                    let n = chunk.len().min(bytes - sent);
+                    w.write_all(&chunk[..n]).unwrap();
+                    sent += n;
+                }
+            });
+        }
+    });
+    let started = t0.lock().unwrap().expect("the streams started");
+    bytes as f64 / started.elapsed().as_secs_f64()
+}
+
 fn run_op(ring: &mut TcpRing, op: &str, buf: &mut [f32]) {
     match op {
         "all_reduce" => ring.all_reduce_sum(buf).unwrap(),
@@ -251,9 +298,14 @@ fn main() {
         }
         (None, false) => println!("smoke round: gloo skipped"),
     }
+    let ring_limits: std::collections::BTreeMap<usize, f64> =
+        worlds.iter().map(|&w| (w, ring_limit(w, if full { 256 << 20 } else { 16 << 20 }))).collect();
+    for (w, l) in &ring_limits {
+        println!("{w} loopback streams at once, as in a ring of {w} ranks: {:.2} GB/s each", l / 1e9);
+    }
     println!(
-        "{:<15} {:>5} {:>8} | {:>10} {:>10} | {:>10} {:>10} | {:>6} {:>9}",
-        "op", "ranks", "size", "flotilla", "busbw GB/s", "gloo", "busbw GB/s", "ratio", "of limit"
+        "{:<15} {:>5} {:>8} | {:>10} {:>10} | {:>10} {:>10} | {:>6} {:>9} {:>9}",
+        "op", "ranks", "size", "flotilla", "busbw GB/s", "gloo", "busbw GB/s", "ratio", "of limit", "of ring"
     );
     for &world in &worlds {
         let ours = flotilla_seconds(world, &ops, &sizes, full);
@@ -276,14 +328,15 @@ fn main() {
                     None => ("-".into(), "-".into(), "-".into()),
                 };
                 println!(
-                    "{op:<15} {world:>5} {:>8} | {:>10} {:>10.3} | {:>10} {:>10} | {:>6} {:>8.0}%",
+                    "{op:<15} {world:>5} {:>8} | {:>10} {:>10.3} | {:>10} {:>10} | {:>6} {:>8.0}% {:>8.0}%",
                     human(bytes),
                     time(secs),
                     busbw / 1e9,
                     gloo_time,
                     gloo_bw,
                     ratio,
-                    100.0 * busbw / limit
+                    100.0 * busbw / limit,
+                    100.0 * busbw / ring_limits[&world]
                 );
             }
         }
