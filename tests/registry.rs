@@ -77,10 +77,8 @@ fn mlflow_gets_metrics_while_training_and_one_version_at_the_end() {
     let addrs = [url.clone()];
 
     // The run exists, with metrics in it, while the job still trains.
-    let training = wait(&addrs, &id, Duration::from_secs(120), "a tracking run while training", |s| {
-        phase(s) != pb::JobPhase::Running || s.registration.as_ref().is_some_and(|r| !r.tracking_run.is_empty())
-    });
-    assert_eq!(phase(&training), pb::JobPhase::Running, "the job ended before its tracking run appeared");
+    let training = wait(&addrs, &id, Duration::from_secs(120), "a tracking run while training", tracked_or_trained);
+    assert!(still_training(&training), "the job was trained before its tracking run appeared: {training:#?}");
     let done = wait(&addrs, &id, Duration::from_secs(120), "the job to end", client_settled);
     assert_eq!(phase(&done), pb::JobPhase::Succeeded, "{done:#?}");
     let reg = done.registration.clone().unwrap();
@@ -127,6 +125,16 @@ fn mlflow_gets_metrics_while_training_and_one_version_at_the_end() {
     assert!(job_yaml_back.contains("name: tracked"), "{job_yaml_back}");
 }
 
+/// Pending (waiting for its workers), running or waiting: not trained yet.
+fn still_training(s: &pb::JobStatus) -> bool {
+    matches!(phase(s), pb::JobPhase::Pending | pb::JobPhase::Running | pb::JobPhase::Waiting)
+}
+
+/// The job has its tracking run, or is past training without one.
+fn tracked_or_trained(s: &pb::JobStatus) -> bool {
+    !still_training(s) || s.registration.as_ref().is_some_and(|r| !r.tracking_run.is_empty())
+}
+
 fn client_settled(s: &pb::JobStatus) -> bool {
     matches!(
         phase(s),
@@ -144,10 +152,8 @@ fn mlflow_down_at_the_hand_off_leaves_the_model_trained_not_registered_until_it_
     let id = submit(dir.path(), &url, &job_yaml("outage", "runs", &registry));
     let addrs = [url.clone()];
 
-    let training = wait(&addrs, &id, Duration::from_secs(120), "a tracking run", |s| {
-        phase(s) != pb::JobPhase::Running || s.registration.as_ref().is_some_and(|r| !r.tracking_run.is_empty())
-    });
-    assert_eq!(phase(&training), pb::JobPhase::Running, "the job ended before its tracking run appeared");
+    let training = wait(&addrs, &id, Duration::from_secs(120), "a tracking run", tracked_or_trained);
+    assert!(still_training(&training), "the job was trained before its tracking run appeared: {training:#?}");
     let tracking_run = training.registration.unwrap().tracking_run;
     ml.stop();
 
