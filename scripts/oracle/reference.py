@@ -331,8 +331,16 @@ def main():
     )
     try:
         train(args, args.rank, args.world)
+        # No rank tears the group down while a peer still uses it.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Leave without running C++ static destructors: at interpreter exit a
+    # gloo/store thread left joinable sometimes aborts the process
+    # ("terminate called without an active exception") after the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
