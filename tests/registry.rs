@@ -45,7 +45,13 @@ fn submit(dir: &Path, coordinator: &str, yaml: &str) -> String {
 }
 
 /// Polls the job until `done`; panics after `within`.
-fn wait(addrs: &[String], id: &str, within: Duration, what: &str, done: impl Fn(&pb::JobStatus) -> bool) -> pb::JobStatus {
+fn wait(
+    addrs: &[String],
+    id: &str,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&pb::JobStatus) -> bool,
+) -> pb::JobStatus {
     runtime().block_on(wait_job(addrs, id, within, what, done))
 }
 
@@ -118,7 +124,8 @@ fn mlflow_gets_metrics_while_training_and_one_version_at_the_end() {
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(std::fs::read(ours.join("model.safetensors")).unwrap(), weights);
-    let lineage: serde_json::Value = serde_json::from_slice(&std::fs::read(ours.join("lineage.json")).unwrap()).unwrap();
+    let lineage: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ours.join("lineage.json")).unwrap()).unwrap();
     assert_eq!(lineage["job_id"], id.as_str());
     assert_eq!(lineage["generations"].as_array().unwrap().len() as u64, done.generation);
     let job_yaml_back = std::fs::read_to_string(ours.join("job.yaml")).unwrap();
@@ -146,7 +153,8 @@ fn client_settled(s: &pb::JobStatus) -> bool {
 fn mlflow_down_at_the_hand_off_leaves_the_model_trained_not_registered_until_it_is_back() {
     let dir = tempfile::tempdir().unwrap();
     let mut ml = MlflowServer::start(&dir.path().join("mlflow"));
-    let (_coordinator, url) = coordinator_with(dir.path(), &[&TIMINGS[..], &["--handoff-retry-max-ms", "1000"]].concat());
+    let (_coordinator, url) =
+        coordinator_with(dir.path(), &[&TIMINGS[..], &["--handoff-retry-max-ms", "1000"]].concat());
     let _workers = [worker(dir.path(), &url, "worker-a"), worker(dir.path(), &url, "worker-b")];
     let registry = format!("{{kind: mlflow, url: '{}', model: outage, alias: candidate}}", ml.url());
     let id = submit(dir.path(), &url, &job_yaml("outage", "runs", &registry));
@@ -171,12 +179,17 @@ fn mlflow_down_at_the_hand_off_leaves_the_model_trained_not_registered_until_it_
     wait(&addrs, &id, Duration::from_secs(30), "more attempts", |s| s.registration.as_ref().unwrap().attempts >= 3);
 
     ml.restart();
-    let done = wait(&addrs, &id, Duration::from_secs(60), "the retried hand-off", |s| phase(s) == pb::JobPhase::Succeeded);
+    let done =
+        wait(&addrs, &id, Duration::from_secs(60), "the retried hand-off", |s| phase(s) == pb::JobPhase::Succeeded);
     let reg = done.registration.unwrap();
     assert_eq!((reg.version, reg.run_id.as_str()), (1, tracking_run.as_str()), "the training run gets the version");
     let again = flotilla(dir.path(), &["register", &id, "--coordinator", &url]);
     assert!(again.status.success(), "{}", String::from_utf8_lossy(&again.stderr));
-    assert!(String::from_utf8_lossy(&again.stdout).contains("outage version 1"), "{}", String::from_utf8_lossy(&again.stdout));
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("outage version 1"),
+        "{}",
+        String::from_utf8_lossy(&again.stdout)
+    );
 
     let info = inspect(&ml.url(), "outage", "candidate", &dir.path().join("downloaded"));
     assert_eq!(info["versions"].as_array().unwrap().len(), 1, "exactly one version: {info:#}");
@@ -251,7 +264,10 @@ fn builtin_registry_on_s3() {
     run_builtin(dir.path(), "s3://runs/jobs", "s3://models/registry", &env);
     let v1 = s3.root.join("models/registry/digits/1");
     let final_dir = s3.root.join("runs/jobs/builtin-1/final");
-    assert_eq!(std::fs::read(v1.join("model.safetensors")).unwrap(), std::fs::read(final_dir.join("model.safetensors")).unwrap());
+    assert_eq!(
+        std::fs::read(v1.join("model.safetensors")).unwrap(),
+        std::fs::read(final_dir.join("model.safetensors")).unwrap()
+    );
     assert_eq!(losses(&v1.join("metrics.jsonl")).len() as u64, STEPS);
     let lineage: serde_json::Value = serde_json::from_slice(&std::fs::read(v1.join("lineage.json")).unwrap()).unwrap();
     assert_eq!(lineage["job_id"], "builtin-1");
@@ -266,7 +282,10 @@ fn builtin_registry_on_s3() {
     let rt = runtime();
     assert!(!rt.block_on(claims.put_new("1", b"another job".to_vec())).unwrap(), "claim 1 is taken");
     assert!(rt.block_on(claims.put_new("99", b"another job".to_vec())).unwrap());
-    assert_eq!(rt.block_on(claims.get("1")).unwrap(), std::fs::read(s3.root.join("models/registry/digits/claims/1")).unwrap());
+    assert_eq!(
+        rt.block_on(claims.get("1")).unwrap(),
+        std::fs::read(s3.root.join("models/registry/digits/claims/1")).unwrap()
+    );
 }
 
 #[test]
@@ -283,7 +302,9 @@ fn killing_the_leader_during_the_hand_off_registers_one_version() {
     let registry = format!("{{kind: mlflow, url: '{}', model: failover, alias: candidate}}", proxy.url());
     let id = submit(dir.path(), &list, &job_yaml("failover", "runs", &registry));
 
-    let handing = wait(&addrs, &id, Duration::from_secs(180), "the hand-off", |s| phase(s) != pb::JobPhase::Running && phase(s) != pb::JobPhase::Pending);
+    let handing = wait(&addrs, &id, Duration::from_secs(180), "the hand-off", |s| {
+        phase(s) != pb::JobPhase::Running && phase(s) != pb::JobPhase::Pending
+    });
     assert_eq!(phase(&handing), pb::JobPhase::Registering, "{handing:#?}");
     let start = proxy.count();
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -20,6 +20,20 @@ pub fn phase(p: JobPhase) -> pb::JobPhase {
     }
 }
 
+/// A metric point as the registry and `metrics.jsonl` record it.
+pub fn metric_record(p: &pb::MetricPoint) -> flotilla_registry::MetricRecord {
+    flotilla_registry::MetricRecord {
+        step: p.step,
+        loss: p.loss,
+        lr: p.lr,
+        samples_per_sec: p.samples_per_sec,
+        grad_norm: p.grad_norm,
+        generation: p.generation,
+        world_size: p.world_size,
+        time_ms: p.time_ms,
+    }
+}
+
 pub fn checkpoint(c: &CheckpointRecord) -> pb::CheckpointRef {
     pb::CheckpointRef {
         step: c.step,
@@ -88,15 +102,12 @@ pub fn job_status(job: &Job, progress: Option<&Progress>) -> pb::JobStatus {
 
 /// The hand-off part of a job's status; `None` for a job without a registry.
 fn registration(job: &Job) -> Option<pb::Registration> {
-    if !job.registers {
-        return None;
-    }
-    let target = flotilla_jobspec::JobSpec::from_json(&job.spec_json).ok().and_then(|s| s.registry);
+    let target = job.registry.as_ref()?;
     let handoff = job.handoff.clone().unwrap_or_default();
     let done = handoff.registered.as_ref();
     Some(pb::Registration {
-        registry: target.as_ref().map(|t| t.url.clone()).unwrap_or_default(),
-        model: done.map(|r| r.model.clone()).or(target.map(|t| t.model)).unwrap_or_default(),
+        registry: target.url.clone(),
+        model: done.map_or_else(|| target.model.clone(), |r| r.model.clone()),
         version: done.map_or(0, |r| r.version),
         uri: done.map(|r| r.uri.clone()).unwrap_or_default(),
         run_id: done.map(|r| r.run_id.clone()).unwrap_or_default(),

@@ -40,13 +40,12 @@ pub fn due(job: &Job, now_ms: i64, base: Duration, max: Duration) -> bool {
 }
 
 fn tracked(job: &Job) -> Option<TrackedJob> {
-    let spec = flotilla_jobspec::JobSpec::from_json(&job.spec_json).ok()?;
     Some(TrackedJob {
         job_id: job.id.clone(),
         job_uid: if job.uid.is_empty() { job.id.clone() } else { job.uid.clone() },
         job_name: job.name.clone(),
         spec_json: job.spec_json.clone(),
-        registry: spec.registry?,
+        registry: job.registry.clone()?,
         submitted_ms: job.submitted_at_ms,
     })
 }
@@ -124,7 +123,7 @@ impl Coordinator {
             let needs_run = state.jobs.values().any(|j| {
                 j.phase.is_active()
                     && j.tracking_run.is_none()
-                    && tracked(j).is_some_and(|t| t.registry.kind == flotilla_jobspec::RegistryKind::Mlflow)
+                    && j.registry.as_ref().is_some_and(|r| r.kind == flotilla_jobspec::RegistryKind::Mlflow)
             });
             let every = if needs_run { self.cfg.track_every.min(NEW_RUN_EVERY) } else { self.cfg.track_every };
             if tracking.is_none() && last_track.elapsed() >= every {
@@ -158,7 +157,8 @@ impl Coordinator {
                 let ms = started.elapsed().as_secs_f64() * 1e3;
                 tracing::info!(job = %job.id, model = %r.model, version = r.version, hand_off_ms = ms, "model registered");
                 if job.tracking_run.is_none() && !r.run_id.is_empty() {
-                    let _ = self.propose(Command::SetTrackingRun { job: job.id.clone(), run_id: r.run_id.clone() }).await;
+                    let _ =
+                        self.propose(Command::SetTrackingRun { job: job.id.clone(), run_id: r.run_id.clone() }).await;
                 }
                 Command::HandoffDone {
                     job: job.id.clone(),
@@ -188,26 +188,14 @@ impl Coordinator {
     async fn track_pass(&self, mut cursors: HashMap<String, usize>) -> HashMap<String, usize> {
         let state = self.state();
         let registrar = self.registrar();
-        for job in state.jobs.values().filter(|j| j.registers && j.phase.is_active()) {
+        for job in state.jobs.values().filter(|j| j.registry.is_some() && j.phase.is_active()) {
             let Some(t) = tracked(job) else { continue };
             let from = cursors.get(&job.id).copied().unwrap_or(0);
             let points: Vec<MetricRecord> = {
                 let soft = self.soft();
-                soft.metrics.get(&job.id).map_or_else(Vec::new, |m| {
-                    m.iter()
-                        .skip(from)
-                        .map(|p| MetricRecord {
-                            step: p.step,
-                            loss: p.loss,
-                            lr: p.lr,
-                            samples_per_sec: p.samples_per_sec,
-                            grad_norm: p.grad_norm,
-                            generation: p.generation,
-                            world_size: p.world_size,
-                            time_ms: p.time_ms,
-                        })
-                        .collect()
-                })
+                soft.metrics
+                    .get(&job.id)
+                    .map_or_else(Vec::new, |m| m.iter().skip(from).map(crate::convert::metric_record).collect())
             };
             if points.is_empty() && job.tracking_run.is_some() {
                 continue;

@@ -102,7 +102,7 @@ impl JobService for JobApi {
             keep_checkpoints: spec.checkpoint.keep as u32,
             output_root: spec.checkpoint.url.clone(),
             submission_id: (!req.submission_id.is_empty()).then(|| req.submission_id.clone()),
-            registers: spec.registry.is_some(),
+            registry: spec.registry.clone(),
             uid: crate::random_id(),
             spec_yaml: req.spec_yaml,
             at_ms: now_ms(),

@@ -224,7 +224,7 @@ pub(crate) mod tests {
                 output_root: "/runs".into(),
                 submission_id: None,
                 spec_yaml: String::new(),
-                registers: false,
+                registry: None,
                 uid: String::new(),
                 at_ms: 1,
             })

@@ -3,6 +3,7 @@
 //! [`State::apply`]. It does no I/O and reads no clock, so every replica that
 //! applies the same commands ends in the same state.
 
+use flotilla_jobspec::RegistrySpec;
 use imbl::OrdMap;
 
 use serde::{Deserialize, Serialize};
@@ -134,9 +135,11 @@ pub struct Job {
     /// The job file as submitted (the YAML handed to the registry).
     #[serde(default)]
     pub spec_yaml: String,
-    /// Whether the job hands its model to a registry when trained.
+    /// The registry the job hands its model to when trained (its job
+    /// file's `registry` section), kept apart from the spec so that the
+    /// hand-off and status need not parse the spec.
     #[serde(default)]
-    pub registers: bool,
+    pub registry: Option<RegistrySpec>,
     /// Unique across coordinators (ids like `name-3` repeat on another
     /// coordinator): it names the job in registries.
     #[serde(default)]
@@ -197,9 +200,9 @@ pub enum Command {
         /// The job file's text, kept for the registry hand-off.
         #[serde(default)]
         spec_yaml: String,
-        /// Whether the job has a `registry` section.
+        /// The job file's `registry` section.
         #[serde(default)]
-        registers: bool,
+        registry: Option<RegistrySpec>,
         /// Chosen by the leader at random.
         #[serde(default)]
         uid: String,
@@ -443,7 +446,7 @@ impl State {
                 output_root,
                 submission_id,
                 spec_yaml,
-                registers,
+                registry,
                 uid,
                 at_ms,
             } => {
@@ -480,7 +483,7 @@ impl State {
                         history: Vec::new(),
                         checkpoint_request: 0,
                         spec_yaml,
-                        registers,
+                        registry,
                         uid: if uid.is_empty() { id.clone() } else { uid },
                         handoff: None,
                         tracking_run: None,
@@ -497,7 +500,10 @@ impl State {
                     return Ok(vec![Event::Ignored { reason: format!("job {job} already ended") }]);
                 }
                 j.message = if j.phase.is_handing_off() {
-                    format!("cancelled before the model was registered; it stays at {}", j.final_model.as_deref().unwrap_or("?"))
+                    format!(
+                        "cancelled before the model was registered; it stays at {}",
+                        j.final_model.as_deref().unwrap_or("?")
+                    )
                 } else {
                     "cancelled".into()
                 };
@@ -648,7 +654,7 @@ impl State {
                     return Err(Rejection::Invalid(format!("job {job} finished at step {step} of {}", j.total_steps)));
                 }
                 j.final_model = Some(final_model);
-                let event = if j.registers {
+                let event = if j.registry.is_some() {
                     j.phase = JobPhase::Registering;
                     j.message = format!("trained {step} steps; handing the model to the registry");
                     j.handoff = Some(Handoff::default());
@@ -676,7 +682,11 @@ impl State {
                     }]);
                 }
                 if !j.phase.is_handing_off() {
-                    return Err(Rejection::BadPhase { job, phase: j.phase, what: "only a trained job is registered".into() });
+                    return Err(Rejection::BadPhase {
+                        job,
+                        phase: j.phase,
+                        what: "only a trained job is registered".into(),
+                    });
                 }
                 let (model, version) = (registered.model.clone(), registered.version);
                 j.phase = JobPhase::Succeeded;
@@ -700,7 +710,7 @@ impl State {
             }
             Command::RetryHandoff { job, .. } => {
                 let j = self.job_mut(&job)?;
-                if !j.registers {
+                if j.registry.is_none() {
                     return Err(Rejection::Invalid(format!("job {job} has no registry section in its job file")));
                 }
                 if let Some(done) = j.handoff.as_ref().and_then(|h| h.registered.as_ref()) {

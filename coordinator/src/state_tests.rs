@@ -15,7 +15,7 @@ fn submit(state: &mut State, name: &str, min: u32, max: u32, keep: u32) -> JobId
             output_root: "/runs".into(),
             submission_id: None,
             spec_yaml: String::new(),
-            registers: false,
+            registry: None,
             uid: String::new(),
             at_ms: 1,
         })
@@ -280,7 +280,7 @@ fn replicas_applying_the_same_log_agree() {
             output_root: "/r".into(),
             submission_id: Some("s-1".into()),
             spec_yaml: String::new(),
-            registers: false,
+            registry: None,
             uid: String::new(),
             at_ms: 1,
         },
@@ -369,7 +369,7 @@ fn a_repeated_submission_returns_the_first_job() {
         output_root: "/r".into(),
         submission_id: sub.map(str::to_string),
         spec_yaml: String::new(),
-        registers: false,
+        registry: None,
         uid: String::new(),
         at_ms: 1,
     };
@@ -394,7 +394,14 @@ fn trained_job(s: &mut State) -> JobId {
             output_root: "/runs".into(),
             submission_id: None,
             spec_yaml: "name: reg\n".into(),
-            registers: true,
+            registry: Some(flotilla_jobspec::RegistrySpec {
+                kind: flotilla_jobspec::RegistryKind::Builtin,
+                url: "/models".into(),
+                model: "reg".into(),
+                experiment: String::new(),
+                alias: None,
+                tags: Default::default(),
+            }),
             uid: String::new(),
             at_ms: 1,
         })
@@ -450,7 +457,10 @@ fn a_job_with_a_registry_is_trained_then_registered_exactly_once() {
     // A second attempt's outcome (an old leader's) changes nothing.
     assert!(matches!(s.apply(done(5)).unwrap()[..], [Event::Ignored { .. }]));
     assert_eq!(s.jobs[&job].handoff.as_ref().unwrap().registered.as_ref().unwrap().version, 4);
-    assert!(matches!(s.apply(Command::RetryHandoff { job: job.clone(), at_ms: 11 }).unwrap()[..], [Event::Ignored { .. }]));
+    assert!(matches!(
+        s.apply(Command::RetryHandoff { job: job.clone(), at_ms: 11 }).unwrap()[..],
+        [Event::Ignored { .. }]
+    ));
     let failed = Command::HandoffFailed { job: job.clone(), error: "late".into(), at_ms: 12 };
     assert!(matches!(s.apply(failed).unwrap()[..], [Event::Ignored { .. }]));
     assert_eq!(s.jobs[&job].phase, JobPhase::Succeeded);
@@ -472,7 +482,10 @@ fn a_failed_hand_off_is_a_distinct_state_that_retries() {
     assert_eq!((h.attempts, h.last_attempt_ms, h.retry_request), (2, 20, 0));
     assert!(j.message.contains("trained, not registered") && j.message.contains("connection refused"), "{}", j.message);
 
-    assert_eq!(s.apply(Command::RetryHandoff { job: job.clone(), at_ms: 21 }).unwrap(), vec![Event::HandoffRetried { job: job.clone() }]);
+    assert_eq!(
+        s.apply(Command::RetryHandoff { job: job.clone(), at_ms: 21 }).unwrap(),
+        vec![Event::HandoffRetried { job: job.clone() }]
+    );
     assert_eq!(s.jobs[&job].phase, JobPhase::Registering);
     assert_eq!(s.jobs[&job].handoff.as_ref().unwrap().retry_request, 1);
     s.apply(Command::HandoffDone { job: job.clone(), registered: registered(1), at_ms: 22 }).unwrap();

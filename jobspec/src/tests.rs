@@ -290,7 +290,9 @@ fn number_forms() {
 #[test]
 fn registry_defaults_and_paths() {
     assert_eq!(ok(MINIMAL).registry, None);
-    let spec = ok(&with("registry:\n  kind: mlflow\n  url: http://127.0.0.1:5000\n  alias: candidate\n  tags: {team: vision}\n"));
+    let spec = ok(&with(
+        "registry:\n  kind: mlflow\n  url: http://127.0.0.1:5000\n  alias: candidate\n  tags: {team: vision}\n",
+    ));
     let r = spec.registry.as_ref().unwrap();
     assert_eq!((r.kind, r.model.as_str(), r.experiment.as_str()), (RegistryKind::Mlflow, "tiny", "tiny"));
     assert_eq!(r.alias.as_deref(), Some("candidate"));
@@ -318,11 +320,19 @@ fn registry_errors_name_the_field_and_the_place() {
         ("registry: {kind: builtin, url: m, experiment: e}\n", "registry.experiment", "only an MLflow", line, 47),
         ("registry: {kind: builtin, url: m, alias: v3}\n", "registry.alias", "reserved", line, 42),
         ("registry: {kind: builtin, url: m, alias: Prod}\n", "registry.alias", "lowercase", line, 42),
-        ("registry: {kind: builtin, url: m, tags: {flotilla.job: x}}\n", "registry.tags.flotilla.job", "set by flotilla", line, 56),
+        (
+            "registry: {kind: builtin, url: m, tags: {flotilla.job: x}}\n",
+            "registry.tags.flotilla.job",
+            "set by flotilla",
+            line,
+            56,
+        ),
         ("registry: {kind: builtin, url: m, color: red}\n", "registry.color", "unknown field", line, 35),
     ];
-    let cases: Vec<(String, &str, &str, u64, u64)> =
-        cases.into_iter().map(|(extra, path, message, line, column)| (with(extra), path, message, line, column)).collect();
+    let cases: Vec<(String, &str, &str, u64, u64)> = cases
+        .into_iter()
+        .map(|(extra, path, message, line, column)| (with(extra), path, message, line, column))
+        .collect();
     assert_error_cases(&cases);
 }
 

@@ -97,18 +97,30 @@ impl Builtin {
         let done = Registered { model: v.model.to_string(), version, uri, run_id: String::new() };
         match read_json::<VersionRecord>(&dir, VERSION_FILE).await? {
             Some(rec) if rec.job_uid == v.job_uid => {
-                tracing::info!(model = v.model, version, job = v.job_id, "version already written by an earlier attempt");
+                tracing::info!(
+                    model = v.model,
+                    version,
+                    job = v.job_id,
+                    "version already written by an earlier attempt"
+                );
             }
             Some(rec) => {
                 return Err(RegistryError::Corrupt {
                     what: format!("{}/{VERSION_FILE}", dir.url()),
-                    message: format!("claimed by job {} ({}) but written by job {} ({})", v.job_id, v.job_uid, rec.job_id, rec.job_uid),
+                    message: format!(
+                        "claimed by job {} ({}) but written by job {} ({})",
+                        v.job_id, v.job_uid, rec.job_id, rec.job_uid
+                    ),
                 });
             }
             None => {
                 let mut files = Vec::with_capacity(v.files.len());
                 for (name, bytes) in &v.files {
-                    files.push(FileEntry { name: name.clone(), size: bytes.len() as u64, sha256: crate::sha256_hex(bytes) });
+                    files.push(FileEntry {
+                        name: name.clone(),
+                        size: bytes.len() as u64,
+                        sha256: crate::sha256_hex(bytes),
+                    });
                     dir.put(name, bytes.clone()).await?;
                 }
                 let rec = VersionRecord {
@@ -192,7 +204,10 @@ impl Builtin {
             .map(|r| IndexEntry { version: r.version, job_id: r.job_id, created_ms: r.created_ms })
             .collect();
         let index = Index { model: model.to_string(), versions, aliases: self.aliases(model).await? };
-        self.root.child(model).put(INDEX_FILE, serde_json::to_vec_pretty(&index).expect("plain data serializes")).await?;
+        self.root
+            .child(model)
+            .put(INDEX_FILE, serde_json::to_vec_pretty(&index).expect("plain data serializes"))
+            .await?;
         Ok(())
     }
 
@@ -271,7 +286,8 @@ impl Catalog for Builtin {
                 });
             }
             let path = dir.join(&f.name);
-            std::fs::write(&path, &bytes).map_err(|e| RegistryError::Refused(format!("write {}: {e}", path.display())))?;
+            std::fs::write(&path, &bytes)
+                .map_err(|e| RegistryError::Refused(format!("write {}: {e}", path.display())))?;
             out.push(path);
         }
         Ok(out)
@@ -281,10 +297,9 @@ impl Catalog for Builtin {
 /// Reads and parses `name` in `dir`; `None` if it does not exist.
 async fn read_json<T: serde::de::DeserializeOwned>(dir: &Storage, name: &str) -> Result<Option<T>, RegistryError> {
     match dir.get(name).await {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| RegistryError::Corrupt {
-            what: format!("{}/{name}", dir.url()),
-            message: e.to_string(),
-        }),
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| RegistryError::Corrupt { what: format!("{}/{name}", dir.url()), message: e.to_string() }),
         Err(e) if e.is_not_found() => Ok(None),
         Err(e) => Err(e.into()),
     }
@@ -320,7 +335,10 @@ mod tests {
         assert_eq!(b.version, 2);
 
         let versions = reg.versions("digits").await.unwrap();
-        assert_eq!(versions.iter().map(|v| (v.version, v.job_id.as_str())).collect::<Vec<_>>(), [(1, "job-1"), (2, "job-2")]);
+        assert_eq!(
+            versions.iter().map(|v| (v.version, v.job_id.as_str())).collect::<Vec<_>>(),
+            [(1, "job-1"), (2, "job-2")]
+        );
         assert_eq!(versions[1].aliases, ["candidate"], "the alias moved to the newest version");
         let models = reg.models().await.unwrap();
         assert_eq!((models[0].name.as_str(), models[0].latest_version, models[0].versions), ("digits", 2, 2));

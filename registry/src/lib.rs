@@ -149,7 +149,10 @@ mod tests {
     fn references() {
         assert_eq!(parse_reference("digits").unwrap(), ("digits".into(), Selector::Latest));
         assert_eq!(parse_reference("digits@12").unwrap(), ("digits".into(), Selector::Version(12)));
-        assert_eq!(parse_reference("digits@candidate").unwrap(), ("digits".into(), Selector::Alias("candidate".into())));
+        assert_eq!(
+            parse_reference("digits@candidate").unwrap(),
+            ("digits".into(), Selector::Alias("candidate".into()))
+        );
         assert!(parse_reference("digits@0").is_err());
         assert!(parse_reference("digits@Prod").is_err());
         assert!(parse_reference("a/b@1").is_err());

@@ -62,9 +62,10 @@ impl Mlflow {
     }
 
     async fn send(&self, what: &str, req: reqwest::RequestBuilder) -> Result<Value, RegistryError> {
-        let resp = req.send().await.map_err(|e| {
-            RegistryError::Unavailable(format!("MLflow at {}: {what}: {}", self.base, error_chain(&e)))
-        })?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| RegistryError::Unavailable(format!("MLflow at {}: {what}: {}", self.base, error_chain(&e))))?;
         let status = resp.status();
         let body = resp.bytes().await.map_err(|e| {
             RegistryError::Unavailable(format!("MLflow at {}: {what}: read the answer: {e}", self.base))
@@ -74,9 +75,10 @@ impl Mlflow {
         }
         let parsed: Value = serde_json::from_slice(&body).unwrap_or(json!({}));
         let code = parsed["error_code"].as_str().unwrap_or("").to_string();
-        let message = parsed["message"].as_str().map(str::to_string).unwrap_or_else(|| {
-            String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned()
-        });
+        let message = parsed["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned());
         let text = format!("MLflow at {}: {what}: {status} {code}: {message}", self.base);
         Err(if code == "RESOURCE_DOES_NOT_EXIST" || status == reqwest::StatusCode::NOT_FOUND {
             RegistryError::NotFound(text)
@@ -171,9 +173,10 @@ impl Mlflow {
             .iter()
             .flat_map(|r| {
                 let ts = if r.time_ms > 0 { r.time_ms } else { now };
-                r.values().into_iter().filter(|(_, v)| v.is_finite()).map(move |(key, value)| {
-                    json!({ "key": key, "value": value, "timestamp": ts, "step": r.step })
-                })
+                r.values()
+                    .into_iter()
+                    .filter(|(_, v)| v.is_finite())
+                    .map(move |(key, value)| json!({ "key": key, "value": value, "timestamp": ts, "step": r.step }))
             })
             .collect();
         let mut calls = 0;
@@ -185,7 +188,11 @@ impl Mlflow {
     }
 
     /// The steps at which `key` was logged in the run.
-    pub async fn logged_steps(&self, run_id: &str, key: &str) -> Result<std::collections::BTreeSet<u64>, RegistryError> {
+    pub async fn logged_steps(
+        &self,
+        run_id: &str,
+        key: &str,
+    ) -> Result<std::collections::BTreeSet<u64>, RegistryError> {
         let mut steps = std::collections::BTreeSet::new();
         let mut token = String::new();
         loop {
@@ -195,7 +202,9 @@ impl Mlflow {
             }
             let v = self.get("metrics/get-history", &q).await?;
             for m in v["metrics"].as_array().into_iter().flatten() {
-                steps.insert(m["step"].as_u64().or_else(|| m["step"].as_str().and_then(|s| s.parse().ok())).unwrap_or(0));
+                steps.insert(
+                    m["step"].as_u64().or_else(|| m["step"].as_str().and_then(|s| s.parse().ok())).unwrap_or(0),
+                );
             }
             match v["next_page_token"].as_str() {
                 Some(t) if !t.is_empty() => token = t.to_string(),
@@ -239,7 +248,9 @@ impl Mlflow {
         for f in v["files"].as_array().into_iter().flatten() {
             let name = f["path"].as_str().unwrap_or("").to_string();
             if f["is_dir"].as_bool().unwrap_or(false) {
-                for (sub, size) in Box::pin(self.list_artifacts(&format!("{}/{name}", uri.trim_end_matches('/')))).await? {
+                for (sub, size) in
+                    Box::pin(self.list_artifacts(&format!("{}/{name}", uri.trim_end_matches('/')))).await?
+                {
                     out.push((format!("{name}/{sub}"), size));
                 }
             } else {
@@ -405,8 +416,12 @@ impl Catalog for Mlflow {
             for m in v["registered_models"].as_array().into_iter().flatten() {
                 let name = str_field(&m["name"]);
                 let versions = self.get("model-versions/search", &[("filter", &format!("name = '{name}'"))]).await?;
-                let versions: Vec<u64> =
-                    versions["model_versions"].as_array().into_iter().flatten().map(|v| num_field(&v["version"])).collect();
+                let versions: Vec<u64> = versions["model_versions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|v| num_field(&v["version"]))
+                    .collect();
                 out.push(ModelSummary {
                     latest_version: versions.iter().copied().max().unwrap_or(0),
                     versions: versions.len(),
@@ -429,7 +444,9 @@ impl Catalog for Mlflow {
     }
 
     async fn versions(&self, model: &str) -> Result<Vec<VersionInfo>, RegistryError> {
-        let v = self.get("model-versions/search", &[("filter", &format!("name = '{model}'")), ("max_results", "1000")]).await?;
+        let v = self
+            .get("model-versions/search", &[("filter", &format!("name = '{model}'")), ("max_results", "1000")])
+            .await?;
         let mut out: Vec<VersionInfo> =
             v["model_versions"].as_array().into_iter().flatten().map(|m| model_version(m).info()).collect();
         // Search answers leave aliases out: take them from the model.
@@ -480,9 +497,11 @@ impl Catalog for Mlflow {
             let bytes = self.download_artifact(&format!("{}/{name}", v.uri.trim_end_matches('/'))).await?;
             let path = dir.join(&name);
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| RegistryError::Refused(format!("create {}: {e}", parent.display())))?;
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| RegistryError::Refused(format!("create {}: {e}", parent.display())))?;
             }
-            std::fs::write(&path, &bytes).map_err(|e| RegistryError::Refused(format!("write {}: {e}", path.display())))?;
+            std::fs::write(&path, &bytes)
+                .map_err(|e| RegistryError::Refused(format!("write {}: {e}", path.display())))?;
             out.push(path);
         }
         Ok(out)

@@ -331,15 +331,8 @@ pub fn print_outcome(s: &pb::JobStatus, elapsed: Duration) {
 pub async fn save_metrics(client: &mut Client, job: &str, output: &str) -> anyhow::Result<String> {
     let req = pb::GetMetricsRequest { job_id: job.to_string() };
     let points = crate::rpc!(client, get_metrics, req)?.points;
-    let mut text = String::new();
-    for p in points {
-        let line = serde_json::json!({
-            "step": p.step, "loss": p.loss, "lr": p.lr, "samples_per_sec": p.samples_per_sec,
-            "grad_norm": p.grad_norm, "generation": p.generation, "world_size": p.world_size,
-        });
-        text.push_str(&line.to_string());
-        text.push('\n');
-    }
+    let records: Vec<_> = points.iter().map(flotilla_coordinator::convert::metric_record).collect();
+    let text = flotilla_registry::record::to_jsonl(&records);
     let out = flotilla_trainer::storage::Storage::open(output)?;
     out.put("metrics.jsonl", text.into_bytes()).await.map_err(|e| anyhow::anyhow!("write metrics.jsonl: {e}"))?;
     Ok(format!("{output}/metrics.jsonl"))

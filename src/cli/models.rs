@@ -57,10 +57,7 @@ fn absolute(url: &str) -> anyhow::Result<String> {
     Ok(std::env::current_dir()?.join(url).display().to_string())
 }
 
-async fn resolve(
-    catalog: &dyn Catalog,
-    reference: &str,
-) -> anyhow::Result<Result<VersionInfo, i32>> {
+async fn resolve(catalog: &dyn Catalog, reference: &str) -> anyhow::Result<Result<VersionInfo, i32>> {
     let (name, sel) = match parse_reference(reference) {
         Ok(r) => r,
         Err(e) => {
@@ -168,4 +165,3 @@ fn report(s: &pb::JobStatus) {
         None => println!("{} {}: {}", s.job_id, client::phase_name(s.phase), s.message),
     }
 }
-

@@ -185,7 +185,12 @@ async fn submit(
             Ok(Err(s)) => tracing::info!(error = %s.message(), "cannot submit yet; retrying"),
             Err(e) => tracing::info!(error = %format!("{e:#}"), "coordinator not reachable yet; retrying"),
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // The coordinator is still starting (the sbatch script starts it
+        // beside the workers): try again shortly, unless interrupted.
+        tokio::select! {
+            _ = token.cancelled() => anyhow::bail!("interrupted before the job was submitted"),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 

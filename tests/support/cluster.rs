@@ -72,4 +72,3 @@ pub async fn wait_job(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
-

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use crate::buckets::CommThread;
 use crate::checkpoint::{self, Layout, SamplerState, ShardEntry, Snapshot};
 use crate::storage::Storage;
-use flotilla_registry::MetricRecord;
 use crate::train::{Assignment, TrainError};
+use flotilla_registry::MetricRecord;
 
 /// A checkpoint rank 0 wrote the manifest of.
 #[derive(Debug, Clone, PartialEq)]

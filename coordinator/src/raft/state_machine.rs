@@ -189,7 +189,7 @@ mod tests {
                 output_root: "/tmp".into(),
                 submission_id: None,
                 spec_yaml: String::new(),
-                registers: false,
+                registry: None,
                 uid: String::new(),
                 at_ms: 0,
             })),

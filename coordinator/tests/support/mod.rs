@@ -71,7 +71,7 @@ pub fn submit(name: &str) -> Command {
         output_root: "/tmp/flotilla-raft-test".to_string(),
         submission_id: None,
         spec_yaml: String::new(),
-        registers: false,
+        registry: None,
         uid: String::new(),
         at_ms: 0,
     }

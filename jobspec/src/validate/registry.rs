@@ -30,7 +30,10 @@ pub(crate) fn registry(cx: &Ctx, raw: &Spanned<RawRegistry>, job_name: &str) -> 
                 return Err(cx.err(
                     "registry.url",
                     url,
-                    format!("an MLflow tracking server is reached over HTTP: write `http://host:port`, found {:?}", url.value),
+                    format!(
+                        "an MLflow tracking server is reached over HTTP: write `http://host:port`, found {:?}",
+                        url.value
+                    ),
                 ));
             }
         }
@@ -80,7 +83,11 @@ pub(crate) fn registry(cx: &Ctx, raw: &Spanned<RawRegistry>, job_name: &str) -> 
                 ));
             }
             if key.starts_with(RESERVED_TAG_PREFIX) {
-                return Err(cx.err(&path, value, format!("tag keys starting with `{RESERVED_TAG_PREFIX}` are set by flotilla")));
+                return Err(cx.err(
+                    &path,
+                    value,
+                    format!("tag keys starting with `{RESERVED_TAG_PREFIX}` are set by flotilla"),
+                ));
             }
             if value.value.chars().count() > 5000 {
                 return Err(cx.err(&path, value, "a tag value is at most 5000 characters"));
