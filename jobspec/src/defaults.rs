@@ -53,8 +53,3 @@ pub const CHECKPOINT_KEEP: usize = 3;
 pub const BUCKET_MB: f64 = 25.0;
 /// Upper bound on `parallelism.bucket_mb`.
 pub const BUCKET_MB_LIMIT: f64 = 4096.0;
-
-/// The only value `parallelism.pp` accepts for now.
-pub const PP: u64 = 1;
-/// The only value `parallelism.zero` accepts for now.
-pub const ZERO: u64 = 0;

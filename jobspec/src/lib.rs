@@ -27,7 +27,8 @@ mod validate;
 
 pub use error::SpecError;
 pub use spec::{
-    AdamWSpec, CheckpointSpec, DataSpec, DpSize, GptSpec, JobSpec, MlpSpec, ModelSpec, ParallelismSpec, RegistryKind,
+    AdamWSpec, CheckpointSpec, DataSpec, DpSize, GptSpec, JobSpec, MlpSpec, ModelSpec, ParallelismSpec, PipelineSchedule,
+    RegistryKind,
     RegistrySpec, ScheduleSpec, TokenDtype, TrainSpec, WorkersSpec,
 };
 

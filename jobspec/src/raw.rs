@@ -136,14 +136,16 @@ pub(crate) struct RawParallelism {
     pub dp: Option<S<Any>>,
     /// Gradient bucket size in MiB.
     pub bucket_mb: Option<S<f64>>,
-    /// Reserved: pipeline stages.
+    /// Pipeline stages.
     pub pp: Option<S<Any>>,
-    /// Reserved: ZeRO stage.
+    /// ZeRO stage.
     pub zero: Option<S<Any>>,
-    /// Reserved: pipeline schedule.
+    /// Pipeline schedule.
     pub schedule: Option<S<Any>>,
-    /// Reserved: pipeline micro-batches.
+    /// Micro-batches per replica and step.
     pub micro_batches: Option<S<Any>>,
+    /// Layers per pipeline stage.
+    pub split: Option<S<Vec<S<u64>>>>,
 }
 
 #[derive(Debug, Deserialize)]

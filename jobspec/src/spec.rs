@@ -39,6 +39,23 @@ impl ModelSpec {
             ModelSpec::Gpt(_) => "gpt",
         }
     }
+
+    /// The layers a pipeline splits the model at: an MLP's linear layers;
+    /// a GPT's embedding, each block and the head.
+    pub fn pipeline_layers(&self) -> usize {
+        match self {
+            ModelSpec::Mlp(m) => m.layers.len().saturating_sub(1),
+            ModelSpec::Gpt(g) => g.layers + 2,
+        }
+    }
+
+    /// What [`ModelSpec::pipeline_layers`] counts, for messages.
+    pub fn pipeline_layers_described(&self) -> String {
+        match self {
+            ModelSpec::Mlp(m) => format!("{} linear layers", m.layers.len().saturating_sub(1)),
+            ModelSpec::Gpt(g) => format!("{} layers: the embedding, {} blocks and the head", g.layers + 2, g.layers),
+        }
+    }
 }
 
 /// A multi-layer perceptron classifier.
@@ -148,6 +165,51 @@ pub struct ParallelismSpec {
     /// bucket, so that one bucket's communication overlaps the packing and
     /// unpacking of the others.
     pub bucket_mb: f64,
+    /// Pipeline stages: each data-parallel replica is `pp` workers, one per
+    /// stage, each holding a contiguous run of the model's layers.
+    #[serde(default = "one")]
+    pub pp: usize,
+    /// ZeRO stage inside each data-parallel group: 0 (replicated), 1
+    /// (optimizer state partitioned), 2 (and gradients), 3 (and parameters).
+    #[serde(default)]
+    pub zero: u8,
+    /// Micro-batches each replica's share of the global batch is split
+    /// into; none: chunks of `train.micro_batch` samples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub micro_batches: Option<usize>,
+    /// The pipeline schedule (used when `pp > 1`).
+    #[serde(default)]
+    pub schedule: PipelineSchedule,
+    /// Layers per stage, `pp` entries summing to the model's layer count;
+    /// none: balanced by parameter count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<Vec<usize>>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// The order in which a pipeline stage runs its micro-batches' passes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PipelineSchedule {
+    /// Every forward pass, then every backward pass.
+    #[serde(rename = "gpipe")]
+    Gpipe,
+    /// One forward, one backward in the steady state: at most `pp - stage`
+    /// micro-batches' activations held at once.
+    #[default]
+    #[serde(rename = "1f1b")]
+    OneFOneB,
+}
+
+impl PipelineSchedule {
+    pub fn name(self) -> &'static str {
+        match self {
+            PipelineSchedule::Gpipe => "gpipe",
+            PipelineSchedule::OneFOneB => "1f1b",
+        }
+    }
 }
 
 /// Data-parallel degree: chosen by the scheduler, or fixed by the job.

@@ -2,7 +2,8 @@
 //! default, and names the field and position of the first problem found.
 //!
 //! Sections are checked in file order except where one needs another's
-//! result (`train` and `parallelism` need `workers`, `data` needs `model`).
+//! result (`parallelism` needs `workers` and `model`, `train` needs
+//! `parallelism`, `data` needs `model`).
 
 mod model;
 pub(crate) mod registry;
@@ -14,7 +15,7 @@ use crate::defaults;
 use crate::error::SpecError;
 use crate::paths::classify_checkpoint_url;
 use crate::raw::{Any, RawCheckpoint, RawJob, RawParallelism, RawWorkers};
-use crate::{CheckpointSpec, DpSize, JobSpec, ParallelismSpec, WorkersSpec};
+use crate::{CheckpointSpec, DpSize, JobSpec, ModelSpec, ParallelismSpec, PipelineSchedule, TrainSpec, WorkersSpec};
 
 /// What every check needs: the origin for messages, and the source to
 /// place "missing field" errors on their section's key.
@@ -68,8 +69,9 @@ pub(crate) fn job(raw: RawJob, origin: &str, source: &str) -> Result<JobSpec, Sp
     let model = model::model(&cx, &raw.model)?;
     let data = model::data(&cx, &raw.data, &raw.model, &model)?;
     let workers = workers(&cx, raw.workers.as_ref())?;
-    let train = train::train(&cx, &raw.train, &workers)?;
-    let parallelism = parallelism(&cx, raw.parallelism.as_ref(), &workers)?;
+    let parallelism = parallelism(&cx, raw.parallelism.as_ref(), &workers, &model)?;
+    let train = train::train(&cx, &raw.train, workers.max / parallelism.pp)?;
+    batch_split(&cx, &raw, &train, &parallelism, &workers)?;
     let checkpoint = checkpoint(&cx, raw.checkpoint.as_ref(), train.steps)?;
     let registry = raw.registry.as_ref().map(|r| registry::registry(&cx, r, &name)).transpose()?;
     Ok(JobSpec { name, model, data, train, parallelism, workers, checkpoint, registry })
@@ -152,69 +154,167 @@ fn parallelism(
     cx: &Ctx,
     raw: Option<&Spanned<RawParallelism>>,
     workers: &WorkersSpec,
+    model: &ModelSpec,
 ) -> Result<ParallelismSpec, SpecError> {
+    let mut spec = ParallelismSpec {
+        dp: DpSize::Auto,
+        bucket_mb: defaults::BUCKET_MB,
+        pp: 1,
+        zero: 0,
+        micro_batches: None,
+        schedule: PipelineSchedule::default(),
+        split: None,
+    };
     let Some(raw) = raw else {
-        return Ok(ParallelismSpec { dp: DpSize::Auto, bucket_mb: defaults::BUCKET_MB });
+        return Ok(spec);
     };
     let p = &raw.value;
-    if let Some(pp) = p.pp.as_ref().filter(|v| v.value != Any::Int(defaults::PP)) {
-        return Err(cx.err(
-            "parallelism.pp",
-            pp,
-            format!("pipeline parallelism is not yet supported (only pp: {}); found {}", defaults::PP, pp.value),
-        ));
+    let layers = model.pipeline_layers();
+    if let Some(pp) = &p.pp {
+        spec.pp = match pp.value {
+            Any::Int(n) if n >= 1 && n as usize <= layers => n as usize,
+            Any::Int(n) if n >= 1 => {
+                return Err(cx.err(
+                    "parallelism.pp",
+                    pp,
+                    format!(
+                        "{n} pipeline stages is more than the model's {}; each stage needs at least one layer",
+                        model.pipeline_layers_described()
+                    ),
+                ))
+            }
+            ref other => {
+                return Err(cx.err("parallelism.pp", pp, format!("must be an integer from 1 to {layers}, found {other}")))
+            }
+        };
     }
-    if let Some(zero) = p.zero.as_ref().filter(|v| v.value != Any::Int(defaults::ZERO)) {
-        return Err(cx.err(
-            "parallelism.zero",
-            zero,
-            format!("ZeRO is not yet supported (only zero: {}); found {}", defaults::ZERO, zero.value),
-        ));
+    let pp = spec.pp;
+    if pp > 1 {
+        for (path, n) in [("workers.min", workers.min), ("workers.max", workers.max)] {
+            if n % pp != 0 {
+                return Err(cx.err(
+                    "parallelism.pp",
+                    p.pp.as_ref().expect("pp > 1 was given"),
+                    format!("{path} ({n}) must be a multiple of pp ({pp}): each data-parallel replica is {pp} workers"),
+                ));
+            }
+        }
+    }
+    if let Some(zero) = &p.zero {
+        spec.zero = match zero.value {
+            Any::Int(n @ 0..=3) => n as u8,
+            ref other => {
+                return Err(cx.err("parallelism.zero", zero, format!("must be 0, 1, 2 or 3, found {other}")));
+            }
+        };
     }
     if let Some(s) = &p.schedule {
-        return Err(cx.err("parallelism.schedule", s, "pipeline schedules are not yet supported"));
+        spec.schedule = match &s.value {
+            Any::Str(v) if v == "gpipe" => PipelineSchedule::Gpipe,
+            Any::Str(v) if v == "1f1b" => PipelineSchedule::OneFOneB,
+            other => {
+                return Err(cx.err("parallelism.schedule", s, format!("must be `gpipe` or `1f1b`, found {other}")));
+            }
+        };
     }
     if let Some(m) = &p.micro_batches {
-        return Err(cx.err(
-            "parallelism.micro_batches",
-            m,
-            "pipeline micro-batches are not yet supported (gradient accumulation follows train.micro_batch)",
-        ));
+        spec.micro_batches = match m.value {
+            Any::Int(n) if n >= 1 => Some(n as usize),
+            ref other => {
+                return Err(cx.err(
+                    "parallelism.micro_batches",
+                    m,
+                    format!("must be a positive integer, found {other}"),
+                ));
+            }
+        };
     }
-    let dp = match &p.dp {
-        None => DpSize::Auto,
-        Some(dp) => match &dp.value {
+    if let Some(split) = &p.split {
+        if split.value.len() != pp {
+            return Err(cx.err(
+                "parallelism.split",
+                split,
+                format!("must list the layers of each of the {pp} stages, found {} entries", split.value.len()),
+            ));
+        }
+        if let Some(zero) = split.value.iter().find(|n| n.value == 0) {
+            return Err(cx.err("parallelism.split", zero, "every stage needs at least one layer, found 0"));
+        }
+        let sum: u64 = split.value.iter().map(|n| n.value).sum();
+        if sum != layers as u64 {
+            return Err(cx.err(
+                "parallelism.split",
+                split,
+                format!("must add up to the model's {}, adds up to {sum}", model.pipeline_layers_described()),
+            ));
+        }
+        spec.split = Some(split.value.iter().map(|n| n.value as usize).collect());
+    }
+    let (min_dp, max_dp) = (workers.min.div_ceil(pp), workers.max / pp);
+    if let Some(dp) = &p.dp {
+        spec.dp = match &dp.value {
             Any::Str(s) if s == "auto" => DpSize::Auto,
-            Any::Int(n) if usize::try_from(*n).is_ok_and(|n| (workers.min..=workers.max).contains(&n)) => {
+            Any::Int(n) if usize::try_from(*n).is_ok_and(|n| (min_dp..=max_dp).contains(&n)) => {
                 DpSize::Fixed(*n as usize)
             }
             other => {
-                return Err(cx.err(
-                    "parallelism.dp",
-                    dp,
-                    format!(
-                        "must be `auto` or within workers.min..=workers.max ({}..={}), found {other}",
-                        workers.min, workers.max
-                    ),
-                ));
+                let what = if pp > 1 {
+                    format!("workers.min/pp..=workers.max/pp ({min_dp}..={max_dp}) replicas of {pp} stages")
+                } else {
+                    format!("workers.min..=workers.max ({min_dp}..={max_dp})")
+                };
+                return Err(cx.err("parallelism.dp", dp, format!("must be `auto` or within {what}, found {other}")));
             }
-        },
-    };
-    let bucket_mb = match &p.bucket_mb {
-        None => defaults::BUCKET_MB,
-        Some(b) => {
-            let v = cx.finite("parallelism.bucket_mb", b)?;
-            if v <= 0.0 || v > defaults::BUCKET_MB_LIMIT {
-                return Err(cx.err(
-                    "parallelism.bucket_mb",
-                    b,
-                    format!("must be > 0 and at most {}, found {v}", defaults::BUCKET_MB_LIMIT),
-                ));
-            }
-            v
+        };
+    }
+    if let Some(b) = &p.bucket_mb {
+        let v = cx.finite("parallelism.bucket_mb", b)?;
+        if v <= 0.0 || v > defaults::BUCKET_MB_LIMIT {
+            return Err(cx.err(
+                "parallelism.bucket_mb",
+                b,
+                format!("must be > 0 and at most {}, found {v}", defaults::BUCKET_MB_LIMIT),
+            ));
         }
-    };
-    Ok(ParallelismSpec { dp, bucket_mb })
+        spec.bucket_mb = v;
+    }
+    Ok(spec)
+}
+
+/// Checks that need both `train` and `parallelism`: how the global batch
+/// splits into replicas and micro-batches.
+fn batch_split(cx: &Ctx, raw: &RawJob, train: &TrainSpec, par: &ParallelismSpec, workers: &WorkersSpec) -> Result<(), SpecError> {
+    let Some(m) = par.micro_batches else { return Ok(()) };
+    let at = raw.parallelism.as_ref().and_then(|p| p.value.micro_batches.as_ref()).expect("micro_batches was given");
+    if let Some(mb) = &raw.train.value.micro_batch {
+        return Err(cx.err(
+            "parallelism.micro_batches",
+            at,
+            format!(
+                "set either train.micro_batch (line {}) or parallelism.micro_batches, not both",
+                mb.referenced.line()
+            ),
+        ));
+    }
+    let g = train.global_batch;
+    match par.dp {
+        DpSize::Fixed(dp) if g % (dp * m) != 0 => Err(cx.err(
+            "parallelism.micro_batches",
+            at,
+            format!(
+                "train.global_batch ({g}) must be divisible by dp ({dp}) x micro_batches ({m}), so that every micro-batch has the same size"
+            ),
+        )),
+        DpSize::Auto if g < m * (workers.max / par.pp) => Err(cx.err(
+            "parallelism.micro_batches",
+            at,
+            format!(
+                "train.global_batch ({g}) is too small for {m} micro-batches on each of up to {} replicas",
+                workers.max / par.pp
+            ),
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn checkpoint(cx: &Ctx, raw: Option<&Spanned<RawCheckpoint>>, steps: u64) -> Result<CheckpointSpec, SpecError> {

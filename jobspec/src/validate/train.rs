@@ -6,19 +6,19 @@ use super::Ctx;
 use crate::defaults;
 use crate::error::SpecError;
 use crate::raw::{RawOptimizer, RawSchedule, RawTrain};
-use crate::{AdamWSpec, ScheduleSpec, TrainSpec, WorkersSpec};
+use crate::{AdamWSpec, ScheduleSpec, TrainSpec};
 
-pub(super) fn train(cx: &Ctx, raw: &Spanned<RawTrain>, workers: &WorkersSpec) -> Result<TrainSpec, SpecError> {
+/// `max_replicas`: the most data-parallel replicas the job can run with.
+pub(super) fn train(cx: &Ctx, raw: &Spanned<RawTrain>, max_replicas: usize) -> Result<TrainSpec, SpecError> {
     let t = &raw.value;
     let steps = cx.at_least_one("train.steps", &t.steps)?;
     let global_batch = cx.at_least_one("train.global_batch", &t.global_batch)?;
-    if global_batch < workers.max {
+    if global_batch < max_replicas {
         return Err(cx.err(
             "train.global_batch",
             &t.global_batch,
             format!(
-                "must be at least workers.max ({}) so that every worker gets a sample, found {global_batch}",
-                workers.max
+                "must be at least the largest number of data-parallel replicas ({max_replicas}: workers.max / parallelism.pp) so that every replica gets a sample, found {global_batch}"
             ),
         ));
     }
