@@ -120,7 +120,7 @@ fn retryable(s: &tonic::Status) -> bool {
 impl RunMsg {
     /// Whether losing this report would lose work or stall the job.
     fn must_arrive(&self) -> bool {
-        !matches!(self, RunMsg::Event(TrainEvent::Progress { .. }))
+        !matches!(self, RunMsg::Event(TrainEvent::Progress { .. } | TrainEvent::Memory(_)))
     }
 }
 
@@ -343,7 +343,12 @@ impl Agent {
             .iter()
             .map(|p| p.parse::<SocketAddr>().with_context(|| format!("peer address {p:?}")))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        // TODO(plan fields): the coordinator's plan will carry these.
+        let stages = spec.parallelism.pp.max(1);
         let assignment = Assignment {
+            stage: a.rank as usize % stages,
+            replica: a.rank as usize / stages,
+            stages,
             job: a.job_id.clone(),
             generation: a.generation,
             rank: a.rank as usize,
@@ -432,6 +437,8 @@ impl Agent {
                     Err(e) => Err(e),
                 }
             }
+            // TODO(memory report): sent to the coordinator.
+            RunMsg::Event(TrainEvent::Memory(_)) => Ok(()),
             RunMsg::Event(TrainEvent::Finished { step, final_model }) => client
                 .report_finished(timed(pb::FinishReport {
                     worker_id: worker.into(),

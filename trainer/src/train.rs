@@ -45,6 +45,29 @@ pub struct Assignment {
     /// The coordinator's checkpoint request counter, kept current by the
     /// agent: rank 0 asks for a checkpoint when it grows.
     pub checkpoint_request: Arc<AtomicU64>,
+    /// This rank's pipeline stage and data-parallel replica, as the
+    /// coordinator's plan says (`rank = replica * stages + stage`).
+    pub stage: usize,
+    pub replica: usize,
+    /// Pipeline stages of the plan (`parallelism.pp`).
+    pub stages: usize,
+}
+
+/// The bytes a rank holds, by kind: what `flotilla status` shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MemoryUsage {
+    /// Parameters kept between steps (all of the stage's, or this rank's
+    /// partition under ZeRO-3).
+    pub params: u64,
+    /// Gradients kept for the update (the stage's, or this rank's
+    /// partition under ZeRO-2 and 3).
+    pub grads: u64,
+    /// AdamW's moments (the stage's, or this rank's partition under ZeRO 1-3).
+    pub optimizer: u64,
+    /// Peak growth of the process's heap during a step's passes above what
+    /// it held when the step began: the activations kept for backward
+    /// passes, and the parameters gathered for them under ZeRO-3.
+    pub activations: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -68,6 +91,9 @@ pub enum TrainEvent {
     },
     /// Rank 0 finished the last step and wrote the final model.
     Finished { step: u64, final_model: String },
+    /// What this rank holds (every rank sends it after its first step of a
+    /// generation, and again when it changes).
+    Memory(MemoryUsage),
 }
 
 #[derive(Debug, thiserror::Error)]
