@@ -54,7 +54,7 @@ impl Layout {
         Layout { names, shapes, offsets, total }
     }
 
-    fn numel(&self, i: usize) -> usize {
+    pub fn numel(&self, i: usize) -> usize {
         self.shapes[i].iter().product()
     }
 }
@@ -259,33 +259,52 @@ struct Span {
     end: usize,
 }
 
-/// Rank `rank`'s shard layout: the safetensors header (length prefix and
-/// JSON, padded to 8 bytes) and the spans of the flat state that follow it
-/// in file order. Nothing is copied: the spans are written straight from the
+/// One contiguous piece of a logical tensor that a rank holds and writes:
+/// elements `start..end` of tensor `tensor` (its index in the layout),
+/// found at `local` in the rank's snapshot arrays (the same place in each
+/// of the parameters and the two moments).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    pub tensor: usize,
+    pub start: usize,
+    pub end: usize,
+    pub local: usize,
+}
+
+/// What rank `rank` of `world` writes when every rank has the whole flat
+/// state: an even share of every tensor.
+pub fn even_holding(layout: &Layout, rank: usize, world: usize) -> Vec<Held> {
+    (0..layout.names.len())
+        .filter_map(|i| {
+            let (a, b) = shard_range(layout.numel(i), rank, world);
+            (a < b).then(|| Held { tensor: i, start: a, end: b, local: layout.offsets[i] + a })
+        })
+        .collect()
+}
+
+/// A shard's layout: the safetensors header (length prefix and JSON,
+/// padded to 8 bytes) and the spans of the snapshot that follow it in file
+/// order. Nothing is copied: the spans are written straight from the
 /// snapshot's memory.
-fn shard_plan(layout: &Layout, rank: usize, world: usize) -> (Vec<u8>, Vec<Span>) {
+fn shard_plan(layout: &Layout, held: &[Held]) -> (Vec<u8>, Vec<Span>) {
     let mut json = String::from("{");
     let mut spans = Vec::new();
     let mut offset = 0usize;
     for (g, group) in GROUPS.iter().enumerate() {
-        for (i, name) in layout.names.iter().enumerate() {
-            let (a, b) = shard_range(layout.numel(i), rank, world);
-            if a >= b {
-                continue;
-            }
-            let bytes = (b - a) * 4;
+        for h in held {
+            let bytes = (h.end - h.start) * 4;
             if !spans.is_empty() {
                 json.push(',');
             }
+            let name = &layout.names[h.tensor];
             let key = serde_json::to_string(&format!("{group}/{name}")).expect("a string serializes");
             json.push_str(&format!(
                 r#"{key}:{{"dtype":"F32","shape":[{}],"data_offsets":[{offset},{}]}}"#,
-                b - a,
+                h.end - h.start,
                 offset + bytes
             ));
             offset += bytes;
-            let off = layout.offsets[i];
-            spans.push(Span { group: g, start: off + a, end: off + b });
+            spans.push(Span { group: g, start: h.local, end: h.local + h.end - h.start });
         }
     }
     json.push('}');
@@ -312,8 +331,8 @@ impl AsRef<[u8]> for SnapshotBytes {
 /// Rank `rank`'s shard of `snap` as the pieces of one safetensors file
 /// (borrowing the snapshot's memory), and its entry with the CRC-32C of the
 /// whole file.
-pub fn shard_pieces(layout: &Layout, snap: &Arc<Snapshot>, rank: usize, world: usize) -> (Vec<Bytes>, ShardEntry) {
-    let (header, spans) = shard_plan(layout, rank, world);
+pub fn shard_pieces(layout: &Layout, snap: &Arc<Snapshot>, rank: usize, held: &[Held]) -> (Vec<Bytes>, ShardEntry) {
+    let (header, spans) = shard_plan(layout, held);
     let mut crc = crc32c::crc32c(&header);
     let mut len = header.len();
     let mut pieces = vec![Bytes::from(header)];
@@ -329,12 +348,12 @@ pub fn shard_pieces(layout: &Layout, snap: &Arc<Snapshot>, rank: usize, world: u
 
 /// Rank `rank`'s shard of `snap`: the safetensors bytes and their entry.
 pub fn encode_shard(layout: &Layout, snap: &Arc<Snapshot>, rank: usize, world: usize) -> (Vec<u8>, ShardEntry) {
-    let (pieces, entry) = shard_pieces(layout, snap, rank, world);
+    let (pieces, entry) = shard_pieces(layout, snap, rank, &even_holding(layout, rank, world));
     (pieces.concat(), entry)
 }
 
-/// Uploads rank `rank`'s shard of `snap` into the checkpoint folder `dir`,
-/// straight from the snapshot's memory.
+/// Uploads rank `rank`'s shard of `snap` (an even share of the whole
+/// state) into the checkpoint folder `dir`, straight from the snapshot's memory.
 pub async fn write_shard(
     dir: &Storage,
     layout: &Layout,
@@ -342,15 +361,27 @@ pub async fn write_shard(
     rank: usize,
     world: usize,
 ) -> Result<(ShardEntry, Upload), CheckpointError> {
+    write_held(dir, layout, snap, rank, even_holding(layout, rank, world)).await
+}
+
+/// Uploads rank `rank`'s shard of `snap`: the pieces `held` says it holds.
+pub async fn write_held(
+    dir: &Storage,
+    layout: &Layout,
+    snap: &Arc<Snapshot>,
+    rank: usize,
+    held: Vec<Held>,
+) -> Result<(ShardEntry, Upload), CheckpointError> {
     let (layout, snap2) = (layout.clone(), snap.clone());
-    let (pieces, entry) = tokio::task::spawn_blocking(move || shard_pieces(&layout, &snap2, rank, world))
+    let (pieces, entry) = tokio::task::spawn_blocking(move || shard_pieces(&layout, &snap2, rank, &held))
         .await
         .map_err(|e| CheckpointError::Encode(e.to_string()))?;
     let upload = dir.put_pieces(&entry.file, pieces).await?;
     Ok((entry, upload))
 }
 
-/// The manifest of a checkpoint whose shards are `shards` (index = rank).
+/// The manifest of a checkpoint whose shards are `shards` (index = rank),
+/// each an even share of the whole state.
 pub fn manifest(
     job: &str,
     generation: u64,
@@ -361,15 +392,31 @@ pub fn manifest(
     shards: Vec<ShardEntry>,
 ) -> Manifest {
     let world = shards.len();
+    let holdings: Vec<Vec<Held>> = (0..world).map(|r| even_holding(layout, r, world)).collect();
+    manifest_held(job, generation, layout, snap, sampler, torch_seed, shards, &holdings)
+}
+
+/// The manifest of a checkpoint whose shard `r` holds `holdings[r]`.
+#[allow(clippy::too_many_arguments)]
+pub fn manifest_held(
+    job: &str,
+    generation: u64,
+    layout: &Layout,
+    snap: &Snapshot,
+    sampler: SamplerState,
+    torch_seed: u64,
+    shards: Vec<ShardEntry>,
+    holdings: &[Vec<Held>],
+) -> Manifest {
     let mut tensors = Vec::new();
     for group in GROUPS {
         for (i, name) in layout.names.iter().enumerate() {
-            let pieces = (0..world)
-                .map(|r| {
-                    let (start, end) = shard_range(layout.numel(i), r, world);
-                    Piece { shard: r, start, end }
+            let pieces = holdings
+                .iter()
+                .enumerate()
+                .flat_map(|(r, held)| {
+                    held.iter().filter(|h| h.tensor == i).map(move |h| Piece { shard: r, start: h.start, end: h.end })
                 })
-                .filter(|p| p.start < p.end)
                 .collect();
             tensors.push(TensorEntry {
                 name: format!("{group}/{name}"),
@@ -384,7 +431,7 @@ pub fn manifest(
         job: job.into(),
         step: snap.step,
         generation,
-        world_size: world,
+        world_size: shards.len(),
         sampler,
         torch_seed,
         optimizer: "adamw".into(),

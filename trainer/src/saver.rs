@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::buckets::CommThread;
-use crate::checkpoint::{self, Layout, SamplerState, ShardEntry, Snapshot};
+use crate::checkpoint::{self, Held, Layout, SamplerState, ShardEntry, Snapshot};
 use crate::storage::Storage;
 use crate::train::{Assignment, TrainError};
 use flotilla_registry::MetricRecord;
@@ -30,7 +30,7 @@ pub struct Saved {
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Outcome {
-    Uploaded(ShardEntry),
+    Uploaded(ShardEntry, Vec<Held>),
     Failed(String),
 }
 
@@ -68,19 +68,16 @@ impl Saver {
         self.spare.lock().expect("saver lock").take().unwrap_or_default()
     }
 
-    /// Starts saving `snap`, copied at `since`: this rank's shard is written
-    /// from the snapshot's memory in the background.
-    pub fn start(&mut self, a: &Assignment, out: &Storage, layout: &Layout, snap: Snapshot, since: Instant) {
-        self.start_blocked(a, out, layout, snap, since, since.elapsed())
-    }
-
-    /// [`Saver::start`] for a snapshot whose copy began at `since` and kept
-    /// training waiting for `blocked` in all.
+    /// Starts saving `snap`, copied at `since` and keeping training waiting
+    /// for `blocked` in all: this rank's shard (the pieces `held` says the
+    /// snapshot holds) is written from the snapshot's memory in the background.
+    #[allow(clippy::too_many_arguments)]
     pub fn start_blocked(
         &mut self,
         a: &Assignment,
         out: &Storage,
         layout: &Layout,
+        held: Vec<Held>,
         snap: Snapshot,
         since: Instant,
         blocked: Duration,
@@ -89,14 +86,14 @@ impl Saver {
         let (step, optimizer_step) = (snap.step, snap.optimizer_step);
         let dir = out.child(&checkpoint::step_name(step));
         let result = Arc::new(Mutex::new(None));
-        let (slot, target, layout, rank, world) = (result.clone(), dir.clone(), layout.clone(), a.rank, a.world);
+        let (slot, target, layout, rank) = (result.clone(), dir.clone(), layout.clone(), a.rank);
         let spare = self.spare.clone();
         a.io.spawn(async move {
             let snap = Arc::new(snap);
-            let outcome = match checkpoint::write_shard(&target, &layout, &snap, rank, world).await {
+            let outcome = match checkpoint::write_held(&target, &layout, &snap, rank, held.clone()).await {
                 Ok((entry, up)) => {
                     tracing::info!(step, bytes = up.bytes, parts = up.parts, "checkpoint shard uploaded");
-                    Outcome::Uploaded(entry)
+                    Outcome::Uploaded(entry, held)
                 }
                 Err(e) => Outcome::Failed(e.to_string()),
             };
@@ -134,9 +131,13 @@ impl Saver {
             .collect::<Result<_, _>>()
             .map_err(|e| TrainError::Fatal(format!("read peers' shard entries: {e}")))?;
         let mut shards = Vec::with_capacity(outcomes.len());
+        let mut holdings = Vec::with_capacity(outcomes.len());
         for (rank, o) in outcomes.into_iter().enumerate() {
             match o {
-                Outcome::Uploaded(e) => shards.push(e),
+                Outcome::Uploaded(e, held) => {
+                    shards.push(e);
+                    holdings.push(held);
+                }
                 Outcome::Failed(why) => {
                     tracing::warn!(step = p.step, rank, error = %why, "checkpoint abandoned: a shard did not upload");
                     return Ok(None);
@@ -163,7 +164,7 @@ impl Saver {
         let upto: Vec<MetricRecord> = history.iter().filter(|r| r.step <= p.step).cloned().collect();
         a.io.block_on(checkpoint::write_history(&p.dir, &upto))
             .map_err(|e| TrainError::Fatal(format!("write the checkpoint's metric history: {e}")))?;
-        let m = checkpoint::manifest(&a.job, a.generation, layout, &meta, sampler, train.seed, shards);
+        let m = checkpoint::manifest_held(&a.job, a.generation, layout, &meta, sampler, train.seed, shards, &holdings);
         a.io.block_on(checkpoint::write_manifest(&p.dir, &m))
             .map_err(|e| TrainError::Fatal(format!("write checkpoint manifest: {e}")))?;
         let saved =

@@ -265,6 +265,7 @@ pub fn run(
     let global = train.global_batch as f64;
     let mut seen_request = a.checkpoint_request.load(Ordering::Relaxed);
     let mut saver = Saver::default();
+    let held = checkpoint::even_holding(&params.layout, a.rank, a.world);
     // A checkpoint's copy of the state, running beside the next forward and
     // backward passes. Declared after the state it reads, so that an early
     // return drops (joins) it first.
@@ -316,7 +317,7 @@ pub fn run(
         // The optimizer writes the state next: the copy must be done.
         if let Some(copy) = copying.take() {
             let (snap, since, blocked) = copy.finish();
-            saver.start_blocked(a, &out, &params.layout, snap, since, blocked);
+            saver.start_blocked(a, &out, &params.layout, held.clone(), snap, since, blocked);
         }
         adam.begin();
         let mut reduced = Vec::with_capacity(ranges.len());
@@ -402,7 +403,7 @@ pub fn run(
                 copying = Some(copy);
             } else {
                 let (snap, since, blocked) = copy.finish();
-                saver.start_blocked(a, &out, &params.layout, snap, since, blocked);
+                saver.start_blocked(a, &out, &params.layout, held.clone(), snap, since, blocked);
             }
             if requested {
                 // A worker is leaving: this one is finished at once, and the
