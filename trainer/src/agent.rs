@@ -373,7 +373,20 @@ impl Agent {
                 let mut emit = |e: TrainEvent| {
                     let _ = tx.send((k.clone(), RunMsg::Event(e)));
                 };
-                let result = train::run(&assignment, &listener, &opts, &c, &mut emit);
+                // A panic in the train loop is a bug, but it must still end
+                // the run as a failure the coordinator hears about, not
+                // leave the job waiting for a rank that is gone.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    train::run(&assignment, &listener, &opts, &c, &mut emit)
+                }))
+                .unwrap_or_else(|panic| {
+                    let what = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Err(train::TrainError::Fatal(format!("the train loop panicked: {what}")))
+                });
                 let _ = tx.send((k, RunMsg::Ended(result)));
             })
             .context("spawn the train thread")?;

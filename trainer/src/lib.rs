@@ -6,6 +6,7 @@ pub mod agent;
 pub mod buckets;
 pub mod checkpoint;
 pub mod data;
+pub mod engine;
 pub mod model;
 #[cfg(feature = "cuda")]
 pub mod nccl;
@@ -15,6 +16,7 @@ pub mod rendezvous;
 pub mod rng;
 pub mod sampler;
 pub mod saver;
+pub mod stats;
 pub mod train;
 
 pub use agent::{Agent, AgentConfig};

@@ -18,6 +18,7 @@ use crate::data::Dataset;
 use crate::model::Model;
 use crate::optim::{self, AdamW};
 use crate::sampler::Sampler;
+use crate::stats::{HeapPeak, StepTiming};
 use crate::saver::{Saved, Saver};
 use crate::storage::Storage;
 use flotilla_registry::MetricRecord;
@@ -105,7 +106,7 @@ pub enum TrainError {
 }
 
 impl TrainError {
-    fn fatal(context: &str, e: impl std::fmt::Display) -> TrainError {
+    pub(crate) fn fatal(context: &str, e: impl std::fmt::Display) -> TrainError {
         TrainError::Fatal(format!("{context}: {e}"))
     }
 }
@@ -181,7 +182,11 @@ impl Params {
     }
 }
 
-fn connect(a: &Assignment, listener: &CommListener, opts: &TrainOptions) -> Result<Box<dyn ProcessGroup>, CommError> {
+pub(crate) fn connect(
+    a: &Assignment,
+    listener: &CommListener,
+    opts: &TrainOptions,
+) -> Result<Box<dyn ProcessGroup>, CommError> {
     if a.world == 1 {
         return Ok(Box::new(SingleProcess::new(a.generation)));
     }
@@ -198,8 +203,31 @@ fn connect(a: &Assignment, listener: &CommListener, opts: &TrainOptions) -> Resu
 }
 
 /// Wall-clock milliseconds since the Unix epoch.
-fn wall_ms() -> i64 {
+pub(crate) fn wall_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Refuses a checkpoint taken with another global batch or seed: resuming
+/// from it would not continue the same run.
+pub(crate) fn check_resume(m: &checkpoint::Manifest, spec: &JobSpec, location: &str) -> Result<(), TrainError> {
+    let train = &spec.train;
+    if m.sampler.global_batch != train.global_batch as u64 || m.sampler.seed != train.seed {
+        return Err(TrainError::Fatal(format!(
+            "checkpoint {} was taken with global_batch {} and seed {}, the job has {} and {}",
+            location, m.sampler.global_batch, m.sampler.seed, train.global_batch, train.seed
+        )));
+    }
+    Ok(())
+}
+
+/// After a checkpoint the coordinator asked for (a worker is leaving): the
+/// coordinator starts a new generation from it as soon as it is committed.
+/// Waits for that rather than train steps that would be redone.
+pub(crate) fn wait_for_new_generation(cancel: &AtomicBool) {
+    let until = Instant::now() + REQUESTED_CHECKPOINT_WAIT;
+    while !cancel.load(Ordering::Relaxed) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Runs the assignment until the job's last step, a cancellation or an error.
@@ -210,6 +238,9 @@ pub fn run(
     cancel: &AtomicBool,
     emit: &mut dyn FnMut(TrainEvent),
 ) -> Result<Outcome, TrainError> {
+    if a.stages > 1 || a.spec.parallelism.zero > 0 {
+        return crate::engine::run(a, listener, opts, cancel, emit);
+    }
     tch::set_num_threads(1);
     let spec = &a.spec;
     let train = &spec.train;
@@ -232,12 +263,7 @@ pub fn run(
         };
         match loaded {
             Ok((m, snap)) => {
-                if m.sampler.global_batch != train.global_batch as u64 || m.sampler.seed != train.seed {
-                    return Err(TrainError::Fatal(format!(
-                        "checkpoint {} was taken with global_batch {} and seed {}, the job has {} and {}",
-                        location, m.sampler.global_batch, m.sampler.seed, train.global_batch, train.seed
-                    )));
-                }
+                check_resume(&m, spec, location)?;
                 start = snap.step;
                 params.flat = snap.params;
                 adam = AdamW { m: snap.m, v: snap.v, step: snap.optimizer_step };
@@ -265,6 +291,8 @@ pub fn run(
     let global = train.global_batch as f64;
     let mut seen_request = a.checkpoint_request.load(Ordering::Relaxed);
     let mut saver = Saver::default();
+    let mut reported = MemoryUsage::default();
+    let mut timings: Vec<StepTiming> = Vec::new();
     let held = checkpoint::even_holding(&params.layout, a.rank, a.world);
     // A checkpoint's copy of the state, running beside the next forward and
     // backward passes. Declared after the state it reads, so that an early
@@ -286,12 +314,18 @@ pub fn run(
         params.zero_grads();
         let indices = sampler.indices(step, a.rank, a.world);
         let mut local_loss = 0f64;
-        for chunk in indices.chunks(train.micro_batch.max(1)) {
-            let (x, y) = data.batch(chunk);
+        let heap = HeapPeak::start();
+        for mb in crate::engine::micro_batches(indices.len(), indices.len(), spec) {
+            if mb.is_empty() {
+                continue;
+            }
+            let (x, y) = data.batch(&indices[mb]);
             let loss = model.loss_sum(&x, &y);
+            heap.sample();
             local_loss += loss.double_value(&[]);
             (loss / global).backward();
         }
+        let activations = heap.peak();
         let t_compute = t0.elapsed();
         // Pack bucket by bucket while the comm thread reduces the ones before.
         // The loss sum and rank 0's "checkpoint now" flag ride at the end of
@@ -356,6 +390,18 @@ pub fn run(
         spare = reduced;
         params.push();
         let done = step + 1;
+        let total = params.layout.total as u64 * 4;
+        let usage = MemoryUsage { params: total, grads: total, optimizer: 2 * total, activations };
+        if reported.activations == 0 || usage.activations > reported.activations * 21 / 20 {
+            emit(TrainEvent::Memory(usage));
+            reported = usage;
+        }
+        timings.push(StepTiming {
+            step: done,
+            wall_ms: t0.elapsed().as_secs_f64() * 1e3,
+            passes_ms: t_compute.as_secs_f64() * 1e3,
+            waited_ms: 0.0,
+        });
         // Where a step's time goes, cumulative from its start (FLOTILLA_LOG=flotilla_trainer=debug).
         tracing::debug!(
             step = done,
@@ -413,13 +459,7 @@ pub fn run(
                 if let Some(saved) = saver.finish(a, &comm, &params.layout, &history)? {
                     emit(committed(saved));
                 }
-                // A worker is leaving: the coordinator starts a new
-                // generation from this checkpoint as soon as it is committed.
-                // Wait for it rather than train steps that would be redone.
-                let until = Instant::now() + REQUESTED_CHECKPOINT_WAIT;
-                while !cancel.load(Ordering::Relaxed) && Instant::now() < until {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+                wait_for_new_generation(cancel);
             }
         }
     }
@@ -427,6 +467,7 @@ pub fn run(
     if let Some(saved) = saver.finish(a, &comm, &params.layout, &history)? {
         emit(committed(saved));
     }
+    crate::stats::write(a, &reported, &timings);
     // Every replica must hold the same weights: compare digests before
     // handing the model over.
     let digest = checkpoint::digest(&params.flat);
