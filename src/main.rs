@@ -166,18 +166,28 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
             client::print_outcome(&status, started.elapsed());
             Ok(cli::exit_code(status.phase))
         }
-        Command::Status { job, coordinator } => {
+        Command::Status { job, json, coordinator } => {
             init_logs("warn");
             let mut c = client::connect(&coordinator.coordinator).await?;
             match job {
                 Some(id) => match flotilla::rpc!(c, get_job, pb::GetJobRequest { job_id: id.clone() }) {
-                    Ok(s) => client::print_detail(&s),
+                    Ok(s) if json => println!("{:#}", cli::status::status_json(&s)),
+                    Ok(s) => cli::status::print_detail(&s),
                     Err(s) => {
                         eprintln!("error: {}", s.message());
                         return Ok(1);
                     }
                 },
-                None => client::print_table(&flotilla::rpc!(c, list_jobs, pb::ListJobsRequest {})?.jobs),
+                None => {
+                    let jobs = flotilla::rpc!(c, list_jobs, pb::ListJobsRequest {})?.jobs;
+                    if json {
+                        for j in &jobs {
+                            println!("{}", cli::status::status_json(j));
+                        }
+                    } else {
+                        cli::status::print_table(&jobs);
+                    }
+                }
             }
             Ok(0)
         }

@@ -3,7 +3,7 @@
 use flotilla_proto::v1 as pb;
 use tonic::Status;
 
-use crate::soft::Progress;
+use crate::soft::Soft;
 use crate::state::{CheckpointRecord, Job, JobPhase, Rejection, State};
 use crate::store::StoreError;
 
@@ -44,9 +44,11 @@ pub fn checkpoint(c: &CheckpointRecord) -> pb::CheckpointRef {
     }
 }
 
-pub fn job_status(job: &Job, progress: Option<&Progress>) -> pb::JobStatus {
+/// The job's status: its durable state, with the progress and memory
+/// reports the leader holds.
+pub fn job_status(job: &Job, soft: &Soft) -> pb::JobStatus {
     // Progress from an older generation still tells how far the job got.
-    let (step, loss, sps) = match progress {
+    let (step, loss, sps) = match soft.progress.get(&job.id) {
         Some(p) => (p.step, p.loss, if p.generation == job.generation { p.samples_per_sec } else { 0.0 }),
         None => (job.latest_checkpoint().map_or(0, |c| c.step), 0.0, 0.0),
     };
@@ -88,10 +90,17 @@ pub fn job_status(job: &Job, progress: Option<&Progress>) -> pb::JobStatus {
                 p.ranks
                     .iter()
                     .enumerate()
-                    .map(|(i, r)| pb::RankInfo {
-                        rank: i as u32,
-                        worker_id: r.worker.clone(),
-                        data_addr: r.data_addr.clone(),
+                    .map(|(i, r)| {
+                        let rank = i as u32;
+                        let (stage, replica) = job.stage_and_replica(rank);
+                        pb::RankInfo {
+                            rank,
+                            worker_id: r.worker.clone(),
+                            data_addr: r.data_addr.clone(),
+                            stage,
+                            replica,
+                            memory: soft.memory(&job.id, p.generation, rank).copied(),
+                        }
                     })
                     .collect()
             })
@@ -121,6 +130,7 @@ fn registration(job: &Job) -> Option<pb::Registration> {
 pub fn assignment(state: &State, worker: &str) -> pb::Assignment {
     let Some((job, rank)) = state.rank_of(worker) else { return pb::Assignment::default() };
     let plan = job.plan.as_ref().expect("rank_of implies a plan");
+    let (stage, replica) = job.stage_and_replica(rank);
     pb::Assignment {
         job_id: job.id.clone(),
         generation: plan.generation,
@@ -131,6 +141,9 @@ pub fn assignment(state: &State, worker: &str) -> pb::Assignment {
         output_dir: job.output_dir.clone(),
         checkpoints: job.checkpoints.iter().rev().map(checkpoint).collect(),
         checkpoint_request: job.checkpoint_request,
+        stages: job.stages.max(1),
+        stage,
+        replica,
     }
 }
 

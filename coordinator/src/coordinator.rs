@@ -219,10 +219,8 @@ impl Coordinator {
             if !matches!(job.phase, JobPhase::Pending | JobPhase::Waiting) {
                 continue;
             }
-            let (min, max) = match job.fixed_world {
-                Some(n) => (n, n),
-                None => (job.min_workers, job.max_workers),
-            };
+            let req = job.plan_request();
+            let (min, max) = (req.min_world(), req.max_world());
             if free < min {
                 self.soft().not_ready(&job.id);
                 continue;
@@ -232,7 +230,7 @@ impl Coordinator {
             }
             self.soft().not_ready(&job.id);
             match self.propose(Command::Schedule { job: job.id.clone(), at_ms: now_ms() }).await {
-                Ok(_) => free = free.saturating_sub(max.min(free)),
+                Ok(_) => free = free.saturating_sub(req.target(free as usize).unwrap_or(0)),
                 Err(e) => tracing::warn!(job = %job.id, error = %e, "could not schedule job"),
             }
         }

@@ -72,7 +72,7 @@ fn job_status(c: &Coordinator, job_id: &str) -> Result<pb::JobStatus, Status> {
     let state = c.state();
     let job = state.jobs.get(job_id).ok_or_else(|| Status::not_found(format!("job {job_id} not found")))?;
     let soft = c.soft();
-    Ok(convert::job_status(job, soft.progress.get(job_id)))
+    Ok(convert::job_status(job, &soft))
 }
 
 #[tonic::async_trait]
@@ -88,9 +88,11 @@ impl JobService for JobApi {
             return Err(Status::invalid_argument(format!("base_dir must be an absolute path, got {:?}", req.base_dir)));
         }
         spec.resolve_paths(base);
+        let stages = spec.parallelism.pp.max(1) as u32;
+        // `dp` counts replicas, each of `pp` workers.
         let fixed_world = match spec.parallelism.dp {
             DpSize::Auto => None,
-            DpSize::Fixed(n) => Some(n as u32),
+            DpSize::Fixed(n) => Some(n as u32 * stages),
         };
         let cmd = Command::SubmitJob {
             name: spec.name.clone(),
@@ -98,6 +100,7 @@ impl JobService for JobApi {
             min_workers: spec.workers.min as u32,
             max_workers: spec.workers.max as u32,
             fixed_world,
+            stages,
             total_steps: spec.train.steps,
             keep_checkpoints: spec.checkpoint.keep as u32,
             output_root: spec.checkpoint.url.clone(),
@@ -136,8 +139,7 @@ impl JobService for JobApi {
         self.0.store.read_fresh().await.map_err(convert::status)?;
         let state = self.0.state();
         let soft = self.0.soft();
-        let jobs =
-            state.jobs_in_order().into_iter().map(|j| convert::job_status(j, soft.progress.get(&j.id))).collect();
+        let jobs = state.jobs_in_order().into_iter().map(|j| convert::job_status(j, &soft)).collect();
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
 
@@ -341,6 +343,30 @@ impl WorkerService for WorkerApi {
             time_ms: if r.time_ms > 0 { r.time_ms } else { now_ms() },
         };
         self.0.soft().record_progress(&r.job_id, point);
+        self.0.bump_soft();
+        Ok(Response::new(pb::Ack {}))
+    }
+
+    async fn report_memory(&self, req: Request<pb::MemoryReport>) -> Result<Response<pb::Ack>, Status> {
+        lead(&self.0)?;
+        let r = req.into_inner();
+        current_generation(&self.0, &r.job_id, r.generation)?;
+        let usage = r.usage.ok_or_else(|| Status::invalid_argument("a memory report needs its usage"))?;
+        let state = self.0.state();
+        let slot = state.jobs.get(&r.job_id).and_then(|j| j.plan.as_ref()).and_then(|p| p.ranks.get(r.rank as usize));
+        let Some(slot) = slot else {
+            return Err(Status::invalid_argument(format!(
+                "rank {} is not in generation {} of {}",
+                r.rank, r.generation, r.job_id
+            )));
+        };
+        if !r.worker_id.is_empty() && r.worker_id != slot.worker {
+            return Err(Status::invalid_argument(format!(
+                "rank {} of generation {} of {} is {}, not {}",
+                r.rank, r.generation, r.job_id, slot.worker, r.worker_id
+            )));
+        }
+        self.0.soft().record_memory(&r.job_id, r.generation, r.rank, usage);
         self.0.bump_soft();
         Ok(Response::new(pb::Ack {}))
     }

@@ -1,13 +1,13 @@
 //! Leader-only soft state: worker leases, closed assignment streams, the
-//! latest progress of each job and its metric history, and unexplained
-//! communication failures. None of it is replicated; only the decisions taken
+//! latest progress of each job and its metric history, what each rank
+//! reported it holds in memory, and unexplained communication failures. None of it is replicated; only the decisions taken
 //! from it are committed. Time is passed in, so the logic is testable without
 //! a clock.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use flotilla_proto::v1::MetricPoint;
+use flotilla_proto::v1::{MemoryUsage, MetricPoint};
 
 use crate::state::{JobId, State, WorkerId};
 
@@ -47,6 +47,8 @@ pub struct Soft {
     ready_since: HashMap<JobId, Instant>,
     /// (job, generation, key) -> value published for that generation.
     rendezvous: HashMap<(JobId, u64, String), Vec<u8>>,
+    /// (job, generation) -> rank -> the latest memory report of that rank.
+    memory: HashMap<(JobId, u64), BTreeMap<u32, MemoryUsage>>,
 }
 
 impl Soft {
@@ -181,6 +183,18 @@ impl Soft {
     pub fn lookup(&self, job: &str, generation: u64, key: &str) -> Option<&Vec<u8>> {
         self.rendezvous.get(&(job.to_string(), generation, key.to_string()))
     }
+
+    /// Keeps `usage` as what `rank` of the job's `generation` holds now,
+    /// dropping what older generations of the job reported.
+    pub fn record_memory(&mut self, job: &str, generation: u64, rank: u32, usage: MemoryUsage) {
+        self.memory.retain(|(j, g), _| j != job || *g >= generation);
+        self.memory.entry((job.to_string(), generation)).or_default().insert(rank, usage);
+    }
+
+    /// What `rank` of the job's `generation` last reported it holds.
+    pub fn memory(&self, job: &str, generation: u64, rank: u32) -> Option<&MemoryUsage> {
+        self.memory.get(&(job.to_string(), generation))?.get(&rank)
+    }
 }
 
 #[cfg(test)]
@@ -197,6 +211,27 @@ pub(crate) mod tests {
         soft.publish("j-1", 2, "nccl", vec![2]);
         assert_eq!(soft.lookup("j-1", 1, "nccl"), None, "older generations are dropped");
         assert_eq!(soft.lookup("j-1", 2, "nccl"), Some(&vec![2]));
+    }
+
+    fn usage(params_bytes: u64) -> MemoryUsage {
+        MemoryUsage { params_bytes, grads_bytes: 1, optimizer_bytes: 2, activation_bytes: 3 }
+    }
+
+    #[test]
+    fn memory_reports_keep_the_latest_per_rank_of_one_generation() {
+        let mut soft = Soft::default();
+        soft.record_memory("j-1", 1, 0, usage(10));
+        soft.record_memory("j-1", 1, 1, usage(11));
+        soft.record_memory("j-1", 1, 0, usage(20));
+        soft.record_memory("j-2", 1, 0, usage(30));
+        assert_eq!(soft.memory("j-1", 1, 0), Some(&usage(20)), "the latest report wins");
+        assert_eq!(soft.memory("j-1", 1, 1), Some(&usage(11)));
+        assert_eq!(soft.memory("j-1", 2, 0), None);
+        soft.record_memory("j-1", 2, 1, usage(40));
+        assert_eq!(soft.memory("j-1", 1, 0), None, "older generations are dropped");
+        assert_eq!(soft.memory("j-1", 2, 0), None, "rank 0 has not reported in generation 2");
+        assert_eq!(soft.memory("j-1", 2, 1), Some(&usage(40)));
+        assert_eq!(soft.memory("j-2", 1, 0), Some(&usage(30)), "other jobs keep theirs");
     }
 
     /// Workers `w1` and `w2` running generation 1 of job `j-1` (min 1, max 2).
@@ -219,6 +254,7 @@ pub(crate) mod tests {
                 min_workers: 1,
                 max_workers: 2,
                 fixed_world: None,
+                stages: 1,
                 total_steps: 100,
                 keep_checkpoints: 2,
                 output_root: "/runs".into(),

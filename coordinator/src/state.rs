@@ -115,8 +115,13 @@ pub struct Job {
     pub spec_json: String,
     pub min_workers: u32,
     pub max_workers: u32,
-    /// A fixed data-parallel size, if the job asks for one.
+    /// A fixed world size (`parallelism.dp` replicas of `stages` workers),
+    /// if the job asks for one.
     pub fixed_world: Option<u32>,
+    /// Pipeline stages (`parallelism.pp`): every plan is a whole number of
+    /// replicas of this many workers, and `rank = replica * stages + stage`.
+    #[serde(default = "one_stage")]
+    pub stages: u32,
     pub total_steps: u64,
     pub keep_checkpoints: u32,
     pub output_dir: String,
@@ -162,6 +167,20 @@ impl Job {
     fn workers(&self) -> Vec<WorkerId> {
         self.plan.as_ref().map(|p| p.ranks.iter().map(|r| r.worker.clone()).collect()).unwrap_or_default()
     }
+    /// The job's size limits, as the scheduler reads them.
+    pub fn plan_request(&self) -> PlanRequest {
+        PlanRequest { min: self.min_workers, max: self.max_workers, fixed: self.fixed_world, stages: self.stages }
+    }
+    /// The pipeline stage and data-parallel replica of `rank`.
+    pub fn stage_and_replica(&self, rank: u32) -> (u32, u32) {
+        let stages = self.stages.max(1);
+        (rank % stages, rank / stages)
+    }
+}
+
+/// Jobs persisted before pipelines existed have one stage.
+fn one_stage() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -188,7 +207,11 @@ pub enum Command {
         spec_json: String,
         min_workers: u32,
         max_workers: u32,
+        /// The exact world size, `dp * stages`, for a fixed `parallelism.dp`.
         fixed_world: Option<u32>,
+        /// Pipeline stages (`parallelism.pp`).
+        #[serde(default = "one_stage")]
+        stages: u32,
         total_steps: u64,
         keep_checkpoints: u32,
         /// Where the job's folder (named after its id) is created.
@@ -441,6 +464,7 @@ impl State {
                 min_workers,
                 max_workers,
                 fixed_world,
+                stages,
                 total_steps,
                 keep_checkpoints,
                 output_root,
@@ -458,6 +482,20 @@ impl State {
                         "workers.min {min_workers} and workers.max {max_workers} must satisfy 1 <= min <= max"
                     )));
                 }
+                if stages == 0 {
+                    return Err(Rejection::Invalid("a job has at least 1 pipeline stage".into()));
+                }
+                if min_workers % stages != 0 || max_workers % stages != 0 {
+                    return Err(Rejection::Invalid(format!(
+                        "workers.min {min_workers} and workers.max {max_workers} must be multiples of the \
+                         {stages} pipeline stages"
+                    )));
+                }
+                if let Some(n) = fixed_world.filter(|n| n % stages != 0) {
+                    return Err(Rejection::Invalid(format!(
+                        "a fixed world of {n} workers must be a multiple of the {stages} pipeline stages"
+                    )));
+                }
                 self.next_job_seq += 1;
                 let id = format!("{name}-{}", self.next_job_seq);
                 self.jobs.insert(
@@ -469,6 +507,7 @@ impl State {
                         min_workers,
                         max_workers,
                         fixed_world,
+                        stages,
                         total_steps,
                         keep_checkpoints: keep_checkpoints.max(1),
                         output_dir: format!("{}/{id}", output_root.trim_end_matches('/')),
@@ -558,7 +597,7 @@ impl State {
                 match j.phase {
                     JobPhase::Pending | JobPhase::Waiting => {
                         let free: Vec<WorkerId> = self.free_workers().iter().map(|w| w.id.clone()).collect();
-                        let req = self.plan_request(j);
+                        let req = j.plan_request();
                         let hint = |id: &str| self.workers.get(id).and_then(|w| w.rank_hint);
                         match scheduler::plan(&req, &[], &free).map(|ws| scheduler::apply_rank_hints(ws, hint)) {
                             Some(workers) => {
@@ -750,10 +789,6 @@ impl State {
         self.jobs.get_mut(job).ok_or_else(|| Rejection::JobNotFound(job.to_string()))
     }
 
-    fn plan_request(&self, job: &Job) -> PlanRequest {
-        PlanRequest { min: job.min_workers, max: job.max_workers, fixed: job.fixed_world }
-    }
-
     fn fail(&mut self, job: &str, reason: String) -> Vec<Event> {
         if let Some(j) = self.jobs.get_mut(job) {
             j.phase = JobPhase::Failed;
@@ -827,7 +862,7 @@ impl State {
         }
         let current: Vec<WorkerId> = j.workers().into_iter().filter(|w| !gone.contains(&w.as_str())).collect();
         let free: Vec<WorkerId> = self.free_workers().iter().map(|w| w.id.clone()).collect();
-        let req = self.plan_request(j);
+        let req = j.plan_request();
         match scheduler::plan(&req, &current, &free) {
             Some(workers) => self.start_generation(job, workers, reason, at_ms),
             None => {
@@ -835,7 +870,7 @@ impl State {
                 let j = self.jobs.get_mut(job).expect("job exists");
                 j.generation += 1;
                 j.phase = JobPhase::Waiting;
-                j.message = format!("{reason}; waiting for {} workers", j.min_workers);
+                j.message = format!("{reason}; waiting for {} workers", req.min_world());
                 j.history.push(GenerationRecord {
                     generation: j.generation,
                     world_size: 0,
@@ -855,7 +890,7 @@ impl State {
         if free.is_empty() || current.len() as u32 >= j.max_workers {
             return Vec::new();
         }
-        let req = self.plan_request(j);
+        let req = j.plan_request();
         match scheduler::plan(&req, &current, &free) {
             Some(workers) if workers != current => self.start_generation(job, workers, "workers joined".into(), at_ms),
             _ => Vec::new(),

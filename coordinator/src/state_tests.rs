@@ -10,6 +10,7 @@ fn submit(state: &mut State, name: &str, min: u32, max: u32, keep: u32) -> JobId
             min_workers: min,
             max_workers: max,
             fixed_world: None,
+            stages: 1,
             total_steps: 100,
             keep_checkpoints: keep,
             output_root: "/runs".into(),
@@ -275,6 +276,7 @@ fn replicas_applying_the_same_log_agree() {
             min_workers: 1,
             max_workers: 3,
             fixed_world: None,
+            stages: 1,
             total_steps: 10,
             keep_checkpoints: 1,
             output_root: "/r".into(),
@@ -364,6 +366,7 @@ fn a_repeated_submission_returns_the_first_job() {
         min_workers: 1,
         max_workers: 1,
         fixed_world: None,
+        stages: 1,
         total_steps: 10,
         keep_checkpoints: 1,
         output_root: "/r".into(),
@@ -389,6 +392,7 @@ fn trained_job(s: &mut State) -> JobId {
             min_workers: 1,
             max_workers: 1,
             fixed_world: None,
+            stages: 1,
             total_steps: 100,
             keep_checkpoints: 2,
             output_root: "/runs".into(),
@@ -535,4 +539,143 @@ fn a_first_plan_follows_the_workers_rank_hints() {
     let w2 = hinted("127.0.0.1:2", Some(0));
     s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
     assert_eq!(ranks(&s, &job), vec![w2, w1]);
+}
+
+/// Submits a pipeline job of `stages` stages; `fixed`: the exact world.
+fn submit_pipeline(state: &mut State, min: u32, max: u32, fixed: Option<u32>, stages: u32) -> Result<JobId, Rejection> {
+    let events = state.apply(Command::SubmitJob {
+        name: "pp".into(),
+        spec_json: "{}".into(),
+        min_workers: min,
+        max_workers: max,
+        fixed_world: fixed,
+        stages,
+        total_steps: 100,
+        keep_checkpoints: 3,
+        output_root: "/runs".into(),
+        submission_id: None,
+        spec_yaml: String::new(),
+        registry: None,
+        uid: String::new(),
+        at_ms: 1,
+    })?;
+    match &events[..] {
+        [Event::JobSubmitted { job }] => Ok(job.clone()),
+        other => panic!("unexpected events {other:?}"),
+    }
+}
+
+fn workers(state: &mut State, n: usize) -> Vec<WorkerId> {
+    (0..n).map(|_| register(state, "127.0.0.1:1")).collect()
+}
+
+#[test]
+fn a_pipeline_job_starts_on_whole_replicas() {
+    let mut s = State::new(3);
+    let job = submit_pipeline(&mut s, 2, 4, None, 2).unwrap();
+    let w = workers(&mut s, 3);
+    let events = s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
+    assert!(matches!(&events[..], [Event::GenerationStarted { generation: 1, world_size: 2, .. }]), "{events:?}");
+    assert_eq!(ranks(&s, &job), w[..2].to_vec());
+    assert_eq!(s.free_workers().len(), 1, "the odd worker stays free");
+    let j = &s.jobs[&job];
+    assert_eq!((0..4).map(|r| j.stage_and_replica(r)).collect::<Vec<_>>(), vec![(0, 0), (1, 0), (0, 1), (1, 1)]);
+}
+
+#[test]
+fn a_pipeline_job_that_loses_a_worker_takes_a_free_one_or_drops_a_replica() {
+    let mut s = State::new(3);
+    let job = submit_pipeline(&mut s, 2, 4, None, 2).unwrap();
+    let w = workers(&mut s, 5);
+    s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
+    assert_eq!(ranks(&s, &job), w[..4].to_vec());
+
+    // One of four dies with one free worker: four again, the others in order.
+    let events = s.apply(Command::RemoveWorker { worker: w[1].clone(), reason: "gone".into(), at_ms: 6 }).unwrap();
+    assert!(matches!(events[1], Event::GenerationStarted { generation: 2, world_size: 4, .. }), "{events:?}");
+    assert_eq!(ranks(&s, &job), vec![w[0].clone(), w[2].clone(), w[3].clone(), w[4].clone()]);
+
+    // Another dies with none free: one replica of two, the rest released.
+    let events = s.apply(Command::RemoveWorker { worker: w[2].clone(), reason: "gone".into(), at_ms: 7 }).unwrap();
+    assert!(matches!(events[1], Event::GenerationStarted { generation: 3, world_size: 2, .. }), "{events:?}");
+    assert_eq!(ranks(&s, &job), vec![w[0].clone(), w[3].clone()]);
+    assert_eq!(s.free_workers().iter().map(|x| x.id.clone()).collect::<Vec<_>>(), vec![w[4].clone()]);
+
+    // One free worker is not a replica: no growth at a checkpoint...
+    let events = commit(&mut s, &job, 3, 10);
+    assert_eq!(events, vec![Event::CheckpointCommitted { job: job.clone(), step: 10 }]);
+    // ...two are.
+    let w6 = register(&mut s, "127.0.0.1:6");
+    let events = commit(&mut s, &job, 3, 20);
+    assert!(matches!(events[1], Event::GenerationStarted { generation: 4, world_size: 4, .. }), "{events:?}");
+    assert_eq!(ranks(&s, &job), vec![w[0].clone(), w[3].clone(), w[4].clone(), w6]);
+}
+
+#[test]
+fn a_pipeline_job_left_with_less_than_a_replica_waits() {
+    let mut s = State::new(3);
+    let job = submit_pipeline(&mut s, 2, 2, None, 2).unwrap();
+    let w = workers(&mut s, 2);
+    s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
+    let events = s.apply(Command::RemoveWorker { worker: w[0].clone(), reason: "gone".into(), at_ms: 6 }).unwrap();
+    assert!(matches!(events[1], Event::JobWaiting { generation: 2, .. }), "{events:?}");
+    assert!(s.jobs[&job].message.ends_with("waiting for 2 workers"), "{}", s.jobs[&job].message);
+    assert!(s.workers[&w[1]].job.is_none());
+}
+
+#[test]
+fn a_fixed_pipeline_world_waits_for_all_its_replicas() {
+    let mut s = State::new(3);
+    // dp: 2 replicas of pp: 2.
+    let job = submit_pipeline(&mut s, 2, 6, Some(4), 2).unwrap();
+    workers(&mut s, 3);
+    let err = s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap_err();
+    assert_eq!(err, Rejection::NotEnoughWorkers { job: job.clone(), free: 3, needed: 4 });
+    workers(&mut s, 3);
+    let events = s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
+    assert!(matches!(&events[..], [Event::GenerationStarted { world_size: 4, .. }]), "{events:?}");
+}
+
+#[test]
+fn sizes_that_are_not_whole_replicas_are_rejected() {
+    let mut s = State::new(3);
+    for (min, max, fixed, stages) in [(3, 4, None, 2), (2, 5, None, 2), (2, 6, Some(3), 2), (1, 1, None, 0)] {
+        let err = submit_pipeline(&mut s, min, max, fixed, stages).unwrap_err();
+        assert!(matches!(err, Rejection::Invalid(_)), "{min} {max} {fixed:?} {stages}: {err:?}");
+    }
+    assert!(s.jobs.is_empty());
+}
+
+/// State and logs written before pipelines existed have no stage count.
+#[test]
+fn jobs_and_submissions_persisted_without_stages_have_one() {
+    let mut s = State::new(3);
+    let job = submit_pipeline(&mut s, 4, 4, None, 2).unwrap();
+    let mut value = serde_json::to_value(&s.jobs[&job]).unwrap();
+    value.as_object_mut().unwrap().remove("stages").expect("a job records its stages");
+    let old: Job = serde_json::from_value(value).unwrap();
+    assert_eq!(old.stages, 1);
+
+    let cmd = Command::SubmitJob {
+        name: "old".into(),
+        spec_json: "{}".into(),
+        min_workers: 1,
+        max_workers: 1,
+        fixed_world: None,
+        stages: 1,
+        total_steps: 1,
+        keep_checkpoints: 1,
+        output_root: "/runs".into(),
+        submission_id: None,
+        spec_yaml: String::new(),
+        registry: None,
+        uid: String::new(),
+        at_ms: 1,
+    };
+    let mut value = serde_json::to_value(cmd).unwrap();
+    value["SubmitJob"].as_object_mut().unwrap().remove("stages").expect("a submission carries its stages");
+    match serde_json::from_value::<Command>(value).unwrap() {
+        Command::SubmitJob { stages, .. } => assert_eq!(stages, 1),
+        other => panic!("{other:?}"),
+    }
 }

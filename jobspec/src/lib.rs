@@ -27,9 +27,8 @@ mod validate;
 
 pub use error::SpecError;
 pub use spec::{
-    AdamWSpec, CheckpointSpec, DataSpec, DpSize, GptSpec, JobSpec, MlpSpec, ModelSpec, ParallelismSpec, PipelineSchedule,
-    RegistryKind,
-    RegistrySpec, ScheduleSpec, TokenDtype, TrainSpec, WorkersSpec,
+    AdamWSpec, CheckpointSpec, DataSpec, DpSize, GptSpec, JobSpec, MlpSpec, ModelSpec, ParallelismSpec,
+    PipelineSchedule, RegistryKind, RegistrySpec, ScheduleSpec, TokenDtype, TrainSpec, WorkersSpec,
 };
 
 /// Checks a registered model name and an alias as `registry.model` and

@@ -219,8 +219,20 @@ fn errors_name_the_field_and_the_place() {
         (with("parallelism:\n  pp: two\n"), "parallelism.pp", "integer from 1 to 1, found `two`", 11, 7),
         (with("parallelism:\n  pp: 2\n"), "parallelism.pp", "more than the model's 1 linear layers", 11, 7),
         (with("parallelism:\n  zero: 5\n"), "parallelism.zero", "must be 0, 1, 2 or 3, found 5", 11, 9),
-        (with("parallelism:\n  schedule: zigzag\n"), "parallelism.schedule", "`gpipe` or `1f1b`, found `zigzag`", 11, 13),
-        (with("parallelism:\n  split: [2]\n"), "parallelism.split", "must add up to the model's 1 linear layers", 11, 10),
+        (
+            with("parallelism:\n  schedule: zigzag\n"),
+            "parallelism.schedule",
+            "`gpipe` or `1f1b`, found `zigzag`",
+            11,
+            13,
+        ),
+        (
+            with("parallelism:\n  split: [2]\n"),
+            "parallelism.split",
+            "must add up to the model's 1 linear layers",
+            11,
+            10,
+        ),
         (
             train_line("  micro_batch: 2\nparallelism:\n  micro_batches: 2\n"),
             "parallelism.micro_batches",

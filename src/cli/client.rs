@@ -1,5 +1,5 @@
-//! The client side of the CLI: submit, status, cancel, and following a job
-//! with a progress bar.
+//! The client side of the CLI: a client that follows the leading replica,
+//! submit, and following a job with a progress bar.
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -160,63 +160,6 @@ pub fn registration_line(j: &pb::JobStatus) -> Option<String> {
     } else {
         format!("{} in {}: pending", r.model, r.registry)
     })
-}
-
-pub fn print_table(jobs: &[pb::JobStatus]) {
-    println!("{:<24} {:<10} {:>5} {:>4} {:>13} {:>10}", "JOB", "PHASE", "GEN", "WORLD", "STEP", "LOSS");
-    for j in jobs {
-        println!(
-            "{:<24} {:<10} {:>5} {:>4} {:>13} {:>10.4}",
-            j.job_id,
-            phase_name(j.phase),
-            j.generation,
-            j.world_size,
-            format!("{}/{}", j.step, j.total_steps),
-            j.loss
-        );
-    }
-}
-
-pub fn print_detail(j: &pb::JobStatus) {
-    println!("job:          {}", j.job_id);
-    println!(
-        "phase:        {}{}",
-        phase_name(j.phase),
-        if j.message.is_empty() { String::new() } else { format!(" ({})", j.message) }
-    );
-    println!("step:         {}/{}  loss {:.4}  {:.0} samples/s", j.step, j.total_steps, j.loss, j.samples_per_sec);
-    println!(
-        "workers:      {} (min {}, max {})  generation {}  restarts {}",
-        j.world_size, j.min_workers, j.max_workers, j.generation, j.restarts
-    );
-    for r in &j.ranks {
-        println!("  rank {:<3}    {} at {}", r.rank, r.worker_id, r.data_addr);
-    }
-    println!("output:       {}", j.output_dir);
-    if let Some(c) = &j.latest_checkpoint {
-        println!(
-            "checkpoint:   step {} at {} (training blocked {:.1} ms of {:.1} ms)",
-            c.step, c.location, c.blocked_ms, c.total_ms
-        );
-    }
-    if !j.final_model.is_empty() {
-        println!("final model:  {}", j.final_model);
-    }
-    if let Some(line) = registration_line(j) {
-        println!("registry:     {line}");
-    }
-    if let Some(run) = j.registration.as_ref().map(|r| &r.tracking_run).filter(|r| !r.is_empty()) {
-        println!("tracking run: {run}");
-    }
-    if !j.generations.is_empty() {
-        println!("generations:");
-        for g in &j.generations {
-            println!(
-                "  {:<4} world {:<3} from step {:<6} {}",
-                g.generation, g.world_size, g.resumed_from_step, g.reason
-            );
-        }
-    }
 }
 
 /// Follows a job until it ends, with a progress bar on a terminal or a line

@@ -6,6 +6,7 @@ pub mod models;
 pub mod procs;
 pub mod render;
 pub mod run;
+pub mod status;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -86,9 +87,14 @@ pub enum Command {
         #[arg(long)]
         submission_id: Option<String>,
     },
-    /// Show all jobs, or one job in detail.
+    /// Show all jobs, or one job in detail: its ranks with their pipeline
+    /// stage, replica and the memory each reported holding.
     Status {
         job: Option<String>,
+        /// Print JSON instead: the job as one object, or one object per
+        /// job and line without JOB.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         coordinator: CoordinatorArg,
     },

@@ -343,11 +343,10 @@ impl Agent {
             .iter()
             .map(|p| p.parse::<SocketAddr>().with_context(|| format!("peer address {p:?}")))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        // TODO(plan fields): the coordinator's plan will carry these.
-        let stages = spec.parallelism.pp.max(1);
+        let (stage, replica, stages) = plan_position(&a, spec.parallelism.pp)?;
         let assignment = Assignment {
-            stage: a.rank as usize % stages,
-            replica: a.rank as usize / stages,
+            stage,
+            replica,
             stages,
             job: a.job_id.clone(),
             generation: a.generation,
@@ -450,8 +449,21 @@ impl Agent {
                     Err(e) => Err(e),
                 }
             }
-            // TODO(memory report): sent to the coordinator.
-            RunMsg::Event(TrainEvent::Memory(_)) => Ok(()),
+            RunMsg::Event(TrainEvent::Memory(m)) => client
+                .report_memory(timed(pb::MemoryReport {
+                    worker_id: worker.into(),
+                    job_id,
+                    generation,
+                    rank,
+                    usage: Some(pb::MemoryUsage {
+                        params_bytes: m.params,
+                        grads_bytes: m.grads,
+                        optimizer_bytes: m.optimizer,
+                        activation_bytes: m.activations,
+                    }),
+                }))
+                .await
+                .map(|_| ()),
             RunMsg::Event(TrainEvent::Finished { step, final_model }) => client
                 .report_finished(timed(pb::FinishReport {
                     worker_id: worker.into(),
@@ -489,6 +501,64 @@ impl Agent {
     }
 }
 
+/// The rank's pipeline stage, data-parallel replica and the plan's stage
+/// count, as the assignment names them. An assignment without stages comes
+/// from a coordinator older than pipelines: one stage, every rank a replica.
+/// Stages that disagree with the job's `parallelism.pp` are an error.
+fn plan_position(a: &pb::Assignment, pp: usize) -> anyhow::Result<(usize, usize, usize)> {
+    if a.stages == 0 {
+        anyhow::ensure!(
+            pp <= 1,
+            "the job has parallelism.pp {pp} but the coordinator's plan has no pipeline stages (an older coordinator?)"
+        );
+        return Ok((0, a.rank as usize, 1));
+    }
+    let stages = a.stages as usize;
+    anyhow::ensure!(
+        stages == pp.max(1),
+        "the coordinator's plan has {stages} pipeline stages but the job has parallelism.pp {pp}"
+    );
+    anyhow::ensure!(
+        a.stage < a.stages && a.replica as u64 * u64::from(a.stages) + u64::from(a.stage) == u64::from(a.rank),
+        "the coordinator's plan puts rank {} at stage {} of replica {} with {} stages; expected rank = replica * stages + stage",
+        a.rank,
+        a.stage,
+        a.replica,
+        a.stages
+    );
+    Ok((a.stage as usize, a.replica as usize, stages))
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assignment(rank: u32, stages: u32, stage: u32, replica: u32) -> pb::Assignment {
+        pb::Assignment { job_id: "j-1".into(), rank, stages, stage, replica, ..Default::default() }
+    }
+
+    #[test]
+    fn the_plan_position_comes_from_the_assignment() {
+        assert_eq!(plan_position(&assignment(5, 2, 1, 2), 2).unwrap(), (1, 2, 2));
+        assert_eq!(plan_position(&assignment(3, 1, 0, 3), 1).unwrap(), (0, 3, 1));
+    }
+
+    #[test]
+    fn an_older_coordinator_s_assignment_means_one_stage() {
+        assert_eq!(plan_position(&assignment(3, 0, 0, 0), 1).unwrap(), (0, 3, 1));
+        let e = plan_position(&assignment(3, 0, 0, 0), 2).unwrap_err().to_string();
+        assert!(e.contains("parallelism.pp 2") && e.contains("no pipeline stages"), "{e}");
+    }
+
+    #[test]
+    fn stages_that_disagree_with_the_job_fail_the_start() {
+        let e = plan_position(&assignment(1, 2, 1, 0), 4).unwrap_err().to_string();
+        assert!(e.contains("2 pipeline stages") && e.contains("parallelism.pp 4"), "{e}");
+        let e = plan_position(&assignment(1, 2, 0, 1), 2).unwrap_err().to_string();
+        assert!(e.contains("rank = replica * stages + stage"), "{e}");
+    }
 }

@@ -184,6 +184,7 @@ mod tests {
                 min_workers: 1,
                 max_workers: 1,
                 fixed_world: None,
+                stages: 1,
                 total_steps: 1,
                 keep_checkpoints: 1,
                 output_root: "/tmp".into(),

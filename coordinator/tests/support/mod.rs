@@ -66,6 +66,7 @@ pub fn submit(name: &str) -> Command {
         min_workers: 1,
         max_workers: 1,
         fixed_world: None,
+        stages: 1,
         total_steps: 10,
         keep_checkpoints: 1,
         output_root: "/tmp/flotilla-raft-test".to_string(),

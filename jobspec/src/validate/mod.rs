@@ -184,7 +184,11 @@ fn parallelism(
                 ))
             }
             ref other => {
-                return Err(cx.err("parallelism.pp", pp, format!("must be an integer from 1 to {layers}, found {other}")))
+                return Err(cx.err(
+                    "parallelism.pp",
+                    pp,
+                    format!("must be an integer from 1 to {layers}, found {other}"),
+                ))
             }
         };
     }
@@ -283,7 +287,13 @@ fn parallelism(
 
 /// Checks that need both `train` and `parallelism`: how the global batch
 /// splits into replicas and micro-batches.
-fn batch_split(cx: &Ctx, raw: &RawJob, train: &TrainSpec, par: &ParallelismSpec, workers: &WorkersSpec) -> Result<(), SpecError> {
+fn batch_split(
+    cx: &Ctx,
+    raw: &RawJob,
+    train: &TrainSpec,
+    par: &ParallelismSpec,
+    workers: &WorkersSpec,
+) -> Result<(), SpecError> {
     let Some(m) = par.micro_batches else { return Ok(()) };
     let at = raw.parallelism.as_ref().and_then(|p| p.value.micro_batches.as_ref()).expect("micro_batches was given");
     if let Some(mb) = &raw.train.value.micro_batch {

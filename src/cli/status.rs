@@ -1,0 +1,257 @@
+//! `flotilla status`: a table of jobs, one job in detail (with a per-rank
+//! table of pipeline stage, replica and the memory each rank holds), or
+//! either as JSON.
+
+use flotilla_proto::v1 as pb;
+use serde_json::{json, Value};
+
+use super::client::{phase_name, registration_line};
+
+pub fn print_table(jobs: &[pb::JobStatus]) {
+    println!("{:<24} {:<10} {:>5} {:>4} {:>13} {:>10}", "JOB", "PHASE", "GEN", "WORLD", "STEP", "LOSS");
+    for j in jobs {
+        println!(
+            "{:<24} {:<10} {:>5} {:>4} {:>13} {:>10.4}",
+            j.job_id,
+            phase_name(j.phase),
+            j.generation,
+            j.world_size,
+            format!("{}/{}", j.step, j.total_steps),
+            j.loss
+        );
+    }
+}
+
+pub fn print_detail(j: &pb::JobStatus) {
+    println!("job:          {}", j.job_id);
+    println!(
+        "phase:        {}{}",
+        phase_name(j.phase),
+        if j.message.is_empty() { String::new() } else { format!(" ({})", j.message) }
+    );
+    println!("step:         {}/{}  loss {:.4}  {:.0} samples/s", j.step, j.total_steps, j.loss, j.samples_per_sec);
+    println!(
+        "workers:      {} (min {}, max {})  generation {}  restarts {}",
+        j.world_size, j.min_workers, j.max_workers, j.generation, j.restarts
+    );
+    if !j.ranks.is_empty() {
+        for line in rank_table(&j.ranks).lines() {
+            println!("  {line}");
+        }
+    }
+    println!("output:       {}", j.output_dir);
+    if let Some(c) = &j.latest_checkpoint {
+        println!(
+            "checkpoint:   step {} at {} (training blocked {:.1} ms of {:.1} ms)",
+            c.step, c.location, c.blocked_ms, c.total_ms
+        );
+    }
+    if !j.final_model.is_empty() {
+        println!("final model:  {}", j.final_model);
+    }
+    if let Some(line) = registration_line(j) {
+        println!("registry:     {line}");
+    }
+    if let Some(run) = j.registration.as_ref().map(|r| &r.tracking_run).filter(|r| !r.is_empty()) {
+        println!("tracking run: {run}");
+    }
+    if !j.generations.is_empty() {
+        println!("generations:");
+        for g in &j.generations {
+            println!(
+                "  {:<4} world {:<3} from step {:<6} {}",
+                g.generation, g.world_size, g.resumed_from_step, g.reason
+            );
+        }
+    }
+}
+
+/// One line per rank: its worker, pipeline stage and replica, the bytes it
+/// reported holding ("-" until it reports) and its data address.
+pub fn rank_table(ranks: &[pb::RankInfo]) -> String {
+    let header = ["RANK", "WORKER", "STAGE", "REPLICA", "PARAMS", "GRADS", "OPTIMIZER", "ACTIVATIONS", "ADDRESS"];
+    let rows: Vec<[String; 9]> = ranks
+        .iter()
+        .map(|r| {
+            let bytes =
+                |f: fn(&pb::MemoryUsage) -> u64| r.memory.as_ref().map_or_else(|| "-".into(), |m| human_bytes(f(m)));
+            [
+                r.rank.to_string(),
+                r.worker_id.clone(),
+                r.stage.to_string(),
+                r.replica.to_string(),
+                bytes(|m| m.params_bytes),
+                bytes(|m| m.grads_bytes),
+                bytes(|m| m.optimizer_bytes),
+                bytes(|m| m.activation_bytes),
+                r.data_addr.clone(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: &[&str]| -> String {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            match i {
+                // Identifiers and the address left, numbers right.
+                1 | 8 => out.push_str(&format!("{cell:<w$}")),
+                _ => out.push_str(&format!("{cell:>w$}")),
+            }
+            if i + 1 < cells.len() {
+                out.push_str("  ");
+            }
+        }
+        out.trim_end().to_string() + "\n"
+    };
+    let mut out = line(&header);
+    for row in &rows {
+        out.push_str(&line(&row.each_ref().map(String::as_str)));
+    }
+    out
+}
+
+/// Bytes in binary units: `512 B`, `1.5 KiB`, `3.0 MiB`, `2.0 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// A job's status as JSON (`flotilla status --json`): every field of
+/// `JobStatus`, the phase by name, and per rank its stage, replica and
+/// memory in bytes (`null` until the rank reports).
+pub fn status_json(j: &pb::JobStatus) -> Value {
+    let checkpoint = |c: &pb::CheckpointRef| {
+        json!({
+            "step": c.step,
+            "location": c.location,
+            "generation": c.generation,
+            "blocked_ms": c.blocked_ms,
+            "total_ms": c.total_ms,
+        })
+    };
+    json!({
+        "job_id": j.job_id,
+        "name": j.name,
+        "phase": phase_name(j.phase),
+        "message": j.message,
+        "generation": j.generation,
+        "world_size": j.world_size,
+        "min_workers": j.min_workers,
+        "max_workers": j.max_workers,
+        "step": j.step,
+        "total_steps": j.total_steps,
+        "loss": j.loss,
+        "samples_per_sec": j.samples_per_sec,
+        "restarts": j.restarts,
+        "output_dir": j.output_dir,
+        "final_model": j.final_model,
+        "latest_checkpoint": j.latest_checkpoint.as_ref().map(checkpoint),
+        "checkpoints": j.checkpoints.iter().map(checkpoint).collect::<Vec<_>>(),
+        "ranks": j.ranks.iter().map(|r| json!({
+            "rank": r.rank,
+            "worker_id": r.worker_id,
+            "data_addr": r.data_addr,
+            "stage": r.stage,
+            "replica": r.replica,
+            "memory": r.memory.as_ref().map(|m| json!({
+                "params_bytes": m.params_bytes,
+                "grads_bytes": m.grads_bytes,
+                "optimizer_bytes": m.optimizer_bytes,
+                "activation_bytes": m.activation_bytes,
+            })),
+        })).collect::<Vec<_>>(),
+        "generations": j.generations.iter().map(|g| json!({
+            "generation": g.generation,
+            "world_size": g.world_size,
+            "reason": g.reason,
+            "at_unix_ms": g.at_unix_ms,
+            "resumed_from_step": g.resumed_from_step,
+        })).collect::<Vec<_>>(),
+        "registration": j.registration.as_ref().map(|r| json!({
+            "registry": r.registry,
+            "model": r.model,
+            "version": r.version,
+            "uri": r.uri,
+            "run_id": r.run_id,
+            "attempts": r.attempts,
+            "last_error": r.last_error,
+            "tracking_run": r.tracking_run,
+        })),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rank(rank: u32, stage: u32, replica: u32, memory: Option<pb::MemoryUsage>) -> pb::RankInfo {
+        pb::RankInfo {
+            rank,
+            worker_id: format!("w{}", rank + 1),
+            data_addr: format!("127.0.0.1:{}", 5000 + rank),
+            stage,
+            replica,
+            memory,
+        }
+    }
+
+    fn usage() -> pb::MemoryUsage {
+        pb::MemoryUsage { params_bytes: 3 << 20, grads_bytes: 1536, optimizer_bytes: 512, activation_bytes: 5 << 30 }
+    }
+
+    #[test]
+    fn bytes_read_in_binary_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1024), "1.0 KiB");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
+        assert_eq!(human_bytes(5 << 30), "5.0 GiB");
+        assert_eq!(human_bytes(u64::MAX), "16384.0 PiB");
+    }
+
+    #[test]
+    fn the_rank_table_shows_stage_replica_and_memory() {
+        let table = rank_table(&[rank(0, 0, 0, Some(usage())), rank(1, 1, 0, None)]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        let words = |l: &str| l.split_whitespace().map(String::from).collect::<Vec<_>>();
+        assert_eq!(
+            words(lines[0]),
+            ["RANK", "WORKER", "STAGE", "REPLICA", "PARAMS", "GRADS", "OPTIMIZER", "ACTIVATIONS", "ADDRESS"]
+        );
+        assert_eq!(lines[1], "   0  w1          0        0  3.0 MiB  1.5 KiB      512 B      5.0 GiB  127.0.0.1:5000");
+        assert_eq!(words(lines[2]), ["1", "w2", "1", "0", "-", "-", "-", "-", "127.0.0.1:5001"]);
+    }
+
+    #[test]
+    fn json_status_carries_each_rank_s_stage_replica_and_memory() {
+        let status = pb::JobStatus {
+            job_id: "pipe-1".into(),
+            phase: pb::JobPhase::Running as i32,
+            ranks: vec![rank(0, 0, 0, Some(usage())), rank(3, 1, 1, None)],
+            ..Default::default()
+        };
+        let v = status_json(&status);
+        assert_eq!(v["phase"], "running");
+        assert_eq!(v["ranks"][0]["memory"]["params_bytes"], 3 << 20);
+        assert_eq!(v["ranks"][0]["memory"]["activation_bytes"], 5u64 << 30);
+        assert_eq!((v["ranks"][1]["stage"].as_u64(), v["ranks"][1]["replica"].as_u64()), (Some(1), Some(1)));
+        assert!(v["ranks"][1]["memory"].is_null());
+        assert!(v["latest_checkpoint"].is_null() && v["registration"].is_null());
+    }
+}
