@@ -684,7 +684,7 @@ pub(crate) fn run(
                     let shape = model::output_shape(model_spec, last_unit, pass.batch);
                     let mut buf = vec![0f32; shape.iter().product::<i64>() as usize];
                     let w = Instant::now();
-                    groups.from_next.as_mut().expect("a next stage").recv(0, &mut buf)?;
+                    groups.from_next.as_mut().expect("a next stage").recv(1, &mut buf)?;
                     waited += w.elapsed();
                     Some(Tensor::from_slice(&buf).view(shape.as_slice()))
                 };
