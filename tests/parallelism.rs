@@ -30,7 +30,7 @@ fn run(yaml: &str, par: &str, workers: usize) -> (Vec<f64>, tempfile::TempDir) {
 fn assert_same_curve(what: &str, base: &[f64], other: &[f64]) {
     let rel = |a: f64, b: f64| (a - b).abs() / a.abs().max(1e-12);
     let worst = base.iter().zip(other).map(|(a, b)| rel(*a, *b)).fold(0.0, f64::max);
-    eprintln!("{what}: largest relative loss difference from one process: {worst:e}");
+    eprintln!("{what}: largest relative loss difference from the reference run: {worst:e}");
     for (step, (a, b)) in base.iter().zip(other).enumerate() {
         assert!(rel(*a, *b) <= 1e-5, "{what}: step {} differs: {a} vs {b} (relative {:e})", step + 1, rel(*a, *b));
     }
@@ -99,4 +99,94 @@ fn gpt_pipelines_match_one_process() {
 #[test]
 fn mlp_pipelines_and_zero_match_one_process() {
     check(MLP, 4, &[("pp: 2, schedule: gpipe", 2), ("pp: 3, schedule: 1f1b", 3), ("dp: 2, zero: 3", 2)]);
+}
+
+/// A checkpoint taken at step 20 under pp2 x dp2 + ZeRO-2 resumes under
+/// dp3 + ZeRO-1 and under one process (`checkpoint.resume_from`), and the
+/// next 20 steps match the uninterrupted run.
+#[test]
+fn a_checkpoint_reshards_across_layouts() {
+    let base = GPT
+        .replace("steps: 50", "steps: 40")
+        .replace("workers: {min: WORKERS, max: WORKERS}", "workers: {min: WORKERS, max: WORKERS}\ncheckpoint: {every: 20, keep: 2RESUME}");
+    let (whole, first) = run_steps(&base.replace("RESUME", ""), "pp: 2, dp: 2, zero: 2, micro_batches: 2", 4, 1..=40);
+    let step20 = first.path().join("runs/layout-gpt-1/step-00000020");
+    assert!(step20.join("manifest.json").exists(), "the step-20 checkpoint is kept");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(step20.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["world_size"], 4, "written by the four ranks");
+    let resume = base.replace("RESUME", &format!(", resume_from: '{}'", step20.display()));
+    for (par, workers) in [("dp: 3, zero: 1, micro_batches: 2", 3), ("micro_batches: 2", 1)] {
+        let (rest, _dir) = run_steps(&resume, par, workers, 1..=40);
+        assert_same_curve(&format!("resumed under {par}"), &whole[20..], &rest[20..]);
+        assert_eq!(&whole[..20], &rest[..20], "the history up to the checkpoint is carried over");
+    }
+}
+
+/// Like [`run`], for a job of the steps `steps`.
+fn run_steps(
+    yaml: &str,
+    par: &str,
+    workers: usize,
+    steps: std::ops::RangeInclusive<u64>,
+) -> (Vec<f64>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = yaml.replace("WORKERS", &workers.to_string()).replace("PAR", par);
+    let job = job_file(dir.path(), "job", &yaml);
+    let out = flotilla(dir.path(), &["run", job.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{par} on {workers} workers: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let history = read_metrics(&dir.path().join("runs/layout-gpt-1/final/metrics.jsonl"));
+    assert_eq!(history.iter().map(|m| m.0).collect::<Vec<_>>(), steps.collect::<Vec<u64>>());
+    (history.iter().map(|m| m.1).collect(), dir)
+}
+
+/// What each rank reports holding: under ZeRO-1 with dp = N the optimizer
+/// state per rank is 1/N of ZeRO-0's, and under ZeRO-3 so are the
+/// parameters (within one element per layer of rounding).
+#[test]
+fn zero_partitions_what_each_rank_holds() {
+    let yaml = GPT.replace("steps: 50", "steps: 6");
+    let memory = |par: &str, workers: usize| -> Vec<serde_json::Value> {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = dir.path().join("stats");
+        std::fs::create_dir(&stats).unwrap();
+        let y = yaml.replace("WORKERS", &workers.to_string()).replace("PAR", par);
+        let job = job_file(dir.path(), "job", &y);
+        let out = std::process::Command::new(bin())
+            .args(["run", job.to_str().unwrap()])
+            .current_dir(dir.path())
+            .env("FLOTILLA_STATS_DIR", &stats)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{par}: {}", String::from_utf8_lossy(&out.stderr));
+        let mut ranks: Vec<serde_json::Value> = std::fs::read_dir(&stats)
+            .unwrap()
+            .map(|e| serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap())
+            .collect();
+        ranks.sort_by_key(|r| r["rank"].as_u64());
+        assert_eq!(ranks.len(), workers, "{par}: one report per rank");
+        ranks.iter().map(|r| r["memory"].clone()).collect()
+    };
+    let get = |m: &serde_json::Value, k: &str| m[k].as_u64().unwrap() as f64;
+    let zero0 = memory("dp: 3, zero: 0", 3);
+    // A GPT of 2 blocks has 4 layers: at most one element (4 bytes) of
+    // rounding per layer and kind of state.
+    let slack = 4.0 * 4.0 * 2.0;
+    for (par, kinds) in [("dp: 3, zero: 1", vec!["optimizer"]), ("dp: 3, zero: 3", vec!["optimizer", "params", "grads"])] {
+        let ranks = memory(par, 3);
+        for (r, m) in ranks.iter().enumerate() {
+            for k in &kinds {
+                let want = get(&zero0[r], k) / 3.0;
+                assert!((get(m, k) - want).abs() <= slack, "{par} rank {r}: {k} {} bytes, 1/3 of zero0's is {want}", get(m, k));
+            }
+            assert!(get(m, "activations") > 0.0, "{par} rank {r}: activations are measured");
+        }
+        let sum: f64 = ranks.iter().map(|m| get(m, "optimizer")).sum();
+        assert!((sum - get(&zero0[0], "optimizer")).abs() < 1.0, "{par}: the partitions add up to the whole");
+    }
 }

@@ -92,6 +92,9 @@ impl JobSpec {
             }
         }
         resolve_location(&mut self.checkpoint.url, base);
+        if let Some(from) = self.checkpoint.resume_from.as_mut() {
+            resolve_location(from, base);
+        }
         if let Some(r) = self.registry.as_mut().filter(|r| r.kind == crate::RegistryKind::Builtin) {
             resolve_location(&mut r.url, base);
         }

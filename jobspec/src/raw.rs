@@ -161,6 +161,7 @@ pub(crate) struct RawCheckpoint {
     pub url: Option<S<String>>,
     pub every: Option<S<u64>>,
     pub keep: Option<S<usize>>,
+    pub resume_from: Option<S<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]

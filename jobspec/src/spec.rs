@@ -242,6 +242,12 @@ pub struct CheckpointSpec {
     pub every: u64,
     /// Periodic checkpoints kept, >= 1 (older ones are deleted).
     pub keep: usize,
+    /// A checkpoint folder (`.../step-N`, of any job and any layout) the
+    /// job starts from when it has no checkpoint of its own: weights,
+    /// optimizer state, step and data position. After
+    /// [`JobSpec::resolve_paths`], an absolute path or an object-store URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_from: Option<String>,
 }
 
 /// The model registry a finished job hands its model to.

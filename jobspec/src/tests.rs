@@ -60,6 +60,7 @@ fn omitted_fields_take_their_defaults() {
             url: defaults::CHECKPOINT_URL.into(),
             every: defaults::CHECKPOINT_EVERY,
             keep: defaults::CHECKPOINT_KEEP,
+            resume_from: None,
         }
     );
 }

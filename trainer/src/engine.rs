@@ -552,7 +552,7 @@ pub(crate) fn run(
     let mut history: Vec<MetricRecord> = Vec::new();
     let out = Storage::open(&a.output_dir).map_err(|e| TrainError::fatal("open the output location", e))?;
     let mut skipped = Vec::new();
-    for location in &a.checkpoints {
+    for location in &train::resume_candidates(a) {
         let loaded = match Storage::open(location) {
             Ok(dir) => a.io.block_on(checkpoint::load(&dir, &layout)),
             Err(e) => Err(e.into()),
@@ -574,7 +574,7 @@ pub(crate) fn run(
             }
         }
     }
-    if !a.checkpoints.is_empty() && skipped.len() == a.checkpoints.len() {
+    if !skipped.is_empty() && skipped.len() == train::resume_candidates(a).len() {
         return Err(TrainError::Fatal(format!("no committed checkpoint loads: {}", skipped.join("; "))));
     }
 

@@ -207,6 +207,17 @@ pub(crate) fn wall_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
+/// The checkpoints a generation may start from, best first: the job's own
+/// committed ones, or else the one its job file names in
+/// `checkpoint.resume_from`.
+pub(crate) fn resume_candidates(a: &Assignment) -> Vec<String> {
+    if a.checkpoints.is_empty() {
+        a.spec.checkpoint.resume_from.iter().cloned().collect()
+    } else {
+        a.checkpoints.clone()
+    }
+}
+
 /// Refuses a checkpoint taken with another global batch or seed: resuming
 /// from it would not continue the same run.
 pub(crate) fn check_resume(m: &checkpoint::Manifest, spec: &JobSpec, location: &str) -> Result<(), TrainError> {
@@ -256,7 +267,7 @@ pub fn run(
     // Resume from the newest checkpoint that loads; skip torn ones.
     let mut skipped = Vec::new();
     let out = Storage::open(&a.output_dir).map_err(|e| TrainError::fatal("open the output location", e))?;
-    for location in &a.checkpoints {
+    for location in &resume_candidates(a) {
         let loaded = match Storage::open(location) {
             Ok(dir) => a.io.block_on(checkpoint::load(&dir, &params.layout)),
             Err(e) => Err(e.into()),
@@ -280,7 +291,7 @@ pub fn run(
             }
         }
     }
-    if !a.checkpoints.is_empty() && skipped.len() == a.checkpoints.len() {
+    if !skipped.is_empty() && skipped.len() == resume_candidates(a).len() {
         return Err(TrainError::Fatal(format!("no committed checkpoint loads: {}", skipped.join("; "))));
     }
 

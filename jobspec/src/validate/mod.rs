@@ -332,6 +332,7 @@ fn checkpoint(cx: &Ctx, raw: Option<&Spanned<RawCheckpoint>>, steps: u64) -> Res
         url: defaults::CHECKPOINT_URL.to_owned(),
         every: defaults::CHECKPOINT_EVERY,
         keep: defaults::CHECKPOINT_KEEP,
+        resume_from: None,
     };
     let Some(raw) = raw else {
         return Ok(spec);
@@ -353,6 +354,10 @@ fn checkpoint(cx: &Ctx, raw: Option<&Spanned<RawCheckpoint>>, steps: u64) -> Res
     }
     if let Some(keep) = &c.keep {
         spec.keep = cx.at_least_one("checkpoint.keep", keep)?;
+    }
+    if let Some(from) = &c.resume_from {
+        classify_checkpoint_url(&from.value).map_err(|m| cx.err("checkpoint.resume_from", from, m))?;
+        spec.resume_from = Some(from.value.clone());
     }
     Ok(spec)
 }
