@@ -714,6 +714,53 @@ mod tests {
         }
     }
 
+    /// Ranks that hold uneven pieces in compact buffers (a pipeline stage's
+    /// tensors, a ZeRO partition cutting through a tensor) write a
+    /// checkpoint that loads back whole; pieces that leave a gap are torn.
+    #[tokio::test]
+    async fn uneven_holdings_round_trip_and_a_gap_is_torn() {
+        let l = layout();
+        let whole = snap(&l);
+        // Rank 0: all of `a` and the first 2 elements of `b`; rank 1: the
+        // rest of `b` and `c`. Each keeps only its pieces, back to back.
+        let holdings = [
+            vec![Held { tensor: 0, start: 0, end: 6, local: 0 }, Held { tensor: 1, start: 0, end: 2, local: 6 }],
+            vec![Held { tensor: 1, start: 2, end: 5, local: 0 }, Held { tensor: 2, start: 0, end: 1, local: 3 }],
+        ];
+        let compact = |h: &[Held]| {
+            let take = |v: &[f32]| -> Vec<f32> {
+                h.iter().flat_map(|p| v[l.offsets[p.tensor] + p.start..l.offsets[p.tensor] + p.end].to_vec()).collect()
+            };
+            Snapshot { step: 7, params: take(&whole.params), m: take(&whole.m), v: take(&whole.v), optimizer_step: 7 }
+        };
+        let sampler = SamplerState { position: 70, seed: 1, global_batch: 10 };
+        for (gap, expect_ok) in [(false, true), (true, false)] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = storage(tmp.path());
+            let mut shards = Vec::new();
+            for (r, h) in holdings.iter().enumerate() {
+                let snap = Arc::new(compact(h));
+                shards.push(write_held(&dir, &l, &snap, r, h.clone()).await.unwrap().0);
+            }
+            let mut listed = holdings.to_vec();
+            if gap {
+                listed[1].remove(0);
+            }
+            let m = manifest_held("j-1", 2, &l, &whole, sampler.clone(), 0, shards, &listed);
+            write_manifest(&dir, &m).await.unwrap();
+            match load(&dir, &l).await {
+                Ok((_, back)) => {
+                    assert!(expect_ok, "a gap must not load");
+                    assert_eq!(back, whole);
+                }
+                Err(e) => {
+                    assert!(!expect_ok, "{e}");
+                    assert!(e.to_string().contains("pieces of param/b cover 2 of 5"), "{e}");
+                }
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_changed_shard_is_detected_as_torn() {
         let l = layout();
