@@ -18,8 +18,6 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::path::Path;
-
 use support::*;
 
 fn job(gpt: &str, global: usize, steps: u64, pp: usize, m: usize, schedule: &str) -> String {
@@ -34,35 +32,13 @@ parallelism: {{pp: {pp}, micro_batches: {m}, schedule: {schedule}}}
     )
 }
 
-/// Per-rank statistics of one run.
-fn run(dir: &Path, yaml: &str) -> Vec<serde_json::Value> {
-    let stats = dir.join("stats");
-    std::fs::create_dir_all(&stats).unwrap();
-    let job = job_file(dir, "job", yaml);
-    let out = std::process::Command::new(bin())
-        .args(["run", job.to_str().unwrap()])
-        .current_dir(dir)
-        .env("FLOTILLA_STATS_DIR", &stats)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let mut ranks: Vec<serde_json::Value> = std::fs::read_dir(&stats)
-        .unwrap()
-        .map(|e| serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap())
-        .collect();
-    ranks.sort_by_key(|r| r["rank"].as_u64());
-    ranks
-}
-
 /// Mean idle fraction of a rank over its steps after the first two.
 fn idle(rank: &serde_json::Value) -> f64 {
     let steps = rank["steps"].as_array().unwrap();
     let steady: Vec<&serde_json::Value> = steps.iter().skip(2).collect();
     let steady = if steady.is_empty() { steps.iter().collect() } else { steady };
-    let f: Vec<f64> = steady
-        .iter()
-        .map(|s| s["waited_ms"].as_f64().unwrap() / s["passes_ms"].as_f64().unwrap().max(1e-9))
-        .collect();
+    let f: Vec<f64> =
+        steady.iter().map(|s| s["waited_ms"].as_f64().unwrap() / s["passes_ms"].as_f64().unwrap().max(1e-9)).collect();
     f.iter().sum::<f64>() / f.len() as f64
 }
 
@@ -73,7 +49,10 @@ fn activations(rank: &serde_json::Value) -> f64 {
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     if !std::env::args().any(|a| a == "--bench") {
-        let ranks = run(dir.path(), &job("layers: 2, d_model: 16, heads: 2, context: 8, vocab: 16", 8, 4, 2, 4, "1f1b"));
+        let ranks = run_with_stats(
+            dir.path(),
+            &job("layers: 2, d_model: 16, heads: 2, context: 8, vocab: 16", 8, 4, 2, 4, "1f1b"),
+        );
         assert_eq!(ranks.len(), 2);
         for r in &ranks {
             let f = idle(r);
@@ -94,7 +73,7 @@ fn main() {
             let mut act = Vec::new();
             for schedule in ["gpipe", "1f1b"] {
                 let d = tempfile::tempdir_in(dir.path()).unwrap();
-                let ranks = run(d.path(), &job(gpt, 32, 8, p, m, schedule));
+                let ranks = run_with_stats(d.path(), &job(gpt, 32, 8, p, m, schedule));
                 let theory = (p - 1) as f64 / (m + p - 1) as f64;
                 let per: Vec<f64> = ranks.iter().map(idle).collect();
                 let mean = per.iter().sum::<f64>() / per.len() as f64;

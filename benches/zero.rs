@@ -16,8 +16,6 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::path::Path;
-
 use support::*;
 
 fn job(gpt: &str, steps: u64, zero: u8) -> String {
@@ -30,25 +28,6 @@ workers: {{min: 2, max: 2}}
 parallelism: {{dp: 2, zero: {zero}, micro_batches: 2}}
 "
     )
-}
-
-fn run(dir: &Path, yaml: &str) -> Vec<serde_json::Value> {
-    let stats = dir.join("stats");
-    std::fs::create_dir_all(&stats).unwrap();
-    let job = job_file(dir, "job", yaml);
-    let out = std::process::Command::new(bin())
-        .args(["run", job.to_str().unwrap()])
-        .current_dir(dir)
-        .env("FLOTILLA_STATS_DIR", &stats)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let mut ranks: Vec<serde_json::Value> = std::fs::read_dir(&stats)
-        .unwrap()
-        .map(|e| serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap())
-        .collect();
-    ranks.sort_by_key(|r| r["rank"].as_u64());
-    ranks
 }
 
 fn median_step_ms(rank: &serde_json::Value) -> f64 {
@@ -65,7 +44,7 @@ fn mib(v: &serde_json::Value) -> f64 {
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     if !std::env::args().any(|a| a == "--bench") {
-        let ranks = run(dir.path(), &job("layers: 1, d_model: 16, heads: 2, context: 8, vocab: 16", 4, 3));
+        let ranks = run_with_stats(dir.path(), &job("layers: 1, d_model: 16, heads: 2, context: 8, vocab: 16", 4, 3));
         assert_eq!(ranks.len(), 2);
         for r in &ranks {
             assert!(r["peak_rss_bytes"].as_u64().unwrap() > 0);
@@ -83,7 +62,7 @@ fn main() {
     let mut base = None;
     for zero in 0..=3u8 {
         let d = tempfile::tempdir_in(dir.path()).unwrap();
-        let ranks = run(d.path(), &job(gpt, 10, zero));
+        let ranks = run_with_stats(d.path(), &job(gpt, 10, zero));
         let r = &ranks[0];
         let m = &r["memory"];
         let step = median_step_ms(r);

@@ -7,8 +7,14 @@ mod support;
 use support::*;
 
 /// Runs `yaml` (with `PAR` and `WORKERS` filled in) to the end on `workers`
-/// local workers; returns the loss per step and the folder it ran in.
-fn run(yaml: &str, par: &str, workers: usize) -> (Vec<f64>, tempfile::TempDir) {
+/// local workers; returns the loss of each step in the final model's
+/// history (which must be `steps`) and the folder it ran in.
+fn run_steps(
+    yaml: &str,
+    par: &str,
+    workers: usize,
+    steps: std::ops::RangeInclusive<u64>,
+) -> (Vec<f64>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let yaml = yaml.replace("WORKERS", &workers.to_string()).replace("PAR", par);
     let job = job_file(dir.path(), "job", &yaml);
@@ -20,11 +26,18 @@ fn run(yaml: &str, par: &str, workers: usize) -> (Vec<f64>, tempfile::TempDir) {
         String::from_utf8_lossy(&out.stderr)
     );
     let name = yaml.lines().find_map(|l| l.strip_prefix("name: ")).unwrap().trim();
-    let metrics = read_metrics(&dir.path().join(format!("runs/{name}-1/metrics.jsonl")));
+    let history = read_metrics(&dir.path().join(format!("runs/{name}-1/final/metrics.jsonl")));
+    assert_eq!(history.iter().map(|m| m.0).collect::<Vec<_>>(), steps.collect::<Vec<u64>>());
+    (history.iter().map(|m| m.1).collect(), dir)
+}
+
+/// [`run_steps`] of a 50-step job that runs on all its workers throughout.
+fn run(yaml: &str, par: &str, workers: usize) -> (Vec<f64>, tempfile::TempDir) {
+    let (losses, dir) = run_steps(yaml, par, workers, 1..=50);
+    let name = yaml.lines().find_map(|l| l.strip_prefix("name: ")).unwrap().trim();
+    let metrics = read_metrics(&dir.path().join(format!("runs/{name}-1/final/metrics.jsonl")));
     assert!(metrics.iter().all(|m| m.2 == workers as u64), "ran on {workers} workers");
-    let steps: Vec<u64> = metrics.iter().map(|m| m.0).collect();
-    assert_eq!(steps, (1..=50).collect::<Vec<u64>>());
-    (metrics.iter().map(|m| m.1).collect(), dir)
+    (losses, dir)
 }
 
 fn assert_same_curve(what: &str, base: &[f64], other: &[f64]) {
@@ -106,9 +119,10 @@ fn mlp_pipelines_and_zero_match_one_process() {
 /// next 20 steps match the uninterrupted run.
 #[test]
 fn a_checkpoint_reshards_across_layouts() {
-    let base = GPT
-        .replace("steps: 50", "steps: 40")
-        .replace("workers: {min: WORKERS, max: WORKERS}", "workers: {min: WORKERS, max: WORKERS}\ncheckpoint: {every: 20, keep: 2RESUME}");
+    let base = GPT.replace("steps: 50", "steps: 40").replace(
+        "workers: {min: WORKERS, max: WORKERS}",
+        "workers: {min: WORKERS, max: WORKERS}\ncheckpoint: {every: 20, keep: 2RESUME}",
+    );
     let (whole, first) = run_steps(&base.replace("RESUME", ""), "pp: 2, dp: 2, zero: 2, micro_batches: 2", 4, 1..=40);
     let step20 = first.path().join("runs/layout-gpt-1/step-00000020");
     assert!(step20.join("manifest.json").exists(), "the step-20 checkpoint is kept");
@@ -123,28 +137,6 @@ fn a_checkpoint_reshards_across_layouts() {
     }
 }
 
-/// Like [`run`], for a job of the steps `steps`.
-fn run_steps(
-    yaml: &str,
-    par: &str,
-    workers: usize,
-    steps: std::ops::RangeInclusive<u64>,
-) -> (Vec<f64>, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let yaml = yaml.replace("WORKERS", &workers.to_string()).replace("PAR", par);
-    let job = job_file(dir.path(), "job", &yaml);
-    let out = flotilla(dir.path(), &["run", job.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{par} on {workers} workers: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let history = read_metrics(&dir.path().join("runs/layout-gpt-1/final/metrics.jsonl"));
-    assert_eq!(history.iter().map(|m| m.0).collect::<Vec<_>>(), steps.collect::<Vec<u64>>());
-    (history.iter().map(|m| m.1).collect(), dir)
-}
-
 /// What each rank reports holding: under ZeRO-1 with dp = N the optimizer
 /// state per rank is 1/N of ZeRO-0's, and under ZeRO-3 so are the
 /// parameters (within one element per layer of rounding).
@@ -153,22 +145,7 @@ fn zero_partitions_what_each_rank_holds() {
     let yaml = GPT.replace("steps: 50", "steps: 6");
     let memory = |par: &str, workers: usize| -> Vec<serde_json::Value> {
         let dir = tempfile::tempdir().unwrap();
-        let stats = dir.path().join("stats");
-        std::fs::create_dir(&stats).unwrap();
-        let y = yaml.replace("WORKERS", &workers.to_string()).replace("PAR", par);
-        let job = job_file(dir.path(), "job", &y);
-        let out = std::process::Command::new(bin())
-            .args(["run", job.to_str().unwrap()])
-            .current_dir(dir.path())
-            .env("FLOTILLA_STATS_DIR", &stats)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{par}: {}", String::from_utf8_lossy(&out.stderr));
-        let mut ranks: Vec<serde_json::Value> = std::fs::read_dir(&stats)
-            .unwrap()
-            .map(|e| serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap())
-            .collect();
-        ranks.sort_by_key(|r| r["rank"].as_u64());
+        let ranks = run_with_stats(dir.path(), &yaml.replace("WORKERS", &workers.to_string()).replace("PAR", par));
         assert_eq!(ranks.len(), workers, "{par}: one report per rank");
         ranks.iter().map(|r| r["memory"].clone()).collect()
     };
@@ -177,12 +154,18 @@ fn zero_partitions_what_each_rank_holds() {
     // A GPT of 2 blocks has 4 layers: at most one element (4 bytes) of
     // rounding per layer and kind of state.
     let slack = 4.0 * 4.0 * 2.0;
-    for (par, kinds) in [("dp: 3, zero: 1", vec!["optimizer"]), ("dp: 3, zero: 3", vec!["optimizer", "params", "grads"])] {
+    for (par, kinds) in
+        [("dp: 3, zero: 1", vec!["optimizer"]), ("dp: 3, zero: 3", vec!["optimizer", "params", "grads"])]
+    {
         let ranks = memory(par, 3);
         for (r, m) in ranks.iter().enumerate() {
             for k in &kinds {
                 let want = get(&zero0[r], k) / 3.0;
-                assert!((get(m, k) - want).abs() <= slack, "{par} rank {r}: {k} {} bytes, 1/3 of zero0's is {want}", get(m, k));
+                assert!(
+                    (get(m, k) - want).abs() <= slack,
+                    "{par} rank {r}: {k} {} bytes, 1/3 of zero0's is {want}",
+                    get(m, k)
+                );
             }
             assert!(get(m, "activations") > 0.0, "{par} rank {r}: activations are measured");
         }

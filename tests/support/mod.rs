@@ -439,3 +439,24 @@ pub fn start_run(cwd: &Path, job: &Path) -> (Child, std::io::Lines<BufReader<std
     let workers = children_of(run.id() as i32);
     (run, lines, workers)
 }
+
+/// Runs `yaml` to the end with `flotilla run` in `dir`, with
+/// `FLOTILLA_STATS_DIR` set; returns each rank's statistics, in rank order.
+pub fn run_with_stats(dir: &Path, yaml: &str) -> Vec<serde_json::Value> {
+    let stats = dir.join("stats");
+    std::fs::create_dir_all(&stats).unwrap();
+    let job = job_file(dir, "job", yaml);
+    let out = Command::new(bin())
+        .args(["run", job.to_str().unwrap()])
+        .current_dir(dir)
+        .env("FLOTILLA_STATS_DIR", &stats)
+        .output()
+        .expect("run flotilla");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut ranks: Vec<serde_json::Value> = std::fs::read_dir(&stats)
+        .unwrap()
+        .map(|e| serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap())
+        .collect();
+    ranks.sort_by_key(|r| r["rank"].as_u64());
+    ranks
+}

@@ -713,7 +713,11 @@ pub(crate) fn run(
                     grad = (k > 0 || !first).then(|| x_in.grad());
                 }
                 if !first {
-                    groups.to_prev.as_ref().expect("a previous stage").send(to_vec(grad.as_ref().expect("an input grad")));
+                    groups
+                        .to_prev
+                        .as_ref()
+                        .expect("a previous stage")
+                        .send(to_vec(grad.as_ref().expect("an input grad")));
                 }
             }
         }
@@ -798,7 +802,9 @@ pub(crate) fn run(
             waited_ms: waited.as_secs_f64() * 1e3,
         });
         let usage = st.memory(activations.max(reported.activations));
-        if usage != reported && (reported == MemoryUsage::default() || usage.activations > reported.activations * 21 / 20) {
+        if usage != reported
+            && (reported == MemoryUsage::default() || usage.activations > reported.activations * 21 / 20)
+        {
             emit(TrainEvent::Memory(usage));
         }
         if usage.activations > reported.activations || reported == MemoryUsage::default() {
@@ -875,15 +881,7 @@ pub(crate) fn run(
         }
     }
     if a.rank == 0 {
-        let path = a
-            .io
-            .block_on(checkpoint::write_final(&out, &layout, &whole, &a.spec_json))
-            .map_err(|e| TrainError::fatal("write final model", e))?;
-        a.io.block_on(checkpoint::write_replica_digests(&out, &digests))
-            .map_err(|e| TrainError::fatal("write replica digests", e))?;
-        a.io.block_on(checkpoint::write_history(&out.child("final"), &history))
-            .map_err(|e| TrainError::fatal("write the metric history", e))?;
-        emit(TrainEvent::Finished { step: train.steps, final_model: path });
+        train::write_final(a, &out, &layout, &whole, &digests, &history, emit)?;
     }
     Ok(Outcome::Finished)
 }

@@ -22,7 +22,10 @@ pub struct Model {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unit {
     /// Linear layer `index`, followed by a ReLU unless it is the last.
-    Linear { index: usize, relu: bool },
+    Linear {
+        index: usize,
+        relu: bool,
+    },
     Embedding,
     Block(usize),
     Head,

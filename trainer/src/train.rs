@@ -18,8 +18,8 @@ use crate::data::Dataset;
 use crate::model::Model;
 use crate::optim::{self, AdamW};
 use crate::sampler::Sampler;
-use crate::stats::{HeapPeak, StepTiming};
 use crate::saver::{Saved, Saver};
+use crate::stats::{HeapPeak, StepTiming};
 use crate::storage::Storage;
 use flotilla_registry::MetricRecord;
 
@@ -491,14 +491,29 @@ pub fn run(
         return Err(TrainError::Fatal(format!("replicas diverged: parameter digests per rank {digests:?}")));
     }
     if a.rank == 0 {
-        let path =
-            a.io.block_on(checkpoint::write_final(&out, &params.layout, &params.flat, &a.spec_json))
-                .map_err(|e| TrainError::fatal("write final model", e))?;
-        a.io.block_on(checkpoint::write_replica_digests(&out, &digests))
-            .map_err(|e| TrainError::fatal("write replica digests", e))?;
-        a.io.block_on(checkpoint::write_history(&out.child("final"), &history))
-            .map_err(|e| TrainError::fatal("write the metric history", e))?;
-        emit(TrainEvent::Finished { step: train.steps, final_model: path });
+        write_final(a, &out, &params.layout, &params.flat, &digests, &history, emit)?;
     }
     Ok(Outcome::Finished)
+}
+
+/// Rank 0's last work: the final model, the replicas' digests and the
+/// metric history beside it; then the job is finished.
+pub(crate) fn write_final(
+    a: &Assignment,
+    out: &Storage,
+    layout: &checkpoint::Layout,
+    flat: &[f32],
+    digests: &[String],
+    history: &[MetricRecord],
+    emit: &mut dyn FnMut(TrainEvent),
+) -> Result<(), TrainError> {
+    let path =
+        a.io.block_on(checkpoint::write_final(out, layout, flat, &a.spec_json))
+            .map_err(|e| TrainError::fatal("write final model", e))?;
+    a.io.block_on(checkpoint::write_replica_digests(out, digests))
+        .map_err(|e| TrainError::fatal("write replica digests", e))?;
+    a.io.block_on(checkpoint::write_history(&out.child("final"), history))
+        .map_err(|e| TrainError::fatal("write the metric history", e))?;
+    emit(TrainEvent::Finished { step: a.spec.train.steps, final_model: path });
+    Ok(())
 }
