@@ -173,3 +173,44 @@ fn zero_partitions_what_each_rank_holds() {
         assert!((sum - get(&zero0[0], "optimizer")).abs() < 1.0, "{par}: the partitions add up to the whole");
     }
 }
+
+/// While a pp2 x dp2 + ZeRO-1 job runs on a coordinator, every rank's
+/// memory report reaches `GetJob` and `flotilla status`, with its stage and
+/// replica, and the two replicas of a stage report the same bytes.
+#[test]
+fn status_shows_each_rank_s_stage_replica_and_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coordinator, url) = coordinator(dir.path());
+    let _workers: Vec<Proc> = (0..4).map(|i| worker(dir.path(), &url, &format!("w{i}"))).collect();
+    let yaml = GPT
+        .replace("steps: 50", "steps: 100000")
+        .replace("WORKERS", "4")
+        .replace("PAR", "pp: 2, dp: 2, zero: 1, micro_batches: 2");
+    let job = job_file(dir.path(), "job", &yaml);
+    let out = flotilla(dir.path(), &["submit", job.to_str().unwrap(), "--coordinator", &url]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = "layout-gpt-1".to_string();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&id), "{}", String::from_utf8_lossy(&out.stdout));
+    let rt = runtime();
+    let status = rt.block_on(async {
+        let mut c = client(&url).await;
+        wait_for(&mut c, &id, std::time::Duration::from_secs(60), |s| {
+            s.ranks.len() == 4 && s.ranks.iter().all(|r| r.memory.is_some())
+        })
+        .await
+    });
+    for r in &status.ranks {
+        assert_eq!((r.stage, r.replica), (r.rank % 2, r.rank / 2), "rank {}", r.rank);
+        let m = r.memory.unwrap();
+        assert!(m.params_bytes > 0 && m.activation_bytes > 0, "rank {}: {m:?}", r.rank);
+        assert_eq!(m.grads_bytes, m.params_bytes, "ZeRO-1 keeps the stage's gradients");
+        let twin = status.ranks.iter().find(|o| o.stage == r.stage && o.rank != r.rank).unwrap().memory.unwrap();
+        assert_eq!(m.params_bytes, twin.params_bytes, "replicas of stage {} hold the same parameters", r.stage);
+        assert!(m.optimizer_bytes.abs_diff(m.params_bytes) <= 4 * 2 * 4, "moments of half the stage: {m:?}");
+    }
+    let shown = flotilla(dir.path(), &["status", &id, "--coordinator", &url]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.contains("STAGE") && text.contains("OPTIMIZER") && text.contains("KiB"), "{text}");
+    let cancel = flotilla(dir.path(), &["cancel", &id, "--coordinator", &url]);
+    assert!(cancel.status.success(), "{}", String::from_utf8_lossy(&cancel.stderr));
+}
