@@ -164,6 +164,20 @@ impl LocalUnit {
         self.own_off..self.own_off + self.own.len()
     }
 
+    /// Gives `leaves` (made by [`LocalUnit::leaves`]) the values of `flat`
+    /// and zero gradients, keeping their memory.
+    fn assign(&self, leaves: &mut [Tensor], flat: &[f32]) {
+        let mut at = 0;
+        tch::no_grad(|| {
+            for (t, shape) in leaves.iter_mut().zip(&self.shapes) {
+                let n = t.numel();
+                t.copy_(&Tensor::from_slice(&flat[at..at + n]).view(shape.as_slice()));
+                t.zero_grad();
+                at += n;
+            }
+        });
+    }
+
     /// Leaf tensors (requiring gradients) with the values of `flat`, the
     /// unit's parameters.
     fn leaves(&self, flat: &[f32]) -> Vec<Tensor> {
@@ -594,6 +608,9 @@ pub(crate) fn run(
         total_ms: saved.total.as_secs_f64() * 1e3,
     };
     let first_unit = st.units[0].unit;
+    // Parameter leaves shared by every micro-batch (ZeRO 0-2), made once.
+    let mut leaves: Vec<Vec<Tensor>> =
+        if zero < 3 { st.units.iter().map(|u| u.leaves(&st.flat[u.stage_range()])).collect() } else { Vec::new() };
     let last_unit = st.units[st.units.len() - 1].unit;
 
     for step in start..train.steps {
@@ -602,13 +619,15 @@ pub(crate) fn run(
         }
         let t0 = Instant::now();
         let mut waited = Duration::ZERO;
-        let heap = HeapPeak::start();
         let lr = optim::learning_rate(&train.optimizer, &train.schedule, step, train.steps);
         let indices = sampler.indices(step, a.replica, dp);
         let mbs = micro_batches(indices.len(), train.global_batch.div_ceil(dp), spec);
-        // Parameter leaves shared by the step's micro-batches (ZeRO 0-2).
-        let leaves: Vec<Vec<Tensor>> =
-            if zero < 3 { st.units.iter().map(|u| u.leaves(&st.flat[u.stage_range()])).collect() } else { Vec::new() };
+        // The parameter leaves take this step's values; their gradients
+        // (kept from step to step, like the tensors') start from zero.
+        for (u, l) in st.units.iter().zip(leaves.iter_mut()) {
+            u.assign(l, &st.flat[u.stage_range()]);
+        }
+        let heap = HeapPeak::start();
         if zero >= 3 {
             st.grads.fill(0.0);
         }
@@ -756,7 +775,6 @@ pub(crate) fn run(
             }
             _ => squares = sq(&st.grads),
         }
-        drop(leaves);
         let wanted = a.checkpoint_request.load(Ordering::Relaxed);
         let flag = if a.rank == 0 && wanted > seen_request { 1.0 } else { 0.0 };
         let uploaded = if saver.local_done() { 1.0 } else { 0.0 };
@@ -801,14 +819,14 @@ pub(crate) fn run(
             passes_ms: t_passes.as_secs_f64() * 1e3,
             waited_ms: waited.as_secs_f64() * 1e3,
         });
-        let usage = st.memory(activations.max(reported.activations));
-        if usage != reported
-            && (reported == MemoryUsage::default() || usage.activations > reported.activations * 21 / 20)
-        {
-            emit(TrainEvent::Memory(usage));
-        }
-        if usage.activations > reported.activations || reported == MemoryUsage::default() {
-            reported = usage;
+        // The first step of a generation also allocates the gradients and
+        // libtorch's own buffers: memory is reported from the second on.
+        if done > start + 1 || done == train.steps {
+            let usage = st.memory(activations.max(reported.activations));
+            if reported == MemoryUsage::default() || usage.activations > reported.activations * 21 / 20 {
+                emit(TrainEvent::Memory(usage));
+                reported = usage;
+            }
         }
         if a.rank == 0 {
             let sps = global / wall.as_secs_f64().max(1e-9);

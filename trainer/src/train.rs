@@ -403,7 +403,10 @@ pub fn run(
         let done = step + 1;
         let total = params.layout.total as u64 * 4;
         let usage = MemoryUsage { params: total, grads: total, optimizer: 2 * total, activations };
-        if reported.activations == 0 || usage.activations > reported.activations * 21 / 20 {
+        // The first step of a generation also allocates the gradients and
+        // libtorch's own buffers: memory is reported from the second on.
+        let measured = done > start + 1 || done == train.steps;
+        if measured && (reported.activations == 0 || usage.activations > reported.activations * 21 / 20) {
             emit(TrainEvent::Memory(usage));
             reported = usage;
         }
