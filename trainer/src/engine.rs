@@ -829,19 +829,7 @@ pub(crate) fn run(
             }
         }
         if a.rank == 0 {
-            let sps = global / wall.as_secs_f64().max(1e-9);
-            let time_ms = train::wall_ms();
-            history.push(MetricRecord {
-                step: done,
-                loss,
-                lr,
-                samples_per_sec: sps,
-                grad_norm,
-                generation: a.generation,
-                world_size: a.world as u32,
-                time_ms,
-            });
-            emit(TrainEvent::Progress { step: done, loss, lr, samples_per_sec: sps, grad_norm, time_ms });
+            train::record_step(a, &mut history, done, loss, lr, grad_norm, wall, emit);
         }
         if all_uploaded {
             if let Some(saved) = saver.finish(a, &groups.world, &layout, &history)? {

@@ -426,19 +426,7 @@ pub fn run(
             "step timing"
         );
         if a.rank == 0 {
-            let sps = global / t0.elapsed().as_secs_f64().max(1e-9);
-            let time_ms = wall_ms();
-            history.push(MetricRecord {
-                step: done,
-                loss,
-                lr,
-                samples_per_sec: sps,
-                grad_norm,
-                generation: a.generation,
-                world_size: a.world as u32,
-                time_ms,
-            });
-            emit(TrainEvent::Progress { step: done, loss, lr, samples_per_sec: sps, grad_norm, time_ms });
+            record_step(a, &mut history, done, loss, lr, grad_norm, t0.elapsed(), emit);
         }
         if all_uploaded {
             if let Some(saved) = saver.finish(a, &comm, &params.layout, &history)? {
@@ -497,6 +485,34 @@ pub fn run(
         write_final(a, &out, &params.layout, &params.flat, &digests, &history, emit)?;
     }
     Ok(Outcome::Finished)
+}
+
+/// Rank 0's record of step `step`, which took `took`: into the metric
+/// history and to the coordinator.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn record_step(
+    a: &Assignment,
+    history: &mut Vec<MetricRecord>,
+    step: u64,
+    loss: f64,
+    lr: f64,
+    grad_norm: f64,
+    took: Duration,
+    emit: &mut dyn FnMut(TrainEvent),
+) {
+    let samples_per_sec = a.spec.train.global_batch as f64 / took.as_secs_f64().max(1e-9);
+    let time_ms = wall_ms();
+    history.push(MetricRecord {
+        step,
+        loss,
+        lr,
+        samples_per_sec,
+        grad_norm,
+        generation: a.generation,
+        world_size: a.world as u32,
+        time_ms,
+    });
+    emit(TrainEvent::Progress { step, loss, lr, samples_per_sec, grad_norm, time_ms });
 }
 
 /// Rank 0's last work: the final model, the replicas' digests and the
