@@ -4,6 +4,7 @@
 
 mod support;
 
+use flotilla::proto::v1 as pb;
 use support::*;
 
 /// Runs `yaml` (with `PAR` and `WORKERS` filled in) to the end on `workers`
@@ -213,4 +214,53 @@ fn status_shows_each_rank_s_stage_replica_and_memory() {
     assert!(text.contains("STAGE") && text.contains("OPTIMIZER") && text.contains("KiB"), "{text}");
     let cancel = flotilla(dir.path(), &["cancel", &id, "--coordinator", &url]);
     assert!(cancel.status.success(), "{}", String::from_utf8_lossy(&cancel.stderr));
+}
+
+/// `kill -9` of one stage of a two-stage pipeline: the coordinator replans
+/// on the survivor and a new worker, the pipeline resumes from its last
+/// checkpoint, and the final weights and history equal an uninterrupted run's.
+#[test]
+fn a_pipeline_survives_kill_9_of_a_stage() {
+    use std::time::Duration;
+    let yaml = GPT
+        .replace("steps: 50", "steps: 400")
+        .replace("WORKERS", "2")
+        .replace("PAR", "pp: 2, micro_batches: 2")
+        .replace("name: layout-gpt", "name: pipe-kill")
+        + "checkpoint: {every: 20}\n";
+    let reference = tempfile::tempdir().unwrap();
+    let job = job_file(reference.path(), "job", &yaml);
+    let out = flotilla(reference.path(), &["run", job.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let expected = read_tensors(&reference.path().join("runs/pipe-kill-1/final/model.safetensors"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_coordinator, url) = coordinator(dir.path());
+    let mut a = worker(dir.path(), &url, "worker-a");
+    let _b = worker(dir.path(), &url, "worker-b");
+    let job = job_file(dir.path(), "job", &yaml);
+    let out = flotilla(dir.path(), &["submit", job.to_str().unwrap(), "--coordinator", &url]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = "pipe-kill-1";
+    runtime().block_on(async {
+        let mut c = client(&url).await;
+        let s = wait_for(&mut c, id, Duration::from_secs(60), |s| {
+            s.latest_checkpoint.as_ref().is_some_and(|c| c.step >= 40) && s.step >= 45
+        })
+        .await;
+        assert!(s.step < 400, "the job finished before the kill; make it longer");
+        a.kill9();
+        let _c = worker(dir.path(), &url, "worker-c");
+        let done = wait_for(&mut c, id, Duration::from_secs(120), |s| {
+            is_phase(s, pb::JobPhase::Succeeded) || is_phase(s, pb::JobPhase::Failed)
+        })
+        .await;
+        assert!(is_phase(&done, pb::JobPhase::Succeeded), "{done:#?}");
+        assert!(done.generations.len() >= 2, "a new generation after the kill: {done:#?}");
+        assert!(done.generations.iter().any(|g| g.reason.contains("removed")), "{done:#?}");
+    });
+    let got = read_tensors(&dir.path().join("runs/pipe-kill-1/final/model.safetensors"));
+    assert_params_close(&got, &expected, 1e-5);
+    let history = read_metrics(&dir.path().join("runs/pipe-kill-1/final/metrics.jsonl"));
+    assert_eq!(history.iter().map(|m| m.0).collect::<Vec<_>>(), (1..=400).collect::<Vec<u64>>(), "every step once");
 }

@@ -46,6 +46,19 @@ impl CommError {
         }
     }
 
+    /// The same error with the rank it names mapped by `f`: for a group
+    /// whose ranks are a subset of a larger one, to name the peer by its
+    /// rank in the larger group.
+    pub fn map_rank(self, f: impl Fn(usize) -> usize) -> CommError {
+        match self {
+            CommError::Timeout { rank, op, after } => CommError::Timeout { rank: f(rank), op, after },
+            CommError::PeerClosed { rank, op } => CommError::PeerClosed { rank: f(rank), op },
+            CommError::Protocol { rank, message } => CommError::Protocol { rank: f(rank), message },
+            CommError::Io { rank, source } => CommError::Io { rank: f(rank), source },
+            CommError::Setup(message) => CommError::Setup(message),
+        }
+    }
+
     /// An equal error, for repeating the error that broke a ring. `io::Error`
     /// is not `Clone`, so an `Io` copy keeps the kind and the message.
     pub(crate) fn duplicate(&self) -> CommError {
@@ -73,5 +86,6 @@ mod tests {
         let io = CommError::Io { rank: 1, source: io::Error::other("boom") };
         assert_eq!(io.duplicate().to_string(), io.to_string());
         assert_eq!(CommError::Setup("x".into()).peer(), None);
+        assert_eq!(timeout.map_rank(|r| r * 10).peer(), Some(30));
     }
 }

@@ -234,20 +234,24 @@ impl SendThread {
         let thread = std::thread::Builder::new()
             .name("pipeline-send".into())
             .spawn(move || {
-                let mut failed: Option<CommError> = None;
+                // The first error is handed over once, with the peer it
+                // names; later messages are skipped.
+                let (mut failed, mut broken): (Option<CommError>, Option<String>) = (None, None);
                 for job in rx {
                     match job {
                         SendJob::Send(buf) => {
-                            if failed.is_none() {
+                            if failed.is_none() && broken.is_none() {
                                 if let Err(e) = group.send(to, &buf) {
+                                    broken = Some(e.to_string());
                                     failed = Some(e);
                                 }
                             }
                         }
                         SendJob::Flush(reply) => {
-                            let r = match &failed {
-                                None => Ok(()),
-                                Some(e) => Err(CommError::Setup(e.to_string())),
+                            let r = match (failed.take(), &broken) {
+                                (Some(e), _) => Err(e),
+                                (None, Some(m)) => Err(CommError::Setup(format!("a pipeline send failed: {m}"))),
+                                (None, None) => Ok(()),
                             };
                             let _ = reply.send(r);
                         }
@@ -307,7 +311,65 @@ fn ring(
         connect_timeout: opts.connect_timeout,
         op_timeout: opts.op_timeout,
     };
-    Ok(Box::new(TcpRing::connect(listener, cfg)?))
+    let ring = TcpRing::connect(listener, cfg).map_err(|e| e.map_rank(|r| members.get(r).copied().unwrap_or(r)))?;
+    Ok(Box::new(Subgroup { inner: Box::new(ring), members }))
+}
+
+/// A group of some of the world's ranks whose errors name the peer by its
+/// world rank (the rank the coordinator knows, and blames).
+struct Subgroup {
+    inner: Box<dyn ProcessGroup>,
+    members: Vec<usize>,
+}
+
+impl Subgroup {
+    fn world<T>(&self, r: Result<T, CommError>) -> Result<T, CommError> {
+        r.map_err(|e| e.map_rank(|p| self.members.get(p).copied().unwrap_or(p)))
+    }
+}
+
+impl ProcessGroup for Subgroup {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world(&self) -> usize {
+        self.inner.world()
+    }
+    fn generation(&self) -> u64 {
+        self.inner.generation()
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        let r = self.inner.all_reduce_sum(buf);
+        self.world(r)
+    }
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<Range<usize>, CommError> {
+        let r = self.inner.reduce_scatter_sum(buf);
+        self.world(r)
+    }
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        let r = self.inner.all_gather(buf);
+        self.world(r)
+    }
+    fn all_gather_bytes(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
+        let r = self.inner.all_gather_bytes(mine);
+        self.world(r)
+    }
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
+        let r = self.inner.broadcast(buf, root);
+        self.world(r)
+    }
+    fn send(&mut self, to: usize, buf: &[f32]) -> Result<(), CommError> {
+        let r = self.inner.send(to, buf);
+        self.world(r)
+    }
+    fn recv(&mut self, from: usize, buf: &mut [f32]) -> Result<(), CommError> {
+        let r = self.inner.recv(from, buf);
+        self.world(r)
+    }
+    fn barrier(&mut self) -> Result<(), CommError> {
+        let r = self.inner.barrier();
+        self.world(r)
+    }
 }
 
 impl Groups {
