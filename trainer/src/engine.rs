@@ -627,31 +627,10 @@ pub(crate) fn run(
     let mut start = 0u64;
     let mut history: Vec<MetricRecord> = Vec::new();
     let out = Storage::open(&a.output_dir).map_err(|e| TrainError::fatal("open the output location", e))?;
-    let mut skipped = Vec::new();
-    for location in &train::resume_candidates(a) {
-        let loaded = match Storage::open(location) {
-            Ok(dir) => a.io.block_on(checkpoint::load(&dir, &layout)),
-            Err(e) => Err(e.into()),
-        };
-        match loaded {
-            Ok((m, snap)) => {
-                train::check_resume(&m, spec, location)?;
-                start = snap.step;
-                st.load(&snap, stage_start);
-                if a.rank == 0 {
-                    history = a.io.block_on(checkpoint::read_history(location, start));
-                }
-                tracing::info!(job = %a.job, gen = a.generation, rank = a.rank, step = start, "resumed from checkpoint");
-                break;
-            }
-            Err(e) => {
-                tracing::warn!(job = %a.job, rank = a.rank, error = %e, "skipping checkpoint");
-                skipped.push(e.to_string());
-            }
-        }
-    }
-    if !skipped.is_empty() && skipped.len() == train::resume_candidates(a).len() {
-        return Err(TrainError::Fatal(format!("no committed checkpoint loads: {}", skipped.join("; "))));
+    if let Some((snap, h)) = train::load_newest(a, &layout)? {
+        start = snap.step;
+        st.load(&snap, stage_start);
+        history = h;
     }
 
     let mut groups = Groups::connect(a, listener, opts)?;

@@ -218,6 +218,42 @@ pub(crate) fn resume_candidates(a: &Assignment) -> Vec<String> {
     }
 }
 
+/// The newest checkpoint that loads ([`resume_candidates`], torn ones
+/// skipped) as a whole snapshot in `layout`, and (on rank 0) its metric
+/// history; `None` to start from scratch. Fails when there were
+/// candidates and none loads.
+pub(crate) fn load_newest(
+    a: &Assignment,
+    layout: &checkpoint::Layout,
+) -> Result<Option<(checkpoint::Snapshot, Vec<MetricRecord>)>, TrainError> {
+    let candidates = resume_candidates(a);
+    let mut skipped = Vec::new();
+    for location in &candidates {
+        let loaded = match Storage::open(location) {
+            Ok(dir) => a.io.block_on(checkpoint::load(&dir, layout)),
+            Err(e) => Err(e.into()),
+        };
+        match loaded {
+            Ok((m, snap)) => {
+                check_resume(&m, &a.spec, location)?;
+                let history =
+                    if a.rank == 0 { a.io.block_on(checkpoint::read_history(location, snap.step)) } else { Vec::new() };
+                tracing::info!(job = %a.job, gen = a.generation, rank = a.rank, step = snap.step, "resumed from checkpoint");
+                return Ok(Some((snap, history)));
+            }
+            Err(e) => {
+                tracing::warn!(job = %a.job, rank = a.rank, error = %e, "skipping checkpoint");
+                skipped.push(e.to_string());
+            }
+        }
+    }
+    if skipped.is_empty() {
+        Ok(None)
+    } else {
+        Err(TrainError::Fatal(format!("no committed checkpoint loads: {}", skipped.join("; "))))
+    }
+}
+
 /// Refuses a checkpoint taken with another global batch or seed: resuming
 /// from it would not continue the same run.
 pub(crate) fn check_resume(m: &checkpoint::Manifest, spec: &JobSpec, location: &str) -> Result<(), TrainError> {
@@ -264,35 +300,13 @@ pub fn run(
     // each checkpoint (resumed with it) and written beside the final model.
     let mut history: Vec<MetricRecord> = Vec::new();
 
-    // Resume from the newest checkpoint that loads; skip torn ones.
-    let mut skipped = Vec::new();
     let out = Storage::open(&a.output_dir).map_err(|e| TrainError::fatal("open the output location", e))?;
-    for location in &resume_candidates(a) {
-        let loaded = match Storage::open(location) {
-            Ok(dir) => a.io.block_on(checkpoint::load(&dir, &params.layout)),
-            Err(e) => Err(e.into()),
-        };
-        match loaded {
-            Ok((m, snap)) => {
-                check_resume(&m, spec, location)?;
-                start = snap.step;
-                params.flat = snap.params;
-                adam = AdamW { m: snap.m, v: snap.v, step: snap.optimizer_step };
-                params.push();
-                if a.rank == 0 {
-                    history = a.io.block_on(checkpoint::read_history(location, start));
-                }
-                tracing::info!(job = %a.job, gen = a.generation, rank = a.rank, step = start, "resumed from checkpoint");
-                break;
-            }
-            Err(e) => {
-                tracing::warn!(job = %a.job, rank = a.rank, error = %e, "skipping checkpoint");
-                skipped.push(e.to_string());
-            }
-        }
-    }
-    if !skipped.is_empty() && skipped.len() == resume_candidates(a).len() {
-        return Err(TrainError::Fatal(format!("no committed checkpoint loads: {}", skipped.join("; "))));
+    if let Some((snap, h)) = load_newest(a, &params.layout)? {
+        start = snap.step;
+        params.flat = snap.params;
+        adam = AdamW { m: snap.m, v: snap.v, step: snap.optimizer_step };
+        params.push();
+        history = h;
     }
 
     let comm = CommThread::spawn(connect(a, listener, opts)?);
