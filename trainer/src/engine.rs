@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use flotilla_comm::chunk::chunk_range;
 use flotilla_comm::{CommError, CommListener, ProcessGroup, RingConfig, TcpRing};
-use flotilla_jobspec::{JobSpec, ModelSpec, PipelineSchedule};
+use flotilla_jobspec::{JobSpec, PipelineSchedule};
 use flotilla_registry::MetricRecord;
 use tch::{Kind, Tensor};
 
@@ -648,7 +648,8 @@ pub(crate) fn run(
         blocked_ms: saved.blocked.as_secs_f64() * 1e3,
         total_ms: saved.total.as_secs_f64() * 1e3,
     };
-    let first_unit = st.units[0].unit;
+    // The unit whose output this stage receives (none for the first stage).
+    let input_unit = (!first).then(|| all_units[mine.start - 1].0);
     // Parameter leaves shared by every micro-batch (ZeRO 0-2), made once.
     let mut leaves: Vec<Vec<Tensor>> =
         if zero < 3 { st.units.iter().map(|u| u.leaves(&st.flat[u.stage_range()])).collect() } else { Vec::new() };
@@ -698,7 +699,7 @@ pub(crate) fn run(
                 let mut input = if first {
                     x
                 } else {
-                    let shape = model::output_shape(model_spec, prev_unit(model_spec, first_unit), b);
+                    let shape = model::output_shape(model_spec, input_unit.expect("a previous stage"), b);
                     let mut buf = vec![0f32; shape.iter().product::<i64>() as usize];
                     let w = Instant::now();
                     groups.from_prev.as_mut().expect("a previous stage").recv(0, &mut buf)?;
@@ -931,13 +932,6 @@ pub(crate) fn run(
         train::write_final(a, &out, &layout, &whole, &digests, &history, emit)?;
     }
     Ok(Outcome::Finished)
-}
-
-/// The unit before `unit` in the model (whose output is `unit`'s input).
-fn prev_unit(spec: &ModelSpec, unit: Unit) -> Unit {
-    let all = Unit::all(spec);
-    let i = all.iter().position(|(u, _)| *u == unit).expect("a unit of the model");
-    all[i - 1].0
 }
 
 /// A rank's final parameters as bytes: its stage, its digest, and each

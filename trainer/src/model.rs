@@ -12,7 +12,8 @@ use crate::checkpoint::Layout;
 pub struct Model {
     vs: nn::VarStore,
     spec: ModelSpec,
-    /// Each unit's parameters, in the unit's order.
+    /// The units in order, and each unit's parameters in the unit's order.
+    units: Vec<Unit>,
     unit_params: Vec<Vec<Tensor>>,
 }
 
@@ -181,18 +182,18 @@ impl Model {
             ModelSpec::Gpt(g) => gpt_init(&root, g),
         }
         let vars = vs.variables();
-        let unit_params = Unit::all(spec)
+        let (units, unit_params) = Unit::all(spec)
             .into_iter()
-            .map(|(_, names)| names.iter().map(|n| vars[n].shallow_clone()).collect())
-            .collect();
-        Model { vs, spec: spec.clone(), unit_params }
+            .map(|(unit, names)| (unit, names.iter().map(|n| vars[n].shallow_clone()).collect()))
+            .unzip();
+        Model { vs, spec: spec.clone(), units, unit_params }
     }
 
     /// Sum over the batch of each sample's loss: every unit in turn.
     pub fn loss_sum(&self, x: &Tensor, y: &Tensor) -> Tensor {
         let mut h = x.shallow_clone();
-        for ((unit, _), p) in Unit::all(&self.spec).into_iter().zip(&self.unit_params) {
-            h = forward(&self.spec, unit, p, &h);
+        for (unit, p) in self.units.iter().zip(&self.unit_params) {
+            h = forward(&self.spec, *unit, p, &h);
         }
         loss_sum(&self.spec, &h, y)
     }
