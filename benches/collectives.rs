@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use flotilla::comm::{CommListener, ProcessGroup, RingConfig, TcpRing};
+use flotilla::comm::{CommListener, F32Collectives, ProcessGroup, RingConfig, TcpRing};
 
 const OPS: [&str; 4] = ["all_reduce", "reduce_scatter", "all_gather", "broadcast"];
 /// Bytes each measurement aims to move: reps = budget / size, within bounds.
@@ -128,10 +128,10 @@ fn ring_limit(world: usize, bytes: usize) -> f64 {
 
 fn run_op(ring: &mut TcpRing, op: &str, buf: &mut [f32]) {
     match op {
-        "all_reduce" => ring.all_reduce_sum(buf).unwrap(),
-        "reduce_scatter" => drop(ring.reduce_scatter_sum(buf).unwrap()),
-        "all_gather" => ring.all_gather(buf).unwrap(),
-        "broadcast" => ring.broadcast(buf, 0).unwrap(),
+        "all_reduce" => ring.all_reduce_f32(buf).unwrap(),
+        "reduce_scatter" => drop(ring.reduce_scatter_f32(buf).unwrap()),
+        "all_gather" => ring.all_gather_f32(buf).unwrap(),
+        "broadcast" => ring.broadcast_f32(buf, 0).unwrap(),
         other => panic!("unknown op {other}"),
     }
 }

@@ -11,7 +11,7 @@ use std::env;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use flotilla_comm::{CommListener, ProcessGroup, RingConfig, TcpRing};
+use flotilla_comm::{CommListener, F32Collectives, ProcessGroup, RingConfig, TcpRing};
 
 fn main() {
     let arg = |i: usize, default: usize| {
@@ -44,7 +44,7 @@ fn main() {
                     for _ in 0..iters {
                         ring.barrier().expect("barrier");
                         let started = Instant::now();
-                        ring.all_reduce_sum(&mut buf).expect("all_reduce");
+                        ring.all_reduce_f32(&mut buf).expect("all_reduce");
                         times.push(started.elapsed());
                     }
                     // the values doubled `world`-fold each round

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::time::Instant;
 
-use crate::bytes::as_bytes;
+use crate::buffer::{staging, sum_in_rank_order, DType};
 use crate::chunk::chunk_range;
 use crate::error::CommError;
 use crate::link::{Deadline, Fault, Link, Payload};
@@ -26,8 +26,6 @@ use crate::wire::{Frame, Hello, Kind, Lane, Op};
 /// in the socket buffers, so writing every message before reading any cannot
 /// deadlock. Larger ones go through the connection's writer thread.
 const INLINE_SEND: usize = 8 * 1024;
-/// Elements summed at a time when adding contributions in rank order.
-const SUM_BLOCK: usize = 2048;
 
 /// A connection this rank dialed and writes to.
 struct Outgoing {
@@ -176,14 +174,16 @@ impl DirectLinks {
         Ok(())
     }
 
-    /// Reads one message from `from` on `lane` into `dst` (claiming the
-    /// connection first if needed), checking its header against `want`.
+    /// Reads one message from `from` on `lane` into `dst` (the bytes of
+    /// `dtype` elements; claiming the connection first if needed), checking
+    /// its header against `want`.
     fn receive(
         &mut self,
         lane: Lane,
         from: usize,
         want: Frame,
-        dst: &mut [f32],
+        dst: &mut [u8],
+        dtype: DType,
         dl: Deadline,
     ) -> Result<(), CommError> {
         let me = &self.me;
@@ -196,83 +196,94 @@ impl DirectLinks {
             *slot = Some(claim_peer(me, directed.lane, from, dl)?);
         }
         let link = slot.as_mut().expect("just connected");
-        let want = Frame { len: dst.len() as u64 * 4, ..want };
+        let want = Frame { len: dst.len() as u64, ..want };
         let got = link.recv_frame(dl).map_err(|fault| fault_error(fault, from, dl))?;
         link.expect(&got, &want)?;
-        link.recv_f32(dst, false, dl)
+        link.recv_elems(dst, dtype, false, dl)
     }
 
     fn frame(&self, op: Op, seq: u64, total: usize, from: usize) -> Frame {
         Frame { kind: Kind::Data, op, aux: from as u32, seq, total: total as u64, len: 0 }
     }
 
-    /// Every rank sends its whole buffer to every other; each sums all
-    /// contributions in rank order.
-    pub fn all_reduce(&mut self, buf: &mut [f32], dl: Deadline, seq: u64) -> Result<(), CommError> {
-        let (rank, world, len) = (self.me.rank, self.me.world, buf.len());
-        let mine = self.frame(Op::AllReduce, seq, len, rank);
+    /// Every rank sends its whole buffer (the bytes of `dtype` elements) to
+    /// every other; each sums all contributions in rank order.
+    pub fn all_reduce(&mut self, buf: &mut [u8], dtype: DType, dl: Deadline, seq: u64) -> Result<(), CommError> {
+        let (rank, world, bytes) = (self.me.rank, self.me.world, buf.len());
+        let mine = self.frame(Op::AllReduce, seq, bytes / dtype.size(), rank);
         let peers: Vec<usize> = self.others().collect();
         for &p in &peers {
             // SAFETY: `buf` is only read until flush_all below.
-            unsafe { self.post(Lane::Direct, p, mine, as_bytes(buf), dl)? };
+            unsafe { self.post(Lane::Direct, p, mine, buf, dl)? };
         }
-        let mut stage = vec![0.0f32; (world - 1) * len];
+        let mut words = Vec::new();
+        let stage = staging(&mut words, (world - 1) * bytes);
         for p in (0..world).filter(|&p| p != rank) {
             let slot = if p < rank { p } else { p - 1 };
-            let want = self.frame(Op::AllReduce, seq, len, p);
-            self.receive(Lane::Direct, p, want, &mut stage[slot * len..(slot + 1) * len], dl)?;
+            let want = self.frame(Op::AllReduce, seq, bytes / dtype.size(), p);
+            self.receive(Lane::Direct, p, want, &mut stage[slot * bytes..(slot + 1) * bytes], dtype, dl)?;
         }
         if let Some(error) = self.flush_all() {
             return Err(error);
         }
-        sum_in_rank_order(buf, 0..len, &stage, len, rank, world);
+        sum_in_rank_order(buf, stage, dtype, rank, world);
         Ok(())
     }
 
     /// Every rank sends chunk `p` to rank `p` and sums the chunks it gets, in
-    /// rank order, into its own.
-    pub fn reduce_scatter(&mut self, buf: &mut [f32], dl: Deadline, seq: u64) -> Result<Range<usize>, CommError> {
-        let (rank, world, len) = (self.me.rank, self.me.world, buf.len());
+    /// rank order, into its own. Ranges are in elements.
+    pub fn reduce_scatter(
+        &mut self,
+        buf: &mut [u8],
+        dtype: DType,
+        dl: Deadline,
+        seq: u64,
+    ) -> Result<Range<usize>, CommError> {
+        let (rank, world, size) = (self.me.rank, self.me.world, dtype.size());
+        let len = buf.len() / size;
         let own = chunk_range(len, world, rank);
         let peers: Vec<usize> = self.others().collect();
         for &p in &peers {
             let frame = self.frame(Op::ReduceScatter, seq, len, rank);
+            let r = chunk_range(len, world, p);
             // SAFETY: `buf` is only read until flush_all below.
-            unsafe { self.post(Lane::Direct, p, frame, as_bytes(&buf[chunk_range(len, world, p)]), dl)? };
+            unsafe { self.post(Lane::Direct, p, frame, &buf[r.start * size..r.end * size], dl)? };
         }
-        let n = own.len();
-        let mut stage = vec![0.0f32; (world - 1) * n];
+        let n = own.len() * size;
+        let mut words = Vec::new();
+        let stage = staging(&mut words, (world - 1) * n);
         for p in (0..world).filter(|&p| p != rank) {
             let slot = if p < rank { p } else { p - 1 };
             let want = self.frame(Op::ReduceScatter, seq, len, p);
-            self.receive(Lane::Direct, p, want, &mut stage[slot * n..(slot + 1) * n], dl)?;
+            self.receive(Lane::Direct, p, want, &mut stage[slot * n..(slot + 1) * n], dtype, dl)?;
         }
         if let Some(error) = self.flush_all() {
             return Err(error);
         }
-        sum_in_rank_order(buf, own.clone(), &stage, n, rank, world);
+        sum_in_rank_order(&mut buf[own.start * size..own.end * size], stage, dtype, rank, world);
         Ok(own)
     }
 
     /// Every rank sends its own chunk to every other and receives theirs in
     /// place.
-    pub fn all_gather(&mut self, buf: &mut [f32], dl: Deadline, seq: u64) -> Result<(), CommError> {
-        let (rank, world, len) = (self.me.rank, self.me.world, buf.len());
+    pub fn all_gather(&mut self, buf: &mut [u8], dtype: DType, dl: Deadline, seq: u64) -> Result<(), CommError> {
+        let (rank, world, size) = (self.me.rank, self.me.world, dtype.size());
+        let len = buf.len() / size;
         let own = chunk_range(len, world, rank);
         let base = buf.as_mut_ptr();
         // SAFETY: the own chunk is only read (by writer threads until
         // flush_all); the other chunks are written below, disjoint from it.
-        let mine = unsafe { std::slice::from_raw_parts(base.add(own.start), own.len()) };
+        let mine = unsafe { std::slice::from_raw_parts(base.add(own.start * size), own.len() * size) };
         let peers: Vec<usize> = self.others().collect();
         for &p in &peers {
             let frame = self.frame(Op::AllGatherF32, seq, len, rank);
-            unsafe { self.post(Lane::Direct, p, frame, as_bytes(mine), dl)? };
+            unsafe { self.post(Lane::Direct, p, frame, mine, dl)? };
         }
         for p in (0..world).filter(|&p| p != rank) {
             let r = chunk_range(len, world, p);
-            let dst = unsafe { std::slice::from_raw_parts_mut(base.add(r.start), r.len()) };
+            let dst = unsafe { std::slice::from_raw_parts_mut(base.add(r.start * size), r.len() * size) };
             let want = self.frame(Op::AllGatherF32, seq, len, p);
-            self.receive(Lane::Direct, p, want, dst, dl)?;
+            self.receive(Lane::Direct, p, want, dst, dtype, dl)?;
         }
         match self.flush_all() {
             Some(error) => Err(error),
@@ -281,30 +292,37 @@ impl DirectLinks {
     }
 
     /// The root sends its buffer to every other rank.
-    pub fn broadcast(&mut self, buf: &mut [f32], root: usize, dl: Deadline, seq: u64) -> Result<(), CommError> {
-        let len = buf.len();
-        let frame = self.frame(Op::Broadcast, seq, len, root);
+    pub fn broadcast(
+        &mut self,
+        buf: &mut [u8],
+        dtype: DType,
+        root: usize,
+        dl: Deadline,
+        seq: u64,
+    ) -> Result<(), CommError> {
+        let frame = self.frame(Op::Broadcast, seq, buf.len() / dtype.size(), root);
         if self.me.rank == root {
             let peers: Vec<usize> = self.others().collect();
             for p in peers {
                 // SAFETY: `buf` is only read until flush_all below.
-                unsafe { self.post(Lane::Direct, p, frame, as_bytes(buf), dl)? };
+                unsafe { self.post(Lane::Direct, p, frame, buf, dl)? };
             }
             match self.flush_all() {
                 Some(error) => Err(error),
                 None => Ok(()),
             }
         } else {
-            self.receive(Lane::Direct, root, frame, buf, dl)
+            self.receive(Lane::Direct, root, frame, buf, dtype, dl)
         }
     }
 
-    /// Sends `buf` to `to` as the next point-to-point message.
-    pub fn send(&mut self, to: usize, buf: &[f32], dl: Deadline) -> Result<(), CommError> {
+    /// Sends `buf` (the bytes of `dtype` elements) to `to` as the next
+    /// point-to-point message.
+    pub fn send(&mut self, to: usize, buf: &[u8], dtype: DType, dl: Deadline) -> Result<(), CommError> {
         let seq = self.sent[to] + 1;
-        let frame = self.frame(Op::PointToPoint, seq, buf.len(), self.me.rank);
+        let frame = self.frame(Op::PointToPoint, seq, buf.len() / dtype.size(), self.me.rank);
         // SAFETY: flushed before returning.
-        unsafe { self.post(Lane::PointToPoint, to, frame, as_bytes(buf), dl)? };
+        unsafe { self.post(Lane::PointToPoint, to, frame, buf, dl)? };
         if let Some(error) = self.flush_all() {
             return Err(error);
         }
@@ -313,10 +331,10 @@ impl DirectLinks {
     }
 
     /// Receives the next point-to-point message from `from` into `buf`.
-    pub fn recv(&mut self, from: usize, buf: &mut [f32], dl: Deadline) -> Result<(), CommError> {
+    pub fn recv(&mut self, from: usize, buf: &mut [u8], dtype: DType, dl: Deadline) -> Result<(), CommError> {
         let seq = self.received[from] + 1;
-        let want = self.frame(Op::PointToPoint, seq, buf.len(), from);
-        self.receive(Lane::PointToPoint, from, want, buf, dl)?;
+        let want = self.frame(Op::PointToPoint, seq, buf.len() / dtype.size(), from);
+        self.receive(Lane::PointToPoint, from, want, buf, dtype, dl)?;
         self.received[from] = seq;
         Ok(())
     }
@@ -371,50 +389,5 @@ fn fault_error(fault: Fault, from: usize, dl: Deadline) -> CommError {
         Fault::Silent => timeout(from, dl),
         Fault::Stuck => CommError::Protocol { rank: from, message: "a ring frame on a direct connection".into() },
         Fault::Aborted(error) | Fault::Failed(error) => error,
-    }
-}
-
-/// Overwrites `buf[range]` with the sum, in rank order, of every rank's
-/// contribution: this rank's is `buf[range]` itself, rank `p`'s is slot `p`
-/// (or `p - 1` above this rank) of `stage`, each `n` long.
-fn sum_in_rank_order(buf: &mut [f32], range: Range<usize>, stage: &[f32], n: usize, rank: usize, world: usize) {
-    let own = &mut buf[range];
-    let mut acc = [0.0f32; SUM_BLOCK];
-    for start in (0..n).step_by(SUM_BLOCK) {
-        let end = (start + SUM_BLOCK).min(n);
-        let acc = &mut acc[..end - start];
-        for p in 0..world {
-            let part = if p == rank {
-                &own[start..end]
-            } else {
-                let slot = if p < rank { p } else { p - 1 };
-                &stage[slot * n + start..slot * n + end]
-            };
-            if p == 0 {
-                acc.copy_from_slice(part);
-            } else {
-                acc.iter_mut().zip(part).for_each(|(a, v)| *a += *v);
-            }
-        }
-        own[start..end].copy_from_slice(acc);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sums_are_taken_in_rank_order_whoever_computes_them() {
-        // values whose sum depends on the order of the additions
-        let contributions = [[1e8f32, 1.0, -3.0], [1.0, 1e8, 2.5], [-1e8, 0.5, 1e-3]];
-        let expected: Vec<u32> =
-            (0..3).map(|i| ((contributions[0][i] + contributions[1][i]) + contributions[2][i]).to_bits()).collect();
-        for rank in 0..3 {
-            let mut buf = contributions[rank].to_vec();
-            let stage: Vec<f32> = (0..3).filter(|&p| p != rank).flat_map(|p| contributions[p]).collect();
-            sum_in_rank_order(&mut buf, 0..3, &stage, 3, rank, 3);
-            assert_eq!(buf.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), expected, "rank {rank}");
-        }
     }
 }

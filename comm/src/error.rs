@@ -32,6 +32,10 @@ pub enum CommError {
     /// connection refused as stale, the listener shut down).
     #[error("could not build the ring: {0}")]
     Setup(String),
+    /// A call this group cannot serve, such as a buffer in device memory
+    /// handed to a group that moves host memory. Nothing was sent.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
 }
 
 impl CommError {
@@ -42,7 +46,7 @@ impl CommError {
             | CommError::PeerClosed { rank, .. }
             | CommError::Protocol { rank, .. }
             | CommError::Io { rank, .. } => Some(*rank),
-            CommError::Setup(_) => None,
+            CommError::Setup(_) | CommError::Unsupported(_) => None,
         }
     }
 
@@ -56,12 +60,13 @@ impl CommError {
             CommError::Protocol { rank, message } => CommError::Protocol { rank: f(rank), message },
             CommError::Io { rank, source } => CommError::Io { rank: f(rank), source },
             CommError::Setup(message) => CommError::Setup(message),
+            CommError::Unsupported(message) => CommError::Unsupported(message),
         }
     }
 
     /// An equal error, for repeating the error that broke a ring. `io::Error`
     /// is not `Clone`, so an `Io` copy keeps the kind and the message.
-    pub(crate) fn duplicate(&self) -> CommError {
+    pub fn duplicate(&self) -> CommError {
         match self {
             CommError::Timeout { rank, op, after } => CommError::Timeout { rank: *rank, op, after: *after },
             CommError::PeerClosed { rank, op } => CommError::PeerClosed { rank: *rank, op },
@@ -70,6 +75,7 @@ impl CommError {
                 CommError::Io { rank: *rank, source: io::Error::new(source.kind(), source.to_string()) }
             }
             CommError::Setup(message) => CommError::Setup(message.clone()),
+            CommError::Unsupported(message) => CommError::Unsupported(message.clone()),
         }
     }
 }

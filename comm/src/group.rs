@@ -3,14 +3,17 @@
 
 use std::ops::Range;
 
+use crate::buffer::Buf;
 use crate::chunk::chunk_range;
 use crate::error::CommError;
 
 /// The ranks of one generation of a job, able to run collectives together.
 ///
-/// Every rank must call the same collectives in the same order with buffers of
-/// the same length (all_gather_bytes messages may differ); a mismatch is
-/// reported as [`CommError::Protocol`]. `send` and `recv` involve only the two
+/// Collectives run in place on typed buffers ([`Buf`]: f32 or bf16, in host
+/// or device memory); a backend refuses memory it cannot reach with
+/// [`CommError::Unsupported`]. Every rank must call the same collectives in
+/// the same order with buffers of the same type and length (all_gather_bytes
+/// messages may differ); a mismatch is reported as [`CommError::Protocol`]. `send` and `recv` involve only the two
 /// ranks named, in matching order per pair. Each call has a deadline (the
 /// group's op timeout); a failed call names the rank to blame. Results are
 /// bit-identical on every rank.
@@ -22,25 +25,25 @@ pub trait ProcessGroup: Send {
     fn world(&self) -> usize;
     fn generation(&self) -> u64;
     /// In-place sum over all ranks.
-    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError>;
+    fn all_reduce_sum(&mut self, buf: &mut Buf<'_>) -> Result<(), CommError>;
     /// In-place sum over all ranks of this rank's own chunk only; returns its
-    /// range. The rest of `buf` is left with unspecified values.
-    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<Range<usize>, CommError>;
+    /// range (in elements). The rest of `buf` is left with unspecified values.
+    fn reduce_scatter_sum(&mut self, buf: &mut Buf<'_>) -> Result<Range<usize>, CommError>;
     /// Every rank fills its own chunk of `buf`; afterwards every rank has every
     /// rank's chunk.
-    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CommError>;
+    fn all_gather(&mut self, buf: &mut Buf<'_>) -> Result<(), CommError>;
     /// Every rank contributes `mine` (lengths may differ per rank); returns
     /// all ranks' contributions in rank order.
     fn all_gather_bytes(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CommError>;
     /// Overwrite `buf` on every rank with root's contents.
-    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CommError>;
+    fn broadcast(&mut self, buf: &mut Buf<'_>, root: usize) -> Result<(), CommError>;
     /// Sends `buf` to rank `to`, which receives it with `recv(this rank, ..)`
-    /// of the same length. Returns once the message is written to the
-    /// connection; two ranks that send large messages to each other at the same
-    /// time must not both wait for theirs to be read first.
-    fn send(&mut self, to: usize, buf: &[f32]) -> Result<(), CommError>;
+    /// of the same type and length. Returns once the message is written to
+    /// the connection; two ranks that send large messages to each other at the
+    /// same time must not both wait for theirs to be read first.
+    fn send(&mut self, to: usize, buf: &Buf<'_>) -> Result<(), CommError>;
     /// Receives the next message that rank `from` sends to this rank.
-    fn recv(&mut self, from: usize, buf: &mut [f32]) -> Result<(), CommError>;
+    fn recv(&mut self, from: usize, buf: &mut Buf<'_>) -> Result<(), CommError>;
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<(), CommError>;
 }
@@ -70,15 +73,15 @@ impl ProcessGroup for SingleProcess {
         self.generation
     }
 
-    fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<(), CommError> {
+    fn all_reduce_sum(&mut self, _buf: &mut Buf<'_>) -> Result<(), CommError> {
         Ok(())
     }
 
-    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<Range<usize>, CommError> {
+    fn reduce_scatter_sum(&mut self, buf: &mut Buf<'_>) -> Result<Range<usize>, CommError> {
         Ok(chunk_range(buf.len(), 1, 0))
     }
 
-    fn all_gather(&mut self, _buf: &mut [f32]) -> Result<(), CommError> {
+    fn all_gather(&mut self, _buf: &mut Buf<'_>) -> Result<(), CommError> {
         Ok(())
     }
 
@@ -86,7 +89,7 @@ impl ProcessGroup for SingleProcess {
         Ok(vec![mine.to_vec()])
     }
 
-    fn broadcast(&mut self, _buf: &mut [f32], root: usize) -> Result<(), CommError> {
+    fn broadcast(&mut self, _buf: &mut Buf<'_>, root: usize) -> Result<(), CommError> {
         if root != 0 {
             return Err(CommError::Protocol {
                 rank: 0,
@@ -96,11 +99,11 @@ impl ProcessGroup for SingleProcess {
         Ok(())
     }
 
-    fn send(&mut self, to: usize, _buf: &[f32]) -> Result<(), CommError> {
+    fn send(&mut self, to: usize, _buf: &Buf<'_>) -> Result<(), CommError> {
         Err(no_peer(to))
     }
 
-    fn recv(&mut self, from: usize, _buf: &mut [f32]) -> Result<(), CommError> {
+    fn recv(&mut self, from: usize, _buf: &mut Buf<'_>) -> Result<(), CommError> {
         Err(no_peer(from))
     }
 
@@ -112,3 +115,35 @@ impl ProcessGroup for SingleProcess {
 fn no_peer(peer: usize) -> CommError {
     CommError::Protocol { rank: 0, message: format!("rank 0 of a world of 1 has no rank {peer} to talk to") }
 }
+
+/// The collectives on plain f32 slices, for tests, benches and tools that
+/// hold their data in `Vec<f32>`: each wraps the slice in a [`Buf`].
+pub trait F32Collectives: ProcessGroup {
+    fn all_reduce_f32(&mut self, values: &mut [f32]) -> Result<(), CommError> {
+        self.all_reduce_sum(&mut Buf::f32(values))
+    }
+
+    fn reduce_scatter_f32(&mut self, values: &mut [f32]) -> Result<Range<usize>, CommError> {
+        self.reduce_scatter_sum(&mut Buf::f32(values))
+    }
+
+    fn all_gather_f32(&mut self, values: &mut [f32]) -> Result<(), CommError> {
+        self.all_gather(&mut Buf::f32(values))
+    }
+
+    fn broadcast_f32(&mut self, values: &mut [f32], root: usize) -> Result<(), CommError> {
+        self.broadcast(&mut Buf::f32(values), root)
+    }
+
+    /// Sends a copy of `values` (a `Buf` borrows its memory mutably).
+    fn send_f32(&mut self, to: usize, values: &[f32]) -> Result<(), CommError> {
+        let mut copy = values.to_vec();
+        self.send(to, &Buf::f32(&mut copy))
+    }
+
+    fn recv_f32(&mut self, from: usize, values: &mut [f32]) -> Result<(), CommError> {
+        self.recv(from, &mut Buf::f32(values))
+    }
+}
+
+impl<G: ProcessGroup + ?Sized> F32Collectives for G {}

@@ -1,6 +1,11 @@
 //! CPU communication backend of flotilla: a [`ProcessGroup`] over a TCP ring
 //! between worker processes, for data-parallel training.
 //!
+//! Collectives take typed buffers ([`Buf`]: f32 or bf16) rather than tensors,
+//! so that this crate builds without libtorch: the trainer lends a tensor's
+//! memory for the length of one call. A GPU backend implements the same
+//! trait on buffers in device memory; the TCP ring refuses those.
+//!
 //! Each worker process binds one [`CommListener`] for its whole life. For each
 //! generation of a job, every rank calls [`TcpRing::connect`] with the same
 //! [`RingConfig`] (but its own rank). Buffers above [`DIRECT_MAX_BYTES`] then
@@ -22,7 +27,7 @@
 //! The job id in [`RingConfig`] is also the namespace of a ring on a listener:
 //! a process in two rings of the same generation gives them two ids.
 
-mod bytes;
+mod buffer;
 mod direct;
 mod error;
 mod group;
@@ -35,8 +40,9 @@ mod wire;
 
 pub mod chunk;
 
+pub use buffer::{bf16_from_f32, f32_from_bf16, Buf, DType, Memory};
 pub use chunk::{Algorithm, DIRECT_MAX_BYTES};
 pub use error::CommError;
-pub use group::{ProcessGroup, SingleProcess};
+pub use group::{F32Collectives, ProcessGroup, SingleProcess};
 pub use listener::CommListener;
 pub use ring::{RingConfig, TcpRing};

@@ -6,7 +6,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::bytes::as_bytes_mut;
+use crate::buffer::{add_into, staging, DType};
 use crate::error::CommError;
 use crate::wire::{Blame, Frame, Kind, Op, FRAME_LEN};
 
@@ -36,7 +36,7 @@ impl Deadline {
     }
 }
 
-/// What is sent after a header (f32 buffers as their little-endian bytes).
+/// What is sent after a header (typed buffers as their little-endian bytes).
 pub(crate) enum Payload<'a> {
     Bytes(&'a [u8]),
 }
@@ -66,8 +66,9 @@ pub(crate) struct Link {
     /// The rank at the other end.
     pub peer: usize,
     buf: Vec<u8>,
-    /// Where received values wait to be added into the caller's buffer.
-    stage: Vec<f32>,
+    /// Where received values wait to be added into the caller's buffer
+    /// (words, so that it is aligned for every element type).
+    stage: Vec<u32>,
     /// False while a message is partly written: nothing else may be sent.
     send_idle: bool,
     /// False while a message is partly read: the next bytes are not a header.
@@ -220,28 +221,29 @@ impl Link {
         }
     }
 
-    /// Receives `dst.len()` f32s and adds them into `dst` (or overwrites it,
-    /// reading straight into it).
-    pub fn recv_f32(&mut self, dst: &mut [f32], add: bool, dl: Deadline) -> Result<(), CommError> {
-        let result = if add { self.recv_add(dst, dl) } else { self.read_exact_by(as_bytes_mut(dst), dl) };
+    /// Receives `dst.len()` bytes of `dtype` elements and adds them into
+    /// `dst` (or overwrites it, reading straight into it).
+    pub fn recv_elems(&mut self, dst: &mut [u8], dtype: DType, add: bool, dl: Deadline) -> Result<(), CommError> {
+        let result = if add { self.recv_add(dst, dtype, dl) } else { self.read_exact_by(dst, dl) };
         self.recv_idle = result.is_ok();
         result.map_err(|e| classify(e, self.peer, dl))
     }
 
     /// Reads a piece at a time into the staging buffer and adds it into `dst`.
-    fn recv_add(&mut self, dst: &mut [f32], dl: Deadline) -> io::Result<()> {
-        let mut stage = std::mem::take(&mut self.stage);
-        stage.resize(PIECE / 4, 0.0);
+    fn recv_add(&mut self, dst: &mut [u8], dtype: DType, dl: Deadline) -> io::Result<()> {
+        let mut words = std::mem::take(&mut self.stage);
+        let stage = staging(&mut words, PIECE);
         let mut result = Ok(());
-        for part in dst.chunks_mut(PIECE / 4) {
+        // PIECE is a multiple of every element size: parts hold whole elements.
+        for part in dst.chunks_mut(PIECE) {
             let got = &mut stage[..part.len()];
-            if let Err(e) = self.read_exact_by(as_bytes_mut(got), dl) {
+            if let Err(e) = self.read_exact_by(got, dl) {
                 result = Err(e);
                 break;
             }
-            part.iter_mut().zip(got.iter()).for_each(|(d, v)| *d += *v);
+            add_into(part, got, dtype);
         }
-        self.stage = stage;
+        self.stage = words;
         result
     }
 

@@ -11,7 +11,7 @@
 use std::ops::Range;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
-use crate::bytes::as_bytes;
+use crate::buffer::{Buf, DType};
 use crate::chunk::{all_gather_steps, all_reduce_steps, chunk_range, gather_origin, pieces, reduce_scatter_steps};
 use crate::chunk::{Phase, RingStep};
 use crate::direct::DirectLinks;
@@ -45,68 +45,82 @@ impl ProcessGroup for TcpRing {
         self.generation
     }
 
-    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+    fn all_reduce_sum(&mut self, buf: &mut Buf<'_>) -> Result<(), CommError> {
+        let dtype = buf.dtype();
+        let bytes = buf.host_bytes_mut()?;
         if self.world == 1 {
             return self.check_broken();
         }
-        if self.algorithm.is_direct(buf.len() * 4) {
-            return self.run_direct(Op::AllReduce, true, |direct, dl, seq| direct.all_reduce(buf, dl, seq));
+        if self.algorithm.is_direct(bytes.len()) {
+            return self.run_direct(Op::AllReduce, true, |direct, dl, seq| direct.all_reduce(bytes, dtype, dl, seq));
         }
         let steps = all_reduce_steps(self.rank, self.world);
-        self.ring_pipeline(Op::AllReduce, buf, &steps)
+        self.ring_pipeline(Op::AllReduce, bytes, dtype, &steps)
     }
 
-    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<Range<usize>, CommError> {
+    fn reduce_scatter_sum(&mut self, buf: &mut Buf<'_>) -> Result<Range<usize>, CommError> {
+        let dtype = buf.dtype();
         let own = chunk_range(buf.len(), self.world, self.rank);
+        let bytes = buf.host_bytes_mut()?;
         if self.world == 1 {
             return self.check_broken().map(|()| own);
         }
-        if self.algorithm.is_direct(buf.len() * 4) {
-            return self.run_direct(Op::ReduceScatter, true, |direct, dl, seq| direct.reduce_scatter(buf, dl, seq));
+        if self.algorithm.is_direct(bytes.len()) {
+            return self
+                .run_direct(Op::ReduceScatter, true, |direct, dl, seq| direct.reduce_scatter(bytes, dtype, dl, seq));
         }
         let steps = reduce_scatter_steps(self.rank, self.world);
-        self.ring_pipeline(Op::ReduceScatter, buf, &steps).map(|()| own)
+        self.ring_pipeline(Op::ReduceScatter, bytes, dtype, &steps).map(|()| own)
     }
 
-    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+    fn all_gather(&mut self, buf: &mut Buf<'_>) -> Result<(), CommError> {
+        let dtype = buf.dtype();
+        let bytes = buf.host_bytes_mut()?;
         if self.world == 1 {
             return self.check_broken();
         }
-        if self.algorithm.is_direct(buf.len() * 4) {
-            return self.run_direct(Op::AllGatherF32, true, |direct, dl, seq| direct.all_gather(buf, dl, seq));
+        if self.algorithm.is_direct(bytes.len()) {
+            return self.run_direct(Op::AllGatherF32, true, |direct, dl, seq| direct.all_gather(bytes, dtype, dl, seq));
         }
         let steps = all_gather_steps(self.rank, self.world);
-        self.ring_pipeline(Op::AllGatherF32, buf, &steps)
+        self.ring_pipeline(Op::AllGatherF32, bytes, dtype, &steps)
     }
 
     fn all_gather_bytes(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
         self.gather(Op::AllGather, mine)
     }
 
-    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
+    fn broadcast(&mut self, buf: &mut Buf<'_>, root: usize) -> Result<(), CommError> {
         if root >= self.world {
             return Err(CommError::Protocol {
                 rank: self.rank,
                 message: format!("broadcast root {root} is out of range for world {}", self.world),
             });
         }
+        let dtype = buf.dtype();
+        let bytes = buf.host_bytes_mut()?;
         if self.world == 1 {
             return self.check_broken();
         }
-        if self.algorithm.is_direct(buf.len() * 4) {
-            return self.run_direct(Op::Broadcast, true, |direct, dl, seq| direct.broadcast(buf, root, dl, seq));
+        if self.algorithm.is_direct(bytes.len()) {
+            return self
+                .run_direct(Op::Broadcast, true, |direct, dl, seq| direct.broadcast(bytes, dtype, root, dl, seq));
         }
-        self.ring_broadcast(buf, root)
+        self.ring_broadcast(bytes, dtype, root)
     }
 
-    fn send(&mut self, to: usize, buf: &[f32]) -> Result<(), CommError> {
+    fn send(&mut self, to: usize, buf: &Buf<'_>) -> Result<(), CommError> {
+        let dtype = buf.dtype();
+        let bytes = buf.host_bytes()?;
         self.check_peer(to, "send to")?;
-        self.run_direct(Op::PointToPoint, false, |direct, dl, _| direct.send(to, buf, dl))
+        self.run_direct(Op::PointToPoint, false, |direct, dl, _| direct.send(to, bytes, dtype, dl))
     }
 
-    fn recv(&mut self, from: usize, buf: &mut [f32]) -> Result<(), CommError> {
+    fn recv(&mut self, from: usize, buf: &mut Buf<'_>) -> Result<(), CommError> {
+        let dtype = buf.dtype();
+        let bytes = buf.host_bytes_mut()?;
         self.check_peer(from, "receive from")?;
-        self.run_direct(Op::PointToPoint, false, |direct, dl, _| direct.recv(from, buf, dl))
+        self.run_direct(Op::PointToPoint, false, |direct, dl, _| direct.recv(from, bytes, dtype, dl))
     }
 
     fn barrier(&mut self) -> Result<(), CommError> {
@@ -117,32 +131,34 @@ impl ProcessGroup for TcpRing {
 /// A caller's buffer shared between the collective's thread, which writes the
 /// pieces it receives, and the writer thread, which reads the pieces queued
 /// for sending. Only disjoint pieces are ever borrowed at once: a piece is
-/// written only after every queued send of it has finished.
+/// written only after every queued send of it has finished. Ranges are in
+/// elements of `size` bytes.
 #[derive(Clone, Copy)]
 struct RawBuf {
-    ptr: *mut f32,
+    ptr: *mut u8,
     len: usize,
+    size: usize,
 }
 
 impl RawBuf {
-    fn new(buf: &mut [f32]) -> RawBuf {
-        RawBuf { ptr: buf.as_mut_ptr(), len: buf.len() }
+    fn new(bytes: &mut [u8], dtype: DType) -> RawBuf {
+        RawBuf { ptr: bytes.as_mut_ptr(), len: bytes.len() / dtype.size(), size: dtype.size() }
     }
 
     /// # Safety
     /// No other borrow of `range` may be alive, and no queued send of it may
     /// be unfinished.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn slice_mut(&self, range: Range<usize>) -> &mut [f32] {
+    unsafe fn slice_mut(&self, range: Range<usize>) -> &mut [u8] {
         assert!(range.start <= range.end && range.end <= self.len);
-        std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len())
+        std::slice::from_raw_parts_mut(self.ptr.add(range.start * self.size), range.len() * self.size)
     }
 
     /// # Safety
     /// No mutable borrow of `range` may be alive while the result is.
-    unsafe fn slice(&self, range: Range<usize>) -> &[f32] {
+    unsafe fn slice(&self, range: Range<usize>) -> &[u8] {
         assert!(range.start <= range.end && range.end <= self.len);
-        std::slice::from_raw_parts(self.ptr.add(range.start), range.len())
+        std::slice::from_raw_parts(self.ptr.add(range.start * self.size), range.len() * self.size)
     }
 }
 
@@ -190,12 +206,12 @@ impl TcpRing {
     /// The pipelined ring: runs `steps`, streaming each chunk in pieces, and
     /// queues each received piece for the next rank as soon as it is in
     /// (every schedule sends at step `s + 1` what it received at step `s`).
-    fn ring_pipeline(&mut self, op: Op, buf: &mut [f32], steps: &[RingStep]) -> Result<(), CommError> {
-        let (world, len) = (self.world, buf.len());
-        let raw = RawBuf::new(buf);
+    fn ring_pipeline(&mut self, op: Op, buf: &mut [u8], dtype: DType, steps: &[RingStep]) -> Result<(), CommError> {
+        let raw = RawBuf::new(buf, dtype);
+        let (world, len) = (self.world, raw.len);
         self.run(op, |links, dl, seq| {
             let header = |step: usize, chunk: usize| Frame {
-                len: chunk_range(len, world, chunk).len() as u64 * 4,
+                len: (chunk_range(len, world, chunk).len() * dtype.size()) as u64,
                 ..data_frame(op, seq, step, len)
             };
             // Job numbers of the queued sends of each chunk's pieces, so that
@@ -226,11 +242,11 @@ impl TcpRing {
                     // SAFETY: this piece's earlier send is done, and the only
                     // other pieces borrowed are queued sends, disjoint from it.
                     let dst = unsafe { raw.slice_mut(piece.clone()) };
-                    links.recv.recv_f32(dst, step.phase == Phase::ReduceScatter, dl)?;
+                    links.recv.recv_elems(dst, dtype, step.phase == Phase::ReduceScatter, dl)?;
                     if let Some(frame) = forward {
                         let frame = (k == 0).then_some(frame);
                         // SAFETY: the run waits for the writer before returning.
-                        let job = unsafe { links.sender.queue(frame, as_bytes(raw.slice(piece)), dl) };
+                        let job = unsafe { links.sender.queue(frame, raw.slice(piece), dl) };
                         queued[step.recv].push(job);
                     }
                 }
@@ -244,10 +260,10 @@ impl TcpRing {
 
     /// Broadcast along the chain root -> root+1 -> ... -> root-1, in pieces,
     /// each forwarded as soon as it arrives.
-    fn ring_broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
-        let (world, len) = (self.world, buf.len());
+    fn ring_broadcast(&mut self, buf: &mut [u8], dtype: DType, root: usize) -> Result<(), CommError> {
+        let raw = RawBuf::new(buf, dtype);
+        let (world, len) = (self.world, raw.len);
         let pos = (self.rank + world - root) % world;
-        let raw = RawBuf::new(buf);
         self.run(Op::Broadcast, |links, dl, seq| {
             // Every rank first tells the next one that it has entered the
             // broadcast: ranks check that they agree on root and length, and
@@ -257,18 +273,19 @@ impl TcpRing {
             unsafe { links.sender.queue(Some(entered), &[], dl) };
             let got = links.recv.recv_frame(dl)?;
             links.recv.expect(&got, &entered)?;
-            let piece_len = if world == 2 { BROADCAST_PIECE_TWO } else { BROADCAST_PIECE };
+            // Pieces of the same size in bytes whatever the element type.
+            let piece_len = (if world == 2 { BROADCAST_PIECE_TWO } else { BROADCAST_PIECE }) * 4 / dtype.size();
             for piece in pieces(0..len, piece_len) {
-                let header = Frame { len: piece.len() as u64 * 4, ..entered };
+                let header = Frame { len: (piece.len() * dtype.size()) as u64, ..entered };
                 if pos > 0 {
                     let got = links.recv.recv_frame(dl)?;
                     links.recv.expect(&got, &header)?;
                     // SAFETY: each piece is received once, before it is queued.
-                    links.recv.recv_f32(unsafe { raw.slice_mut(piece.clone()) }, false, dl)?;
+                    links.recv.recv_elems(unsafe { raw.slice_mut(piece.clone()) }, dtype, false, dl)?;
                 }
                 if pos < world - 1 {
                     // SAFETY: the run waits for the writer before returning.
-                    unsafe { links.sender.queue(Some(header), as_bytes(raw.slice(piece)), dl) };
+                    unsafe { links.sender.queue(Some(header), raw.slice(piece), dl) };
                 }
                 if let Some(error) = links.sender.take_error() {
                     return Err(Fault::Failed(error));
@@ -330,7 +347,7 @@ fn queue_chunk(links: &Links<'_>, raw: RawBuf, header: Frame, range: Range<usize
     for (k, piece) in pieces(range, RING_PIECE).enumerate() {
         // SAFETY: the run waits for the writer before returning; the piece
         // is overwritten only after `wait_written` of its job.
-        let job = unsafe { links.sender.queue((k == 0).then_some(header), as_bytes(raw.slice(piece)), dl) };
+        let job = unsafe { links.sender.queue((k == 0).then_some(header), raw.slice(piece), dl) };
         jobs.push(job);
     }
 }

@@ -278,7 +278,7 @@ impl Links<'_> {
             CommError::PeerClosed { .. } => (Blame::Closed, String::new()),
             CommError::Protocol { message, .. } => (Blame::Protocol, message.clone()),
             CommError::Io { source, .. } => (Blame::Io, source.to_string()),
-            CommError::Setup(message) => (Blame::Io, message.clone()),
+            CommError::Setup(message) | CommError::Unsupported(message) => (Blame::Io, message.clone()),
         };
         if let Some(culprit) = error.peer() {
             self.tell_next(Kind::Abort, culprit, blame as u64, message.as_bytes(), dl.op, seq, grace);

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use flotilla_comm::{CommError, ProcessGroup, SingleProcess, TcpRing};
+use flotilla_comm::{CommError, F32Collectives, ProcessGroup, SingleProcess, TcpRing};
 use support::*;
 
 #[test]
@@ -17,7 +17,7 @@ fn all_reduce_sums_exactly_for_every_world_and_length() {
         on_each(&mut rings, |rank, ring| {
             for len in lengths {
                 let mut buf = int_buffer(rank, len);
-                ring.all_reduce_sum(&mut buf).unwrap_or_else(|e| panic!("world {world} len {len} rank {rank}: {e}"));
+                ring.all_reduce_f32(&mut buf).unwrap_or_else(|e| panic!("world {world} len {len} rank {rank}: {e}"));
                 assert!(buf == int_sum(world, len), "world {world} len {len} rank {rank}");
             }
         });
@@ -38,7 +38,7 @@ fn all_reduce_is_bit_identical_across_ranks() {
             .collect();
         let outputs = on_each(&mut rings, |rank, ring| {
             let mut buf = inputs[rank].clone();
-            ring.all_reduce_sum(&mut buf).unwrap();
+            ring.all_reduce_f32(&mut buf).unwrap();
             buf
         });
         for (rank, out) in outputs.iter().enumerate() {
@@ -88,12 +88,12 @@ fn all_gather_and_broadcast_carry_large_and_empty_payloads() {
         for root in 0..world {
             let len = 600_001; // several broadcast pieces
             let mut buf: Vec<f32> = (0..len).map(|i| (i + rank) as f32).collect();
-            ring.broadcast(&mut buf, root).unwrap();
+            ring.broadcast_f32(&mut buf, root).unwrap();
             assert!(buf.iter().enumerate().all(|(i, &v)| v == (i + root) as f32));
         }
         let mut empty: [f32; 0] = [];
-        ring.broadcast(&mut empty, 1).unwrap();
-        ring.all_reduce_sum(&mut empty).unwrap();
+        ring.broadcast_f32(&mut empty, 1).unwrap();
+        ring.all_reduce_f32(&mut empty).unwrap();
     });
 }
 
@@ -106,7 +106,7 @@ fn many_collectives_in_a_row_stay_in_step() {
         for round in 0..50 {
             let len = round * 13 % 40;
             let mut buf = int_buffer(rank + round, len);
-            ring.all_reduce_sum(&mut buf).unwrap();
+            ring.all_reduce_f32(&mut buf).unwrap();
             let expected: Vec<f32> = (0..len).map(|i| (0..world).map(|r| int_value(r + round, i)).sum()).collect();
             assert_eq!(buf, expected);
             if round % 5 == 0 {
@@ -115,7 +115,7 @@ fn many_collectives_in_a_row_stay_in_step() {
             let all = ring.all_gather_bytes(&[round as u8, rank as u8]).unwrap();
             assert!(all.iter().enumerate().all(|(r, m)| m == &[round as u8, r as u8]));
             let mut b = [rank as f32; 3];
-            ring.broadcast(&mut b, round % world).unwrap();
+            ring.broadcast_f32(&mut b, round % world).unwrap();
             assert_eq!(b, [(round % world) as f32; 3]);
         }
     });
@@ -128,7 +128,7 @@ fn length_mismatch_is_a_protocol_error() {
     let mut rings = ring(&listeners, "mismatch", 1);
     let results = on_each(&mut rings, |rank, ring| {
         let mut buf = vec![1.0f32; if rank == 1 { 11 } else { 10 }];
-        let first = ring.all_reduce_sum(&mut buf);
+        let first = ring.all_reduce_f32(&mut buf);
         // the ring is broken now: the next call fails at once
         let started = Instant::now();
         let again = ring.barrier();

@@ -7,7 +7,7 @@ use std::sync::Barrier;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use flotilla_comm::{Algorithm, CommError, CommListener, ProcessGroup, TcpRing};
+use flotilla_comm::{Algorithm, CommError, CommListener, F32Collectives, ProcessGroup, TcpRing};
 use support::*;
 
 /// Every rank but `silent` runs `op` with a short op timeout; `silent` keeps
@@ -33,7 +33,7 @@ where
 }
 
 fn all_reduce_with_a_silent_rank(world: usize, silent: usize, len: usize) -> Vec<Option<Result<(), CommError>>> {
-    with_a_silent_rank(world, silent, |ring| ring.all_reduce_sum(&mut vec![1.0; len]))
+    with_a_silent_rank(world, silent, |ring| ring.all_reduce_f32(&mut vec![1.0; len]))
 }
 
 fn assert_timeout_naming(results: &[Option<Result<(), CommError>>], silent: usize, op_name: &str) {
@@ -66,7 +66,7 @@ fn a_silent_rank_is_named_by_every_other_rank() {
 
 #[test]
 fn a_silent_broadcast_root_is_named_along_the_chain() {
-    let results = with_a_silent_rank(4, 2, |ring| ring.broadcast(&mut vec![0.0; 1000], 2));
+    let results = with_a_silent_rank(4, 2, |ring| ring.broadcast_f32(&mut vec![0.0; 1000], 2));
     assert_timeout_naming(&results, 2, "broadcast");
 }
 
@@ -77,14 +77,14 @@ fn a_rank_that_hangs_up_mid_way_is_named() {
     let mut rings: Vec<Option<TcpRing>> = ring(&listeners, "hangup", 1).into_iter().map(Some).collect();
     let results = on_each(&mut rings, |rank, slot| {
         let ring = slot.as_mut().unwrap();
-        ring.all_reduce_sum(&mut int_buffer(rank, 100)).unwrap();
+        ring.all_reduce_f32(&mut int_buffer(rank, 100)).unwrap();
         if rank == 1 {
             thread::sleep(Duration::from_millis(100));
             *slot = None; // the process goes away in the middle of the others' all_reduce
             return None;
         }
         let started = Instant::now();
-        let result = ring.all_reduce_sum(&mut vec![1.0; 4_000_000]);
+        let result = ring.all_reduce_f32(&mut vec![1.0; 4_000_000]);
         assert!(started.elapsed() < Duration::from_secs(5), "failed by closing, not by timeout");
         Some(result)
     });
@@ -102,13 +102,13 @@ fn a_new_generation_reuses_the_listeners_and_shuts_out_the_old_one() {
     let world = 3;
     let listeners = listeners(world);
     let mut gen1 = ring(&listeners, "replan", 1);
-    on_each(&mut gen1, |rank, ring| ring.all_reduce_sum(&mut int_buffer(rank, 10)).unwrap());
+    on_each(&mut gen1, |rank, ring| ring.all_reduce_f32(&mut int_buffer(rank, 10)).unwrap());
 
     // re-plan: the same processes build generation 2 while generation 1 still exists
     let mut gen2 = ring(&listeners, "replan", 2);
     let sums = on_each(&mut gen2, |rank, ring| {
         let mut buf = int_buffer(rank, 10);
-        ring.all_reduce_sum(&mut buf).unwrap();
+        ring.all_reduce_f32(&mut buf).unwrap();
         buf
     });
     assert!(sums.iter().all(|s| s == &int_sum(world, 10)));
@@ -184,7 +184,7 @@ fn a_world_of_one_needs_no_peers_to_talk_to() {
     let listener = CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let mut ring = TcpRing::connect(&listener, config(&[listener.local_addr()], "solo", 1, 0)).unwrap();
     let mut buf = [1.5f32, -2.0];
-    ring.all_reduce_sum(&mut buf).unwrap();
+    ring.all_reduce_f32(&mut buf).unwrap();
     assert_eq!(buf, [1.5, -2.0]);
     assert_eq!(ring.all_gather_bytes(b"me").unwrap(), vec![b"me".to_vec()]);
 }
@@ -194,23 +194,23 @@ fn a_silent_rank_is_named_in_every_new_op_by_both_algorithms() {
     for algorithm in [Algorithm::Ring, Algorithm::Direct] {
         let results = with_a_silent_rank(4, 2, |ring| {
             ring.set_algorithm(algorithm);
-            ring.reduce_scatter_sum(&mut vec![1.0; 100_000]).map(drop)
+            ring.reduce_scatter_f32(&mut vec![1.0; 100_000]).map(drop)
         });
         assert_timeout_naming(&results, 2, "reduce_scatter");
         let results = with_a_silent_rank(3, 0, |ring| {
             ring.set_algorithm(algorithm);
-            ring.all_gather(&mut vec![1.0; 1000])
+            ring.all_gather_f32(&mut vec![1.0; 1000])
         });
         assert_timeout_naming(&results, 0, "all_gather");
     }
     let results = with_a_silent_rank(3, 1, |ring| {
         ring.set_algorithm(Algorithm::Direct);
-        ring.all_reduce_sum(&mut vec![1.0; 50_000])
+        ring.all_reduce_f32(&mut vec![1.0; 50_000])
     });
     assert_timeout_naming(&results, 1, "all_reduce");
     let results = with_a_silent_rank(4, 3, |ring| {
         ring.set_algorithm(Algorithm::Direct);
-        ring.broadcast(&mut [1.0; 10], 3)
+        ring.broadcast_f32(&mut [1.0; 10], 3)
     });
     assert_timeout_naming(&results, 3, "broadcast");
 }
@@ -219,9 +219,9 @@ fn a_silent_rank_is_named_in_every_new_op_by_both_algorithms() {
 fn recv_from_a_silent_rank_names_it() {
     // ranks 0 and 1 wait for a message that rank 2 (above and below them)
     // never sends; rank 3 waits for rank 0, which does not send either
-    let results = with_a_silent_rank(3, 2, |ring| ring.recv(2, &mut [0.0; 10]));
+    let results = with_a_silent_rank(3, 2, |ring| ring.recv_f32(2, &mut [0.0; 10]));
     assert_timeout_naming(&results, 2, "send/recv");
-    let results = with_a_silent_rank(2, 0, |ring| ring.recv(0, &mut vec![0.0; 100_000]));
+    let results = with_a_silent_rank(2, 0, |ring| ring.recv_f32(0, &mut vec![0.0; 100_000]));
     assert_timeout_naming(&results, 0, "send/recv");
 }
 
@@ -233,23 +233,23 @@ fn a_straggler_of_an_older_generation_cannot_open_direct_links() {
     let mut gen2 = ring(&listeners, "direct-replan", 2);
     // generation 1 has no direct links yet, and its peers now refuse it
     let started = Instant::now();
-    let err = gen1[0].send(2, &[1.0]).unwrap_err();
+    let err = gen1[0].send_f32(2, &[1.0]).unwrap_err();
     assert!(matches!(&err, CommError::Setup(m) if m.contains("refused generation 1")), "{err}");
     gen1[1].set_algorithm(Algorithm::Direct);
-    let err = gen1[1].all_reduce_sum(&mut [1.0; 4]).unwrap_err();
+    let err = gen1[1].all_reduce_f32(&mut [1.0; 4]).unwrap_err();
     assert!(matches!(&err, CommError::Setup(m) if m.contains("refused generation 1")), "{err}");
     assert!(started.elapsed() < Duration::from_secs(2), "refused, not timed out");
     // generation 2 opens its direct links and is unharmed
     on_each(&mut gen2, |rank, ring| {
         ring.set_algorithm(Algorithm::Direct);
         let mut buf = int_buffer(rank, 10);
-        ring.all_reduce_sum(&mut buf).unwrap();
+        ring.all_reduce_f32(&mut buf).unwrap();
         assert_eq!(buf, int_sum(world, 10));
         if rank == 0 {
-            ring.send(2, &[5.0]).unwrap();
+            ring.send_f32(2, &[5.0]).unwrap();
         } else if rank == 2 {
             let mut got = [0.0];
-            ring.recv(0, &mut got).unwrap();
+            ring.recv_f32(0, &mut got).unwrap();
             assert_eq!(got, [5.0]);
         }
     });

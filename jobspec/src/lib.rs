@@ -28,7 +28,7 @@ mod validate;
 pub use error::SpecError;
 pub use spec::{
     AdamWSpec, CheckpointSpec, DataSpec, DpSize, GptSpec, JobSpec, MlpSpec, ModelSpec, ParallelismSpec,
-    PipelineSchedule, RegistryKind, RegistrySpec, ScheduleSpec, TokenDtype, TrainSpec, WorkersSpec,
+    PipelineSchedule, Precision, RegistryKind, RegistrySpec, ScheduleSpec, TokenDtype, TrainSpec, WorkersSpec,
 };
 
 /// Checks a registered model name and an alias as `registry.model` and

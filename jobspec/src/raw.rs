@@ -94,6 +94,7 @@ pub(crate) struct RawTrain {
     pub optimizer: Option<S<RawOptimizer>>,
     pub schedule: Option<S<RawSchedule>>,
     pub grad_clip: Option<S<f64>>,
+    pub precision: Option<S<Any>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -146,6 +147,8 @@ pub(crate) struct RawParallelism {
     pub micro_batches: Option<S<Any>>,
     /// Layers per pipeline stage.
     pub split: Option<S<Vec<S<u64>>>>,
+    /// Overlap communication with computation.
+    pub overlap: Option<S<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

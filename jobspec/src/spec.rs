@@ -129,6 +129,32 @@ pub struct TrainSpec {
     pub schedule: ScheduleSpec,
     /// Clip the global gradient norm to this value (> 0) when set.
     pub grad_clip: Option<f64>,
+    /// The arithmetic of forward and backward passes.
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+/// The arithmetic of forward and backward passes. Master weights, gradients
+/// as reduced and AdamW's moments are f32 under both.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    Fp32,
+    /// Matrix products, attention and activations in bfloat16, from a bf16
+    /// copy of the f32 master weights; layer norm, softmax and the loss in
+    /// f32; each micro-batch's gradients added into f32 gradients.
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
 }
 
 /// AdamW hyper-parameters (all finite).
@@ -184,6 +210,16 @@ pub struct ParallelismSpec {
     /// none: balanced by parameter count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split: Option<Vec<usize>>,
+    /// Overlap communication with computation: reduce a layer's gradients
+    /// while the backward pass of the layers before it runs, and (ZeRO-3)
+    /// gather the next layer's parameters while one computes. Off: every
+    /// collective runs after the passes (for measuring what overlap saves).
+    #[serde(default = "yes")]
+    pub overlap: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn one() -> usize {

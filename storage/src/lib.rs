@@ -194,6 +194,16 @@ impl Storage {
         Ok(r.bytes().await.map_err(self.err("read", name))?.to_vec())
     }
 
+    /// Bytes `range` of `name` only (one ranged request): a reader of part
+    /// of a large object never fetches the rest.
+    pub async fn get_range(&self, name: &str, range: std::ops::Range<u64>) -> Result<Vec<u8>, StorageError> {
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
+        let b = self.store.get_range(&self.path(name), range).await.map_err(self.err("read part of", name))?;
+        Ok(b.to_vec())
+    }
+
     /// Writes `name` only if nothing is there yet: `Ok(false)` if it
     /// exists. Atomic against concurrent writers on the local file system
     /// (a hard link of a finished temporary file) and on stores with

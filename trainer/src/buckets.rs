@@ -6,7 +6,7 @@
 use std::ops::Range;
 use std::sync::mpsc;
 
-use flotilla_comm::{CommError, ProcessGroup};
+use flotilla_comm::{CommError, F32Collectives, ProcessGroup};
 
 /// Contiguous ranges of at most `bucket_elems` elements covering `0..total`.
 pub fn bucket_ranges(total: usize, bucket_elems: usize) -> Vec<Range<usize>> {
@@ -48,7 +48,7 @@ impl CommThread {
                         Request::Reduce(mut buf) => {
                             let r = match &broken {
                                 Some(m) => Err(CommError::Setup(m.clone())),
-                                None => group.all_reduce_sum(&mut buf).map(|_| buf),
+                                None => group.all_reduce_f32(&mut buf).map(|_| buf),
                             };
                             if let Err(e) = &r {
                                 broken.get_or_insert_with(|| e.to_string());

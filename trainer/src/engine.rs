@@ -37,7 +37,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use flotilla_comm::chunk::chunk_range;
-use flotilla_comm::{CommError, CommListener, ProcessGroup, RingConfig, TcpRing};
+use flotilla_comm::{Buf, CommError, CommListener, F32Collectives, ProcessGroup, RingConfig, TcpRing};
 use flotilla_jobspec::{JobSpec, PipelineSchedule};
 use flotilla_registry::MetricRecord;
 use tch::{Kind, Tensor};
@@ -239,9 +239,9 @@ impl SendThread {
                 let (mut failed, mut broken): (Option<CommError>, Option<String>) = (None, None);
                 for job in rx {
                     match job {
-                        SendJob::Send(buf) => {
+                        SendJob::Send(mut buf) => {
                             if failed.is_none() && broken.is_none() {
-                                if let Err(e) = group.send(to, &buf) {
+                                if let Err(e) = group.send(to, &Buf::f32(&mut buf)) {
                                     broken = Some(e.to_string());
                                     failed = Some(e);
                                 }
@@ -338,15 +338,15 @@ impl ProcessGroup for Subgroup {
     fn generation(&self) -> u64 {
         self.inner.generation()
     }
-    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+    fn all_reduce_sum(&mut self, buf: &mut Buf<'_>) -> Result<(), CommError> {
         let r = self.inner.all_reduce_sum(buf);
         self.world(r)
     }
-    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<Range<usize>, CommError> {
+    fn reduce_scatter_sum(&mut self, buf: &mut Buf<'_>) -> Result<Range<usize>, CommError> {
         let r = self.inner.reduce_scatter_sum(buf);
         self.world(r)
     }
-    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+    fn all_gather(&mut self, buf: &mut Buf<'_>) -> Result<(), CommError> {
         let r = self.inner.all_gather(buf);
         self.world(r)
     }
@@ -354,15 +354,15 @@ impl ProcessGroup for Subgroup {
         let r = self.inner.all_gather_bytes(mine);
         self.world(r)
     }
-    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
+    fn broadcast(&mut self, buf: &mut Buf<'_>, root: usize) -> Result<(), CommError> {
         let r = self.inner.broadcast(buf, root);
         self.world(r)
     }
-    fn send(&mut self, to: usize, buf: &[f32]) -> Result<(), CommError> {
+    fn send(&mut self, to: usize, buf: &Buf<'_>) -> Result<(), CommError> {
         let r = self.inner.send(to, buf);
         self.world(r)
     }
-    fn recv(&mut self, from: usize, buf: &mut [f32]) -> Result<(), CommError> {
+    fn recv(&mut self, from: usize, buf: &mut Buf<'_>) -> Result<(), CommError> {
         let r = self.inner.recv(from, buf);
         self.world(r)
     }
@@ -539,7 +539,7 @@ fn gather_unit(dp: &mut Option<Box<dyn ProcessGroup>>, st: &State, u: &LocalUnit
     let mut buf = vec![0f32; u.len];
     buf[u.own.clone()].copy_from_slice(&st.own_params[u.own_local_range()]);
     if let Some(g) = dp.as_mut() {
-        g.all_gather(&mut buf)?;
+        g.all_gather_f32(&mut buf)?;
     }
     Ok(buf)
 }
@@ -548,7 +548,7 @@ fn gather_unit(dp: &mut Option<Box<dyn ProcessGroup>>, st: &State, u: &LocalUnit
 /// of `buf` this rank owns, now reduced.
 fn reduce_unit(dp: &mut Option<Box<dyn ProcessGroup>>, buf: &mut [f32]) -> Result<Range<usize>, CommError> {
     match dp.as_mut() {
-        Some(g) => g.reduce_scatter_sum(buf),
+        Some(g) => g.reduce_scatter_f32(buf),
         None => Ok(0..buf.len()),
     }
 }
@@ -702,7 +702,7 @@ pub(crate) fn run(
                     let shape = model::output_shape(model_spec, input_unit.expect("a previous stage"), b);
                     let mut buf = vec![0f32; shape.iter().product::<i64>() as usize];
                     let w = Instant::now();
-                    groups.from_prev.as_mut().expect("a previous stage").recv(0, &mut buf)?;
+                    groups.from_prev.as_mut().expect("a previous stage").recv_f32(0, &mut buf)?;
                     waited += w.elapsed();
                     Tensor::from_slice(&buf).view(shape.as_slice()).set_requires_grad(true)
                 };
@@ -745,7 +745,7 @@ pub(crate) fn run(
                     let shape = model::output_shape(model_spec, last_unit, pass.batch);
                     let mut buf = vec![0f32; shape.iter().product::<i64>() as usize];
                     let w = Instant::now();
-                    groups.from_next.as_mut().expect("a next stage").recv(1, &mut buf)?;
+                    groups.from_next.as_mut().expect("a next stage").recv_f32(1, &mut buf)?;
                     waited += w.elapsed();
                     Some(Tensor::from_slice(&buf).view(shape.as_slice()))
                 };
@@ -793,7 +793,7 @@ pub(crate) fn run(
                     pull_grads(l, &mut st.grads[u.stage_range()]);
                 }
                 if let Some(g) = groups.dp.as_mut() {
-                    g.all_reduce_sum(&mut st.grads)?;
+                    g.all_reduce_f32(&mut st.grads)?;
                 }
                 if a.replica == 0 {
                     squares = sq(&st.grads);
@@ -847,7 +847,7 @@ pub(crate) fn run(
                     let g = if zero == 1 { &st.grads[u.own_stage_range()] } else { &st.grads[u.own_local_range()] };
                     st.adam.apply(opt, lr, u.own_off, &mut st.flat[u.own_stage_range()], g);
                     if let Some(group) = groups.dp.as_mut() {
-                        group.all_gather(&mut st.flat[u.stage_range()])?;
+                        group.all_gather_f32(&mut st.flat[u.stage_range()])?;
                     }
                 }
             }

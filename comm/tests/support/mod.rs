@@ -7,7 +7,7 @@ use std::thread;
 use std::time::Duration;
 
 use flotilla_comm::chunk::chunk_range;
-use flotilla_comm::{CommError, CommListener, ProcessGroup, RingConfig, TcpRing};
+use flotilla_comm::{CommError, CommListener, F32Collectives, ProcessGroup, RingConfig, TcpRing};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const OP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -115,7 +115,7 @@ pub fn shared_suite<G: ProcessGroup>(groups: &mut [G]) {
         assert_eq!(group.world(), world);
 
         let mut buf = int_buffer(rank, 37);
-        group.all_reduce_sum(&mut buf)?;
+        group.all_reduce_f32(&mut buf)?;
         assert_eq!(buf, int_sum(world, 37), "all_reduce on rank {rank}");
 
         let mine = vec![rank as u8; rank * 3];
@@ -125,34 +125,34 @@ pub fn shared_suite<G: ProcessGroup>(groups: &mut [G]) {
 
         for root in 0..world {
             let mut buf = vec![rank as f32 + 0.5; 5];
-            group.broadcast(&mut buf, root)?;
+            group.broadcast_f32(&mut buf, root)?;
             assert_eq!(buf, vec![root as f32 + 0.5; 5], "broadcast from {root} on rank {rank}");
         }
 
         let mut buf = int_buffer(rank, 37);
-        let own = group.reduce_scatter_sum(&mut buf)?;
+        let own = group.reduce_scatter_f32(&mut buf)?;
         assert_eq!(own, chunk_range(37, world, rank), "reduce_scatter range on rank {rank}");
         assert_eq!(&buf[own.clone()], &int_sum(world, 37)[own.clone()], "reduce_scatter on rank {rank}");
 
         let mut buf = vec![-1.0; 37];
         buf[own.clone()].iter_mut().for_each(|v| *v = rank as f32);
-        group.all_gather(&mut buf)?;
+        group.all_gather_f32(&mut buf)?;
         let expected: Vec<f32> =
             (0..37).map(|i| (0..world).find(|&r| chunk_range(37, world, r).contains(&i)).unwrap() as f32).collect();
         assert_eq!(buf, expected, "all_gather on rank {rank}");
 
         if world > 1 {
             let (next, prev) = ((rank + 1) % world, (rank + world - 1) % world);
-            group.send(next, &[rank as f32; 3])?;
+            group.send_f32(next, &[rank as f32; 3])?;
             let mut got = [0.0; 3];
-            group.recv(prev, &mut got)?;
+            group.recv_f32(prev, &mut got)?;
             assert_eq!(got, [prev as f32; 3], "recv on rank {rank}");
         }
-        let to_self = group.send(rank, &[1.0]);
+        let to_self = group.send_f32(rank, &[1.0]);
         assert!(matches!(to_self, Err(CommError::Protocol { .. })), "{to_self:?}");
 
         group.barrier()?;
-        let bad_root = group.broadcast(&mut [0.0], world);
+        let bad_root = group.broadcast_f32(&mut [0.0], world);
         assert!(matches!(bad_root, Err(CommError::Protocol { .. })), "{bad_root:?}");
         group.barrier()?;
         Ok(())

@@ -164,6 +164,7 @@ fn parallelism(
         micro_batches: None,
         schedule: PipelineSchedule::default(),
         split: None,
+        overlap: true,
     };
     let Some(raw) = raw else {
         return Ok(spec);
@@ -270,6 +271,9 @@ fn parallelism(
                 return Err(cx.err("parallelism.dp", dp, format!("must be `auto` or within {what}, found {other}")));
             }
         };
+    }
+    if let Some(o) = &p.overlap {
+        spec.overlap = o.value;
     }
     if let Some(b) = &p.bucket_mb {
         let v = cx.finite("parallelism.bucket_mb", b)?;

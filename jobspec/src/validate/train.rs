@@ -5,8 +5,8 @@ use serde_saphyr::Spanned;
 use super::Ctx;
 use crate::defaults;
 use crate::error::SpecError;
-use crate::raw::{RawOptimizer, RawSchedule, RawTrain};
-use crate::{AdamWSpec, ScheduleSpec, TrainSpec};
+use crate::raw::{Any, RawOptimizer, RawSchedule, RawTrain};
+use crate::{AdamWSpec, Precision, ScheduleSpec, TrainSpec};
 
 /// `max_replicas`: the most data-parallel replicas the job can run with.
 pub(super) fn train(cx: &Ctx, raw: &Spanned<RawTrain>, max_replicas: usize) -> Result<TrainSpec, SpecError> {
@@ -42,7 +42,16 @@ pub(super) fn train(cx: &Ctx, raw: &Spanned<RawTrain>, max_replicas: usize) -> R
         None => None,
         Some(g) => Some(positive(cx, "train.grad_clip", g)?),
     };
+    let precision = match &t.precision {
+        None => Precision::default(),
+        Some(p) => match &p.value {
+            Any::Str(v) if v == "fp32" => Precision::Fp32,
+            Any::Str(v) if v == "bf16" => Precision::Bf16,
+            other => return Err(cx.err("train.precision", p, format!("must be `fp32` or `bf16`, found {other}"))),
+        },
+    };
     Ok(TrainSpec {
+        precision,
         steps,
         global_batch,
         micro_batch,
