@@ -17,9 +17,11 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
-use flotilla::trainer::checkpoint::{self, BackgroundCopy, Layout, Snapshot};
+use flotilla::trainer::checkpoint::{self, even_holding, HostArray, Layout, Snapshot};
+use flotilla::trainer::engine::weights::{CopyPiece, Weights, WeightsSlot};
 use flotilla::trainer::storage::Storage;
 use support::*;
+use tch::Tensor;
 
 struct Measure {
     blocked_s: f64,
@@ -27,55 +29,55 @@ struct Measure {
     bytes: usize,
 }
 
-/// The train loop's path: copy the state into the buffers of the previous
-/// checkpoint (training is blocked for this), then write this rank's shard
-/// from them in the background.
+/// The whole state of `numel` elements, as one piece.
+fn whole(numel: usize) -> Vec<CopyPiece> {
+    vec![CopyPiece { params: 0..numel, moments: 0..numel, local: 0 }]
+}
+
+/// Writes rank 0's shard of `snap` (the whole state) under `url`.
+fn upload(rt: &tokio::runtime::Runtime, url: &str, layout: &Layout, snap: Snapshot) -> (usize, Option<Snapshot>) {
+    let snap = Arc::new(snap);
+    let dir = Storage::open(url).unwrap().child(&checkpoint::step_name(snap.step));
+    let (shard, up) = rt.block_on(checkpoint::write_held(&dir, layout, &snap, 0, even_holding(layout, 0, 1))).unwrap();
+    assert_eq!(up.bytes as u64, shard.entry.bytes);
+    (up.bytes, Arc::try_unwrap(snap).ok())
+}
+
+/// The engine's path for a checkpoint taken at once (a worker is leaving):
+/// copy the state into the buffers of the previous checkpoint (training is
+/// blocked for this), then write this rank's shard from them in the
+/// background.
 fn flotilla_save(
     rt: &tokio::runtime::Runtime,
     url: &str,
     layout: &Layout,
-    state: &Snapshot,
+    state: &mut WeightsSlot,
     buffers: &mut Option<Snapshot>,
 ) -> Measure {
-    let out = Storage::open(url).unwrap();
     let t0 = Instant::now();
-    let mut snap = buffers.take().unwrap_or_default();
-    snap.fill(state.step, state.optimizer_step, &state.params, &state.m, &state.v);
-    let blocked_s = t0.elapsed().as_secs_f64();
-    let snap = Arc::new(snap);
-    let dir = out.child(&checkpoint::step_name(snap.step));
-    let (entry, up) = rt.block_on(checkpoint::write_shard(&dir, layout, &snap, 0, 1)).unwrap();
+    let c = state.copy_now(&whole(layout.total), buffers.take().unwrap_or_default(), 1, 1);
+    let (bytes, back) = upload(rt, url, layout, c.snap);
     let total_s = t0.elapsed().as_secs_f64();
-    assert_eq!(up.bytes as u64, entry.bytes);
-    *buffers = Arc::try_unwrap(snap).ok();
+    *buffers = back;
     assert!(buffers.is_some(), "the upload released the snapshot");
-    Measure { blocked_s, total_s, bytes: up.bytes }
+    Measure { blocked_s: c.blocked.as_secs_f64(), total_s, bytes }
 }
 
-/// The train loop's path, with the copy running beside the next step
-/// (played by `step` of arithmetic on this thread, which takes a core as
-/// forward and backward passes do): training waits only to start the copy
-/// and, if the step ends first, for the rest of it.
+/// The engine's path for a periodic checkpoint: the copy runs beside the
+/// next step (played by `step` of arithmetic on this thread, which takes a
+/// core as forward and backward passes do), and training waits only to
+/// start it and, when the step ends first, for the rest of it (the update
+/// takes the weights back).
 fn flotilla_save_beside_a_step(
     rt: &tokio::runtime::Runtime,
     url: &str,
     layout: &Layout,
-    state: &Snapshot,
+    state: &mut WeightsSlot,
+    expect: &HostArray,
     buffers: &mut Option<Snapshot>,
     step: std::time::Duration,
 ) -> Measure {
-    let out = Storage::open(url).unwrap();
-    // SAFETY: `state` is neither written nor freed before `finish`.
-    let copy = unsafe {
-        BackgroundCopy::start(
-            buffers.take().unwrap_or_default(),
-            state.step,
-            state.optimizer_step,
-            &state.params,
-            &state.m,
-            &state.v,
-        )
-    };
+    state.start_copy(whole(layout.total), buffers.take().unwrap_or_default(), 1, 1);
     let busy = Instant::now();
     let mut x = 1.0f64;
     while busy.elapsed() < step {
@@ -84,15 +86,15 @@ fn flotilla_save_beside_a_step(
         }
     }
     std::hint::black_box(x);
-    let (snap, t0, blocked) = copy.finish();
-    let snap = Arc::new(snap);
-    assert_eq!(snap.params, state.params);
-    let dir = out.child(&checkpoint::step_name(snap.step));
-    let (_, up) = rt.block_on(checkpoint::write_shard(&dir, layout, &snap, 0, 1)).unwrap();
+    let (_, copied) = state.write();
+    let c = copied.expect("a copy was running");
+    assert!(c.snap.params == *expect, "the copy holds the parameters");
+    let (t0, blocked) = (c.started, c.blocked);
+    let (bytes, back) = upload(rt, url, layout, c.snap);
     // The save's total leaves out the step that ran beside the copy.
     let total_s = t0.elapsed().as_secs_f64() - step.as_secs_f64();
-    *buffers = Arc::try_unwrap(snap).ok();
-    Measure { blocked_s: blocked.as_secs_f64(), total_s, bytes: up.bytes }
+    *buffers = back;
+    Measure { blocked_s: blocked.as_secs_f64(), total_s, bytes }
 }
 
 /// The median of `ms` by total save time.
@@ -137,7 +139,14 @@ fn main() {
     let numel: usize = if full { 24 << 20 } else { 1 << 16 };
     let layout = Layout::new(vec![("w".into(), vec![numel / 1024, 1024])]);
     let f = |k: f32| (0..numel).map(|i| (i as f32 * k).sin()).collect::<Vec<f32>>();
-    let state = Snapshot { step: 1, params: f(1e-3), m: f(2e-3), v: f(3e-3), optimizer_step: 1 };
+    let params = f(1e-3);
+    let expect = HostArray::from_f32(&params);
+    let mut state = WeightsSlot::new(Weights {
+        params: Tensor::from_slice(&params),
+        m: Tensor::from_slice(&f(2e-3)),
+        v: Tensor::from_slice(&f(3e-3)),
+    });
+    drop(params);
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
     println!(
@@ -147,15 +156,22 @@ fn main() {
     let local_root = dir.path().join("local");
     let local_url = local_root.to_str().unwrap().to_string();
     let mut buffers = None;
-    let first = flotilla_save(&rt, &format!("{local_url}/first"), &layout, &state, &mut buffers);
+    let first = flotilla_save(&rt, &format!("{local_url}/first"), &layout, &mut state, &mut buffers);
     row("flotilla, local (1st)", &first);
     if !full {
-        let steady = flotilla_save(&rt, &format!("{local_url}/steady"), &layout, &state, &mut buffers);
+        let steady = flotilla_save(&rt, &format!("{local_url}/steady"), &layout, &mut state, &mut buffers);
         row("flotilla, local disk", &steady);
         assert!(steady.bytes >= numel * 12, "the shard holds the whole state");
         let step = std::time::Duration::from_millis(20);
-        let beside =
-            flotilla_save_beside_a_step(&rt, &format!("{local_url}/beside"), &layout, &state, &mut buffers, step);
+        let beside = flotilla_save_beside_a_step(
+            &rt,
+            &format!("{local_url}/beside"),
+            &layout,
+            &mut state,
+            &expect,
+            &mut buffers,
+            step,
+        );
         row("  copy beside a step", &beside);
         return;
     }
@@ -177,18 +193,19 @@ fn main() {
     const STEP: std::time::Duration = std::time::Duration::from_millis(300);
     let mut s3_buffers = None;
     for r in 0..ROUNDS {
-        local.push(flotilla_save(&rt, &format!("{local_url}/r{r}"), &layout, &state, &mut buffers));
+        local.push(flotilla_save(&rt, &format!("{local_url}/r{r}"), &layout, &mut state, &mut buffers));
         let _ = std::fs::remove_dir_all(local_root.join(format!("r{r}")));
         beside.push(flotilla_save_beside_a_step(
             &rt,
             &format!("{local_url}/b{r}"),
             &layout,
-            &state,
+            &mut state,
+            &expect,
             &mut buffers,
             STEP,
         ));
         let _ = std::fs::remove_dir_all(local_root.join(format!("b{r}")));
-        remote.push(flotilla_save(&rt, &format!("s3://bench/ckpt/r{r}"), &layout, &state, &mut s3_buffers));
+        remote.push(flotilla_save(&rt, &format!("s3://bench/ckpt/r{r}"), &layout, &mut state, &mut s3_buffers));
         if have_py {
             let (t, s) = python_round(&py, numel, dir.path());
             torch.push(t);

@@ -1,6 +1,8 @@
 //! Training throughput of flotilla against PyTorch DDP (gloo), measured in
 //! the same run on the same jobs: an MLP and a GPT, on 1 and 2 processes,
-//! one CPU thread per process on both sides.
+//! in f32 and in bf16 (PyTorch casting as flotilla does, its f32 gradients
+//! summed with gloo's all-reduce after the backward passes), one CPU thread
+//! per process on both sides.
 //!
 //! `cargo bench --bench train_throughput` prints steady-state samples/s
 //! (the steps after the first few, from each step's own wall time, so that
@@ -42,7 +44,7 @@ fn mlp_job(dir: &Path, steps: u64) -> Job {
         yaml: format!(
             "name: bench-mlp\nmodel: {{kind: mlp, layers: [256, 512, 512, 10]}}\n\
              data: {{kind: features, path: mlp.safetensors}}\n\
-             train: {{steps: {steps}, global_batch: 256, micro_batch: 128, seed: 1, grad_clip: 1.0}}\n\
+             train: {{steps: {steps}, global_batch: 256, micro_batch: 128, seed: 1, grad_clip: 1.0, precision: PRECISION}}\n\
              workers: {{min: WORKERS, max: WORKERS}}\n"
         ),
         global_batch: 256,
@@ -57,22 +59,23 @@ fn gpt_job(dir: &Path, steps: u64) -> Job {
         yaml: format!(
             "name: bench-gpt\nmodel: {{kind: gpt, layers: 4, d_model: 128, heads: 4, context: 64, vocab: 256}}\n\
              data: {{kind: tokens, path: gpt.u16, dtype: u16}}\n\
-             train: {{steps: {steps}, global_batch: 32, micro_batch: 16, seed: 1, grad_clip: 1.0}}\n\
+             train: {{steps: {steps}, global_batch: 32, micro_batch: 16, seed: 1, grad_clip: 1.0, precision: PRECISION}}\n\
              workers: {{min: WORKERS, max: WORKERS}}\n"
         ),
         global_batch: 32,
     }
 }
 
-fn job_for(dir: &Path, job: &Job, workers: usize) -> std::path::PathBuf {
-    job_file(dir, &format!("{}-{workers}", job.name), &job.yaml.replace("WORKERS", &workers.to_string()))
+fn job_for(dir: &Path, job: &Job, workers: usize, precision: &str) -> std::path::PathBuf {
+    let yaml = job.yaml.replace("WORKERS", &workers.to_string()).replace("PRECISION", precision);
+    job_file(dir, &format!("{}-{workers}-{precision}", job.name), &yaml)
 }
 
 fn smoke() {
     let dir = tempfile::tempdir().unwrap();
     let mut job = mlp_job(dir.path(), 12);
     job.yaml = job.yaml.replace("[256, 512, 512, 10]", "[256, 16, 10]");
-    let path = job_for(dir.path(), &job, 1);
+    let path = job_for(dir.path(), &job, 1, "fp32");
     let steps = flotilla_steps(dir.path(), &path, "bench-mlp", 1, job.global_batch);
     let sps = steady_samples_per_sec(&steps, job.global_batch, WARMUP_STEPS);
     assert!(sps.is_finite() && sps > 0.0, "{sps}");
@@ -92,20 +95,25 @@ fn main() {
          1 CPU thread per process)",
         WARMUP_STEPS + 1
     );
-    println!("{:<5} {:>5} {:>16} {:>20} {:>14}", "model", "procs", "flotilla", "pytorch (DDP/gloo)", "flotilla/torch");
+    println!(
+        "{:<5} {:<9} {:>5} {:>12} {:>20} {:>14}",
+        "model", "precision", "procs", "flotilla", "pytorch (DDP/gloo)", "flotilla/torch"
+    );
     for job in [mlp_job(d, steps), gpt_job(d, steps)] {
-        let (spec, init) = oracle_inputs(d, &job_for(d, &job, 1));
-        for w in [1usize, 2] {
-            let path = job_for(d, &job, w);
-            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-            for _ in 0..ROUNDS {
-                let f = flotilla_steps(d, &path, &format!("bench-{}", job.name), w, job.global_batch);
-                ours.push(steady_samples_per_sec(&f, job.global_batch, WARMUP_STEPS));
-                let r = reference_steps(d, &spec, &init, w);
-                theirs.push(steady_samples_per_sec(&r, job.global_batch, WARMUP_STEPS));
+        for precision in ["fp32", "bf16"] {
+            let (spec, init) = oracle_inputs(d, &job_for(d, &job, 1, precision));
+            for w in [1usize, 2] {
+                let path = job_for(d, &job, w, precision);
+                let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+                for _ in 0..ROUNDS {
+                    let f = flotilla_steps(d, &path, &format!("bench-{}", job.name), w, job.global_batch);
+                    ours.push(steady_samples_per_sec(&f, job.global_batch, WARMUP_STEPS));
+                    let r = reference_steps(d, &spec, &init, w);
+                    theirs.push(steady_samples_per_sec(&r, job.global_batch, WARMUP_STEPS));
+                }
+                let (a, b) = (median(ours), median(theirs));
+                println!("{:<5} {precision:<9} {w:>5} {a:>12.0} {b:>20.0} {:>14.2}", job.name, a / b);
             }
-            let (a, b) = (median(ours), median(theirs));
-            println!("{:<5} {w:>5} {a:>16.0} {b:>20.0} {:>14.2}", job.name, a / b);
         }
     }
 }

@@ -89,8 +89,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
             };
             // As the train loop does before it builds the model.
             tch::set_num_threads(1);
-            let model = flotilla_trainer::model::Model::build(&spec.model, spec.train.seed);
-            let (layout, flat) = model.flat();
+            let (layout, flat) = flotilla_trainer::model::initial_weights(&spec.model, spec.train.seed);
             std::fs::write(&out, flotilla_trainer::checkpoint::encode_weights(&layout, &flat))
                 .with_context(|| format!("write initial weights to {}", out.display()))?;
             println!("{}: {} tensors, {} parameters", out.display(), layout.names.len(), layout.total);

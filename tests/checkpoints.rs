@@ -143,3 +143,57 @@ fn a_torn_newest_checkpoint_is_skipped_for_the_previous_one() {
     damaged_newest_checkpoint_is_skipped(Damage::TruncatedShard);
     damaged_newest_checkpoint_is_skipped(Damage::FlippedByte);
 }
+
+/// A checkpoint written by the release before this engine (manifest format
+/// 2: one checksum per shard, the dtype spelled "f32", two data-parallel
+/// ranks), committed as a fixture with the job that wrote it: it loads
+/// under another layout (ZeRO-3 on three ranks, each reading only its
+/// pieces), its history carries over, and the job goes on along the curve
+/// a run from scratch follows.
+#[test]
+fn a_format_2_checkpoint_of_the_release_before_loads_and_resumes() {
+    let fixture = repo().join("tests/fixtures/checkpoint-format2");
+    let step20 = fixture.join("step-00000020");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(step20.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["format"], "flotilla-checkpoint/2", "the fixture is of the old format");
+    assert_eq!(manifest["tensors"][0]["dtype"], "f32");
+    let yaml = std::fs::read_to_string(fixture.join("job.yaml")).unwrap();
+    let run = |dir: &std::path::Path, yaml: &str| -> Vec<f64> {
+        let job = job_file(dir, "job", yaml);
+        let out = flotilla(dir, &["run", job.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        read_metrics(&dir.join("runs/format2-1/final/metrics.jsonl")).iter().map(|m| m.1).collect()
+    };
+    let scratch = run(tempfile::tempdir().unwrap().path(), &yaml);
+    let copy = tempfile::tempdir().unwrap();
+    let resume_from = copy.path().join("step-00000020");
+    std::fs::create_dir(&resume_from).unwrap();
+    for f in std::fs::read_dir(&step20).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), resume_from.join(f.file_name())).unwrap();
+    }
+    let resumed =
+        yaml.replace("workers: {min: 2, max: 2}", "workers: {min: 3, max: 3}\nparallelism: {dp: 3, zero: 3}").replace(
+            "checkpoint: {every: 20}",
+            &format!("checkpoint: {{every: 20, resume_from: '{}'}}", resume_from.display()),
+        );
+    assert_ne!(resumed, yaml, "the job file names the fixture");
+    let rest = run(tempfile::tempdir().unwrap().path(), &resumed);
+    let old_history: Vec<f64> = read_metrics(&step20.join("metrics.jsonl")).iter().map(|m| m.1).collect();
+    assert_eq!(old_history.len(), 20);
+    assert_eq!(&rest[..20], &old_history[..], "the old run's history is carried over");
+    for (s, (a, b)) in scratch.iter().zip(&rest).enumerate().skip(20) {
+        let rel = (a - b).abs() / a.abs();
+        assert!(rel <= 1e-5, "step {}: from scratch {a}, resumed from the old checkpoint {b}", s + 1);
+    }
+    for (s, (a, b)) in scratch.iter().zip(&old_history).enumerate() {
+        let rel = (a - b).abs() / a.abs();
+        assert!(rel <= 1e-5, "step {}: this release {a}, the release before {b}", s + 1);
+    }
+}

@@ -87,7 +87,9 @@ fn checkpoints_in_s3_survive_a_killed_worker_and_match_a_local_run() {
 /// 5 MiB) and loads back bit for bit.
 #[test]
 fn a_large_shard_goes_up_as_a_multipart_upload() {
-    use flotilla::trainer::checkpoint::{self, Layout, SamplerState, Snapshot};
+    use flotilla::trainer::checkpoint::{
+        self, even_holding, Dtype, HostArray, Layout, ManifestHead, SamplerState, Snapshot,
+    };
     use flotilla::trainer::storage::Storage;
 
     let dir = tempfile::tempdir().unwrap();
@@ -99,22 +101,56 @@ fn a_large_shard_goes_up_as_a_multipart_upload() {
     // 1.5 M parameters: each of the two shards holds about 9 MB.
     let layout = Layout::new(vec![("w".into(), vec![1000, 1500]), ("b".into(), vec![7])]);
     let f = |k: f32| (0..layout.total).map(|i| (i as f32 * k).sin()).collect::<Vec<_>>();
-    let snap = std::sync::Arc::new(Snapshot { step: 3, params: f(0.1), m: f(0.2), v: f(0.3), optimizer_step: 3 });
+    let (params, m, v) = (f(0.1), f(0.2), f(0.3));
     runtime().block_on(async {
         let out = Storage::open("s3://big/runs/j-1").unwrap();
         let step = out.child(&checkpoint::step_name(3));
         let mut shards = Vec::new();
         for rank in 0..2 {
-            let (entry, upload) = checkpoint::write_shard(&step, &layout, &snap, rank, 2).await.unwrap();
+            // Each rank's even share of every tensor, back to back.
+            let held = even_holding(&layout, rank, 2);
+            let take = |all: &[f32]| -> HostArray {
+                let mut part = Vec::new();
+                for h in &held {
+                    let off = layout.offsets[h.tensor];
+                    part.extend_from_slice(&all[off + h.start..off + h.end]);
+                }
+                HostArray::from_f32(&part)
+            };
+            let mut local = 0;
+            let held: Vec<_> = held
+                .iter()
+                .map(|h| {
+                    let mut h = *h;
+                    h.local = local;
+                    local += h.end - h.start;
+                    h
+                })
+                .collect();
+            let snap = std::sync::Arc::new(Snapshot {
+                step: 3,
+                optimizer_step: 3,
+                params: take(&params),
+                m: take(&m),
+                v: take(&v),
+            });
+            let (shard, upload) = checkpoint::write_held(&step, &layout, &snap, rank, held).await.unwrap();
             assert!(upload.bytes > 5 << 20, "{upload:?}");
             assert!(upload.parts >= 2, "a shard above the part size is a multipart upload: {upload:?}");
-            shards.push(entry);
+            shards.push(shard);
         }
-        let sampler = SamplerState { position: 30, seed: 0, global_batch: 10 };
-        let m = checkpoint::manifest("j-1", 1, &layout, &snap, sampler, 0, shards);
-        checkpoint::write_manifest(&step, &m).await.unwrap();
-        let (_, back) = checkpoint::load(&step, &layout).await.unwrap();
-        assert_eq!(back, *snap);
+        let head = ManifestHead {
+            job: "j-1",
+            generation: 1,
+            step: 3,
+            optimizer_step: 3,
+            sampler: SamplerState { position: 30, seed: 0, global_batch: 10 },
+            torch_seed: 0,
+            dtypes: [Dtype::F32; 3],
+        };
+        checkpoint::write_manifest(&step, &checkpoint::manifest(head, &layout, shards)).await.unwrap();
+        let back = checkpoint::load(&step, &layout).await.unwrap();
+        assert!(back.params == params && back.m == m && back.v == v, "loads back bit for bit");
     });
     let on_disk = s3.root.join("big/runs/j-1/step-00000003/rank-00001.safetensors");
     assert!(std::fs::metadata(&on_disk).unwrap().len() > 5 << 20);

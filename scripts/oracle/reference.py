@@ -9,6 +9,15 @@ accumulated, torch.optim.AdamW, the warmup + cosine schedule and
 clip_grad_norm_. With --world 2 or more it runs DistributedDataParallel on
 gloo over 127.0.0.1, one process per rank, spawned by this script.
 
+With `train.precision: bf16` it follows flotilla's mixed-precision policy
+(trainer/src/model.rs): the f32 parameters are the masters; each step casts
+them to bf16 once, and the forward and backward passes run on those copies:
+matrix products, attention scores and activations in bf16, layer norm on
+values and affine parameters upcast to f32 (rounded back to bf16), softmax
+and the loss in f32. Each micro-batch's bf16 gradients are added into the
+masters' f32 gradients; ranks sum those f32 gradients (gloo all-reduce), and
+clipping and AdamW run on the f32 masters.
+
     reference.py --spec SPEC.json --init INIT.safetensors --out LOSSES.jsonl [--world N]
 
 SPEC.json is `flotilla validate --json JOB.yaml`. Rank 0 writes one JSON
@@ -216,6 +225,44 @@ class Gpt(nn.Module):
         return F.cross_entropy(logits.view(-1, self.vocab), y.reshape(-1), reduction="sum") / t
 
 
+# --- bf16: the functional forward of flotilla's policy -------------------------
+
+def ln32(z, w, b):
+    """Layer norm in f32 whatever z's dtype, rounded back to it."""
+    d = z.shape[-1]
+    return F.layer_norm(z.float(), (d,), w.float(), b.float(), 1e-5).to(z.dtype)
+
+
+def mlp_forward16(p, n_layers, x, y):
+    h = x.to(torch.bfloat16)
+    for i in range(n_layers):
+        h = F.linear(h, p[f"layers.{i}.weight"], p[f"layers.{i}.bias"])
+        if i + 1 < n_layers:
+            h = torch.relu(h)
+    return F.cross_entropy(h.float(), y, reduction="sum")
+
+
+def gpt_forward16(p, g, x, y):
+    b, t = x.shape
+    d, nh, vocab = g["d_model"], g["heads"], g["vocab"]
+    hd = d // nh
+    mask = torch.ones(t, t, dtype=torch.bool).triu(1)
+    h = F.embedding(x, p["wte.weight"]) + p["wpe"][:t]
+    for i in range(g["layers"]):
+        q = lambda n: p[f"blocks.{i}.{n}"]
+        a = ln32(h, q("ln1.weight"), q("ln1.bias"))
+        qs, ks, vs = F.linear(a, q("attn.qkv.weight"), q("attn.qkv.bias")).split(d, dim=2)
+        qs, ks, vs = (z.view(b, t, nh, hd).transpose(1, 2) for z in (qs, ks, vs))
+        att = (qs @ ks.transpose(-2, -1)) * (1.0 / math.sqrt(hd))
+        att = att.masked_fill(mask, float("-inf")).softmax(-1, dtype=torch.float32).to(torch.bfloat16)
+        y_att = (att @ vs).transpose(1, 2).contiguous().view(b, t, d)
+        h = h + F.linear(y_att, q("attn.proj.weight"), q("attn.proj.bias"))
+        m = F.linear(ln32(h, q("ln2.weight"), q("ln2.bias")), q("mlp.fc.weight"), q("mlp.fc.bias"))
+        h = h + F.linear(F.gelu(m), q("mlp.proj.weight"), q("mlp.proj.bias"))
+    logits = F.linear(ln32(h, p["ln_f.weight"], p["ln_f.bias"]), p["head.weight"])
+    return F.cross_entropy(logits.float().view(-1, vocab), y.reshape(-1), reduction="sum") / t
+
+
 def build_model(spec, init_path):
     m = spec["model"]
     model = Mlp(m["layers"]) if m["kind"] == "mlp" else Gpt(m)
@@ -245,9 +292,11 @@ def train(args, rank, world):
     opt, sched = tr["optimizer"], tr["schedule"]
     data = load_data(spec)
     model = build_model(spec, args.init)
-    params = [p for _, p in sorted(model.named_parameters())]
+    named = sorted(model.named_parameters())
+    params = [p for _, p in named]
+    bf16 = tr.get("precision", "fp32") == "bf16"
     net = model
-    if world > 1:
+    if world > 1 and not bf16:
         net = nn.parallel.DistributedDataParallel(model)
         net.register_comm_hook(None, sum_allreduce_hook)
     adam = torch.optim.AdamW(
@@ -266,10 +315,27 @@ def train(args, rank, world):
         idx = sampler.indices(step, rank, world)
         chunks = [idx[i : i + micro] for i in range(0, len(idx), micro)]
         local = 0.0
+        if bf16:
+            # The step's bf16 copies of the masters, cast once.
+            half = {n: p.detach().to(torch.bfloat16) for n, p in named}
+            for _, p in named:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         for c, chunk in enumerate(chunks):
             x, y = data.batch(chunk)
             last = c + 1 == len(chunks)
-            if world > 1 and not last:
+            if bf16:
+                leaves = {n: t.clone().requires_grad_() for n, t in half.items()}
+                m = spec["model"]
+                if m["kind"] == "mlp":
+                    loss = mlp_forward16(leaves, len(m["layers"]) - 1, x, y)
+                else:
+                    loss = gpt_forward16(leaves, m, x, y)
+                (loss / global_batch).backward()
+                with torch.no_grad():
+                    for n, p in named:
+                        p.grad += leaves[n].grad.float()
+            elif world > 1 and not last:
                 with net.no_sync():
                     loss = net(x, y)
                     (loss / global_batch).backward()
@@ -277,6 +343,9 @@ def train(args, rank, world):
                 loss = net(x, y)
                 (loss / global_batch).backward()
             local += loss.item()
+        if bf16 and world > 1:
+            for p in params:
+                dist.all_reduce(p.grad)
         total = torch.tensor([local], dtype=torch.float32)
         if world > 1:
             dist.all_reduce(total)

@@ -18,9 +18,10 @@ use tonic::transport::Channel;
 use tonic::{Code, Request};
 
 use crate::checkpoint;
+use crate::engine;
 use crate::preemption::{self, Notice, PreemptionConfig};
 use crate::storage::Storage;
-use crate::train::{self, Assignment, Outcome, TrainError, TrainEvent, TrainOptions};
+use crate::types::{Assignment, Outcome, TrainError, TrainEvent, TrainOptions};
 
 const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -376,7 +377,7 @@ impl Agent {
                 // the run as a failure the coordinator hears about, not
                 // leave the job waiting for a rank that is gone.
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    train::run(&assignment, &listener, &opts, &c, &mut emit)
+                    engine::run(&assignment, &listener, &opts, &c, &mut emit)
                 }))
                 .unwrap_or_else(|panic| {
                     let what = panic
@@ -384,7 +385,7 @@ impl Agent {
                         .cloned()
                         .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                         .unwrap_or_else(|| "unknown panic".into());
-                    Err(train::TrainError::Fatal(format!("the train loop panicked: {what}")))
+                    Err(TrainError::Fatal(format!("the train loop panicked: {what}")))
                 });
                 let _ = tx.send((k, RunMsg::Ended(result)));
             })

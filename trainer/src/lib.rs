@@ -1,9 +1,9 @@
 //! flotilla's worker side: the agent that follows the coordinator, the train
-//! loop it supervises, the models, data sets, sampler, optimizer and
-//! checkpoints that loop uses. Collectives come from `flotilla-comm`.
+//! engine it supervises (one loop for every layout, its state in tensors),
+//! the models, data sets, sampler, optimizer and checkpoints the engine
+//! uses. Collectives come from `flotilla-comm`.
 
 pub mod agent;
-pub mod buckets;
 pub mod checkpoint;
 pub mod data;
 pub mod engine;
@@ -15,11 +15,10 @@ pub mod preemption;
 pub mod rendezvous;
 pub mod rng;
 pub mod sampler;
-pub mod saver;
 pub mod stats;
-pub mod train;
+pub mod types;
 
 pub use agent::{Agent, AgentConfig};
 /// Checkpoint and model storage (its own crate, shared with the coordinator).
 pub use flotilla_storage as storage;
-pub use train::TrainOptions;
+pub use types::TrainOptions;

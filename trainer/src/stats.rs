@@ -1,14 +1,17 @@
 //! What a rank measures about itself: the heap's growth during a step
-//! (the activations it keeps for backward passes), and per-step timings.
-//! With `FLOTILLA_STATS_DIR` set, each rank writes them at the end of its
-//! generation as `<dir>/<job>-g<generation>-rank<rank>.json`, for benches
-//! and for whoever wants to look at a layout's bubble and memory.
+//! (the activations it keeps for backward passes), its peak memory once it
+//! is set up and at the end, and per-step timings (where a step's time
+//! went: passes, waiting on other stages, waiting on collectives, the
+//! update). With `FLOTILLA_STATS_DIR` set, each rank writes them at the end
+//! of its generation as `<dir>/<job>-g<generation>-rank<rank>.json`, for
+//! benches and for whoever wants to look at a layout's bubble, overlap and
+//! memory.
 
 use std::cell::Cell;
 
 use serde::Serialize;
 
-use crate::train::{Assignment, MemoryUsage};
+use crate::types::{Assignment, MemoryUsage};
 
 /// Environment variable naming the folder rank statistics go to.
 pub const STATS_DIR_ENV: &str = "FLOTILLA_STATS_DIR";
@@ -72,6 +75,21 @@ pub struct StepTiming {
     pub passes_ms: f64,
     /// Waiting for activations or their gradients from another stage.
     pub waited_ms: f64,
+    /// Waiting for collectives (gradient reductions, ZeRO's gathers, the
+    /// step's control exchange): the communication the passes did not hide.
+    pub comm_wait_ms: f64,
+    /// Clipping, the AdamW update and (ZeRO 1-2) gathering the parameters.
+    pub optimizer_ms: f64,
+}
+
+/// What a rank measured over its generation.
+#[derive(Debug, Clone, Default)]
+pub struct RunStats {
+    pub memory: MemoryUsage,
+    /// Peak resident memory once the rank had built or loaded its state,
+    /// before its first step.
+    pub start_peak_rss: u64,
+    pub steps: Vec<StepTiming>,
 }
 
 #[derive(Serialize)]
@@ -85,13 +103,16 @@ struct RankStats<'a> {
     stages: usize,
     zero: u8,
     schedule: &'static str,
+    precision: &'static str,
+    overlap: bool,
     memory: MemoryUsage,
+    start_peak_rss_bytes: u64,
     peak_rss_bytes: u64,
     steps: &'a [StepTiming],
 }
 
 /// Writes this rank's statistics when `FLOTILLA_STATS_DIR` is set.
-pub fn write(a: &Assignment, memory: &MemoryUsage, steps: &[StepTiming]) {
+pub fn write(a: &Assignment, run: &RunStats) {
     let Some(dir) = std::env::var_os(STATS_DIR_ENV) else { return };
     let stats = RankStats {
         job: &a.job,
@@ -103,9 +124,12 @@ pub fn write(a: &Assignment, memory: &MemoryUsage, steps: &[StepTiming]) {
         stages: a.stages,
         zero: a.spec.parallelism.zero,
         schedule: a.spec.parallelism.schedule.name(),
-        memory: *memory,
+        precision: a.spec.train.precision.name(),
+        overlap: a.spec.parallelism.overlap,
+        memory: run.memory,
+        start_peak_rss_bytes: run.start_peak_rss,
         peak_rss_bytes: peak_rss(),
-        steps,
+        steps: &run.steps,
     };
     let path = std::path::Path::new(&dir).join(format!("{}-g{}-rank{}.json", a.job, a.generation, a.rank));
     let json = serde_json::to_vec_pretty(&stats).expect("stats serialize");

@@ -1,20 +1,20 @@
 //! Asynchronous checkpoints. The step that takes a checkpoint only copies
-//! the state (parameters and AdamW moments); the shard is encoded and
-//! uploaded on the agent's runtime while training goes on. Ranks learn that
-//! every shard is up through the step's gradient reduction (each adds 1 when
-//! its own upload is done), so they all finish the checkpoint at the same
-//! step: they exchange their shard entries, and rank 0 writes the manifest
-//! and hands the checkpoint over to be committed.
+//! the state (see `engine::weights`); the shard is encoded and uploaded on
+//! the agent's runtime while training goes on. Ranks learn that every shard
+//! is up through the step's control exchange (each says whether its own
+//! upload is done), so they all finish the checkpoint at the same step:
+//! they exchange what they wrote, and rank 0 writes the manifest and hands
+//! the checkpoint over to be committed.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::buckets::CommThread;
-use crate::checkpoint::{self, Held, Layout, SamplerState, ShardEntry, Snapshot};
+use super::collective::Collectives;
+use crate::checkpoint::{self, Held, Layout, ManifestHead, SamplerState, Snapshot, WrittenShard};
 use crate::storage::Storage;
-use crate::train::{Assignment, TrainError};
+use crate::types::{Assignment, TrainError};
 use flotilla_registry::MetricRecord;
 
 /// A checkpoint rank 0 wrote the manifest of.
@@ -30,13 +30,14 @@ pub struct Saved {
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Outcome {
-    Uploaded(ShardEntry, Vec<Held>),
+    Uploaded(WrittenShard),
     Failed(String),
 }
 
 struct Pending {
     step: u64,
     optimizer_step: u64,
+    dtypes: [checkpoint::Dtype; 3],
     dir: Storage,
     started: Instant,
     blocked: Duration,
@@ -72,7 +73,7 @@ impl Saver {
     /// for `blocked` in all: this rank's shard (the pieces `held` says the
     /// snapshot holds) is written from the snapshot's memory in the background.
     #[allow(clippy::too_many_arguments)]
-    pub fn start_blocked(
+    pub fn start(
         &mut self,
         a: &Assignment,
         out: &Storage,
@@ -84,16 +85,17 @@ impl Saver {
     ) {
         assert!(self.pending.is_none(), "finish the pending checkpoint first");
         let (step, optimizer_step) = (snap.step, snap.optimizer_step);
+        let dtypes = [snap.params.dtype, snap.m.dtype, snap.v.dtype];
         let dir = out.child(&checkpoint::step_name(step));
         let result = Arc::new(Mutex::new(None));
         let (slot, target, layout, rank) = (result.clone(), dir.clone(), layout.clone(), a.rank);
         let spare = self.spare.clone();
         a.io.spawn(async move {
             let snap = Arc::new(snap);
-            let outcome = match checkpoint::write_held(&target, &layout, &snap, rank, held.clone()).await {
-                Ok((entry, up)) => {
+            let outcome = match checkpoint::write_held(&target, &layout, &snap, rank, held).await {
+                Ok((shard, up)) => {
                     tracing::info!(step, bytes = up.bytes, parts = up.parts, "checkpoint shard uploaded");
-                    Outcome::Uploaded(entry, held)
+                    Outcome::Uploaded(shard)
                 }
                 Err(e) => Outcome::Failed(e.to_string()),
             };
@@ -102,7 +104,7 @@ impl Saver {
             }
             *slot.lock().expect("saver lock") = Some(outcome);
         });
-        self.pending = Some(Pending { step, optimizer_step, dir, started: since, blocked, result });
+        self.pending = Some(Pending { step, optimizer_step, dtypes, dir, started: since, blocked, result });
     }
 
     /// Finishes the pending checkpoint. Every rank must call this at the
@@ -113,7 +115,7 @@ impl Saver {
     pub fn finish(
         &mut self,
         a: &Assignment,
-        comm: &CommThread,
+        world: &mut Collectives,
         layout: &Layout,
         history: &[MetricRecord],
     ) -> Result<Option<Saved>, TrainError> {
@@ -124,20 +126,16 @@ impl Saver {
             }
             std::thread::sleep(Duration::from_millis(2));
         };
-        let all = comm.all_gather_bytes(serde_json::to_vec(&outcome).expect("outcome serializes"))?;
+        let all = world.all_gather_bytes(serde_json::to_vec(&outcome).expect("outcome serializes"))?;
         let outcomes: Vec<Outcome> = all
             .iter()
             .map(|b| serde_json::from_slice(b))
             .collect::<Result<_, _>>()
             .map_err(|e| TrainError::Fatal(format!("read peers' shard entries: {e}")))?;
         let mut shards = Vec::with_capacity(outcomes.len());
-        let mut holdings = Vec::with_capacity(outcomes.len());
         for (rank, o) in outcomes.into_iter().enumerate() {
             match o {
-                Outcome::Uploaded(e, held) => {
-                    shards.push(e);
-                    holdings.push(held);
-                }
+                Outcome::Uploaded(s) => shards.push(s),
                 Outcome::Failed(why) => {
                     tracing::warn!(step = p.step, rank, error = %why, "checkpoint abandoned: a shard did not upload");
                     return Ok(None);
@@ -148,23 +146,23 @@ impl Saver {
             return Ok(None);
         }
         let train = &a.spec.train;
-        let sampler = SamplerState {
-            position: p.step * train.global_batch as u64,
-            seed: train.seed,
-            global_batch: train.global_batch as u64,
-        };
-        // The manifest needs the step counters only; the tensors are in the shards.
-        let meta = Snapshot {
+        let head = ManifestHead {
+            job: &a.job,
+            generation: a.generation,
             step: p.step,
-            params: Vec::new(),
-            m: Vec::new(),
-            v: Vec::new(),
             optimizer_step: p.optimizer_step,
+            sampler: SamplerState {
+                position: p.step * train.global_batch as u64,
+                seed: train.seed,
+                global_batch: train.global_batch as u64,
+            },
+            torch_seed: train.seed,
+            dtypes: p.dtypes,
         };
         let upto: Vec<MetricRecord> = history.iter().filter(|r| r.step <= p.step).cloned().collect();
         a.io.block_on(checkpoint::write_history(&p.dir, &upto))
             .map_err(|e| TrainError::Fatal(format!("write the checkpoint's metric history: {e}")))?;
-        let m = checkpoint::manifest_held(&a.job, a.generation, layout, &meta, sampler, train.seed, shards, &holdings);
+        let m = checkpoint::manifest(head, layout, shards);
         a.io.block_on(checkpoint::write_manifest(&p.dir, &m))
             .map_err(|e| TrainError::Fatal(format!("write checkpoint manifest: {e}")))?;
         let saved =

@@ -1,0 +1,233 @@
+//! A process group on a thread of its own, fed tensors. The engine queues a
+//! collective on a tensor ([`Collectives::submit`]) and goes on computing;
+//! it takes the tensor back, reduced or gathered in place, when it needs it
+//! ([`Collectives::wait`]). Collectives run in the order they were queued,
+//! which is the same on every rank because every rank runs the same
+//! schedule. A queued tensor must not be touched until it comes back.
+//!
+//! After a failure every later collective fails with a copy of the first
+//! error, which names the rank to blame.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use flotilla_comm::{CommError, ProcessGroup};
+use tch::Tensor;
+
+use super::tensors;
+
+/// A collective on a tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Sum over all ranks, in place.
+    AllReduce,
+    /// Sum over all ranks of this rank's chunk only (see `chunk_range`).
+    ReduceScatter,
+    /// Every rank's chunk to every rank.
+    AllGather,
+    /// To one rank, which receives it with `Recv` of this rank.
+    Send(usize),
+    /// From one rank, into the tensor given.
+    Recv(usize),
+}
+
+/// A queued collective, to wait for.
+#[derive(Debug, PartialEq, Eq, Hash)]
+#[must_use = "a queued collective must be waited for"]
+pub struct Ticket(u64);
+
+enum Job {
+    Tensor(u64, Op, Tensor),
+    Bytes(u64, Vec<u8>),
+}
+
+enum Done {
+    Tensor(Result<(Tensor, Range<usize>), CommError>),
+    Bytes(Result<Vec<Vec<u8>>, CommError>),
+}
+
+pub struct Collectives {
+    jobs: Option<mpsc::Sender<Job>>,
+    done: mpsc::Receiver<(u64, Done)>,
+    arrived: HashMap<u64, Done>,
+    next: u64,
+    rank: usize,
+    world: usize,
+    /// How long callers have waited for results since the last
+    /// [`Collectives::take_waited`].
+    waited: Duration,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Collectives {
+    pub fn spawn(mut group: Box<dyn ProcessGroup>, name: &str) -> Collectives {
+        let (rank, world) = (group.rank(), group.world());
+        let (job_tx, job_rx) = mpsc::channel::<Job>();
+        let (done_tx, done_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("comm-{name}"))
+            .spawn(move || {
+                let mut broken: Option<CommError> = None;
+                for job in job_rx {
+                    let (id, done) = match job {
+                        Job::Tensor(id, op, mut t) => {
+                            let r = match &broken {
+                                Some(e) => Err(e.duplicate()),
+                                None => run(group.as_mut(), op, &mut t).map(|own| (t, own)),
+                            };
+                            if let Err(e) = &r {
+                                broken.get_or_insert_with(|| e.duplicate());
+                            }
+                            (id, Done::Tensor(r))
+                        }
+                        Job::Bytes(id, bytes) => {
+                            let r = match &broken {
+                                Some(e) => Err(e.duplicate()),
+                                None => group.all_gather_bytes(&bytes),
+                            };
+                            if let Err(e) = &r {
+                                broken.get_or_insert_with(|| e.duplicate());
+                            }
+                            (id, Done::Bytes(r))
+                        }
+                    };
+                    if done_tx.send((id, done)).is_err() {
+                        return;
+                    }
+                }
+            })
+            .expect("spawn a comm thread");
+        Collectives {
+            jobs: Some(job_tx),
+            done: done_rx,
+            arrived: HashMap::new(),
+            next: 0,
+            rank,
+            world,
+            waited: Duration::ZERO,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    fn queue(&mut self, job: impl FnOnce(u64) -> Job) -> Ticket {
+        let id = self.next;
+        self.next += 1;
+        // The thread only ends when this handle drops.
+        let _ = self.jobs.as_ref().expect("open until drop").send(job(id));
+        Ticket(id)
+    }
+
+    /// Queues `op` on `t` (contiguous, f32 or bf16). `t` comes back from
+    /// [`Collectives::wait`].
+    pub fn submit(&mut self, op: Op, t: Tensor) -> Ticket {
+        self.queue(|id| Job::Tensor(id, op, t))
+    }
+
+    fn arrival(&mut self, id: u64) -> Done {
+        let since = Instant::now();
+        let done = loop {
+            if let Some(d) = self.arrived.remove(&id) {
+                break d;
+            }
+            match self.done.recv() {
+                Ok((got, d)) if got == id => break d,
+                Ok((got, d)) => {
+                    self.arrived.insert(got, d);
+                }
+                Err(_) => break Done::Bytes(Err(CommError::Setup("the comm thread ended".into()))),
+            }
+        };
+        self.waited += since.elapsed();
+        done
+    }
+
+    /// The tensor of a queued collective, done, and (for a reduce-scatter)
+    /// the range of it this rank owns; for other ops the whole range.
+    pub fn wait(&mut self, ticket: Ticket) -> Result<(Tensor, Range<usize>), CommError> {
+        match self.arrival(ticket.0) {
+            Done::Tensor(r) => r,
+            Done::Bytes(Err(e)) => Err(e),
+            Done::Bytes(Ok(_)) => unreachable!("a tensor ticket"),
+        }
+    }
+
+    /// Runs `op` on `t` and waits for it.
+    pub fn run(&mut self, op: Op, t: Tensor) -> Result<(Tensor, Range<usize>), CommError> {
+        let ticket = self.submit(op, t);
+        self.wait(ticket)
+    }
+
+    /// Every rank's bytes, in rank order, after everything queued before.
+    pub fn all_gather_bytes(&mut self, bytes: Vec<u8>) -> Result<Vec<Vec<u8>>, CommError> {
+        let Ticket(id) = self.queue(|id| Job::Bytes(id, bytes));
+        match self.arrival(id) {
+            Done::Bytes(r) => r,
+            Done::Tensor(Err(e)) => Err(e),
+            Done::Tensor(Ok(_)) => unreachable!("a bytes ticket"),
+        }
+    }
+
+    /// How long callers waited for results since the last call.
+    pub fn take_waited(&mut self) -> Duration {
+        std::mem::take(&mut self.waited)
+    }
+}
+
+fn run(group: &mut dyn ProcessGroup, op: Op, t: &mut Tensor) -> Result<Range<usize>, CommError> {
+    let len = t.numel();
+    let mut buf = tensors::buf(t)?;
+    match op {
+        Op::AllReduce => group.all_reduce_sum(&mut buf).map(|()| 0..len),
+        Op::ReduceScatter => group.reduce_scatter_sum(&mut buf),
+        Op::AllGather => group.all_gather(&mut buf).map(|()| 0..len),
+        Op::Send(to) => group.send(to, &buf).map(|()| 0..len),
+        Op::Recv(from) => group.recv(from, &mut buf).map(|()| 0..len),
+    }
+}
+
+impl Drop for Collectives {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_comm::SingleProcess;
+    use tch::Kind;
+
+    #[test]
+    fn results_come_back_by_ticket_whatever_the_order_of_waiting() {
+        let mut c = Collectives::spawn(Box::new(SingleProcess::new(1)), "test");
+        let a = c.submit(Op::AllReduce, Tensor::from_slice(&[1.0f32, 2.0]));
+        let b = c.submit(Op::ReduceScatter, Tensor::from_slice(&[3.0f32, 4.0, 5.0]));
+        assert_eq!(c.all_gather_bytes(vec![7]).unwrap(), vec![vec![7]]);
+        let (tb, own) = c.wait(b).unwrap();
+        assert_eq!((tb.numel(), own), (3, 0..3));
+        let (ta, _) = c.wait(a).unwrap();
+        assert_eq!(ta.double_value(&[1]), 2.0);
+    }
+
+    #[test]
+    fn a_tensor_collectives_cannot_move_fails_and_breaks_the_group() {
+        let mut c = Collectives::spawn(Box::new(SingleProcess::new(1)), "test");
+        let e = c.run(Op::AllReduce, Tensor::from_slice(&[1i64])).unwrap_err();
+        assert!(matches!(e, CommError::Unsupported(_)), "{e}");
+        let again = c.run(Op::AllGather, Tensor::zeros([2], (Kind::Float, tch::Device::Cpu))).unwrap_err();
+        assert!(matches!(again, CommError::Unsupported(_)), "later collectives repeat the first error: {again}");
+    }
+}

@@ -1,0 +1,309 @@
+//! A rank's connections for one generation: the whole world (the step's
+//! control exchange, checkpoints, the final hand-over), its stage's
+//! data-parallel group (gradient reductions, ZeRO's gathers), and its
+//! pipeline neighbours (activations forward, their gradients back, each
+//! direction on a connection of its own, sent from a thread of its own so
+//! that two stages sending each other large messages never wait on each
+//! other).
+
+use std::ops::Range;
+use std::sync::mpsc;
+
+use flotilla_comm::{Buf, CommError, CommListener, ProcessGroup, RingConfig, SingleProcess, TcpRing};
+use tch::{Kind, Tensor};
+
+use super::collective::{Collectives, Op, Ticket};
+use super::plan::Plan;
+use super::tensors;
+use crate::types::{Assignment, TrainOptions};
+
+/// The stage's data-parallel group.
+pub(crate) enum Dp {
+    /// One replica: nothing to reduce or gather.
+    Alone,
+    /// One stage: the world is the group.
+    World,
+    Own(Collectives),
+}
+
+pub(crate) struct Groups {
+    pub world: Collectives,
+    dp: Dp,
+    to_next: Option<SendThread>,
+    from_prev: Option<Box<dyn ProcessGroup>>,
+    to_prev: Option<SendThread>,
+    from_next: Option<Box<dyn ProcessGroup>>,
+}
+
+/// A collective queued on the data-parallel group, or (without one) its
+/// result already.
+pub(crate) enum InFlight {
+    Queued(Ticket),
+    Ready(Tensor, Range<usize>),
+}
+
+impl Groups {
+    /// Connects every group of this rank, in one order on every rank (the
+    /// world, the stage groups, then the pipeline links stage by stage), so
+    /// that no two ranks wait on each other's next connection.
+    pub fn connect(
+        a: &Assignment,
+        plan: &Plan,
+        listener: &CommListener,
+        opts: &TrainOptions,
+    ) -> Result<Groups, CommError> {
+        let (pp, dp) = (plan.pp, plan.dp);
+        let at = |stage: usize, replica: usize| replica * pp + stage;
+        let world: Box<dyn ProcessGroup> = if a.world == 1 {
+            Box::new(SingleProcess::new(a.generation))
+        } else {
+            ring(a, listener, opts, a.job.clone(), (0..a.world).collect())?
+        };
+        let world = Collectives::spawn(world, "world");
+        let dp_group = if dp == 1 {
+            Dp::Alone
+        } else if pp == 1 {
+            Dp::World
+        } else {
+            let members = (0..dp).map(|r| at(a.stage, r)).collect();
+            Dp::Own(Collectives::spawn(ring(a, listener, opts, format!("{}#dp{}", a.job, a.stage), members)?, "dp"))
+        };
+        let mut g = Groups { world, dp: dp_group, to_next: None, from_prev: None, to_prev: None, from_next: None };
+        for s in 0..pp.saturating_sub(1) {
+            if a.stage != s && a.stage != s + 1 {
+                continue;
+            }
+            let pair = vec![at(s, a.replica), at(s + 1, a.replica)];
+            let fwd = ring(a, listener, opts, format!("{}#fwd{}.{}", a.job, a.replica, s), pair.clone())?;
+            let bwd = ring(a, listener, opts, format!("{}#bwd{}.{}", a.job, a.replica, s), pair)?;
+            if a.stage == s {
+                g.to_next = Some(SendThread::spawn(fwd, 1));
+                g.from_next = Some(bwd);
+            } else {
+                g.from_prev = Some(fwd);
+                g.to_prev = Some(SendThread::spawn(bwd, 0));
+            }
+        }
+        Ok(g)
+    }
+
+    /// The data-parallel group's collectives, if it has more than one rank.
+    pub fn dp(&mut self) -> Option<&mut Collectives> {
+        match &mut self.dp {
+            Dp::Alone => None,
+            Dp::World => Some(&mut self.world),
+            Dp::Own(c) => Some(c),
+        }
+    }
+
+    /// Queues `op` on `t` in the data-parallel group.
+    pub fn dp_submit(&mut self, op: Op, t: Tensor) -> InFlight {
+        match self.dp() {
+            Some(c) => InFlight::Queued(c.submit(op, t)),
+            None => {
+                let n = t.numel();
+                InFlight::Ready(t, 0..n)
+            }
+        }
+    }
+
+    pub fn dp_wait(&mut self, f: InFlight) -> Result<(Tensor, Range<usize>), CommError> {
+        match f {
+            InFlight::Ready(t, own) => Ok((t, own)),
+            InFlight::Queued(ticket) => self.dp().expect("queued on a group").wait(ticket),
+        }
+    }
+
+    /// Time spent waiting on the world and data-parallel groups since the
+    /// last call.
+    pub fn take_waited(&mut self) -> std::time::Duration {
+        let mut w = self.world.take_waited();
+        if let Dp::Own(c) = &mut self.dp {
+            w += c.take_waited();
+        }
+        w
+    }
+
+    /// The next activation from the previous stage, of `shape` and `kind`.
+    pub fn recv_from_prev(&mut self, shape: &[i64], kind: Kind) -> Result<Tensor, CommError> {
+        recv(self.from_prev.as_mut().expect("a previous stage"), 0, shape, kind)
+    }
+
+    /// The next gradient from the next stage, of `shape` and `kind`.
+    pub fn recv_from_next(&mut self, shape: &[i64], kind: Kind) -> Result<Tensor, CommError> {
+        recv(self.from_next.as_mut().expect("a next stage"), 1, shape, kind)
+    }
+
+    /// Queues `t` for the next stage; it must not be written meanwhile.
+    pub fn send_to_next(&self, t: Tensor) {
+        self.to_next.as_ref().expect("a next stage").send(t);
+    }
+
+    /// Queues `t` for the previous stage; it must not be written meanwhile.
+    pub fn send_to_prev(&self, t: Tensor) {
+        self.to_prev.as_ref().expect("a previous stage").send(t);
+    }
+
+    /// Waits until every queued pipeline message is written.
+    pub fn flush_sends(&self) -> Result<(), CommError> {
+        for s in [&self.to_next, &self.to_prev].into_iter().flatten() {
+            s.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// The next message from rank `from` of a pipeline pair (0: the earlier
+/// stage, 1: the later).
+fn recv(group: &mut Box<dyn ProcessGroup>, from: usize, shape: &[i64], kind: Kind) -> Result<Tensor, CommError> {
+    let mut t = Tensor::empty(shape, (kind, tch::Device::Cpu));
+    group.recv(from, &mut tensors::buf(&mut t)?)?;
+    Ok(t)
+}
+
+/// A ring of `members` (world ranks), whose errors name peers by world rank.
+fn ring(
+    a: &Assignment,
+    listener: &CommListener,
+    opts: &TrainOptions,
+    name: String,
+    members: Vec<usize>,
+) -> Result<Box<dyn ProcessGroup>, CommError> {
+    let rank = members.iter().position(|r| *r == a.rank).expect("a member of its own group");
+    let cfg = RingConfig {
+        job: name,
+        generation: a.generation,
+        rank,
+        world: members.len(),
+        peers: members.iter().map(|r| a.peers[*r]).collect(),
+        connect_timeout: opts.connect_timeout,
+        op_timeout: opts.op_timeout,
+    };
+    let ring = TcpRing::connect(listener, cfg).map_err(|e| e.map_rank(|r| members.get(r).copied().unwrap_or(r)))?;
+    Ok(Box::new(Subgroup { inner: Box::new(ring), members }))
+}
+
+/// A group of some of the world's ranks whose errors name the peer by its
+/// world rank (the rank the coordinator knows, and blames).
+struct Subgroup {
+    inner: Box<dyn ProcessGroup>,
+    members: Vec<usize>,
+}
+
+impl Subgroup {
+    fn world<T>(&self, r: Result<T, CommError>) -> Result<T, CommError> {
+        r.map_err(|e| e.map_rank(|p| self.members.get(p).copied().unwrap_or(p)))
+    }
+}
+
+impl ProcessGroup for Subgroup {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world(&self) -> usize {
+        self.inner.world()
+    }
+    fn generation(&self) -> u64 {
+        self.inner.generation()
+    }
+    fn all_reduce_sum(&mut self, buf: &mut Buf<'_>) -> Result<(), CommError> {
+        let r = self.inner.all_reduce_sum(buf);
+        self.world(r)
+    }
+    fn reduce_scatter_sum(&mut self, buf: &mut Buf<'_>) -> Result<Range<usize>, CommError> {
+        let r = self.inner.reduce_scatter_sum(buf);
+        self.world(r)
+    }
+    fn all_gather(&mut self, buf: &mut Buf<'_>) -> Result<(), CommError> {
+        let r = self.inner.all_gather(buf);
+        self.world(r)
+    }
+    fn all_gather_bytes(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>, CommError> {
+        let r = self.inner.all_gather_bytes(mine);
+        self.world(r)
+    }
+    fn broadcast(&mut self, buf: &mut Buf<'_>, root: usize) -> Result<(), CommError> {
+        let r = self.inner.broadcast(buf, root);
+        self.world(r)
+    }
+    fn send(&mut self, to: usize, buf: &Buf<'_>) -> Result<(), CommError> {
+        let r = self.inner.send(to, buf);
+        self.world(r)
+    }
+    fn recv(&mut self, from: usize, buf: &mut Buf<'_>) -> Result<(), CommError> {
+        let r = self.inner.recv(from, buf);
+        self.world(r)
+    }
+    fn barrier(&mut self) -> Result<(), CommError> {
+        let r = self.inner.barrier();
+        self.world(r)
+    }
+}
+
+/// Point-to-point messages written on their own thread, in order.
+struct SendThread {
+    tx: Option<mpsc::Sender<SendJob>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+enum SendJob {
+    Send(Tensor),
+    Flush(mpsc::Sender<Result<(), CommError>>),
+}
+
+impl SendThread {
+    /// Sends to rank `to` of `group`.
+    fn spawn(mut group: Box<dyn ProcessGroup>, to: usize) -> SendThread {
+        let (tx, rx) = mpsc::channel::<SendJob>();
+        let thread = std::thread::Builder::new()
+            .name("pipeline-send".into())
+            .spawn(move || {
+                // The first error is handed over once, with the peer it
+                // names; later messages are skipped.
+                let (mut failed, mut broken): (Option<CommError>, Option<String>) = (None, None);
+                for job in rx {
+                    match job {
+                        SendJob::Send(mut t) => {
+                            if failed.is_none() && broken.is_none() {
+                                let sent = tensors::buf(&mut t).and_then(|b| group.send(to, &b));
+                                if let Err(e) = sent {
+                                    broken = Some(e.to_string());
+                                    failed = Some(e);
+                                }
+                            }
+                        }
+                        SendJob::Flush(reply) => {
+                            let r = match (failed.take(), &broken) {
+                                (Some(e), _) => Err(e),
+                                (None, Some(m)) => Err(CommError::Setup(format!("a pipeline send failed: {m}"))),
+                                (None, None) => Ok(()),
+                            };
+                            let _ = reply.send(r);
+                        }
+                    }
+                }
+            })
+            .expect("spawn the pipeline sender");
+        SendThread { tx: Some(tx), thread: Some(thread) }
+    }
+
+    fn send(&self, t: Tensor) {
+        let _ = self.tx.as_ref().expect("open until drop").send(SendJob::Send(t));
+    }
+
+    /// Waits until everything queued is written; the first error if any.
+    fn flush(&self) -> Result<(), CommError> {
+        let (tx, rx) = mpsc::channel();
+        let _ = self.tx.as_ref().expect("open until drop").send(SendJob::Flush(tx));
+        rx.recv().unwrap_or_else(|_| Err(CommError::Setup("the pipeline sender ended".into())))
+    }
+}
+
+impl Drop for SendThread {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
