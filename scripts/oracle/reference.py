@@ -16,7 +16,10 @@ matrix products, attention scores and activations in bf16, layer norm on
 values and affine parameters upcast to f32 (rounded back to bf16), softmax
 and the loss in f32. Each micro-batch's bf16 gradients are added into the
 masters' f32 gradients; ranks sum those f32 gradients (gloo all-reduce), and
-clipping and AdamW run on the f32 masters.
+clipping and AdamW run on the f32 masters. Clipping then uses flotilla's
+arithmetic (squared norm summed in f64, the coefficient applied only below
+1): clip_grad_norm_'s f32 norm differs in the last bits, and casting the
+weights to bf16 every step would turn that into differences of 2^-8.
 
     reference.py --spec SPEC.json --init INIT.safetensors --out LOSSES.jsonl [--world N]
 
@@ -351,7 +354,16 @@ def train(args, rank, world):
             dist.all_reduce(total)
         loss = float(total.item()) / global_batch
         if tr["grad_clip"] is not None:
-            torch.nn.utils.clip_grad_norm_(params, tr["grad_clip"], foreach=False)
+            if bf16:
+                # flotilla's clipping arithmetic: the squared norm summed in
+                # f64, the coefficient in f64, applied only below 1.
+                total = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params))
+                coef = tr["grad_clip"] / (total + 1e-6)
+                if coef < 1.0:
+                    for p in params:
+                        p.grad.mul_(coef)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, tr["grad_clip"], foreach=False)
         adam.step()
         seconds = time.perf_counter() - t0
         if out is not None:
