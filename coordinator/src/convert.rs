@@ -163,5 +163,7 @@ pub fn status(e: StoreError) -> Status {
         },
         StoreError::NotLeader { leader } => flotilla_proto::leader::not_leader(leader.as_deref()),
         e @ StoreError::Unavailable(_) => Status::unavailable(e.to_string()),
+        StoreError::Invalid(m) => Status::invalid_argument(m),
+        StoreError::Refused(m) => Status::failed_precondition(m),
     }
 }

@@ -6,6 +6,7 @@ pub mod convert;
 pub mod coordinator;
 pub mod etcd;
 pub mod handoff;
+pub mod limits;
 pub mod raft;
 pub mod scheduler;
 pub mod server;

@@ -20,6 +20,13 @@ pub enum StoreError {
     /// The store cannot take writes now (no quorum, storage failure).
     #[error("meta store unavailable: {0}")]
     Unavailable(String),
+    /// The request is malformed (a bad address, an id out of range).
+    #[error("{0}")]
+    Invalid(String),
+    /// The request is well formed but cannot be done in the cluster's
+    /// present state (a replica that never answered, a duplicate id).
+    #[error("{0}")]
+    Refused(String),
 }
 
 #[async_trait]

@@ -293,7 +293,7 @@ where
                     hint = leader::leader_hint(&s);
                     s.message().to_string()
                 }
-                Err(s) => anyhow::bail!("{}", s.message()),
+                Err(s) => anyhow::bail!("refused ({:?}): {}", s.code(), s.message()),
             },
             Err(e) => e,
         };

@@ -1,19 +1,67 @@
 //! The gRPC face of a replica: the `Raft` service (peer messages handed to
 //! openraft) and the `Cluster` admin service (membership changes). Handlers
-//! decode, call, encode; errors map through `convert::status`.
+//! decode, check the sender, call, encode; errors map through
+//! `convert::status`.
+//!
+//! A Raft message is accepted only from a member (voter or learner) of the
+//! membership this replica knows, by the id the message claims (the
+//! leader's or candidate's id in its vote); before this replica knows any
+//! membership, only from the initial peers it was opened with, or from
+//! anyone when it was opened to join (no peers). The id is claimed, not
+//! proven: this stops a stranger or a misconfigured replica, not a forger,
+//! until mutual TLS authenticates the peer.
+
+use std::collections::BTreeSet;
 
 use flotilla_proto::raft::v1 as pb;
 use flotilla_proto::raft::v1::cluster_server::Cluster;
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::Vote;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
 use super::store::{ClusterInfo, RaftStore};
-use super::types::Raft;
-use crate::convert;
+use super::types::{NodeId, Raft, TypeConfig};
+use crate::{convert, limits};
 
-/// Hands peers' Raft messages to the local Raft node.
-pub struct RaftApi(pub Raft);
+/// Hands members' Raft messages to the local Raft node.
+pub struct RaftApi {
+    raft: Raft,
+    /// The senders accepted before any membership is known.
+    bootstrap: BTreeSet<NodeId>,
+}
+
+impl RaftApi {
+    /// The service of `raft`, opened with `bootstrap` as its initial voters
+    /// (empty for a replica that waits to be added).
+    pub fn new(raft: Raft, bootstrap: BTreeSet<NodeId>) -> Self {
+        RaftApi { raft, bootstrap }
+    }
+
+    /// Refuses a message whose sender is not a member of this replica's
+    /// membership (see the module's doc).
+    fn admit(&self, rpc: &str, vote: &Vote<NodeId>) -> Result<(), Status> {
+        let sender = vote.leader_id().voted_for();
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        let known = membership.nodes().next().is_some();
+        let member = match sender {
+            Some(id) if known => membership.get_node(&id).is_some(),
+            Some(id) => self.bootstrap.is_empty() || self.bootstrap.contains(&id),
+            None => false,
+        };
+        if member {
+            return Ok(());
+        }
+        let sender = sender.map_or_else(|| "no one".to_string(), |id| id.to_string());
+        tracing::warn!(rpc, %sender, term = vote.leader_id().term, "raft message from a non-member refused");
+        Err(Status::permission_denied(format!(
+            "{rpc} from replica {sender}, which is not a member of this replica's cluster"
+        )))
+    }
+}
 
 fn decode<T: DeserializeOwned>(req: Request<pb::RaftRequest>) -> Result<T, Status> {
     serde_json::from_slice(&req.into_inner().payload)
@@ -28,15 +76,21 @@ fn reply<T: Serialize>(result: &T) -> Result<Response<pb::RaftReply>, Status> {
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftApi {
     async fn append_entries(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
-        reply(&self.0.append_entries(decode(req)?).await)
+        let req: AppendEntriesRequest<TypeConfig> = decode(req)?;
+        self.admit("AppendEntries", &req.vote)?;
+        reply(&self.raft.append_entries(req).await)
     }
 
     async fn vote(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
-        reply(&self.0.vote(decode(req)?).await)
+        let req: VoteRequest<NodeId> = decode(req)?;
+        self.admit("Vote", &req.vote)?;
+        reply(&self.raft.vote(req).await)
     }
 
     async fn install_snapshot(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
-        reply(&self.0.install_snapshot(decode(req)?).await)
+        let req: InstallSnapshotRequest<TypeConfig> = decode(req)?;
+        self.admit("InstallSnapshot", &req.vote)?;
+        reply(&self.raft.install_snapshot(req).await)
     }
 }
 
@@ -60,6 +114,9 @@ fn members_reply(info: ClusterInfo) -> pb::MembersReply {
 impl Cluster for ClusterApi {
     async fn add_member(&self, req: Request<pb::AddMemberRequest>) -> Result<Response<pb::MembersReply>, Status> {
         let req = req.into_inner();
+        if let Some(problem) = limits::url_problem(&req.addr) {
+            return Err(Status::invalid_argument(format!("replica {}: {problem}", req.id)));
+        }
         let info = self.0.add_member(req.id, req.addr).await.map_err(convert::status)?;
         Ok(Response::new(members_reply(info)))
     }

@@ -21,14 +21,13 @@ use super::proposer::Proposer;
 use super::service::{ClusterApi, RaftApi};
 use super::state_machine::StateMachineStore;
 use super::types::{NodeId, Raft, RaftOptions, TypeConfig};
+use crate::limits;
 use crate::state::{Command, Event, State};
 use crate::store::{MetaStore, StoreError};
 
 /// The largest gRPC message a replica accepts from a peer (snapshot chunks
 /// and entry batches, JSON-encoded).
 const MAX_MESSAGE: usize = 64 << 20;
-/// How long `add_member` waits for a new replica to catch up.
-const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long `shutdown` waits for the storage to close.
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -58,6 +57,11 @@ struct Inner {
     proposer: Proposer,
     state: watch::Receiver<Arc<State>>,
     write_timeout: Duration,
+    join_contact_timeout: Duration,
+    join_catch_up_timeout: Duration,
+    /// The initial voters this replica was opened with: the only senders
+    /// it accepts Raft messages from before it knows a membership.
+    bootstrap: BTreeSet<NodeId>,
     /// The database, to know when the node's tasks have let go of it.
     db: Weak<redb::Database>,
 }
@@ -126,6 +130,9 @@ impl RaftStore {
             proposer,
             state,
             write_timeout: opts.write_timeout,
+            join_contact_timeout: opts.join_contact_timeout,
+            join_catch_up_timeout: opts.join_catch_up_timeout,
+            bootstrap: opts.peers.keys().copied().collect(),
             db: weak_db,
         };
         Ok(RaftStore { inner: Arc::new(inner) })
@@ -148,7 +155,8 @@ impl RaftStore {
     /// The `Raft` and `Cluster` gRPC services of this replica, to be served
     /// beside the coordinator's own (see `server::serve_with_routes`).
     pub fn routes(&self) -> Routes {
-        let raft = RaftServer::new(RaftApi(self.inner.raft.clone())).max_decoding_message_size(MAX_MESSAGE);
+        let raft = RaftServer::new(RaftApi::new(self.inner.raft.clone(), self.inner.bootstrap.clone()))
+            .max_decoding_message_size(MAX_MESSAGE);
         let cluster = ClusterServer::new(ClusterApi(self.clone()));
         Routes::new(raft).add_service(cluster)
     }
@@ -219,27 +227,102 @@ impl RaftStore {
         }
     }
 
-    /// Adds replica `id` at `addr` (`http://host:port`): first as a learner,
-    /// waiting until it has caught up with the log, then as a voter. Only on
-    /// the leader.
+    /// Adds replica `id` at `addr` (as the network reaches it; the gRPC
+    /// service checks that it is `http://host:port`): first as a learner,
+    /// then, once it holds the log up to its own admission, as a voter. A
+    /// replica that never answers (within `join_contact_timeout`) or does
+    /// not catch up (within `join_catch_up_timeout`) is removed again and
+    /// the call refused: the voters, and so the quorum, stay as they were.
+    /// Only on the leader.
     pub async fn add_member(&self, id: NodeId, addr: String) -> Result<ClusterInfo, StoreError> {
         self.ensure_leader()?;
+        if id == 0 {
+            return Err(StoreError::Invalid("replica ids start at 1".into()));
+        }
+        let info = self.members();
+        if let Some(m) = info.members.iter().find(|m| m.id == id) {
+            if m.addr != addr {
+                return Err(StoreError::Refused(format!(
+                    "replica {id} is already a member at {}; remove it first to move it to {}",
+                    m.addr,
+                    limits::quote(&addr)
+                )));
+            }
+            if m.voter {
+                return Ok(info);
+            }
+        }
         let raft = &self.inner.raft;
-        let learner = tokio::time::timeout(CATCH_UP_TIMEOUT, raft.add_learner(id, BasicNode { addr }, true)).await;
-        learner
-            .map_err(|_| StoreError::Unavailable(format!("replica {id} did not catch up in {CATCH_UP_TIMEOUT:?}")))?
-            .map_err(|e| self.write_error(e))?;
-        let ids = BTreeSet::from([id]);
-        self.membership_write(ChangeMembers::AddVoterIds(ids)).await?;
+        let node = BasicNode { addr: addr.clone() };
+        let added = match tokio::time::timeout(self.inner.write_timeout, raft.add_learner(id, node, false)).await {
+            Err(_) => return Err(self.no_quorum()),
+            Ok(result) => result.map_err(|e| self.write_error(e))?,
+        };
+        tracing::info!(id, %addr, "replica added as a learner; waiting for it to catch up");
+        if let Err(why) = self.wait_caught_up(id, added.log_id.index).await {
+            tracing::warn!(id, %addr, reason = %why, "new replica refused; removing it again");
+            let undo = self.membership_write(ChangeMembers::RemoveNodes(BTreeSet::from([id]))).await;
+            let undone = match undo {
+                Ok(()) => "it was removed again and the cluster is as before".to_string(),
+                Err(e) => format!("removing it again failed ({e}); run `flotilla coordinator remove {id}`"),
+            };
+            return Err(StoreError::Refused(format!("replica {id} at {addr} was not added: {why}; {undone}")));
+        }
+        self.membership_write(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await?;
         tracing::info!(id, "replica added to the cluster");
         Ok(self.members())
     }
 
+    /// Waits until the leader's replication to `id` has matched the log up
+    /// to `index`; says why not otherwise.
+    async fn wait_caught_up(&self, id: NodeId, index: u64) -> Result<(), String> {
+        let start = tokio::time::Instant::now();
+        let (contact, catch_up) = (self.inner.join_contact_timeout, self.inner.join_catch_up_timeout);
+        let mut metrics = self.inner.raft.metrics();
+        loop {
+            let matched = {
+                let m = metrics.borrow_and_update();
+                let Some(replication) = m.replication.as_ref() else {
+                    return Err("this replica stopped leading while it caught up".into());
+                };
+                replication.get(&id).cloned().flatten().map(|l| l.index)
+            };
+            if matched.is_some_and(|m| m >= index) {
+                return Ok(());
+            }
+            let waited = start.elapsed();
+            if matched.is_none() && waited >= contact {
+                return Err(format!(
+                    "it did not answer within {contact:?} (is it running, started with --join, and reachable at \
+                     that address?)"
+                ));
+            }
+            if waited >= catch_up {
+                return Err(format!(
+                    "it did not catch up within {catch_up:?} (it holds the log to index {}, {index} needed)",
+                    matched.unwrap_or(0)
+                ));
+            }
+            // Metrics change on every replication step; the period bounds
+            // the wait when nothing happens at all.
+            let _ = tokio::time::timeout(Duration::from_millis(100), metrics.changed()).await;
+        }
+    }
+
     /// Removes replica `id` from the voters and from the cluster. Only on
-    /// the leader.
+    /// the leader; never the last voter.
     pub async fn remove_member(&self, id: NodeId) -> Result<ClusterInfo, StoreError> {
         self.ensure_leader()?;
-        self.membership_write(ChangeMembers::RemoveVoters(BTreeSet::from([id]))).await?;
+        let info = self.members();
+        let Some(member) = info.members.iter().find(|m| m.id == id) else {
+            return Err(StoreError::Refused(format!("replica {id} is not a member of the cluster")));
+        };
+        if member.voter {
+            if info.members.iter().filter(|m| m.voter).count() == 1 {
+                return Err(StoreError::Refused(format!("replica {id} is the last voter; it cannot be removed")));
+            }
+            self.membership_write(ChangeMembers::RemoveVoters(BTreeSet::from([id]))).await?;
+        }
         // A removed voter stays a learner unless removed as a node too.
         self.membership_write(ChangeMembers::RemoveNodes(BTreeSet::from([id]))).await?;
         tracing::info!(id, "replica removed from the cluster");

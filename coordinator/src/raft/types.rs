@@ -54,6 +54,10 @@ pub const DEFAULT_ELECTION_MAX: Duration = Duration::from_millis(1000);
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 5000;
 pub const DEFAULT_LOGS_KEPT_AFTER_SNAPSHOT: u64 = 1000;
+/// How long `add_member` waits for a new replica's first answer.
+pub const DEFAULT_JOIN_CONTACT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long `add_member` waits for a new replica to hold the whole log.
+pub const DEFAULT_JOIN_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How one replica is opened: see [`crate::raft::RaftStore::open`].
 #[derive(Debug, Clone)]
@@ -81,6 +85,12 @@ pub struct RaftOptions {
     /// Applied entries kept in the log behind a snapshot (for slow
     /// followers); older ones are purged.
     pub logs_kept_after_snapshot: u64,
+    /// `add_member` refuses a replica that has not answered at all (its
+    /// replication has matched nothing) within this long.
+    pub join_contact_timeout: Duration,
+    /// `add_member` refuses a replica that does not hold the log up to its
+    /// own admission within this long.
+    pub join_catch_up_timeout: Duration,
     /// The state of a cluster that has applied nothing yet.
     pub initial_state: State,
 }
@@ -99,6 +109,8 @@ impl RaftOptions {
             write_timeout: DEFAULT_WRITE_TIMEOUT,
             snapshot_every: DEFAULT_SNAPSHOT_EVERY,
             logs_kept_after_snapshot: DEFAULT_LOGS_KEPT_AFTER_SNAPSHOT,
+            join_contact_timeout: DEFAULT_JOIN_CONTACT_TIMEOUT,
+            join_catch_up_timeout: DEFAULT_JOIN_CATCH_UP_TIMEOUT,
             initial_state: State::new(DEFAULT_MAX_RESTARTS),
         }
     }
