@@ -1,4 +1,5 @@
-//! Thin gRPC services: parse the request, call the coordinator, map errors.
+//! Thin gRPC services: check the request's bounds (`limits`), parse it,
+//! call the coordinator, map errors.
 
 use std::path::Path;
 use std::pin::Pin;
@@ -16,12 +17,10 @@ use tonic::{Request, Response, Status};
 
 use crate::convert;
 use crate::coordinator::{now_ms, Coordinator};
+use crate::limits::{self, bounded};
 use crate::state::{Command, Event, JobPhase};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-/// Largest value a rank may publish on the rendezvous board.
-const RENDEZVOUS_VALUE_LIMIT: usize = 64 * 1024;
 
 #[derive(Clone)]
 pub struct JobApi(pub Arc<Coordinator>);
@@ -79,7 +78,7 @@ fn job_status(c: &Coordinator, job_id: &str) -> Result<pb::JobStatus, Status> {
 impl JobService for JobApi {
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
         lead(&self.0)?;
-        let req = req.into_inner();
+        let req = bounded(req)?;
         let origin = if req.origin.is_empty() { "job.yaml" } else { &req.origin };
         let mut spec =
             flotilla_jobspec::parse(&req.spec_yaml, origin).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -131,7 +130,7 @@ impl JobService for JobApi {
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
         lead(&self.0)?;
         self.0.store.read_fresh().await.map_err(convert::status)?;
-        Ok(Response::new(job_status(&self.0, &req.into_inner().job_id)?))
+        Ok(Response::new(job_status(&self.0, &bounded(req)?.job_id)?))
     }
 
     async fn list_jobs(&self, _req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
@@ -145,14 +144,14 @@ impl JobService for JobApi {
 
     async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
         lead(&self.0)?;
-        let job = req.into_inner().job_id;
+        let job = bounded(req)?.job_id;
         self.0.propose(Command::CancelJob { job: job.clone(), at_ms: now_ms() }).await.map_err(convert::status)?;
         Ok(Response::new(job_status(&self.0, &job)?))
     }
 
     async fn register_model(&self, req: Request<pb::RegisterModelRequest>) -> Result<Response<pb::JobStatus>, Status> {
         lead(&self.0)?;
-        let job = req.into_inner().job_id;
+        let job = bounded(req)?.job_id;
         self.0.propose(Command::RetryHandoff { job: job.clone(), at_ms: now_ms() }).await.map_err(convert::status)?;
         self.0.handoff_wake.notify_one();
         Ok(Response::new(job_status(&self.0, &job)?))
@@ -162,7 +161,7 @@ impl JobService for JobApi {
 
     async fn watch_job(&self, req: Request<pb::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
         lead(&self.0)?;
-        let job = req.into_inner().job_id;
+        let job = bounded(req)?.job_id;
         let first = job_status(&self.0, &job)?;
         let c = self.0.clone();
         let (tx, rx) = mpsc::channel(16);
@@ -214,7 +213,7 @@ impl JobService for JobApi {
         req: Request<pb::GetMetricsRequest>,
     ) -> Result<Response<pb::GetMetricsResponse>, Status> {
         lead(&self.0)?;
-        let job = req.into_inner().job_id;
+        let job = bounded(req)?.job_id;
         if !self.0.state().jobs.contains_key(&job) {
             return Err(Status::not_found(format!("job {job} not found")));
         }
@@ -227,7 +226,7 @@ impl JobService for JobApi {
 impl WorkerService for WorkerApi {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         lead(&self.0)?;
-        let req = req.into_inner();
+        let req = bounded(req)?;
         if req.data_addr.parse::<std::net::SocketAddr>().is_err() {
             return Err(Status::invalid_argument(format!(
                 "data_addr must be a socket address like 10.0.0.5:29500, got {:?}",
@@ -270,7 +269,7 @@ impl WorkerService for WorkerApi {
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         lead(&self.0)?;
-        let worker = req.into_inner().worker_id;
+        let worker = bounded(req)?.worker_id;
         if !self.0.state().workers.contains_key(&worker) {
             return Err(Status::not_found(format!("worker {worker} is not registered; register again")));
         }
@@ -285,7 +284,7 @@ impl WorkerService for WorkerApi {
         req: Request<pb::AssignmentsRequest>,
     ) -> Result<Response<Self::AssignmentsStream>, Status> {
         lead(&self.0)?;
-        let worker = req.into_inner().worker_id;
+        let worker = bounded(req)?.worker_id;
         if !self.0.state().workers.contains_key(&worker) {
             return Err(Status::not_found(format!("worker {worker} is not registered; register again")));
         }
@@ -328,7 +327,7 @@ impl WorkerService for WorkerApi {
 
     async fn report_progress(&self, req: Request<pb::ProgressReport>) -> Result<Response<pb::Ack>, Status> {
         lead(&self.0)?;
-        let r = req.into_inner();
+        let r = bounded(req)?;
         current_generation(&self.0, &r.job_id, r.generation)?;
         let state = self.0.state();
         let job = &state.jobs[&r.job_id];
@@ -349,7 +348,7 @@ impl WorkerService for WorkerApi {
 
     async fn report_memory(&self, req: Request<pb::MemoryReport>) -> Result<Response<pb::Ack>, Status> {
         lead(&self.0)?;
-        let r = req.into_inner();
+        let r = bounded(req)?;
         current_generation(&self.0, &r.job_id, r.generation)?;
         let usage = r.usage.ok_or_else(|| Status::invalid_argument("a memory report needs its usage"))?;
         let state = self.0.state();
@@ -376,7 +375,7 @@ impl WorkerService for WorkerApi {
         req: Request<pb::CheckpointCommit>,
     ) -> Result<Response<pb::CheckpointCommitResponse>, Status> {
         lead(&self.0)?;
-        let r = req.into_inner();
+        let r = bounded(req)?;
         let cmd = Command::CommitCheckpoint {
             job: r.job_id.clone(),
             generation: r.generation,
@@ -395,7 +394,8 @@ impl WorkerService for WorkerApi {
 
     async fn report_failure(&self, req: Request<pb::FailureReport>) -> Result<Response<pb::Ack>, Status> {
         lead(&self.0)?;
-        let r = req.into_inner();
+        let mut r = bounded(req)?;
+        r.message = limits::truncate(r.message, limits::MAX_MESSAGE);
         let state = self.0.state();
         let job = state.jobs.get(&r.job_id).ok_or_else(|| Status::not_found(format!("job {} not found", r.job_id)))?;
         if job.generation != r.generation {
@@ -425,7 +425,9 @@ impl WorkerService for WorkerApi {
 
     async fn report_preemption(&self, req: Request<pb::PreemptionNotice>) -> Result<Response<pb::Ack>, Status> {
         lead(&self.0)?;
-        let r = req.into_inner();
+        let mut r = bounded(req)?;
+        r.source = limits::truncate(r.source, limits::MAX_MESSAGE);
+        r.detail = limits::truncate(r.detail, limits::MAX_MESSAGE);
         let reason = if r.detail.is_empty() { r.source.clone() } else { format!("{}: {}", r.source, r.detail) };
         tracing::warn!(worker = %r.worker_id, reason = %reason, "worker preempted");
         let cmd = Command::PreemptWorker { worker: r.worker_id, reason, at_ms: now_ms() };
@@ -435,15 +437,12 @@ impl WorkerService for WorkerApi {
 
     async fn publish_rendezvous(&self, req: Request<pb::RendezvousPut>) -> Result<Response<pb::Ack>, Status> {
         lead(&self.0)?;
-        let r = req.into_inner();
+        let r = bounded(req)?;
         current_generation(&self.0, &r.job_id, r.generation)?;
-        if r.value.len() > RENDEZVOUS_VALUE_LIMIT {
-            return Err(Status::invalid_argument(format!(
-                "rendezvous values are at most {RENDEZVOUS_VALUE_LIMIT} bytes, got {}",
-                r.value.len()
-            )));
-        }
-        self.0.soft().publish(&r.job_id, r.generation, &r.key, r.value);
+        self.0
+            .soft()
+            .publish(&r.job_id, r.generation, &r.key, r.value)
+            .map_err(|full| Status::resource_exhausted(format!("{full} (job {})", r.job_id)))?;
         Ok(Response::new(pb::Ack {}))
     }
 
@@ -452,7 +451,7 @@ impl WorkerService for WorkerApi {
         req: Request<pb::RendezvousGet>,
     ) -> Result<Response<pb::RendezvousValue>, Status> {
         lead(&self.0)?;
-        let r = req.into_inner();
+        let r = bounded(req)?;
         current_generation(&self.0, &r.job_id, r.generation)?;
         let soft = self.0.soft();
         let value = soft.lookup(&r.job_id, r.generation, &r.key).ok_or_else(|| {
@@ -463,7 +462,7 @@ impl WorkerService for WorkerApi {
 
     async fn report_finished(&self, req: Request<pb::FinishReport>) -> Result<Response<pb::Ack>, Status> {
         lead(&self.0)?;
-        let r = req.into_inner();
+        let r = bounded(req)?;
         let cmd = Command::FinishJob {
             job: r.job_id,
             generation: r.generation,

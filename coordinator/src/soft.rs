@@ -9,10 +9,8 @@ use std::time::{Duration, Instant};
 
 use flotilla_proto::v1::{MemoryUsage, MetricPoint};
 
+use crate::limits::{MAX_METRIC_POINTS, MAX_RENDEZVOUS_BYTES, MAX_RENDEZVOUS_KEYS};
 use crate::state::{JobId, State, WorkerId};
-
-/// Keep at most this many metric points per job.
-const MAX_METRIC_POINTS: usize = 1_000_000;
 
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
@@ -32,6 +30,22 @@ struct CommFailure {
     blamed: BTreeSet<WorkerId>,
 }
 
+/// The rendezvous values of one generation of a job, and their bytes.
+#[derive(Debug, Default)]
+struct Board {
+    values: HashMap<String, Vec<u8>>,
+    bytes: usize,
+}
+
+/// Why a rendezvous value was not published.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BoardFull {
+    #[error("a generation may publish at most {MAX_RENDEZVOUS_KEYS} rendezvous keys")]
+    Keys,
+    #[error("a generation may publish at most {MAX_RENDEZVOUS_BYTES} bytes of rendezvous keys and values")]
+    Bytes,
+}
+
 #[derive(Debug, Default)]
 pub struct Soft {
     leases: HashMap<WorkerId, Instant>,
@@ -45,8 +59,8 @@ pub struct Soft {
     comm_failures: HashMap<(JobId, u64), CommFailure>,
     /// job -> since when it has had at least `min` free workers.
     ready_since: HashMap<JobId, Instant>,
-    /// (job, generation, key) -> value published for that generation.
-    rendezvous: HashMap<(JobId, u64, String), Vec<u8>>,
+    /// (job, generation) -> what its ranks published.
+    rendezvous: HashMap<(JobId, u64), Board>,
     /// (job, generation) -> rank -> the latest memory report of that rank.
     memory: HashMap<(JobId, u64), BTreeMap<u32, MemoryUsage>>,
 }
@@ -174,14 +188,27 @@ impl Soft {
     }
 
     /// Publishes `value` under `key` for the job's `generation`, dropping
-    /// what older generations of the job published.
-    pub fn publish(&mut self, job: &str, generation: u64, key: &str, value: Vec<u8>) {
-        self.rendezvous.retain(|(j, g, _), _| j != job || *g >= generation);
-        self.rendezvous.insert((job.to_string(), generation, key.to_string()), value);
+    /// what older generations of the job published. Refused past
+    /// [`MAX_RENDEZVOUS_KEYS`] keys or [`MAX_RENDEZVOUS_BYTES`] bytes in one
+    /// generation (replacing a key's value counts only the difference).
+    pub fn publish(&mut self, job: &str, generation: u64, key: &str, value: Vec<u8>) -> Result<(), BoardFull> {
+        self.rendezvous.retain(|(j, g), _| j != job || *g >= generation);
+        let board = self.rendezvous.entry((job.to_string(), generation)).or_default();
+        let old = board.values.get(key).map(|v| key.len() + v.len());
+        if old.is_none() && board.values.len() >= MAX_RENDEZVOUS_KEYS {
+            return Err(BoardFull::Keys);
+        }
+        let bytes = board.bytes - old.unwrap_or(0) + key.len() + value.len();
+        if bytes > MAX_RENDEZVOUS_BYTES {
+            return Err(BoardFull::Bytes);
+        }
+        board.bytes = bytes;
+        board.values.insert(key.to_string(), value);
+        Ok(())
     }
 
     pub fn lookup(&self, job: &str, generation: u64, key: &str) -> Option<&Vec<u8>> {
-        self.rendezvous.get(&(job.to_string(), generation, key.to_string()))
+        self.rendezvous.get(&(job.to_string(), generation))?.values.get(key)
     }
 
     /// Keeps `usage` as what `rank` of the job's `generation` holds now,
@@ -205,12 +232,35 @@ pub(crate) mod tests {
     #[test]
     fn rendezvous_values_belong_to_one_generation() {
         let mut soft = Soft::default();
-        soft.publish("j-1", 1, "nccl", vec![1]);
+        soft.publish("j-1", 1, "nccl", vec![1]).unwrap();
         assert_eq!(soft.lookup("j-1", 1, "nccl"), Some(&vec![1]));
         assert_eq!(soft.lookup("j-1", 2, "nccl"), None);
-        soft.publish("j-1", 2, "nccl", vec![2]);
+        soft.publish("j-1", 2, "nccl", vec![2]).unwrap();
         assert_eq!(soft.lookup("j-1", 1, "nccl"), None, "older generations are dropped");
         assert_eq!(soft.lookup("j-1", 2, "nccl"), Some(&vec![2]));
+    }
+
+    #[test]
+    fn a_generation_publishes_a_bounded_number_of_keys_and_bytes() {
+        let mut soft = Soft::default();
+        for i in 0..MAX_RENDEZVOUS_KEYS {
+            soft.publish("j-1", 1, &format!("k{i}"), vec![0]).unwrap();
+        }
+        assert_eq!(soft.publish("j-1", 1, "one-more", vec![0]), Err(BoardFull::Keys));
+        // Replacing a value is not a new key; another job has its own board.
+        soft.publish("j-1", 1, "k0", vec![1, 2]).unwrap();
+        soft.publish("j-2", 1, "k0", vec![1]).unwrap();
+        // A new generation starts empty.
+        soft.publish("j-1", 2, "k0", vec![0; 64 * 1024]).unwrap();
+        let mut full = Err(BoardFull::Keys);
+        for i in 1..MAX_RENDEZVOUS_KEYS {
+            full = soft.publish("j-1", 2, &format!("k{i}"), vec![0; 64 * 1024]);
+            if full.is_err() {
+                break;
+            }
+        }
+        assert_eq!(full, Err(BoardFull::Bytes));
+        assert_eq!(soft.lookup("j-1", 1, "k0"), None, "generation 1 was dropped");
     }
 
     fn usage(params_bytes: u64) -> MemoryUsage {

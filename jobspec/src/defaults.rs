@@ -17,6 +17,20 @@ pub const TOKEN_DTYPE: crate::TokenDtype = crate::TokenDtype::U16;
 /// Smallest `model.vocab` that `data.kind: text` accepts (one token per byte value).
 pub const TEXT_VOCAB: usize = 256;
 
+/// Upper bound on every width of a model: an MLP's layer widths, a GPT's
+/// `d_model`, `heads`, `context` and `vocab`.
+pub const MODEL_DIM_LIMIT: usize = 1 << 20;
+/// Upper bound on a GPT's `layers` (transformer blocks).
+pub const MODEL_BLOCKS_LIMIT: usize = 4096;
+/// Upper bound on a model's parameter count (2^40, about 1.1 trillion): a
+/// sanity bound that keeps every size a worker computes from overflowing.
+pub const PARAMETERS_LIMIT: u64 = 1 << 40;
+/// Upper bound on the numbers a worker generates for `kind: synthetic`
+/// data: `samples` × the inputs of an MLP (or the context + 1 of a GPT).
+pub const SYNTHETIC_ELEMENTS_LIMIT: u64 = 1 << 31;
+/// Longest path or URL a job file may name (Linux's PATH_MAX).
+pub const PATH_MAX_LEN: usize = 4096;
+
 /// `train.seed`.
 pub const TRAIN_SEED: u64 = 0;
 // `train.micro_batch` defaults to `train.global_batch` (no constant: it depends on the file).

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{DataSpec, JobSpec};
+use crate::{defaults, DataSpec, JobSpec};
 
 /// Where `checkpoint.url` points, once classified.
 #[derive(Debug, PartialEq)]
@@ -23,10 +23,30 @@ pub(crate) enum CheckpointTarget<'a> {
 /// Object-store schemes, reached through one crate.
 const OBJECT_STORE_SCHEMES: [&str; 3] = ["s3", "gs", "az"];
 
+/// Why a path or URL a job file names is not accepted regardless of its
+/// form: too long, a NUL byte, or a `..` segment (which would let it escape
+/// the folder it is resolved in; write the absolute path instead).
+pub(crate) fn path_problem(path: &str) -> Option<String> {
+    if path.len() > defaults::PATH_MAX_LEN {
+        return Some(format!("is longer than {} bytes ({} bytes)", defaults::PATH_MAX_LEN, path.len()));
+    }
+    if path.contains('\0') {
+        return Some("holds a NUL byte".into());
+    }
+    if path.split(['/', '\\']).any(|segment| segment == "..") {
+        let shown: String = path.chars().take(64).collect();
+        return Some(format!("{shown:?} has a `..` segment; name the place without `..` (an absolute path is fine)"));
+    }
+    None
+}
+
 /// Classifies a checkpoint URL, or says (as a message) why it is not accepted.
 pub(crate) fn classify_checkpoint_url(url: &str) -> Result<CheckpointTarget<'_>, String> {
     if url.is_empty() {
         return Err("must not be empty; use a path such as `runs` or `file:///abs/path`".into());
+    }
+    if let Some(problem) = path_problem(url) {
+        return Err(problem);
     }
     let Some((scheme, rest)) = split_scheme(url) else {
         return Ok(CheckpointTarget::Path(url));
@@ -155,6 +175,17 @@ mod tests {
         .unwrap();
         spec.resolve_paths(Path::new("/jobs"));
         assert_eq!(spec.checkpoint.url, "s3://bucket/runs");
+    }
+
+    #[test]
+    fn dot_dot_segments_and_long_paths_are_refused() {
+        for bad in ["../x", "runs/../../etc", "file:///a/../b", "s3://b/../c", "a\\..\\b"] {
+            let err = classify_checkpoint_url(bad).unwrap_err();
+            assert!(err.contains("`..`"), "{bad}: {err}");
+        }
+        assert!(classify_checkpoint_url("runs/..x/y").is_ok());
+        let long = "a/".repeat(defaults::PATH_MAX_LEN);
+        assert!(classify_checkpoint_url(&long).unwrap_err().contains("longer than"));
     }
 
     #[test]

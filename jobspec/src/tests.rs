@@ -119,10 +119,13 @@ fn json_round_trips() {
 #[test]
 fn resolve_paths_makes_paths_absolute() {
     let source = "name: t\nmodel: {kind: gpt, layers: 1, d_model: 8, heads: 2, context: 4, vocab: 256}\n\
-                  data: {kind: text, path: ./corpus/../book.txt}\ntrain: {steps: 1, global_batch: 1}\n";
+                  data: {kind: text, path: ./corpus//book.txt}\ntrain: {steps: 1, global_batch: 1}\n";
     let mut spec = ok(source);
     spec.resolve_paths(Path::new("/jobs/a"));
-    assert_eq!(spec.data, DataSpec::Text { path: "/jobs/a/corpus/../book.txt".into() });
+    assert_eq!(spec.data, DataSpec::Text { path: "/jobs/a/corpus/book.txt".into() });
+    // A `..` segment could leave the folder: refused, not resolved.
+    let e = err(&source.replace("./corpus//book.txt", "./corpus/../book.txt"));
+    assert_eq!(e.path, "data.path");
     assert_eq!(spec.checkpoint.url, "/jobs/a/runs");
     let again = spec.clone();
     spec.resolve_paths(Path::new("/elsewhere"));

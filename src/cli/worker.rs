@@ -62,6 +62,13 @@ pub struct WorkerArgs {
     /// created once [default: slurm-$SLURM_JOB_ID under Slurm].
     #[arg(long, env = "FLOTILLA_SUBMISSION_ID")]
     pub submission_id: Option<String>,
+    /// Confine what jobs may read and write on this machine to this folder
+    /// (an absolute or relative path, or an object-store URL such as
+    /// s3://bucket/prefix); repeatable. A job whose data, output or
+    /// checkpoints lie elsewhere is refused by this worker and the refusal
+    /// reported to the coordinator. Default: anywhere.
+    #[arg(long = "storage-root", value_name = "PATH")]
+    pub storage_roots: Vec<String>,
 }
 
 /// How long `--submit` keeps trying to reach a coordinator that is not up yet.
@@ -112,6 +119,7 @@ pub async fn run(args: WorkerArgs, token: CancellationToken) -> anyhow::Result<i
         },
         preemption_grace: Duration::from_secs(args.preemption_grace_s),
         rank_hint,
+        storage_roots: storage_roots(&args.storage_roots)?,
     };
     let agent = flotilla_trainer::Agent::new(cfg)?;
     tracing::info!(data_addr = %agent.data_addr(), "worker starting");
@@ -148,6 +156,24 @@ pub async fn run(args: WorkerArgs, token: CancellationToken) -> anyhow::Result<i
             EXIT_PREEMPTED
         }
     })
+}
+
+/// The `--storage-root`s with relative paths made absolute (against the
+/// working directory); URLs are kept.
+fn storage_roots(roots: &[String]) -> anyhow::Result<Vec<String>> {
+    roots
+        .iter()
+        .map(|r| {
+            if r.contains("://") {
+                return Ok(r.clone());
+            }
+            let path = std::path::absolute(r).with_context(|| format!("--storage-root {r:?}"))?;
+            if path.components().any(|c| c == std::path::Component::ParentDir) {
+                anyhow::bail!("--storage-root {r:?}: name the folder without `..`");
+            }
+            Ok(path.components().collect::<PathBuf>().to_string_lossy().into_owned())
+        })
+        .collect()
 }
 
 /// Submits the job with `submission` as its id, waiting for a coordinator

@@ -29,6 +29,54 @@ pub enum StorageError {
     Url { url: String, message: String },
     #[error("{what} {location}: {source}")]
     Local { what: &'static str, location: String, source: std::io::Error },
+    /// A name (from a listing, a manifest or a job) that would leave its
+    /// folder: absolute, or with a `..` segment.
+    #[error("{name:?} in {folder}: {message}")]
+    Name { folder: String, name: String, message: String },
+}
+
+/// Why `name`, a path inside a folder, could leave it (or is no name at
+/// all): empty, absolute, a `..` segment or a NUL byte.
+pub fn name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("an empty name")
+    } else if name.starts_with('/') || name.starts_with('\\') {
+        Some("an absolute path where a name inside the folder is expected")
+    } else if name.split(['/', '\\']).any(|s| s == "..") {
+        Some("a `..` segment would leave the folder")
+    } else if name.contains('\0') {
+        Some("a NUL byte")
+    } else {
+        None
+    }
+}
+
+/// Whether `location` (an absolute path, `file:///abs`, or an object-store
+/// URL) lies inside one of `roots` (same forms); no roots: anywhere. The
+/// comparison is by path segments, after `file://` is dropped and trailing
+/// slashes trimmed; a location with a `..` segment lies nowhere.
+pub fn within_roots(location: &str, roots: &[String]) -> bool {
+    if roots.is_empty() {
+        return true;
+    }
+    let norm = |s: &str| -> String {
+        let s = s.strip_prefix("file://").unwrap_or(s);
+        let s = s.trim_end_matches('/');
+        if s.is_empty() {
+            "/".into()
+        } else {
+            s.to_string()
+        }
+    };
+    let loc = norm(location);
+    if loc.split('/').any(|s| s == "..") {
+        return false;
+    }
+    roots.iter().map(|r| norm(r)).any(|root| {
+        root == "/" && loc.starts_with('/')
+            || loc == root
+            || loc.strip_prefix(&root).is_some_and(|r| r.starts_with('/'))
+    })
 }
 
 impl StorageError {
@@ -70,6 +118,9 @@ impl Storage {
     pub fn open(url: &str) -> Result<Storage, StorageError> {
         let bad = |message: String| StorageError::Url { url: url.to_string(), message };
         let url = url.trim_end_matches('/');
+        if url.split(['/', '\\']).any(|s| s == "..") {
+            return Err(bad("a `..` segment; name the folder without it".into()));
+        }
         let local = url.strip_prefix("file://").unwrap_or(url);
         let (store, prefix): (Arc<dyn ObjectStore>, String) = if local.starts_with('/') {
             (Arc::new(object_store::local::LocalFileSystem::new()), local.trim_start_matches('/').to_string())
@@ -136,8 +187,21 @@ impl Storage {
         }
     }
 
-    fn path(&self, name: &str) -> ObjPath {
-        ObjPath::from(if self.prefix.is_empty() { name.to_string() } else { format!("{}/{name}", self.prefix) })
+    /// The object `name` of this folder; refused when the name (or the
+    /// folder, made by `child`) would leave it.
+    fn path(&self, name: &str) -> Result<ObjPath, StorageError> {
+        let bad = |name: &str, message: &str| StorageError::Name {
+            folder: self.url.clone(),
+            name: name.chars().take(256).collect(),
+            message: message.to_string(),
+        };
+        if let Some(message) = name_problem(name) {
+            return Err(bad(name, message));
+        }
+        if self.prefix.split('/').any(|s| s == "..") {
+            return Err(bad(&self.prefix, "a `..` segment would leave the folder"));
+        }
+        Ok(ObjPath::from(if self.prefix.is_empty() { name.to_string() } else { format!("{}/{name}", self.prefix) }))
     }
 
     fn err(&self, what: &'static str, name: &str) -> impl FnOnce(object_store::Error) -> StorageError {
@@ -158,7 +222,7 @@ impl Storage {
     pub async fn put_pieces(&self, name: &str, pieces: Vec<bytes::Bytes>) -> Result<Upload, StorageError> {
         let len: usize = pieces.iter().map(|p| p.len()).sum();
         if self.local {
-            let path = std::path::PathBuf::from(format!("/{}", self.path(name)));
+            let path = std::path::PathBuf::from(format!("/{}", self.path(name)?));
             let location = format!("{}/{name}", self.url);
             tokio::task::spawn_blocking(move || write_file(&path, &pieces))
                 .await
@@ -166,7 +230,7 @@ impl Storage {
                 .map_err(|source| StorageError::Local { what: "write", location, source })?;
             return Ok(Upload { bytes: len, parts: 0 });
         }
-        let path = self.path(name);
+        let path = self.path(name)?;
         if len <= self.part_bytes {
             let payload: PutPayload = pieces.into_iter().collect();
             self.store.put(&path, payload).await.map_err(self.err("write", name))?;
@@ -190,7 +254,7 @@ impl Storage {
     }
 
     pub async fn get(&self, name: &str) -> Result<Vec<u8>, StorageError> {
-        let r = self.store.get(&self.path(name)).await.map_err(self.err("read", name))?;
+        let r = self.store.get(&self.path(name)?).await.map_err(self.err("read", name))?;
         Ok(r.bytes().await.map_err(self.err("read", name))?.to_vec())
     }
 
@@ -200,7 +264,7 @@ impl Storage {
         if range.is_empty() {
             return Ok(Vec::new());
         }
-        let b = self.store.get_range(&self.path(name), range).await.map_err(self.err("read part of", name))?;
+        let b = self.store.get_range(&self.path(name)?, range).await.map_err(self.err("read part of", name))?;
         Ok(b.to_vec())
     }
 
@@ -210,7 +274,7 @@ impl Storage {
     /// conditional writes (S3's `If-None-Match`, GCS, Azure).
     pub async fn put_new(&self, name: &str, bytes: Vec<u8>) -> Result<bool, StorageError> {
         if self.local {
-            let path = std::path::PathBuf::from(format!("/{}", self.path(name)));
+            let path = std::path::PathBuf::from(format!("/{}", self.path(name)?));
             let location = format!("{}/{name}", self.url);
             return tokio::task::spawn_blocking(move || create_file(&path, &bytes))
                 .await
@@ -218,7 +282,7 @@ impl Storage {
                 .map_err(|source| StorageError::Local { what: "create", location, source });
         }
         let opts = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
-        match self.store.put_opts(&self.path(name), PutPayload::from(bytes), opts).await {
+        match self.store.put_opts(&self.path(name)?, PutPayload::from(bytes), opts).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::AlreadyExists { .. }) | Err(object_store::Error::Precondition { .. }) => Ok(false),
             Err(e) => Err(self.err("create", name)(e)),
@@ -227,7 +291,7 @@ impl Storage {
 
     /// Deletes the object `name`; a missing one is not an error.
     pub async fn delete(&self, name: &str) -> Result<(), StorageError> {
-        match self.store.delete(&self.path(name)).await {
+        match self.store.delete(&self.path(name)?).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.err("delete", name)(e)),
         }
@@ -266,7 +330,7 @@ impl Storage {
 
     /// Deletes everything under the sub-folder `name`.
     pub async fn delete_folder(&self, name: &str) -> Result<(), StorageError> {
-        let prefix = self.path(name);
+        let prefix = self.path(name)?;
         let objects: Vec<_> = self.store.list(Some(&prefix)).try_collect().await.map_err(self.err("list", name))?;
         for o in objects {
             match self.store.delete(&o.location).await {
@@ -351,6 +415,37 @@ mod tests {
         assert!(s.get("nope").await.unwrap_err().is_not_found());
         assert!(Storage::open("relative/path").is_err());
         assert!(Storage::open("s3://").is_err());
+    }
+
+    #[tokio::test]
+    async fn names_that_leave_their_folder_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Storage::open(tmp.path().join("inner").to_str().unwrap()).unwrap();
+        for bad in ["../outside.bin", "a/../../b", "/etc/passwd", ""] {
+            let err = s.put(bad, vec![1]).await.unwrap_err();
+            assert!(matches!(err, StorageError::Name { .. }), "{bad:?}: {err}");
+            assert!(s.get(bad).await.is_err());
+        }
+        let err = s.child("..").put("x", vec![1]).await.unwrap_err();
+        assert!(matches!(err, StorageError::Name { .. }), "{err}");
+        assert!(!tmp.path().join("x").exists() && !tmp.path().join("outside.bin").exists());
+        assert!(Storage::open(&format!("{}/inner/../other", tmp.path().display())).is_err());
+        s.put("ok/..x", vec![1]).await.unwrap();
+    }
+
+    #[test]
+    fn locations_lie_within_roots_by_whole_segments() {
+        let roots = vec!["/data/jobs".to_string(), "s3://bucket/team".to_string()];
+        assert!(within_roots("/data/jobs", &roots));
+        assert!(within_roots("/data/jobs/j-1/step-10", &roots));
+        assert!(within_roots("file:///data/jobs/j-1", &roots));
+        assert!(within_roots("s3://bucket/team/runs", &roots));
+        assert!(!within_roots("/data/jobs2/x", &roots));
+        assert!(!within_roots("/data/jobs/../etc", &roots));
+        assert!(!within_roots("/etc/passwd", &roots));
+        assert!(!within_roots("s3://bucket/teammate", &roots));
+        assert!(within_roots("/anything", &[]));
+        assert!(within_roots("/anything", &["/".to_string()]));
     }
 
     #[tokio::test]

@@ -43,6 +43,11 @@ pub struct AgentConfig {
     /// The rank this worker asks for in a job's first plan (Slurm's
     /// `SLURM_PROCID`, an indexed Job's `JOB_COMPLETION_INDEX`).
     pub rank_hint: Option<u32>,
+    /// Where jobs may read and write on this machine (absolute paths or
+    /// object-store URLs, `--storage-root`); empty: anywhere. A job whose
+    /// data, output or checkpoints lie elsewhere is refused as a fatal
+    /// failure of this rank.
+    pub storage_roots: Vec<String>,
 }
 
 /// Identifies one rank of one generation.
@@ -339,6 +344,7 @@ impl Agent {
 
     fn start(&self, key: RunKey, a: pb::Assignment) -> anyhow::Result<Run> {
         let spec = JobSpec::from_json(&a.spec_json).context("read the job spec from the coordinator")?;
+        check_storage_roots(&self.cfg.storage_roots, &spec, &a)?;
         let peers = a
             .peers
             .iter()
@@ -562,4 +568,28 @@ mod tests {
         let e = plan_position(&assignment(1, 2, 0, 1), 2).unwrap_err().to_string();
         assert!(e.contains("rank = replica * stages + stage"), "{e}");
     }
+}
+
+/// Refuses a job whose data, output folder or checkpoints lie outside
+/// `roots` (none: anywhere).
+fn check_storage_roots(roots: &[String], spec: &JobSpec, a: &pb::Assignment) -> anyhow::Result<()> {
+    use flotilla_jobspec::DataSpec;
+    let mut places: Vec<(&str, &str)> = vec![("output folder", a.output_dir.as_str())];
+    if let DataSpec::Features { path } | DataSpec::Tokens { path, .. } | DataSpec::Text { path } = &spec.data {
+        places.push(("data", path));
+    }
+    if let Some(from) = &spec.checkpoint.resume_from {
+        places.push(("checkpoint.resume_from", from));
+    }
+    places.extend(a.checkpoints.iter().map(|c| ("checkpoint", c.location.as_str())));
+    for (what, place) in places {
+        if !flotilla_storage::within_roots(place, roots) {
+            anyhow::bail!(
+                "the job's {what} {place:?} lies outside this worker's storage roots ({}); the worker refuses it \
+                 (start it with a --storage-root that covers the place, or change the job file)",
+                roots.join(", ")
+            );
+        }
+    }
+    Ok(())
 }

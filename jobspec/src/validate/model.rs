@@ -89,7 +89,7 @@ pub(super) fn model(cx: &Ctx, raw: &Spanned<RawModel>) -> Result<ModelSpec, Spec
             }
             let mut out = Vec::with_capacity(widths.len());
             for (i, w) in widths.iter().enumerate() {
-                out.push(cx.at_least_one(&format!("model.layers[{i}]"), w)?);
+                out.push(dim(cx, &format!("model.layers[{i}]"), w)?);
             }
             let last = widths.len() - 1;
             if out[last] < 2 {
@@ -99,7 +99,9 @@ pub(super) fn model(cx: &Ctx, raw: &Spanned<RawModel>) -> Result<ModelSpec, Spec
                     format!("the last width is the number of classes and must be at least 2, found {}", out[last]),
                 ));
             }
-            Ok(ModelSpec::Mlp(MlpSpec { layers: out }))
+            let spec = MlpSpec { layers: out };
+            within_parameters(cx, layers, mlp_parameters(&spec))?;
+            Ok(ModelSpec::Mlp(spec))
         }
         ModelKind::Gpt => {
             only_fields(cx, "model", "gpt", &given, GPT_FIELDS)?;
@@ -114,11 +116,16 @@ pub(super) fn model(cx: &Ctx, raw: &Spanned<RawModel>) -> Result<ModelSpec, Spec
                 }
             };
             let layers = cx.at_least_one("model.layers", &blocks)?;
-            let d_model = cx.at_least_one("model.d_model", required(cx, raw, "model", "d_model", &m.d_model)?)?;
+            if layers > defaults::MODEL_BLOCKS_LIMIT {
+                let limit = defaults::MODEL_BLOCKS_LIMIT;
+                return Err(cx.err("model.layers", &blocks, format!("must be at most {limit}, found {layers}")));
+            }
+            let d_model = dim(cx, "model.d_model", required(cx, raw, "model", "d_model", &m.d_model)?)?;
             let heads_s = required(cx, raw, "model", "heads", &m.heads)?;
-            let heads = cx.at_least_one("model.heads", heads_s)?;
-            let context = cx.at_least_one("model.context", required(cx, raw, "model", "context", &m.context)?)?;
+            let heads = dim(cx, "model.heads", heads_s)?;
+            let context = dim(cx, "model.context", required(cx, raw, "model", "context", &m.context)?)?;
             let vocab_s = required(cx, raw, "model", "vocab", &m.vocab)?;
+            dim(cx, "model.vocab", vocab_s)?;
             if d_model % heads != 0 {
                 return Err(cx.err(
                     "model.heads",
@@ -129,7 +136,68 @@ pub(super) fn model(cx: &Ctx, raw: &Spanned<RawModel>) -> Result<ModelSpec, Spec
             if vocab_s.value < 2 {
                 return Err(cx.err("model.vocab", vocab_s, format!("must be at least 2, found {}", vocab_s.value)));
             }
-            Ok(ModelSpec::Gpt(GptSpec { layers, d_model, heads, context, vocab: vocab_s.value }))
+            let spec = GptSpec { layers, d_model, heads, context, vocab: vocab_s.value };
+            within_parameters(cx, &blocks, gpt_parameters(&spec))?;
+            Ok(ModelSpec::Gpt(spec))
+        }
+    }
+}
+
+/// `data.samples` of synthetic data: at least 1, and few enough that the
+/// numbers a worker generates stay under [`defaults::SYNTHETIC_ELEMENTS_LIMIT`].
+fn synthetic_samples(cx: &Ctx, s: &Spanned<u64>, model: &ModelSpec) -> Result<u64, SpecError> {
+    let samples = cx.at_least_one("data.samples", s)?;
+    let per_sample = match model {
+        ModelSpec::Mlp(m) => m.layers[0] as u64,
+        ModelSpec::Gpt(g) => g.context as u64 + 1,
+    };
+    let limit = defaults::SYNTHETIC_ELEMENTS_LIMIT;
+    if samples.checked_mul(per_sample).is_none_or(|n| n > limit) {
+        return Err(cx.err(
+            "data.samples",
+            s,
+            format!("{samples} samples of {per_sample} numbers each are more than the {limit} a worker generates"),
+        ));
+    }
+    Ok(samples)
+}
+
+/// A width: at least 1 and at most [`defaults::MODEL_DIM_LIMIT`].
+fn dim(cx: &Ctx, path: &str, value: &Spanned<usize>) -> Result<usize, SpecError> {
+    let v = cx.at_least_one(path, value)?;
+    if v > defaults::MODEL_DIM_LIMIT {
+        return Err(cx.err(path, value, format!("must be at most {}, found {v}", defaults::MODEL_DIM_LIMIT)));
+    }
+    Ok(v)
+}
+
+/// The parameters of an MLP (weights and biases), `None` past `u64`.
+fn mlp_parameters(spec: &MlpSpec) -> Option<u64> {
+    spec.layers.windows(2).try_fold(0u64, |sum, w| {
+        let (a, b) = (w[0] as u64, w[1] as u64);
+        sum.checked_add(a.checked_mul(b)?.checked_add(b)?)
+    })
+}
+
+/// About the parameters of a GPT (embeddings, blocks, head), `None` past
+/// `u64`: an upper estimate, for the sanity bound only.
+fn gpt_parameters(g: &GptSpec) -> Option<u64> {
+    let (d, v, c, l) = (g.d_model as u64, g.vocab as u64, g.context as u64, g.layers as u64);
+    let embeddings = v.checked_add(c)?.checked_mul(d)?;
+    let block = d.checked_mul(d)?.checked_mul(12)?.checked_add(d.checked_mul(13)?)?;
+    let head = d.checked_mul(v)?.checked_add(v)?.checked_add(d.checked_mul(2)?)?;
+    embeddings.checked_add(block.checked_mul(l)?)?.checked_add(head)
+}
+
+/// Refuses a model above [`defaults::PARAMETERS_LIMIT`] (or whose count
+/// overflows), at `at` (the `layers` field).
+fn within_parameters<T>(cx: &Ctx, at: &Spanned<T>, count: Option<u64>) -> Result<(), SpecError> {
+    let limit = defaults::PARAMETERS_LIMIT;
+    match count {
+        Some(n) if n <= limit => Ok(()),
+        Some(n) => Err(cx.err("model.layers", at, format!("the model has {n} parameters, above the limit of {limit}"))),
+        None => {
+            Err(cx.err("model.layers", at, format!("the model's parameter count overflows (the limit is {limit})")))
         }
     }
 }
@@ -162,6 +230,7 @@ pub(super) fn data(
         if p.value.is_empty() {
             return Err(cx.err("data.path", p, "must not be empty"));
         }
+        crate::paths::path_problem(&p.value).map_or(Ok(()), |m| Err(cx.err("data.path", p, m)))?;
         Ok(p.value.clone())
     };
     Ok(match d.kind.value {
@@ -169,7 +238,7 @@ pub(super) fn data(
             seed: d.seed.as_ref().map_or(defaults::SYNTHETIC_SEED, |s| s.value),
             samples: match &d.samples {
                 None => defaults::SYNTHETIC_SAMPLES,
-                Some(s) => cx.at_least_one("data.samples", s)?,
+                Some(s) => synthetic_samples(cx, s, model)?,
             },
         },
         DataKind::Features => DataSpec::Features { path: path()? },
