@@ -87,9 +87,16 @@ pub fn spawn_coordinator(log: &Path, args: &[&str]) -> (Proc, String) {
 
 /// Starts `flotilla worker` against `url`, logging to `dir/<name>.log`.
 pub fn worker(dir: &Path, url: &str, name: &str) -> Proc {
+    worker_with_args(dir, url, name, &["--op-timeout-s", "20"])
+}
+
+/// Starts `flotilla worker` against `url` with `args` after the
+/// coordinator and a loopback data port, logging to `dir/<name>.log`.
+pub fn worker_with_args(dir: &Path, url: &str, name: &str, args: &[&str]) -> Proc {
     let log = dir.join(format!("{name}.log"));
     let child = Command::new(bin())
-        .args(["worker", "--coordinator", url, "--data-addr", "127.0.0.1:0", "--op-timeout-s", "20"])
+        .args(["worker", "--coordinator", url, "--data-addr", "127.0.0.1:0"])
+        .args(args)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
