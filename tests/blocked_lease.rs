@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flotilla::proto::v1 as pb;
 use support::*;
@@ -28,18 +28,6 @@ fn registered_id(log: &str) -> Option<String> {
     let line = log.lines().find(|l| l.contains(" registered "))?;
     let id = line.split("worker=").nth(1)?.split_whitespace().next()?;
     Some(id.to_string())
-}
-
-fn wait_log(p: &Proc, what: &str, within: Duration, found: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + within;
-    loop {
-        let log = p.log_text();
-        if found(&log) {
-            return log;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}:\n{log}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]

@@ -104,6 +104,20 @@ pub fn worker_with_args(dir: &Path, url: &str, name: &str, args: &[&str]) -> Pro
     Proc { child, log }
 }
 
+/// Polls `p`'s log until `found` holds for it (or `within` passes: then
+/// panics with the log); returns the log.
+pub fn wait_log(p: &Proc, what: &str, within: Duration, found: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let log = p.log_text();
+        if found(&log) {
+            return log;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Writes `yaml` as `dir/<name>.yaml`.
 pub fn job_file(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     let path = dir.join(format!("{name}.yaml"));

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use flotilla_comm::CommListener;
+use flotilla_comm::{CommListener, Secret, SECRET_LEN};
 use flotilla_jobspec::JobSpec;
 use flotilla_proto::v1 as pb;
 use tokio::sync::mpsc;
@@ -179,6 +179,12 @@ impl Agent {
             .map(|p| p.parse::<SocketAddr>().with_context(|| format!("peer address {p:?}")))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let (stage, replica, stages) = plan_position(&a, spec.parallelism.pp)?;
+        let secret = Secret::from_bytes(&a.data_secret).with_context(|| {
+            format!(
+                "the assignment carries a data-plane secret of {} bytes, not {SECRET_LEN} (a coordinator older than this worker?)",
+                a.data_secret.len()
+            )
+        })?;
         let assignment = Assignment {
             stage,
             replica,
@@ -194,6 +200,7 @@ impl Agent {
             checkpoints: a.checkpoints.iter().map(|c| c.location.clone()).collect(),
             io: tokio::runtime::Handle::current(),
             checkpoint_request: Arc::new(AtomicU64::new(a.checkpoint_request)),
+            secret,
         };
         tracing::info!(job = %key.job, gen = key.generation, rank = key.rank, world = a.world_size,
             resume = a.checkpoints.first().map_or(0, |c| c.step), "starting train loop");
