@@ -147,12 +147,13 @@ fn flotilla_seconds(
     let listeners: Vec<CommListener> =
         (0..world).map(|_| CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap()).collect();
     let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect();
+    let secret = flotilla_comm::Secret::random().unwrap();
     let per_rank: Vec<Vec<f64>> = std::thread::scope(|s| {
         let handles: Vec<_> = listeners
             .iter()
             .enumerate()
             .map(|(rank, l)| {
-                let peers = peers.clone();
+                let (peers, secret) = (peers.clone(), secret.clone());
                 s.spawn(move || {
                     let cfg = RingConfig {
                         job: "bench".into(),
@@ -162,6 +163,7 @@ fn flotilla_seconds(
                         peers,
                         connect_timeout: Duration::from_secs(10),
                         op_timeout: Duration::from_secs(120),
+                        secret,
                     };
                     let mut ring = TcpRing::connect(l, cfg).unwrap();
                     let mut times = Vec::new();

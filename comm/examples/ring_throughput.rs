@@ -11,7 +11,7 @@ use std::env;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use flotilla_comm::{CommListener, F32Collectives, ProcessGroup, RingConfig, TcpRing};
+use flotilla_comm::{CommListener, F32Collectives, ProcessGroup, RingConfig, Secret, TcpRing};
 
 fn main() {
     let arg = |i: usize, default: usize| {
@@ -22,6 +22,7 @@ fn main() {
     let listeners: Vec<CommListener> =
         (0..world).map(|_| CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap()).collect();
     let peers: Vec<_> = listeners.iter().map(CommListener::local_addr).collect();
+    let secret = Secret::random().expect("a random secret");
 
     let times: Vec<Vec<Duration>> = thread::scope(|scope| {
         let handles: Vec<_> = listeners
@@ -36,6 +37,7 @@ fn main() {
                     peers: peers.clone(),
                     connect_timeout: Duration::from_secs(10),
                     op_timeout: Duration::from_secs(120),
+                    secret: secret.clone(),
                 };
                 scope.spawn(move || {
                     let mut ring = TcpRing::connect(listener, cfg).expect("connect");

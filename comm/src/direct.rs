@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::time::Instant;
 
+use crate::auth::Secret;
 use crate::buffer::{staging, sum_in_rank_order, DType};
 use crate::chunk::chunk_range;
 use crate::error::CommError;
@@ -55,6 +56,7 @@ struct Identity {
     world: usize,
     peers: Vec<SocketAddr>,
     listener: ListenerHandle,
+    secret: Secret,
 }
 
 /// The direct connections of one rank, on both lanes, and the sequence
@@ -75,10 +77,11 @@ impl DirectLinks {
         generation: u64,
         rank: usize,
         peers: Vec<SocketAddr>,
+        secret: Secret,
     ) -> DirectLinks {
         let world = peers.len();
         DirectLinks {
-            me: Identity { job, generation, rank, world, peers, listener },
+            me: Identity { job, generation, rank, world, peers, listener, secret },
             collective: Directed::new(Lane::Direct, world),
             p2p: Directed::new(Lane::PointToPoint, world),
             sent: vec![0; world],
@@ -350,7 +353,7 @@ fn dial_peer(me: &Identity, lane: Lane, to: usize, dl: Deadline) -> Result<Link,
         world: me.world as u32,
         lane,
     };
-    let stream = match dial(me.peers[to], to, &hello, dl.at) {
+    let stream = match dial(me.peers[to], to, &hello, &me.secret, dl.at) {
         Ok(stream) => stream,
         Err(DialError::Stale(error)) => return Err(error),
         Err(DialError::Unreachable(_)) => return Err(timeout(to, dl)),

@@ -27,6 +27,7 @@
 //! The job id in [`RingConfig`] is also the namespace of a ring on a listener:
 //! a process in two rings of the same generation gives them two ids.
 
+mod auth;
 mod buffer;
 mod direct;
 mod error;
@@ -40,6 +41,7 @@ mod wire;
 
 pub mod chunk;
 
+pub use auth::{Secret, SECRET_LEN};
 pub use buffer::{bf16_from_f32, f32_from_bf16, Buf, DType, Memory};
 pub use chunk::{Algorithm, DIRECT_MAX_BYTES};
 pub use error::CommError;

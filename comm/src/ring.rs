@@ -8,13 +8,14 @@ use std::net::{SocketAddr, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::auth::{self, Role, Secret};
 use crate::chunk::Algorithm;
 use crate::direct::DirectLinks;
 use crate::error::CommError;
 use crate::link::{later, Deadline, Fault, Link, Payload};
 use crate::listener::CommListener;
 use crate::sender::Sender;
-use crate::wire::{Blame, Frame, Hello, Kind, Lane, Op, Verdict, MAX_JOB_LEN};
+use crate::wire::{Answer, Blame, Frame, Hello, Kind, Lane, Op, MAX_JOB_LEN};
 
 /// Everything a rank needs to join a ring of one generation of a job.
 #[derive(Debug, Clone)]
@@ -32,6 +33,9 @@ pub struct RingConfig {
     pub connect_timeout: Duration,
     /// Default deadline of each collective.
     pub op_timeout: Duration,
+    /// The generation's secret, shared by every rank of it: each data
+    /// connection's handshake proves it in both directions.
+    pub secret: Secret,
 }
 
 /// A process group whose ranks form a ring of TCP connections: each rank
@@ -68,7 +72,7 @@ impl TcpRing {
         validate(&cfg)?;
         let RingConfig { job, generation, rank, world, .. } = &cfg;
         let (rank, world, generation) = (*rank, *world, *generation);
-        listener.begin_generation(job, generation).map_err(|newest| {
+        listener.begin_generation(job, generation, &cfg.secret).map_err(|newest| {
             CommError::Setup(format!(
                 "generation {generation} of job {job:?} is older than generation {newest} already built here"
             ))
@@ -83,7 +87,14 @@ impl TcpRing {
             send: None,
             recv: None,
             sender: None,
-            direct: DirectLinks::new(listener.handle(), job.clone(), generation, rank, cfg.peers.clone()),
+            direct: DirectLinks::new(
+                listener.handle(),
+                job.clone(),
+                generation,
+                rank,
+                cfg.peers.clone(),
+                cfg.secret.clone(),
+            ),
             algorithm: Algorithm::Auto,
             broken: None,
         };
@@ -101,7 +112,7 @@ impl TcpRing {
             world: world as u32,
             lane: Lane::Ring,
         };
-        let send = dial(cfg.peers[next], next, &hello, deadline).map_err(DialError::into_error)?;
+        let send = dial(cfg.peers[next], next, &hello, &cfg.secret, deadline).map_err(DialError::into_error)?;
         let parked = listener.claim(job, generation, prev, Lane::Ring, deadline)?;
         if parked.hello.to_rank as usize != rank || parked.hello.world as usize != world {
             return Err(CommError::Setup(format!(
@@ -350,14 +361,22 @@ impl DialError {
     }
 }
 
-/// Connects to `peer` and introduces ourselves, retrying with backoff until
-/// `deadline` while the peer is not up yet. A refusal as stale is final.
-pub(crate) fn dial(addr: SocketAddr, peer: usize, hello: &Hello, deadline: Instant) -> Result<TcpStream, DialError> {
+/// Connects to `peer` and runs the handshake with `secret`, retrying with
+/// backoff until `deadline` while the peer is not up yet (or does not prove
+/// the secret: a stranger on a reused port). A refusal as stale is final.
+pub(crate) fn dial(
+    addr: SocketAddr,
+    peer: usize,
+    hello: &Hello,
+    secret: &Secret,
+    deadline: Instant,
+) -> Result<TcpStream, DialError> {
     let mut backoff = Duration::from_millis(10);
+    let mut warned = false;
     loop {
-        let error = match try_dial(addr, hello, deadline) {
-            Ok((stream, Verdict::Accepted)) => return Ok(stream),
-            Ok((_, Verdict::Stale { newest })) => {
+        let error = match try_dial(addr, hello, secret, deadline) {
+            Ok(Dialed::Accepted(stream)) => return Ok(stream),
+            Ok(Dialed::Stale { newest }) => {
                 return Err(DialError::Stale(CommError::Setup(format!(
                     "rank {peer} at {addr} refused generation {} of job {:?}: generation {newest} already exists",
                     hello.generation, hello.job
@@ -365,6 +384,10 @@ pub(crate) fn dial(addr: SocketAddr, peer: usize, hello: &Hello, deadline: Insta
             }
             Err(error) => error,
         };
+        if error.kind() == std::io::ErrorKind::PermissionDenied && !warned {
+            tracing::warn!(peer, %addr, job = %hello.job, generation = hello.generation, %error, "data connection refused");
+            warned = true;
+        }
         let now = Instant::now();
         if now + backoff >= deadline {
             return Err(DialError::Unreachable(CommError::Setup(format!(
@@ -377,7 +400,16 @@ pub(crate) fn dial(addr: SocketAddr, peer: usize, hello: &Hello, deadline: Insta
     }
 }
 
-fn try_dial(addr: SocketAddr, hello: &Hello, deadline: Instant) -> std::io::Result<(TcpStream, Verdict)> {
+/// How a handshake this rank dialed ended, short of an error.
+enum Dialed {
+    Accepted(TcpStream),
+    Stale { newest: u64 },
+}
+
+/// One attempt: hello, the listener's challenge (whose proof must hold),
+/// our proof, the verdict. A listener that does not prove the secret is a
+/// `PermissionDenied` error.
+fn try_dial(addr: SocketAddr, hello: &Hello, secret: &Secret, deadline: Instant) -> std::io::Result<Dialed> {
     let remaining = || {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -386,16 +418,43 @@ fn try_dial(addr: SocketAddr, hello: &Hello, deadline: Instant) -> std::io::Resu
             Ok(left)
         }
     };
-    let stream = TcpStream::connect_timeout(&addr, remaining()?.min(Duration::from_secs(2)))?;
+    let mut stream = TcpStream::connect_timeout(&addr, remaining()?.min(Duration::from_secs(2)))?;
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(remaining()?))?;
-    (&stream).write_all(&hello.encode())?;
+    let bytes = hello.encode(&auth::nonce()?);
+    stream.write_all(&bytes)?;
     stream.set_read_timeout(Some(remaining()?))?;
-    let mut answer = [0u8; 9];
-    (&stream).read_exact(&mut answer)?;
-    let verdict =
-        Verdict::decode(&answer).map_err(|message| std::io::Error::new(std::io::ErrorKind::InvalidData, message))?;
-    stream.set_read_timeout(None)?;
-    stream.set_write_timeout(None)?;
-    Ok((stream, verdict))
+    let nonce = match read_answer(&mut stream)? {
+        Answer::Stale { newest } => return Ok(Dialed::Stale { newest }),
+        Answer::Challenge { nonce, proof } if auth::verify(secret, Role::Listener, &bytes, &nonce, &proof) => nonce,
+        Answer::Challenge { .. } => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "the listener did not prove the generation's secret",
+            ))
+        }
+        Answer::Accepted => return Err(invalid("accepted before any proof".into())),
+    };
+    stream.write_all(&auth::prove(secret, Role::Connector, &bytes, &nonce))?;
+    match read_answer(&mut stream)? {
+        Answer::Accepted => {
+            stream.set_read_timeout(None)?;
+            stream.set_write_timeout(None)?;
+            Ok(Dialed::Accepted(stream))
+        }
+        Answer::Stale { newest } => Ok(Dialed::Stale { newest }),
+        Answer::Challenge { .. } => Err(invalid("a second challenge".into())),
+    }
+}
+
+fn read_answer(stream: &mut TcpStream) -> std::io::Result<Answer> {
+    let mut status = [0u8; 1];
+    stream.read_exact(&mut status)?;
+    let mut rest = vec![0u8; Answer::rest_len(status[0]).map_err(invalid)?];
+    stream.read_exact(&mut rest)?;
+    Answer::decode(status[0], &rest).map_err(invalid)
+}
+
+fn invalid(message: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, message)
 }

@@ -1,20 +1,43 @@
-//! Byte layouts on the wire: the handshake a connecting rank sends, the
-//! listener's one-line answer, and the fixed 32-byte header in front of every
-//! message of a collective. Encoding and decoding only; no sockets.
+//! Byte layouts on the wire: the handshake of a data connection (the
+//! connector's hello, the listener's answers, the connector's proof) and the
+//! fixed 32-byte header in front of every message of a collective. Encoding
+//! and decoding only; no sockets.
+//!
+//! The handshake (version 3), after which the connection carries frames:
+//!
+//! ```text
+//! connector -> listener  hello:  "FLCM" | version u16 | job length u16 | job |
+//!                                generation u64 | from u32 | to u32 | world u32 |
+//!                                lane u32 | connector nonce [32]
+//! listener -> connector  answer: 3 | listener nonce [32] | listener proof [32]
+//!                            or  2 | newest generation u64        (stale: end)
+//! connector -> listener  proof [32]
+//! listener -> connector  answer: 1                                (accepted)
+//!                            or  2 | newest generation u64        (stale: end)
+//! ```
+//!
+//! Integers are little-endian. Proofs are HMAC-SHA256 under the generation's
+//! secret (see `auth.rs`); a listener closes a connection whose hello does
+//! not parse or whose proof does not hold, without an answer.
 
 use std::fmt;
+
+use crate::auth::{Nonce, Proof, NONCE_LEN, PROOF_LEN};
 
 /// First bytes of every handshake.
 pub(crate) const MAGIC: [u8; 4] = *b"FLCM";
 /// Version of everything in this file; a peer with another one is refused.
-pub(crate) const VERSION: u16 = 2;
+pub(crate) const VERSION: u16 = 3;
 /// Longest job id accepted in a handshake.
 pub(crate) const MAX_JOB_LEN: usize = 1024;
 /// Marks a frame header, so that stray bytes are caught at once.
 const FRAME_MARK: [u8; 2] = [0xF1, 0x07];
 pub(crate) const FRAME_LEN: usize = 32;
-/// Bytes of a handshake after the job id: generation, three u32 and the lane.
-const HELLO_TAIL: usize = 24;
+/// Bytes of a hello before the job id: magic, version and the job's length.
+pub(crate) const HELLO_PREFIX: usize = 8;
+/// Bytes of a hello after the job id: generation, three u32, the lane and
+/// the connector's nonce.
+const HELLO_TAIL: usize = 24 + NONCE_LEN;
 
 /// What a connecting rank says first: who it is and which ring it wants to join.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,9 +77,11 @@ impl Lane {
 }
 
 impl Hello {
-    pub fn encode(&self) -> Vec<u8> {
+    /// The hello's bytes with the connector's `nonce`; they are also what
+    /// both ends' proofs cover.
+    pub fn encode(&self, nonce: &Nonce) -> Vec<u8> {
         let job = self.job.as_bytes();
-        let mut out = Vec::with_capacity(32 + job.len());
+        let mut out = Vec::with_capacity(HELLO_PREFIX + job.len() + HELLO_TAIL);
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&(job.len() as u16).to_le_bytes());
@@ -66,12 +91,13 @@ impl Hello {
         out.extend_from_slice(&self.to_rank.to_le_bytes());
         out.extend_from_slice(&self.world.to_le_bytes());
         out.extend_from_slice(&(self.lane as u32).to_le_bytes());
+        out.extend_from_slice(nonce);
         out
     }
 
-    /// Parses the fixed 8-byte prefix (magic, version, job length) and returns
+    /// Parses the fixed prefix (magic, version, job length) and returns
     /// how many bytes follow it.
-    pub fn rest_len(prefix: &[u8; 8]) -> Result<usize, String> {
+    pub fn rest_len(prefix: &[u8; HELLO_PREFIX]) -> Result<usize, String> {
         if prefix[..4] != MAGIC {
             return Err("not a flotilla comm handshake".into());
         }
@@ -103,36 +129,54 @@ impl Hello {
     }
 }
 
-/// The listener's answer to a handshake: 1 status byte and the newest
-/// generation it has seen claimed for the job.
+/// What a listener says during a handshake: a status byte and what that
+/// status carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verdict {
+pub(crate) enum Answer {
+    /// The proof held: the connection is parked for its ring.
     Accepted,
     /// The generation is older than one already claimed for the job.
-    Stale {
-        newest: u64,
-    },
+    Stale { newest: u64 },
+    /// The listener's nonce, and its own proof of the generation's secret.
+    Challenge { nonce: Nonce, proof: Proof },
 }
 
-impl Verdict {
-    pub fn encode(self) -> [u8; 9] {
-        let (status, newest) = match self {
-            Verdict::Accepted => (1u8, 0u64),
-            Verdict::Stale { newest } => (2, newest),
-        };
-        let mut out = [0u8; 9];
-        out[0] = status;
-        out[1..].copy_from_slice(&newest.to_le_bytes());
-        out
+const ACCEPTED: u8 = 1;
+const STALE: u8 = 2;
+const CHALLENGE: u8 = 3;
+
+impl Answer {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            Answer::Accepted => vec![ACCEPTED],
+            Answer::Stale { newest } => [&[STALE][..], &newest.to_le_bytes()].concat(),
+            Answer::Challenge { nonce, proof } => [&[CHALLENGE][..], nonce, proof].concat(),
+        }
     }
 
-    pub fn decode(bytes: &[u8; 9]) -> Result<Verdict, String> {
-        let newest = u64::from_le_bytes(bytes[1..].try_into().unwrap());
-        match bytes[0] {
-            1 => Ok(Verdict::Accepted),
-            2 => Ok(Verdict::Stale { newest }),
-            other => Err(format!("unknown handshake verdict {other}")),
+    /// How many bytes follow the status byte `status`.
+    pub fn rest_len(status: u8) -> Result<usize, String> {
+        match status {
+            ACCEPTED => Ok(0),
+            STALE => Ok(8),
+            CHALLENGE => Ok(NONCE_LEN + PROOF_LEN),
+            other => Err(format!("unknown handshake answer {other}")),
         }
+    }
+
+    /// Parses an answer from its status byte and the `rest_len` bytes after it.
+    pub fn decode(status: u8, rest: &[u8]) -> Result<Answer, String> {
+        if rest.len() != Answer::rest_len(status)? {
+            return Err(format!("handshake answer {status} of {} bytes", rest.len()));
+        }
+        Ok(match status {
+            ACCEPTED => Answer::Accepted,
+            STALE => Answer::Stale { newest: u64::from_le_bytes(rest.try_into().unwrap()) },
+            _ => Answer::Challenge {
+                nonce: rest[..NONCE_LEN].try_into().unwrap(),
+                proof: rest[NONCE_LEN..].try_into().unwrap(),
+            },
+        })
     }
 }
 
@@ -278,30 +322,39 @@ impl fmt::Display for Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn hello() -> Hello {
+        Hello { job: "job-7/dp".into(), generation: 42, from_rank: 3, to_rank: 4, world: 8, lane: Lane::Direct }
+    }
+
+    /// Decodes a hello the way a listener reads one.
+    fn decode(bytes: &[u8]) -> Result<Hello, String> {
+        let prefix: [u8; HELLO_PREFIX] = bytes.get(..HELLO_PREFIX).ok_or("short")?.try_into().unwrap();
+        let rest = Hello::rest_len(&prefix)?;
+        Hello::decode_rest(bytes.get(HELLO_PREFIX..HELLO_PREFIX + rest).ok_or("short")?)
+    }
 
     #[test]
     fn hello_round_trips() {
-        let hello =
-            Hello { job: "job-7/dp".into(), generation: 42, from_rank: 3, to_rank: 4, world: 8, lane: Lane::Direct };
-        let bytes = hello.encode();
-        let prefix: [u8; 8] = bytes[..8].try_into().unwrap();
-        let rest = Hello::rest_len(&prefix).unwrap();
-        assert_eq!(rest, bytes.len() - 8);
-        assert_eq!(Hello::decode_rest(&bytes[8..]).unwrap(), hello);
+        let bytes = hello().encode(&[9; NONCE_LEN]);
+        let prefix: [u8; HELLO_PREFIX] = bytes[..HELLO_PREFIX].try_into().unwrap();
+        assert_eq!(Hello::rest_len(&prefix).unwrap(), bytes.len() - HELLO_PREFIX);
+        assert_eq!(decode(&bytes).unwrap(), hello());
+        assert!(bytes.ends_with(&[9; NONCE_LEN]), "the nonce travels last");
     }
 
     #[test]
     fn hello_with_another_version_is_refused() {
-        let mut bytes =
-            Hello { job: "j".into(), generation: 1, from_rank: 0, to_rank: 1, world: 2, lane: Lane::Ring }.encode();
-        bytes[4] = 9;
-        let prefix: [u8; 8] = bytes[..8].try_into().unwrap();
-        assert!(Hello::rest_len(&prefix).unwrap_err().contains("version 9"));
+        let mut bytes = hello().encode(&[0; NONCE_LEN]);
+        bytes[4] = 2;
+        let prefix: [u8; HELLO_PREFIX] = bytes[..HELLO_PREFIX].try_into().unwrap();
+        assert!(Hello::rest_len(&prefix).unwrap_err().contains("version 2"));
         assert!(Hello::rest_len(b"GET / HT").is_err());
     }
 
     #[test]
-    fn frame_and_verdict_round_trip() {
+    fn frame_and_answers_round_trip() {
         let frame = Frame {
             kind: Kind::Abort,
             op: Op::Broadcast,
@@ -314,8 +367,63 @@ mod tests {
         let mut garbage = frame.encode();
         garbage[3] = 0;
         assert!(Frame::decode(&garbage).is_err());
-        for verdict in [Verdict::Accepted, Verdict::Stale { newest: 9 }] {
-            assert_eq!(Verdict::decode(&verdict.encode()).unwrap(), verdict);
+        let challenge = Answer::Challenge { nonce: [1; NONCE_LEN], proof: [2; PROOF_LEN] };
+        for answer in [Answer::Accepted, Answer::Stale { newest: 9 }, challenge] {
+            let bytes = answer.encode();
+            assert_eq!(Answer::rest_len(bytes[0]).unwrap(), bytes.len() - 1);
+            assert_eq!(Answer::decode(bytes[0], &bytes[1..]).unwrap(), answer);
+        }
+        assert!(Answer::decode(2, &[0; 7]).is_err());
+        assert!(Answer::rest_len(0).is_err());
+    }
+
+    proptest! {
+        // 4096 cases in every test run; `PROPTEST_CASES=N` runs N (longer, by hand).
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(4096),
+            ..ProptestConfig::default()
+        })]
+
+        /// Whatever bytes arrive, the decoders answer with a value or an
+        /// error, never a panic.
+        #[test]
+        fn the_handshake_decoders_take_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..1200)) {
+            let _ = decode(&bytes);
+            let _ = Hello::decode_rest(&bytes);
+            if let Some((&status, rest)) = bytes.split_first() {
+                let _ = Answer::rest_len(status);
+                let _ = Answer::decode(status, rest);
+            }
+        }
+
+        /// A valid prefix in front of arbitrary bytes: the length checks
+        /// hold whatever the job id and tail are.
+        #[test]
+        fn a_valid_prefix_with_any_rest_never_panics(
+            job_len in 0u16..1100,
+            rest in proptest::collection::vec(any::<u8>(), 0..1200),
+        ) {
+            let mut prefix = [0u8; HELLO_PREFIX];
+            prefix[..4].copy_from_slice(&MAGIC);
+            prefix[4..6].copy_from_slice(&VERSION.to_le_bytes());
+            prefix[6..8].copy_from_slice(&job_len.to_le_bytes());
+            if let Ok(n) = Hello::rest_len(&prefix) {
+                prop_assert!(n <= MAX_JOB_LEN + HELLO_TAIL);
+                let _ = Hello::decode_rest(&rest[..n.min(rest.len())]);
+            }
+        }
+
+        #[test]
+        fn every_hello_round_trips(
+            job in "[a-z0-9#./-]{0,64}",
+            generation in any::<u64>(),
+            ranks in any::<(u32, u32, u32)>(),
+            lane in 1u32..4,
+            nonce in any::<[u8; 32]>(),
+        ) {
+            let lane = Lane::from_code(lane).unwrap();
+            let h = Hello { job, generation, from_rank: ranks.0, to_rank: ranks.1, world: ranks.2, lane };
+            prop_assert_eq!(decode(&h.encode(&nonce)).unwrap(), h);
         }
     }
 }

@@ -144,6 +144,7 @@ pub fn assignment(state: &State, worker: &str) -> pb::Assignment {
         stages: job.stages.max(1),
         stage,
         replica,
+        data_secret: plan.secret.as_bytes().to_vec(),
     }
 }
 

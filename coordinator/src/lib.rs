@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod coordinator;
+pub mod data_key;
 pub mod etcd;
 pub mod handoff;
 pub mod limits;

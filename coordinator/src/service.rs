@@ -106,6 +106,8 @@ impl JobService for JobApi {
             submission_id: (!req.submission_id.is_empty()).then(|| req.submission_id.clone()),
             registry: spec.registry.clone(),
             uid: crate::random_id(),
+            data_key: crate::data_key::DataKey::random()
+                .map_err(|e| Status::internal(format!("could not mint the job's data-plane key: {e}")))?,
             spec_yaml: req.spec_yaml,
             at_ms: now_ms(),
         };

@@ -312,6 +312,7 @@ pub(crate) mod tests {
                 spec_yaml: String::new(),
                 registry: None,
                 uid: String::new(),
+                data_key: Default::default(),
                 at_ms: 1,
             })
             .unwrap();

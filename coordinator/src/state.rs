@@ -8,6 +8,7 @@ use imbl::OrdMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::data_key::DataKey;
 use crate::scheduler::{self, PlanRequest};
 
 pub type JobId = String;
@@ -97,6 +98,10 @@ pub struct RankSlot {
 pub struct Plan {
     pub generation: u64,
     pub ranks: Vec<RankSlot>,
+    /// The generation's data-plane secret, derived from the job's key when
+    /// the plan was made; handed to its workers, never shown.
+    #[serde(default)]
+    pub secret: DataKey,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -128,6 +133,10 @@ pub struct Job {
     pub phase: JobPhase,
     pub generation: u64,
     pub plan: Option<Plan>,
+    /// The job's data-plane key (random, minted by the leader at submit):
+    /// each generation's secret is derived from it.
+    #[serde(default)]
+    pub data_key: DataKey,
     /// Committed checkpoints still retained, oldest first.
     pub checkpoints: Vec<CheckpointRecord>,
     pub final_model: Option<String>,
@@ -229,6 +238,9 @@ pub enum Command {
         /// Chosen by the leader at random.
         #[serde(default)]
         uid: String,
+        /// The job's data-plane key, minted by the leader at random.
+        #[serde(default)]
+        data_key: DataKey,
         at_ms: i64,
     },
     CancelJob {
@@ -472,6 +484,7 @@ impl State {
                 spec_yaml,
                 registry,
                 uid,
+                data_key,
                 at_ms,
             } => {
                 if let Some(job) = submission_id.as_ref().and_then(|s| self.submissions.get(s)) {
@@ -514,6 +527,7 @@ impl State {
                         phase: JobPhase::Pending,
                         generation: 0,
                         plan: None,
+                        data_key,
                         checkpoints: Vec::new(),
                         final_model: None,
                         restarts: 0,
@@ -834,7 +848,8 @@ impl State {
         j.generation += 1;
         let resume_step = j.latest_checkpoint().map_or(0, |c| c.step);
         let world_size = ranks.len() as u32;
-        j.plan = Some(Plan { generation: j.generation, ranks });
+        let secret = j.data_key.generation_secret(&j.id, j.generation);
+        j.plan = Some(Plan { generation: j.generation, ranks, secret });
         j.phase = JobPhase::Running;
         j.message = reason.clone();
         j.history.push(GenerationRecord {

@@ -1,8 +1,13 @@
 //! The state machine, tested by the events its commands return.
 
+use crate::data_key::DataKey;
 use crate::state::*;
 
 fn submit(state: &mut State, name: &str, min: u32, max: u32, keep: u32) -> JobId {
+    submit_keyed(state, name, min, max, keep, Default::default())
+}
+
+fn submit_keyed(state: &mut State, name: &str, min: u32, max: u32, keep: u32, key: DataKey) -> JobId {
     let events = state
         .apply(Command::SubmitJob {
             name: name.into(),
@@ -18,6 +23,7 @@ fn submit(state: &mut State, name: &str, min: u32, max: u32, keep: u32) -> JobId
             spec_yaml: String::new(),
             registry: None,
             uid: String::new(),
+            data_key: key,
             at_ms: 1,
         })
         .unwrap();
@@ -284,6 +290,7 @@ fn replicas_applying_the_same_log_agree() {
             spec_yaml: String::new(),
             registry: None,
             uid: String::new(),
+            data_key: Default::default(),
             at_ms: 1,
         },
         Command::RegisterWorker { data_addr: "127.0.0.1:1".into(), hostname: "h".into(), rank_hint: None, at_ms: 2 },
@@ -374,6 +381,7 @@ fn a_repeated_submission_returns_the_first_job() {
         spec_yaml: String::new(),
         registry: None,
         uid: String::new(),
+        data_key: Default::default(),
         at_ms: 1,
     };
     assert_eq!(state.apply(cmd(Some("abc"))).unwrap(), vec![Event::JobSubmitted { job: "j-1".into() }]);
@@ -407,6 +415,7 @@ fn trained_job(s: &mut State) -> JobId {
                 tags: Default::default(),
             }),
             uid: String::new(),
+            data_key: Default::default(),
             at_ms: 1,
         })
         .unwrap();
@@ -557,6 +566,7 @@ fn submit_pipeline(state: &mut State, min: u32, max: u32, fixed: Option<u32>, st
         spec_yaml: String::new(),
         registry: None,
         uid: String::new(),
+        data_key: Default::default(),
         at_ms: 1,
     })?;
     match &events[..] {
@@ -670,6 +680,7 @@ fn jobs_and_submissions_persisted_without_stages_have_one() {
         spec_yaml: String::new(),
         registry: None,
         uid: String::new(),
+        data_key: Default::default(),
         at_ms: 1,
     };
     let mut value = serde_json::to_value(cmd).unwrap();
@@ -678,4 +689,29 @@ fn jobs_and_submissions_persisted_without_stages_have_one() {
         Command::SubmitJob { stages, .. } => assert_eq!(stages, 1),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn every_generation_hands_its_workers_one_secret_derived_from_the_job_s_key() {
+    let mut s = State::new(3);
+    let key = DataKey::random().unwrap();
+    let job = &submit_keyed(&mut s, "j", 1, 2, 1, key.clone());
+    let (w1, w2) = (register(&mut s, "127.0.0.1:1"), register(&mut s, "127.0.0.1:2"));
+    s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
+    let (a1, a2) = (crate::convert::assignment(&s, &w1), crate::convert::assignment(&s, &w2));
+    assert_eq!(a1.data_secret.len(), 32);
+    assert_eq!(a1.data_secret, a2.data_secret, "one secret per generation");
+    assert_eq!(a1.data_secret, key.generation_secret(job, 1).as_bytes());
+
+    // A new leader reads the same state from the log or a snapshot: the
+    // same secret; and status never carries it.
+    let replica: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+    assert_eq!(crate::convert::assignment(&replica, &w1).data_secret, a1.data_secret);
+    assert!(!format!("{:?}", s.jobs[job]).contains(&format!("{:?}", key.as_bytes())));
+
+    commit(&mut s, job, 1, 10);
+    s.apply(Command::RemoveWorker { worker: w2, reason: "gone".into(), at_ms: 6 }).unwrap();
+    let next = crate::convert::assignment(&s, &w1);
+    assert_eq!(next.generation, 2);
+    assert_ne!(next.data_secret, a1.data_secret, "a new generation, a new secret");
 }

@@ -87,14 +87,35 @@ pub fn spawn_coordinator(log: &Path, args: &[&str]) -> (Proc, String) {
 
 /// Starts `flotilla worker` against `url`, logging to `dir/<name>.log`.
 pub fn worker(dir: &Path, url: &str, name: &str) -> Proc {
+    worker_with_args(dir, url, name, &["--op-timeout-s", "20"])
+}
+
+/// Starts `flotilla worker` against `url` with `args` after the
+/// coordinator and a loopback data port, logging to `dir/<name>.log`.
+pub fn worker_with_args(dir: &Path, url: &str, name: &str, args: &[&str]) -> Proc {
     let log = dir.join(format!("{name}.log"));
     let child = Command::new(bin())
-        .args(["worker", "--coordinator", url, "--data-addr", "127.0.0.1:0", "--op-timeout-s", "20"])
+        .args(["worker", "--coordinator", url, "--data-addr", "127.0.0.1:0"])
+        .args(args)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("start worker");
     Proc { child, log }
+}
+
+/// Polls `p`'s log until `found` holds for it (or `within` passes: then
+/// panics with the log); returns the log.
+pub fn wait_log(p: &Proc, what: &str, within: Duration, found: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let log = p.log_text();
+        if found(&log) {
+            return log;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Writes `yaml` as `dir/<name>.yaml`.

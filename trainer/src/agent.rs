@@ -1,6 +1,8 @@
-//! The worker agent: registers with the coordinator, keeps its lease alive,
-//! follows its assignment stream, and supervises the train loop of the
-//! current generation (one thread), forwarding what the loop reports.
+//! The worker agent: follows what the coordinator assigns this worker and
+//! supervises the train loop of the current generation (one thread). Talking
+//! to the coordinator (registration, heartbeats, reports) is the uplink's,
+//! on tasks of its own; the agent does the slow work: stopping a train loop
+//! (which can wait out a collective's deadline) and deleting old checkpoints.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -8,22 +10,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use flotilla_comm::CommListener;
+use flotilla_comm::{CommListener, Secret, SECRET_LEN};
 use flotilla_jobspec::JobSpec;
 use flotilla_proto::v1 as pb;
-use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
-use tonic::{Code, Request};
 
 use crate::checkpoint;
 use crate::engine;
-use crate::preemption::{self, Notice, PreemptionConfig};
+use crate::preemption::{self, PreemptionConfig};
 use crate::storage::Storage;
-use crate::types::{Assignment, Outcome, TrainError, TrainEvent, TrainOptions};
-
-const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::types::{Assignment, TrainError, TrainEvent, TrainOptions};
+use crate::uplink::{Report, Retained, RunKey, RunMsg, Uplink, UplinkConfig};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -50,19 +48,7 @@ pub struct AgentConfig {
     pub storage_roots: Vec<String>,
 }
 
-/// Identifies one rank of one generation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct RunKey {
-    job: String,
-    generation: u64,
-    rank: u32,
-}
-
-enum RunMsg {
-    Event(TrainEvent),
-    Ended(Result<Outcome, TrainError>),
-}
-
+/// The train loop of one rank of one generation.
 struct Run {
     key: RunKey,
     output_dir: String,
@@ -72,6 +58,8 @@ struct Run {
 }
 
 impl Run {
+    /// Asks the loop to stop and waits until it has: at its next step, or
+    /// when the collective it is blocked in fails at its deadline.
     async fn stop(mut self) {
         self.cancel.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
@@ -79,12 +67,6 @@ impl Run {
         }
         tracing::info!(job = %self.key.job, gen = self.key.generation, rank = self.key.rank, "train loop stopped");
     }
-}
-
-fn timed<T>(msg: T) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.set_timeout(RPC_TIMEOUT);
-    r
 }
 
 /// The local address this machine uses to reach `url`'s host.
@@ -104,30 +86,6 @@ pub struct Agent {
     listener: Arc<CommListener>,
     data_addr: SocketAddr,
     current: Option<Run>,
-    events_tx: mpsc::UnboundedSender<(RunKey, RunMsg)>,
-    events_rx: mpsc::UnboundedReceiver<(RunKey, RunMsg)>,
-    /// Set once the machine announced its end: exit when released or then.
-    leaving: Option<tokio::time::Instant>,
-    /// The id the coordinator gave this worker; kept across reconnections
-    /// so that a leader change does not make a new worker of it.
-    worker_id: Option<String>,
-    /// Where the last refusal said the leader is.
-    leader_hint: Option<String>,
-    /// Reports that must reach the coordinator (checkpoint commits, the end
-    /// of a train loop), kept while it cannot be reached.
-    pending: std::collections::VecDeque<(RunKey, RunMsg)>,
-}
-
-/// A report that failed this way may succeed on another replica or later.
-fn retryable(s: &tonic::Status) -> bool {
-    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded)
-}
-
-impl RunMsg {
-    /// Whether losing this report would lose work or stall the job.
-    fn must_arrive(&self) -> bool {
-        !matches!(self, RunMsg::Event(TrainEvent::Progress { .. } | TrainEvent::Memory(_)))
-    }
 }
 
 impl Agent {
@@ -139,180 +97,50 @@ impl Agent {
             None => local_ip_towards(cfg.coordinators.first().map_or("127.0.0.1:7070", String::as_str)),
         };
         let data_addr = SocketAddr::new(host, listener.local_addr().port());
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
-        Ok(Agent {
-            cfg,
-            listener: Arc::new(listener),
-            data_addr,
-            current: None,
-            events_tx,
-            events_rx,
-            leaving: None,
-            worker_id: None,
-            leader_hint: None,
-            pending: Default::default(),
-        })
+        Ok(Agent { cfg, listener: Arc::new(listener), data_addr, current: None })
     }
 
     pub fn data_addr(&self) -> SocketAddr {
         self.data_addr
     }
 
-    /// Runs until `shutdown` fires; then stops the train loop and returns.
+    /// Runs until `shutdown` fires or the worker is to leave (released
+    /// after a preemption notice, or its grace is over); then stops the
+    /// train loop and returns.
     pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let mut notices =
+        let notices =
             preemption::watch(&self.cfg.preemption, shutdown.child_token()).context("start the preemption watchers")?;
-        let mut backoff = Duration::from_millis(100);
+        let (uplink, mut orders) = Uplink::start(
+            UplinkConfig {
+                coordinators: self.cfg.coordinators.clone(),
+                data_addr: self.data_addr,
+                rank_hint: self.cfg.rank_hint,
+                preemption_grace: self.cfg.preemption_grace,
+            },
+            notices,
+        );
+        let pruner = spawn_pruner();
         loop {
-            let client = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                c = self.connect() => c,
-            };
-            match client {
-                Ok(mut client) => {
-                    backoff = Duration::from_millis(100);
-                    match self.session(&mut client, &shutdown, &mut notices).await {
-                        Ok(()) => break,
-                        Err(e) => {
-                            if let Some(s) = e.downcast_ref::<tonic::Status>() {
-                                self.leader_hint = flotilla_proto::leader::leader_hint(s);
-                            }
-                            tracing::warn!(error = %e, "lost the coordinator; reconnecting")
-                        }
-                    }
-                    if self.leader_hint.is_some() {
-                        // Pointed at the new leader: go there at once.
-                        continue;
-                    }
-                }
-                Err(e) => {
-                    self.leader_hint = None;
-                    tracing::debug!(error = %e, "no leading coordinator reachable yet")
-                }
-            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(backoff) => {}
+                changed = orders.assignment.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let a = orders.assignment.borrow_and_update().clone();
+                    // May wait out a collective's deadline; the uplink
+                    // heartbeats and reports meanwhile.
+                    self.follow(a, &uplink).await;
+                }
+                Some(r) = orders.retained.recv() => self.prune(r, &pruner),
             }
-            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
-        if let Some(run) = self.current.take() {
-            run.stop().await;
-        }
+        drop(orders);
+        self.stop_current().await;
+        uplink.shutdown().await;
         self.listener.shutdown();
         Ok(())
-    }
-
-    async fn connect(&mut self) -> anyhow::Result<WorkerServiceClient<Channel>> {
-        let hint = self.leader_hint.take();
-        let (addr, channel) = flotilla_proto::leader::find_leader(&self.cfg.coordinators, hint.as_deref())
-            .await
-            .map_err(|e| anyhow::anyhow!("no leading coordinator: {e}"))?;
-        tracing::debug!(coordinator = %addr, "connected to the leading coordinator");
-        Ok(WorkerServiceClient::new(channel))
-    }
-
-    /// Registers and follows assignments. `Ok` on shutdown, or when a
-    /// preempted worker is released or its grace runs out.
-    async fn session(
-        &mut self,
-        client: &mut WorkerServiceClient<Channel>,
-        shutdown: &CancellationToken,
-        notices: &mut mpsc::Receiver<Notice>,
-    ) -> anyhow::Result<()> {
-        let reg = client
-            .register(timed(pb::RegisterRequest {
-                data_addr: self.data_addr.to_string(),
-                hostname: hostname(),
-                pid: std::process::id(),
-                worker_id: self.worker_id.clone().unwrap_or_default(),
-                rank_hint: self.cfg.rank_hint,
-            }))
-            .await?
-            .into_inner();
-        let worker = reg.worker_id;
-        if self.worker_id.as_ref() != Some(&worker) {
-            tracing::info!(worker = %worker, data_addr = %self.data_addr, "registered");
-            self.worker_id = Some(worker.clone());
-        }
-        // What could not be told to the previous leader.
-        while let Some((key, msg)) = self.pending.pop_front() {
-            if let Err(s) = self.forward(client, &worker, &key, &msg).await {
-                if retryable(&s) {
-                    self.pending.push_front((key, msg));
-                    return Err(s.into());
-                }
-                tracing::warn!(job = %key.job, gen = key.generation, error = %s, "coordinator refused a report");
-            }
-        }
-        let mut heartbeat = tokio::time::interval(Duration::from_millis(reg.heartbeat_interval_ms.max(50)));
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut stream = client.assignments(pb::AssignmentsRequest { worker_id: worker.clone() }).await?.into_inner();
-        loop {
-            let deadline = self.leaving;
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return Ok(()),
-                _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {
-                    tracing::warn!("preemption grace is over; leaving without a final checkpoint");
-                    return Ok(());
-                }
-                Some(notice) = notices.recv() => {
-                    if self.leaving.is_some() {
-                        continue;
-                    }
-                    tracing::warn!(source = notice.source, detail = %notice.detail, "preemption notice");
-                    self.leaving = Some(tokio::time::Instant::now() + self.cfg.preemption_grace);
-                    let report = pb::PreemptionNotice {
-                        worker_id: worker.clone(),
-                        source: notice.source.into(),
-                        detail: notice.detail,
-                    };
-                    if let Err(s) = client.report_preemption(timed(report)).await {
-                        tracing::warn!(error = %s, "could not tell the coordinator; leaving now");
-                        return Ok(());
-                    }
-                }
-                _ = heartbeat.tick() => {
-                    if let Err(s) = client.heartbeat(timed(pb::HeartbeatRequest { worker_id: worker.clone() })).await {
-                        if s.code() == Code::NotFound && self.leaving.is_some() {
-                            tracing::info!("released by the coordinator after preemption");
-                            return Ok(());
-                        }
-                        if s.code() == Code::NotFound {
-                            self.stop_current().await;
-                            anyhow::bail!("the coordinator forgot this worker: {}", s.message());
-                        }
-                        tracing::warn!(error = %s, "heartbeat failed");
-                    }
-                }
-                msg = stream.message() => match msg {
-                    Ok(Some(a)) => self.follow(a).await,
-                    Ok(None) => anyhow::bail!("assignment stream ended"),
-                    Err(s) => {
-                        if s.code() == Code::NotFound && self.leaving.is_some() {
-                            tracing::info!("released by the coordinator after preemption");
-                            return Ok(());
-                        }
-                        if s.code() == Code::NotFound {
-                            self.stop_current().await;
-                        }
-                        anyhow::bail!("assignment stream failed: {s}");
-                    }
-                },
-                Some((key, msg)) = self.events_rx.recv() => {
-                    if let Err(s) = self.forward(client, &worker, &key, &msg).await {
-                        if retryable(&s) && msg.must_arrive() {
-                            self.pending.push_back((key, msg));
-                            return Err(s.into());
-                        }
-                        tracing::warn!(job = %key.job, gen = key.generation, error = %s, "coordinator refused a report");
-                    }
-                }
-            }
-        }
     }
 
     async fn stop_current(&mut self) {
@@ -322,7 +150,7 @@ impl Agent {
     }
 
     /// Starts, keeps or stops the train loop to match assignment `a`.
-    async fn follow(&mut self, a: pb::Assignment) {
+    async fn follow(&mut self, a: pb::Assignment, uplink: &Uplink) {
         let key = RunKey { job: a.job_id.clone(), generation: a.generation, rank: a.rank };
         if let Some(run) = self.current.as_ref().filter(|r| r.key == key) {
             run.checkpoint_request.store(a.checkpoint_request, Ordering::Relaxed);
@@ -333,16 +161,22 @@ impl Agent {
             tracing::info!("idle");
             return;
         }
-        match self.start(key.clone(), a) {
+        match self.start(key.clone(), a, uplink.reporter()) {
             Ok(run) => self.current = Some(run),
             Err(e) => {
-                let msg = RunMsg::Ended(Err(TrainError::Fatal(format!("{e:#}"))));
-                let _ = self.events_tx.send((key, msg));
+                let _ = uplink.reporter().send((key, RunMsg::Ended(Err(TrainError::Fatal(format!("{e:#}"))))));
             }
         }
     }
 
-    fn start(&self, key: RunKey, a: pb::Assignment) -> anyhow::Result<Run> {
+    /// Hands the current run's old checkpoints to the pruner.
+    fn prune(&self, r: Retained, pruner: &mpsc::UnboundedSender<(String, Vec<u64>)>) {
+        if let Some(run) = self.current.as_ref().filter(|run| run.key == r.key) {
+            let _ = pruner.send((run.output_dir.clone(), r.steps));
+        }
+    }
+
+    fn start(&self, key: RunKey, a: pb::Assignment, reports: mpsc::UnboundedSender<Report>) -> anyhow::Result<Run> {
         let spec = JobSpec::from_json(&a.spec_json).context("read the job spec from the coordinator")?;
         check_storage_roots(&self.cfg.storage_roots, &spec, &a)?;
         let peers = a
@@ -351,6 +185,12 @@ impl Agent {
             .map(|p| p.parse::<SocketAddr>().with_context(|| format!("peer address {p:?}")))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let (stage, replica, stages) = plan_position(&a, spec.parallelism.pp)?;
+        let secret = Secret::from_bytes(&a.data_secret).with_context(|| {
+            format!(
+                "the assignment carries a data-plane secret of {} bytes, not {SECRET_LEN} (a coordinator older than this worker?)",
+                a.data_secret.len()
+            )
+        })?;
         let assignment = Assignment {
             stage,
             replica,
@@ -366,13 +206,14 @@ impl Agent {
             checkpoints: a.checkpoints.iter().map(|c| c.location.clone()).collect(),
             io: tokio::runtime::Handle::current(),
             checkpoint_request: Arc::new(AtomicU64::new(a.checkpoint_request)),
+            secret,
         };
         tracing::info!(job = %key.job, gen = key.generation, rank = key.rank, world = a.world_size,
             resume = a.checkpoints.first().map_or(0, |c| c.step), "starting train loop");
         let cancel = Arc::new(AtomicBool::new(false));
         let checkpoint_request = assignment.checkpoint_request.clone();
         let (listener, opts, tx, k, c) =
-            (self.listener.clone(), self.cfg.train.clone(), self.events_tx.clone(), key.clone(), cancel.clone());
+            (self.listener.clone(), self.cfg.train.clone(), reports, key.clone(), cancel.clone());
         let thread = std::thread::Builder::new()
             .name(format!("train-{}-g{}-r{}", key.job, key.generation, key.rank))
             .spawn(move || {
@@ -398,114 +239,34 @@ impl Agent {
             .context("spawn the train thread")?;
         Ok(Run { key, output_dir: a.output_dir.clone(), checkpoint_request, cancel, thread: Some(thread) })
     }
+}
 
-    /// Sends what the train loop reported to the coordinator.
-    async fn forward(
-        &mut self,
-        client: &mut WorkerServiceClient<Channel>,
-        worker: &str,
-        key: &RunKey,
-        msg: &RunMsg,
-    ) -> Result<(), tonic::Status> {
-        let (job_id, generation, rank) = (key.job.clone(), key.generation, key.rank);
-        match msg {
-            RunMsg::Event(TrainEvent::Progress { step, loss, lr, samples_per_sec, grad_norm, time_ms }) => client
-                .report_progress(timed(pb::ProgressReport {
-                    worker_id: worker.into(),
-                    job_id,
-                    generation,
-                    rank,
-                    step: *step,
-                    loss: *loss,
-                    lr: *lr,
-                    samples_per_sec: *samples_per_sec,
-                    grad_norm: *grad_norm,
-                    time_ms: *time_ms,
-                }))
-                .await
-                .map(|_| ()),
-            RunMsg::Event(TrainEvent::Checkpoint { step, location, blocked_ms, total_ms }) => {
-                let commit = pb::CheckpointCommit {
-                    worker_id: worker.into(),
-                    job_id,
-                    generation,
-                    step: *step,
-                    location: location.clone(),
-                    blocked_ms: *blocked_ms,
-                    total_ms: *total_ms,
+/// Deletes the checkpoints of a job's output folder that the coordinator no
+/// longer retains, one request after another, on a task of its own (storage
+/// can be slow); a backlog collapses to the newest request per folder.
+fn spawn_pruner() -> mpsc::UnboundedSender<(String, Vec<u64>)> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(String, Vec<u64>)>();
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while let Ok(next) = rx.try_recv() {
+                batch.retain(|(dir, _)| *dir != next.0);
+                batch.push(next);
+            }
+            for (dir, keep) in batch {
+                let pruned = match Storage::open(&dir) {
+                    Ok(out) => checkpoint::prune(&out, &keep).await,
+                    Err(e) => Err(e.into()),
                 };
-                match client.commit_checkpoint(timed(commit)).await {
-                    Ok(resp) => {
-                        let keep = resp.into_inner().retained_steps;
-                        if let Some(dir) = self.current.as_ref().filter(|r| r.key == *key).map(|r| r.output_dir.clone())
-                        {
-                            let pruned = match Storage::open(&dir) {
-                                Ok(out) => checkpoint::prune(&out, &keep).await,
-                                Err(e) => Err(e.into()),
-                            };
-                            match pruned {
-                                Ok(gone) if !gone.is_empty() => {
-                                    tracing::info!(steps = ?gone, "removed old checkpoints")
-                                }
-                                Err(e) => tracing::warn!(error = %e, "could not remove old checkpoints"),
-                                _ => {}
-                            }
-                        }
-                        Ok(())
-                    }
-                    Err(e) => Err(e),
+                match pruned {
+                    Ok(gone) if !gone.is_empty() => tracing::info!(steps = ?gone, "removed old checkpoints"),
+                    Err(e) => tracing::warn!(error = %e, "could not remove old checkpoints"),
+                    _ => {}
                 }
             }
-            RunMsg::Event(TrainEvent::Memory(m)) => client
-                .report_memory(timed(pb::MemoryReport {
-                    worker_id: worker.into(),
-                    job_id,
-                    generation,
-                    rank,
-                    usage: Some(pb::MemoryUsage {
-                        params_bytes: m.params,
-                        grads_bytes: m.grads,
-                        optimizer_bytes: m.optimizer,
-                        activation_bytes: m.activations,
-                    }),
-                }))
-                .await
-                .map(|_| ()),
-            RunMsg::Event(TrainEvent::Finished { step, final_model }) => client
-                .report_finished(timed(pb::FinishReport {
-                    worker_id: worker.into(),
-                    job_id,
-                    generation,
-                    step: *step,
-                    final_model: final_model.clone(),
-                }))
-                .await
-                .map(|_| ()),
-            RunMsg::Ended(Ok(outcome)) => {
-                tracing::info!(job = %key.job, gen = generation, rank, ?outcome, "train loop ended");
-                Ok(())
-            }
-            RunMsg::Ended(Err(e)) => {
-                let (kind, peer_rank) = match e {
-                    TrainError::Comm(c) => (pb::FailureKind::Comm, c.peer().map(|p| p as u32)),
-                    TrainError::Fatal(_) => (pb::FailureKind::Fatal, None),
-                };
-                tracing::error!(job = %key.job, gen = generation, rank, error = %e, "train loop failed");
-                client
-                    .report_failure(timed(pb::FailureReport {
-                        worker_id: worker.into(),
-                        job_id,
-                        generation,
-                        rank,
-                        kind: kind as i32,
-                        message: e.to_string(),
-                        peer_rank,
-                    }))
-                    .await
-                    .map(|_| ())
-            }
         }
-    }
+    });
+    tx
 }
 
 /// The rank's pipeline stage, data-parallel replica and the plan's stage
@@ -534,10 +295,6 @@ fn plan_position(a: &pb::Assignment, pp: usize) -> anyhow::Result<(usize, usize,
         a.stages
     );
     Ok((a.stage as usize, a.replica as usize, stages))
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ pub mod rng;
 pub mod sampler;
 pub mod stats;
 pub mod types;
+mod uplink;
 
 pub use agent::{Agent, AgentConfig};
 /// Checkpoint and model storage (its own crate, shared with the coordinator).

@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_comm::CommError;
+use flotilla_comm::{CommError, Secret};
 use flotilla_jobspec::JobSpec;
 
 /// What the coordinator asked this rank to do.
@@ -36,6 +36,9 @@ pub struct Assignment {
     pub replica: usize,
     /// Pipeline stages of the plan (`parallelism.pp`).
     pub stages: usize,
+    /// The generation's data-plane secret: every connection between ranks
+    /// proves it.
+    pub secret: Secret,
 }
 
 /// The bytes a rank holds, by kind: what `flotilla status` shows.

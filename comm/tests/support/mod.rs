@@ -2,12 +2,14 @@
 //! in parallel, one thread per rank, and a suite every `ProcessGroup` passes.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::net::SocketAddr;
 use std::thread;
 use std::time::Duration;
 
 use flotilla_comm::chunk::chunk_range;
-use flotilla_comm::{CommError, CommListener, F32Collectives, ProcessGroup, RingConfig, TcpRing};
+use flotilla_comm::{CommError, CommListener, F32Collectives, ProcessGroup, RingConfig, Secret, TcpRing};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const OP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,7 +28,17 @@ pub fn config(peers: &[SocketAddr], job: &str, generation: u64, rank: usize) -> 
         peers: peers.to_vec(),
         connect_timeout: CONNECT_TIMEOUT,
         op_timeout: OP_TIMEOUT,
+        secret: secret(job, generation),
     }
+}
+
+/// The secret every rank of `job`'s `generation` is given in these tests.
+pub fn secret(job: &str, generation: u64) -> Secret {
+    let mut bytes = [0u8; 32];
+    for (i, b) in job.bytes().chain(generation.to_le_bytes()).enumerate() {
+        bytes[i % 32] ^= b.rotate_left(i as u32 % 8);
+    }
+    Secret::from_bytes(&bytes).expect("32 bytes")
 }
 
 pub fn addrs(listeners: &[CommListener]) -> Vec<SocketAddr> {

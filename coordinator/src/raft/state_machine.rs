@@ -192,6 +192,7 @@ mod tests {
                 spec_yaml: String::new(),
                 registry: None,
                 uid: String::new(),
+                data_key: Default::default(),
                 at_ms: 0,
             })),
         }

@@ -74,6 +74,7 @@ pub fn submit(name: &str) -> Command {
         spec_yaml: String::new(),
         registry: None,
         uid: String::new(),
+        data_key: Default::default(),
         at_ms: 0,
     }
 }

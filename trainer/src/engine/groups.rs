@@ -178,6 +178,7 @@ fn ring(
         peers: members.iter().map(|r| a.peers[*r]).collect(),
         connect_timeout: opts.connect_timeout,
         op_timeout: opts.op_timeout,
+        secret: a.secret.clone(),
     };
     let ring = TcpRing::connect(listener, cfg).map_err(|e| e.map_rank(|r| members.get(r).copied().unwrap_or(r)))?;
     Ok(Box::new(Subgroup { inner: Box::new(ring), members }))
