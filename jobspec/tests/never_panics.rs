@@ -2,7 +2,7 @@
 //! and whatever it accepts must survive JSON. An error names its field path
 //! and, when the input is well-formed YAML, the line and column to fix.
 //!
-//! Cases per property: `PROPTEST_CASES` (default 512); run longer by hand
+//! Cases per property: `PROPTEST_CASES` (default 2048); run longer by hand
 //! with `PROPTEST_CASES=100000 cargo test -p flotilla-jobspec --test never_panics`.
 
 use std::path::Path;
@@ -30,7 +30,7 @@ static SAMPLES: LazyLock<Vec<String>> = LazyLock::new(|| {
 });
 
 fn config() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512);
+    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2048);
     ProptestConfig { cases, ..ProptestConfig::default() }
 }
 
