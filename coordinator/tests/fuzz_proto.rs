@@ -104,7 +104,10 @@ fn add_member(bytes: &[u8]) -> Result<(), TestCaseError> {
 }
 
 /// Every request message of the coordinator's services, by name.
-const PROBES: &[(&str, fn(&[u8]) -> Result<(), TestCaseError>)] = &[
+/// Decodes bytes as one message and checks what comes out.
+type Probe = fn(&[u8]) -> Result<(), TestCaseError>;
+
+const PROBES: &[(&str, Probe)] = &[
     ("SubmitJobRequest", |b| probe::<pb::SubmitJobRequest>(b, submit)),
     ("GetJobRequest", |b| probe::<pb::GetJobRequest>(b, nothing)),
     ("CancelJobRequest", |b| probe::<pb::CancelJobRequest>(b, nothing)),
@@ -198,7 +201,10 @@ fn sized<T: Message + Default + Bounded>(set: fn(&mut T, String), max: usize, le
 }
 
 /// Each bounded field of each request, with its bound.
-const FIELDS: &[(&str, usize, fn(usize) -> Result<(), TestCaseError>)] = &[
+/// Sets one field to a value of the given length and checks the request.
+type Sized = fn(usize) -> Result<(), TestCaseError>;
+
+const FIELDS: &[(&str, usize, Sized)] = &[
     ("SubmitJobRequest.spec_yaml", limits::MAX_JOB_FILE, |n| {
         sized::<pb::SubmitJobRequest>(|m, s| m.spec_yaml = s, limits::MAX_JOB_FILE, n)
     }),

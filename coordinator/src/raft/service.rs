@@ -196,6 +196,10 @@ mod fuzz {
 
     #[test]
     fn the_samples_decode() {
+        for sample in samples() {
+            let text = String::from_utf8(sample).unwrap();
+            assert_eq!(tokenize(&text).concat(), text);
+        }
         let [append, ask] = <[Vec<u8>; 2]>::try_from(samples()).unwrap();
         assert!(decode::<AppendEntriesRequest<TypeConfig>>(request(append)).is_ok());
         assert!(decode::<VoteRequest<NodeId>>(request(ask)).is_ok());
@@ -210,8 +214,47 @@ mod fuzz {
         }
     }
 
+    /// `text` (JSON) cut into strings, numbers and punctuation.
+    fn tokenize(text: &str) -> Vec<String> {
+        let mut tokens = Vec::new();
+        let mut rest = text;
+        while let Some(c) = rest.chars().next() {
+            let len = match c {
+                '"' => rest[1..].find('"').map_or(rest.len(), |i| i + 2),
+                '{' | '}' | '[' | ']' | ',' | ':' => 1,
+                _ => rest.find(['{', '}', '[', ']', ',', ':', '"']).unwrap_or(rest.len()),
+            };
+            tokens.push(rest[..len].to_owned());
+            rest = &rest[len..];
+        }
+        tokens
+    }
+
     proptest! {
         #![proptest_config(config())]
+
+        /// The samples' own tokens replaced, removed and inserted: the
+        /// messages keep their shape, so decoding gets deep into them.
+        #[test]
+        fn recombined_tokens_never_panic(
+            sample in 0usize..2,
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<prop::sample::Index>(), 0u8..3), 1..8),
+        ) {
+            let texts: Vec<String> = samples().into_iter().map(|b| String::from_utf8(b).unwrap()).collect();
+            let mut pool: Vec<String> =
+                ["18446744073709551616", "-1", "1e999", "null", "\"\\ud800\"", "{}", "[]"].map(String::from).to_vec();
+            pool.extend(texts.iter().flat_map(|t| tokenize(t)));
+            let mut message = tokenize(&texts[sample]);
+            for (at, with, how) in edits {
+                let i = at.index(message.len() + 1);
+                match how {
+                    0 if i < message.len() => message[i] = with.get(&pool).clone(),
+                    1 if i < message.len() => drop(message.remove(i)),
+                    _ => message.insert(i, with.get(&pool).clone()),
+                }
+            }
+            decode_all(message.concat().as_bytes())?;
+        }
 
         #[test]
         fn arbitrary_bytes_never_panic(payload in prop::collection::vec(any::<u8>(), 0..512)) {
