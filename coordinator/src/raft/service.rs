@@ -131,3 +131,153 @@ impl Cluster for ClusterApi {
         Ok(Response::new(members_reply(info)))
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Whatever bytes a peer sends as a Raft payload, `decode` answers with
+    //! a message or an `InvalidArgument` status, never a panic. Cases:
+    //! `PROPTEST_CASES` (default 2048).
+
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::raft::Proposal;
+    use crate::state::Command;
+
+    fn config() -> ProptestConfig {
+        let cases = std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2048);
+        ProptestConfig { cases, ..ProptestConfig::default() }
+    }
+
+    fn request(payload: Vec<u8>) -> Request<pb::RaftRequest> {
+        Request::new(pb::RaftRequest { payload })
+    }
+
+    /// Decodes `payload` as each of the three messages; a refusal is an
+    /// `InvalidArgument` with a message, an acceptance survives re-encoding.
+    fn decode_all(payload: &[u8]) -> Result<(), TestCaseError> {
+        fn one<T: DeserializeOwned + Serialize>(payload: &[u8]) -> Result<(), TestCaseError> {
+            match decode::<T>(request(payload.to_vec())) {
+                Ok(msg) => {
+                    let again = serde_json::to_vec(&msg).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    prop_assert!(decode::<T>(request(again)).is_ok());
+                }
+                Err(status) => {
+                    prop_assert_eq!(status.code(), tonic::Code::InvalidArgument);
+                    prop_assert!(status.message().starts_with("decode raft message: "), "{}", status.message());
+                }
+            }
+            Ok(())
+        }
+        one::<AppendEntriesRequest<TypeConfig>>(payload)?;
+        one::<VoteRequest<NodeId>>(payload)?;
+        one::<InstallSnapshotRequest<TypeConfig>>(payload)
+    }
+
+    /// Real messages, encoded as a peer encodes them.
+    fn samples() -> Vec<Vec<u8>> {
+        let vote = Vote::new_committed(3, 1);
+        let log_id = |index| LogId::new(CommittedLeaderId::new(3, 1), index);
+        let command = Command::PreemptWorker { worker: "w-1".into(), reason: "spot".into(), at_ms: 7 };
+        let append = AppendEntriesRequest::<TypeConfig> {
+            vote,
+            prev_log_id: Some(log_id(4)),
+            entries: vec![
+                Entry { log_id: log_id(5), payload: EntryPayload::Blank },
+                Entry { log_id: log_id(6), payload: EntryPayload::Normal(Proposal::One(command.clone())) },
+                Entry { log_id: log_id(7), payload: EntryPayload::Normal(Proposal::Batch(vec![command; 2])) },
+            ],
+            leader_commit: Some(log_id(5)),
+        };
+        let ask = VoteRequest::new(Vote::new(4, 2), Some(log_id(7)));
+        vec![serde_json::to_vec(&append).unwrap(), serde_json::to_vec(&ask).unwrap()]
+    }
+
+    #[test]
+    fn the_samples_decode() {
+        for sample in samples() {
+            let text = String::from_utf8(sample).unwrap();
+            assert_eq!(tokenize(&text).concat(), text);
+        }
+        let [append, ask] = <[Vec<u8>; 2]>::try_from(samples()).unwrap();
+        assert!(decode::<AppendEntriesRequest<TypeConfig>>(request(append)).is_ok());
+        assert!(decode::<VoteRequest<NodeId>>(request(ask)).is_ok());
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        for open in ["[", "{\"vote\":", "{\"entries\":[{\"payload\":{\"Normal\":"] {
+            let payload = open.repeat(100_000).into_bytes();
+            decode_all(&payload).unwrap();
+            assert!(decode::<AppendEntriesRequest<TypeConfig>>(request(payload)).is_err());
+        }
+    }
+
+    /// `text` (JSON) cut into strings, numbers and punctuation.
+    fn tokenize(text: &str) -> Vec<String> {
+        let mut tokens = Vec::new();
+        let mut rest = text;
+        while let Some(c) = rest.chars().next() {
+            let len = match c {
+                '"' => rest[1..].find('"').map_or(rest.len(), |i| i + 2),
+                '{' | '}' | '[' | ']' | ',' | ':' => 1,
+                _ => rest.find(['{', '}', '[', ']', ',', ':', '"']).unwrap_or(rest.len()),
+            };
+            tokens.push(rest[..len].to_owned());
+            rest = &rest[len..];
+        }
+        tokens
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// The samples' own tokens replaced, removed and inserted: the
+        /// messages keep their shape, so decoding gets deep into them.
+        #[test]
+        fn recombined_tokens_never_panic(
+            sample in 0usize..2,
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<prop::sample::Index>(), 0u8..3), 1..8),
+        ) {
+            let texts: Vec<String> = samples().into_iter().map(|b| String::from_utf8(b).unwrap()).collect();
+            let mut pool: Vec<String> =
+                ["18446744073709551616", "-1", "1e999", "null", "\"\\ud800\"", "{}", "[]"].map(String::from).to_vec();
+            pool.extend(texts.iter().flat_map(|t| tokenize(t)));
+            let mut message = tokenize(&texts[sample]);
+            for (at, with, how) in edits {
+                let i = at.index(message.len() + 1);
+                match how {
+                    0 if i < message.len() => message[i] = with.get(&pool).clone(),
+                    1 if i < message.len() => drop(message.remove(i)),
+                    _ => message.insert(i, with.get(&pool).clone()),
+                }
+            }
+            decode_all(message.concat().as_bytes())?;
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(payload in prop::collection::vec(any::<u8>(), 0..512)) {
+            decode_all(&payload)?;
+        }
+
+        #[test]
+        fn mutated_messages_never_panic(
+            sample in 0usize..2,
+            edits in prop::collection::vec((any::<usize>(), any::<u8>(), 0u8..4), 1..8),
+        ) {
+            let mut payload = samples().swap_remove(sample);
+            for (at, byte, how) in edits {
+                let at = at % (payload.len() + 1);
+                match how {
+                    0 if at < payload.len() => payload[at] = byte,
+                    1 => payload.truncate(at),
+                    2 => payload.insert(at, byte),
+                    // A number a peer could not have sent.
+                    _ => payload.splice(at..at, b"18446744073709551616".iter().copied()).for_each(drop),
+                }
+            }
+            decode_all(&payload)?;
+        }
+    }
+}
