@@ -6,6 +6,7 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,9 @@ use flotilla_coordinator::raft::RaftStore;
 use flotilla_coordinator::{MetaStore, StoreError};
 use support::router::Faults;
 use support::{count_named, mem_addr, mem_id, open_mem, propose_following, submit, test_options, Router};
+
+/// Acknowledged writes a run needs before it checks them.
+const MIN_ACKED: usize = 10;
 
 /// What the clients saw.
 #[derive(Default)]
@@ -37,14 +41,19 @@ async fn chaos(size: u64, run_for: Duration) {
     router.set_faults(Faults { drop: 0.05, lose_reply: 0.03, duplicate: 0.05, max_delay: Duration::from_millis(10) });
 
     // Clients: unique names, through random replicas, following hints.
+    // The faults last at least `run_for` and until enough writes got
+    // through to check something: a loaded machine gets fewer per second.
     let outcomes = Arc::new(Mutex::new(Outcomes::default()));
+    let done = Arc::new(AtomicBool::new(false));
     let stop = Instant::now() + run_for;
+    // A hang guard only: no progress at all for this long is a failure.
+    let give_up = stop + Duration::from_secs(180);
     let mut clients = Vec::new();
     for client in 0..3 {
-        let (nodes, router, outcomes) = (nodes.clone(), router.clone(), outcomes.clone());
+        let (nodes, router, outcomes, done) = (nodes.clone(), router.clone(), outcomes.clone(), done.clone());
         clients.push(tokio::spawn(async move {
             let mut seq = 0;
-            while Instant::now() < stop {
+            while !done.load(Ordering::SeqCst) {
                 seq += 1;
                 let name = format!("c{client}-{seq}");
                 let start = router.random(1..=size);
@@ -65,7 +74,8 @@ async fn chaos(size: u64, run_for: Duration) {
     // leader itself, and a write through it must not be acknowledged.
     let mut minority_checked = false;
     let mut minority_names = Vec::new();
-    while Instant::now() < stop {
+    let enough = || outcomes.lock().unwrap().acked.len() >= MIN_ACKED;
+    while Instant::now() < stop || (!enough() && Instant::now() < give_up) {
         let pick: u32 = router.random(0..3);
         if pick == 0 || !minority_checked {
             let leader = nodes.values().find(|s| s.is_leader()).map(|s| s.id());
@@ -100,6 +110,7 @@ async fn chaos(size: u64, run_for: Duration) {
         let pause: u64 = router.random(300..800);
         tokio::time::sleep(Duration::from_millis(pause)).await;
     }
+    done.store(true, Ordering::SeqCst);
     for c in clients {
         c.await.unwrap();
     }
@@ -113,7 +124,7 @@ async fn chaos(size: u64, run_for: Duration) {
 
     let o = std::mem::take(&mut *outcomes.lock().unwrap());
     println!("size {size}: {} acknowledged, {} failed, {} jobs", o.acked.len(), o.failed.len(), state.jobs.len());
-    assert!(o.acked.len() >= 10, "too few writes got through: {}", o.acked.len());
+    assert!(o.acked.len() >= MIN_ACKED, "too few writes got through in {:?}: {}", give_up - stop + run_for, o.acked.len());
     for node in nodes.values() {
         let s = node.snapshot();
         assert_eq!(*s, *state, "replica {} differs", node.id());
