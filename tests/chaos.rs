@@ -149,6 +149,12 @@ fn workers_and_the_leader_killed_at_random_steps_change_no_weight() {
             worker_kills,
             leader_kills
         );
+        for g in &done.generations {
+            println!(
+                "  generation {}: {} workers, from step {}: {}",
+                g.generation, g.world_size, g.resumed_from_step, g.reason
+            );
+        }
         assert!(done.generations.len() > worker_kills.min(1), "{done:#?}");
     });
     assert!(worker_kills + leader_kills > 0, "no fault happened before the job ended; make it longer");
