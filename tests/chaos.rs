@@ -16,7 +16,7 @@ use flotilla::proto::v1 as pb;
 use support::cluster::*;
 use support::*;
 
-const STEPS: u64 = 1500;
+const STEPS: u64 = 3000;
 
 fn job() -> String {
     format!(
@@ -71,7 +71,7 @@ fn workers_and_the_leader_killed_at_random_steps_change_no_weight() {
     // the middle of the run.
     let mut faults: Vec<(u64, Fault)> = (0..5)
         .map(|i| {
-            let at = STEPS / 10 + dice.below(STEPS * 6 / 10);
+            let at = STEPS / 10 + dice.below(STEPS / 2);
             (at, if i < 3 { Fault::Worker(dice.below(3) as usize) } else { Fault::Leader })
         })
         .collect();
