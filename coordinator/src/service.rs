@@ -406,6 +406,8 @@ impl WorkerService for WorkerApi {
             generation: r.generation,
             world_size: job.world_size(),
             time_ms: if r.time_ms > 0 { r.time_ms } else { now_ms() },
+            eval_loss: r.eval_loss,
+            eval_accuracy: r.eval_accuracy,
         };
         self.0.soft().record_progress(&r.job_id, point);
         self.0.bump_soft();

@@ -18,6 +18,8 @@ pub struct Progress {
     pub step: u64,
     pub loss: f64,
     pub samples_per_sec: f64,
+    /// The latest evaluation: its step, loss and accuracy.
+    pub eval: Option<(u64, f64, Option<f64>)>,
 }
 
 /// The communication failures reported in one generation of a job.
@@ -110,6 +112,10 @@ impl Soft {
     }
 
     pub fn record_progress(&mut self, job: &str, point: MetricPoint) {
+        let eval = point
+            .eval_loss
+            .map(|l| (point.step, l, point.eval_accuracy))
+            .or_else(|| self.progress.get(job).and_then(|p| p.eval));
         self.progress.insert(
             job.to_string(),
             Progress {
@@ -117,6 +123,7 @@ impl Soft {
                 step: point.step,
                 loss: point.loss,
                 samples_per_sec: point.samples_per_sec,
+                eval,
             },
         );
         let history = self.metrics.entry(job.to_string()).or_default();

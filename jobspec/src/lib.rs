@@ -27,7 +27,7 @@ mod validate;
 
 pub use error::SpecError;
 pub use spec::{
-    AdamWSpec, CheckpointSpec, DataSpec, DpSize, GptSpec, JobSpec, MlpSpec, ModelSpec, ParallelismSpec,
+    AdamWSpec, CheckpointSpec, DataSpec, DpSize, EvalSpec, GptSpec, JobSpec, MlpSpec, ModelSpec, ParallelismSpec,
     PipelineSchedule, Precision, RegistryKind, RegistrySpec, ScheduleSpec, TokenDtype, TrainSpec, WorkersSpec,
 };
 

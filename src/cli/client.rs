@@ -207,8 +207,9 @@ pub async fn follow(client: &mut Client, job: &str) -> anyhow::Result<pb::JobSta
         };
         bar.set_length(status.total_steps);
         bar.set_position(status.step);
+        let eval = super::status::eval_text(&status).map(|e| format!("  eval{e}")).unwrap_or_default();
         bar.set_message(format!(
-            "loss {:.4}  {:.0} samples/s  {} workers",
+            "loss {:.4}  {:.0} samples/s  {} workers{eval}",
             status.loss, status.samples_per_sec, status.world_size
         ));
         if status.phase != last_phase {
@@ -223,7 +224,7 @@ pub async fn follow(client: &mut Client, job: &str) -> anyhow::Result<pb::JobSta
         let tenth = (status.total_steps / 10).max(1);
         if !tty && status.step >= last_line_step + tenth {
             eprintln!(
-                "{job}: step {}/{}  loss {:.4}  {:.0} samples/s  {} workers  {:.1}s",
+                "{job}: step {}/{}  loss {:.4}  {:.0} samples/s  {} workers  {:.1}s{eval}",
                 status.step,
                 status.total_steps,
                 status.loss,
@@ -254,6 +255,9 @@ pub fn print_outcome(s: &pb::JobStatus, elapsed: Duration) {
                 s.total_steps,
                 s.loss
             );
+            if let Some(e) = super::status::eval_text(s) {
+                println!("  eval:{e}");
+            }
             println!("  checkpoints: {}", s.output_dir);
             for c in &s.checkpoints {
                 println!(

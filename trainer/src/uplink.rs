@@ -316,7 +316,16 @@ impl Line {
     ) -> Result<(), Status> {
         let (job_id, generation, rank) = (key.job.clone(), key.generation, key.rank);
         match msg {
-            RunMsg::Event(TrainEvent::Progress { step, loss, lr, samples_per_sec, grad_norm, time_ms }) => client
+            RunMsg::Event(TrainEvent::Progress {
+                step,
+                loss,
+                lr,
+                samples_per_sec,
+                grad_norm,
+                time_ms,
+                eval_loss,
+                eval_accuracy,
+            }) => client
                 .report_progress(timed(pb::ProgressReport {
                     worker_id: worker.into(),
                     job_id,
@@ -328,6 +337,8 @@ impl Line {
                     samples_per_sec: *samples_per_sec,
                     grad_norm: *grad_norm,
                     time_ms: *time_ms,
+                    eval_loss: *eval_loss,
+                    eval_accuracy: *eval_accuracy,
                 }))
                 .await
                 .map(|_| ()),

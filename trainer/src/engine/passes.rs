@@ -63,6 +63,21 @@ fn leaves(u: &LocalUnit, flat: &Tensor) -> Vec<Tensor> {
     model::unflatten(flat, &u.shapes).into_iter().map(|t| t.detach().set_requires_grad(true)).collect()
 }
 
+/// Starts gathering local unit `k`'s parameters from the stage group
+/// (ZeRO-3: `params` holds this rank's chunks), in the compute dtype.
+pub(crate) fn gather_unit(plan: &Plan, params: &Tensor, groups: &mut Groups, k: usize, kind: Kind) -> InFlight {
+    let u = &plan.units[k];
+    let full = Tensor::empty([u.len as i64], (kind, tch::Device::Cpu));
+    tch::no_grad(|| {
+        full.narrow(0, u.own.start as i64, u.own.len() as i64).copy_(&params.narrow(
+            0,
+            u.own_off as i64,
+            u.own.len() as i64,
+        ))
+    });
+    groups.dp_submit(Op::AllGather, full)
+}
+
 /// The passes of one step.
 pub(crate) struct StepPasses<'a> {
     pub plan: &'a Plan,
@@ -114,19 +129,8 @@ impl StepPasses<'_> {
         Ok(done)
     }
 
-    /// Gathers local unit `k`'s parameters from the stage group (ZeRO-3), in
-    /// the compute dtype.
     fn gather(&self, groups: &mut Groups, k: usize, kind: Kind) -> InFlight {
-        let u = &self.plan.units[k];
-        let full = Tensor::empty([u.len as i64], (kind, tch::Device::Cpu));
-        tch::no_grad(|| {
-            full.narrow(0, u.own.start as i64, u.own.len() as i64).copy_(&self.params.narrow(
-                0,
-                u.own_off as i64,
-                u.own.len() as i64,
-            ))
-        });
-        groups.dp_submit(Op::AllGather, full)
+        gather_unit(self.plan, self.params, groups, k, kind)
     }
 
     #[allow(clippy::too_many_arguments)]
