@@ -107,8 +107,17 @@ fn preempt_one_worker(notice: Notice, expected: &std::collections::BTreeMap<Stri
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let _steady = worker(dir.path(), &url, "steady");
+    let steady = worker(dir.path(), &url, "steady");
+    // Both registered before the job exists, so that it starts on both: a
+    // worker that comes later would join only at a checkpoint, and this job
+    // takes none of its own.
+    let registered = |log: &str| log.contains("registered worker=");
+    wait_log(&steady, "the steady worker to register", Duration::from_secs(60), registered);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !registered(&std::fs::read_to_string(&log).unwrap_or_default()) {
+        assert!(Instant::now() < deadline, "the spot worker did not register");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let job = job_file(dir.path(), "job", JOB);
     let out = flotilla(dir.path(), &["submit", job.to_str().unwrap(), "--coordinator", &url]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

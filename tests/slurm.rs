@@ -93,6 +93,7 @@ fn sbatch_of_the_rendered_script_trains_a_two_worker_job() {
 fn restart_coordinator(dir: &Path, slurm_job: &str) -> (Proc, String) {
     let data = dir.join(format!("flotilla-coordinator/{slurm_job}/data"));
     assert!(data.exists(), "{} is missing", data.display());
+    // It accepts the tests' admin token (the script's coordinator had its own).
     spawn_coordinator(&dir.join("restarted.log"), &["--listen", "127.0.0.1:0", "--data-dir", data.to_str().unwrap()])
 }
 
@@ -167,9 +168,14 @@ async fn client_when_up(
     dir: &Path,
 ) -> flotilla::proto::v1::job_service_client::JobServiceClient<flotilla::proto::auth::AuthChannel> {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    // The admin token the script's coordinator wrote for its tasks.
+    let token_file = dir.join(format!("flotilla-coordinator/{job}/admin.token"));
     loop {
-        if let Ok(c) = support::channel(url).await.map(flotilla::proto::v1::job_service_client::JobServiceClient::new) {
-            return c;
+        let token = std::fs::read_to_string(&token_file).unwrap_or_default();
+        let credentials = flotilla::proto::auth::Credentials::token(&token);
+        let channel = tonic::transport::Channel::from_shared(url.to_string()).unwrap().connect().await;
+        if let (Ok(credentials), Ok(channel)) = (credentials, channel) {
+            return flotilla::proto::v1::job_service_client::JobServiceClient::new(credentials.wrap(channel));
         }
         assert!(
             std::time::Instant::now() < deadline && cluster.in_queue(job),
