@@ -62,7 +62,7 @@ fn an_oversized_id_is_refused_with_a_short_message() {
                 "cancel_job",
             );
         }
-        let mut w = WorkerServiceClient::connect(url.clone()).await.unwrap();
+        let mut w = WorkerServiceClient::new(channel(&url).await.unwrap());
         assert_short_refusal(
             w.heartbeat(pb::HeartbeatRequest { worker_id: huge.clone() }).await,
             Code::InvalidArgument,
@@ -143,7 +143,7 @@ fn a_rendezvous_key_flood_is_refused_past_the_per_job_bound() {
             wait_for(&mut c, &id, Duration::from_secs(120), |s| is_phase(s, pb::JobPhase::Running) && s.step > 0).await;
         let generation = running.generation;
         let start = rss(coord.pid());
-        let mut w = WorkerServiceClient::connect(url.clone()).await.unwrap();
+        let mut w = WorkerServiceClient::new(channel(&url).await.unwrap());
         let put = |key: String, value: Vec<u8>| pb::RendezvousPut { job_id: id.clone(), generation, key, value };
 
         // A key past its length limit.
@@ -180,7 +180,7 @@ fn locations_with_dot_dot_are_refused() {
     let (_coord, url) = coordinator(dir.path());
     runtime().block_on(async {
         let mut c = client(&url).await;
-        let mut w = WorkerServiceClient::connect(url.clone()).await.unwrap();
+        let mut w = WorkerServiceClient::new(channel(&url).await.unwrap());
         let commit = pb::CheckpointCommit {
             worker_id: "w-1".into(),
             job_id: "j-1".into(),
@@ -238,7 +238,7 @@ fn a_worker_with_a_storage_root_refuses_a_job_outside_it() {
     std::fs::create_dir_all(&allowed).unwrap();
     let (_coord, url) = coordinator(dir.path());
     let log = dir.path().join("confined.log");
-    let child = std::process::Command::new(bin())
+    let child = cmd()
         .args(["worker", "--coordinator", &url, "--data-addr", "127.0.0.1:0", "--op-timeout-s", "20"])
         .args(["--storage-root", allowed.to_str().unwrap()])
         .stdout(std::process::Stdio::null())

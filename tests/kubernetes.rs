@@ -248,6 +248,14 @@ fn the_worker_pods_command_env_and_grace_run_a_job() {
         format!("metadata.labels['{}']", flotilla::deploy::k8s::CONTROLLER_UID_LABEL)
     );
     assert_eq!(var("POD_IP")["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
+    // TLS: the client certificate from the Secret the coordinator shares, where FLOTILLA_TLS_DIR says.
+    let pod_tls_dir = var("FLOTILLA_TLS_DIR")["value"].as_str().unwrap().to_string();
+    let mount = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "tls").unwrap();
+    assert_eq!(mount["mountPath"], pod_tls_dir.as_str());
+    let tls = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "tls").unwrap();
+    assert_eq!(tls["secret"]["secretName"], flotilla::deploy::k8s::TLS_SECRET);
+    let keys: Vec<&str> = tls["secret"]["items"].as_array().unwrap().iter().map(|i| i["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["ca.pem", "client.pem", "client.key"]);
     assert!(command.contains(&"$(POD_IP)".to_string()));
     // A preempted worker (exit 75) is replaced; a failed job (exit 1) fails the Job.
     let rules = kjob["spec"]["podFailurePolicy"]["rules"].as_array().unwrap();
@@ -284,14 +292,16 @@ fn the_worker_pods_command_env_and_grace_run_a_job() {
             })
             .collect();
         let log = dir.path().join(format!("pod-{index}.log"));
-        let mut cmd = Command::new(bin());
+        let mut cmd = support::cmd();
         cmd.args(&args).current_dir(&workdir).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
         for e in env {
             if let Some(v) = e["value"].as_str() {
                 cmd.env(e["name"].as_str().unwrap(), v);
             }
         }
+        // The Secret's files: this test's TLS folder.
         cmd.env("FLOTILLA_COORDINATOR", &url)
+            .env("FLOTILLA_TLS_DIR", tls_dir())
             .env("FLOTILLA_SUBMISSION_ID", "0b5c6a1e-uid-of-the-kubernetes-job")
             .env("JOB_COMPLETION_INDEX", index.to_string());
         pods.push((index, Proc { child: cmd.spawn().unwrap(), log }));

@@ -50,7 +50,7 @@ fn submit(dir: &Path, list: &str) -> String {
 /// The membership as the leader reports it.
 async fn members(addrs: &[String]) -> rpb::MembersReply {
     let (leader, _) = leader_client(addrs).await;
-    let mut c = rpb::cluster_client::ClusterClient::connect(leader).await.unwrap();
+    let mut c = rpb::cluster_client::ClusterClient::new(channel(&leader).await.unwrap());
     c.members(rpb::MembersRequest {}).await.unwrap().into_inner()
 }
 
@@ -134,7 +134,7 @@ fn stranger_vote(term: u64) -> Vote<u64> {
 /// Sends `payload` as `rpc` to the replica at `addr`; the refusal's code
 /// (or OK) and its message.
 async fn send(addr: &str, rpc: &str, payload: Vec<u8>) -> (tonic::Code, String) {
-    let mut c = RaftClient::connect(addr.to_string()).await.unwrap();
+    let mut c = RaftClient::new(channel(addr).await.unwrap());
     let req = rpb::RaftRequest { payload };
     let result = match rpc {
         "append" => c.append_entries(req).await.map(|_| ()),

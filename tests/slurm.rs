@@ -168,8 +168,8 @@ async fn client_when_up(
 ) -> flotilla::proto::v1::job_service_client::JobServiceClient<tonic::transport::Channel> {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
-        if let Ok(c) = flotilla::proto::v1::job_service_client::JobServiceClient::connect(url.to_string()).await {
-            return c;
+        if let Ok(ch) = channel(url).await {
+            return flotilla::proto::v1::job_service_client::JobServiceClient::new(ch);
         }
         assert!(
             std::time::Instant::now() < deadline && cluster.in_queue(job),

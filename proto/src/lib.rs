@@ -1,9 +1,11 @@
 //! flotilla's wire types and gRPC stubs, generated from `proto/`: the client
 //! API (package `flotilla.v1`, re-exported at the root) and the coordinator
 //! replicas' Raft and cluster services (`flotilla.raft.v1`); and the
-//! client-side rule for finding the leading replica ([`leader`]).
+//! client-side rule for finding the leading replica ([`leader`]); TLS on
+//! the control plane ([`tls`]).
 
 pub mod leader;
+pub mod tls;
 
 pub mod v1 {
     tonic::include_proto!("flotilla.v1");

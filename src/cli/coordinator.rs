@@ -12,6 +12,10 @@
 //!     peers: {1: http://10.0.0.1:7070, 2: http://10.0.0.2:7070, 3: http://10.0.0.3:7070}
 //! # or
 //! #  etcd: {endpoints: [http://10.0.0.9:2379], prefix: /flotilla}
+//! tls:                                # default: DATA_DIR/tls, made on first start
+//!   dir: /etc/flotilla/tls            # from `flotilla certs init`
+//! # or  ca: ca.pem, cert: coordinator.pem, key: coordinator.key
+//! # or  insecure: true                # plaintext, no TLS
 //! ```
 
 use std::collections::BTreeMap;
@@ -28,6 +32,7 @@ use flotilla_coordinator::{
 use flotilla_proto::leader;
 use flotilla_proto::raft::v1 as rpb;
 use flotilla_proto::raft::v1::cluster_client::ClusterClient;
+use flotilla_proto::tls::{Role, Tls, TlsPaths};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +53,59 @@ pub struct CoordinatorFile {
     pub handoff_retry_max_ms: Option<u64>,
     #[serde(default)]
     pub store: StoreFile,
+    #[serde(default)]
+    pub tls: TlsFile,
+}
+
+/// The `tls:` section: a folder, or the three files, or `insecure: true`.
+/// Relative paths are relative to the configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// A folder laid out by `flotilla certs init`.
+    pub dir: Option<PathBuf>,
+    /// Or the CA certificate, this replica's certificate and its key.
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Serve plaintext (a warning is logged at start).
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// How a replica serves, once the file and the flags are read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plaintext.
+    Insecure,
+    /// The named files.
+    Files(TlsPaths),
+    /// Its own material in this folder, made on first start.
+    Auto(PathBuf),
+}
+
+impl TlsFile {
+    /// The mode this section asks for; `home` is the replica's data
+    /// directory (its own material goes in `home/tls`).
+    fn mode(&self, origin: &str, base: &Path, home: &Path) -> Result<TlsMode, String> {
+        let paths = [&self.ca, &self.cert, &self.key];
+        let given = paths.iter().filter(|p| p.is_some()).count();
+        if self.insecure {
+            if self.dir.is_some() || given > 0 {
+                return Err(format!("{origin}: tls: insecure: true serves plaintext; drop dir, ca, cert and key"));
+            }
+            return Ok(TlsMode::Insecure);
+        }
+        match (&self.dir, &self.ca, &self.cert, &self.key) {
+            (Some(_), ..) if given > 0 => Err(format!("{origin}: tls: give either dir or ca, cert and key")),
+            (Some(dir), ..) => Ok(TlsMode::Files(TlsPaths::in_dir(&base.join(dir), Role::Coordinator))),
+            (None, Some(ca), Some(cert), Some(key)) => {
+                Ok(TlsMode::Files(TlsPaths { ca: base.join(ca), cert: base.join(cert), key: base.join(key) }))
+            }
+            (None, None, None, None) => Ok(TlsMode::Auto(home.join("tls"))),
+            _ => Err(format!("{origin}: tls: ca, cert and key go together; give all three (or dir)")),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -106,6 +164,8 @@ pub struct Overrides {
     pub join: bool,
     pub etcd: Option<String>,
     pub memory: bool,
+    pub tls_dir: Option<PathBuf>,
+    pub insecure: bool,
 }
 
 /// Reads the configuration file (if any) and applies the flags.
@@ -136,6 +196,12 @@ pub fn load(file: Option<&Path>, o: Overrides) -> Result<(CoordinatorFile, PathB
         cfg.store.etcd = Some(EtcdFile { endpoints, prefix });
     }
     cfg.store.memory |= o.memory;
+    if o.insecure {
+        cfg.tls = TlsFile { insecure: true, ..TlsFile::default() };
+    } else if let Some(dir) = o.tls_dir {
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
+        cfg.tls = TlsFile { dir: Some(dir), ..TlsFile::default() };
+    }
     if o.id.is_some() || o.data_dir.is_some() || !o.peers.is_empty() || o.join {
         let raft = cfg.store.raft.get_or_insert_with(RaftFile::default);
         raft.id = o.id.or(raft.id);
@@ -177,6 +243,7 @@ pub fn load(file: Option<&Path>, o: Overrides) -> Result<(CoordinatorFile, PathB
             ));
         }
     }
+    cfg.tls.mode(&origin, &base, Path::new(""))?;
     Ok((cfg, base))
 }
 
@@ -207,6 +274,12 @@ pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) 
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
     let bound = listener.local_addr()?;
     let advertise = cfg.advertise.clone().map(|a| url_of(&a)).unwrap_or_else(|| format!("http://{bound}"));
+    let home = base.join(cfg.store.raft.as_ref().and_then(|r| r.data_dir.clone()).unwrap_or_else(default_data_dir));
+    let mode = cfg.tls.mode("the configuration", &base, &home).map_err(anyhow::Error::msg)?;
+    let tls = serving_tls(mode, &[host_of(&advertise), bound.ip().to_string()])?;
+    // Peers are dialed, and clients pointed, in the mode this replica serves in.
+    flotilla_proto::tls::set_dialing(tls.as_ref());
+    let advertise = flotilla_proto::tls::with_scheme(&advertise);
     let initial = State::new(DEFAULT_MAX_RESTARTS);
     let mut raft_store: Option<RaftStore> = None;
     let mut etcd_store: Option<Arc<EtcdStore>> = None;
@@ -224,8 +297,9 @@ pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) 
     } else {
         let raft = cfg.store.raft.unwrap_or_default();
         let id = raft.id.unwrap_or(1);
-        let data_dir = base.join(raft.data_dir.unwrap_or_else(|| PathBuf::from("flotilla-coordinator")));
-        let mut peers = raft.peers;
+        let data_dir = base.join(raft.data_dir.unwrap_or_else(default_data_dir));
+        let mut peers: BTreeMap<u64, String> =
+            raft.peers.into_iter().map(|(id, url)| (id, flotilla_proto::tls::with_scheme(&url))).collect();
         if peers.is_empty() && !raft.join {
             peers.insert(id, advertise.clone());
         }
@@ -239,7 +313,9 @@ pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) 
         raft_store = Some(store.clone());
         (Arc::new(store), routes, format!("raft replica {id} in {}", data_dir.display()))
     };
-    let server = flotilla_coordinator::serve_with_routes(listener, store, coordinator_cfg, token, routes).await?;
+    let server_tls = tls.as_ref().map(Tls::server_config);
+    let server =
+        flotilla_coordinator::serve_with_tls(listener, store, coordinator_cfg, token, routes, server_tls).await?;
     // The first line of standard output is for scripts and tests: keep its form.
     println!("coordinator listening on {}", server.addr);
     tracing::info!(store = %what, %advertise, "coordinator replica serving");
@@ -254,6 +330,58 @@ pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) 
     Ok(())
 }
 
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("flotilla-coordinator")
+}
+
+/// The host part of a URL (`http://h:1` → `h`; `[::1]` → `::1`).
+fn host_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']').to_string()
+}
+
+/// Loads (or, on first start, makes) the TLS material a replica serves
+/// with, and says on standard error where it is and how workers and
+/// clients get it. `None`: plaintext, with a warning.
+fn serving_tls(mode: TlsMode, hosts: &[String]) -> anyhow::Result<Option<Tls>> {
+    let (paths, dir) = match mode {
+        TlsMode::Insecure => {
+            tracing::warn!(
+                "serving plaintext (--insecure): no TLS, no client certificates; anyone who reaches this port can \
+                 call it and read its traffic"
+            );
+            return Ok(None);
+        }
+        TlsMode::Files(paths) => (paths, None),
+        TlsMode::Auto(dir) => {
+            let hosts: Vec<String> =
+                hosts.iter().filter(|h| !h.is_empty() && h.as_str() != "0.0.0.0" && h.as_str() != "::").cloned().collect();
+            let made = super::certs::ensure(&dir, &hosts)
+                .with_context(|| format!("make this coordinator's TLS material in {}", dir.display()))?;
+            (TlsPaths::in_dir(&dir, Role::Coordinator), Some((dir, made)))
+        }
+    };
+    let tls = Tls::load(&paths).map_err(anyhow::Error::msg)?;
+    let fingerprint = tls.ca_fingerprint();
+    match dir {
+        Some((dir, made)) => {
+            let what = if made { "made a new CA and certificates" } else { "reusing the CA and certificates" };
+            eprintln!("flotilla: TLS: {what} in {} (CA SHA-256 fingerprint {fingerprint})", dir.display());
+            eprintln!(
+                "flotilla: TLS: workers and clients need ca.pem, client.pem and client.key from there: \
+                 --tls-dir {0} or FLOTILLA_TLS_DIR={0} (copy the three files to other machines); more replicas \
+                 need this same folder (--tls-dir), a replica with another CA cannot join",
+                dir.display()
+            );
+        }
+        None => eprintln!("flotilla: TLS: serving with {} (CA SHA-256 fingerprint {fingerprint})", paths.cert.display()),
+    }
+    tracing::info!(ca_fingerprint = %fingerprint, "serving TLS; clients must present a certificate signed by the CA");
+    Ok(Some(tls))
+}
+
 /// The embedded coordinator of `flotilla run`: a one-replica Raft cluster
 /// with its log in `data_dir`, on `listener`.
 pub async fn embedded(
@@ -261,15 +389,19 @@ pub async fn embedded(
     cfg: CoordinatorConfig,
     token: CancellationToken,
     data_dir: &Path,
+    tls: Option<&Tls>,
 ) -> anyhow::Result<(flotilla_coordinator::ServerHandle, RaftStore)> {
-    let addr = format!("http://{}", listener.local_addr()?);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let addr = format!("{scheme}://{}", listener.local_addr()?);
     let mut opts = RaftOptions::new(1, data_dir, addr.clone());
     opts.peers = BTreeMap::from([(1, addr)]);
     opts.initial_state = State::new(DEFAULT_MAX_RESTARTS);
     let store =
         RaftStore::open(opts).await.with_context(|| format!("open the coordinator's log in {}", data_dir.display()))?;
     let routes = store.routes();
-    let server = flotilla_coordinator::serve_with_routes(listener, Arc::new(store.clone()), cfg, token, routes).await?;
+    let server_tls = tls.map(Tls::server_config);
+    let server =
+        flotilla_coordinator::serve_with_tls(listener, Arc::new(store.clone()), cfg, token, routes, server_tls).await?;
     Ok((server, store))
 }
 
@@ -322,12 +454,14 @@ fn print_members(m: &rpb::MembersReply) {
 /// `flotilla coordinator members|add|remove`.
 pub async fn admin(cmd: super::AdminCommand) -> anyhow::Result<i32> {
     use super::AdminCommand as A;
+    let (A::Members { coordinator } | A::Add { coordinator, .. } | A::Remove { coordinator, .. }) = &cmd;
+    super::certs::dial_as_client(&coordinator.tls)?;
     let reply = match cmd {
         A::Members { coordinator } => {
             on_leader(&coordinator.coordinator, |mut c| async move { c.members(rpb::MembersRequest {}).await }).await
         }
         A::Add { id, url, coordinator } => {
-            let addr = url_of(&url);
+            let addr = flotilla_proto::tls::with_scheme(&url);
             on_leader(&coordinator.coordinator, |mut c| {
                 let req = rpb::AddMemberRequest { id, addr: addr.clone() };
                 async move { c.add_member(req).await }

@@ -1,5 +1,6 @@
 //! The `flotilla` command line.
 
+pub mod certs;
 pub mod client;
 pub mod coordinator;
 pub mod models;
@@ -45,6 +46,8 @@ pub struct CoordinatorArg {
     /// by commas (the leader among them is found and followed).
     #[arg(long, env = "FLOTILLA_COORDINATOR", default_value = "http://127.0.0.1:7070")]
     pub coordinator: String,
+    #[command(flatten)]
+    pub tls: certs::TlsArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -73,6 +76,11 @@ pub enum Command {
     Coordinator(CoordinatorCmd),
     /// Run a worker that takes assignments from a coordinator.
     Worker(worker::WorkerArgs),
+    /// TLS material for the coordinator's port (replicas, workers, the CLI).
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCommand,
+    },
     /// Submit a job file to a running coordinator.
     Submit {
         job: PathBuf,
@@ -125,6 +133,23 @@ pub enum Command {
     Slurm {
         #[command(subcommand)]
         cmd: render::SlurmCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Make a CA, a certificate for the coordinator replicas (valid for
+    /// localhost, 127.0.0.1, ::1 and --hosts) and one for workers and the
+    /// CLI, in DIR: ca.pem/ca.key, coordinator.pem/.key, client.pem/.key.
+    Init {
+        dir: PathBuf,
+        /// More names the replicas are reached by (host names or IP
+        /// addresses), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+        /// Replace files that exist (a new CA: everyone needs the new files).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -223,6 +248,14 @@ pub struct ServeArgs {
     /// Keep the log in memory only (lost with the process).
     #[arg(long)]
     pub memory: bool,
+    /// Serve TLS with this folder's ca.pem, coordinator.pem and
+    /// coordinator.key (see `flotilla certs init`); clients must present a
+    /// certificate signed by that CA [default: DATA_DIR/tls, made on first start].
+    #[arg(long, env = "FLOTILLA_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Serve plaintext, without TLS: anyone who reaches the port can call it.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -11,8 +11,9 @@ pub struct LocalWorkers {
 }
 
 impl LocalWorkers {
-    /// Starts `n` workers against `coordinator`, logging to `logs/worker-<i>.log`.
-    pub fn start(n: usize, coordinator: &str, logs: &Path) -> std::io::Result<LocalWorkers> {
+    /// Starts `n` workers against `coordinator` with `extra` arguments (its
+    /// TLS flags), logging to `logs/worker-<i>.log`.
+    pub fn start(n: usize, coordinator: &str, extra: &[String], logs: &Path) -> std::io::Result<LocalWorkers> {
         std::fs::create_dir_all(logs)?;
         let exe = std::env::current_exe()?;
         let mut children = Vec::with_capacity(n);
@@ -20,6 +21,7 @@ impl LocalWorkers {
             let log = std::fs::File::create(logs.join(format!("worker-{i}.log")))?;
             let mut cmd = Command::new(&exe);
             cmd.args(["worker", "--coordinator", coordinator, "--data-addr", "127.0.0.1:0"])
+                .args(extra)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log);

@@ -21,6 +21,40 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_flotilla")
 }
 
+/// The TLS folder of this test binary: one CA, made once by `flotilla certs
+/// init`, that every coordinator, worker and CLI it starts (through [`cmd`])
+/// and its own in-process clients (see [`channel`]) use.
+pub fn tls_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = Command::new(bin()).args(["certs", "init", dir.to_str().unwrap()]).output().expect("run flotilla");
+        assert!(out.status.success(), "flotilla certs init: {}", String::from_utf8_lossy(&out.stderr));
+        let tls = flotilla::proto::tls::Tls::load(&flotilla::proto::tls::TlsPaths::in_dir(
+            &dir,
+            flotilla::proto::tls::Role::Client,
+        ))
+        .unwrap();
+        assert!(flotilla::proto::tls::set_dialing(Some(&tls)), "this test process already dials in plaintext");
+        dir
+    })
+}
+
+/// `flotilla` with this test binary's TLS folder in its environment.
+pub fn cmd() -> Command {
+    let mut c = Command::new(bin());
+    c.env("FLOTILLA_TLS_DIR", tls_dir());
+    c
+}
+
+/// A channel to the coordinator at `url` with this test binary's client
+/// certificate (mutual TLS).
+pub async fn channel(url: &str) -> Result<Channel, String> {
+    tls_dir();
+    flotilla::proto::leader::channel(url, Duration::from_secs(5)).await
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -69,8 +103,14 @@ pub fn coordinator_with(dir: &Path, args: &[&str]) -> (Proc, String) {
 /// Starts `flotilla coordinator ARGS`, logging to `log`; returns it and the
 /// URL from the first line it prints.
 pub fn spawn_coordinator(log: &Path, args: &[&str]) -> (Proc, String) {
+    spawn_coordinator_from(cmd(), log, args)
+}
+
+/// [`spawn_coordinator`] from `command` (a `flotilla` with its own
+/// environment).
+pub fn spawn_coordinator_from(mut command: Command, log: &Path, args: &[&str]) -> (Proc, String) {
     let log = log.to_path_buf();
-    let mut child = Command::new(bin())
+    let mut child = command
         .arg("coordinator")
         .args(args)
         .stdout(Stdio::piped())
@@ -81,7 +121,7 @@ pub fn spawn_coordinator(log: &Path, args: &[&str]) -> (Proc, String) {
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let addr =
         line.trim().strip_prefix("coordinator listening on ").unwrap_or_else(|| panic!("odd first line {line:?}"));
-    let url = format!("http://{addr}");
+    let url = format!("https://{addr}");
     (Proc { child, log }, url)
 }
 
@@ -94,7 +134,7 @@ pub fn worker(dir: &Path, url: &str, name: &str) -> Proc {
 /// coordinator and a loopback data port, logging to `dir/<name>.log`.
 pub fn worker_with_args(dir: &Path, url: &str, name: &str, args: &[&str]) -> Proc {
     let log = dir.join(format!("{name}.log"));
-    let child = Command::new(bin())
+    let child = cmd()
         .args(["worker", "--coordinator", url, "--data-addr", "127.0.0.1:0"])
         .args(args)
         .stdout(Stdio::null())
@@ -127,7 +167,7 @@ pub fn job_file(dir: &Path, name: &str, yaml: &str) -> PathBuf {
 
 /// `flotilla ARGS` run in `cwd`, to completion.
 pub fn flotilla(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(bin()).args(args).current_dir(cwd).output().expect("run flotilla")
+    cmd().args(args).current_dir(cwd).output().expect("run flotilla")
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
@@ -139,7 +179,7 @@ pub fn runtime() -> tokio::runtime::Runtime {
 pub async fn client(url: &str) -> JobServiceClient<Channel> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match JobServiceClient::connect(url.to_string()).await {
+        match channel(url).await.map(JobServiceClient::new) {
             Ok(mut c) => {
                 let leads = c.get_leader(pb::GetLeaderRequest {}).await.is_ok_and(|r| r.into_inner().is_leader);
                 if leads {
@@ -376,7 +416,7 @@ pub fn steady_samples_per_sec(steps: &[StepRecord], global_batch: usize, skip: u
 /// Starts `flotilla worker` with extra environment variables.
 pub fn worker_with_env(dir: &Path, url: &str, name: &str, env: &[(String, String)]) -> Proc {
     let log = dir.join(format!("{name}.log"));
-    let child = Command::new(bin())
+    let child = cmd()
         .args(["worker", "--coordinator", url, "--data-addr", "127.0.0.1:0", "--op-timeout-s", "20"])
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdout(Stdio::null())
