@@ -34,7 +34,7 @@ checkpoint: {url: runs, every: 5, keep: 2}
 fn three_replicas(dir: &Path) -> (Vec<Proc>, Vec<u16>, Vec<String>, String) {
     let ports = free_ports(3);
     let replicas = (1..=3).map(|id| replica(dir, id, &ports)).collect();
-    let addrs: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let addrs: Vec<String> = ports.iter().map(|p| format!("https://127.0.0.1:{p}")).collect();
     let list = addrs.join(",");
     (replicas, ports, addrs, list)
 }

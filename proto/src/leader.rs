@@ -72,8 +72,10 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// `addrs`, following the leader each replica names. Returns its address and
 /// a connected channel, or what each address answered.
 pub async fn find_leader(addrs: &[String], hint: Option<&str>) -> Result<(String, Channel), String> {
-    let mut queue: Vec<String> = hint.into_iter().map(str::to_string).collect();
-    queue.extend(addrs.iter().cloned());
+    // In the process's scheme, so that an address and the same replica
+    // named in a refusal compare equal.
+    let mut queue: Vec<String> = hint.into_iter().map(crate::tls::with_scheme).collect();
+    queue.extend(addrs.iter().map(|a| crate::tls::with_scheme(a)));
     let mut tried: Vec<String> = Vec::new();
     let mut failures = Vec::new();
     while let Some(addr) = (!queue.is_empty()).then(|| queue.remove(0)) {
@@ -100,7 +102,7 @@ pub async fn find_leader(addrs: &[String], hint: Option<&str>) -> Result<(String
                     failures.push(format!("{addr}: not the leader, no leader known yet"));
                 } else {
                     failures.push(format!("{addr}: not the leader, points to {}", info.leader));
-                    queue.insert(0, info.leader);
+                    queue.insert(0, crate::tls::with_scheme(&info.leader));
                 }
             }
             Err(s) => failures.push(format!("{addr}: {}", s.message())),

@@ -149,11 +149,20 @@ pub fn dialing_tls() -> bool {
 
 /// `addr` with the scheme this process dials with: `https://` under TLS,
 /// `http://` otherwise; `host:port` gets one. Replica addresses may be
-/// written either way in flags and config files: the mode decides.
+/// written either way in flags and config files: the mode decides. Any
+/// other scheme is left as it is, for the address checks to refuse.
 pub fn with_scheme(addr: &str) -> String {
-    let rest = addr.split_once("://").map_or(addr, |(_, rest)| rest).trim_end_matches('/');
+    let addr = addr.trim();
+    if addr.is_empty() {
+        return String::new();
+    }
+    let rest = match addr.split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") => rest,
+        Some(_) => return addr.to_string(),
+        None => addr,
+    };
     let scheme = if dialing_tls() { "https" } else { "http" };
-    format!("{scheme}://{rest}")
+    format!("{scheme}://{}", rest.trim_end_matches('/'))
 }
 
 /// An endpoint for a coordinator replica at `addr`, in this process's
@@ -201,6 +210,9 @@ mod tests {
         assert!(!dialing_tls());
         assert_eq!(with_scheme("10.0.0.1:7070"), "http://10.0.0.1:7070");
         assert_eq!(with_scheme("https://h:1/"), "http://h:1");
+        assert_eq!(with_scheme("HTTPS://h:1"), "http://h:1");
+        assert_eq!(with_scheme("ftp://h:1"), "ftp://h:1");
+        assert_eq!(with_scheme(" "), "");
         assert!(endpoint("not a url at all").is_err());
     }
 }
