@@ -56,6 +56,13 @@ fn main() {
 }
 
 async fn main_async(cli: Cli) -> anyhow::Result<i32> {
+    match flotilla_proto::auth::Credentials::resolve(cli.token_file.as_deref()) {
+        Ok(c) => flotilla_proto::auth::Credentials::set_current(c),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(cli::EXIT_BAD_INPUT);
+        }
+    }
     match cli.command {
         Command::Run { job, workers } => {
             // The embedded coordinator's decisions show in the job's phase
@@ -117,6 +124,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
                     etcd: a.etcd,
                     memory: a.memory,
                     tls_dir: a.tls_dir,
+                    admin_token_file: a.admin_token_file,
                     insecure: a.insecure,
                 };
                 let (cfg, base) = match cli::coordinator::load(a.config.as_deref(), overrides) {
@@ -143,6 +151,10 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::K8s { cmd } => Ok(cli::render::k8s(cmd)),
+        Command::Token { cmd } => {
+            init_logs("warn");
+            cli::token::token(cmd).await
+        }
         Command::Slurm { cmd } => Ok(cli::render::slurm(cmd)),
         Command::Submit { job, coordinator, wait, submission_id } => {
             init_logs("warn");

@@ -131,10 +131,16 @@ checkpoint: {url: runs, every: 0, keep: 1}
 #[test]
 fn a_rendezvous_key_flood_is_refused_past_the_per_job_bound() {
     let dir = tempfile::tempdir().unwrap();
-    let (coord, url) = coordinator(dir.path());
-    let _worker = worker(dir.path(), &url, "worker");
+    // Without tokens, so that this client may publish as the job's worker
+    // would (with tokens, only that worker, proving its key, may).
+    let (coord, url) = coordinator_with(
+        dir.path(),
+        &["--lease-ms", "1500", "--heartbeat-ms", "200", "--start-grace-ms", "300", "--insecure"],
+    );
+    // Plaintext too (--insecure turns off TLS with tokens): so are its clients.
+    let _worker = worker_with_args(dir.path(), &url, "worker", &["--op-timeout-s", "20", "--insecure"]);
     let job = job_file(dir.path(), "job", LONG_JOB);
-    let out = flotilla(dir.path(), &["submit", job.to_str().unwrap(), "--coordinator", &url]);
+    let out = flotilla(dir.path(), &["submit", job.to_str().unwrap(), "--coordinator", &url, "--insecure"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     runtime().block_on(async {
@@ -144,7 +150,13 @@ fn a_rendezvous_key_flood_is_refused_past_the_per_job_bound() {
         let generation = running.generation;
         let start = rss(coord.pid());
         let mut w = WorkerServiceClient::new(channel(&url).await.unwrap());
-        let put = |key: String, value: Vec<u8>| pb::RendezvousPut { job_id: id.clone(), generation, key, value };
+        let put = |key: String, value: Vec<u8>| pb::RendezvousPut {
+            job_id: id.clone(),
+            generation,
+            key,
+            value,
+            worker_id: String::new(),
+        };
 
         // A key past its length limit.
         let long = put("k".repeat(limits::MAX_RENDEZVOUS_KEY + 1), vec![1]);
@@ -164,7 +176,7 @@ fn a_rendezvous_key_flood_is_refused_past_the_per_job_bound() {
         assert_eq!(taken, limits::MAX_RENDEZVOUS_KEYS);
         // Replacing a published key still works; what was published reads back.
         w.publish_rendezvous(put("flood-0".into(), vec![8; 16])).await.unwrap();
-        let get = pb::RendezvousGet { job_id: id.clone(), generation, key: "flood-0".into() };
+        let get = pb::RendezvousGet { job_id: id.clone(), generation, key: "flood-0".into(), worker_id: String::new() };
         assert_eq!(w.lookup_rendezvous(get).await.unwrap().into_inner().value, vec![8; 16]);
         // The flood did not harm the job.
         let later = wait_for(&mut c, &id, Duration::from_secs(60), |s| s.step > running.step + 5).await;

@@ -71,6 +71,7 @@ pub fn job_status(job: &Job, soft: &Soft) -> pb::JobStatus {
         output_dir: job.output_dir.clone(),
         final_model: job.final_model.clone().unwrap_or_default(),
         message: job.message.clone(),
+        submitted_by: job.owner.as_ref().map(|o| o.name.clone()).unwrap_or_default(),
         restarts: job.restarts,
         generations: job
             .history
@@ -156,7 +157,10 @@ pub use flotilla_proto::leader::LEADER_METADATA;
 pub fn status(e: StoreError) -> Status {
     match e {
         StoreError::Rejected(r) => match r {
-            Rejection::JobNotFound(_) | Rejection::WorkerNotFound(_) => Status::not_found(r.to_string()),
+            Rejection::JobNotFound(_) | Rejection::WorkerNotFound(_) | Rejection::TokenNotFound(_) => {
+                Status::not_found(r.to_string())
+            }
+            Rejection::Exists(_) => Status::already_exists(r.to_string()),
             Rejection::BadPhase { .. } | Rejection::NotEnoughWorkers { .. } => {
                 Status::failed_precondition(r.to_string())
             }

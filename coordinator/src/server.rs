@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use flotilla_proto::v1::job_service_server::JobServiceServer;
+use flotilla_proto::v1::token_service_server::TokenServiceServer;
 use flotilla_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -13,8 +14,9 @@ use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::ServerTlsConfig;
 
+use crate::auth::AuthLayer;
 use crate::coordinator::{Coordinator, CoordinatorConfig};
-use crate::service::{JobApi, WorkerApi};
+use crate::service::{JobApi, TokenApi, WorkerApi};
 use crate::state::{State, DEFAULT_MAX_RESTARTS};
 use crate::store::{MemStore, MetaStore};
 
@@ -93,16 +95,19 @@ pub async fn serve_with_tls(
     tls: Option<ServerTlsConfig>,
 ) -> std::io::Result<ServerHandle> {
     let addr = listener.local_addr()?;
-    let mut server = grpc_server(tls)?;
+    let server = grpc_server(tls)?;
     let coordinator = Coordinator::new(store, cfg, shutdown.clone());
     let driver = tokio::spawn(coordinator.clone().drive());
     let registry = tokio::spawn(coordinator.clone().run_registry());
     let routes = extra
         .add_service(JobServiceServer::new(JobApi(coordinator.clone())))
-        .add_service(WorkerServiceServer::new(WorkerApi(coordinator.clone())));
+        .add_service(WorkerServiceServer::new(WorkerApi(coordinator.clone())))
+        .add_service(TokenServiceServer::new(TokenApi(coordinator.clone())));
+    let auth = AuthLayer::new(coordinator.clone());
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
         let result = server
+            .layer(auth)
             .add_routes(routes)
             // Replies (Raft acks, heartbeats) are small: without TCP_NODELAY
             // they can wait for a delayed ACK (40 ms on Linux).

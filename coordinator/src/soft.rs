@@ -293,6 +293,7 @@ pub(crate) mod tests {
                     data_addr: addr.into(),
                     hostname: "h".into(),
                     rank_hint: None,
+                    key_hash: String::new(),
                     at_ms: 0,
                 })
                 .unwrap();
@@ -313,6 +314,7 @@ pub(crate) mod tests {
                 registry: None,
                 uid: String::new(),
                 data_key: Default::default(),
+                owner: None,
                 at_ms: 1,
             })
             .unwrap();
@@ -368,7 +370,13 @@ pub(crate) mod tests {
     fn a_lease_lapses_only_after_its_term_and_renewal_extends_it() {
         let mut state = State::new(3);
         state
-            .apply(Command::RegisterWorker { data_addr: "a".into(), hostname: "h".into(), rank_hint: None, at_ms: 0 })
+            .apply(Command::RegisterWorker {
+                data_addr: "a".into(),
+                hostname: "h".into(),
+                rank_hint: None,
+                key_hash: String::new(),
+                at_ms: 0,
+            })
             .unwrap();
         let mut soft = Soft::default();
         let t0 = Instant::now();
@@ -385,7 +393,13 @@ pub(crate) mod tests {
     fn a_new_term_grants_fresh_leases_instead_of_old_deadlines() {
         let mut state = State::new(3);
         state
-            .apply(Command::RegisterWorker { data_addr: "a".into(), hostname: "h".into(), rank_hint: None, at_ms: 0 })
+            .apply(Command::RegisterWorker {
+                data_addr: "a".into(),
+                hostname: "h".into(),
+                rank_hint: None,
+                key_hash: String::new(),
+                at_ms: 0,
+            })
             .unwrap();
         let mut soft = Soft::default();
         let t0 = Instant::now();

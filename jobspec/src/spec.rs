@@ -132,6 +132,10 @@ pub struct TrainSpec {
     /// The arithmetic of forward and backward passes.
     #[serde(default)]
     pub precision: Precision,
+    /// Keep only each unit's input between its forward and backward pass
+    /// and compute its inner activations again in the backward pass.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
 }
 
 /// The arithmetic of forward and backward passes. Master weights, gradients

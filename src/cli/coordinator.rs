@@ -27,7 +27,7 @@ use std::time::Duration;
 use anyhow::Context;
 use flotilla_coordinator::state::DEFAULT_MAX_RESTARTS;
 use flotilla_coordinator::{
-    CoordinatorConfig, EtcdOptions, EtcdStore, MemStore, MetaStore, RaftOptions, RaftStore, State,
+    AuthMode, CoordinatorConfig, EtcdOptions, EtcdStore, MemStore, MetaStore, RaftOptions, RaftStore, State,
 };
 use flotilla_proto::leader;
 use flotilla_proto::raft::v1 as rpb;
@@ -55,10 +55,18 @@ pub struct CoordinatorFile {
     pub store: StoreFile,
     #[serde(default)]
     pub tls: TlsFile,
+    /// The admin token file this replica accepts, made with a new token
+    /// when missing (default: `admin.token` in the Raft data directory,
+    /// relative to the configuration file).
+    pub admin_token_file: Option<PathBuf>,
+    /// `insecure: true`: calls need no API token. Trusted networks only.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
-/// The `tls:` section: a folder, or the three files, or `insecure: true`.
-/// Relative paths are relative to the configuration file.
+/// The `tls:` section: a folder, or the three files (plaintext is the
+/// top-level `insecure: true`). Relative paths are relative to the
+/// configuration file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFile {
@@ -68,9 +76,6 @@ pub struct TlsFile {
     pub ca: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
-    /// Serve plaintext (a warning is logged at start).
-    #[serde(default)]
-    pub insecure: bool,
 }
 
 /// How a replica serves, once the file and the flags are read.
@@ -85,15 +90,12 @@ pub enum TlsMode {
 }
 
 impl TlsFile {
-    /// The mode this section asks for; `home` is the replica's data
-    /// directory (its own material goes in `home/tls`).
-    fn mode(&self, origin: &str, base: &Path, home: &Path) -> Result<TlsMode, String> {
+    /// The mode this section asks for (plaintext when `insecure`); `home`
+    /// is the replica's data directory (its own material goes in `home/tls`).
+    fn mode(&self, insecure: bool, origin: &str, base: &Path, home: &Path) -> Result<TlsMode, String> {
         let paths = [&self.ca, &self.cert, &self.key];
         let given = paths.iter().filter(|p| p.is_some()).count();
-        if self.insecure {
-            if self.dir.is_some() || given > 0 {
-                return Err(format!("{origin}: tls: insecure: true serves plaintext; drop dir, ca, cert and key"));
-            }
+        if insecure {
             return Ok(TlsMode::Insecure);
         }
         match (&self.dir, &self.ca, &self.cert, &self.key) {
@@ -165,6 +167,7 @@ pub struct Overrides {
     pub etcd: Option<String>,
     pub memory: bool,
     pub tls_dir: Option<PathBuf>,
+    pub admin_token_file: Option<PathBuf>,
     pub insecure: bool,
 }
 
@@ -184,6 +187,10 @@ pub fn load(file: Option<&Path>, o: Overrides) -> Result<(CoordinatorFile, PathB
         None => (CoordinatorFile::default(), PathBuf::new()),
     };
     let origin = file.map_or_else(|| "command line".to_string(), |p| p.display().to_string());
+    let tls_given = [&cfg.tls.dir, &cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key].iter().any(|p| p.is_some());
+    if cfg.insecure && tls_given {
+        return Err(format!("{origin}: insecure: true serves plaintext; drop the tls section"));
+    }
     cfg.listen = o.listen.or(cfg.listen);
     cfg.advertise = o.advertise.or(cfg.advertise);
     cfg.lease_ms = o.lease_ms.or(cfg.lease_ms);
@@ -196,9 +203,9 @@ pub fn load(file: Option<&Path>, o: Overrides) -> Result<(CoordinatorFile, PathB
         cfg.store.etcd = Some(EtcdFile { endpoints, prefix });
     }
     cfg.store.memory |= o.memory;
-    if o.insecure {
-        cfg.tls = TlsFile { insecure: true, ..TlsFile::default() };
-    } else if let Some(dir) = o.tls_dir {
+    cfg.admin_token_file = o.admin_token_file.or(cfg.admin_token_file);
+    cfg.insecure |= o.insecure;
+    if let Some(dir) = o.tls_dir {
         let dir = std::path::absolute(&dir).unwrap_or(dir);
         cfg.tls = TlsFile { dir: Some(dir), ..TlsFile::default() };
     }
@@ -243,7 +250,7 @@ pub fn load(file: Option<&Path>, o: Overrides) -> Result<(CoordinatorFile, PathB
             ));
         }
     }
-    cfg.tls.mode(&origin, &base, Path::new(""))?;
+    cfg.tls.mode(cfg.insecure, &origin, &base, Path::new(""))?;
     Ok((cfg, base))
 }
 
@@ -259,6 +266,43 @@ pub fn parse_peer(s: &str) -> Result<(u64, String), String> {
     Ok((id, url.trim().to_string()))
 }
 
+/// Where a replica keeps its Raft log and its admin token file, relative
+/// to the configuration file's folder.
+const DEFAULT_DATA_DIR: &str = "flotilla-coordinator";
+
+/// The hash of the admin token in `file`; a missing file is made, with a
+/// new token, readable by its owner only. Tells where it is.
+fn admin_token(file: &Path) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let made = match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(file) {
+        Ok(mut f) => {
+            let (token, _) = flotilla_coordinator::auth::new_token().context("mint the admin token")?;
+            f.write_all(format!("{token}\n").as_bytes())
+                .and_then(|_| f.sync_all())
+                .with_context(|| format!("write the admin token to {}", file.display()))?;
+            true
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+        Err(e) => return Err(e).with_context(|| format!("create the admin token file {}", file.display())),
+    };
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("read the admin token file {}", file.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim();
+    anyhow::ensure!(!token.is_empty(), "the admin token file {} is empty", file.display());
+    let file = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+    eprintln!(
+        "flotilla: {} admin token in {}: clients use it with `--token-file {0}` or FLOTILLA_TOKEN_FILE; \
+         `flotilla token create --role worker|submit|read --name NAME` makes tokens for workers and people",
+        if made { "wrote a new" } else { "the" },
+        file.display()
+    );
+    Ok(flotilla_coordinator::auth::hash_token(token))
+}
+
 /// Runs one replica until SIGINT/SIGTERM.
 pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) -> anyhow::Result<()> {
     let listen = cfg.listen.unwrap_or_else(|| "127.0.0.1:7070".parse().expect("a socket address"));
@@ -271,11 +315,27 @@ pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) 
         handoff_retry_max: Duration::from_millis(cfg.handoff_retry_max_ms.unwrap_or(60_000)),
         ..Default::default()
     };
+    let data_dir = base.join(
+        cfg.store.raft.as_ref().and_then(|r| r.data_dir.clone()).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+    );
+    let coordinator_cfg = CoordinatorConfig {
+        auth: if cfg.insecure {
+            tracing::warn!(
+                "running with --insecure: no TLS and calls need no API token; anyone who reaches this port can \
+                 submit, cancel and change anything"
+            );
+            AuthMode::Open
+        } else {
+            let file = cfg.admin_token_file.as_ref().map_or_else(|| data_dir.join("admin.token"), |f| base.join(f));
+            let hash = admin_token(&file)?;
+            AuthMode::Tokens { bootstrap: vec![("admin-file".into(), hash)] }
+        },
+        ..coordinator_cfg
+    };
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
     let bound = listener.local_addr()?;
     let advertise = cfg.advertise.clone().map(|a| url_of(&a)).unwrap_or_else(|| format!("http://{bound}"));
-    let home = base.join(cfg.store.raft.as_ref().and_then(|r| r.data_dir.clone()).unwrap_or_else(default_data_dir));
-    let mode = cfg.tls.mode("the configuration", &base, &home).map_err(anyhow::Error::msg)?;
+    let mode = cfg.tls.mode(cfg.insecure, "the configuration", &base, &data_dir).map_err(anyhow::Error::msg)?;
     let tls = serving_tls(mode, &[host_of(&advertise), bound.ip().to_string()])?;
     // Peers are dialed, and clients pointed, in the mode this replica serves in.
     flotilla_proto::tls::set_dialing(tls.as_ref());
@@ -297,7 +357,6 @@ pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) 
     } else {
         let raft = cfg.store.raft.unwrap_or_default();
         let id = raft.id.unwrap_or(1);
-        let data_dir = base.join(raft.data_dir.unwrap_or_else(default_data_dir));
         let mut peers: BTreeMap<u64, String> =
             raft.peers.into_iter().map(|(id, url)| (id, flotilla_proto::tls::with_scheme(&url))).collect();
         if peers.is_empty() && !raft.join {
@@ -328,10 +387,6 @@ pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) 
     }
     served?;
     Ok(())
-}
-
-fn default_data_dir() -> PathBuf {
-    PathBuf::from("flotilla-coordinator")
 }
 
 /// The host part of a URL (`http://h:1` → `h`; `[::1]` → `::1`).
@@ -408,7 +463,7 @@ pub async fn embedded(
 /// Runs `f` on the leader's Cluster service, following refusals.
 async fn on_leader<T, F, Fut>(list: &str, mut f: F) -> anyhow::Result<T>
 where
-    F: FnMut(ClusterClient<tonic::transport::Channel>) -> Fut,
+    F: FnMut(ClusterClient<flotilla_proto::auth::AuthChannel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let addrs = leader::parse_addrs(list);
@@ -416,17 +471,19 @@ where
     let mut hint = None;
     loop {
         let error = match leader::find_leader(&addrs, hint.as_deref()).await {
-            Ok((_, channel)) => match f(ClusterClient::new(channel)).await {
-                Ok(r) => return Ok(r.into_inner()),
-                Err(s) if s.code() == tonic::Code::Unimplemented => {
-                    anyhow::bail!("this coordinator keeps no Raft log (it runs on etcd or in memory)")
+            Ok((_, channel)) => {
+                match f(ClusterClient::new(flotilla_proto::auth::Credentials::current().wrap(channel))).await {
+                    Ok(r) => return Ok(r.into_inner()),
+                    Err(s) if s.code() == tonic::Code::Unimplemented => {
+                        anyhow::bail!("this coordinator keeps no Raft log (it runs on etcd or in memory)")
+                    }
+                    Err(s) if s.code() == tonic::Code::Unavailable => {
+                        hint = leader::leader_hint(&s);
+                        s.message().to_string()
+                    }
+                    Err(s) => anyhow::bail!("refused ({:?}): {}", s.code(), s.message()),
                 }
-                Err(s) if s.code() == tonic::Code::Unavailable => {
-                    hint = leader::leader_hint(&s);
-                    s.message().to_string()
-                }
-                Err(s) => anyhow::bail!("refused ({:?}): {}", s.code(), s.message()),
-            },
+            }
             Err(e) => e,
         };
         if std::time::Instant::now() > deadline {

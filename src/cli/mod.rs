@@ -8,6 +8,7 @@ pub mod procs;
 pub mod render;
 pub mod run;
 pub mod status;
+pub mod token;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -38,6 +39,11 @@ pub fn exit_code(phase: i32) -> i32 {
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// A file holding the API token that calls to the coordinator carry
+    /// (or set FLOTILLA_TOKEN to the token itself). A coordinator writes an
+    /// admin token file on first start; `flotilla token create` makes more.
+    #[arg(long, env = "FLOTILLA_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -133,6 +139,11 @@ pub enum Command {
     Slurm {
         #[command(subcommand)]
         cmd: render::SlurmCommand,
+    },
+    /// API tokens (admin role): create, list, revoke.
+    Token {
+        #[command(subcommand)]
+        cmd: token::TokenCommand,
     },
 }
 
@@ -253,7 +264,13 @@ pub struct ServeArgs {
     /// certificate signed by that CA [default: DATA_DIR/tls, made on first start].
     #[arg(long, env = "FLOTILLA_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
-    /// Serve plaintext, without TLS: anyone who reaches the port can call it.
+    /// The admin token file this replica accepts, made (mode 0600) with a
+    /// new token when missing [default: DATA_DIR/admin.token]. Give every
+    /// replica of a cluster the same file, or make them each their own.
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Serve plaintext, without TLS, and accept calls without API tokens.
+    /// For a trusted network only: anyone who reaches the port can do anything.
     #[arg(long)]
     pub insecure: bool,
 }

@@ -40,6 +40,9 @@ pub fn print_detail(j: &pb::JobStatus) {
         }
     }
     println!("output:       {}", j.output_dir);
+    if !j.submitted_by.is_empty() {
+        println!("submitted by: {}", j.submitted_by);
+    }
     if let Some(c) = &j.latest_checkpoint {
         println!(
             "checkpoint:   step {} at {} (training blocked {:.1} ms of {:.1} ms)",
@@ -157,6 +160,7 @@ pub fn status_json(j: &pb::JobStatus) -> Value {
         "loss": j.loss,
         "samples_per_sec": j.samples_per_sec,
         "restarts": j.restarts,
+        "submitted_by": j.submitted_by,
         "output_dir": j.output_dir,
         "final_model": j.final_model,
         "latest_checkpoint": j.latest_checkpoint.as_ref().map(checkpoint),

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use flotilla::proto::auth::{AuthChannel, Credentials, TOKEN_ENV, TOKEN_FILE_ENV};
 use flotilla::proto::v1 as pb;
 use flotilla::proto::v1::job_service_client::JobServiceClient;
 use tonic::transport::Channel;
@@ -41,22 +42,64 @@ pub fn tls_dir() -> &'static Path {
     })
 }
 
-/// `flotilla` with this test binary's TLS folder in its environment.
+/// `flotilla` with this test binary's TLS folder and the admin token in
+/// its environment.
 pub fn cmd() -> Command {
     let mut c = Command::new(bin());
     c.env("FLOTILLA_TLS_DIR", tls_dir());
+    with_token(&mut c);
     c
-}
-
-/// A channel to the coordinator at `url` with this test binary's client
-/// certificate (mutual TLS).
-pub async fn channel(url: &str) -> Result<Channel, String> {
-    tls_dir();
-    flotilla::proto::leader::channel(url, Duration::from_secs(5)).await
 }
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The admin token of every coordinator these tests start (given to it
+/// with `--admin-token-file`), carried by every process and client they
+/// start: tests run with tokens required, as users do.
+pub fn admin_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| flotilla::coordinator::auth::new_token().expect("random source").0)
+}
+
+/// The file holding [`admin_token`].
+pub fn admin_token_file() -> &'static Path {
+    static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("admin-{}.token", std::process::id()));
+        std::fs::write(&path, format!("{}\n", admin_token())).expect("write the test admin token");
+        path
+    })
+}
+
+/// [`admin_token`] as client credentials.
+pub fn credentials() -> Credentials {
+    Credentials::token(admin_token()).unwrap()
+}
+
+/// `channel` carrying the admin token.
+pub fn authed(channel: Channel) -> AuthChannel {
+    credentials().wrap(channel)
+}
+
+/// A channel to `url` with this test binary's client certificate (mutual
+/// TLS; plaintext to an `http://` URL), carrying the admin token.
+pub async fn channel(url: &str) -> Result<AuthChannel, String> {
+    tls_dir();
+    let channel = if url.starts_with("http://") {
+        // A coordinator started with --insecure (see `spawn_coordinator_from`): plaintext.
+        let endpoint = Channel::from_shared(url.to_string()).map_err(|e| e.to_string())?;
+        endpoint.connect().await.map_err(|e| flotilla::proto::leader::error_chain(&e))?
+    } else {
+        flotilla::proto::leader::channel(url, Duration::from_secs(5)).await?
+    };
+    Ok(authed(channel))
+}
+
+/// `cmd` with the admin token in its environment.
+pub fn with_token(cmd: &mut Command) -> &mut Command {
+    cmd.env(TOKEN_ENV, admin_token()).env_remove(TOKEN_FILE_ENV)
 }
 
 /// A child process killed (SIGKILL) and reaped when dropped.
@@ -107,22 +150,22 @@ pub fn spawn_coordinator(log: &Path, args: &[&str]) -> (Proc, String) {
 }
 
 /// [`spawn_coordinator`] from `command` (a `flotilla` with its own
-/// environment).
+/// environment). The URL is `http://` for a coordinator started with
+/// `--insecure`, `https://` otherwise.
 pub fn spawn_coordinator_from(mut command: Command, log: &Path, args: &[&str]) -> (Proc, String) {
     let log = log.to_path_buf();
-    let mut child = command
-        .arg("coordinator")
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start coordinator");
+    command.arg("coordinator").args(args);
+    if !args.iter().any(|a| *a == "--insecure" || *a == "--admin-token-file") {
+        command.arg("--admin-token-file").arg(admin_token_file());
+    }
+    let mut child =
+        command.stdout(Stdio::piped()).stderr(std::fs::File::create(&log).unwrap()).spawn().expect("start coordinator");
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let addr =
         line.trim().strip_prefix("coordinator listening on ").unwrap_or_else(|| panic!("odd first line {line:?}"));
-    let url = format!("https://{addr}");
-    (Proc { child, log }, url)
+    let scheme = if args.contains(&"--insecure") { "http" } else { "https" };
+    (Proc { child, log }, format!("{scheme}://{addr}"))
 }
 
 /// Starts `flotilla worker` against `url`, logging to `dir/<name>.log`.
@@ -176,7 +219,7 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// A client of the coordinator at `url`, once it leads (a replica that has
 /// just started refuses calls until it has won its election).
-pub async fn client(url: &str) -> JobServiceClient<Channel> {
+pub async fn client(url: &str) -> JobServiceClient<AuthChannel> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match channel(url).await.map(JobServiceClient::new) {
@@ -197,7 +240,7 @@ pub async fn client(url: &str) -> JobServiceClient<Channel> {
 /// Polls the job until `done` holds or `timeout` passes (then panics with
 /// the last status).
 pub async fn wait_for(
-    c: &mut JobServiceClient<Channel>,
+    c: &mut JobServiceClient<AuthChannel>,
     job: &str,
     timeout: Duration,
     done: impl Fn(&pb::JobStatus) -> bool,
