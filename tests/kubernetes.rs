@@ -262,7 +262,8 @@ fn the_worker_pods_command_env_and_grace_run_a_job() {
     assert_eq!(mount["mountPath"], pod_tls_dir.as_str());
     let tls = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "tls").unwrap();
     assert_eq!(tls["secret"]["secretName"], flotilla::deploy::k8s::TLS_SECRET);
-    let keys: Vec<&str> = tls["secret"]["items"].as_array().unwrap().iter().map(|i| i["key"].as_str().unwrap()).collect();
+    let keys: Vec<&str> =
+        tls["secret"]["items"].as_array().unwrap().iter().map(|i| i["key"].as_str().unwrap()).collect();
     assert_eq!(keys, ["ca.pem", "client.pem", "client.key"]);
     // The API token: from the admin token Secret, mounted read-only where
     // FLOTILLA_TOKEN_FILE points.

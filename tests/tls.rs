@@ -17,7 +17,8 @@ use support::cluster::*;
 use support::*;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-const JOB: &str = "name: tiny\nmodel: {kind: mlp, layers: [16, 32, 4]}\ndata: {kind: synthetic, seed: 1, samples: 256}\n\
+const JOB: &str =
+    "name: tiny\nmodel: {kind: mlp, layers: [16, 32, 4]}\ndata: {kind: synthetic, seed: 1, samples: 256}\n\
                    train: {steps: 5, global_batch: 32}\nworkers: {min: 1, max: 1}\ncheckpoint: {url: runs, every: 0}\n";
 
 fn text(out: &std::process::Output) -> (String, String) {
@@ -54,7 +55,8 @@ fn certs_init_makes_private_keys_and_never_overwrites() {
     assert!(!out.status.success(), "a second init succeeded");
     assert!(err.contains("not overwritten") && err.contains("ca.pem"), "{err}");
     assert_eq!(std::fs::read(tls.join("ca.pem")).unwrap(), ca, "ca.pem changed");
-    let out = flotilla(dir.path(), &["certs", "init", tls.to_str().unwrap(), "--force", "--hosts", "10.1.2.3,coord.test"]);
+    let out =
+        flotilla(dir.path(), &["certs", "init", tls.to_str().unwrap(), "--force", "--hosts", "10.1.2.3,coord.test"]);
     assert!(out.status.success(), "{}", text(&out).1);
     assert_ne!(std::fs::read(tls.join("ca.pem")).unwrap(), ca, "--force made no new CA");
     let out = flotilla(dir.path(), &["certs", "init", dir.path().join("x").to_str().unwrap(), "--hosts", "a b"]);
@@ -148,7 +150,8 @@ fn a_replica_of_another_ca_cannot_join() {
     ]
     .concat();
     let (stranger, _) = spawn_coordinator(&dir.path().join("coordinator-2.log"), &args);
-    let out = flotilla(dir.path(), &["coordinator", "add", "2", &format!("http://{listen}"), "--coordinator", &addrs[0]]);
+    let out =
+        flotilla(dir.path(), &["coordinator", "add", "2", &format!("http://{listen}"), "--coordinator", &addrs[0]]);
     let (_, err) = text(&out);
     assert!(!out.status.success(), "a replica of another CA was added");
     assert!(err.contains("was not added"), "{err}");

@@ -171,7 +171,10 @@ pub fn init(dir: &Path, hosts: &[String], force: bool) -> anyhow::Result<()> {
     println!("wrote a CA, a coordinator certificate and a client certificate to {}", dir.display());
     println!("  CA fingerprint (SHA-256): {fp}");
     println!("  replicas:         flotilla coordinator --tls-dir {}", dir.display());
-    println!("  workers, the CLI: --tls-dir {0} or FLOTILLA_TLS_DIR={0} (they need ca.pem, client.pem, client.key)", dir.display());
+    println!(
+        "  workers, the CLI: --tls-dir {0} or FLOTILLA_TLS_DIR={0} (they need ca.pem, client.pem, client.key)",
+        dir.display()
+    );
     Ok(())
 }
 

@@ -411,8 +411,11 @@ fn serving_tls(mode: TlsMode, hosts: &[String]) -> anyhow::Result<Option<Tls>> {
         }
         TlsMode::Files(paths) => (paths, None),
         TlsMode::Auto(dir) => {
-            let hosts: Vec<String> =
-                hosts.iter().filter(|h| !h.is_empty() && h.as_str() != "0.0.0.0" && h.as_str() != "::").cloned().collect();
+            let hosts: Vec<String> = hosts
+                .iter()
+                .filter(|h| !h.is_empty() && h.as_str() != "0.0.0.0" && h.as_str() != "::")
+                .cloned()
+                .collect();
             let made = super::certs::ensure(&dir, &hosts)
                 .with_context(|| format!("make this coordinator's TLS material in {}", dir.display()))?;
             (TlsPaths::in_dir(&dir, Role::Coordinator), Some((dir, made)))
@@ -431,7 +434,9 @@ fn serving_tls(mode: TlsMode, hosts: &[String]) -> anyhow::Result<Option<Tls>> {
                 dir.display()
             );
         }
-        None => eprintln!("flotilla: TLS: serving with {} (CA SHA-256 fingerprint {fingerprint})", paths.cert.display()),
+        None => {
+            eprintln!("flotilla: TLS: serving with {} (CA SHA-256 fingerprint {fingerprint})", paths.cert.display())
+        }
     }
     tracing::info!(ca_fingerprint = %fingerprint, "serving TLS; clients must present a certificate signed by the CA");
     Ok(Some(tls))

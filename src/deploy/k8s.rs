@@ -337,7 +337,11 @@ fn pod_spec(config_name: &str, opts: &K8sOptions) -> Node {
     };
     // A worker needs the CA and the client certificate, not the replicas' key.
     let items = ["ca.pem", "client.pem", "client.key"].map(|f| map([("key", f.into()), ("path", f.into())]));
-    let tls = map([("secretName", TLS_SECRET.into()), ("items", Node::List(items.to_vec())), ("defaultMode", 0o400u32.into())]);
+    let tls = map([
+        ("secretName", TLS_SECRET.into()),
+        ("items", Node::List(items.to_vec())),
+        ("defaultMode", 0o400u32.into()),
+    ]);
     let token = map([
         ("name", "token".into()),
         ("secret", map([("secretName", opts.token_secret.clone().into()), ("defaultMode", 0o400u32.into())])),
