@@ -123,6 +123,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
                     join: a.join,
                     etcd: a.etcd,
                     memory: a.memory,
+                    tls_dir: a.tls_dir,
                     admin_token_file: a.admin_token_file,
                     insecure: a.insecure,
                 };
@@ -145,6 +146,10 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
             cancel_on_signals(token.clone(), false);
             cli::worker::run(args, token).await
         }
+        Command::Certs { cmd: cli::CertsCommand::Init { dir, hosts, force } } => {
+            cli::certs::init(&dir, &hosts, force)?;
+            Ok(0)
+        }
         Command::K8s { cmd } => Ok(cli::render::k8s(cmd)),
         Command::Token { cmd } => {
             init_logs("warn");
@@ -157,6 +162,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
                 Ok(v) => v,
                 Err(code) => return Ok(code),
             };
+            cli::certs::dial_as_client(&coordinator.tls)?;
             let mut c = client::connect(&coordinator.coordinator).await?;
             let submitted = match submission_id {
                 Some(sid) => client::submit_as(&mut c, &job, text, sid).await,
@@ -180,6 +186,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Status { job, json, coordinator } => {
             init_logs("warn");
+            cli::certs::dial_as_client(&coordinator.tls)?;
             let mut c = client::connect(&coordinator.coordinator).await?;
             match job {
                 Some(id) => match flotilla::rpc!(c, get_job, pb::GetJobRequest { job_id: id.clone() }) {
@@ -205,6 +212,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Register { job, coordinator, no_wait } => {
             init_logs("warn");
+            cli::certs::dial_as_client(&coordinator.tls)?;
             let mut c = client::connect(&coordinator.coordinator).await?;
             cli::models::register(&mut c, &job, no_wait).await
         }
@@ -214,6 +222,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Cancel { job, coordinator } => {
             init_logs("warn");
+            cli::certs::dial_as_client(&coordinator.tls)?;
             let mut c = client::connect(&coordinator.coordinator).await?;
             match flotilla::rpc!(c, cancel_job, pb::CancelJobRequest { job_id: job.clone() }) {
                 Ok(s) => {

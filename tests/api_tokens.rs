@@ -8,7 +8,7 @@ mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use flotilla::proto::auth::Credentials;
@@ -21,7 +21,7 @@ use tonic::Code;
 
 /// `flotilla ARGS` in `cwd` carrying `token` (none: no token at all).
 fn flotilla_as(cwd: &Path, token: Option<&str>, args: &[&str]) -> Output {
-    let mut cmd = Command::new(bin());
+    let mut cmd = support::cmd();
     cmd.args(args).current_dir(cwd).env_remove("FLOTILLA_TOKEN").env_remove("FLOTILLA_TOKEN_FILE");
     if let Some(t) = token {
         cmd.env("FLOTILLA_TOKEN", t);
@@ -46,8 +46,10 @@ fn create_token(dir: &Path, url: &str, role: &str, name: &str) -> String {
     token
 }
 
+/// A channel with this test binary's client certificate and no token.
 async fn raw_channel(url: &str) -> Channel {
-    Channel::from_shared(url.to_string()).unwrap().connect().await.unwrap()
+    tls_dir();
+    flotilla::proto::leader::channel(url, std::time::Duration::from_secs(5)).await.unwrap()
 }
 
 const IDLE_JOB: &str = "

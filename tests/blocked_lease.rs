@@ -61,8 +61,11 @@ fn a_train_loop_blocked_in_a_collective_for_three_leases_keeps_its_worker_s_leas
         // the coordinator tells a to stop.
         unsafe { libc::kill(b.pid(), libc::SIGSTOP) };
         let failed = format!("waiting for rank {b_rank}");
-        let a_log = wait_log(&a, "a's collective to name b", Duration::from_secs(120), |l| {
+        // The loop's failure and the agent's "stopped" come from two tasks,
+        // in either order: wait for both.
+        let a_log = wait_log(&a, "a's collective to name b, and its loop to stop", Duration::from_secs(120), |l| {
             l.lines().any(|line| line.contains("train loop failed") && line.contains(&failed))
+                && l.contains("train loop stopped")
         });
         assert!(a_log.contains(&format!("timed out after {OP_TIMEOUT_S}s")), "{a_log}");
         assert!(a_log.contains("train loop stopped"), "{a_log}");

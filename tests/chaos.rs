@@ -90,7 +90,7 @@ fn workers_and_the_leader_killed_at_random_steps_change_no_weight() {
     let undisturbed = read_tensors(&quiet.join("runs/chaos-1/final/model.safetensors"));
 
     let ports = free_ports(3);
-    let addrs: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let addrs: Vec<String> = ports.iter().map(|p| format!("https://127.0.0.1:{p}")).collect();
     let list = addrs.join(",");
     let mut replicas: Vec<Proc> = (1..=3).map(|id| replica(d, id, &ports)).collect();
     let mut workers: Vec<Proc> = (0..3).map(|i| worker(d, &list, &format!("worker-{i}"))).collect();

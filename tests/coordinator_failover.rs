@@ -52,7 +52,7 @@ fn killing_the_leader_replica_costs_the_job_nothing() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let ports = free_ports(3);
-    let addrs: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let addrs: Vec<String> = ports.iter().map(|p| format!("https://127.0.0.1:{p}")).collect();
     let list = addrs.join(",");
     let mut replicas: Vec<Option<Proc>> = (1..=3).map(|id| Some(replica(dir.path(), id, &ports))).collect();
 
@@ -134,7 +134,7 @@ fn the_job_finishes_when_an_etcd_member_dies() {
     let mut etcd = rt.block_on(etcd::EtcdCluster::start(3)).expect("start etcd");
     let endpoints = etcd.endpoints().join(",");
     let ports = free_ports(2);
-    let addrs: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let addrs: Vec<String> = ports.iter().map(|p| format!("https://127.0.0.1:{p}")).collect();
     let list = addrs.join(",");
     let _replicas: Vec<Proc> = (0..2).map(|i| etcd_replica(dir.path(), i, ports[i], &endpoints)).collect();
 

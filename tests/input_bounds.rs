@@ -137,9 +137,10 @@ fn a_rendezvous_key_flood_is_refused_past_the_per_job_bound() {
         dir.path(),
         &["--lease-ms", "1500", "--heartbeat-ms", "200", "--start-grace-ms", "300", "--insecure"],
     );
-    let _worker = worker(dir.path(), &url, "worker");
+    // Plaintext too (--insecure turns off TLS with tokens): so are its clients.
+    let _worker = worker_with_args(dir.path(), &url, "worker", &["--op-timeout-s", "20", "--insecure"]);
     let job = job_file(dir.path(), "job", LONG_JOB);
-    let out = flotilla(dir.path(), &["submit", job.to_str().unwrap(), "--coordinator", &url]);
+    let out = flotilla(dir.path(), &["submit", job.to_str().unwrap(), "--coordinator", &url, "--insecure"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     runtime().block_on(async {
@@ -249,7 +250,7 @@ fn a_worker_with_a_storage_root_refuses_a_job_outside_it() {
     std::fs::create_dir_all(&allowed).unwrap();
     let (_coord, url) = coordinator(dir.path());
     let log = dir.path().join("confined.log");
-    let child = with_token(&mut std::process::Command::new(bin()))
+    let child = cmd()
         .args(["worker", "--coordinator", &url, "--data-addr", "127.0.0.1:0", "--op-timeout-s", "20"])
         .args(["--storage-root", allowed.to_str().unwrap()])
         .stdout(std::process::Stdio::null())

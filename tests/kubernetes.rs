@@ -256,6 +256,15 @@ fn the_worker_pods_command_env_and_grace_run_a_job() {
         format!("metadata.labels['{}']", flotilla::deploy::k8s::CONTROLLER_UID_LABEL)
     );
     assert_eq!(var("POD_IP")["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
+    // TLS: the client certificate from the Secret the coordinator shares, where FLOTILLA_TLS_DIR says.
+    let pod_tls_dir = var("FLOTILLA_TLS_DIR")["value"].as_str().unwrap().to_string();
+    let mount = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "tls").unwrap();
+    assert_eq!(mount["mountPath"], pod_tls_dir.as_str());
+    let tls = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "tls").unwrap();
+    assert_eq!(tls["secret"]["secretName"], flotilla::deploy::k8s::TLS_SECRET);
+    let keys: Vec<&str> =
+        tls["secret"]["items"].as_array().unwrap().iter().map(|i| i["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["ca.pem", "client.pem", "client.key"]);
     // The API token: from the admin token Secret, mounted read-only where
     // FLOTILLA_TOKEN_FILE points.
     let token_file = var("FLOTILLA_TOKEN_FILE")["value"].as_str().unwrap().to_string();
@@ -300,8 +309,7 @@ fn the_worker_pods_command_env_and_grace_run_a_job() {
             })
             .collect();
         let log = dir.path().join(format!("pod-{index}.log"));
-        let mut cmd = Command::new(bin());
-        with_token(&mut cmd);
+        let mut cmd = support::cmd();
         cmd.args(&args).current_dir(&workdir).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
         for e in env {
             if let Some(v) = e["value"].as_str() {
@@ -310,7 +318,9 @@ fn the_worker_pods_command_env_and_grace_run_a_job() {
         }
         // The token Secret's file where the pod would have it mounted.
         cmd.env("FLOTILLA_TOKEN_FILE", admin_token_file());
+        // The Secret's files: this test's TLS folder.
         cmd.env("FLOTILLA_COORDINATOR", &url)
+            .env("FLOTILLA_TLS_DIR", tls_dir())
             .env("FLOTILLA_SUBMISSION_ID", "0b5c6a1e-uid-of-the-kubernetes-job")
             .env("JOB_COMPLETION_INDEX", index.to_string());
         pods.push((index, Proc { child: cmd.spawn().unwrap(), log }));

@@ -16,6 +16,8 @@ fn quickstart_trains_two_identical_replicas_and_lowers_the_loss() {
     assert!(out.status.success(), "flotilla run failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("job quickstart-1 succeeded"), "{stdout}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // Its own throw-away CA: the loopback port is TLS too.
+    assert!(stderr.contains("(coordinator https://127.0.0.1:"), "{stderr}");
 
     let run = dir.path().join("runs/quickstart-1");
     let metrics = read_metrics(&run.join("metrics.jsonl"));

@@ -34,7 +34,7 @@ checkpoint: {url: runs, every: 5, keep: 2}
 fn three_replicas(dir: &Path) -> (Vec<Proc>, Vec<u16>, Vec<String>, String) {
     let ports = free_ports(3);
     let replicas = (1..=3).map(|id| replica(dir, id, &ports)).collect();
-    let addrs: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let addrs: Vec<String> = ports.iter().map(|p| format!("https://127.0.0.1:{p}")).collect();
     let list = addrs.join(",");
     (replicas, ports, addrs, list)
 }
@@ -134,7 +134,7 @@ fn stranger_vote(term: u64) -> Vote<u64> {
 /// Sends `payload` as `rpc` to the replica at `addr`; the refusal's code
 /// (or OK) and its message.
 async fn send(addr: &str, rpc: &str, payload: Vec<u8>) -> (tonic::Code, String) {
-    let mut c = RaftClient::connect(addr.to_string()).await.unwrap();
+    let mut c = RaftClient::new(channel(addr).await.unwrap());
     let req = rpb::RaftRequest { payload };
     let result = match rpc {
         "append" => c.append_entries(req).await.map(|_| ()),

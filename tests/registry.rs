@@ -308,7 +308,7 @@ fn killing_the_leader_during_the_hand_off_registers_one_version() {
     let proxy = SlowProxy::start(ml.port, Duration::from_millis(250));
     let ports = free_ports(3);
     let mut replicas: Vec<Option<Proc>> = (1..=3).map(|id| Some(replica(dir.path(), id, &ports))).collect();
-    let addrs: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+    let addrs: Vec<String> = ports.iter().map(|p| format!("https://127.0.0.1:{p}")).collect();
     let list = addrs.join(",");
     let _workers = [worker(dir.path(), &list, "worker-a"), worker(dir.path(), &list, "worker-b")];
     let registry = format!("{{kind: mlflow, url: '{}', model: failover, alias: candidate}}", proxy.url());

@@ -24,7 +24,7 @@ pub use auth::{AuthMode, Role};
 pub use coordinator::{Coordinator, CoordinatorConfig};
 pub use etcd::{EtcdOptions, EtcdStore};
 pub use raft::{RaftOptions, RaftStore};
-pub use server::{serve, serve_with_routes, serve_with_store, ServerHandle};
+pub use server::{serve, serve_with_routes, serve_with_store, serve_with_tls, ServerHandle};
 pub use state::{Command, Event, JobPhase, State};
 pub use store::{MemStore, MetaStore, StoreError};
 

@@ -12,6 +12,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::ServerTlsConfig;
 
 use crate::auth::AuthLayer;
 use crate::coordinator::{Coordinator, CoordinatorConfig};
@@ -62,7 +63,7 @@ pub async fn serve_with_store(
 
 /// Starts a coordinator on `store`, serving `extra` (for example a Raft
 /// replica's own services, `RaftStore::routes`) on the same port as the
-/// client services.
+/// client services, in plaintext.
 pub async fn serve_with_routes(
     listener: TcpListener,
     store: Arc<dyn MetaStore>,
@@ -70,7 +71,31 @@ pub async fn serve_with_routes(
     shutdown: CancellationToken,
     extra: Routes,
 ) -> std::io::Result<ServerHandle> {
+    serve_with_tls(listener, store, cfg, shutdown, extra, None).await
+}
+
+/// The gRPC server of one listener: TLS with `tls` (which may require
+/// client certificates, see `flotilla_proto::tls::Tls::server_config`),
+/// plaintext without.
+fn grpc_server(tls: Option<ServerTlsConfig>) -> std::io::Result<tonic::transport::Server> {
+    let server = tonic::transport::Server::builder();
+    match tls {
+        Some(tls) => server.tls_config(tls).map_err(|e| std::io::Error::other(format!("TLS set-up: {e}"))),
+        None => Ok(server),
+    }
+}
+
+/// [`serve_with_routes`], serving TLS when `tls` is given.
+pub async fn serve_with_tls(
+    listener: TcpListener,
+    store: Arc<dyn MetaStore>,
+    cfg: CoordinatorConfig,
+    shutdown: CancellationToken,
+    extra: Routes,
+    tls: Option<ServerTlsConfig>,
+) -> std::io::Result<ServerHandle> {
     let addr = listener.local_addr()?;
+    let server = grpc_server(tls)?;
     let coordinator = Coordinator::new(store, cfg, shutdown.clone());
     let driver = tokio::spawn(coordinator.clone().drive());
     let registry = tokio::spawn(coordinator.clone().run_registry());
@@ -81,7 +106,7 @@ pub async fn serve_with_routes(
     let auth = AuthLayer::new(coordinator.clone());
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
+        let result = server
             .layer(auth)
             .add_routes(routes)
             // Replies (Raft acks, heartbeats) are small: without TCP_NODELAY

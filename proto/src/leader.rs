@@ -15,7 +15,8 @@ use crate::v1::GetLeaderRequest;
 pub const LEADER_METADATA: &str = "flotilla-leader";
 
 /// Splits a comma-separated list of coordinator addresses; `host:port`
-/// gets `http://` in front.
+/// gets `http://` in front (dialing uses the process's scheme, see
+/// [`crate::tls::with_scheme`]).
 pub fn parse_addrs(list: &str) -> Vec<String> {
     list.split(',')
         .map(str::trim)
@@ -44,22 +45,37 @@ pub fn leader_hint(status: &Status) -> Option<String> {
     (!v.is_empty()).then(|| v.to_string())
 }
 
-/// Connects to `addr` with a short connect timeout.
+/// Connects to `addr` with a short connect timeout, in this process's
+/// dialing mode (TLS or plaintext, see [`crate::tls::set_dialing`]).
 pub async fn channel(addr: &str, connect_timeout: Duration) -> Result<Channel, String> {
-    Channel::from_shared(addr.to_string())
-        .map_err(|e| format!("{addr}: bad address: {e}"))?
+    crate::tls::endpoint(addr)?
         .connect_timeout(connect_timeout)
         .connect()
         .await
-        .map_err(|e| format!("{addr}: {e}"))
+        .map_err(|e| format!("{addr}: {}", error_chain(&e)))
+}
+
+/// An error and its sources, `: `-separated (tonic's transport error says
+/// only "transport error"; the TLS or connect failure is in its sources).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// Finds the replica that leads now: tries `hint` first, then each of
 /// `addrs`, following the leader each replica names. Returns its address and
 /// a connected channel, or what each address answered.
 pub async fn find_leader(addrs: &[String], hint: Option<&str>) -> Result<(String, Channel), String> {
-    let mut queue: Vec<String> = hint.into_iter().map(str::to_string).collect();
-    queue.extend(addrs.iter().cloned());
+    // In the process's scheme, so that an address and the same replica
+    // named in a refusal compare equal.
+    let mut queue: Vec<String> = hint.into_iter().map(crate::tls::with_scheme).collect();
+    queue.extend(addrs.iter().map(|a| crate::tls::with_scheme(a)));
     let mut tried: Vec<String> = Vec::new();
     let mut failures = Vec::new();
     while let Some(addr) = (!queue.is_empty()).then(|| queue.remove(0)) {
@@ -86,7 +102,7 @@ pub async fn find_leader(addrs: &[String], hint: Option<&str>) -> Result<(String
                     failures.push(format!("{addr}: not the leader, no leader known yet"));
                 } else {
                     failures.push(format!("{addr}: not the leader, points to {}", info.leader));
-                    queue.insert(0, info.leader);
+                    queue.insert(0, crate::tls::with_scheme(&info.leader));
                 }
             }
             Err(s) => failures.push(format!("{addr}: {}", s.message())),

@@ -12,6 +12,10 @@
 //!     peers: {1: http://10.0.0.1:7070, 2: http://10.0.0.2:7070, 3: http://10.0.0.3:7070}
 //! # or
 //! #  etcd: {endpoints: [http://10.0.0.9:2379], prefix: /flotilla}
+//! tls:                                # default: DATA_DIR/tls, made on first start
+//!   dir: /etc/flotilla/tls            # from `flotilla certs init`
+//! # or  ca: ca.pem, cert: coordinator.pem, key: coordinator.key
+//! # or  insecure: true                # plaintext, no TLS
 //! ```
 
 use std::collections::BTreeMap;
@@ -28,6 +32,7 @@ use flotilla_coordinator::{
 use flotilla_proto::leader;
 use flotilla_proto::raft::v1 as rpb;
 use flotilla_proto::raft::v1::cluster_client::ClusterClient;
+use flotilla_proto::tls::{Role, Tls, TlsPaths};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -48,6 +53,8 @@ pub struct CoordinatorFile {
     pub handoff_retry_max_ms: Option<u64>,
     #[serde(default)]
     pub store: StoreFile,
+    #[serde(default)]
+    pub tls: TlsFile,
     /// The admin token file this replica accepts, made with a new token
     /// when missing (default: `admin.token` in the Raft data directory,
     /// relative to the configuration file).
@@ -55,6 +62,52 @@ pub struct CoordinatorFile {
     /// `insecure: true`: calls need no API token. Trusted networks only.
     #[serde(default)]
     pub insecure: bool,
+}
+
+/// The `tls:` section: a folder, or the three files (plaintext is the
+/// top-level `insecure: true`). Relative paths are relative to the
+/// configuration file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// A folder laid out by `flotilla certs init`.
+    pub dir: Option<PathBuf>,
+    /// Or the CA certificate, this replica's certificate and its key.
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// How a replica serves, once the file and the flags are read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plaintext.
+    Insecure,
+    /// The named files.
+    Files(TlsPaths),
+    /// Its own material in this folder, made on first start.
+    Auto(PathBuf),
+}
+
+impl TlsFile {
+    /// The mode this section asks for (plaintext when `insecure`); `home`
+    /// is the replica's data directory (its own material goes in `home/tls`).
+    fn mode(&self, insecure: bool, origin: &str, base: &Path, home: &Path) -> Result<TlsMode, String> {
+        let paths = [&self.ca, &self.cert, &self.key];
+        let given = paths.iter().filter(|p| p.is_some()).count();
+        if insecure {
+            return Ok(TlsMode::Insecure);
+        }
+        match (&self.dir, &self.ca, &self.cert, &self.key) {
+            (Some(_), ..) if given > 0 => Err(format!("{origin}: tls: give either dir or ca, cert and key")),
+            (Some(dir), ..) => Ok(TlsMode::Files(TlsPaths::in_dir(&base.join(dir), Role::Coordinator))),
+            (None, Some(ca), Some(cert), Some(key)) => {
+                Ok(TlsMode::Files(TlsPaths { ca: base.join(ca), cert: base.join(cert), key: base.join(key) }))
+            }
+            (None, None, None, None) => Ok(TlsMode::Auto(home.join("tls"))),
+            _ => Err(format!("{origin}: tls: ca, cert and key go together; give all three (or dir)")),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -113,6 +166,7 @@ pub struct Overrides {
     pub join: bool,
     pub etcd: Option<String>,
     pub memory: bool,
+    pub tls_dir: Option<PathBuf>,
     pub admin_token_file: Option<PathBuf>,
     pub insecure: bool,
 }
@@ -133,6 +187,10 @@ pub fn load(file: Option<&Path>, o: Overrides) -> Result<(CoordinatorFile, PathB
         None => (CoordinatorFile::default(), PathBuf::new()),
     };
     let origin = file.map_or_else(|| "command line".to_string(), |p| p.display().to_string());
+    let tls_given = [&cfg.tls.dir, &cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key].iter().any(|p| p.is_some());
+    if cfg.insecure && tls_given {
+        return Err(format!("{origin}: insecure: true serves plaintext; drop the tls section"));
+    }
     cfg.listen = o.listen.or(cfg.listen);
     cfg.advertise = o.advertise.or(cfg.advertise);
     cfg.lease_ms = o.lease_ms.or(cfg.lease_ms);
@@ -147,6 +205,10 @@ pub fn load(file: Option<&Path>, o: Overrides) -> Result<(CoordinatorFile, PathB
     cfg.store.memory |= o.memory;
     cfg.admin_token_file = o.admin_token_file.or(cfg.admin_token_file);
     cfg.insecure |= o.insecure;
+    if let Some(dir) = o.tls_dir {
+        let dir = std::path::absolute(&dir).unwrap_or(dir);
+        cfg.tls = TlsFile { dir: Some(dir), ..TlsFile::default() };
+    }
     if o.id.is_some() || o.data_dir.is_some() || !o.peers.is_empty() || o.join {
         let raft = cfg.store.raft.get_or_insert_with(RaftFile::default);
         raft.id = o.id.or(raft.id);
@@ -188,6 +250,7 @@ pub fn load(file: Option<&Path>, o: Overrides) -> Result<(CoordinatorFile, PathB
             ));
         }
     }
+    cfg.tls.mode(cfg.insecure, &origin, &base, Path::new(""))?;
     Ok((cfg, base))
 }
 
@@ -258,8 +321,8 @@ pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) 
     let coordinator_cfg = CoordinatorConfig {
         auth: if cfg.insecure {
             tracing::warn!(
-                "running with --insecure: calls need no API token; anyone who reaches this port can submit, cancel \
-                 and change anything"
+                "running with --insecure: no TLS and calls need no API token; anyone who reaches this port can \
+                 submit, cancel and change anything"
             );
             AuthMode::Open
         } else {
@@ -272,6 +335,11 @@ pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) 
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
     let bound = listener.local_addr()?;
     let advertise = cfg.advertise.clone().map(|a| url_of(&a)).unwrap_or_else(|| format!("http://{bound}"));
+    let mode = cfg.tls.mode(cfg.insecure, "the configuration", &base, &data_dir).map_err(anyhow::Error::msg)?;
+    let tls = serving_tls(mode, &[host_of(&advertise), bound.ip().to_string()])?;
+    // Peers are dialed, and clients pointed, in the mode this replica serves in.
+    flotilla_proto::tls::set_dialing(tls.as_ref());
+    let advertise = flotilla_proto::tls::with_scheme(&advertise);
     let initial = State::new(DEFAULT_MAX_RESTARTS);
     let mut raft_store: Option<RaftStore> = None;
     let mut etcd_store: Option<Arc<EtcdStore>> = None;
@@ -289,7 +357,8 @@ pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) 
     } else {
         let raft = cfg.store.raft.unwrap_or_default();
         let id = raft.id.unwrap_or(1);
-        let mut peers = raft.peers;
+        let mut peers: BTreeMap<u64, String> =
+            raft.peers.into_iter().map(|(id, url)| (id, flotilla_proto::tls::with_scheme(&url))).collect();
         if peers.is_empty() && !raft.join {
             peers.insert(id, advertise.clone());
         }
@@ -303,7 +372,9 @@ pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) 
         raft_store = Some(store.clone());
         (Arc::new(store), routes, format!("raft replica {id} in {}", data_dir.display()))
     };
-    let server = flotilla_coordinator::serve_with_routes(listener, store, coordinator_cfg, token, routes).await?;
+    let server_tls = tls.as_ref().map(Tls::server_config);
+    let server =
+        flotilla_coordinator::serve_with_tls(listener, store, coordinator_cfg, token, routes, server_tls).await?;
     // The first line of standard output is for scripts and tests: keep its form.
     println!("coordinator listening on {}", server.addr);
     tracing::info!(store = %what, %advertise, "coordinator replica serving");
@@ -318,6 +389,59 @@ pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) 
     Ok(())
 }
 
+/// The host part of a URL (`http://h:1` → `h`; `[::1]` → `::1`).
+fn host_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']').to_string()
+}
+
+/// Loads (or, on first start, makes) the TLS material a replica serves
+/// with, and says on standard error where it is and how workers and
+/// clients get it. `None`: plaintext, with a warning.
+fn serving_tls(mode: TlsMode, hosts: &[String]) -> anyhow::Result<Option<Tls>> {
+    let (paths, dir) = match mode {
+        TlsMode::Insecure => {
+            tracing::warn!(
+                "serving plaintext (--insecure): no TLS, no client certificates; anyone who reaches this port can \
+                 call it and read its traffic"
+            );
+            return Ok(None);
+        }
+        TlsMode::Files(paths) => (paths, None),
+        TlsMode::Auto(dir) => {
+            let hosts: Vec<String> = hosts
+                .iter()
+                .filter(|h| !h.is_empty() && h.as_str() != "0.0.0.0" && h.as_str() != "::")
+                .cloned()
+                .collect();
+            let made = super::certs::ensure(&dir, &hosts)
+                .with_context(|| format!("make this coordinator's TLS material in {}", dir.display()))?;
+            (TlsPaths::in_dir(&dir, Role::Coordinator), Some((dir, made)))
+        }
+    };
+    let tls = Tls::load(&paths).map_err(anyhow::Error::msg)?;
+    let fingerprint = tls.ca_fingerprint();
+    match dir {
+        Some((dir, made)) => {
+            let what = if made { "made a new CA and certificates" } else { "reusing the CA and certificates" };
+            eprintln!("flotilla: TLS: {what} in {} (CA SHA-256 fingerprint {fingerprint})", dir.display());
+            eprintln!(
+                "flotilla: TLS: workers and clients need ca.pem, client.pem and client.key from there: \
+                 --tls-dir {0} or FLOTILLA_TLS_DIR={0} (copy the three files to other machines); more replicas \
+                 need this same folder (--tls-dir), a replica with another CA cannot join",
+                dir.display()
+            );
+        }
+        None => {
+            eprintln!("flotilla: TLS: serving with {} (CA SHA-256 fingerprint {fingerprint})", paths.cert.display())
+        }
+    }
+    tracing::info!(ca_fingerprint = %fingerprint, "serving TLS; clients must present a certificate signed by the CA");
+    Ok(Some(tls))
+}
+
 /// The embedded coordinator of `flotilla run`: a one-replica Raft cluster
 /// with its log in `data_dir`, on `listener`.
 pub async fn embedded(
@@ -325,15 +449,19 @@ pub async fn embedded(
     cfg: CoordinatorConfig,
     token: CancellationToken,
     data_dir: &Path,
+    tls: Option<&Tls>,
 ) -> anyhow::Result<(flotilla_coordinator::ServerHandle, RaftStore)> {
-    let addr = format!("http://{}", listener.local_addr()?);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let addr = format!("{scheme}://{}", listener.local_addr()?);
     let mut opts = RaftOptions::new(1, data_dir, addr.clone());
     opts.peers = BTreeMap::from([(1, addr)]);
     opts.initial_state = State::new(DEFAULT_MAX_RESTARTS);
     let store =
         RaftStore::open(opts).await.with_context(|| format!("open the coordinator's log in {}", data_dir.display()))?;
     let routes = store.routes();
-    let server = flotilla_coordinator::serve_with_routes(listener, Arc::new(store.clone()), cfg, token, routes).await?;
+    let server_tls = tls.map(Tls::server_config);
+    let server =
+        flotilla_coordinator::serve_with_tls(listener, Arc::new(store.clone()), cfg, token, routes, server_tls).await?;
     Ok((server, store))
 }
 
@@ -388,12 +516,14 @@ fn print_members(m: &rpb::MembersReply) {
 /// `flotilla coordinator members|add|remove`.
 pub async fn admin(cmd: super::AdminCommand) -> anyhow::Result<i32> {
     use super::AdminCommand as A;
+    let (A::Members { coordinator } | A::Add { coordinator, .. } | A::Remove { coordinator, .. }) = &cmd;
+    super::certs::dial_as_client(&coordinator.tls)?;
     let reply = match cmd {
         A::Members { coordinator } => {
             on_leader(&coordinator.coordinator, |mut c| async move { c.members(rpb::MembersRequest {}).await }).await
         }
         A::Add { id, url, coordinator } => {
-            let addr = url_of(&url);
+            let addr = flotilla_proto::tls::with_scheme(&url);
             on_leader(&coordinator.coordinator, |mut c| {
                 let req = rpb::AddMemberRequest { id, addr: addr.clone() };
                 async move { c.add_member(req).await }

@@ -1,5 +1,6 @@
 //! The `flotilla` command line.
 
+pub mod certs;
 pub mod client;
 pub mod coordinator;
 pub mod models;
@@ -51,6 +52,8 @@ pub struct CoordinatorArg {
     /// by commas (the leader among them is found and followed).
     #[arg(long, env = "FLOTILLA_COORDINATOR", default_value = "http://127.0.0.1:7070")]
     pub coordinator: String,
+    #[command(flatten)]
+    pub tls: certs::TlsArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,6 +82,11 @@ pub enum Command {
     Coordinator(CoordinatorCmd),
     /// Run a worker that takes assignments from a coordinator.
     Worker(worker::WorkerArgs),
+    /// TLS material for the coordinator's port (replicas, workers, the CLI).
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCommand,
+    },
     /// Submit a job file to a running coordinator.
     Submit {
         job: PathBuf,
@@ -136,6 +144,23 @@ pub enum Command {
     Token {
         #[command(subcommand)]
         cmd: token::TokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Make a CA, a certificate for the coordinator replicas (valid for
+    /// localhost, 127.0.0.1, ::1 and --hosts) and one for workers and the
+    /// CLI, in DIR: ca.pem/ca.key, coordinator.pem/.key, client.pem/.key.
+    Init {
+        dir: PathBuf,
+        /// More names the replicas are reached by (host names or IP
+        /// addresses), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+        /// Replace files that exist (a new CA: everyone needs the new files).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -234,13 +259,18 @@ pub struct ServeArgs {
     /// Keep the log in memory only (lost with the process).
     #[arg(long)]
     pub memory: bool,
+    /// Serve TLS with this folder's ca.pem, coordinator.pem and
+    /// coordinator.key (see `flotilla certs init`); clients must present a
+    /// certificate signed by that CA [default: DATA_DIR/tls, made on first start].
+    #[arg(long, env = "FLOTILLA_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
     /// The admin token file this replica accepts, made (mode 0600) with a
     /// new token when missing [default: DATA_DIR/admin.token]. Give every
     /// replica of a cluster the same file, or make them each their own.
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
-    /// Accept calls without API tokens (and, with it, without TLS). For a
-    /// trusted network only: anyone who reaches the port can do anything.
+    /// Serve plaintext, without TLS, and accept calls without API tokens.
+    /// For a trusted network only: anyone who reaches the port can do anything.
     #[arg(long)]
     pub insecure: bool,
 }

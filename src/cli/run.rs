@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use flotilla_coordinator::{AuthMode, CoordinatorConfig};
 use flotilla_proto::auth::Credentials;
+use flotilla_proto::tls::{Role, Tls, TlsPaths};
 use flotilla_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
@@ -40,8 +41,15 @@ pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
     };
     // The coordinator's log lives as long as this run.
     let data_dir = std::env::temp_dir().join(format!("flotilla-run-{}", std::process::id()));
-    let (server, store) = super::coordinator::embedded(listener, cfg, shutdown.clone(), &data_dir).await?;
-    let url = format!("http://{}", server.addr);
+    // So are its TLS material: a throw-away CA for this run's loopback port.
+    let tls_dir = data_dir.join("tls");
+    super::certs::ensure(&tls_dir, &[]).context("make this run's TLS material")?;
+    let load = |role| Tls::load(&TlsPaths::in_dir(&tls_dir, role)).map_err(anyhow::Error::msg);
+    let (server_tls, client_tls) = (load(Role::Coordinator)?, load(Role::Client)?);
+    flotilla_proto::tls::set_dialing(Some(&client_tls));
+    let (server, store) =
+        super::coordinator::embedded(listener, cfg, shutdown.clone(), &data_dir, Some(&server_tls)).await?;
+    let url = format!("https://{}", server.addr);
 
     let credentials = Credentials::token(&token).map_err(anyhow::Error::msg)?;
     let mut client = client::connect_with(&url, credentials).await?;
@@ -65,7 +73,8 @@ pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
     };
     eprintln!("flotilla: running {job} on {n} local workers (coordinator {url}, logs in {})", logs.display());
     // Started from this (the main) thread: the parent death signal follows it.
-    let mut local = LocalWorkers::start(n, &url, &token, &logs).context("start local workers")?;
+    let tls_args = super::certs::child_args(Some(&tls_dir));
+    let mut local = LocalWorkers::start(n, &url, &token, &tls_args, &logs).context("start local workers")?;
 
     let started = Instant::now();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -85,6 +85,10 @@ fn refused(s: &tonic::Status) -> i32 {
 }
 
 pub async fn token(cmd: TokenCommand) -> anyhow::Result<i32> {
+    use TokenCommand as T;
+    if let T::Create { coordinator, .. } | T::List { coordinator } | T::Revoke { coordinator, .. } = &cmd {
+        super::certs::dial_as_client(&coordinator.tls)?;
+    }
     match cmd {
         TokenCommand::Generate => {
             let (token, _) = flotilla_coordinator::auth::new_token()?;

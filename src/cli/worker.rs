@@ -78,6 +78,7 @@ const SUBMIT_PATIENCE: Duration = Duration::from_secs(600);
 /// after a preemption notice, or, with `--submit`, its job ends. Returns
 /// the exit code.
 pub async fn run(args: WorkerArgs, token: CancellationToken) -> anyhow::Result<i32> {
+    super::certs::dial_as_client(&args.coordinator.tls)?;
     let launcher = launch_env::read(|k| std::env::var(k).ok());
     let rank_hint = args.rank_hint.or(launcher.rank_hint.map(|(r, var)| {
         tracing::info!(rank_hint = r, from = var, "rank hint from the launcher");

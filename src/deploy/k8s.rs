@@ -22,6 +22,11 @@ pub const WORKER_SERVICE_ACCOUNT: &str = "flotilla-worker";
 pub const GRACE_MARGIN_S: u64 = 30;
 /// The pod label Kubernetes sets to the uid of the Job that owns a pod.
 pub const CONTROLLER_UID_LABEL: &str = "batch.kubernetes.io/controller-uid";
+/// The Secret holding the cluster's TLS folder (`flotilla certs init`),
+/// shared with the coordinator's StatefulSet.
+pub const TLS_SECRET: &str = "flotilla-tls";
+/// Where a pod finds it (`FLOTILLA_TLS_DIR`).
+pub const TLS_DIR: &str = "/var/run/flotilla/tls";
 
 /// Which managed Kubernetes the workers run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -310,6 +315,7 @@ fn pod_spec(config_name: &str, opts: &K8sOptions) -> Node {
         env_field("POD_IP", "status.podIP"),
         env_value("FLOTILLA_LOG", "info"),
         env_value(flotilla_proto::auth::TOKEN_FILE_ENV, &format!("{TOKEN_DIR}/token")),
+        env_value("FLOTILLA_TLS_DIR", TLS_DIR),
     ]);
     let mut requests = map([("cpu", opts.cpu.clone().into()), ("memory", opts.memory.clone().into())]);
     let mut resources = map([]);
@@ -323,17 +329,29 @@ fn pod_spec(config_name: &str, opts: &K8sOptions) -> Node {
         map([("name", "job".into()), ("mountPath", "/etc/flotilla".into()), ("readOnly", true.into())]),
         map([("name", "work".into()), ("mountPath", WORKDIR.into())]),
         map([("name", "token".into()), ("mountPath", TOKEN_DIR.into()), ("readOnly", true.into())]),
+        map([("name", "tls".into()), ("mountPath", TLS_DIR.into()), ("readOnly", true.into())]),
     ];
     let work = match &opts.workdir_claim {
         Some(claim) => map([("name", "work".into()), ("persistentVolumeClaim", map([("claimName", claim.into())]))]),
         None => map([("name", "work".into()), ("emptyDir", map([]))]),
     };
+    // A worker needs the CA and the client certificate, not the replicas' key.
+    let items = ["ca.pem", "client.pem", "client.key"].map(|f| map([("key", f.into()), ("path", f.into())]));
+    let tls = map([
+        ("secretName", TLS_SECRET.into()),
+        ("items", Node::List(items.to_vec())),
+        ("defaultMode", 0o400u32.into()),
+    ]);
     let token = map([
         ("name", "token".into()),
         ("secret", map([("secretName", opts.token_secret.clone().into()), ("defaultMode", 0o400u32.into())])),
     ]);
-    let mut volumes =
-        vec![map([("name", "job".into()), ("configMap", map([("name", config_name.into())]))]), work, token];
+    let mut volumes = vec![
+        map([("name", "job".into()), ("configMap", map([("name", config_name.into())]))]),
+        work,
+        token,
+        map([("name", "tls".into()), ("secret", tls)]),
+    ];
     if opts.gpus > 0 {
         // NCCL uses shared memory between processes; the default /dev/shm is 64 MiB.
         mounts.push(map([("name", "dshm".into()), ("mountPath", "/dev/shm".into())]));

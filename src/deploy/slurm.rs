@@ -155,6 +155,7 @@ pub fn render(spec: &JobSpec, opts: &SlurmOptions) -> Result<String, RenderError
     match &opts.coordinator {
         Some(url) => {
             line(&format!("export FLOTILLA_COORDINATOR={}", shell_quote(url)));
+            line("# TLS: FLOTILLA_TLS_DIR (exported when sbatch runs) names the coordinator's TLS folder.");
         }
         None => {
             let host = match &opts.coordinator_host {
@@ -184,6 +185,9 @@ pub fn render(spec: &JobSpec, opts: &SlurmOptions) -> Result<String, RenderError
             line("  fi");
             line("  sleep 0.1");
             line("done");
+            line("# TLS: the workers use the folder FLOTILLA_TLS_DIR names, else the one the");
+            line("# coordinator made in its data directory (on the shared file system).");
+            line("export FLOTILLA_TLS_DIR=\"${FLOTILLA_TLS_DIR:-$coordinator_dir/data/tls}\"");
         }
     }
     match &opts.token_file {

@@ -34,6 +34,7 @@ pub const TIMINGS: [&str; 6] = ["--lease-ms", "1500", "--heartbeat-ms", "200", "
 
 /// The leader's client, found among `addrs` (waits through an election).
 pub async fn leader_client(addrs: &[String]) -> (String, JobServiceClient<flotilla::proto::auth::AuthChannel>) {
+    super::tls_dir();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match leader::find_leader(addrs, None).await {

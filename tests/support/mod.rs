@@ -22,6 +22,35 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_flotilla")
 }
 
+/// The TLS folder of this test binary: one CA, made once by `flotilla certs
+/// init`, that every coordinator, worker and CLI it starts (through [`cmd`])
+/// and its own in-process clients (see [`channel`]) use.
+pub fn tls_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = Command::new(bin()).args(["certs", "init", dir.to_str().unwrap()]).output().expect("run flotilla");
+        assert!(out.status.success(), "flotilla certs init: {}", String::from_utf8_lossy(&out.stderr));
+        let tls = flotilla::proto::tls::Tls::load(&flotilla::proto::tls::TlsPaths::in_dir(
+            &dir,
+            flotilla::proto::tls::Role::Client,
+        ))
+        .unwrap();
+        assert!(flotilla::proto::tls::set_dialing(Some(&tls)), "this test process already dials in plaintext");
+        dir
+    })
+}
+
+/// `flotilla` with this test binary's TLS folder and the admin token in
+/// its environment.
+pub fn cmd() -> Command {
+    let mut c = Command::new(bin());
+    c.env("FLOTILLA_TLS_DIR", tls_dir());
+    with_token(&mut c);
+    c
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -54,9 +83,18 @@ pub fn authed(channel: Channel) -> AuthChannel {
     credentials().wrap(channel)
 }
 
-/// A channel to `url`, carrying the admin token.
-pub async fn channel(url: &str) -> Result<AuthChannel, tonic::transport::Error> {
-    Ok(authed(Channel::from_shared(url.to_string()).expect("a URL").connect().await?))
+/// A channel to `url` with this test binary's client certificate (mutual
+/// TLS; plaintext to an `http://` URL), carrying the admin token.
+pub async fn channel(url: &str) -> Result<AuthChannel, String> {
+    tls_dir();
+    let channel = if url.starts_with("http://") {
+        // A coordinator started with --insecure (see `spawn_coordinator_from`): plaintext.
+        let endpoint = Channel::from_shared(url.to_string()).map_err(|e| e.to_string())?;
+        endpoint.connect().await.map_err(|e| flotilla::proto::leader::error_chain(&e))?
+    } else {
+        flotilla::proto::leader::channel(url, Duration::from_secs(5)).await?
+    };
+    Ok(authed(channel))
 }
 
 /// `cmd` with the admin token in its environment.
@@ -108,20 +146,26 @@ pub fn coordinator_with(dir: &Path, args: &[&str]) -> (Proc, String) {
 /// Starts `flotilla coordinator ARGS`, logging to `log`; returns it and the
 /// URL from the first line it prints.
 pub fn spawn_coordinator(log: &Path, args: &[&str]) -> (Proc, String) {
+    spawn_coordinator_from(cmd(), log, args)
+}
+
+/// [`spawn_coordinator`] from `command` (a `flotilla` with its own
+/// environment). The URL is `http://` for a coordinator started with
+/// `--insecure`, `https://` otherwise.
+pub fn spawn_coordinator_from(mut command: Command, log: &Path, args: &[&str]) -> (Proc, String) {
     let log = log.to_path_buf();
-    let mut cmd = Command::new(bin());
-    cmd.arg("coordinator").args(args);
+    command.arg("coordinator").args(args);
     if !args.iter().any(|a| *a == "--insecure" || *a == "--admin-token-file") {
-        cmd.arg("--admin-token-file").arg(admin_token_file());
+        command.arg("--admin-token-file").arg(admin_token_file());
     }
     let mut child =
-        cmd.stdout(Stdio::piped()).stderr(std::fs::File::create(&log).unwrap()).spawn().expect("start coordinator");
+        command.stdout(Stdio::piped()).stderr(std::fs::File::create(&log).unwrap()).spawn().expect("start coordinator");
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let addr =
         line.trim().strip_prefix("coordinator listening on ").unwrap_or_else(|| panic!("odd first line {line:?}"));
-    let url = format!("http://{addr}");
-    (Proc { child, log }, url)
+    let scheme = if args.contains(&"--insecure") { "http" } else { "https" };
+    (Proc { child, log }, format!("{scheme}://{addr}"))
 }
 
 /// Starts `flotilla worker` against `url`, logging to `dir/<name>.log`.
@@ -133,7 +177,7 @@ pub fn worker(dir: &Path, url: &str, name: &str) -> Proc {
 /// coordinator and a loopback data port, logging to `dir/<name>.log`.
 pub fn worker_with_args(dir: &Path, url: &str, name: &str, args: &[&str]) -> Proc {
     let log = dir.join(format!("{name}.log"));
-    let child = with_token(&mut Command::new(bin()))
+    let child = cmd()
         .args(["worker", "--coordinator", url, "--data-addr", "127.0.0.1:0"])
         .args(args)
         .stdout(Stdio::null())
@@ -166,7 +210,7 @@ pub fn job_file(dir: &Path, name: &str, yaml: &str) -> PathBuf {
 
 /// `flotilla ARGS` run in `cwd`, to completion.
 pub fn flotilla(cwd: &Path, args: &[&str]) -> Output {
-    with_token(&mut Command::new(bin())).args(args).current_dir(cwd).output().expect("run flotilla")
+    cmd().args(args).current_dir(cwd).output().expect("run flotilla")
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
@@ -415,7 +459,7 @@ pub fn steady_samples_per_sec(steps: &[StepRecord], global_batch: usize, skip: u
 /// Starts `flotilla worker` with extra environment variables.
 pub fn worker_with_env(dir: &Path, url: &str, name: &str, env: &[(String, String)]) -> Proc {
     let log = dir.join(format!("{name}.log"));
-    let child = with_token(&mut Command::new(bin()))
+    let child = cmd()
         .args(["worker", "--coordinator", url, "--data-addr", "127.0.0.1:0", "--op-timeout-s", "20"])
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdout(Stdio::null())

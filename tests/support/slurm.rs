@@ -158,6 +158,7 @@ impl SlurmCluster {
         Command::new(program(program_name))
             .args(args)
             .env("SLURM_CONF", &self.conf)
+            .env("FLOTILLA_TLS_DIR", super::tls_dir())
             .current_dir(cwd)
             .output()
             .unwrap_or_else(|e| panic!("run {program_name}: {e}"))

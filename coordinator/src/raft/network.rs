@@ -1,6 +1,9 @@
 //! The Raft network over gRPC: one lazily connected tonic channel per peer,
 //! requests and replies carried as serde-JSON payloads. A peer that cannot
 //! be reached is reported to openraft as `Unreachable`, which backs off.
+//! Channels are made in the process's dialing mode
+//! ([`flotilla_proto::tls::endpoint`]): with TLS a replica presents its
+//! certificate and checks the peer's against the CA.
 
 use std::time::Duration;
 
@@ -15,7 +18,7 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::types::{NodeId, TypeConfig};
 
@@ -56,8 +59,8 @@ impl GrpcPeer {
         if let Some(client) = &self.client {
             return Ok(client.clone());
         }
-        let endpoint = Endpoint::from_shared(self.addr.clone())
-            .map_err(|e| Unreachable::new(&e))?
+        let endpoint = flotilla_proto::tls::endpoint(&self.addr)
+            .map_err(|e| Unreachable::new(&std::io::Error::other(e)))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
         let client = RaftClient::new(endpoint.connect_lazy());
