@@ -173,7 +173,8 @@ async fn client_when_up(
     loop {
         let token = std::fs::read_to_string(&token_file).unwrap_or_default();
         let credentials = flotilla::proto::auth::Credentials::token(&token);
-        let channel = tonic::transport::Channel::from_shared(url.to_string()).unwrap().connect().await;
+        support::tls_dir();
+        let channel = flotilla::proto::leader::channel(url, Duration::from_secs(5)).await;
         if let (Ok(credentials), Ok(channel)) = (credentials, channel) {
             return flotilla::proto::v1::job_service_client::JobServiceClient::new(credentials.wrap(channel));
         }
