@@ -179,24 +179,51 @@ const JOB: &str = "
 name: guarded
 model: {kind: mlp, layers: [8, 16, 4]}
 data: {kind: synthetic, seed: 3, samples: 256}
-train: {steps: 20000, global_batch: 16, seed: 5}
+train: {steps: 8000, global_batch: 16, seed: 5}
 workers: {min: 1, max: 1}
-checkpoint: {url: runs, every: 5000, keep: 2}
+checkpoint: {url: runs, every: 2000, keep: 2}
 ";
 
-#[test]
-fn a_stranger_with_a_worker_token_cannot_touch_a_running_job() {
+/// The final weights of [`JOB`] run undisturbed (once per test binary).
+fn undisturbed() -> &'static std::collections::BTreeMap<String, Vec<f32>> {
+    static WEIGHTS: std::sync::OnceLock<std::collections::BTreeMap<String, Vec<f32>>> = std::sync::OnceLock::new();
+    WEIGHTS.get_or_init(|| {
+        let quiet = tempfile::tempdir().unwrap();
+        let job = job_file(quiet.path(), "job", JOB);
+        let out = flotilla(quiet.path(), &["run", job.to_str().unwrap(), "--workers", "1"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        read_tensors(&quiet.path().join("runs/guarded-1/final/model.safetensors"))
+    })
+}
+
+/// What a stranger holding a `worker` token tries on a running job.
+#[derive(Debug, Clone, Copy)]
+enum Attack {
+    /// Report the job finished, as the real worker and as itself.
+    Finish,
+    /// Six fatal failures, as the real worker and as itself.
+    Fail,
+    /// Commit a checkpoint of a made-up step, as the real worker and as itself.
+    Commit,
+    /// Fake progress, as the real worker and as itself.
+    Progress,
+    /// A preemption notice for the real worker.
+    Preempt,
+    /// Read the real worker's assignments (its job, peers and data secret).
+    Assignments,
+    /// Heartbeat for the real worker, without a key and with its own.
+    Heartbeat,
+    /// Register again under the real worker's id and data address.
+    TakeOver,
+}
+
+/// Runs [`JOB`] on one real worker, lets a stranger with a `worker` token
+/// (and a registered worker of its own) try `attack` while it trains, and
+/// checks that every try is refused and that the job ends in its first
+/// generation with the undisturbed run's weights.
+fn attack_running_job(attack: Attack) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-
-    // The undisturbed run of the same job.
-    let quiet = d.join("quiet");
-    std::fs::create_dir_all(&quiet).unwrap();
-    let quiet_job = job_file(&quiet, "job", JOB);
-    let out = flotilla(&quiet, &["run", quiet_job.to_str().unwrap(), "--workers", "1"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let undisturbed = read_tensors(&quiet.join("runs/guarded-1/final/model.safetensors"));
-
     let (coord, url) = coordinator(d);
     let stranger_token = create_token(d, &url, "worker", "stranger");
     let _real = worker(d, &url, "real");
@@ -210,90 +237,156 @@ fn a_stranger_with_a_worker_token_cannot_touch_a_running_job() {
             wait_for(&mut c, &id, Duration::from_secs(120), |s| is_phase(s, pb::JobPhase::Running) && s.step > 0).await;
         let (generation, real) = (running.generation, running.ranks[0].worker_id.clone());
         let real_addr = running.ranks[0].data_addr.clone();
+        let folder = running.output_dir.clone();
 
-        // The stranger registers a worker of its own: it gets a key, for its own id only.
         let creds = Credentials::token(&stranger_token).unwrap().for_worker();
         let mut w = WorkerServiceClient::new(creds.wrap(raw_channel(&url).await));
-        let keyless = w.heartbeat(pb::HeartbeatRequest { worker_id: real.clone() }).await.unwrap_err();
-        assert_eq!(keyless.code(), Code::PermissionDenied, "{keyless:?}");
-        assert!(keyless.message().contains("needs its key"), "{keyless:?}");
         let reg = pb::RegisterRequest { data_addr: "127.0.0.1:1".into(), hostname: "x".into(), ..Default::default() };
         let mine = w.register(reg).await.unwrap().into_inner();
         assert!(!mine.worker_key.is_empty());
         creds.set_worker_key(&mine.worker_key);
         w.heartbeat(pb::HeartbeatRequest { worker_id: mine.worker_id.clone() }).await.unwrap();
 
-        // Its id and the real worker's address do not make it the real worker.
-        let steal = pb::RegisterRequest {
-            data_addr: real_addr.clone(),
-            hostname: "x".into(),
-            worker_id: real.clone(),
-            ..Default::default()
-        };
-        let stolen = w.register(steal).await.unwrap().into_inner();
-        assert_ne!(stolen.worker_id, real, "a stranger took over the real worker's id");
-        creds.set_worker_key(&mine.worker_key);
-
         let denied = |what: &str, r: Result<(), tonic::Status>| {
             let s = r.expect_err(what);
-            assert_eq!(s.code(), Code::PermissionDenied, "{what}: {s:?}");
+            assert_eq!(s.code(), Code::PermissionDenied, "{attack:?} {what}: {s:?}");
         };
-        let folder = running.output_dir.clone();
-        for as_worker in [real.clone(), mine.worker_id.clone()] {
-            let finish = pb::FinishReport {
-                worker_id: as_worker.clone(),
-                job_id: id.clone(),
-                generation,
-                step: 20_000,
-                final_model: format!("{folder}/final/model.safetensors"),
-            };
-            denied("finish", w.report_finished(finish).await.map(|_| ()));
-            for _ in 0..6 {
-                let failure = pb::FailureReport {
-                    worker_id: as_worker.clone(),
-                    job_id: id.clone(),
-                    generation,
-                    kind: pb::FailureKind::Fatal as i32,
-                    message: "fake".into(),
+        let us = [real.clone(), mine.worker_id.clone()];
+        match attack {
+            Attack::Finish => {
+                for worker_id in us {
+                    let finish = pb::FinishReport {
+                        worker_id,
+                        job_id: id.clone(),
+                        generation,
+                        step: 8000,
+                        final_model: format!("{folder}/final/model.safetensors"),
+                    };
+                    denied("finish", w.report_finished(finish).await.map(|_| ()));
+                }
+            }
+            Attack::Fail => {
+                for worker_id in us {
+                    for _ in 0..6 {
+                        let failure = pb::FailureReport {
+                            worker_id: worker_id.clone(),
+                            job_id: id.clone(),
+                            generation,
+                            kind: pb::FailureKind::Fatal as i32,
+                            message: "fake".into(),
+                            ..Default::default()
+                        };
+                        denied("failure", w.report_failure(failure).await.map(|_| ()));
+                    }
+                }
+            }
+            Attack::Commit => {
+                for worker_id in us {
+                    let commit = pb::CheckpointCommit {
+                        worker_id,
+                        job_id: id.clone(),
+                        generation,
+                        step: 1_000_000,
+                        location: format!("{folder}/step-01000000"),
+                        ..Default::default()
+                    };
+                    denied("commit", w.commit_checkpoint(commit).await.map(|_| ()));
+                }
+            }
+            Attack::Progress => {
+                for worker_id in us {
+                    let progress = pb::ProgressReport {
+                        worker_id,
+                        job_id: id.clone(),
+                        generation,
+                        step: 7_999,
+                        loss: 1e-9,
+                        ..Default::default()
+                    };
+                    denied("progress", w.report_progress(progress).await.map(|_| ()));
+                }
+            }
+            Attack::Preempt => {
+                let notice =
+                    pb::PreemptionNotice { worker_id: real.clone(), source: "sigterm".into(), detail: String::new() };
+                denied("preemption", w.report_preemption(notice).await.map(|_| ()));
+            }
+            Attack::Assignments => {
+                let req = pb::AssignmentsRequest { worker_id: real.clone() };
+                denied("assignments", w.assignments(req).await.map(|_| ()));
+            }
+            Attack::Heartbeat => {
+                denied("heartbeat", w.heartbeat(pb::HeartbeatRequest { worker_id: real.clone() }).await.map(|_| ()));
+                let keyless = Credentials::token(&stranger_token).unwrap();
+                let mut k = WorkerServiceClient::new(keyless.wrap(raw_channel(&url).await));
+                let s = k.heartbeat(pb::HeartbeatRequest { worker_id: real.clone() }).await.unwrap_err();
+                assert_eq!(s.code(), Code::PermissionDenied, "{s:?}");
+                assert!(s.message().contains("needs its key"), "{s:?}");
+            }
+            Attack::TakeOver => {
+                let steal = pb::RegisterRequest {
+                    data_addr: real_addr.clone(),
+                    hostname: "x".into(),
+                    worker_id: real.clone(),
                     ..Default::default()
                 };
-                denied("failure", w.report_failure(failure).await.map(|_| ()));
+                let stolen = w.register(steal).await.unwrap().into_inner();
+                assert_ne!(stolen.worker_id, real, "a stranger took over the real worker's id");
             }
-            let commit = pb::CheckpointCommit {
-                worker_id: as_worker.clone(),
-                job_id: id.clone(),
-                generation,
-                step: 1_000,
-                location: format!("{folder}/step-00001000"),
-                ..Default::default()
-            };
-            denied("commit", w.commit_checkpoint(commit).await.map(|_| ()));
-            let progress = pb::ProgressReport {
-                worker_id: as_worker.clone(),
-                job_id: id.clone(),
-                generation,
-                step: 19_999,
-                loss: 1e-9,
-                ..Default::default()
-            };
-            denied("progress", w.report_progress(progress).await.map(|_| ()));
         }
-        denied("heartbeat", w.heartbeat(pb::HeartbeatRequest { worker_id: real.clone() }).await.map(|_| ()));
-        let notice = pb::PreemptionNotice { worker_id: real.clone(), source: "sigterm".into(), detail: String::new() };
-        denied("preemption", w.report_preemption(notice).await.map(|_| ()));
-        denied("assignments", w.assignments(pb::AssignmentsRequest { worker_id: real.clone() }).await.map(|_| ()));
 
-        // The job went on as if nothing happened, and ends as the undisturbed run did.
+        // The job went on as if nothing happened.
         let done = wait_for(&mut c, &id, Duration::from_secs(300), |s| {
             is_phase(s, pb::JobPhase::Succeeded) || is_phase(s, pb::JobPhase::Failed)
         })
         .await;
-        assert!(is_phase(&done, pb::JobPhase::Succeeded), "{done:#?}");
-        assert_eq!(done.generation, generation, "the attacks changed the generation: {done:#?}");
+        assert!(is_phase(&done, pb::JobPhase::Succeeded), "{attack:?}: {done:#?}");
+        assert_eq!(done.generation, generation, "{attack:?} changed the generation: {done:#?}");
         assert_eq!(done.restarts, 0, "{done:#?}");
-        assert!(done.checkpoints.iter().all(|c| c.step <= 20_000 && c.step % 5_000 == 0), "{done:#?}");
+        let steps: Vec<u64> = done.checkpoints.iter().map(|c| c.step).collect();
+        assert_eq!(steps, vec![4000, 6000], "{attack:?}: the checkpoints the job took, and no other");
     });
     let attacked = read_tensors(&d.join("runs/guarded-1/final/model.safetensors"));
-    assert_eq!(attacked, undisturbed, "the final weights differ from the undisturbed run's");
+    assert_eq!(&attacked, undisturbed(), "{attack:?}: the final weights differ from the undisturbed run's");
     drop(coord);
+}
+
+#[test]
+fn a_stranger_cannot_finish_a_running_job() {
+    attack_running_job(Attack::Finish);
+}
+
+#[test]
+fn a_stranger_cannot_fail_a_running_job() {
+    attack_running_job(Attack::Fail);
+}
+
+#[test]
+fn a_stranger_cannot_commit_a_checkpoint_of_a_running_job() {
+    attack_running_job(Attack::Commit);
+}
+
+#[test]
+fn a_stranger_cannot_report_progress_of_a_running_job() {
+    attack_running_job(Attack::Progress);
+}
+
+#[test]
+fn a_stranger_cannot_preempt_a_real_worker() {
+    attack_running_job(Attack::Preempt);
+}
+
+#[test]
+fn a_stranger_cannot_read_a_real_workers_assignments() {
+    attack_running_job(Attack::Assignments);
+}
+
+#[test]
+fn a_stranger_cannot_heartbeat_for_a_real_worker() {
+    attack_running_job(Attack::Heartbeat);
+}
+
+#[test]
+fn a_stranger_cannot_take_over_a_real_workers_id() {
+    attack_running_job(Attack::TakeOver);
 }
