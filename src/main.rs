@@ -95,6 +95,27 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
             println!("{}: {} tensors, {} parameters", out.display(), layout.names.len(), layout.total);
             Ok(0)
         }
+        Command::HfEval { model, tokens, out } => {
+            tch::set_num_threads(1);
+            let batch = tch::Tensor::read_safetensors(&tokens)
+                .with_context(|| format!("read {}", tokens.display()))?
+                .into_iter()
+                .find(|(n, _)| n == "tokens")
+                .with_context(|| format!("{} has no tensor `tokens`", tokens.display()))?
+                .1
+                .to_kind(tch::Kind::Int64);
+            let (logits, loss) = match flotilla_trainer::hf::evaluate(&model, &batch) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(cli::EXIT_BAD_INPUT);
+                }
+            };
+            tch::Tensor::write_safetensors(&[("logits", &logits)], &out)
+                .with_context(|| format!("write {}", out.display()))?;
+            println!("{}", serde_json::json!({ "loss": loss }));
+            Ok(0)
+        }
         Command::Coordinator(cmd) => match cmd.admin {
             Some(admin) => {
                 init_logs("warn");

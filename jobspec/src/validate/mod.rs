@@ -5,6 +5,7 @@
 //! result (`parallelism` needs `workers` and `model`, `train` needs
 //! `parallelism`, `data` needs `model`).
 
+mod llama;
 mod model;
 pub(crate) mod registry;
 mod train;
@@ -22,6 +23,8 @@ use crate::{CheckpointSpec, DpSize, JobSpec, ModelSpec, ParallelismSpec, Pipelin
 pub(crate) struct Ctx<'a> {
     pub origin: &'a str,
     pub source: &'a str,
+    /// Reads `DIR/config.json` for `model.from: DIR` (see `crate::parse_with`).
+    pub read_config: &'a crate::ReadConfig<'a>,
 }
 
 impl Ctx<'_> {
@@ -63,8 +66,7 @@ impl Ctx<'_> {
 }
 
 /// Validates the whole file.
-pub(crate) fn job(raw: RawJob, origin: &str, source: &str) -> Result<JobSpec, SpecError> {
-    let cx = Ctx { origin, source };
+pub(crate) fn job(raw: RawJob, cx: &Ctx) -> Result<JobSpec, SpecError> {
     let name = name(&cx, &raw.name)?;
     let model = model::model(&cx, &raw.model)?;
     let data = model::data(&cx, &raw.data, &raw.model, &model)?;

@@ -1,5 +1,5 @@
-//! The models a job file can name: an MLP classifier and a decoder-only
-//! transformer (GPT), each a chain of units ([`Unit`]) that pipelines cut
+//! The models a job file can name: an MLP classifier, a decoder-only
+//! transformer (GPT) and a Llama ([`llama`]), each a chain of units ([`Unit`]) that pipelines cut
 //! at and ZeRO partitions. A unit is a pure function of its parameters and
 //! its input ([`forward`]); the engine owns every tensor. Each model
 //! returns the *sum* of its per-sample losses, so that gradients add up
@@ -18,6 +18,8 @@ use tch::nn;
 use tch::{Kind, Reduction, Tensor};
 
 use crate::checkpoint::Layout;
+
+pub mod llama;
 
 /// One layer a pipeline can cut the model at: what runs between two
 /// activations. A GPT is its embedding, each block and its head (final
@@ -71,6 +73,7 @@ impl Unit {
                 out.push((Unit::Head, vec!["ln_f.weight".into(), "ln_f.bias".into(), "head.weight".into()]));
                 out
             }
+            ModelSpec::Llama(l) => llama::units(l),
         }
     }
 }
@@ -112,6 +115,7 @@ pub fn shapes(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
             out.push(("ln_f.bias".into(), vec![d]));
             out.push(("head.weight".into(), vec![g.vocab, d]));
         }
+        ModelSpec::Llama(l) => out = llama::shapes(l),
     }
     out
 }
@@ -128,6 +132,8 @@ pub fn output_shape(spec: &ModelSpec, unit: Unit, batch: usize) -> Vec<i64> {
         (ModelSpec::Mlp(m), Unit::Linear { index, .. }) => vec![batch as i64, m.layers[index + 1] as i64],
         (ModelSpec::Gpt(g), Unit::Head) => vec![batch as i64, g.context as i64, g.vocab as i64],
         (ModelSpec::Gpt(g), _) => vec![batch as i64, g.context as i64, g.d_model as i64],
+        (ModelSpec::Llama(l), Unit::Head) => vec![batch as i64, l.context as i64, l.vocab as i64],
+        (ModelSpec::Llama(l), _) => vec![batch as i64, l.context as i64, l.d_model as i64],
         (ModelSpec::Mlp(_), _) => unreachable!("an MLP has only linear units"),
     }
 }
@@ -140,6 +146,7 @@ fn init_unit(p: &nn::Path, spec: &ModelSpec, unit: Unit) {
             nn::linear(p / "layers" / index, layers[index] as i64, layers[index + 1] as i64, Default::default());
         }
         (ModelSpec::Gpt(g), _) => gpt_init_unit(p, g, unit),
+        (ModelSpec::Llama(l), _) => llama::init_unit(p, l, unit),
         (ModelSpec::Mlp(_), _) => unreachable!("an MLP has only linear units"),
     }
 }
@@ -268,19 +275,21 @@ pub fn forward(spec: &ModelSpec, unit: Unit, p: &[Tensor], x: &Tensor) -> Tensor
             let d = g.d_model as i64;
             layer_norm(x, &p[0], &p[1], d).linear::<Tensor>(&p[2], None)
         }
+        (ModelSpec::Llama(l), _) => llama::forward(l, unit, p, x),
         (ModelSpec::Mlp(_), _) => unreachable!("an MLP has only linear units"),
     }
 }
 
 /// Sum over the batch of each sample's loss, from the last unit's output
-/// (cross-entropy in f32; for the GPT the mean over the sample's positions).
+/// (cross-entropy in f32; for a language model the mean over the sample's
+/// positions).
 pub fn loss_sum(spec: &ModelSpec, out: &Tensor, y: &Tensor) -> Tensor {
     let out = out.to_kind(Kind::Float);
     match spec {
         ModelSpec::Mlp(_) => out.cross_entropy_loss::<Tensor>(y, None, Reduction::Sum, -100, 0.0),
-        ModelSpec::Gpt(g) => {
+        ModelSpec::Gpt(GptSpec { vocab, .. }) | ModelSpec::Llama(flotilla_jobspec::LlamaSpec { vocab, .. }) => {
             let t = y.size()[1];
-            let flat = out.view([-1, g.vocab as i64]);
+            let flat = out.view([-1, *vocab as i64]);
             flat.cross_entropy_loss::<Tensor>(&y.reshape([-1]), None, Reduction::Sum, -100, 0.0) / (t as f64)
         }
     }
