@@ -66,6 +66,20 @@ fn max_abs_diff(a: &Path, b: &Path) -> f64 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs() as f64).fold(0.0, f64::max)
 }
 
+/// flotilla and transformers run the model folder `model` on the batch in
+/// `dir/batch.safetensors`; checks their logits within 1e-5 and their
+/// losses within 1e-5 relative.
+fn compare_in_transformers(py: &Path, dir: &Path, label: &str, model: &Path) {
+    let ours = flotilla_eval(dir, model, &dir.join("batch.safetensors"), &dir.join("ours.safetensors"));
+    let m = model.to_str().unwrap();
+    let theirs =
+        loss_of(&hf(py, dir, &["logits", "--model", m, "--batch", "batch.safetensors", "--out", "ref.safetensors"]));
+    let diff = max_abs_diff(&dir.join("ours.safetensors"), &dir.join("ref.safetensors"));
+    eprintln!("{label}: loss flotilla {ours} transformers {theirs}; max |logits difference| {diff:e}");
+    assert!(diff <= 1e-5, "{label}: logits differ by {diff}");
+    assert!((ours - theirs).abs() <= 1e-5 * theirs.abs(), "{label}: loss {ours} vs transformers {theirs}");
+}
+
 #[test]
 fn logits_equal_transformers_with_default_and_llama3_rope_single_file_and_sharded() {
     let Some(py) = transformers_python() else { return };
@@ -75,16 +89,7 @@ fn logits_equal_transformers_with_default_and_llama3_rope_single_file_and_sharde
         let mut args = vec!["make", "--out", name, "--seed", "5", "--batch", "batch.safetensors"];
         args.extend(extra);
         hf(&py, d, &args);
-        let reference = loss_of(&hf(
-            &py,
-            d,
-            &["logits", "--model", name, "--batch", "batch.safetensors", "--out", "ref.safetensors"],
-        ));
-        let ours = flotilla_eval(d, &d.join(name), &d.join("batch.safetensors"), &d.join("ours.safetensors"));
-        let diff = max_abs_diff(&d.join("ours.safetensors"), &d.join("ref.safetensors"));
-        eprintln!("{name}: max |logits difference| {diff:e}; loss flotilla {ours} transformers {reference}");
-        assert!(diff <= 1e-5, "{name}: logits differ by {diff}");
-        assert!((ours - reference).abs() <= 1e-5 * reference, "{name}: loss {ours} vs {reference}");
+        compare_in_transformers(&py, d, name, &d.join(name));
     }
     assert!(d.join("llama3/model.safetensors.index.json").exists(), "the sharded form was exercised");
 }
@@ -211,16 +216,7 @@ fn fine_tune(py: &Path, d: &Path, label: &str, workers: usize, parallelism: &str
     // The final folder is a transformers model with flotilla's loss.
     let fin = d.join("runs/ft-llama-1/final");
     assert!(fin.join("config.json").exists(), "{label}: the final folder has a config.json");
-    let ours = flotilla_eval(d, &fin, &d.join("batch.safetensors"), &d.join("ours.safetensors"));
-    let theirs = loss_of(&hf(
-        py,
-        d,
-        &["logits", "--model", fin.to_str().unwrap(), "--batch", "batch.safetensors", "--out", "ref.safetensors"],
-    ));
-    let diff = max_abs_diff(&d.join("ours.safetensors"), &d.join("ref.safetensors"));
-    eprintln!("{label}: held-out loss flotilla {ours} transformers {theirs}; max |logits difference| {diff:e}");
-    assert!(rel(ours, theirs) <= 1e-5, "{label}: held-out loss {ours} vs transformers {theirs}");
-    assert!(diff <= 1e-5, "{label}: final logits differ by {diff}");
+    compare_in_transformers(py, d, &format!("{label}, held-out batch"), &fin);
     worst
 }
 
@@ -236,14 +232,38 @@ fn fine_tuning_matches_pytorch_on_1_worker_dp2_zero2_and_pp2_1f1b() {
     // The reference: the transformers model in a plain PyTorch loop, with
     // the same sample order, AdamW, schedule and clipping.
     let job = job_file(d, "job-ref", &ft_job(1, "{}"));
-    let out = flotilla(d, &["validate", "--json", job.to_str().unwrap()]);
-    assert!(out.status.success(), "validate --json: {}", String::from_utf8_lossy(&out.stderr));
-    std::fs::write(d.join("spec.json"), &out.stdout).unwrap();
-    let reference = reference_steps(d, &d.join("spec.json"), &d.join("base/model.safetensors"), 1);
+    // export-init writes the folder's weights as flotilla reads them.
+    let (spec, init) = oracle_inputs(d, &job);
+    let reference = reference_steps(d, &spec, &init, 1);
     assert_eq!(reference.len(), STEPS);
 
     let one = fine_tune(&py, d, "1 worker", 1, "{}", &reference);
     let zero2 = fine_tune(&py, d, "dp2 + ZeRO-2", 2, "{dp: 2, zero: 2}", &reference);
     let pp2 = fine_tune(&py, d, "pp2 1F1B", 2, "{pp: 2, schedule: 1f1b}", &reference);
     eprintln!("largest relative loss differences: 1 worker {one:.2e}, dp2 + ZeRO-2 {zero2:.2e}, pp2 1F1B {pp2:.2e}");
+}
+
+/// Trained from a random init in bf16 and handed to the built-in registry.
+#[test]
+fn a_registered_llama_is_a_transformers_folder() {
+    let Some(py) = transformers_python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    hf(&py, d, &["make", "--out", "unused", "--batch", "batch.safetensors"]);
+    let job = job_file(
+        d,
+        "job",
+        "
+name: scratch
+model: {kind: llama, layers: 2, d_model: 32, heads: 4, kv_heads: 1, ffn: 48, vocab: 512, context: 16, rope_theta: 500000}
+data: {kind: synthetic, samples: 64}
+train: {steps: 3, global_batch: 4, precision: bf16}
+registry: {kind: builtin, url: models}
+",
+    );
+    let out = flotilla(d, &["run", job.to_str().unwrap()]);
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let version = d.join("models/scratch/1");
+    assert!(version.join("config.json").exists(), "the registered version has the config");
+    compare_in_transformers(&py, d, "registered version", &version);
 }

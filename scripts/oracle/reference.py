@@ -12,7 +12,7 @@ clip_grad_norm_. With --world 2 or more it runs DistributedDataParallel on
 gloo over 127.0.0.1, one process per rank, spawned by this script.
 
 With `train.precision: bf16` it follows flotilla's mixed-precision policy
-(trainer/src/model.rs): the f32 parameters are the masters; each step casts
+(trainer/src/model/): the f32 parameters are the masters; each step casts
 them to bf16 once, and the forward and backward passes run on those copies:
 matrix products, attention scores and activations in bf16, layer norm on
 values and affine parameters upcast to f32 (rounded back to bf16), softmax
@@ -162,7 +162,7 @@ def load_data(spec):
     raise SystemExit(f"data.kind {kind!r} is not supported by the reference (use features, tokens or text)")
 
 
-# --- trainer/src/model.rs -----------------------------------------------------
+# --- trainer/src/model/ ---------------------------------------------------------
 
 class Mlp(nn.Module):
     def __init__(self, widths):

@@ -10,7 +10,6 @@
 //! accumulation in f32.
 
 use flotilla_jobspec::LlamaSpec;
-use tch::nn;
 use tch::{Kind, Tensor};
 
 use super::Unit;
@@ -63,22 +62,25 @@ fn kv_width(l: &LlamaSpec) -> usize {
     l.d_model / l.heads * l.kv_heads
 }
 
-/// Draws one unit's initial parameters at `p` (transformers' init: normal
-/// with std 0.02 for projections and embeddings, ones for the norms).
-pub fn init_unit(p: &nn::Path, l: &LlamaSpec, unit: Unit) {
-    let normal = nn::Init::Randn { mean: 0.0, stdev: 0.02 };
-    let var = |p: &nn::Path, name: &str, shape: &[usize], init: nn::Init| {
-        let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-        let _ = p.var(name, &shape, init);
-    };
-    let names = units(l);
+/// Draws one unit's initial parameters, in its tensors' order, from the
+/// global torch generator (transformers' init: normal with std 0.02 for
+/// projections and embeddings, ones for the norms).
+pub fn init_unit(l: &LlamaSpec, unit: Unit) -> Vec<Tensor> {
     let all = shapes(l);
-    let (_, tensors) = names.iter().find(|(u, _)| *u == unit).expect("a unit of this model");
-    for name in tensors {
-        let (_, shape) = all.iter().find(|(n, _)| n == name).expect("every tensor has a shape");
-        let init = if name.ends_with("norm.weight") { nn::Init::Const(1.0) } else { normal };
-        var(p, name, shape, init);
-    }
+    let (_, names) = units(l).into_iter().find(|(u, _)| *u == unit).expect("a unit of this model");
+    names
+        .iter()
+        .map(|name| {
+            let (_, shape) = all.iter().find(|(n, _)| n == name).expect("every tensor has a shape");
+            let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+            let opts = (Kind::Float, tch::Device::Cpu);
+            if name.ends_with("norm.weight") {
+                Tensor::ones(shape.as_slice(), opts)
+            } else {
+                Tensor::randn(shape.as_slice(), opts) * 0.02
+            }
+        })
+        .collect()
 }
 
 /// RMSNorm in f32 whatever the activations' dtype, rounded back to it.
