@@ -224,8 +224,7 @@ pub fn evaluate(dir: &Path, tokens: &Tensor) -> Result<(Tensor, f64), HfError> {
 pub fn pretrained_weights(spec: &ModelSpec, dir: &Path) -> Result<(Layout, Vec<f32>), HfError> {
     let layout = model::layout(spec);
     let weights = HfWeights::open(dir, &layout)?;
-    let parts =
-        Unit::all(spec).into_iter().map(|(_, names)| weights.unit(&names)).collect::<Result<Vec<_>, _>>()?;
+    let parts = Unit::all(spec).into_iter().map(|(_, names)| weights.unit(&names)).collect::<Result<Vec<_>, _>>()?;
     let mut out = vec![0f32; layout.total];
     Tensor::cat(&parts, 0).copy_data(&mut out, layout.total);
     Ok((layout, out))
