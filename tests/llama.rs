@@ -267,3 +267,38 @@ registry: {kind: builtin, url: models}
     assert!(version.join("config.json").exists(), "the registered version has the config");
     compare_in_transformers(&py, d, "registered version", &version);
 }
+
+/// A Llama's checkpoint (pipeline of 2, ZeRO-1) resumes on 1 worker and
+/// trains on as the original run did. Needs no transformers.
+#[test]
+fn a_llama_checkpoint_resumes_in_another_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = "model: {kind: llama, layers: 2, d_model: 32, heads: 4, kv_heads: 2, ffn: 48, vocab: 64, context: 8}\n\
+                 data: {kind: synthetic, samples: 64}\ntrain: {steps: 6, global_batch: 4}\n";
+    let a = job_file(
+        d,
+        "a",
+        &format!("name: cka\n{model}checkpoint: {{every: 3}}\nparallelism: {{pp: 2, zero: 1}}\nworkers: {{min: 2, max: 2}}\n"),
+    );
+    let b = job_file(d, "b", &format!("name: ckb\n{model}checkpoint: {{resume_from: runs/cka-1/step-00000003}}\n"));
+    for job in [&a, &b] {
+        let out = flotilla(d, &["run", job.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (first, resumed) =
+        (read_steps(&d.join("runs/cka-1/metrics.jsonl"), 4), read_steps(&d.join("runs/ckb-1/metrics.jsonl"), 4));
+    let tail: Vec<_> = first.iter().filter(|s| s.step > 3).collect();
+    let again: Vec<_> = resumed.iter().filter(|s| s.step > 3).collect();
+    assert_eq!(tail.len(), 3, "{first:?}");
+    let trained: Vec<u64> = resumed.iter().map(|s| s.step).collect();
+    assert_eq!(trained, vec![4, 5, 6], "the resumed run trains from step 4 only");
+    for (x, y) in tail.iter().zip(&again) {
+        assert!(rel(x.loss, y.loss) <= 1e-6, "step {}: {} vs resumed {}", x.step, x.loss, y.loss);
+    }
+}
