@@ -67,15 +67,15 @@ impl Ctx<'_> {
 
 /// Validates the whole file.
 pub(crate) fn job(raw: RawJob, cx: &Ctx) -> Result<JobSpec, SpecError> {
-    let name = name(&cx, &raw.name)?;
-    let model = model::model(&cx, &raw.model)?;
-    let data = model::data(&cx, &raw.data, &raw.model, &model)?;
-    let workers = workers(&cx, raw.workers.as_ref())?;
-    let parallelism = parallelism(&cx, raw.parallelism.as_ref(), &workers, &model)?;
-    let train = train::train(&cx, &raw.train, workers.max / parallelism.pp)?;
-    batch_split(&cx, &raw, &train, &parallelism, &workers)?;
-    let checkpoint = checkpoint(&cx, raw.checkpoint.as_ref(), train.steps)?;
-    let registry = raw.registry.as_ref().map(|r| registry::registry(&cx, r, &name)).transpose()?;
+    let name = name(cx, &raw.name)?;
+    let model = model::model(cx, &raw.model)?;
+    let data = model::data(cx, &raw.data, &raw.model, &model)?;
+    let workers = workers(cx, raw.workers.as_ref())?;
+    let parallelism = parallelism(cx, raw.parallelism.as_ref(), &workers, &model)?;
+    let train = train::train(cx, &raw.train, workers.max / parallelism.pp)?;
+    batch_split(cx, &raw, &train, &parallelism, &workers)?;
+    let checkpoint = checkpoint(cx, raw.checkpoint.as_ref(), train.steps)?;
+    let registry = raw.registry.as_ref().map(|r| registry::registry(cx, r, &name)).transpose()?;
     Ok(JobSpec { name, model, data, train, parallelism, workers, checkpoint, registry })
 }
 
