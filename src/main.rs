@@ -56,6 +56,13 @@ fn main() {
 }
 
 async fn main_async(cli: Cli) -> anyhow::Result<i32> {
+    match flotilla_proto::auth::Credentials::resolve(cli.token_file.as_deref()) {
+        Ok(c) => flotilla_proto::auth::Credentials::set_current(c),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(cli::EXIT_BAD_INPUT);
+        }
+    }
     match cli.command {
         Command::Run { job, workers } => {
             // The embedded coordinator's decisions show in the job's phase
@@ -151,6 +158,8 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
                     join: a.join,
                     etcd: a.etcd,
                     memory: a.memory,
+                    admin_token_file: a.admin_token_file,
+                    insecure: a.insecure,
                 };
                 let (cfg, base) = match cli::coordinator::load(a.config.as_deref(), overrides) {
                     Ok(v) => v,
@@ -172,6 +181,10 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
             cli::worker::run(args, token).await
         }
         Command::K8s { cmd } => Ok(cli::render::k8s(cmd)),
+        Command::Token { cmd } => {
+            init_logs("warn");
+            cli::token::token(cmd).await
+        }
         Command::Slurm { cmd } => Ok(cli::render::slurm(cmd)),
         Command::Submit { job, coordinator, wait, submission_id } => {
             init_logs("warn");

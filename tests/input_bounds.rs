@@ -62,7 +62,7 @@ fn an_oversized_id_is_refused_with_a_short_message() {
                 "cancel_job",
             );
         }
-        let mut w = WorkerServiceClient::connect(url.clone()).await.unwrap();
+        let mut w = WorkerServiceClient::new(channel(&url).await.unwrap());
         assert_short_refusal(
             w.heartbeat(pb::HeartbeatRequest { worker_id: huge.clone() }).await,
             Code::InvalidArgument,
@@ -131,7 +131,12 @@ checkpoint: {url: runs, every: 0, keep: 1}
 #[test]
 fn a_rendezvous_key_flood_is_refused_past_the_per_job_bound() {
     let dir = tempfile::tempdir().unwrap();
-    let (coord, url) = coordinator(dir.path());
+    // Without tokens, so that this client may publish as the job's worker
+    // would (with tokens, only that worker, proving its key, may).
+    let (coord, url) = coordinator_with(
+        dir.path(),
+        &["--lease-ms", "1500", "--heartbeat-ms", "200", "--start-grace-ms", "300", "--insecure"],
+    );
     let _worker = worker(dir.path(), &url, "worker");
     let job = job_file(dir.path(), "job", LONG_JOB);
     let out = flotilla(dir.path(), &["submit", job.to_str().unwrap(), "--coordinator", &url]);
@@ -143,8 +148,14 @@ fn a_rendezvous_key_flood_is_refused_past_the_per_job_bound() {
             wait_for(&mut c, &id, Duration::from_secs(120), |s| is_phase(s, pb::JobPhase::Running) && s.step > 0).await;
         let generation = running.generation;
         let start = rss(coord.pid());
-        let mut w = WorkerServiceClient::connect(url.clone()).await.unwrap();
-        let put = |key: String, value: Vec<u8>| pb::RendezvousPut { job_id: id.clone(), generation, key, value };
+        let mut w = WorkerServiceClient::new(channel(&url).await.unwrap());
+        let put = |key: String, value: Vec<u8>| pb::RendezvousPut {
+            job_id: id.clone(),
+            generation,
+            key,
+            value,
+            worker_id: String::new(),
+        };
 
         // A key past its length limit.
         let long = put("k".repeat(limits::MAX_RENDEZVOUS_KEY + 1), vec![1]);
@@ -164,7 +175,7 @@ fn a_rendezvous_key_flood_is_refused_past_the_per_job_bound() {
         assert_eq!(taken, limits::MAX_RENDEZVOUS_KEYS);
         // Replacing a published key still works; what was published reads back.
         w.publish_rendezvous(put("flood-0".into(), vec![8; 16])).await.unwrap();
-        let get = pb::RendezvousGet { job_id: id.clone(), generation, key: "flood-0".into() };
+        let get = pb::RendezvousGet { job_id: id.clone(), generation, key: "flood-0".into(), worker_id: String::new() };
         assert_eq!(w.lookup_rendezvous(get).await.unwrap().into_inner().value, vec![8; 16]);
         // The flood did not harm the job.
         let later = wait_for(&mut c, &id, Duration::from_secs(60), |s| s.step > running.step + 5).await;
@@ -180,7 +191,7 @@ fn locations_with_dot_dot_are_refused() {
     let (_coord, url) = coordinator(dir.path());
     runtime().block_on(async {
         let mut c = client(&url).await;
-        let mut w = WorkerServiceClient::connect(url.clone()).await.unwrap();
+        let mut w = WorkerServiceClient::new(channel(&url).await.unwrap());
         let commit = pb::CheckpointCommit {
             worker_id: "w-1".into(),
             job_id: "j-1".into(),
@@ -238,7 +249,7 @@ fn a_worker_with_a_storage_root_refuses_a_job_outside_it() {
     std::fs::create_dir_all(&allowed).unwrap();
     let (_coord, url) = coordinator(dir.path());
     let log = dir.path().join("confined.log");
-    let child = std::process::Command::new(bin())
+    let child = with_token(&mut std::process::Command::new(bin()))
         .args(["worker", "--coordinator", &url, "--data-addr", "127.0.0.1:0", "--op-timeout-s", "20"])
         .args(["--storage-root", allowed.to_str().unwrap()])
         .stdout(std::process::Stdio::null())

@@ -90,6 +90,14 @@ fn the_base_and_every_overlay_render_and_validate() {
             assert!(script.contains(&url), "{kustomization}: {script}");
         }
         assert!(sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"].is_string());
+        // Every replica accepts the admin token of one Secret, mounted read-only.
+        let mount = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "admin-token").unwrap();
+        assert_eq!(mount["readOnly"], true);
+        let token_file = format!("{}/token", mount["mountPath"].as_str().unwrap());
+        assert!(script.contains(&format!("--admin-token-file {token_file}")), "{kustomization}: {script}");
+        let volume = sts["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+        let secret = volume.iter().find(|v| v["name"] == "admin-token").unwrap();
+        assert_eq!(secret["secret"]["secretName"], flotilla::deploy::k8s::ADMIN_TOKEN_SECRET);
         assert_eq!(find(&docs, "Service", "flotilla-coordinator-peers")["spec"]["clusterIP"], "None");
         find(&docs, "Service", "flotilla-coordinator");
         assert_eq!(find(&docs, "PodDisruptionBudget", "flotilla-coordinator")["spec"]["maxUnavailable"], 1);
@@ -248,6 +256,14 @@ fn the_worker_pods_command_env_and_grace_run_a_job() {
         format!("metadata.labels['{}']", flotilla::deploy::k8s::CONTROLLER_UID_LABEL)
     );
     assert_eq!(var("POD_IP")["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
+    // The API token: from the admin token Secret, mounted read-only where
+    // FLOTILLA_TOKEN_FILE points.
+    let token_file = var("FLOTILLA_TOKEN_FILE")["value"].as_str().unwrap().to_string();
+    let token_mount = c["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == "token").unwrap();
+    assert_eq!(Path::new(&token_file).parent().unwrap(), Path::new(token_mount["mountPath"].as_str().unwrap()));
+    assert_eq!(token_mount["readOnly"], true);
+    let token_volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "token").unwrap();
+    assert_eq!(token_volume["secret"]["secretName"], flotilla::deploy::k8s::ADMIN_TOKEN_SECRET);
     assert!(command.contains(&"$(POD_IP)".to_string()));
     // A preempted worker (exit 75) is replaced; a failed job (exit 1) fails the Job.
     let rules = kjob["spec"]["podFailurePolicy"]["rules"].as_array().unwrap();
@@ -285,12 +301,15 @@ fn the_worker_pods_command_env_and_grace_run_a_job() {
             .collect();
         let log = dir.path().join(format!("pod-{index}.log"));
         let mut cmd = Command::new(bin());
+        with_token(&mut cmd);
         cmd.args(&args).current_dir(&workdir).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
         for e in env {
             if let Some(v) = e["value"].as_str() {
                 cmd.env(e["name"].as_str().unwrap(), v);
             }
         }
+        // The token Secret's file where the pod would have it mounted.
+        cmd.env("FLOTILLA_TOKEN_FILE", admin_token_file());
         cmd.env("FLOTILLA_COORDINATOR", &url)
             .env("FLOTILLA_SUBMISSION_ID", "0b5c6a1e-uid-of-the-kubernetes-job")
             .env("JOB_COMPLETION_INDEX", index.to_string());

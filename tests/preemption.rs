@@ -101,7 +101,7 @@ fn preempt_one_worker(notice: Notice, expected: &std::collections::BTreeMap<Stri
         Notice::Usr1 => vec!["--preemption-signal".into(), "USR1".into()],
     };
     let log = dir.path().join("spot-worker.log");
-    let mut spot = std::process::Command::new(bin())
+    let mut spot = with_token(&mut std::process::Command::new(bin()))
         .args(["worker", "--coordinator", &url, "--data-addr", "127.0.0.1:0"])
         .args(&extra)
         .stderr(std::fs::File::create(&log).unwrap())

@@ -50,7 +50,7 @@ fn submit(dir: &Path, list: &str) -> String {
 /// The membership as the leader reports it.
 async fn members(addrs: &[String]) -> rpb::MembersReply {
     let (leader, _) = leader_client(addrs).await;
-    let mut c = rpb::cluster_client::ClusterClient::connect(leader).await.unwrap();
+    let mut c = rpb::cluster_client::ClusterClient::new(channel(&leader).await.unwrap());
     c.members(rpb::MembersRequest {}).await.unwrap().into_inner()
 }
 

@@ -33,6 +33,7 @@ train:
 workers: {{min: 1, max: 2}}
 checkpoint: {{url: '{checkpoint_url}', every: 100, keep: 2}}
 registry: {registry}
+eval: {{data: {{kind: synthetic, seed: 8, samples: 512}}, every: 100, batches: 2, batch: 128}}
 "
     )
 }
@@ -108,6 +109,17 @@ fn mlflow_gets_metrics_while_training_and_one_version_at_the_end() {
     let history = losses(&job_dir.join("final/metrics.jsonl"));
     assert_eq!(history.len() as u64, STEPS);
     assert_eq!(run_losses(v), history);
+    // And so is its validation loss, every 100 steps.
+    let evals: Vec<(u64, f64)> = std::fs::read_to_string(job_dir.join("final/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|m| Some((m["step"].as_u64().unwrap(), m["eval_loss"].as_f64()?)))
+        .collect();
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), vec![100, 200, 300]);
+    let run_evals: Vec<(u64, f64)> =
+        v["eval_loss"].as_array().unwrap().iter().map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap())).collect();
+    assert_eq!(run_evals, evals);
     // Logged in batches while training and at the hand-off, not per step.
     let batches = ml.requests("/runs/log-batch");
     assert!((1..=STEPS as usize / 10).contains(&batches), "{batches} log-batch calls for {STEPS} steps");

@@ -165,10 +165,10 @@ async fn client_when_up(
     cluster: &SlurmCluster,
     job: &str,
     dir: &Path,
-) -> flotilla::proto::v1::job_service_client::JobServiceClient<tonic::transport::Channel> {
+) -> flotilla::proto::v1::job_service_client::JobServiceClient<flotilla::proto::auth::AuthChannel> {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
-        if let Ok(c) = flotilla::proto::v1::job_service_client::JobServiceClient::connect(url.to_string()).await {
+        if let Ok(c) = support::channel(url).await.map(flotilla::proto::v1::job_service_client::JobServiceClient::new) {
             return c;
         }
         assert!(

@@ -84,6 +84,7 @@ pub fn register(i: u64) -> Command {
         data_addr: worker_addr(i),
         hostname: format!("bench-host-{i}"),
         rank_hint: None,
+        key_hash: String::new(),
         at_ms: 1_700_000_000_000,
     }
 }

@@ -31,6 +31,8 @@ pub fn metric_record(p: &pb::MetricPoint) -> flotilla_registry::MetricRecord {
         generation: p.generation,
         world_size: p.world_size,
         time_ms: p.time_ms,
+        eval_loss: p.eval_loss,
+        eval_accuracy: p.eval_accuracy,
     }
 }
 
@@ -52,6 +54,7 @@ pub fn job_status(job: &Job, soft: &Soft) -> pb::JobStatus {
         Some(p) => (p.step, p.loss, if p.generation == job.generation { p.samples_per_sec } else { 0.0 }),
         None => (job.latest_checkpoint().map_or(0, |c| c.step), 0.0, 0.0),
     };
+    let eval = soft.progress.get(&job.id).and_then(|p| p.eval);
     let trained = job.final_model.is_some();
     let step = if trained { job.total_steps } else { step };
     pb::JobStatus {
@@ -71,6 +74,10 @@ pub fn job_status(job: &Job, soft: &Soft) -> pb::JobStatus {
         output_dir: job.output_dir.clone(),
         final_model: job.final_model.clone().unwrap_or_default(),
         message: job.message.clone(),
+        submitted_by: job.owner.as_ref().map(|o| o.name.clone()).unwrap_or_default(),
+        eval_step: eval.map(|e| e.0),
+        eval_loss: eval.map(|e| e.1),
+        eval_accuracy: eval.and_then(|e| e.2),
         restarts: job.restarts,
         generations: job
             .history
@@ -156,7 +163,10 @@ pub use flotilla_proto::leader::LEADER_METADATA;
 pub fn status(e: StoreError) -> Status {
     match e {
         StoreError::Rejected(r) => match r {
-            Rejection::JobNotFound(_) | Rejection::WorkerNotFound(_) => Status::not_found(r.to_string()),
+            Rejection::JobNotFound(_) | Rejection::WorkerNotFound(_) | Rejection::TokenNotFound(_) => {
+                Status::not_found(r.to_string())
+            }
+            Rejection::Exists(_) => Status::already_exists(r.to_string()),
             Rejection::BadPhase { .. } | Rejection::NotEnoughWorkers { .. } => {
                 Status::failed_precondition(r.to_string())
             }

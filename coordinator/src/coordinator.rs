@@ -10,6 +10,7 @@ use flotilla_registry::{Registrar, Registries};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::AuthMode;
 use crate::soft::Soft;
 use crate::state::{Command, Event, JobPhase, State};
 use crate::store::{MetaStore, StoreError};
@@ -36,6 +37,8 @@ pub struct CoordinatorConfig {
     pub handoff_timeout: Duration,
     /// How often training jobs' new metric points go to their tracking run.
     pub track_every: Duration,
+    /// Whether calls need API tokens (see `auth`).
+    pub auth: AuthMode,
 }
 
 impl Default for CoordinatorConfig {
@@ -50,6 +53,7 @@ impl Default for CoordinatorConfig {
             handoff_retry_max: Duration::from_secs(60),
             handoff_timeout: Duration::from_secs(30 * 60),
             track_every: Duration::from_secs(2),
+            auth: AuthMode::Open,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! the meta store they run on, the leader's soft state, and the gRPC
 //! services that workers and clients talk to. It never links libtorch.
 
+pub mod auth;
 pub mod convert;
 pub mod coordinator;
 pub mod data_key;
@@ -19,6 +20,7 @@ pub mod store;
 #[cfg(test)]
 mod state_tests;
 
+pub use auth::{AuthMode, Role};
 pub use coordinator::{Coordinator, CoordinatorConfig};
 pub use etcd::{EtcdOptions, EtcdStore};
 pub use raft::{RaftOptions, RaftStore};

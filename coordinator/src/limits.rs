@@ -38,6 +38,8 @@ pub const MAX_RENDEZVOUS_BYTES: usize = 4 << 20;
 /// Metric points the leader keeps per job (one per reported step; later
 /// points are not kept).
 pub const MAX_METRIC_POINTS: usize = 1_000_000;
+/// API tokens a coordinator keeps, revoked ones included.
+pub const MAX_TOKENS: usize = 10_000;
 
 /// At most [`QUOTE`] characters of `value`, with `…` and the full length
 /// when it was cut.
@@ -126,6 +128,33 @@ ids_only! {
     pb::FailureReport => [worker_id, job_id];
 }
 
+/// A token's name: 1 to 64 letters, digits, `-`, `_`, `.` or `@`.
+pub fn check_token_name(name: &str) -> Result<(), Status> {
+    let ok = (1..=64).contains(&name.len())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "a token name is 1 to 64 letters, digits, '-', '_', '.' or '@', got {}",
+            quote(name)
+        )))
+    }
+}
+
+impl Bounded for pb::CreateTokenRequest {
+    fn check(&self) -> Result<(), Status> {
+        check_token_name(&self.name)?;
+        check_len("role", &self.role, MAX_ID)
+    }
+}
+
+impl Bounded for pb::RevokeTokenRequest {
+    fn check(&self) -> Result<(), Status> {
+        check_id("name", &self.name)
+    }
+}
+
 impl Bounded for pb::SubmitJobRequest {
     fn check(&self) -> Result<(), Status> {
         check_len("spec_yaml", &self.spec_yaml, MAX_JOB_FILE)?;
@@ -162,6 +191,7 @@ impl Bounded for pb::FinishReport {
 impl Bounded for pb::RendezvousPut {
     fn check(&self) -> Result<(), Status> {
         check_id("job_id", &self.job_id)?;
+        check_id("worker_id", &self.worker_id)?;
         check_len("key", &self.key, MAX_RENDEZVOUS_KEY)?;
         if self.value.len() > MAX_RENDEZVOUS_VALUE {
             return Err(Status::invalid_argument(format!(
@@ -176,6 +206,7 @@ impl Bounded for pb::RendezvousPut {
 impl Bounded for pb::RendezvousGet {
     fn check(&self) -> Result<(), Status> {
         check_id("job_id", &self.job_id)?;
+        check_id("worker_id", &self.worker_id)?;
         check_len("key", &self.key, MAX_RENDEZVOUS_KEY)
     }
 }

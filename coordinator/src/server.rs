@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use flotilla_proto::v1::job_service_server::JobServiceServer;
+use flotilla_proto::v1::token_service_server::TokenServiceServer;
 use flotilla_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -12,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 
+use crate::auth::AuthLayer;
 use crate::coordinator::{Coordinator, CoordinatorConfig};
-use crate::service::{JobApi, WorkerApi};
+use crate::service::{JobApi, TokenApi, WorkerApi};
 use crate::state::{State, DEFAULT_MAX_RESTARTS};
 use crate::store::{MemStore, MetaStore};
 
@@ -74,10 +76,13 @@ pub async fn serve_with_routes(
     let registry = tokio::spawn(coordinator.clone().run_registry());
     let routes = extra
         .add_service(JobServiceServer::new(JobApi(coordinator.clone())))
-        .add_service(WorkerServiceServer::new(WorkerApi(coordinator.clone())));
+        .add_service(WorkerServiceServer::new(WorkerApi(coordinator.clone())))
+        .add_service(TokenServiceServer::new(TokenApi(coordinator.clone())));
+    let auth = AuthLayer::new(coordinator.clone());
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
+            .layer(auth)
             .add_routes(routes)
             // Replies (Raft acks, heartbeats) are small: without TCP_NODELAY
             // they can wait for a delayed ACK (40 ms on Linux).

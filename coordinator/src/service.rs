@@ -1,5 +1,7 @@
-//! Thin gRPC services: check the request's bounds (`limits`), parse it,
-//! call the coordinator, map errors.
+//! Thin gRPC services: check who calls (`auth`: the role is checked before
+//! a service sees the request; what depends on the request's content is
+//! checked here), check the request's bounds (`limits`), parse it, call the
+//! coordinator, map errors.
 
 use std::path::Path;
 use std::pin::Pin;
@@ -9,12 +11,14 @@ use std::time::Instant;
 use flotilla_jobspec::DpSize;
 use flotilla_proto::v1 as pb;
 use flotilla_proto::v1::job_service_server::JobService;
+use flotilla_proto::v1::token_service_server::TokenService;
 use flotilla_proto::v1::worker_service_server::WorkerService;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{self, Caller, Role, TokenRecord};
 use crate::convert;
 use crate::coordinator::{now_ms, Coordinator};
 use crate::limits::{self, bounded};
@@ -40,6 +44,30 @@ fn current_generation(c: &Coordinator, job_id: &str, generation: u64) -> Result<
 
 #[derive(Clone)]
 pub struct WorkerApi(pub Arc<Coordinator>);
+
+/// Refuses a report about `job` unless `worker` proves its key and is
+/// assigned to the job, and `location` (the report's `field`) lies inside
+/// the job's folder: a checkpoint or model is never taken from elsewhere.
+fn in_job_folder(
+    c: &Coordinator,
+    caller: &Caller,
+    worker: &str,
+    job: &str,
+    field: &str,
+    location: &str,
+) -> Result<(), Status> {
+    let state = c.state();
+    let j = state.jobs.get(job).ok_or_else(|| Status::not_found(format!("job {job} not found")))?;
+    caller.check_worker_in_job(&state, worker, job)?;
+    let folder = format!("{}/", j.output_dir.trim_end_matches('/'));
+    if !location.starts_with(&folder) {
+        return Err(Status::invalid_argument(format!(
+            "{field} {} is not inside the job's folder {folder}",
+            limits::quote(location)
+        )));
+    }
+    Ok(())
+}
 
 /// Resolves once this replica no longer leads (checked at the driver's
 /// period and on every change the driver sees).
@@ -67,6 +95,14 @@ fn lead(c: &Coordinator) -> Result<(), Status> {
     }
 }
 
+/// Refuses `caller` unless it may act on `job` (an admin, or the token that
+/// submitted it).
+fn manage(c: &Coordinator, caller: &Caller, job: &str, what: &str) -> Result<(), Status> {
+    let state = c.state();
+    let j = state.jobs.get(job).ok_or_else(|| Status::not_found(format!("job {job} not found")))?;
+    caller.may_manage(j.owner.as_ref(), what)
+}
+
 fn job_status(c: &Coordinator, job_id: &str) -> Result<pb::JobStatus, Status> {
     let state = c.state();
     let job = state.jobs.get(job_id).ok_or_else(|| Status::not_found(format!("job {job_id} not found")))?;
@@ -78,6 +114,7 @@ fn job_status(c: &Coordinator, job_id: &str) -> Result<pb::JobStatus, Status> {
 impl JobService for JobApi {
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
         lead(&self.0)?;
+        let caller = Caller::of(&req)?;
         let req = bounded(req)?;
         let origin = if req.origin.is_empty() { "job.yaml" } else { &req.origin };
         let mut spec =
@@ -109,6 +146,7 @@ impl JobService for JobApi {
             data_key: crate::data_key::DataKey::random()
                 .map_err(|e| Status::internal(format!("could not mint the job's data-plane key: {e}")))?,
             spec_yaml: req.spec_yaml,
+            owner: caller.owner(),
             at_ms: now_ms(),
         };
         let events = self.0.propose(cmd).await.map_err(convert::status)?;
@@ -146,14 +184,18 @@ impl JobService for JobApi {
 
     async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
         lead(&self.0)?;
+        let caller = Caller::of(&req)?;
         let job = bounded(req)?.job_id;
+        manage(&self.0, &caller, &job, "cancel it")?;
         self.0.propose(Command::CancelJob { job: job.clone(), at_ms: now_ms() }).await.map_err(convert::status)?;
         Ok(Response::new(job_status(&self.0, &job)?))
     }
 
     async fn register_model(&self, req: Request<pb::RegisterModelRequest>) -> Result<Response<pb::JobStatus>, Status> {
         lead(&self.0)?;
+        let caller = Caller::of(&req)?;
         let job = bounded(req)?.job_id;
+        manage(&self.0, &caller, &job, "retry its hand-off")?;
         self.0.propose(Command::RetryHandoff { job: job.clone(), at_ms: now_ms() }).await.map_err(convert::status)?;
         self.0.handoff_wake.notify_one();
         Ok(Response::new(job_status(&self.0, &job)?))
@@ -228,6 +270,7 @@ impl JobService for JobApi {
 impl WorkerService for WorkerApi {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         lead(&self.0)?;
+        let caller = Caller::of(&req)?;
         let req = bounded(req)?;
         if req.data_addr.parse::<std::net::SocketAddr>().is_err() {
             return Err(Status::invalid_argument(format!(
@@ -235,7 +278,11 @@ impl WorkerService for WorkerApi {
                 req.data_addr
             )));
         }
-        let known = self.0.state().workers.get(&req.worker_id).is_some_and(|w| w.data_addr == req.data_addr);
+        // The same id again only with its key: an id alone proves nothing.
+        let state = self.0.state();
+        let known = state.workers.get(&req.worker_id).is_some_and(|w| w.data_addr == req.data_addr)
+            && caller.check_worker(&state, &req.worker_id).is_ok();
+        drop(state);
         if known {
             // Back after a lost connection or a leader change: same id, fresh lease.
             self.0.soft().renew(&req.worker_id, Instant::now(), self.0.cfg.lease);
@@ -244,12 +291,22 @@ impl WorkerService for WorkerApi {
                 worker_id: req.worker_id,
                 heartbeat_interval_ms: self.0.cfg.heartbeat_interval.as_millis() as u64,
                 lease_ms: self.0.cfg.lease.as_millis() as u64,
+                // The worker keeps the key it proved.
+                worker_key: String::new(),
             }));
         }
+        let (worker_key, key_hash) = if caller.open {
+            (String::new(), String::new())
+        } else {
+            let key = auth::random_hex().map_err(|e| Status::internal(format!("could not mint a worker key: {e}")))?;
+            let hash = auth::hash_token(&key);
+            (key, hash)
+        };
         let cmd = Command::RegisterWorker {
             data_addr: req.data_addr,
             hostname: req.hostname,
             rank_hint: req.rank_hint,
+            key_hash,
             at_ms: now_ms(),
         };
         let events = self.0.propose(cmd).await.map_err(convert::status)?;
@@ -266,15 +323,18 @@ impl WorkerService for WorkerApi {
             worker_id,
             heartbeat_interval_ms: self.0.cfg.heartbeat_interval.as_millis() as u64,
             lease_ms: self.0.cfg.lease.as_millis() as u64,
+            worker_key,
         }))
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         lead(&self.0)?;
+        let caller = Caller::of(&req)?;
         let worker = bounded(req)?.worker_id;
         if !self.0.state().workers.contains_key(&worker) {
             return Err(Status::not_found(format!("worker {worker} is not registered; register again")));
         }
+        caller.check_worker(&self.0.state(), &worker)?;
         self.0.soft().renew(&worker, Instant::now(), self.0.cfg.lease);
         Ok(Response::new(pb::HeartbeatResponse {}))
     }
@@ -286,10 +346,12 @@ impl WorkerService for WorkerApi {
         req: Request<pb::AssignmentsRequest>,
     ) -> Result<Response<Self::AssignmentsStream>, Status> {
         lead(&self.0)?;
+        let caller = Caller::of(&req)?;
         let worker = bounded(req)?.worker_id;
         if !self.0.state().workers.contains_key(&worker) {
             return Err(Status::not_found(format!("worker {worker} is not registered; register again")));
         }
+        caller.check_worker(&self.0.state(), &worker)?;
         self.0.soft().connected(&worker);
         let c = self.0.clone();
         let (tx, rx) = mpsc::channel(4);
@@ -329,9 +391,11 @@ impl WorkerService for WorkerApi {
 
     async fn report_progress(&self, req: Request<pb::ProgressReport>) -> Result<Response<pb::Ack>, Status> {
         lead(&self.0)?;
+        let caller = Caller::of(&req)?;
         let r = bounded(req)?;
         current_generation(&self.0, &r.job_id, r.generation)?;
         let state = self.0.state();
+        caller.check_worker_in_job(&state, &r.worker_id, &r.job_id)?;
         let job = &state.jobs[&r.job_id];
         let point = pb::MetricPoint {
             step: r.step,
@@ -342,6 +406,8 @@ impl WorkerService for WorkerApi {
             generation: r.generation,
             world_size: job.world_size(),
             time_ms: if r.time_ms > 0 { r.time_ms } else { now_ms() },
+            eval_loss: r.eval_loss,
+            eval_accuracy: r.eval_accuracy,
         };
         self.0.soft().record_progress(&r.job_id, point);
         self.0.bump_soft();
@@ -350,8 +416,10 @@ impl WorkerService for WorkerApi {
 
     async fn report_memory(&self, req: Request<pb::MemoryReport>) -> Result<Response<pb::Ack>, Status> {
         lead(&self.0)?;
+        let caller = Caller::of(&req)?;
         let r = bounded(req)?;
         current_generation(&self.0, &r.job_id, r.generation)?;
+        caller.check_worker_in_job(&self.0.state(), &r.worker_id, &r.job_id)?;
         let usage = r.usage.ok_or_else(|| Status::invalid_argument("a memory report needs its usage"))?;
         let state = self.0.state();
         let slot = state.jobs.get(&r.job_id).and_then(|j| j.plan.as_ref()).and_then(|p| p.ranks.get(r.rank as usize));
@@ -377,7 +445,9 @@ impl WorkerService for WorkerApi {
         req: Request<pb::CheckpointCommit>,
     ) -> Result<Response<pb::CheckpointCommitResponse>, Status> {
         lead(&self.0)?;
+        let caller = Caller::of(&req)?;
         let r = bounded(req)?;
+        in_job_folder(&self.0, &caller, &r.worker_id, &r.job_id, "location", &r.location)?;
         let cmd = Command::CommitCheckpoint {
             job: r.job_id.clone(),
             generation: r.generation,
@@ -396,13 +466,16 @@ impl WorkerService for WorkerApi {
 
     async fn report_failure(&self, req: Request<pb::FailureReport>) -> Result<Response<pb::Ack>, Status> {
         lead(&self.0)?;
+        let caller = Caller::of(&req)?;
         let mut r = bounded(req)?;
         r.message = limits::truncate(r.message, limits::MAX_MESSAGE);
         let state = self.0.state();
+        caller.check_worker(&state, &r.worker_id)?;
         let job = state.jobs.get(&r.job_id).ok_or_else(|| Status::not_found(format!("job {} not found", r.job_id)))?;
         if job.generation != r.generation {
             return Ok(Response::new(pb::Ack {}));
         }
+        caller.check_worker_in_job(&state, &r.worker_id, &r.job_id)?;
         tracing::warn!(job = %r.job_id, gen = r.generation, rank = r.rank, kind = r.kind, message = %r.message, "worker reported a failure");
         let message = format!("rank {}: {}", r.rank, r.message);
         match pb::FailureKind::try_from(r.kind).unwrap_or(pb::FailureKind::Unspecified) {
@@ -427,7 +500,9 @@ impl WorkerService for WorkerApi {
 
     async fn report_preemption(&self, req: Request<pb::PreemptionNotice>) -> Result<Response<pb::Ack>, Status> {
         lead(&self.0)?;
+        let caller = Caller::of(&req)?;
         let mut r = bounded(req)?;
+        caller.check_worker(&self.0.state(), &r.worker_id)?;
         r.source = limits::truncate(r.source, limits::MAX_MESSAGE);
         r.detail = limits::truncate(r.detail, limits::MAX_MESSAGE);
         let reason = if r.detail.is_empty() { r.source.clone() } else { format!("{}: {}", r.source, r.detail) };
@@ -439,8 +514,10 @@ impl WorkerService for WorkerApi {
 
     async fn publish_rendezvous(&self, req: Request<pb::RendezvousPut>) -> Result<Response<pb::Ack>, Status> {
         lead(&self.0)?;
+        let caller = Caller::of(&req)?;
         let r = bounded(req)?;
         current_generation(&self.0, &r.job_id, r.generation)?;
+        caller.check_worker_in_job(&self.0.state(), &r.worker_id, &r.job_id)?;
         self.0
             .soft()
             .publish(&r.job_id, r.generation, &r.key, r.value)
@@ -453,8 +530,10 @@ impl WorkerService for WorkerApi {
         req: Request<pb::RendezvousGet>,
     ) -> Result<Response<pb::RendezvousValue>, Status> {
         lead(&self.0)?;
+        let caller = Caller::of(&req)?;
         let r = bounded(req)?;
         current_generation(&self.0, &r.job_id, r.generation)?;
+        caller.check_worker_in_job(&self.0.state(), &r.worker_id, &r.job_id)?;
         let soft = self.0.soft();
         let value = soft.lookup(&r.job_id, r.generation, &r.key).ok_or_else(|| {
             Status::not_found(format!("{} is not published yet in generation {} of {}", r.key, r.generation, r.job_id))
@@ -464,7 +543,9 @@ impl WorkerService for WorkerApi {
 
     async fn report_finished(&self, req: Request<pb::FinishReport>) -> Result<Response<pb::Ack>, Status> {
         lead(&self.0)?;
+        let caller = Caller::of(&req)?;
         let r = bounded(req)?;
+        in_job_folder(&self.0, &caller, &r.worker_id, &r.job_id, "final_model", &r.final_model)?;
         let cmd = Command::FinishJob {
             job: r.job_id,
             generation: r.generation,
@@ -474,5 +555,67 @@ impl WorkerService for WorkerApi {
         };
         self.0.propose(cmd).await.map_err(convert::status)?;
         Ok(Response::new(pb::Ack {}))
+    }
+}
+
+/// Token administration (admin role, checked by `auth`).
+#[derive(Clone)]
+pub struct TokenApi(pub Arc<Coordinator>);
+
+fn token_info(t: &TokenRecord) -> pb::TokenInfo {
+    pb::TokenInfo {
+        name: t.name.clone(),
+        role: t.role.as_str().into(),
+        id: t.id().into(),
+        created_at_ms: t.created_at_ms,
+        revoked_at_ms: t.revoked_at_ms.unwrap_or(0),
+        created_by: t.created_by.clone(),
+    }
+}
+
+#[tonic::async_trait]
+impl TokenService for TokenApi {
+    async fn create_token(
+        &self,
+        req: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        lead(&self.0)?;
+        let caller = Caller::of(&req)?;
+        let r = bounded(req)?;
+        let role = Role::parse(&r.role).map_err(Status::invalid_argument)?;
+        let (token, hash) = auth::new_token().map_err(|e| Status::internal(format!("could not mint a token: {e}")))?;
+        let record = TokenRecord {
+            name: r.name.clone(),
+            role,
+            hash,
+            created_at_ms: now_ms(),
+            created_by: if caller.open { "(insecure)".into() } else { caller.name.clone() },
+            revoked_at_ms: None,
+        };
+        let info = token_info(&record);
+        self.0.propose(Command::CreateToken { token: record }).await.map_err(convert::status)?;
+        tracing::info!(name = %r.name, role = role.as_str(), by = %info.created_by, "API token created");
+        Ok(Response::new(pb::CreateTokenResponse { token, info: Some(info) }))
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        lead(&self.0)?;
+        drop(req);
+        self.0.store.read_fresh().await.map_err(convert::status)?;
+        let tokens = self.0.state().tokens.values().map(token_info).collect();
+        Ok(Response::new(pb::ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(&self, req: Request<pb::RevokeTokenRequest>) -> Result<Response<pb::TokenInfo>, Status> {
+        lead(&self.0)?;
+        let name = bounded(req)?.name;
+        self.0.propose(Command::RevokeToken { name: name.clone(), at_ms: now_ms() }).await.map_err(convert::status)?;
+        tracing::info!(%name, "API token revoked");
+        let state = self.0.state();
+        let t = state.tokens.get(&name).ok_or_else(|| Status::not_found(format!("no token named {name}")))?;
+        Ok(Response::new(token_info(t)))
     }
 }

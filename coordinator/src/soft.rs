@@ -18,6 +18,8 @@ pub struct Progress {
     pub step: u64,
     pub loss: f64,
     pub samples_per_sec: f64,
+    /// The latest evaluation: its step, loss and accuracy.
+    pub eval: Option<(u64, f64, Option<f64>)>,
 }
 
 /// The communication failures reported in one generation of a job.
@@ -110,6 +112,10 @@ impl Soft {
     }
 
     pub fn record_progress(&mut self, job: &str, point: MetricPoint) {
+        let eval = point
+            .eval_loss
+            .map(|l| (point.step, l, point.eval_accuracy))
+            .or_else(|| self.progress.get(job).and_then(|p| p.eval));
         self.progress.insert(
             job.to_string(),
             Progress {
@@ -117,6 +123,7 @@ impl Soft {
                 step: point.step,
                 loss: point.loss,
                 samples_per_sec: point.samples_per_sec,
+                eval,
             },
         );
         let history = self.metrics.entry(job.to_string()).or_default();
@@ -293,6 +300,7 @@ pub(crate) mod tests {
                     data_addr: addr.into(),
                     hostname: "h".into(),
                     rank_hint: None,
+                    key_hash: String::new(),
                     at_ms: 0,
                 })
                 .unwrap();
@@ -313,6 +321,7 @@ pub(crate) mod tests {
                 registry: None,
                 uid: String::new(),
                 data_key: Default::default(),
+                owner: None,
                 at_ms: 1,
             })
             .unwrap();
@@ -368,7 +377,13 @@ pub(crate) mod tests {
     fn a_lease_lapses_only_after_its_term_and_renewal_extends_it() {
         let mut state = State::new(3);
         state
-            .apply(Command::RegisterWorker { data_addr: "a".into(), hostname: "h".into(), rank_hint: None, at_ms: 0 })
+            .apply(Command::RegisterWorker {
+                data_addr: "a".into(),
+                hostname: "h".into(),
+                rank_hint: None,
+                key_hash: String::new(),
+                at_ms: 0,
+            })
             .unwrap();
         let mut soft = Soft::default();
         let t0 = Instant::now();
@@ -385,7 +400,13 @@ pub(crate) mod tests {
     fn a_new_term_grants_fresh_leases_instead_of_old_deadlines() {
         let mut state = State::new(3);
         state
-            .apply(Command::RegisterWorker { data_addr: "a".into(), hostname: "h".into(), rank_hint: None, at_ms: 0 })
+            .apply(Command::RegisterWorker {
+                data_addr: "a".into(),
+                hostname: "h".into(),
+                rank_hint: None,
+                key_hash: String::new(),
+                at_ms: 0,
+            })
             .unwrap();
         let mut soft = Soft::default();
         let t0 = Instant::now();

@@ -8,6 +8,7 @@ use imbl::OrdMap;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::auth::TokenRecord;
 use crate::data_key::DataKey;
 use crate::scheduler::{self, PlanRequest};
 
@@ -164,6 +165,17 @@ pub struct Job {
     /// The MLflow run that tracks the job, once created.
     #[serde(default)]
     pub tracking_run: Option<String>,
+    /// The token that submitted the job (none through `--insecure`): it
+    /// may cancel the job and retry its hand-off.
+    #[serde(default)]
+    pub owner: Option<Owner>,
+}
+
+/// Who submitted a job: the token's public id and its name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub token_id: String,
+    pub name: String,
 }
 
 impl Job {
@@ -206,11 +218,24 @@ pub struct Worker {
     /// The rank it asked for in a job's first plan (see [`scheduler::apply_rank_hints`]).
     #[serde(default)]
     pub rank_hint: Option<u32>,
+    /// SHA-256 (hex) of the key its registration handed out: calls for this
+    /// worker prove it (empty through `--insecure`).
+    #[serde(default)]
+    pub key_hash: String,
 }
 
 /// A request to change the state. Time is carried in, never read.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
+    /// An API token (its hash; the secret is never stored).
+    CreateToken {
+        token: TokenRecord,
+    },
+    /// Revokes the valid token named `name`.
+    RevokeToken {
+        name: String,
+        at_ms: i64,
+    },
     SubmitJob {
         name: String,
         spec_json: String,
@@ -241,6 +266,9 @@ pub enum Command {
         /// The job's data-plane key, minted by the leader at random.
         #[serde(default)]
         data_key: DataKey,
+        /// The submitting token.
+        #[serde(default)]
+        owner: Option<Owner>,
         at_ms: i64,
     },
     CancelJob {
@@ -253,6 +281,9 @@ pub enum Command {
         /// The rank the worker asks for (Slurm's task id, an indexed Job's index).
         #[serde(default)]
         rank_hint: Option<u32>,
+        /// SHA-256 (hex) of the worker's key, minted by the leader.
+        #[serde(default)]
+        key_hash: String,
         at_ms: i64,
     },
     RemoveWorker {
@@ -331,6 +362,12 @@ pub enum Command {
 /// What a command did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Event {
+    TokenCreated {
+        name: String,
+    },
+    TokenRevoked {
+        name: String,
+    },
     /// A submission retried with the id of one already taken.
     SubmissionRepeated {
         job: JobId,
@@ -419,12 +456,16 @@ pub enum Rejection {
     JobNotFound(JobId),
     #[error("worker {0} not found")]
     WorkerNotFound(WorkerId),
+    #[error("no token named {0}")]
+    TokenNotFound(String),
     #[error("job {job} is {phase:?}: {what}")]
     BadPhase { job: JobId, phase: JobPhase, what: String },
     #[error("not enough free workers for job {job}: {free} free, {needed} needed")]
     NotEnoughWorkers { job: JobId, free: u32, needed: u32 },
     #[error("invalid command: {0}")]
     Invalid(String),
+    #[error("{0}")]
+    Exists(String),
 }
 
 /// The replicated state. Its maps are persistent (`imbl::OrdMap`): a clone
@@ -440,6 +481,9 @@ pub struct State {
     /// Client submission ids -> the job each created.
     #[serde(default)]
     pub submissions: OrdMap<String, JobId>,
+    /// API tokens by name, revoked ones included (a name is never reused).
+    #[serde(default)]
+    pub tokens: OrdMap<String, TokenRecord>,
 }
 
 impl State {
@@ -485,6 +529,7 @@ impl State {
                 registry,
                 uid,
                 data_key,
+                owner,
                 at_ms,
             } => {
                 if let Some(job) = submission_id.as_ref().and_then(|s| self.submissions.get(s)) {
@@ -540,6 +585,7 @@ impl State {
                         uid: if uid.is_empty() { id.clone() } else { uid },
                         handoff: None,
                         tracking_run: None,
+                        owner,
                     },
                 );
                 if let Some(s) = submission_id {
@@ -564,7 +610,33 @@ impl State {
                 self.release_job(&job);
                 Ok(vec![Event::JobCancelled { job }])
             }
-            Command::RegisterWorker { data_addr, hostname, rank_hint, at_ms } => {
+            Command::CreateToken { token } => {
+                if let Some(old) = self.tokens.get(&token.name) {
+                    return Err(Rejection::Exists(format!(
+                        "a token named {} exists already{}",
+                        token.name,
+                        if old.revoked_at_ms.is_some() { " (revoked; names are not reused)" } else { "" }
+                    )));
+                }
+                if self.tokens.len() >= crate::limits::MAX_TOKENS {
+                    return Err(Rejection::Invalid(format!(
+                        "{} tokens exist (revoked ones included); that is the most a coordinator keeps",
+                        self.tokens.len()
+                    )));
+                }
+                let name = token.name.clone();
+                self.tokens.insert(name.clone(), token);
+                Ok(vec![Event::TokenCreated { name }])
+            }
+            Command::RevokeToken { name, at_ms } => {
+                let t = self.tokens.get_mut(&name).ok_or_else(|| Rejection::TokenNotFound(name.clone()))?;
+                if t.revoked_at_ms.is_some() {
+                    return Ok(vec![Event::Ignored { reason: format!("token {name} is revoked already") }]);
+                }
+                t.revoked_at_ms = Some(at_ms);
+                Ok(vec![Event::TokenRevoked { name }])
+            }
+            Command::RegisterWorker { data_addr, hostname, rank_hint, key_hash, at_ms } => {
                 self.next_worker_seq += 1;
                 let id = format!("w{}", self.next_worker_seq);
                 let worker = Worker {
@@ -575,6 +647,7 @@ impl State {
                     job: None,
                     leaving: None,
                     rank_hint,
+                    key_hash,
                 };
                 self.workers.insert(id.clone(), worker);
                 Ok(vec![Event::WorkerRegistered { worker: id }])

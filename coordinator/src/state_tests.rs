@@ -24,6 +24,7 @@ fn submit_keyed(state: &mut State, name: &str, min: u32, max: u32, keep: u32, ke
             registry: None,
             uid: String::new(),
             data_key: key,
+            owner: None,
             at_ms: 1,
         })
         .unwrap();
@@ -35,7 +36,13 @@ fn submit_keyed(state: &mut State, name: &str, min: u32, max: u32, keep: u32, ke
 
 fn register(state: &mut State, addr: &str) -> WorkerId {
     match &state
-        .apply(Command::RegisterWorker { data_addr: addr.into(), hostname: "h".into(), rank_hint: None, at_ms: 2 })
+        .apply(Command::RegisterWorker {
+            data_addr: addr.into(),
+            hostname: "h".into(),
+            rank_hint: None,
+            key_hash: String::new(),
+            at_ms: 2,
+        })
         .unwrap()[..]
     {
         [Event::WorkerRegistered { worker }] => worker.clone(),
@@ -291,10 +298,23 @@ fn replicas_applying_the_same_log_agree() {
             registry: None,
             uid: String::new(),
             data_key: Default::default(),
+            owner: None,
             at_ms: 1,
         },
-        Command::RegisterWorker { data_addr: "127.0.0.1:1".into(), hostname: "h".into(), rank_hint: None, at_ms: 2 },
-        Command::RegisterWorker { data_addr: "127.0.0.1:2".into(), hostname: "h".into(), rank_hint: None, at_ms: 3 },
+        Command::RegisterWorker {
+            data_addr: "127.0.0.1:1".into(),
+            hostname: "h".into(),
+            rank_hint: None,
+            key_hash: String::new(),
+            at_ms: 2,
+        },
+        Command::RegisterWorker {
+            data_addr: "127.0.0.1:2".into(),
+            hostname: "h".into(),
+            rank_hint: None,
+            key_hash: String::new(),
+            at_ms: 3,
+        },
         Command::Schedule { job: "a-1".into(), at_ms: 4 },
         Command::CommitCheckpoint {
             job: "a-1".into(),
@@ -382,6 +402,7 @@ fn a_repeated_submission_returns_the_first_job() {
         registry: None,
         uid: String::new(),
         data_key: Default::default(),
+        owner: None,
         at_ms: 1,
     };
     assert_eq!(state.apply(cmd(Some("abc"))).unwrap(), vec![Event::JobSubmitted { job: "j-1".into() }]);
@@ -416,6 +437,7 @@ fn trained_job(s: &mut State) -> JobId {
             }),
             uid: String::new(),
             data_key: Default::default(),
+            owner: None,
             at_ms: 1,
         })
         .unwrap();
@@ -538,7 +560,13 @@ fn a_first_plan_follows_the_workers_rank_hints() {
     let mut s = State::new(3);
     let job = submit(&mut s, "j", 2, 2, 3);
     let mut hinted = |addr: &str, rank_hint| match &s
-        .apply(Command::RegisterWorker { data_addr: addr.into(), hostname: "h".into(), rank_hint, at_ms: 2 })
+        .apply(Command::RegisterWorker {
+            data_addr: addr.into(),
+            hostname: "h".into(),
+            rank_hint,
+            key_hash: String::new(),
+            at_ms: 2,
+        })
         .unwrap()[..]
     {
         [Event::WorkerRegistered { worker }] => worker.clone(),
@@ -567,6 +595,7 @@ fn submit_pipeline(state: &mut State, min: u32, max: u32, fixed: Option<u32>, st
         registry: None,
         uid: String::new(),
         data_key: Default::default(),
+        owner: None,
         at_ms: 1,
     })?;
     match &events[..] {
@@ -681,6 +710,7 @@ fn jobs_and_submissions_persisted_without_stages_have_one() {
         registry: None,
         uid: String::new(),
         data_key: Default::default(),
+        owner: None,
         at_ms: 1,
     };
     let mut value = serde_json::to_value(cmd).unwrap();

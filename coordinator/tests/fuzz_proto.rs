@@ -174,8 +174,14 @@ fn samples() -> Vec<Vec<u8>> {
             ..Default::default()
         }
         .encode_to_vec(),
-        pb::RendezvousPut { job_id: "j-1".into(), generation: 2, key: "rank-0".into(), value: vec![7; 40] }
-            .encode_to_vec(),
+        pb::RendezvousPut {
+            job_id: "j-1".into(),
+            generation: 2,
+            key: "rank-0".into(),
+            value: vec![7; 40],
+            worker_id: "w-1".into(),
+        }
+        .encode_to_vec(),
         pb::ProgressReport { worker_id: "w-1".into(), job_id: "j-1".into(), step: 3, loss: 0.5, ..Default::default() }
             .encode_to_vec(),
         raft_pb::AddMemberRequest { id: 4, addr: "http://127.0.0.1:7074".into() }.encode_to_vec(),

@@ -133,8 +133,14 @@ async fn leases_generations_growth_and_completion_over_grpc() {
         generation,
         key: "nccl-unique-id".into(),
         value: value.to_vec(),
+        worker_id: String::new(),
     };
-    let get = |generation| pb::RendezvousGet { job_id: job.clone(), generation, key: "nccl-unique-id".into() };
+    let get = |generation| pb::RendezvousGet {
+        job_id: job.clone(),
+        generation,
+        key: "nccl-unique-id".into(),
+        worker_id: String::new(),
+    };
     let early = w.lookup_rendezvous(get(1)).await.unwrap_err();
     assert_eq!(early.code(), tonic::Code::NotFound);
     w.publish_rendezvous(put(1, b"id-of-gen-1")).await.unwrap();

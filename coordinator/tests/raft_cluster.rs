@@ -124,7 +124,12 @@ async fn chaos(size: u64, run_for: Duration) {
 
     let o = std::mem::take(&mut *outcomes.lock().unwrap());
     println!("size {size}: {} acknowledged, {} failed, {} jobs", o.acked.len(), o.failed.len(), state.jobs.len());
-    assert!(o.acked.len() >= MIN_ACKED, "too few writes got through in {:?}: {}", give_up - stop + run_for, o.acked.len());
+    assert!(
+        o.acked.len() >= MIN_ACKED,
+        "too few writes got through in {:?}: {}",
+        give_up - stop + run_for,
+        o.acked.len()
+    );
     for node in nodes.values() {
         let s = node.snapshot();
         assert_eq!(*s, *state, "replica {} differs", node.id());

@@ -12,6 +12,8 @@ pub const NAME_MAX_LEN: usize = 63;
 pub const SYNTHETIC_SEED: u64 = 0;
 /// `data.samples` for `kind: synthetic`.
 pub const SYNTHETIC_SAMPLES: u64 = 4096;
+/// Samples one evaluation may cover (`eval.batches * eval.batch`).
+pub const EVAL_SAMPLES_LIMIT: usize = 1 << 20;
 /// `data.dtype` for `kind: tokens`.
 pub const TOKEN_DTYPE: crate::TokenDtype = crate::TokenDtype::U16;
 /// Smallest `model.vocab` that `data.kind: text` accepts (one token per byte value).

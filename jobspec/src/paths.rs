@@ -106,10 +106,13 @@ impl JobSpec {
     /// without a trailing slash). Calling it twice changes nothing
     /// more. Paths are taken literally: no `~` expansion, no percent-decoding.
     pub fn resolve_paths(&mut self, base: &Path) {
-        match &mut self.data {
-            DataSpec::Synthetic { .. } => {}
-            DataSpec::Features { path } | DataSpec::Tokens { path, .. } | DataSpec::Text { path } => {
-                *path = absolutize(base, path);
+        let eval = self.eval.as_mut().map(|e| &mut e.data);
+        for data in std::iter::once(&mut self.data).chain(eval) {
+            match data {
+                DataSpec::Synthetic { .. } => {}
+                DataSpec::Features { path } | DataSpec::Tokens { path, .. } | DataSpec::Text { path } => {
+                    *path = absolutize(base, path);
+                }
             }
         }
         if let crate::ModelSpec::Llama(l) = &mut self.model {

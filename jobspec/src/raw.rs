@@ -31,6 +31,16 @@ pub(crate) struct RawJob {
     pub workers: Option<S<RawWorkers>>,
     pub checkpoint: Option<S<RawCheckpoint>>,
     pub registry: Option<S<RawRegistry>>,
+    pub eval: Option<S<RawEval>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEval {
+    pub data: S<RawData>,
+    pub every: Option<S<u64>>,
+    pub batches: Option<S<usize>>,
+    pub batch: Option<S<usize>>,
 }
 
 /// Reads only `version`, whatever else the file holds, so that a file of
@@ -122,6 +132,7 @@ pub(crate) struct RawTrain {
     pub schedule: Option<S<RawSchedule>>,
     pub grad_clip: Option<S<f64>>,
     pub precision: Option<S<Any>>,
+    pub activation_checkpointing: Option<S<bool>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]

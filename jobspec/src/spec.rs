@@ -21,6 +21,23 @@ pub struct JobSpec {
     /// job's output folder only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<RegistrySpec>,
+    /// Validation while training; none: no evaluation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalSpec>,
+}
+
+/// Evaluation on held-out data: the loss (and, for the MLP, the accuracy)
+/// of the first `batches * batch` samples of `data`, in order, every
+/// `every` steps and after the last.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct EvalSpec {
+    pub data: DataSpec,
+    /// Steps between evaluations; 0: after the last step only.
+    pub every: u64,
+    /// Batches per evaluation, >= 1.
+    pub batches: usize,
+    /// Samples per batch, >= 1 (default `train.global_batch`).
+    pub batch: usize,
 }
 
 /// The model to train, chosen by `model.kind`.
@@ -198,6 +215,10 @@ pub struct TrainSpec {
     /// The arithmetic of forward and backward passes.
     #[serde(default)]
     pub precision: Precision,
+    /// Keep only each unit's input between its forward and backward pass
+    /// and compute its inner activations again in the backward pass.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
 }
 
 /// The arithmetic of forward and backward passes. Master weights, gradients

@@ -430,3 +430,32 @@ fn llama_errors_name_the_field_and_its_line() {
     let e = err("name: x\nmodel: {kind: gpt, layers: 1, d_model: 8, heads: 2, context: 4, vocab: 9, kv_heads: 1}\ndata: {kind: synthetic}\ntrain: {steps: 1, global_batch: 1}\n");
     assert!(e.message.contains("unknown field `kv_heads` for model kind `gpt`"), "{e}");
 }
+
+#[test]
+fn an_eval_section_takes_data_like_data_and_defaults() {
+    let spec = ok(&with("eval:\n  data: {kind: synthetic, seed: 9, samples: 64}\n"));
+    let e = spec.eval.expect("an eval section");
+    assert_eq!(e.data, DataSpec::Synthetic { seed: 9, samples: 64 });
+    assert_eq!((e.every, e.batches, e.batch), (0, 1, 4), "after the last step, one batch of global_batch");
+    let spec = ok(&with("eval: {data: {kind: features, path: held.safetensors}, every: 5, batches: 3, batch: 8}\n"));
+    let e = spec.eval.unwrap();
+    assert_eq!((e.every, e.batches, e.batch), (5, 3, 8));
+    let mut spec = ok(&with("eval: {data: {kind: features, path: held.safetensors}}\n"));
+    spec.resolve_paths(Path::new("/jobs"));
+    assert_eq!(spec.eval.unwrap().data, DataSpec::Features { path: "/jobs/held.safetensors".into() });
+    assert_eq!(ok(MINIMAL).eval, None);
+}
+
+#[test]
+fn eval_data_that_does_not_fit_the_model_names_its_field_and_line() {
+    let e = err(&with("eval:\n  data: {kind: tokens, path: t.bin}\n"));
+    assert_eq!(e.path, "eval.data.kind");
+    assert_eq!(e.line, 11);
+    assert!(e.message.contains("needs model kind `gpt`"), "{e}");
+    let e = err(&with("eval:\n  data: {kind: synthetic}\n  batches: 0\n"));
+    assert_eq!(e.path, "eval.batches");
+    let e = err(&with("eval:\n  data: {kind: synthetic, samples: 0}\n"));
+    assert_eq!(e.path, "eval.data.samples");
+    let e = err(&with("eval:\n  every: 3\n"));
+    assert!(e.to_string().contains("data"), "{e}");
+}

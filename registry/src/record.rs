@@ -17,12 +17,26 @@ pub struct MetricRecord {
     /// When the step finished, milliseconds since the Unix epoch.
     #[serde(default)]
     pub time_ms: i64,
+    /// The validation loss after this step, when the job evaluated then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+    /// The validation accuracy (classifiers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_accuracy: Option<f64>,
 }
 
 impl MetricRecord {
     /// The metrics an MLflow run gets per step, by key.
-    pub fn values(&self) -> [(&'static str, f64); 4] {
-        [("loss", self.loss), ("lr", self.lr), ("grad_norm", self.grad_norm), ("samples_per_sec", self.samples_per_sec)]
+    pub fn values(&self) -> Vec<(&'static str, f64)> {
+        let mut v = vec![
+            ("loss", self.loss),
+            ("lr", self.lr),
+            ("grad_norm", self.grad_norm),
+            ("samples_per_sec", self.samples_per_sec),
+        ];
+        v.extend(self.eval_loss.map(|l| ("eval_loss", l)));
+        v.extend(self.eval_accuracy.map(|a| ("eval_accuracy", a)));
+        v
     }
 }
 
@@ -98,10 +112,15 @@ mod tests {
             generation: 2,
             world_size: 2,
             time_ms: 17,
+            eval_loss: None,
+            eval_accuracy: None,
         };
-        let text = to_jsonl(&[r.clone(), MetricRecord { step: 4, ..r.clone() }]);
-        assert_eq!(from_jsonl(&text).unwrap().len(), 2);
-        assert_eq!(from_jsonl(&text).unwrap()[0], r);
+        let evaluated = MetricRecord { step: 4, eval_loss: Some(0.75), eval_accuracy: Some(0.5), ..r.clone() };
+        let text = to_jsonl(&[r.clone(), evaluated.clone()]);
+        assert!(!text.lines().next().unwrap().contains("eval"), "a step without evaluation says nothing of it");
+        assert_eq!(from_jsonl(&text).unwrap(), vec![r.clone(), evaluated.clone()]);
+        assert_eq!(evaluated.values().len(), 6);
+        assert_eq!(r.values().len(), 4);
         let err = from_jsonl(&format!("{text}{{\"step\": 5}}\n")).unwrap_err();
         assert!(err.starts_with("line 3:"), "{err}");
     }

@@ -5,11 +5,11 @@ use std::io::IsTerminal;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use flotilla_proto::auth::{AuthChannel, Credentials};
 use flotilla_proto::leader;
 use flotilla_proto::v1 as pb;
 use flotilla_proto::v1::job_service_client::JobServiceClient;
 use indicatif::{ProgressBar, ProgressStyle};
-use tonic::transport::Channel;
 
 /// How long a call keeps retrying while the coordinator replicas elect a
 /// leader or the leader is unreachable.
@@ -20,7 +20,8 @@ const RETRY_FOR: Duration = Duration::from_secs(30);
 pub struct Client {
     addrs: Vec<String>,
     leader: String,
-    inner: JobServiceClient<Channel>,
+    credentials: Credentials,
+    inner: JobServiceClient<AuthChannel>,
 }
 
 pub fn retryable(s: &tonic::Status) -> bool {
@@ -41,15 +42,22 @@ macro_rules! rpc {
     }};
 }
 
-/// Connects to the leader among `list` (comma-separated addresses).
+/// Connects to the leader among `list` (comma-separated addresses), with
+/// this process's credentials (`--token-file`, `FLOTILLA_TOKEN`).
 pub async fn connect(list: &str) -> anyhow::Result<Client> {
+    connect_with(list, Credentials::current()).await
+}
+
+/// Connects to the leader among `list` with `credentials`.
+pub async fn connect_with(list: &str, credentials: Credentials) -> anyhow::Result<Client> {
     let addrs = leader::parse_addrs(list);
     anyhow::ensure!(!addrs.is_empty(), "no coordinator address given (--coordinator or FLOTILLA_COORDINATOR)");
     let (leader, channel) = find(&addrs, None).await?;
-    Ok(Client { addrs, leader, inner: JobServiceClient::new(channel) })
+    let inner = JobServiceClient::new(credentials.wrap(channel));
+    Ok(Client { addrs, leader, credentials, inner })
 }
 
-async fn find(addrs: &[String], hint: Option<&str>) -> anyhow::Result<(String, Channel)> {
+async fn find(addrs: &[String], hint: Option<&str>) -> anyhow::Result<(String, tonic::transport::Channel)> {
     let deadline = Instant::now() + RETRY_FOR;
     let mut hint = hint.map(str::to_string);
     loop {
@@ -76,7 +84,7 @@ impl Client {
             tracing::info!(from = %self.leader, to = %addr, "following the new coordinator leader");
         }
         self.leader = addr;
-        self.inner = JobServiceClient::new(channel);
+        self.inner = JobServiceClient::new(self.credentials.wrap(channel));
         Ok(())
     }
 
@@ -84,7 +92,7 @@ impl Client {
     /// the leader again and retries, for up to [`RETRY_FOR`].
     pub async fn call<T, F, Fut>(&mut self, mut f: F) -> Result<T, tonic::Status>
     where
-        F: FnMut(JobServiceClient<Channel>) -> Fut,
+        F: FnMut(JobServiceClient<AuthChannel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let deadline = Instant::now() + RETRY_FOR;
@@ -165,7 +173,7 @@ pub fn registration_line(j: &pb::JobStatus) -> Option<String> {
 /// Follows a job until it ends, with a progress bar on a terminal or a line
 /// every tenth of the run otherwise. Returns the final status.
 pub async fn follow(client: &mut Client, job: &str) -> anyhow::Result<pb::JobStatus> {
-    let watch = |mut c: JobServiceClient<Channel>| {
+    let watch = |mut c: JobServiceClient<AuthChannel>| {
         let req = pb::WatchJobRequest { job_id: job.to_string() };
         async move { c.watch_job(req).await }
     };
@@ -199,8 +207,9 @@ pub async fn follow(client: &mut Client, job: &str) -> anyhow::Result<pb::JobSta
         };
         bar.set_length(status.total_steps);
         bar.set_position(status.step);
+        let eval = super::status::eval_text(&status).map(|e| format!("  eval{e}")).unwrap_or_default();
         bar.set_message(format!(
-            "loss {:.4}  {:.0} samples/s  {} workers",
+            "loss {:.4}  {:.0} samples/s  {} workers{eval}",
             status.loss, status.samples_per_sec, status.world_size
         ));
         if status.phase != last_phase {
@@ -215,7 +224,7 @@ pub async fn follow(client: &mut Client, job: &str) -> anyhow::Result<pb::JobSta
         let tenth = (status.total_steps / 10).max(1);
         if !tty && status.step >= last_line_step + tenth {
             eprintln!(
-                "{job}: step {}/{}  loss {:.4}  {:.0} samples/s  {} workers  {:.1}s",
+                "{job}: step {}/{}  loss {:.4}  {:.0} samples/s  {} workers  {:.1}s{eval}",
                 status.step,
                 status.total_steps,
                 status.loss,
@@ -246,6 +255,9 @@ pub fn print_outcome(s: &pb::JobStatus, elapsed: Duration) {
                 s.total_steps,
                 s.loss
             );
+            if let Some(e) = super::status::eval_text(s) {
+                println!("  eval:{e}");
+            }
             println!("  checkpoints: {}", s.output_dir);
             for c in &s.checkpoints {
                 println!(

@@ -23,7 +23,7 @@ use std::time::Duration;
 use anyhow::Context;
 use flotilla_coordinator::state::DEFAULT_MAX_RESTARTS;
 use flotilla_coordinator::{
-    CoordinatorConfig, EtcdOptions, EtcdStore, MemStore, MetaStore, RaftOptions, RaftStore, State,
+    AuthMode, CoordinatorConfig, EtcdOptions, EtcdStore, MemStore, MetaStore, RaftOptions, RaftStore, State,
 };
 use flotilla_proto::leader;
 use flotilla_proto::raft::v1 as rpb;
@@ -48,6 +48,13 @@ pub struct CoordinatorFile {
     pub handoff_retry_max_ms: Option<u64>,
     #[serde(default)]
     pub store: StoreFile,
+    /// The admin token file this replica accepts, made with a new token
+    /// when missing (default: `admin.token` in the Raft data directory,
+    /// relative to the configuration file).
+    pub admin_token_file: Option<PathBuf>,
+    /// `insecure: true`: calls need no API token. Trusted networks only.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -106,6 +113,8 @@ pub struct Overrides {
     pub join: bool,
     pub etcd: Option<String>,
     pub memory: bool,
+    pub admin_token_file: Option<PathBuf>,
+    pub insecure: bool,
 }
 
 /// Reads the configuration file (if any) and applies the flags.
@@ -136,6 +145,8 @@ pub fn load(file: Option<&Path>, o: Overrides) -> Result<(CoordinatorFile, PathB
         cfg.store.etcd = Some(EtcdFile { endpoints, prefix });
     }
     cfg.store.memory |= o.memory;
+    cfg.admin_token_file = o.admin_token_file.or(cfg.admin_token_file);
+    cfg.insecure |= o.insecure;
     if o.id.is_some() || o.data_dir.is_some() || !o.peers.is_empty() || o.join {
         let raft = cfg.store.raft.get_or_insert_with(RaftFile::default);
         raft.id = o.id.or(raft.id);
@@ -192,6 +203,43 @@ pub fn parse_peer(s: &str) -> Result<(u64, String), String> {
     Ok((id, url.trim().to_string()))
 }
 
+/// Where a replica keeps its Raft log and its admin token file, relative
+/// to the configuration file's folder.
+const DEFAULT_DATA_DIR: &str = "flotilla-coordinator";
+
+/// The hash of the admin token in `file`; a missing file is made, with a
+/// new token, readable by its owner only. Tells where it is.
+fn admin_token(file: &Path) -> anyhow::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let made = match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(file) {
+        Ok(mut f) => {
+            let (token, _) = flotilla_coordinator::auth::new_token().context("mint the admin token")?;
+            f.write_all(format!("{token}\n").as_bytes())
+                .and_then(|_| f.sync_all())
+                .with_context(|| format!("write the admin token to {}", file.display()))?;
+            true
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+        Err(e) => return Err(e).with_context(|| format!("create the admin token file {}", file.display())),
+    };
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("read the admin token file {}", file.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim();
+    anyhow::ensure!(!token.is_empty(), "the admin token file {} is empty", file.display());
+    let file = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+    eprintln!(
+        "flotilla: {} admin token in {}: clients use it with `--token-file {0}` or FLOTILLA_TOKEN_FILE; \
+         `flotilla token create --role worker|submit|read --name NAME` makes tokens for workers and people",
+        if made { "wrote a new" } else { "the" },
+        file.display()
+    );
+    Ok(flotilla_coordinator::auth::hash_token(token))
+}
+
 /// Runs one replica until SIGINT/SIGTERM.
 pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) -> anyhow::Result<()> {
     let listen = cfg.listen.unwrap_or_else(|| "127.0.0.1:7070".parse().expect("a socket address"));
@@ -203,6 +251,23 @@ pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) 
         comm_grace: Duration::from_millis(lease_ms + 3000),
         handoff_retry_max: Duration::from_millis(cfg.handoff_retry_max_ms.unwrap_or(60_000)),
         ..Default::default()
+    };
+    let data_dir = base.join(
+        cfg.store.raft.as_ref().and_then(|r| r.data_dir.clone()).unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+    );
+    let coordinator_cfg = CoordinatorConfig {
+        auth: if cfg.insecure {
+            tracing::warn!(
+                "running with --insecure: calls need no API token; anyone who reaches this port can submit, cancel \
+                 and change anything"
+            );
+            AuthMode::Open
+        } else {
+            let file = cfg.admin_token_file.as_ref().map_or_else(|| data_dir.join("admin.token"), |f| base.join(f));
+            let hash = admin_token(&file)?;
+            AuthMode::Tokens { bootstrap: vec![("admin-file".into(), hash)] }
+        },
+        ..coordinator_cfg
     };
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
     let bound = listener.local_addr()?;
@@ -224,7 +289,6 @@ pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) 
     } else {
         let raft = cfg.store.raft.unwrap_or_default();
         let id = raft.id.unwrap_or(1);
-        let data_dir = base.join(raft.data_dir.unwrap_or_else(|| PathBuf::from("flotilla-coordinator")));
         let mut peers = raft.peers;
         if peers.is_empty() && !raft.join {
             peers.insert(id, advertise.clone());
@@ -276,7 +340,7 @@ pub async fn embedded(
 /// Runs `f` on the leader's Cluster service, following refusals.
 async fn on_leader<T, F, Fut>(list: &str, mut f: F) -> anyhow::Result<T>
 where
-    F: FnMut(ClusterClient<tonic::transport::Channel>) -> Fut,
+    F: FnMut(ClusterClient<flotilla_proto::auth::AuthChannel>) -> Fut,
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let addrs = leader::parse_addrs(list);
@@ -284,17 +348,19 @@ where
     let mut hint = None;
     loop {
         let error = match leader::find_leader(&addrs, hint.as_deref()).await {
-            Ok((_, channel)) => match f(ClusterClient::new(channel)).await {
-                Ok(r) => return Ok(r.into_inner()),
-                Err(s) if s.code() == tonic::Code::Unimplemented => {
-                    anyhow::bail!("this coordinator keeps no Raft log (it runs on etcd or in memory)")
+            Ok((_, channel)) => {
+                match f(ClusterClient::new(flotilla_proto::auth::Credentials::current().wrap(channel))).await {
+                    Ok(r) => return Ok(r.into_inner()),
+                    Err(s) if s.code() == tonic::Code::Unimplemented => {
+                        anyhow::bail!("this coordinator keeps no Raft log (it runs on etcd or in memory)")
+                    }
+                    Err(s) if s.code() == tonic::Code::Unavailable => {
+                        hint = leader::leader_hint(&s);
+                        s.message().to_string()
+                    }
+                    Err(s) => anyhow::bail!("refused ({:?}): {}", s.code(), s.message()),
                 }
-                Err(s) if s.code() == tonic::Code::Unavailable => {
-                    hint = leader::leader_hint(&s);
-                    s.message().to_string()
-                }
-                Err(s) => anyhow::bail!("refused ({:?}): {}", s.code(), s.message()),
-            },
+            }
             Err(e) => e,
         };
         if std::time::Instant::now() > deadline {

@@ -7,6 +7,7 @@ pub mod procs;
 pub mod render;
 pub mod run;
 pub mod status;
+pub mod token;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -37,6 +38,11 @@ pub fn exit_code(phase: i32) -> i32 {
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// A file holding the API token that calls to the coordinator carry
+    /// (or set FLOTILLA_TOKEN to the token itself). A coordinator writes an
+    /// admin token file on first start; `flotilla token create` makes more.
+    #[arg(long, env = "FLOTILLA_TOKEN_FILE", global = true)]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -132,6 +138,11 @@ pub enum Command {
     Slurm {
         #[command(subcommand)]
         cmd: render::SlurmCommand,
+    },
+    /// API tokens (admin role): create, list, revoke.
+    Token {
+        #[command(subcommand)]
+        cmd: token::TokenCommand,
     },
 }
 
@@ -230,6 +241,15 @@ pub struct ServeArgs {
     /// Keep the log in memory only (lost with the process).
     #[arg(long)]
     pub memory: bool,
+    /// The admin token file this replica accepts, made (mode 0600) with a
+    /// new token when missing [default: DATA_DIR/admin.token]. Give every
+    /// replica of a cluster the same file, or make them each their own.
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Accept calls without API tokens (and, with it, without TLS). For a
+    /// trusted network only: anyone who reaches the port can do anything.
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 #[derive(Debug, Subcommand)]

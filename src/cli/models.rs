@@ -134,7 +134,7 @@ pub async fn register(c: &mut Client, job: &str, no_wait: bool) -> anyhow::Resul
         return Ok(if no_wait { 0 } else { super::exit_code(status.phase) });
     }
     // Wait for this retry's outcome: registered, or one more failed attempt.
-    let watch = |mut wc: pb::job_service_client::JobServiceClient<tonic::transport::Channel>| {
+    let watch = |mut wc: pb::job_service_client::JobServiceClient<flotilla_proto::auth::AuthChannel>| {
         let req = pb::WatchJobRequest { job_id: job.to_string() };
         async move { wc.watch_job(req).await }
     };

@@ -11,8 +11,9 @@ pub struct LocalWorkers {
 }
 
 impl LocalWorkers {
-    /// Starts `n` workers against `coordinator`, logging to `logs/worker-<i>.log`.
-    pub fn start(n: usize, coordinator: &str, logs: &Path) -> std::io::Result<LocalWorkers> {
+    /// Starts `n` workers against `coordinator` with the API token `token`,
+    /// logging to `logs/worker-<i>.log`.
+    pub fn start(n: usize, coordinator: &str, token: &str, logs: &Path) -> std::io::Result<LocalWorkers> {
         std::fs::create_dir_all(logs)?;
         let exe = std::env::current_exe()?;
         let mut children = Vec::with_capacity(n);
@@ -20,6 +21,8 @@ impl LocalWorkers {
             let log = std::fs::File::create(logs.join(format!("worker-{i}.log")))?;
             let mut cmd = Command::new(&exe);
             cmd.args(["worker", "--coordinator", coordinator, "--data-addr", "127.0.0.1:0"])
+                .env(flotilla_proto::auth::TOKEN_ENV, token)
+                .env_remove(flotilla_proto::auth::TOKEN_FILE_ENV)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log);

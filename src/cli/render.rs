@@ -73,6 +73,10 @@ pub struct K8sRenderArgs {
     /// The Kubernetes Job's name [default: flotilla-<job name>].
     #[arg(long)]
     pub job_name: Option<String>,
+    /// The Secret (key `token`) holding the API token the workers submit
+    /// and run the job with; it needs the admin role.
+    #[arg(long, default_value = k8s::ADMIN_TOKEN_SECRET)]
+    pub token_secret: String,
 }
 
 #[derive(Debug, Args)]
@@ -112,6 +116,12 @@ pub struct SlurmRenderArgs {
     /// Seconds before the time limit that Slurm sends USR1 [default: grace + 30].
     #[arg(long)]
     pub signal_lead_s: Option<u64>,
+    /// The API token file the tasks read on the nodes (a path on a shared
+    /// filesystem; the token needs the worker and submit roles, i.e. admin)
+    /// [default with a started coordinator: the admin token file it writes
+    /// in its folder; needed with --coordinator].
+    #[arg(long)]
+    pub node_token_file: Option<String>,
 }
 
 /// Runs `flotilla k8s ...`; returns the exit code.
@@ -140,6 +150,7 @@ pub fn k8s(cmd: K8sCommand) -> i32 {
         service_account: a.service_account,
         workdir_claim: a.workdir_claim,
         job_name: a.job_name,
+        token_secret: a.token_secret,
     };
     match k8s::render(&spec, &text, &opts) {
         Ok(out) => {
@@ -184,6 +195,7 @@ pub fn slurm(cmd: SlurmCommand) -> i32 {
         account: a.account,
         preemption_grace_s: a.preemption_grace_s,
         signal_lead_s: a.signal_lead_s,
+        token_file: a.node_token_file,
     };
     match slurm::render(&spec, &opts) {
         Ok(script) => {

@@ -5,7 +5,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use flotilla_coordinator::CoordinatorConfig;
+use flotilla_coordinator::{AuthMode, CoordinatorConfig};
+use flotilla_proto::auth::Credentials;
 use flotilla_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
@@ -27,10 +28,14 @@ pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
 
     let shutdown = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("bind the coordinator port")?;
+    // A token for this run only: the coordinator lives as long as the run,
+    // and its workers and this client are the only ones that know it.
+    let (token, hash) = flotilla_coordinator::auth::new_token().context("mint the run's API token")?;
     let cfg = CoordinatorConfig {
         lease: Duration::from_secs(5),
         heartbeat_interval: Duration::from_millis(500),
         start_grace: Duration::from_secs(10),
+        auth: AuthMode::Tokens { bootstrap: vec![("run".into(), hash)] },
         ..CoordinatorConfig::default()
     };
     // The coordinator's log lives as long as this run.
@@ -38,7 +43,8 @@ pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
     let (server, store) = super::coordinator::embedded(listener, cfg, shutdown.clone(), &data_dir).await?;
     let url = format!("http://{}", server.addr);
 
-    let mut client = client::connect(&url).await?;
+    let credentials = Credentials::token(&token).map_err(anyhow::Error::msg)?;
+    let mut client = client::connect_with(&url, credentials).await?;
     let job = match client::submit(&mut client, path, text).await {
         Ok(job) => job,
         Err(status) => {
@@ -59,7 +65,7 @@ pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
     };
     eprintln!("flotilla: running {job} on {n} local workers (coordinator {url}, logs in {})", logs.display());
     // Started from this (the main) thread: the parent death signal follows it.
-    let mut local = LocalWorkers::start(n, &url, &logs).context("start local workers")?;
+    let mut local = LocalWorkers::start(n, &url, &token, &logs).context("start local workers")?;
 
     let started = Instant::now();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

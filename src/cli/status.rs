@@ -30,6 +30,9 @@ pub fn print_detail(j: &pb::JobStatus) {
         if j.message.is_empty() { String::new() } else { format!(" ({})", j.message) }
     );
     println!("step:         {}/{}  loss {:.4}  {:.0} samples/s", j.step, j.total_steps, j.loss, j.samples_per_sec);
+    if let Some(e) = eval_text(j) {
+        println!("eval:        {e}");
+    }
     println!(
         "workers:      {} (min {}, max {})  generation {}  restarts {}",
         j.world_size, j.min_workers, j.max_workers, j.generation, j.restarts
@@ -40,6 +43,9 @@ pub fn print_detail(j: &pb::JobStatus) {
         }
     }
     println!("output:       {}", j.output_dir);
+    if !j.submitted_by.is_empty() {
+        println!("submitted by: {}", j.submitted_by);
+    }
     if let Some(c) = &j.latest_checkpoint {
         println!(
             "checkpoint:   step {} at {} (training blocked {:.1} ms of {:.1} ms)",
@@ -133,6 +139,13 @@ pub fn human_bytes(n: u64) -> String {
 /// A job's status as JSON (`flotilla status --json`): every field of
 /// `JobStatus`, the phase by name, and per rank its stage, replica and
 /// memory in bytes (`null` until the rank reports).
+/// The latest evaluation, as `loss 1.2345 (accuracy 0.9375) at step 50`.
+pub fn eval_text(j: &pb::JobStatus) -> Option<String> {
+    let loss = j.eval_loss?;
+    let accuracy = j.eval_accuracy.map(|a| format!(" (accuracy {a:.4})")).unwrap_or_default();
+    Some(format!(" loss {loss:.4}{accuracy} at step {}", j.eval_step.unwrap_or_default()))
+}
+
 pub fn status_json(j: &pb::JobStatus) -> Value {
     let checkpoint = |c: &pb::CheckpointRef| {
         json!({
@@ -157,6 +170,8 @@ pub fn status_json(j: &pb::JobStatus) -> Value {
         "loss": j.loss,
         "samples_per_sec": j.samples_per_sec,
         "restarts": j.restarts,
+        "submitted_by": j.submitted_by,
+        "eval": j.eval_loss.map(|loss| json!({"step": j.eval_step, "loss": loss, "accuracy": j.eval_accuracy})),
         "output_dir": j.output_dir,
         "final_model": j.final_model,
         "latest_checkpoint": j.latest_checkpoint.as_ref().map(checkpoint),

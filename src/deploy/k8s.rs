@@ -63,7 +63,17 @@ pub struct K8sOptions {
     pub workdir_claim: Option<String>,
     /// The Kubernetes Job's name (default `flotilla-<job name>`).
     pub job_name: Option<String>,
+    /// The Secret holding the API token the workers use (key `token`),
+    /// mounted read-only at [`TOKEN_DIR`]. The workers submit the job as
+    /// well as run it, so the token needs the admin role (default: the
+    /// base's admin token Secret).
+    pub token_secret: String,
 }
+
+/// The Secret of `deploy/kubernetes/base` holding the admin token.
+pub const ADMIN_TOKEN_SECRET: &str = "flotilla-admin-token";
+/// Where a worker pod finds its API token Secret.
+pub const TOKEN_DIR: &str = "/var/run/secrets/flotilla/token";
 
 /// The coordinator of `deploy/kubernetes/base`: its three StatefulSet
 /// replicas through their headless Service.
@@ -90,6 +100,7 @@ impl Default for K8sOptions {
             service_account: WORKER_SERVICE_ACCOUNT.into(),
             workdir_claim: None,
             job_name: None,
+            token_secret: ADMIN_TOKEN_SECRET.into(),
         }
     }
 }
@@ -129,6 +140,9 @@ pub fn render(spec: &JobSpec, job_yaml: &str, opts: &K8sOptions) -> Result<Rende
         if !is_quantity(value) {
             return Err(bad(option, value, "not a Kubernetes quantity (like 4, 500m, 16Gi)"));
         }
+    }
+    if !is_dns_label(&opts.token_secret, 253) {
+        return Err(bad("--token-secret", &opts.token_secret, "not a Kubernetes object name"));
     }
     for (option, value) in
         [("--credentials-secret", &opts.credentials_secret), ("--workdir-claim", &opts.workdir_claim)]
@@ -295,6 +309,7 @@ fn pod_spec(config_name: &str, opts: &K8sOptions) -> Node {
         env_field("FLOTILLA_SUBMISSION_ID", &format!("metadata.labels['{CONTROLLER_UID_LABEL}']")),
         env_field("POD_IP", "status.podIP"),
         env_value("FLOTILLA_LOG", "info"),
+        env_value(flotilla_proto::auth::TOKEN_FILE_ENV, &format!("{TOKEN_DIR}/token")),
     ]);
     let mut requests = map([("cpu", opts.cpu.clone().into()), ("memory", opts.memory.clone().into())]);
     let mut resources = map([]);
@@ -307,12 +322,18 @@ fn pod_spec(config_name: &str, opts: &K8sOptions) -> Node {
     let mut mounts = vec![
         map([("name", "job".into()), ("mountPath", "/etc/flotilla".into()), ("readOnly", true.into())]),
         map([("name", "work".into()), ("mountPath", WORKDIR.into())]),
+        map([("name", "token".into()), ("mountPath", TOKEN_DIR.into()), ("readOnly", true.into())]),
     ];
     let work = match &opts.workdir_claim {
         Some(claim) => map([("name", "work".into()), ("persistentVolumeClaim", map([("claimName", claim.into())]))]),
         None => map([("name", "work".into()), ("emptyDir", map([]))]),
     };
-    let mut volumes = vec![map([("name", "job".into()), ("configMap", map([("name", config_name.into())]))]), work];
+    let token = map([
+        ("name", "token".into()),
+        ("secret", map([("secretName", opts.token_secret.clone().into()), ("defaultMode", 0o400u32.into())])),
+    ]);
+    let mut volumes =
+        vec![map([("name", "job".into()), ("configMap", map([("name", config_name.into())]))]), work, token];
     if opts.gpus > 0 {
         // NCCL uses shared memory between processes; the default /dev/shm is 64 MiB.
         mounts.push(map([("name", "dshm".into()), ("mountPath", "/dev/shm".into())]));

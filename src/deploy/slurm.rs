@@ -40,6 +40,9 @@ pub struct SlurmOptions {
     /// Seconds before the time limit that Slurm sends USR1 (default: the
     /// grace plus 30).
     pub signal_lead_s: Option<u64>,
+    /// The API token file the tasks read (a shared path). Default with a
+    /// started coordinator: the admin token file it writes in its folder.
+    pub token_file: Option<String>,
 }
 
 impl Default for SlurmOptions {
@@ -58,6 +61,7 @@ impl Default for SlurmOptions {
             account: None,
             preemption_grace_s: 60,
             signal_lead_s: None,
+            token_file: None,
         }
     }
 }
@@ -86,6 +90,14 @@ pub fn render(spec: &JobSpec, opts: &SlurmOptions) -> Result<String, RenderError
         if !sbatch_safe(h) {
             return Err(bad("--coordinator-host", h, "a hostname or an IP address"));
         }
+    }
+    if opts.coordinator.is_some() && opts.token_file.is_none() {
+        return Err(bad(
+            "--node-token-file",
+            "",
+            "with --coordinator, the path of an API token file the nodes can read (`flotilla token create \
+             --role admin --name slurm --out FILE`)",
+        ));
     }
     if opts.coordinator_port == 0 {
         return Err(bad("--coordinator-port", "0", "a port from 1 to 65535"));
@@ -156,8 +168,10 @@ pub fn render(spec: &JobSpec, opts: &SlurmOptions) -> Result<String, RenderError
             line(&format!("coordinator_port={}", opts.coordinator_port));
             line(&format!("coordinator_dir={}/\"$SLURM_JOB_ID\"", shell_quote(&opts.coordinator_dir)));
             line("mkdir -p \"$coordinator_dir\"");
+            line("# It writes its admin token (mode 0600) into its folder; the tasks read it there.");
             line("(trap '' USR1; exec \"$flotilla\" coordinator --listen \"0.0.0.0:$coordinator_port\" \\");
-            line("    --advertise \"http://$coordinator_host:$coordinator_port\" --data-dir \"$coordinator_dir/data\") \\");
+            line("    --advertise \"http://$coordinator_host:$coordinator_port\" --data-dir \"$coordinator_dir/data\" \\");
+            line("    --admin-token-file \"$coordinator_dir/admin.token\") \\");
             line("    >\"$coordinator_dir/coordinator.out\" 2>\"$coordinator_dir/coordinator.log\" &");
             line("coordinator_pid=$!");
             line("trap 'kill \"$coordinator_pid\" 2>/dev/null; wait \"$coordinator_pid\" 2>/dev/null' EXIT");
@@ -171,6 +185,10 @@ pub fn render(spec: &JobSpec, opts: &SlurmOptions) -> Result<String, RenderError
             line("  sleep 0.1");
             line("done");
         }
+    }
+    match &opts.token_file {
+        Some(file) => line(&format!("export FLOTILLA_TOKEN_FILE={}", shell_quote(file))),
+        None => line("export FLOTILLA_TOKEN_FILE=\"$coordinator_dir/admin.token\""),
     }
     line("");
     line("# One worker per task. Each asks for rank $SLURM_PROCID; all submit the job with");
@@ -241,11 +259,24 @@ mod tests {
     fn an_existing_coordinator_is_used_as_is() {
         let opts = SlurmOptions {
             coordinator: Some("http://10.0.0.1:7070,http://10.0.0.2:7070".into()),
+            token_file: Some("/shared/secrets/flotilla token".into()),
             ..SlurmOptions::default()
         };
         let s = render(&spec("{min: 1, max: 2}"), &opts).unwrap();
         assert!(s.contains("export FLOTILLA_COORDINATOR=http://10.0.0.1:7070,http://10.0.0.2:7070\n"), "{s}");
+        assert!(s.contains("export FLOTILLA_TOKEN_FILE='/shared/secrets/flotilla token'\n"), "{s}");
         assert!(!s.contains("coordinator --listen"), "{s}");
+        let without = SlurmOptions { token_file: None, ..opts };
+        let e = render(&spec("{min: 1, max: 2}"), &without).unwrap_err().to_string();
+        assert!(e.starts_with("--node-token-file"), "{e}");
+    }
+
+    #[test]
+    fn a_started_coordinator_writes_the_token_the_tasks_read() {
+        let s = render(&spec("{min: 1, max: 2}"), &SlurmOptions::default()).unwrap();
+        assert!(s.contains("--admin-token-file \"$coordinator_dir/admin.token\""), "{s}");
+        let export = s.find("export FLOTILLA_TOKEN_FILE=\"$coordinator_dir/admin.token\"").expect("token exported");
+        assert!(export < s.find("srun ").unwrap(), "the token must be exported before the tasks start:\n{s}");
     }
 
     #[test]

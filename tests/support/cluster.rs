@@ -33,11 +33,11 @@ pub fn replica(dir: &std::path::Path, id: usize, ports: &[u16]) -> Proc {
 pub const TIMINGS: [&str; 6] = ["--lease-ms", "1500", "--heartbeat-ms", "200", "--start-grace-ms", "300"];
 
 /// The leader's client, found among `addrs` (waits through an election).
-pub async fn leader_client(addrs: &[String]) -> (String, JobServiceClient<tonic::transport::Channel>) {
+pub async fn leader_client(addrs: &[String]) -> (String, JobServiceClient<flotilla::proto::auth::AuthChannel>) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match leader::find_leader(addrs, None).await {
-            Ok((addr, ch)) => return (addr, JobServiceClient::new(ch)),
+            Ok((addr, ch)) => return (addr, JobServiceClient::new(super::authed(ch))),
             Err(e) if Instant::now() > deadline => panic!("no leader: {e}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }

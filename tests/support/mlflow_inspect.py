@@ -18,6 +18,7 @@ result = {"versions": []}
 for v in client.search_model_versions(f"name='{model}'"):
     run = client.get_run(v.run_id)
     history = client.get_metric_history(v.run_id, "loss")
+    evals = client.get_metric_history(v.run_id, "eval_loss")
     result["versions"].append({
         "version": int(v.version),
         "run_id": v.run_id,
@@ -27,6 +28,7 @@ for v in client.search_model_versions(f"name='{model}'"):
         "run_status": run.info.status,
         "params": run.data.params,
         "loss": sorted([m.step, m.value] for m in history),
+        "eval_loss": sorted([m.step, m.value] for m in evals),
     })
 named = client.get_model_version_by_alias(model, alias)
 result["alias_version"] = int(named.version)

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use flotilla::proto::auth::{AuthChannel, Credentials, TOKEN_ENV, TOKEN_FILE_ENV};
 use flotilla::proto::v1 as pb;
 use flotilla::proto::v1::job_service_client::JobServiceClient;
 use tonic::transport::Channel;
@@ -23,6 +24,44 @@ pub fn bin() -> &'static str {
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The admin token of every coordinator these tests start (given to it
+/// with `--admin-token-file`), carried by every process and client they
+/// start: tests run with tokens required, as users do.
+pub fn admin_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| flotilla::coordinator::auth::new_token().expect("random source").0)
+}
+
+/// The file holding [`admin_token`].
+pub fn admin_token_file() -> &'static Path {
+    static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("admin-{}.token", std::process::id()));
+        std::fs::write(&path, format!("{}\n", admin_token())).expect("write the test admin token");
+        path
+    })
+}
+
+/// [`admin_token`] as client credentials.
+pub fn credentials() -> Credentials {
+    Credentials::token(admin_token()).unwrap()
+}
+
+/// `channel` carrying the admin token.
+pub fn authed(channel: Channel) -> AuthChannel {
+    credentials().wrap(channel)
+}
+
+/// A channel to `url`, carrying the admin token.
+pub async fn channel(url: &str) -> Result<AuthChannel, tonic::transport::Error> {
+    Ok(authed(Channel::from_shared(url.to_string()).expect("a URL").connect().await?))
+}
+
+/// `cmd` with the admin token in its environment.
+pub fn with_token(cmd: &mut Command) -> &mut Command {
+    cmd.env(TOKEN_ENV, admin_token()).env_remove(TOKEN_FILE_ENV)
 }
 
 /// A child process killed (SIGKILL) and reaped when dropped.
@@ -70,13 +109,13 @@ pub fn coordinator_with(dir: &Path, args: &[&str]) -> (Proc, String) {
 /// URL from the first line it prints.
 pub fn spawn_coordinator(log: &Path, args: &[&str]) -> (Proc, String) {
     let log = log.to_path_buf();
-    let mut child = Command::new(bin())
-        .arg("coordinator")
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start coordinator");
+    let mut cmd = Command::new(bin());
+    cmd.arg("coordinator").args(args);
+    if !args.iter().any(|a| *a == "--insecure" || *a == "--admin-token-file") {
+        cmd.arg("--admin-token-file").arg(admin_token_file());
+    }
+    let mut child =
+        cmd.stdout(Stdio::piped()).stderr(std::fs::File::create(&log).unwrap()).spawn().expect("start coordinator");
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let addr =
@@ -94,7 +133,7 @@ pub fn worker(dir: &Path, url: &str, name: &str) -> Proc {
 /// coordinator and a loopback data port, logging to `dir/<name>.log`.
 pub fn worker_with_args(dir: &Path, url: &str, name: &str, args: &[&str]) -> Proc {
     let log = dir.join(format!("{name}.log"));
-    let child = Command::new(bin())
+    let child = with_token(&mut Command::new(bin()))
         .args(["worker", "--coordinator", url, "--data-addr", "127.0.0.1:0"])
         .args(args)
         .stdout(Stdio::null())
@@ -127,7 +166,7 @@ pub fn job_file(dir: &Path, name: &str, yaml: &str) -> PathBuf {
 
 /// `flotilla ARGS` run in `cwd`, to completion.
 pub fn flotilla(cwd: &Path, args: &[&str]) -> Output {
-    Command::new(bin()).args(args).current_dir(cwd).output().expect("run flotilla")
+    with_token(&mut Command::new(bin())).args(args).current_dir(cwd).output().expect("run flotilla")
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
@@ -136,10 +175,10 @@ pub fn runtime() -> tokio::runtime::Runtime {
 
 /// A client of the coordinator at `url`, once it leads (a replica that has
 /// just started refuses calls until it has won its election).
-pub async fn client(url: &str) -> JobServiceClient<Channel> {
+pub async fn client(url: &str) -> JobServiceClient<AuthChannel> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match JobServiceClient::connect(url.to_string()).await {
+        match channel(url).await.map(JobServiceClient::new) {
             Ok(mut c) => {
                 let leads = c.get_leader(pb::GetLeaderRequest {}).await.is_ok_and(|r| r.into_inner().is_leader);
                 if leads {
@@ -157,7 +196,7 @@ pub async fn client(url: &str) -> JobServiceClient<Channel> {
 /// Polls the job until `done` holds or `timeout` passes (then panics with
 /// the last status).
 pub async fn wait_for(
-    c: &mut JobServiceClient<Channel>,
+    c: &mut JobServiceClient<AuthChannel>,
     job: &str,
     timeout: Duration,
     done: impl Fn(&pb::JobStatus) -> bool,
@@ -376,7 +415,7 @@ pub fn steady_samples_per_sec(steps: &[StepRecord], global_batch: usize, skip: u
 /// Starts `flotilla worker` with extra environment variables.
 pub fn worker_with_env(dir: &Path, url: &str, name: &str, env: &[(String, String)]) -> Proc {
     let log = dir.join(format!("{name}.log"));
-    let child = Command::new(bin())
+    let child = with_token(&mut Command::new(bin()))
         .args(["worker", "--coordinator", url, "--data-addr", "127.0.0.1:0", "--op-timeout-s", "20"])
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdout(Stdio::null())

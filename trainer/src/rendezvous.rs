@@ -4,15 +4,17 @@
 
 use std::time::{Duration, Instant};
 
+use flotilla_proto::auth::AuthChannel;
 use flotilla_proto::v1 as pb;
 use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
-use tonic::transport::Channel;
 use tonic::Code;
 
 #[derive(Clone)]
 pub struct Rendezvous {
     runtime: tokio::runtime::Handle,
-    client: WorkerServiceClient<Channel>,
+    client: WorkerServiceClient<AuthChannel>,
+    /// This worker (it must be assigned to the job).
+    worker: String,
     job: String,
     generation: u64,
 }
@@ -30,16 +32,23 @@ impl Rendezvous {
     /// train thread has none; it borrows the agent's).
     pub fn new(
         runtime: tokio::runtime::Handle,
-        client: WorkerServiceClient<Channel>,
+        client: WorkerServiceClient<AuthChannel>,
+        worker: &str,
         job: &str,
         generation: u64,
     ) -> Self {
-        Rendezvous { runtime, client, job: job.to_string(), generation }
+        Rendezvous { runtime, client, worker: worker.to_string(), job: job.to_string(), generation }
     }
 
     pub fn publish(&self, key: &str, value: Vec<u8>) -> Result<(), RendezvousError> {
         let mut c = self.client.clone();
-        let req = pb::RendezvousPut { job_id: self.job.clone(), generation: self.generation, key: key.into(), value };
+        let req = pb::RendezvousPut {
+            job_id: self.job.clone(),
+            generation: self.generation,
+            key: key.into(),
+            value,
+            worker_id: self.worker.clone(),
+        };
         self.runtime
             .block_on(c.publish_rendezvous(req))
             .map(|_| ())
@@ -51,7 +60,12 @@ impl Rendezvous {
         let deadline = Instant::now() + timeout;
         let mut c = self.client.clone();
         loop {
-            let req = pb::RendezvousGet { job_id: self.job.clone(), generation: self.generation, key: key.into() };
+            let req = pb::RendezvousGet {
+                job_id: self.job.clone(),
+                generation: self.generation,
+                key: key.into(),
+                worker_id: self.worker.clone(),
+            };
             match self.runtime.block_on(c.lookup_rendezvous(req)) {
                 Ok(v) => return Ok(v.into_inner().value),
                 Err(s) if s.code() == Code::NotFound && Instant::now() < deadline => {

@@ -68,6 +68,9 @@ pub enum TrainEvent {
         grad_norm: f64,
         /// When the step finished, wall-clock milliseconds since the Unix epoch.
         time_ms: i64,
+        /// The evaluation after this step, if one ran (`eval:`).
+        eval_loss: Option<f64>,
+        eval_accuracy: Option<f64>,
     },
     /// Rank 0 wrote the manifest of this checkpoint; commit it.
     Checkpoint {

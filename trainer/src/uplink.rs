@@ -8,12 +8,12 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use flotilla_proto::auth::{AuthChannel, Credentials};
 use flotilla_proto::v1 as pb;
 use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 use crate::preemption::Notice;
@@ -96,6 +96,7 @@ impl Uplink {
             leader_hint: None,
             leaving: None,
             pending: VecDeque::new(),
+            credentials: Credentials::current().for_worker(),
         };
         let task = tokio::spawn(line.run());
         (Uplink { reports, stop, task }, Orders { assignment, retained })
@@ -132,6 +133,8 @@ struct Line {
     /// Reports that must reach the coordinator, kept while it cannot be
     /// reached.
     pending: VecDeque<Report>,
+    /// The API token and, once registered, this worker's key.
+    credentials: Credentials,
 }
 
 /// How a session with one coordinator ended without an error.
@@ -158,12 +161,21 @@ impl Line {
                         Ok(SessionEnd::Shutdown) => return,
                         // Dropping the assignment's sender tells the agent.
                         Ok(SessionEnd::Leave) => return,
-                        Err(e) => {
-                            if let Some(s) = e.downcast_ref::<Status>() {
-                                self.leader_hint = flotilla_proto::leader::leader_hint(s);
+                        Err(e) => match e.downcast_ref::<Status>() {
+                            Some(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied) => {
+                                tracing::error!(
+                                    error = %s.message(),
+                                    "the coordinator refuses this worker's API token (--token-file, \
+                                     FLOTILLA_TOKEN); retrying"
+                                );
+                                self.leader_hint = None;
                             }
-                            tracing::warn!(error = %e, "lost the coordinator; reconnecting")
-                        }
+                            Some(s) => {
+                                self.leader_hint = flotilla_proto::leader::leader_hint(s);
+                                tracing::warn!(error = %e, "lost the coordinator; reconnecting")
+                            }
+                            None => tracing::warn!(error = %e, "lost the coordinator; reconnecting"),
+                        },
                     }
                     if self.leader_hint.is_some() {
                         // Pointed at the new leader: go there at once.
@@ -184,18 +196,18 @@ impl Line {
         }
     }
 
-    async fn connect(&mut self) -> anyhow::Result<WorkerServiceClient<Channel>> {
+    async fn connect(&mut self) -> anyhow::Result<WorkerServiceClient<AuthChannel>> {
         let hint = self.leader_hint.take();
         let (addr, channel) = flotilla_proto::leader::find_leader(&self.cfg.coordinators, hint.as_deref())
             .await
             .map_err(|e| anyhow::anyhow!("no leading coordinator: {e}"))?;
         tracing::debug!(coordinator = %addr, "connected to the leading coordinator");
-        Ok(WorkerServiceClient::new(channel))
+        Ok(WorkerServiceClient::new(self.credentials.wrap(channel)))
     }
 
     /// Registers, heartbeats (on a task of its own), follows assignments and
     /// delivers reports until shutdown, leaving, or an error.
-    async fn session(&mut self, client: &mut WorkerServiceClient<Channel>) -> anyhow::Result<SessionEnd> {
+    async fn session(&mut self, client: &mut WorkerServiceClient<AuthChannel>) -> anyhow::Result<SessionEnd> {
         let reg = client
             .register(timed(pb::RegisterRequest {
                 data_addr: self.cfg.data_addr.to_string(),
@@ -207,6 +219,12 @@ impl Line {
             .await?
             .into_inner();
         let worker = reg.worker_id;
+        // A new key comes with a new registration; a reconnection under the
+        // same id keeps the key it proved (and an insecure coordinator
+        // hands out none).
+        if !reg.worker_key.is_empty() || self.worker_id.as_ref() != Some(&worker) {
+            self.credentials.set_worker_key(&reg.worker_key);
+        }
         if self.worker_id.as_ref() != Some(&worker) {
             tracing::info!(worker = %worker, data_addr = %self.cfg.data_addr, "registered");
             self.worker_id = Some(worker.clone());
@@ -291,14 +309,23 @@ impl Line {
     /// Sends one report of a train loop to the coordinator.
     async fn deliver(
         &mut self,
-        client: &mut WorkerServiceClient<Channel>,
+        client: &mut WorkerServiceClient<AuthChannel>,
         worker: &str,
         key: &RunKey,
         msg: &RunMsg,
     ) -> Result<(), Status> {
         let (job_id, generation, rank) = (key.job.clone(), key.generation, key.rank);
         match msg {
-            RunMsg::Event(TrainEvent::Progress { step, loss, lr, samples_per_sec, grad_norm, time_ms }) => client
+            RunMsg::Event(TrainEvent::Progress {
+                step,
+                loss,
+                lr,
+                samples_per_sec,
+                grad_norm,
+                time_ms,
+                eval_loss,
+                eval_accuracy,
+            }) => client
                 .report_progress(timed(pb::ProgressReport {
                     worker_id: worker.into(),
                     job_id,
@@ -310,6 +337,8 @@ impl Line {
                     samples_per_sec: *samples_per_sec,
                     grad_norm: *grad_norm,
                     time_ms: *time_ms,
+                    eval_loss: *eval_loss,
+                    eval_accuracy: *eval_accuracy,
                 }))
                 .await
                 .map(|_| ()),
@@ -389,7 +418,7 @@ struct Heartbeats {
 }
 
 impl Heartbeats {
-    fn spawn(mut client: WorkerServiceClient<Channel>, worker: String, every: Duration) -> Heartbeats {
+    fn spawn(mut client: WorkerServiceClient<AuthChannel>, worker: String, every: Duration) -> Heartbeats {
         let (tx, refused) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);

@@ -21,13 +21,14 @@ fn all_reduce_and_broadcast_cuda_tensors_across_every_gpu() {
     assert!(gpus >= 1, "the cuda feature is on but libtorch sees no GPU (is libtorch_cuda linked?)");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let shutdown = CancellationToken::new();
-    let (server, generation, job, client) = rt.block_on(async {
+    let (server, generation, job, (client, worker)) = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let server =
             flotilla_coordinator::serve(listener, CoordinatorConfig::default(), shutdown.clone()).await.unwrap();
         let url = format!("http://{}", server.addr);
         let mut jobs = JobServiceClient::connect(url.clone()).await.unwrap();
-        let mut w = WorkerServiceClient::connect(url).await.unwrap();
+        let channel = tonic::transport::Channel::from_shared(url).unwrap().connect().await.unwrap();
+        let mut w = WorkerServiceClient::new(flotilla_proto::auth::Credentials::none().wrap(channel));
         let yaml = format!(
             "name: nccl\nmodel: {{kind: mlp, layers: [2, 2]}}\ndata: {{kind: synthetic}}\n\
              train: {{steps: 1, global_batch: {gpus}}}\nworkers: {{min: {gpus}, max: {gpus}}}\n"
@@ -39,6 +40,7 @@ fn all_reduce_and_broadcast_cuda_tensors_across_every_gpu() {
             ..Default::default()
         };
         let job = jobs.submit_job(req).await.unwrap().into_inner().job_id;
+        let mut worker = String::new();
         for i in 0..gpus {
             let req = pb::RegisterRequest {
                 data_addr: format!("127.0.0.1:{}", 6000 + i),
@@ -46,7 +48,7 @@ fn all_reduce_and_broadcast_cuda_tensors_across_every_gpu() {
                 pid: 1,
                 ..Default::default()
             };
-            w.register(req).await.unwrap();
+            worker = w.register(req).await.unwrap().into_inner().worker_id;
         }
         let status = loop {
             let s = jobs.get_job(pb::GetJobRequest { job_id: job.clone() }).await.unwrap().into_inner();
@@ -55,11 +57,11 @@ fn all_reduce_and_broadcast_cuda_tensors_across_every_gpu() {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        (server, status.generation, job, w)
+        (server, status.generation, job, (w, worker))
     });
     let handles: Vec<_> = (0..gpus)
         .map(|rank| {
-            let rdv = Rendezvous::new(rt.handle().clone(), client.clone(), &job, generation);
+            let rdv = Rendezvous::new(rt.handle().clone(), client.clone(), &worker, &job, generation);
             std::thread::spawn(move || {
                 let mut g = NcclGroup::connect(&rdv, rank, gpus, generation, rank, Duration::from_secs(60)).unwrap();
                 let dev = Device::Cuda(rank);

@@ -193,6 +193,7 @@ mod tests {
                 registry: None,
                 uid: String::new(),
                 data_key: Default::default(),
+                owner: None,
                 at_ms: 0,
             })),
         }

@@ -148,6 +148,7 @@ mod tests {
             data_addr: format!("10.0.0.{i}:7000"),
             hostname: format!("h{i}"),
             rank_hint: None,
+            key_hash: String::new(),
             at_ms: 0,
         }
     }

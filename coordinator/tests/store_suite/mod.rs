@@ -63,7 +63,13 @@ pub async fn leader(c: &dyn TestCluster) -> (usize, Arc<dyn MetaStore>) {
 }
 
 pub fn register(host: &str) -> Command {
-    Command::RegisterWorker { data_addr: format!("{host}:7000"), hostname: host.into(), rank_hint: None, at_ms: 1 }
+    Command::RegisterWorker {
+        data_addr: format!("{host}:7000"),
+        hostname: host.into(),
+        rank_hint: None,
+        key_hash: String::new(),
+        at_ms: 1,
+    }
 }
 
 /// Proposes on the leader, retrying while leadership moves.

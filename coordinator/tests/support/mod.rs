@@ -75,6 +75,7 @@ pub fn submit(name: &str) -> Command {
         registry: None,
         uid: String::new(),
         data_key: Default::default(),
+        owner: None,
         at_ms: 0,
     }
 }

@@ -15,8 +15,10 @@ use serde_saphyr::{Location, Spanned};
 use crate::defaults;
 use crate::error::SpecError;
 use crate::paths::classify_checkpoint_url;
-use crate::raw::{Any, RawCheckpoint, RawJob, RawParallelism, RawWorkers};
-use crate::{CheckpointSpec, DpSize, JobSpec, ModelSpec, ParallelismSpec, PipelineSchedule, TrainSpec, WorkersSpec};
+use crate::raw::{Any, RawCheckpoint, RawEval, RawJob, RawParallelism, RawWorkers};
+use crate::{
+    CheckpointSpec, DpSize, EvalSpec, JobSpec, ModelSpec, ParallelismSpec, PipelineSchedule, TrainSpec, WorkersSpec,
+};
 
 /// What every check needs: the origin for messages, and the source to
 /// place "missing field" errors on their section's key.
@@ -76,7 +78,40 @@ pub(crate) fn job(raw: RawJob, cx: &Ctx) -> Result<JobSpec, SpecError> {
     batch_split(cx, &raw, &train, &parallelism, &workers)?;
     let checkpoint = checkpoint(cx, raw.checkpoint.as_ref(), train.steps)?;
     let registry = raw.registry.as_ref().map(|r| registry::registry(cx, r, &name)).transpose()?;
-    Ok(JobSpec { name, model, data, train, parallelism, workers, checkpoint, registry })
+    let eval = raw.eval.as_ref().map(|e| eval(cx, e, &raw, &model, &train)).transpose()?;
+    Ok(JobSpec { name, model, data, train, parallelism, workers, checkpoint, registry, eval })
+}
+
+/// `eval`: its data checked as `data` is, against the same model.
+fn eval(
+    cx: &Ctx,
+    raw: &Spanned<RawEval>,
+    job: &RawJob,
+    model: &ModelSpec,
+    train: &TrainSpec,
+) -> Result<EvalSpec, SpecError> {
+    let e = &raw.value;
+    let data = model::data_at(cx, "eval.data", &e.data, &job.model, model)?;
+    let every = e.every.as_ref().map_or(0, |v| v.value);
+    let batches = match &e.batches {
+        None => 1,
+        Some(b) => cx.at_least_one("eval.batches", b)?,
+    };
+    let batch = match &e.batch {
+        None => train.global_batch,
+        Some(b) => cx.at_least_one("eval.batch", b)?,
+    };
+    if let Some(b) = e.batches.as_ref().filter(|_| batches.saturating_mul(batch) > defaults::EVAL_SAMPLES_LIMIT) {
+        return Err(cx.err(
+            "eval.batches",
+            b,
+            format!(
+                "{batches} batches of {batch} samples is more than {} samples per evaluation",
+                defaults::EVAL_SAMPLES_LIMIT
+            ),
+        ));
+    }
+    Ok(EvalSpec { data, every, batches, batch })
 }
 
 /// Checks `version` (read before the rest of the file, see `crate::parse`).

@@ -158,8 +158,9 @@ pub(super) fn model(cx: &Ctx, raw: &Spanned<RawModel>) -> Result<ModelSpec, Spec
 
 /// `data.samples` of synthetic data: at least 1, and few enough that the
 /// numbers a worker generates stay under [`defaults::SYNTHETIC_ELEMENTS_LIMIT`].
-fn synthetic_samples(cx: &Ctx, s: &Spanned<u64>, model: &ModelSpec) -> Result<u64, SpecError> {
-    let samples = cx.at_least_one("data.samples", s)?;
+fn synthetic_samples(cx: &Ctx, at: &str, s: &Spanned<u64>, model: &ModelSpec) -> Result<u64, SpecError> {
+    let field = format!("{at}.samples");
+    let samples = cx.at_least_one(&field, s)?;
     let per_sample = match model {
         ModelSpec::Mlp(m) => m.layers[0] as u64,
         ModelSpec::Gpt(g) => g.context as u64 + 1,
@@ -168,7 +169,7 @@ fn synthetic_samples(cx: &Ctx, s: &Spanned<u64>, model: &ModelSpec) -> Result<u6
     let limit = defaults::SYNTHETIC_ELEMENTS_LIMIT;
     if samples.checked_mul(per_sample).is_none_or(|n| n > limit) {
         return Err(cx.err(
-            "data.samples",
+            &field,
             s,
             format!("{samples} samples of {per_sample} numbers each are more than the {limit} a worker generates"),
         ));
@@ -222,6 +223,17 @@ pub(super) fn data(
     raw_model: &Spanned<RawModel>,
     model: &ModelSpec,
 ) -> Result<DataSpec, SpecError> {
+    data_at(cx, "data", raw, raw_model, model)
+}
+
+/// The data section at `at` (`data`, `eval.data`).
+pub(super) fn data_at(
+    cx: &Ctx,
+    at: &str,
+    raw: &Spanned<RawData>,
+    raw_model: &Spanned<RawModel>,
+    model: &ModelSpec,
+) -> Result<DataSpec, SpecError> {
     let d = &raw.value;
     let given =
         [("seed", loc(&d.seed)), ("samples", loc(&d.samples)), ("path", loc(&d.path)), ("dtype", loc(&d.dtype))];
@@ -236,18 +248,18 @@ pub(super) fn data(
     if let Some(needed) = needs_model.filter(|&k| !fits(k)) {
         let needed = if needed == "gpt" { "`gpt` or `llama`".to_string() } else { format!("`{needed}`") };
         return Err(cx.err(
-            "data.kind",
+            &format!("{at}.kind"),
             &d.kind,
             format!("data kind `{name}` needs model kind {needed}, but model.kind is `{}`", model.kind()),
         ));
     }
-    only_fields(cx, "data", name, &given, allowed)?;
+    only_fields(cx, at, name, &given, allowed)?;
     let path = || -> Result<String, SpecError> {
-        let p = required(cx, raw, "data", "path", &d.path)?;
+        let p = required(cx, raw, at, "path", &d.path)?;
         if p.value.is_empty() {
-            return Err(cx.err("data.path", p, "must not be empty"));
+            return Err(cx.err(&format!("{at}.path"), p, "must not be empty"));
         }
-        crate::paths::path_problem(&p.value).map_or(Ok(()), |m| Err(cx.err("data.path", p, m)))?;
+        crate::paths::path_problem(&p.value).map_or(Ok(()), |m| Err(cx.err(&format!("{at}.path"), p, m)))?;
         Ok(p.value.clone())
     };
     Ok(match d.kind.value {
@@ -255,7 +267,7 @@ pub(super) fn data(
             seed: d.seed.as_ref().map_or(defaults::SYNTHETIC_SEED, |s| s.value),
             samples: match &d.samples {
                 None => defaults::SYNTHETIC_SAMPLES,
-                Some(s) => synthetic_samples(cx, s, model)?,
+                Some(s) => synthetic_samples(cx, at, s, model)?,
             },
         },
         DataKind::Features => DataSpec::Features { path: path()? },

@@ -52,6 +52,7 @@ pub(super) fn train(cx: &Ctx, raw: &Spanned<RawTrain>, max_replicas: usize) -> R
     };
     Ok(TrainSpec {
         precision,
+        activation_checkpointing: t.activation_checkpointing.as_ref().is_some_and(|a| a.value),
         steps,
         global_batch,
         micro_batch,

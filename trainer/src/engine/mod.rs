@@ -26,6 +26,7 @@
 
 mod collective;
 mod control;
+mod eval;
 mod finish;
 mod grads;
 mod groups;
@@ -74,6 +75,7 @@ pub fn run(
     let train = &spec.train;
     let plan = Plan::new(a)?;
     let data = Dataset::load(&spec.data, &spec.model).map_err(|e| TrainError::fatal("load data", e))?;
+    let eval_data = eval::load(spec)?;
     let out = Storage::open(&a.output_dir).map_err(|e| TrainError::fatal("open the output location", e))?;
     let mut groups = Groups::connect(a, &plan, listener, opts)?;
 
@@ -133,9 +135,17 @@ pub fn run(
         }
         state.gather_params(&plan, &mut groups)?;
         let comm_wait = groups.take_waited();
-
-        // 5. Bookkeeping.
         let done = step + 1;
+
+        // 5. Evaluation, with the weights this step made.
+        let evaluated = match (&spec.eval, &eval_data) {
+            (Some(e), Some(d)) if eval::due(e, done, train.steps) => {
+                Some(eval::evaluate(&plan, spec, e, d, &state.weights.read().params, &mut groups)?)
+            }
+            _ => None,
+        };
+
+        // 6. Bookkeeping.
         let wall = t0.elapsed();
         run.steps.push(StepTiming {
             step: done,
@@ -162,7 +172,8 @@ pub fn run(
             "step timing"
         );
         if a.rank == 0 {
-            record_step(a, &mut history, done, loss, lr, verdict.grad_norm, wall, emit);
+            let step = StepRecord { step: done, loss, lr, grad_norm: verdict.grad_norm, took: wall, evaluated };
+            record_step(a, &mut history, step, emit);
         }
         if verdict.all_shards_done {
             if let Some(saved) = saver.finish(a, &mut groups.world, &plan.layout, &history)? {
@@ -223,32 +234,46 @@ fn committed(saved: Saved) -> TrainEvent {
     }
 }
 
-/// Rank 0's record of step `step`, which took `took`: into the metric
-/// history and to the coordinator.
-#[allow(clippy::too_many_arguments)]
-fn record_step(
-    a: &Assignment,
-    history: &mut Vec<MetricRecord>,
+/// What rank 0 records of a step.
+struct StepRecord {
     step: u64,
     loss: f64,
     lr: f64,
     grad_norm: f64,
+    /// How long the step took.
     took: Duration,
-    emit: &mut dyn FnMut(TrainEvent),
-) {
-    let samples_per_sec = a.spec.train.global_batch as f64 / took.as_secs_f64().max(1e-9);
+    evaluated: Option<eval::Evaluated>,
+}
+
+/// Rank 0's record of a step: into the metric history and to the
+/// coordinator.
+fn record_step(a: &Assignment, history: &mut Vec<MetricRecord>, s: StepRecord, emit: &mut dyn FnMut(TrainEvent)) {
+    let samples_per_sec = a.spec.train.global_batch as f64 / s.took.as_secs_f64().max(1e-9);
     let time_ms = wall_ms();
+    let eval_loss = s.evaluated.map(|e| e.loss);
+    let eval_accuracy = s.evaluated.and_then(|e| e.accuracy);
     history.push(MetricRecord {
-        step,
-        loss,
-        lr,
+        step: s.step,
+        loss: s.loss,
+        lr: s.lr,
         samples_per_sec,
-        grad_norm,
+        grad_norm: s.grad_norm,
         generation: a.generation,
         world_size: a.world as u32,
         time_ms,
+        eval_loss,
+        eval_accuracy,
     });
-    emit(TrainEvent::Progress { step, loss, lr, samples_per_sec, grad_norm, time_ms });
+    emit(TrainEvent::Progress {
+        step: s.step,
+        loss: s.loss,
+        lr: s.lr,
+        samples_per_sec,
+        grad_norm: s.grad_norm,
+        time_ms,
+        eval_loss,
+        eval_accuracy,
+    });
 }
 
 /// After a checkpoint the coordinator asked for (a worker is leaving): the

@@ -35,7 +35,11 @@ pub(crate) struct PassesDone {
 struct UnitRun {
     input: Tensor,
     /// The unit's output; for the model's last unit, the scaled loss.
+    /// Without a graph when the unit is recomputed.
     output: Tensor,
+    /// Activation checkpointing: the forward pass ran without a graph, and
+    /// the backward pass runs it again from `input` to get one.
+    recompute: bool,
     /// The parameter leaves it ran with (ZeRO-3: released until the
     /// backward pass gathers them again).
     leaves: Vec<Tensor>,
@@ -57,6 +61,21 @@ pub(crate) fn compute_kind(p: Precision) -> Kind {
 /// in the compute dtype), shaped, each a leaf that collects gradients.
 fn leaves(u: &LocalUnit, flat: &Tensor) -> Vec<Tensor> {
     model::unflatten(flat, &u.shapes).into_iter().map(|t| t.detach().set_requires_grad(true)).collect()
+}
+
+/// Starts gathering local unit `k`'s parameters from the stage group
+/// (ZeRO-3: `params` holds this rank's chunks), in the compute dtype.
+pub(crate) fn gather_unit(plan: &Plan, params: &Tensor, groups: &mut Groups, k: usize, kind: Kind) -> InFlight {
+    let u = &plan.units[k];
+    let full = Tensor::empty([u.len as i64], (kind, tch::Device::Cpu));
+    tch::no_grad(|| {
+        full.narrow(0, u.own.start as i64, u.own.len() as i64).copy_(&params.narrow(
+            0,
+            u.own_off as i64,
+            u.own.len() as i64,
+        ))
+    });
+    groups.dp_submit(Op::AllGather, full)
 }
 
 /// The passes of one step.
@@ -101,7 +120,7 @@ impl StepPasses<'_> {
                 }
                 Pass::Backward(j) => {
                     let l = live[j].take().expect("forward before backward");
-                    self.backward(groups, grads, own_grads, l, j == last_mb, kind, &mut done)?;
+                    self.backward(groups, grads, own_grads, l, j == last_mb, kind, &heap, &mut done)?;
                 }
             }
         }
@@ -110,19 +129,8 @@ impl StepPasses<'_> {
         Ok(done)
     }
 
-    /// Gathers local unit `k`'s parameters from the stage group (ZeRO-3), in
-    /// the compute dtype.
     fn gather(&self, groups: &mut Groups, k: usize, kind: Kind) -> InFlight {
-        let u = &self.plan.units[k];
-        let full = Tensor::empty([u.len as i64], (kind, tch::Device::Cpu));
-        tch::no_grad(|| {
-            full.narrow(0, u.own.start as i64, u.own.len() as i64).copy_(&self.params.narrow(
-                0,
-                u.own_off as i64,
-                u.own.len() as i64,
-            ))
-        });
-        groups.dp_submit(Op::AllGather, full)
+        gather_unit(self.plan, self.params, groups, k, kind)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -176,7 +184,14 @@ impl StepPasses<'_> {
                 shared[k].iter().map(|t| t.shallow_clone()).collect()
             };
             let x_in = if k == 0 { input.shallow_clone() } else { input.detach().set_requires_grad(true) };
-            let mut out = model::forward(&self.spec.model, u.unit, &params, &x_in);
+            // The unit that ends in the loss keeps its graph: recomputing it
+            // would compute the loss twice.
+            let recompute = self.spec.train.activation_checkpointing && !(plan.last_stage() && k + 1 == n);
+            let mut out = if recompute {
+                tch::no_grad(|| model::forward(&self.spec.model, u.unit, &params, &x_in))
+            } else {
+                model::forward(&self.spec.model, u.unit, &params, &x_in)
+            };
             if plan.last_stage() && k + 1 == n {
                 let loss = model::loss_sum(&self.spec.model, &out, &y);
                 done.loss_sum += loss.double_value(&[]);
@@ -192,7 +207,7 @@ impl StepPasses<'_> {
                 }
             }
             heap.sample();
-            units.push(UnitRun { input: x_in, output: out.shallow_clone(), leaves: params });
+            units.push(UnitRun { input: x_in, output: out.shallow_clone(), recompute, leaves: params });
             input = out;
         }
         if !plan.last_stage() {
@@ -211,6 +226,7 @@ impl StepPasses<'_> {
         live: Live,
         last_mb: bool,
         kind: Kind,
+        heap: &HeapPeak,
         done: &mut PassesDone,
     ) -> Result<(), TrainError> {
         let plan = self.plan;
@@ -260,9 +276,19 @@ impl StepPasses<'_> {
                     pending = Some(self.gather(groups, k - 1, kind));
                 }
             }
+            // Checkpointed: the same forward again, this time with a graph
+            // (deterministic, so the same values).
+            let output = if run.recompute {
+                let output = model::forward(&self.spec.model, u.unit, &run.leaves, &run.input);
+                // The recomputed unit's activations count with the rest.
+                heap.sample();
+                output
+            } else {
+                run.output.shallow_clone()
+            };
             let root = match &grad_out {
-                None => run.output.shallow_clone(),
-                Some(g) => (&run.output * g).sum(Kind::Float),
+                None => output,
+                Some(g) => (&output * g).sum(Kind::Float),
             };
             let wants_input = k > 0 || !plan.first_stage();
             let mut inputs: Vec<&Tensor> = run.leaves.iter().collect();
