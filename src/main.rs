@@ -96,10 +96,45 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
             };
             // As the train loop does before it builds the model.
             tch::set_num_threads(1);
-            let (layout, flat) = flotilla_trainer::model::initial_weights(&spec.model, spec.train.seed);
+            let (layout, flat) = match &spec.model {
+                flotilla_jobspec::ModelSpec::Llama(l) if l.pretrained => {
+                    // `from` as the job file names it: relative to the file's folder.
+                    let base = std::path::absolute(&job)?.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+                    let dir = base.join(l.from.as_deref().unwrap_or_default());
+                    match flotilla_trainer::hf::pretrained_weights(&spec.model, &dir) {
+                        Ok(w) => w,
+                        Err(e) => {
+                            eprintln!("error: {e}");
+                            return Ok(cli::EXIT_BAD_INPUT);
+                        }
+                    }
+                }
+                _ => flotilla_trainer::model::initial_weights(&spec.model, spec.train.seed),
+            };
             std::fs::write(&out, flotilla_trainer::checkpoint::encode_weights(&layout, &flat))
                 .with_context(|| format!("write initial weights to {}", out.display()))?;
             println!("{}: {} tensors, {} parameters", out.display(), layout.names.len(), layout.total);
+            Ok(0)
+        }
+        Command::HfEval { model, tokens, out } => {
+            tch::set_num_threads(1);
+            let batch = tch::Tensor::read_safetensors(&tokens)
+                .with_context(|| format!("read {}", tokens.display()))?
+                .into_iter()
+                .find(|(n, _)| n == "tokens")
+                .with_context(|| format!("{} has no tensor `tokens`", tokens.display()))?
+                .1
+                .to_kind(tch::Kind::Int64);
+            let (logits, loss) = match flotilla_trainer::hf::evaluate(&model, &batch) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(cli::EXIT_BAD_INPUT);
+                }
+            };
+            tch::Tensor::write_safetensors(&[("logits", &logits)], &out)
+                .with_context(|| format!("write {}", out.display()))?;
+            println!("{}", serde_json::json!({ "loss": loss }));
             Ok(0)
         }
         Command::Coordinator(cmd) => match cmd.admin {

@@ -19,6 +19,11 @@ pub const TOKEN_DTYPE: crate::TokenDtype = crate::TokenDtype::U16;
 /// Smallest `model.vocab` that `data.kind: text` accepts (one token per byte value).
 pub const TEXT_VOCAB: usize = 256;
 
+/// `model.rope_theta` of a Llama without `model.from`.
+pub const LLAMA_ROPE_THETA: f64 = 10000.0;
+/// `model.norm_eps` of a Llama without `model.from`.
+pub const LLAMA_NORM_EPS: f64 = 1e-5;
+
 /// Upper bound on every width of a model: an MLP's layer widths, a GPT's
 /// `d_model`, `heads`, `context` and `vocab`.
 pub const MODEL_DIM_LIMIT: usize = 1 << 20;

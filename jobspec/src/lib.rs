@@ -20,6 +20,7 @@
 
 pub mod defaults;
 mod error;
+pub mod hf_config;
 mod paths;
 mod raw;
 mod spec;
@@ -27,8 +28,9 @@ mod validate;
 
 pub use error::SpecError;
 pub use spec::{
-    AdamWSpec, CheckpointSpec, DataSpec, DpSize, EvalSpec, GptSpec, JobSpec, MlpSpec, ModelSpec, ParallelismSpec,
-    PipelineSchedule, Precision, RegistryKind, RegistrySpec, ScheduleSpec, TokenDtype, TrainSpec, WorkersSpec,
+    AdamWSpec, CheckpointSpec, DataSpec, DpSize, EvalSpec, GptSpec, JobSpec, LlamaSpec, MlpSpec, ModelSpec,
+    ParallelismSpec, PipelineSchedule, Precision, RegistryKind, RegistrySpec, RopeScaling, ScheduleSpec, TokenDtype,
+    TrainSpec, WorkersSpec,
 };
 
 /// Checks a registered model name and an alias as `registry.model` and
@@ -37,19 +39,47 @@ pub use validate::registry::{alias as check_alias, model_name as check_model_nam
 
 use serde::de::DeserializeOwned;
 
+/// Reads the `config.json` of the model folder a job file names in
+/// `model.from` (as written there); the error says why not, in words.
+pub type ReadConfig<'a> = dyn Fn(&str) -> Result<String, String> + 'a;
+
 /// Parses and validates a job file. `origin` names the source in messages
 /// (usually the file's path as the user gave it).
 ///
-/// Never panics, whatever `source` holds.
+/// The one file it reads is the `config.json` of a Llama's `model.from`
+/// folder, a relative folder taken from the job file's folder (`origin`'s
+/// parent), at most [`hf_config::CONFIG_MAX_BYTES`]. Never panics, whatever
+/// `source` holds.
 pub fn parse(source: &str, origin: &str) -> Result<JobSpec, SpecError> {
+    let base = std::path::Path::new(origin).parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    parse_with(source, origin, &|dir: &str| read_config_file(&base.join(dir).join("config.json")))
+}
+
+/// [`parse`] with the reader of `model.from`'s `config.json` given: pure
+/// when `read_config` is.
+pub fn parse_with(source: &str, origin: &str, read_config: &ReadConfig) -> Result<JobSpec, SpecError> {
+    let cx = validate::Ctx { origin, source, read_config };
     // The version decides how to read the rest, so it is read first, by
     // itself: a file of another version fails on its version, not on fields
     // this version does not know.
     if let Ok(probe) = serde_saphyr::from_str_with_options::<raw::VersionProbe>(source, yaml_options()) {
-        validate::version(&validate::Ctx { origin, source }, probe.version.as_ref())?;
+        validate::version(&cx, probe.version.as_ref())?;
     }
     let raw: raw::RawJob = deserialize(source, origin)?;
-    validate::job(raw, origin, source)
+    validate::job(raw, &cx)
+}
+
+fn read_config_file(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut text = String::new();
+    file.take(hf_config::CONFIG_MAX_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if text.len() as u64 > hf_config::CONFIG_MAX_BYTES {
+        return Err(format!("{} is larger than {} bytes", path.display(), hf_config::CONFIG_MAX_BYTES));
+    }
+    Ok(text)
 }
 
 fn yaml_options() -> serde_saphyr::Options {

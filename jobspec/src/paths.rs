@@ -98,7 +98,8 @@ impl JobSpec {
     /// Makes the relative paths of the spec absolute against `base` (usually
     /// the job file's directory, itself absolute).
     ///
-    /// Rewrites the `path` of `features`, `tokens` and `text` data, and
+    /// Rewrites the `path` of `features`, `tokens` and `text` data, a
+    /// Llama's `model.from`, and
     /// `checkpoint.url`: `file:///abs/path` becomes `/abs/path`, a relative
     /// path is joined onto `base`. Afterwards `checkpoint.url` is an absolute
     /// filesystem path, or an object-store URL (`s3://`, `gs://`, `az://`,
@@ -112,6 +113,11 @@ impl JobSpec {
                 DataSpec::Features { path } | DataSpec::Tokens { path, .. } | DataSpec::Text { path } => {
                     *path = absolutize(base, path);
                 }
+            }
+        }
+        if let crate::ModelSpec::Llama(l) = &mut self.model {
+            if let Some(from) = l.from.as_mut() {
+                *from = absolutize(base, from);
             }
         }
         resolve_location(&mut self.checkpoint.url, base);

@@ -55,6 +55,7 @@ pub(crate) struct VersionProbe {
 pub(crate) enum ModelKind {
     Mlp,
     Gpt,
+    Llama,
 }
 
 #[derive(Debug, Deserialize)]
@@ -66,6 +67,32 @@ pub(crate) struct RawModel {
     pub heads: Option<S<usize>>,
     pub context: Option<S<usize>>,
     pub vocab: Option<S<usize>>,
+    pub kv_heads: Option<S<usize>>,
+    pub ffn: Option<S<usize>>,
+    pub rope_theta: Option<S<f64>>,
+    pub rope_scaling: Option<S<RawRopeScaling>>,
+    pub norm_eps: Option<S<f64>>,
+    pub tie_embeddings: Option<S<bool>>,
+    pub from: Option<S<String>>,
+    pub init: Option<S<ModelInit>>,
+}
+
+/// `model.rope_scaling` (llama): Llama 3's frequency scaling.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRopeScaling {
+    pub factor: S<f64>,
+    pub low_freq_factor: S<f64>,
+    pub high_freq_factor: S<f64>,
+    pub original_context: S<usize>,
+}
+
+/// `model.init` (llama): where the initial weights come from.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum ModelInit {
+    Random,
+    Pretrained,
 }
 
 /// `model.layers`: a list of widths (mlp) or a block count (gpt).

@@ -46,6 +46,7 @@ pub struct EvalSpec {
 pub enum ModelSpec {
     Mlp(MlpSpec),
     Gpt(GptSpec),
+    Llama(LlamaSpec),
 }
 
 impl ModelSpec {
@@ -54,6 +55,7 @@ impl ModelSpec {
         match self {
             ModelSpec::Mlp(_) => "mlp",
             ModelSpec::Gpt(_) => "gpt",
+            ModelSpec::Llama(_) => "llama",
         }
     }
 
@@ -63,6 +65,7 @@ impl ModelSpec {
         match self {
             ModelSpec::Mlp(m) => m.layers.len().saturating_sub(1),
             ModelSpec::Gpt(g) => g.layers + 2,
+            ModelSpec::Llama(l) => l.layers + 2,
         }
     }
 
@@ -71,6 +74,19 @@ impl ModelSpec {
         match self {
             ModelSpec::Mlp(m) => format!("{} linear layers", m.layers.len().saturating_sub(1)),
             ModelSpec::Gpt(g) => format!("{} layers: the embedding, {} blocks and the head", g.layers + 2, g.layers),
+            ModelSpec::Llama(l) => {
+                format!("{} layers: the embedding, {} decoder layers and the head", l.layers + 2, l.layers)
+            }
+        }
+    }
+
+    /// A language model's `(context, vocab)`: what token data is cut to and
+    /// checked against. `None` for the MLP.
+    pub fn sequence(&self) -> Option<(usize, usize)> {
+        match self {
+            ModelSpec::Mlp(_) => None,
+            ModelSpec::Gpt(g) => Some((g.context, g.vocab)),
+            ModelSpec::Llama(l) => Some((l.context, l.vocab)),
         }
     }
 }
@@ -97,6 +113,56 @@ pub struct GptSpec {
     pub vocab: usize,
 }
 
+/// A Llama-family decoder-only language model (the architecture of
+/// transformers' `LlamaForCausalLM`): RMSNorm, rotary position embeddings,
+/// a SwiGLU MLP, grouped-query attention, no biases.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct LlamaSpec {
+    /// Decoder layers.
+    pub layers: usize,
+    /// Width of the residual stream; a multiple of `heads`.
+    pub d_model: usize,
+    /// Query heads per layer.
+    pub heads: usize,
+    /// Key/value heads per layer; divides `heads`.
+    pub kv_heads: usize,
+    /// Width of the SwiGLU MLP's hidden layer.
+    pub ffn: usize,
+    /// Vocabulary size (token ids are `0..vocab`).
+    pub vocab: usize,
+    /// Sequence length the model is trained on.
+    pub context: usize,
+    /// Longest sequence the model is meant for (`max_position_embeddings`
+    /// of the exported config): the source's, or `context`.
+    pub max_positions: usize,
+    /// Base of the rotary embeddings' frequencies.
+    pub rope_theta: f64,
+    /// Llama 3's frequency scaling, when the model uses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    /// RMSNorm's epsilon.
+    pub norm_eps: f64,
+    /// The output projection is the token embedding (one tensor).
+    pub tie_embeddings: bool,
+    /// A Hugging Face model folder the architecture was read from
+    /// (`config.json`); after [`JobSpec::resolve_paths`] an absolute path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Start from the weights in `from` instead of a random init.
+    #[serde(default)]
+    pub pretrained: bool,
+}
+
+/// The `llama3` scaling of rotary frequencies (transformers'
+/// `rope_scaling` with `rope_type: llama3`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct RopeScaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_positions: usize,
+}
+
 /// Where the training samples come from, chosen by `data.kind`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -105,9 +171,9 @@ pub enum DataSpec {
     Synthetic { seed: u64, samples: u64 },
     /// A safetensors file with `x` (f32 `[N, inputs]`) and `y` (i64 `[N]`); MLP only.
     Features { path: String },
-    /// A flat file of little-endian token ids; GPT only.
+    /// A flat file of little-endian token ids; language models only.
     Tokens { path: String, dtype: TokenDtype },
-    /// Any file, read as bytes (token ids 0..=255); GPT only, with `vocab >= 256`.
+    /// Any file, read as bytes (token ids 0..=255); language models only, with `vocab >= 256`.
     Text { path: String },
 }
 

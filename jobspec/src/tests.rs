@@ -373,6 +373,64 @@ fn names_and_aliases() {
     }
 }
 
+const LLAMA_CONFIG: &str = r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "tie_word_embeddings": false}"#;
+
+fn llama(model: &str, config: &str) -> Result<JobSpec, SpecError> {
+    let source = format!("name: ft\nmodel: {model}\ndata: {{kind: synthetic}}\ntrain: {{steps: 2, global_batch: 2}}\n");
+    parse_with(&source, "job.yaml", &|dir: &str| {
+        if dir == "hf" {
+            Ok(config.to_string())
+        } else {
+            Err(format!("cannot read {dir}/config.json: no such folder"))
+        }
+    })
+}
+
+#[test]
+fn a_llama_takes_its_fields_from_the_job_file_or_the_config() {
+    let spec = llama("{kind: llama, layers: 3, d_model: 32, heads: 4, ffn: 64, vocab: 100, context: 8}", "").unwrap();
+    let ModelSpec::Llama(l) = &spec.model else { panic!("{spec:?}") };
+    assert_eq!((l.kv_heads, l.max_positions, l.pretrained), (4, 8, false), "kv_heads defaults to heads");
+    assert_eq!((l.rope_theta, l.norm_eps), (defaults::LLAMA_ROPE_THETA, defaults::LLAMA_NORM_EPS));
+    assert_eq!(spec.model.pipeline_layers(), 5);
+
+    let spec = llama("{kind: llama, from: hf, init: pretrained, context: 16, kv_heads: 2}", LLAMA_CONFIG).unwrap();
+    let ModelSpec::Llama(l) = &spec.model else { panic!("{spec:?}") };
+    assert_eq!((l.layers, l.d_model, l.heads, l.kv_heads, l.ffn, l.vocab), (2, 64, 4, 2, 128, 512));
+    assert_eq!((l.context, l.max_positions, l.pretrained), (16, 64, true));
+    assert_eq!(JobSpec::from_json(&spec.to_json()).unwrap(), spec, "survives JSON");
+}
+
+#[test]
+fn llama_errors_name_the_field_and_its_line() {
+    let e = llama("{kind: llama, from: hf, context: 16, vocab: 500}", LLAMA_CONFIG).unwrap_err();
+    assert_eq!((e.path.as_str(), e.line), ("model.vocab", 2), "{e}");
+    assert!(e.message.contains("500 contradicts `vocab_size: 512` in hf/config.json"), "{e}");
+
+    let e = llama("{kind: llama, from: elsewhere, context: 16}", LLAMA_CONFIG).unwrap_err();
+    assert_eq!(e.path, "model.from");
+    assert!(e.message.contains("cannot read elsewhere/config.json"), "{e}");
+
+    let e = llama("{kind: llama, from: hf, context: 16}", &LLAMA_CONFIG.replace("Llama", "Qwen2")).unwrap_err();
+    assert!(e.message.contains("describes the architecture Qwen2ForCausalLM"), "{e}");
+
+    let e = llama("{kind: llama, layers: 1, d_model: 32, heads: 4, kv_heads: 3, ffn: 8, vocab: 9, context: 4}", "")
+        .unwrap_err();
+    assert_eq!(e.path, "model.kv_heads", "{e}");
+
+    let e = llama("{kind: llama, layers: 1, d_model: 32, heads: 4, ffn: 8, context: 4}", "").unwrap_err();
+    assert!(e.message.contains("missing field `vocab`"), "{e}");
+
+    let e = llama("{kind: llama, from: hf, context: 16, dropout: 0.1}", LLAMA_CONFIG).unwrap_err();
+    assert!(e.message.contains("unknown field `dropout`"), "{e}");
+
+    let e = err("name: x\nmodel: {kind: gpt, layers: 1, d_model: 8, heads: 2, context: 4, vocab: 9, kv_heads: 1}\ndata: {kind: synthetic}\ntrain: {steps: 1, global_batch: 1}\n");
+    assert!(e.message.contains("unknown field `kv_heads` for model kind `gpt`"), "{e}");
+}
+
 #[test]
 fn an_eval_section_takes_data_like_data_and_defaults() {
     let spec = ok(&with("eval:\n  data: {kind: synthetic, seed: 9, samples: 64}\n"));

@@ -20,6 +20,8 @@ pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const JOB_FILE: &str = "job.yaml";
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const LINEAGE_FILE: &str = "lineage.json";
+/// A Llama's Hugging Face config, beside its weights (absent for other models).
+pub const HF_CONFIG_FILE: &str = "config.json";
 /// The folder of an MLflow run's artifacts that a model version points at.
 pub const MLFLOW_MODEL_DIR: &str = "model";
 
@@ -78,12 +80,19 @@ impl Registrar for Registries {
             Err(e) => return Err(e.into()),
         };
         let lineage = lineage(req, crate::sha256_hex(&weights));
-        let files = vec![
+        let mut files = vec![
             (WEIGHTS_FILE.to_string(), weights),
             (JOB_FILE.to_string(), req.spec_yaml.clone().into_bytes()),
             (METRICS_FILE.to_string(), record::to_jsonl(&metrics).into_bytes()),
             (LINEAGE_FILE.to_string(), serde_json::to_vec_pretty(&lineage).expect("plain data serializes")),
         ];
+        // A Llama's Hugging Face config travels with its weights, so that
+        // the registered version is a transformers model folder too.
+        match out.get(HF_CONFIG_FILE).await {
+            Ok(config) => files.push((HF_CONFIG_FILE.to_string(), config)),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
         let r = &req.job.registry;
         let tags = tags(&req.job);
         match r.kind {

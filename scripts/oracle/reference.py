@@ -2,15 +2,17 @@
 """PyTorch reference for flotilla's training (the oracle of issue 4).
 
 Trains the model a flotilla job describes with plain PyTorch: the same
-architecture and parameter names (trainer/src/model.rs), the initial weights
-flotilla exported (`flotilla export-init`), the same data file, the same
+architecture and parameter names (trainer/src/model/), or for a Llama
+transformers' LlamaForCausalLM loaded from the job's `model.from`; the
+initial weights flotilla exported (`flotilla export-init`, or a Llama
+folder's model.safetensors), the same data file, the same
 sample order (a port of trainer/src/sampler.rs and rng.rs), micro-batches
 accumulated, torch.optim.AdamW, the warmup + cosine schedule and
 clip_grad_norm_. With --world 2 or more it runs DistributedDataParallel on
 gloo over 127.0.0.1, one process per rank, spawned by this script.
 
 With `train.precision: bf16` it follows flotilla's mixed-precision policy
-(trainer/src/model.rs): the f32 parameters are the masters; each step casts
+(trainer/src/model/): the f32 parameters are the masters; each step casts
 them to bf16 once, and the forward and backward passes run on those copies:
 matrix products, attention scores and activations in bf16, layer norm on
 values and affine parameters upcast to f32 (rounded back to bf16), softmax
@@ -160,7 +162,7 @@ def load_data(spec):
     raise SystemExit(f"data.kind {kind!r} is not supported by the reference (use features, tokens or text)")
 
 
-# --- trainer/src/model.rs -----------------------------------------------------
+# --- trainer/src/model/ ---------------------------------------------------------
 
 class Mlp(nn.Module):
     def __init__(self, widths):
@@ -266,9 +268,25 @@ def gpt_forward16(p, g, x, y):
     return F.cross_entropy(logits.float().view(-1, vocab), y.reshape(-1), reduction="sum") / t
 
 
+def llama(m):
+    """transformers' LlamaForCausalLM from the job's `model.from` folder,
+    returning flotilla's loss: per sample, the mean over its positions."""
+    from transformers import LlamaForCausalLM
+
+    class Llama(LlamaForCausalLM):
+        def forward(self, x, y):
+            logits = super().forward(input_ids=x).logits
+            vocab = logits.shape[-1]
+            return F.cross_entropy(logits.float().view(-1, vocab), y.reshape(-1), reduction="sum") / x.shape[1]
+
+    return Llama.from_pretrained(m["from"], dtype=torch.float32)
+
+
 def build_model(spec, init_path):
     m = spec["model"]
-    model = Mlp(m["layers"]) if m["kind"] == "mlp" else Gpt(m)
+    if m["kind"] == "llama" and spec["train"].get("precision", "fp32") != "fp32":
+        raise SystemExit("the reference trains a llama in fp32 only")
+    model = {"mlp": lambda: Mlp(m["layers"]), "gpt": lambda: Gpt(m), "llama": lambda: llama(m)}[m["kind"]]()
     weights = load_file(init_path)
     mine = dict(model.named_parameters())
     if sorted(weights) != sorted(mine):

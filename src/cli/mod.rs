@@ -75,8 +75,15 @@ pub enum Command {
         json: bool,
     },
     /// Write the initial weights a job's train loop starts from (built from
-    /// `train.seed`) as safetensors: one f32 tensor per parameter, by name.
+    /// `train.seed`, or a pretrained model's) as safetensors: one f32 tensor
+    /// per parameter, by name.
     ExportInit { job: PathBuf, out: PathBuf },
+    /// Run a Hugging Face Llama folder on a batch of token sequences (a
+    /// safetensors file with `tokens`, i64 `[batch, context + 1]`): write
+    /// the logits (`logits`, f32) to OUT and print the mean next-token loss
+    /// as JSON. For checking flotilla's Llama against transformers.
+    #[command(hide = true)]
+    HfEval { model: PathBuf, tokens: PathBuf, out: PathBuf },
     /// Run a coordinator replica, or administer a replicated coordinator
     /// (`members`, `add`, `remove`).
     Coordinator(CoordinatorCmd),

@@ -77,17 +77,25 @@ impl Dataset {
     pub fn load(data: &DataSpec, model: &ModelSpec) -> Result<Dataset, DataError> {
         match (data, model) {
             (DataSpec::Synthetic { seed, samples }, ModelSpec::Mlp(m)) => Ok(synthetic_classes(m, *seed, *samples)),
-            (DataSpec::Synthetic { seed, samples }, ModelSpec::Gpt(g)) => Ok(synthetic_sequences(g, *seed, *samples)),
             (DataSpec::Features { path }, ModelSpec::Mlp(m)) => load_features(Path::new(path), m),
-            (DataSpec::Tokens { path, dtype }, ModelSpec::Gpt(g)) => {
-                let bytes = read(path)?;
-                let tokens = decode_tokens(&bytes, *dtype)
-                    .map_err(|message| DataError::Format { path: path.clone(), message })?;
-                sequences(path, tokens, g)
-            }
-            (DataSpec::Text { path }, ModelSpec::Gpt(g)) => {
-                let tokens = read(path)?.into_iter().map(u32::from).collect();
-                sequences(path, tokens, g)
+            (data, model) if model.sequence().is_some() => {
+                let (context, vocab) = model.sequence().expect("a language model");
+                match data {
+                    DataSpec::Synthetic { seed, samples } => Ok(synthetic_tokens(context, vocab, *seed, *samples)),
+                    DataSpec::Tokens { path, dtype } => {
+                        let bytes = read(path)?;
+                        let tokens = decode_tokens(&bytes, *dtype)
+                            .map_err(|message| DataError::Format { path: path.clone(), message })?;
+                        sequences(path, tokens, context, vocab)
+                    }
+                    DataSpec::Text { path } => {
+                        let tokens = read(path)?.into_iter().map(u32::from).collect();
+                        sequences(path, tokens, context, vocab)
+                    }
+                    DataSpec::Features { .. } => {
+                        Err(DataError::Format { path: "<data>".into(), message: "features feed only an MLP".into() })
+                    }
+                }
             }
             (_, m) => Err(DataError::Format {
                 path: "<data>".into(),
@@ -127,8 +135,12 @@ pub fn synthetic_classes(m: &MlpSpec, seed: u64, samples: u64) -> Dataset {
 /// Token sequences from a fixed random chain where each token has a few
 /// possible successors: a language model can learn it down to ln(3) nats.
 pub fn synthetic_sequences(gpt: &GptSpec, seed: u64, samples: u64) -> Dataset {
-    let vocab = gpt.vocab as u64;
-    let w = gpt.context + 1;
+    synthetic_tokens(gpt.context, gpt.vocab, seed, samples)
+}
+
+fn synthetic_tokens(context: usize, vocab: usize, seed: u64, samples: u64) -> Dataset {
+    let vocab = vocab as u64;
+    let w = context + 1;
     let successors: Vec<Vec<u32>> = (0..vocab)
         .map(|t| {
             let mut g = SplitMix64::keyed(seed, TRANSITIONS, t);
@@ -144,7 +156,7 @@ pub fn synthetic_sequences(gpt: &GptSpec, seed: u64, samples: u64) -> Dataset {
             t = successors[t as usize][g.below(SYNTHETIC_BRANCHING) as usize];
         }
     }
-    Dataset::Sequences { context: gpt.context, stride: w, count: samples as usize, tokens }
+    Dataset::Sequences { context, stride: w, count: samples as usize, tokens }
 }
 
 fn decode_tokens(bytes: &[u8], dtype: TokenDtype) -> Result<Vec<u32>, String> {
@@ -166,16 +178,16 @@ fn decode_tokens(bytes: &[u8], dtype: TokenDtype) -> Result<Vec<u32>, String> {
         .collect())
 }
 
-fn sequences(path: &str, tokens: Vec<u32>, g: &GptSpec) -> Result<Dataset, DataError> {
+fn sequences(path: &str, tokens: Vec<u32>, context: usize, vocab: usize) -> Result<Dataset, DataError> {
     let format = |message: String| DataError::Format { path: path.to_string(), message };
-    if let Some((pos, bad)) = tokens.iter().enumerate().find(|(_, t)| **t as usize >= g.vocab) {
-        return Err(format(format!("token {bad} at position {pos} is outside the model's vocab of {}", g.vocab)));
+    if let Some((pos, bad)) = tokens.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
+        return Err(format(format!("token {bad} at position {pos} is outside the model's vocab of {vocab}")));
     }
-    if tokens.len() < g.context + 1 {
-        return Err(format(format!("{} tokens are fewer than one sample (context {} + 1)", tokens.len(), g.context)));
+    if tokens.len() < context + 1 {
+        return Err(format(format!("{} tokens are fewer than one sample (context {context} + 1)", tokens.len())));
     }
-    let count = (tokens.len() - 1) / g.context;
-    Ok(Dataset::Sequences { context: g.context, stride: g.context, count, tokens })
+    let count = (tokens.len() - 1) / context;
+    Ok(Dataset::Sequences { context, stride: context, count, tokens })
 }
 
 fn load_features(path: &Path, m: &MlpSpec) -> Result<Dataset, DataError> {
@@ -226,8 +238,7 @@ mod tests {
 
     #[test]
     fn token_windows_shift_targets_by_one() {
-        let g = GptSpec { layers: 1, d_model: 8, heads: 2, context: 4, vocab: 16 };
-        let d = sequences("t", (0..13).collect(), &g).unwrap();
+        let d = sequences("t", (0..13).collect(), 4, 16).unwrap();
         assert_eq!(d.len(), 3);
         let (x, y) = d.batch(&[1]);
         assert_eq!(Vec::<i64>::try_from(x.view([-1])).unwrap(), vec![4, 5, 6, 7]);
@@ -236,8 +247,7 @@ mod tests {
 
     #[test]
     fn tokens_outside_the_vocab_are_rejected_with_their_position() {
-        let g = GptSpec { layers: 1, d_model: 8, heads: 2, context: 2, vocab: 4 };
-        let err = sequences("t.bin", vec![0, 1, 9, 2], &g).unwrap_err().to_string();
+        let err = sequences("t.bin", vec![0, 1, 9, 2], 2, 4).unwrap_err().to_string();
         assert!(err.contains("token 9 at position 2"), "{err}");
         assert_eq!(decode_tokens(&[1, 0, 2, 0], TokenDtype::U16).unwrap(), vec![1, 2]);
         assert!(decode_tokens(&[1, 0, 2], TokenDtype::U16).is_err());

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod checkpoint;
 pub mod data;
 pub mod engine;
+pub mod hf;
 pub mod model;
 #[cfg(feature = "cuda")]
 pub mod nccl;

@@ -5,6 +5,7 @@
 //! result (`parallelism` needs `workers` and `model`, `train` needs
 //! `parallelism`, `data` needs `model`).
 
+mod llama;
 mod model;
 pub(crate) mod registry;
 mod train;
@@ -24,6 +25,8 @@ use crate::{
 pub(crate) struct Ctx<'a> {
     pub origin: &'a str,
     pub source: &'a str,
+    /// Reads `DIR/config.json` for `model.from: DIR` (see `crate::parse_with`).
+    pub read_config: &'a crate::ReadConfig<'a>,
 }
 
 impl Ctx<'_> {
@@ -65,18 +68,17 @@ impl Ctx<'_> {
 }
 
 /// Validates the whole file.
-pub(crate) fn job(raw: RawJob, origin: &str, source: &str) -> Result<JobSpec, SpecError> {
-    let cx = Ctx { origin, source };
-    let name = name(&cx, &raw.name)?;
-    let model = model::model(&cx, &raw.model)?;
-    let data = model::data(&cx, &raw.data, &raw.model, &model)?;
-    let workers = workers(&cx, raw.workers.as_ref())?;
-    let parallelism = parallelism(&cx, raw.parallelism.as_ref(), &workers, &model)?;
-    let train = train::train(&cx, &raw.train, workers.max / parallelism.pp)?;
-    batch_split(&cx, &raw, &train, &parallelism, &workers)?;
-    let checkpoint = checkpoint(&cx, raw.checkpoint.as_ref(), train.steps)?;
-    let registry = raw.registry.as_ref().map(|r| registry::registry(&cx, r, &name)).transpose()?;
-    let eval = raw.eval.as_ref().map(|e| eval(&cx, e, &raw, &model, &train)).transpose()?;
+pub(crate) fn job(raw: RawJob, cx: &Ctx) -> Result<JobSpec, SpecError> {
+    let name = name(cx, &raw.name)?;
+    let model = model::model(cx, &raw.model)?;
+    let data = model::data(cx, &raw.data, &raw.model, &model)?;
+    let workers = workers(cx, raw.workers.as_ref())?;
+    let parallelism = parallelism(cx, raw.parallelism.as_ref(), &workers, &model)?;
+    let train = train::train(cx, &raw.train, workers.max / parallelism.pp)?;
+    batch_split(cx, &raw, &train, &parallelism, &workers)?;
+    let checkpoint = checkpoint(cx, raw.checkpoint.as_ref(), train.steps)?;
+    let registry = raw.registry.as_ref().map(|r| registry::registry(cx, r, &name)).transpose()?;
+    let eval = raw.eval.as_ref().map(|e| eval(cx, e, &raw, &model, &train)).transpose()?;
     Ok(JobSpec { name, model, data, train, parallelism, workers, checkpoint, registry, eval })
 }
 

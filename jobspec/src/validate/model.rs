@@ -19,7 +19,7 @@ const TOKENS_FIELDS: &[&str] = &["kind", "path", "dtype"];
 const TEXT_FIELDS: &[&str] = &["kind", "path"];
 
 /// Refuses the first field present in `given` but not in `allowed`.
-fn only_fields(
+pub(super) fn only_fields(
     cx: &Ctx,
     section: &str,
     kind: &str,
@@ -39,12 +39,12 @@ fn only_fields(
     Ok(())
 }
 
-fn loc<T>(v: &Option<Spanned<T>>) -> Option<serde_saphyr::Location> {
+pub(super) fn loc<T>(v: &Option<Spanned<T>>) -> Option<serde_saphyr::Location> {
     v.as_ref().map(|s| s.referenced)
 }
 
 /// A required field of a kind: missing → named by the section, at its position.
-fn required<'a, T>(
+pub(super) fn required<'a, T>(
     cx: &Ctx,
     section: &Spanned<impl Sized>,
     section_path: &str,
@@ -62,9 +62,22 @@ pub(super) fn model(cx: &Ctx, raw: &Spanned<RawModel>) -> Result<ModelSpec, Spec
         ("heads", loc(&m.heads)),
         ("context", loc(&m.context)),
         ("vocab", loc(&m.vocab)),
+        ("kv_heads", loc(&m.kv_heads)),
+        ("ffn", loc(&m.ffn)),
+        ("rope_theta", loc(&m.rope_theta)),
+        ("rope_scaling", m.rope_scaling.as_ref().map(|s| s.referenced)),
+        ("norm_eps", loc(&m.norm_eps)),
+        ("tie_embeddings", loc(&m.tie_embeddings)),
+        ("from", loc(&m.from)),
+        ("init", loc(&m.init)),
     ];
+    if m.kind.value == ModelKind::Llama {
+        only_fields(cx, "model", "llama", &given, super::llama::FIELDS)?;
+        return super::llama::llama(cx, raw);
+    }
     let layers = required(cx, raw, "model", "layers", &m.layers)?;
     match m.kind.value {
+        ModelKind::Llama => unreachable!("read above"),
         ModelKind::Mlp => {
             only_fields(cx, "model", "mlp", &given, MLP_FIELDS)?;
             let widths = match &layers.value {
@@ -151,6 +164,7 @@ fn synthetic_samples(cx: &Ctx, at: &str, s: &Spanned<u64>, model: &ModelSpec) ->
     let per_sample = match model {
         ModelSpec::Mlp(m) => m.layers[0] as u64,
         ModelSpec::Gpt(g) => g.context as u64 + 1,
+        ModelSpec::Llama(l) => l.context as u64 + 1,
     };
     let limit = defaults::SYNTHETIC_ELEMENTS_LIMIT;
     if samples.checked_mul(per_sample).is_none_or(|n| n > limit) {
@@ -164,7 +178,7 @@ fn synthetic_samples(cx: &Ctx, at: &str, s: &Spanned<u64>, model: &ModelSpec) ->
 }
 
 /// A width: at least 1 and at most [`defaults::MODEL_DIM_LIMIT`].
-fn dim(cx: &Ctx, path: &str, value: &Spanned<usize>) -> Result<usize, SpecError> {
+pub(super) fn dim(cx: &Ctx, path: &str, value: &Spanned<usize>) -> Result<usize, SpecError> {
     let v = cx.at_least_one(path, value)?;
     if v > defaults::MODEL_DIM_LIMIT {
         return Err(cx.err(path, value, format!("must be at most {}, found {v}", defaults::MODEL_DIM_LIMIT)));
@@ -192,7 +206,7 @@ fn gpt_parameters(g: &GptSpec) -> Option<u64> {
 
 /// Refuses a model above [`defaults::PARAMETERS_LIMIT`] (or whose count
 /// overflows), at `at` (the `layers` field).
-fn within_parameters<T>(cx: &Ctx, at: &Spanned<T>, count: Option<u64>) -> Result<(), SpecError> {
+pub(super) fn within_parameters<T>(cx: &Ctx, at: &Spanned<T>, count: Option<u64>) -> Result<(), SpecError> {
     let limit = defaults::PARAMETERS_LIMIT;
     match count {
         Some(n) if n <= limit => Ok(()),
@@ -229,11 +243,14 @@ pub(super) fn data_at(
         DataKind::Tokens => ("tokens", TOKENS_FIELDS, Some("gpt")),
         DataKind::Text => ("text", TEXT_FIELDS, Some("gpt")),
     };
-    if let Some(needed) = needs_model.filter(|&k| k != model.kind()) {
+    // Token data suits every language model: the GPT and the Llama.
+    let fits = |needed: &str| needed == model.kind() || (needed == "gpt" && model.sequence().is_some());
+    if let Some(needed) = needs_model.filter(|&k| !fits(k)) {
+        let needed = if needed == "gpt" { "`gpt` or `llama`".to_string() } else { format!("`{needed}`") };
         return Err(cx.err(
             &format!("{at}.kind"),
             &d.kind,
-            format!("data kind `{name}` needs model kind `{needed}`, but model.kind is `{}`", model.kind()),
+            format!("data kind `{name}` needs model kind {needed}, but model.kind is `{}`", model.kind()),
         ));
     }
     only_fields(cx, at, name, &given, allowed)?;
@@ -259,15 +276,15 @@ pub(super) fn data_at(
         }
         DataKind::Text => {
             let path = path()?;
-            if let (ModelSpec::Gpt(g), Some(vocab)) = (model, &raw_model.value.vocab) {
-                if g.vocab < defaults::TEXT_VOCAB {
+            if let (Some((_, model_vocab)), Some(vocab)) = (model.sequence(), &raw_model.value.vocab) {
+                if model_vocab < defaults::TEXT_VOCAB {
                     return Err(cx.err(
                         "model.vocab",
                         vocab,
                         format!(
                             "data kind `text` uses each byte as a token and needs model.vocab >= {}, found {}",
                             defaults::TEXT_VOCAB,
-                            g.vocab
+                            model_vocab
                         ),
                     ));
                 }

@@ -2,7 +2,8 @@
 //! same parameters (digests compared), every rank sends the pieces of the
 //! parameters it writes to rank 0, and rank 0 writes the final model, the
 //! digests and the metric history, then reports the job finished. Only rank
-//! 0 ever holds the whole model.
+//! 0 ever holds the whole model. A Llama's final folder also gets a
+//! Hugging Face `config.json`, so that transformers loads it as is.
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -93,6 +94,13 @@ pub(crate) fn hand_over(
     let path =
         a.io.block_on(checkpoint::write_final(out, layout, &whole, &a.spec_json))
             .map_err(|e| TrainError::fatal("write final model", e))?;
+    if let flotilla_jobspec::ModelSpec::Llama(l) = &a.spec.model {
+        // With the weights under transformers' names, the folder is a
+        // Hugging Face model.
+        let config = flotilla_jobspec::hf_config::write(l).into_bytes();
+        a.io.block_on(out.child("final").put("config.json", config))
+            .map_err(|e| TrainError::fatal("write the final model's config.json", e))?;
+    }
     a.io.block_on(checkpoint::write_replica_digests(out, &digests))
         .map_err(|e| TrainError::fatal("write replica digests", e))?;
     a.io.block_on(checkpoint::write_history(&out.child("final"), history))

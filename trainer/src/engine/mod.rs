@@ -83,7 +83,7 @@ pub fn run(
     // its pieces of, or the seed.
     let (mut state, start, mut history) = match resume::newest(a, &plan, &mut groups.world)? {
         Some(r) => (State::from_checkpoint(&plan, &r.loaded), r.loaded.manifest.step, r.history),
-        None => (State::init(&plan, &spec.model, train.seed), 0, Vec::new()),
+        None => (State::init(&plan, &spec.model, train.seed)?, 0, Vec::new()),
     };
     let mut run = RunStats { start_peak_rss: stats::peak_rss(), ..Default::default() };
     let mut sampler = Sampler::new(data.len(), train.seed, train.global_batch as u64);

@@ -14,9 +14,11 @@ use super::groups::Groups;
 use super::plan::Plan;
 use super::weights::{CopyPiece, Weights, WeightsSlot};
 use crate::checkpoint::Loaded;
-use crate::model::UnitInit;
+use crate::hf::HfWeights;
+use crate::model::{Unit, UnitInit};
 use crate::optim::{self, AdamW};
 use crate::types::MemoryUsage;
+use crate::types::TrainError;
 
 pub(crate) struct State {
     pub weights: WeightsSlot,
@@ -38,21 +40,42 @@ impl State {
         }
     }
 
-    /// The initial state: parameters drawn from `seed` one unit at a time,
+    /// The initial state: parameters drawn from `seed` one unit at a time
+    /// (or, for a pretrained model, read unit by unit from its folder),
     /// keeping only what this rank holds; zero moments.
-    pub fn init(plan: &Plan, model: &ModelSpec, seed: u64) -> State {
+    pub fn init(plan: &Plan, model: &ModelSpec, seed: u64) -> Result<State, TrainError> {
         let params = zeros(plan.params_len());
-        let mut units = UnitInit::new(model, seed);
-        for (i, flat) in units.by_ref().take(plan.units_range.end).enumerate() {
-            let Some(u) = i.checked_sub(plan.units_range.start).map(|k| &plan.units[k]) else { continue };
+        let place = |i: usize, flat: Tensor| {
+            let u = &plan.units[i - plan.units_range.start];
             let (src, dst) = if plan.zero >= 3 {
                 (flat.narrow(0, u.own.start as i64, u.own.len() as i64), u.own_local_range())
             } else {
                 (flat, u.stage_range())
             };
             tch::no_grad(|| params.narrow(0, dst.start as i64, dst.len() as i64).copy_(&src));
+        };
+        match model {
+            ModelSpec::Llama(l) if l.pretrained => {
+                let dir = l.from.as_deref().unwrap_or_default();
+                let weights = HfWeights::open(std::path::Path::new(dir), &plan.layout)
+                    .map_err(|e| TrainError::fatal("read the pretrained weights", e))?;
+                let units = Unit::all(model);
+                for i in plan.units_range.clone() {
+                    let flat =
+                        weights.unit(&units[i].1).map_err(|e| TrainError::fatal("read the pretrained weights", e))?;
+                    place(i, flat);
+                }
+            }
+            _ => {
+                let units = UnitInit::new(model, seed);
+                for (i, flat) in units.take(plan.units_range.end).enumerate() {
+                    if i >= plan.units_range.start {
+                        place(i, flat);
+                    }
+                }
+            }
         }
-        State::new(plan, params, zeros(plan.moments_len()), zeros(plan.moments_len()), 0)
+        Ok(State::new(plan, params, zeros(plan.moments_len()), zeros(plan.moments_len()), 0))
     }
 
     /// The state a checkpoint's pieces (read for [`Plan::wanted`]) make.

@@ -1,5 +1,5 @@
-//! The models a job file can name: an MLP classifier and a decoder-only
-//! transformer (GPT), each a chain of units ([`Unit`]) that pipelines cut
+//! The models a job file can name: an MLP classifier, a decoder-only
+//! transformer (GPT) and a Llama ([`llama`]), each a chain of units ([`Unit`]) that pipelines cut
 //! at and ZeRO partitions. A unit is a pure function of its parameters and
 //! its input ([`forward`]); the engine owns every tensor. Each model
 //! returns the *sum* of its per-sample losses, so that gradients add up
@@ -18,6 +18,8 @@ use tch::nn;
 use tch::{Kind, Reduction, Tensor};
 
 use crate::checkpoint::Layout;
+
+pub mod llama;
 
 /// One layer a pipeline can cut the model at: what runs between two
 /// activations. A GPT is its embedding, each block and its head (final
@@ -71,6 +73,7 @@ impl Unit {
                 out.push((Unit::Head, vec!["ln_f.weight".into(), "ln_f.bias".into(), "head.weight".into()]));
                 out
             }
+            ModelSpec::Llama(l) => llama::units(l),
         }
     }
 }
@@ -112,6 +115,7 @@ pub fn shapes(spec: &ModelSpec) -> Vec<(String, Vec<usize>)> {
             out.push(("ln_f.bias".into(), vec![d]));
             out.push(("head.weight".into(), vec![g.vocab, d]));
         }
+        ModelSpec::Llama(l) => out = llama::shapes(l),
     }
     out
 }
@@ -128,6 +132,8 @@ pub fn output_shape(spec: &ModelSpec, unit: Unit, batch: usize) -> Vec<i64> {
         (ModelSpec::Mlp(m), Unit::Linear { index, .. }) => vec![batch as i64, m.layers[index + 1] as i64],
         (ModelSpec::Gpt(g), Unit::Head) => vec![batch as i64, g.context as i64, g.vocab as i64],
         (ModelSpec::Gpt(g), _) => vec![batch as i64, g.context as i64, g.d_model as i64],
+        (ModelSpec::Llama(l), Unit::Head) => vec![batch as i64, l.context as i64, l.vocab as i64],
+        (ModelSpec::Llama(l), _) => vec![batch as i64, l.context as i64, l.d_model as i64],
         (ModelSpec::Mlp(_), _) => unreachable!("an MLP has only linear units"),
     }
 }
@@ -140,6 +146,7 @@ fn init_unit(p: &nn::Path, spec: &ModelSpec, unit: Unit) {
             nn::linear(p / "layers" / index, layers[index] as i64, layers[index + 1] as i64, Default::default());
         }
         (ModelSpec::Gpt(g), _) => gpt_init_unit(p, g, unit),
+        (ModelSpec::Llama(_), _) => unreachable!("a Llama's units are drawn by llama::init_unit"),
         (ModelSpec::Mlp(_), _) => unreachable!("an MLP has only linear units"),
     }
 }
@@ -197,6 +204,10 @@ impl Iterator for UnitInit<'_> {
 
     fn next(&mut self) -> Option<Tensor> {
         let (unit, names) = self.units.next()?;
+        if let ModelSpec::Llama(l) = self.spec {
+            let parts: Vec<Tensor> = llama::init_unit(l, unit).iter().map(|t| t.reshape([-1])).collect();
+            return Some(Tensor::cat(&parts, 0));
+        }
         let vs = nn::VarStore::new(tch::Device::Cpu);
         init_unit(&vs.root(), self.spec, unit);
         let vars = vs.variables();
@@ -268,19 +279,21 @@ pub fn forward(spec: &ModelSpec, unit: Unit, p: &[Tensor], x: &Tensor) -> Tensor
             let d = g.d_model as i64;
             layer_norm(x, &p[0], &p[1], d).linear::<Tensor>(&p[2], None)
         }
+        (ModelSpec::Llama(l), _) => llama::forward(l, unit, p, x),
         (ModelSpec::Mlp(_), _) => unreachable!("an MLP has only linear units"),
     }
 }
 
 /// Sum over the batch of each sample's loss, from the last unit's output
-/// (cross-entropy in f32; for the GPT the mean over the sample's positions).
+/// (cross-entropy in f32; for a language model the mean over the sample's
+/// positions).
 pub fn loss_sum(spec: &ModelSpec, out: &Tensor, y: &Tensor) -> Tensor {
     let out = out.to_kind(Kind::Float);
     match spec {
         ModelSpec::Mlp(_) => out.cross_entropy_loss::<Tensor>(y, None, Reduction::Sum, -100, 0.0),
-        ModelSpec::Gpt(g) => {
+        ModelSpec::Gpt(GptSpec { vocab, .. }) | ModelSpec::Llama(flotilla_jobspec::LlamaSpec { vocab, .. }) => {
             let t = y.size()[1];
-            let flat = out.view([-1, g.vocab as i64]);
+            let flat = out.view([-1, *vocab as i64]);
             flat.cross_entropy_loss::<Tensor>(&y.reshape([-1]), None, Reduction::Sum, -100, 0.0) / (t as f64)
         }
     }
@@ -352,34 +365,81 @@ mod tests {
         assert!(la.names.contains(&"blocks.0.attn.qkv.weight".to_string()), "{:?}", la.names);
     }
 
+    /// A tiny Llama with grouped-query attention and Llama 3's scaling.
+    fn tiny_llama(d_model: usize, context: usize, vocab: usize) -> ModelSpec {
+        ModelSpec::Llama(flotilla_jobspec::LlamaSpec {
+            layers: 2,
+            d_model,
+            heads: 4,
+            kv_heads: 2,
+            ffn: 2 * d_model,
+            vocab,
+            context,
+            max_positions: context,
+            rope_theta: 10000.0,
+            rope_scaling: Some(flotilla_jobspec::RopeScaling {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_positions: 4,
+            }),
+            norm_eps: 1e-5,
+            tie_embeddings: false,
+            from: None,
+            pretrained: false,
+        })
+    }
+
     #[test]
-    fn gpt_is_causal_in_both_precisions() {
-        let spec = ModelSpec::Gpt(GptSpec { layers: 2, d_model: 8, heads: 2, context: 5, vocab: 10 });
-        let p = params(&spec, 1);
-        let a = Tensor::from_slice(&[1i64, 2, 3, 4, 5]).view([1, 5]);
-        let b = Tensor::from_slice(&[1i64, 2, 3, 9, 9]).view([1, 5]);
-        for kind in [Kind::Float, Kind::BFloat16] {
-            let p: Vec<Vec<Tensor>> = p.iter().map(|u| u.iter().map(|t| t.to_kind(kind)).collect()).collect();
-            let (la, lb) = (logits(&spec, &p, &a), logits(&spec, &p, &b));
-            assert_eq!(la.kind(), kind);
-            let (la, lb) = (la.to_kind(Kind::Float), lb.to_kind(Kind::Float));
-            assert!(la.narrow(1, 0, 3).allclose(&lb.narrow(1, 0, 3), 1e-6, 1e-6, false), "future tokens leaked");
-            assert!(!la.narrow(1, 3, 1).allclose(&lb.narrow(1, 3, 1), 1e-6, 1e-6, false));
+    fn language_models_are_causal_in_both_precisions() {
+        let gpt = ModelSpec::Gpt(GptSpec { layers: 2, d_model: 8, heads: 2, context: 5, vocab: 10 });
+        for spec in [gpt, tiny_llama(16, 5, 10)] {
+            let p = params(&spec, 1);
+            let a = Tensor::from_slice(&[1i64, 2, 3, 4, 5]).view([1, 5]);
+            let b = Tensor::from_slice(&[1i64, 2, 3, 9, 9]).view([1, 5]);
+            for kind in [Kind::Float, Kind::BFloat16] {
+                let p: Vec<Vec<Tensor>> = p.iter().map(|u| u.iter().map(|t| t.to_kind(kind)).collect()).collect();
+                let (la, lb) = (logits(&spec, &p, &a), logits(&spec, &p, &b));
+                assert_eq!(la.kind(), kind);
+                let (la, lb) = (la.to_kind(Kind::Float), lb.to_kind(Kind::Float));
+                let leaked = !la.narrow(1, 0, 3).allclose(&lb.narrow(1, 0, 3), 1e-6, 1e-6, false);
+                assert!(!leaked, "{}: future tokens leaked", spec.kind());
+                assert!(!la.narrow(1, 3, 1).allclose(&lb.narrow(1, 3, 1), 1e-6, 1e-6, false));
+            }
         }
     }
 
     #[test]
     fn bf16_logits_stay_close_to_f32() {
-        let spec = ModelSpec::Gpt(GptSpec { layers: 2, d_model: 16, heads: 2, context: 6, vocab: 12 });
-        let p = params(&spec, 3);
-        let x = Tensor::from_slice(&[1i64, 4, 7, 2, 0, 11]).view([1, 6]);
-        let full = logits(&spec, &p, &x);
-        let half: Vec<Vec<Tensor>> = p.iter().map(|u| u.iter().map(|t| t.to_kind(Kind::BFloat16)).collect()).collect();
-        let low = logits(&spec, &half, &x).to_kind(Kind::Float);
-        let err = (&full - &low).abs().max().double_value(&[]);
-        let scale = full.abs().max().double_value(&[]);
-        assert!(err > 0.0, "bf16 rounds");
-        assert!(err < 0.05 * scale, "bf16 logits within 5% of f32: {err} vs {scale}");
+        let gpt = ModelSpec::Gpt(GptSpec { layers: 2, d_model: 16, heads: 2, context: 6, vocab: 12 });
+        for spec in [gpt, tiny_llama(32, 6, 12)] {
+            let mut p = params(&spec, 3);
+            if spec.kind() == "llama" {
+                // Weights of std 0.02 give logits too small to compare.
+                p = p.iter().map(|u| u.iter().map(|t| t * 10.0).collect()).collect();
+            }
+            let x = Tensor::from_slice(&[1i64, 4, 7, 2, 0, 11]).view([1, 6]);
+            let full = logits(&spec, &p, &x);
+            let half: Vec<Vec<Tensor>> =
+                p.iter().map(|u| u.iter().map(|t| t.to_kind(Kind::BFloat16)).collect()).collect();
+            let low = logits(&spec, &half, &x).to_kind(Kind::Float);
+            let err = (&full - &low).abs().max().double_value(&[]);
+            let scale = full.abs().max().double_value(&[]);
+            assert!(err > 0.0, "bf16 rounds");
+            assert!(err < 0.05 * scale, "{}: bf16 logits within 5% of f32: {err} vs {scale}", spec.kind());
+        }
+    }
+
+    #[test]
+    fn a_llama_init_fills_its_layout_with_norms_at_one() {
+        let spec = tiny_llama(16, 4, 10);
+        let (layout, a) = initial_weights(&spec, 5);
+        assert_eq!(a.len(), layout.total);
+        let at = |name: &str| layout.names.iter().position(|n| n == name).unwrap();
+        let norm = at("model.layers.1.post_attention_layernorm.weight");
+        let off = layout.offsets[norm];
+        assert!(a[off..off + 16].iter().all(|v| *v == 1.0));
+        assert_eq!(layout.shapes[at("model.layers.0.self_attn.k_proj.weight")], vec![8, 16], "2 kv heads of 4");
     }
 
     #[test]
