@@ -1,15 +1,18 @@
 //! Training throughput of flotilla against PyTorch DDP (gloo), measured in
 //! the same run on the same jobs: an MLP and a GPT, on 1 and 2 processes,
 //! in f32 and in bf16 (PyTorch casting as flotilla does, its f32 gradients
-//! summed with gloo's all-reduce after the backward passes), one CPU thread
-//! per process on both sides.
+//! summed with gloo's all-reduce after the backward passes), and a Llama in
+//! f32 against transformers' `LlamaForCausalLM` in the same loop (the
+//! tokens/s figure is samples/s × its context), one CPU thread per process
+//! on both sides.
 //!
 //! `cargo bench --bench train_throughput` prints steady-state samples/s
 //! (the steps after the first few, from each step's own wall time, so that
 //! process start-up, imports and connecting are excluded) and the ratio.
 //! Each configuration runs `ROUNDS` times, flotilla and PyTorch alternating,
 //! and the median of each is shown: on a shared machine single runs are noisy.
-//! It needs `.deps/venv` (`./scripts/bootstrap --python`). Under
+//! It needs `.deps/venv` (`./scripts/bootstrap --python`). Names after
+//! `--` pick models (`cargo bench --bench train_throughput -- llama`). Under
 //! `cargo test` it only trains a tiny job on flotilla, without Python.
 
 #[path = "../tests/support/mod.rs"]
@@ -66,6 +69,33 @@ fn gpt_job(dir: &Path, steps: u64) -> Job {
     }
 }
 
+/// A Llama made by transformers (`scripts/oracle/llama_hf.py`) that both
+/// sides train from its weights.
+fn llama_job(dir: &Path, steps: u64) -> Job {
+    let py = repo().join(".deps/venv/bin/python");
+    let args = ["--layers", "4", "--d-model", "128", "--heads", "4", "--kv-heads", "2", "--ffn", "352"];
+    let out = std::process::Command::new(py)
+        .arg(repo().join("scripts/oracle/llama_hf.py"))
+        .args(["make", "--out", "llama-base", "--vocab", "256", "--context", "64"])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("start llama_hf.py");
+    assert!(out.status.success(), "llama_hf.py: {}", String::from_utf8_lossy(&out.stderr));
+    let gpt = GptSpec { layers: 1, d_model: 8, heads: 1, context: 64, vocab: 256 };
+    write_tokens(&dir.join("llama.u16"), &gpt, 3, 2048);
+    Job {
+        name: "llama",
+        yaml: format!(
+            "name: bench-llama\nmodel: {{kind: llama, from: llama-base, init: pretrained, context: 64}}\n\
+             data: {{kind: tokens, path: llama.u16, dtype: u16}}\n\
+             train: {{steps: {steps}, global_batch: 32, micro_batch: 16, seed: 1, grad_clip: 1.0, precision: PRECISION}}\n\
+             workers: {{min: WORKERS, max: WORKERS}}\n"
+        ),
+        global_batch: 32,
+    }
+}
+
 fn job_for(dir: &Path, job: &Job, workers: usize, precision: &str) -> std::path::PathBuf {
     let yaml = job.yaml.replace("WORKERS", &workers.to_string()).replace("PRECISION", precision);
     job_file(dir, &format!("{}-{workers}-{precision}", job.name), &yaml)
@@ -99,8 +129,18 @@ fn main() {
         "{:<5} {:<9} {:>5} {:>12} {:>20} {:>14}",
         "model", "precision", "procs", "flotilla", "pytorch (DDP/gloo)", "flotilla/torch"
     );
-    for job in [mlp_job(d, steps), gpt_job(d, steps)] {
-        for precision in ["fp32", "bf16"] {
+    let picked: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let wanted = |name: &str| picked.is_empty() || picked.iter().any(|p| p == name);
+    let mut jobs = Vec::new();
+    for (name, make) in [("mlp", mlp_job as fn(&Path, u64) -> Job), ("gpt", gpt_job), ("llama", llama_job)] {
+        if wanted(name) {
+            jobs.push(make(d, steps));
+        }
+    }
+    for job in jobs {
+        // The reference trains a Llama in f32 only.
+        let precisions: &[&str] = if job.name == "llama" { &["fp32"] } else { &["fp32", "bf16"] };
+        for &precision in precisions {
             let (spec, init) = oracle_inputs(d, &job_for(d, &job, 1, precision));
             for w in [1usize, 2] {
                 let path = job_for(d, &job, w, precision);

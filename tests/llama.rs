@@ -85,13 +85,17 @@ fn logits_equal_transformers_with_default_and_llama3_rope_single_file_and_sharde
     let Some(py) = transformers_python() else { return };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    for (name, extra) in [("plain", vec![]), ("llama3", vec!["--llama3", "--shards"])] {
+    for (name, extra) in [("plain", vec![]), ("llama3", vec!["--llama3", "--shards"]), ("tied", vec!["--tied"])] {
         let mut args = vec!["make", "--out", name, "--seed", "5", "--batch", "batch.safetensors"];
         args.extend(extra);
         hf(&py, d, &args);
         compare_in_transformers(&py, d, name, &d.join(name));
     }
     assert!(d.join("llama3/model.safetensors.index.json").exists(), "the sharded form was exercised");
+    assert!(
+        !read_tensors(&d.join("tied/model.safetensors")).contains_key("lm_head.weight"),
+        "transformers saves a tied model without lm_head.weight, and flotilla reads it so"
+    );
 }
 
 fn validate(dir: &Path, yaml: &str) -> (i32, String) {
@@ -241,6 +245,32 @@ fn fine_tuning_matches_pytorch_on_1_worker_dp2_zero2_and_pp2_1f1b() {
     let zero2 = fine_tune(&py, d, "dp2 + ZeRO-2", 2, "{dp: 2, zero: 2}", &reference);
     let pp2 = fine_tune(&py, d, "pp2 1F1B", 2, "{pp: 2, schedule: 1f1b}", &reference);
     eprintln!("largest relative loss differences: 1 worker {one:.2e}, dp2 + ZeRO-2 {zero2:.2e}, pp2 1F1B {pp2:.2e}");
+}
+
+/// Tied input and output embeddings: flotilla keeps a copy of the matrix
+/// in the embedding unit and one in the head and gives both the summed
+/// gradient. Fine-tuning matches the transformers model (one tensor) with
+/// the copies on different pipeline stages, cut into ZeRO-3 chunks, and
+/// held whole by two replicas; the final folder has one matrix.
+#[test]
+fn tied_embeddings_fine_tune_like_pytorch_on_dp2_zero3_and_pp2() {
+    let Some(py) = transformers_python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    hf(&py, d, &["make", "--out", "base", "--seed", "13", "--tied", "--batch", "batch.safetensors"]);
+    let chain = flotilla::jobspec::GptSpec { layers: 1, d_model: 8, heads: 1, context: 16, vocab: 512 };
+    write_tokens(&d.join("tokens.u16"), &chain, 4, 400);
+    let job = job_file(d, "job-ref", &ft_job(1, "{}"));
+    let (spec, init) = oracle_inputs(d, &job);
+    let reference = reference_steps(d, &spec, &init, 1);
+    assert_eq!(reference.len(), STEPS);
+
+    let dp2 = fine_tune(&py, d, "tied, dp2", 2, "{dp: 2}", &reference);
+    let zero3 = fine_tune(&py, d, "tied, dp2 + ZeRO-3", 2, "{dp: 2, zero: 3}", &reference);
+    let pp2 = fine_tune(&py, d, "tied, pp2 GPipe", 2, "{pp: 2}", &reference);
+    eprintln!("tied: largest relative loss differences: dp2 {dp2:.2e}, dp2 + ZeRO-3 {zero3:.2e}, pp2 {pp2:.2e}");
+    let fin = read_tensors(&d.join("runs/ft-llama-1/final/model.safetensors"));
+    assert!(!fin.contains_key("lm_head.weight") && fin.contains_key("model.embed_tokens.weight"));
 }
 
 /// Trained from a random init in bf16 and handed to the built-in registry.

@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """transformers' side of flotilla's Llama checks (tests/llama.rs).
 
-    llama_hf.py make --out DIR [--seed N] [--llama3] [--shards] [--batch FILE] [--tokens FILE]
+    llama_hf.py make --out DIR [--seed N] [--llama3] [--shards] [--tied] [--batch FILE] [--tokens FILE]
         A tiny LlamaForCausalLM (2 layers, d_model 64, 4 heads, 2 kv heads,
         SwiGLU 128, vocab 512) with random weights, saved by save_pretrained
         into DIR (sharded with --shards). --llama3 gives it Llama 3's rope
-        scaling and rope_theta 500000. --batch writes 4 random sequences of
+        scaling and rope_theta 500000; --tied ties its input and output
+        embeddings (tie_word_embeddings); --layers, --d-model, --heads,
+        --kv-heads, --ffn, --vocab and --context size it otherwise (the
+        defaults are the sizes above). --batch writes 4 random sequences of
         17 tokens (`tokens`, i64) there; --tokens writes 20000 random token
         ids as flat little-endian u16 (a `data.kind: tokens` file).
 
@@ -38,9 +41,10 @@ def make(args):
             },
         }
     config = LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.05, **rope,
+        vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=args.ffn,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, max_position_embeddings=max(64, args.context),
+        rms_norm_eps=1e-5, tie_word_embeddings=args.tied, initializer_range=0.05, **rope,
     )
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -50,10 +54,10 @@ def make(args):
                 p.add_(0.2 * torch.randn_like(p))
     model.save_pretrained(args.out, max_shard_size="300KB" if args.shards else "50GB")
     if args.batch:
-        save_file({"tokens": torch.randint(0, 512, (4, 17), dtype=torch.int64)}, args.batch)
+        save_file({"tokens": torch.randint(0, args.vocab, (4, 17), dtype=torch.int64)}, args.batch)
     if args.tokens:
         rng = np.random.default_rng(args.seed)
-        rng.integers(0, 512, 20000, dtype=np.uint16).astype("<u2").tofile(args.tokens)
+        rng.integers(0, args.vocab, 20000, dtype=np.uint16).astype("<u2").tofile(args.tokens)
 
 
 def logits(args):
@@ -79,6 +83,14 @@ def main():
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--llama3", action="store_true")
     m.add_argument("--shards", action="store_true")
+    m.add_argument("--tied", action="store_true")
+    m.add_argument("--layers", type=int, default=2)
+    m.add_argument("--d-model", type=int, default=64)
+    m.add_argument("--heads", type=int, default=4)
+    m.add_argument("--kv-heads", type=int, default=2)
+    m.add_argument("--ffn", type=int, default=128)
+    m.add_argument("--vocab", type=int, default=512)
+    m.add_argument("--context", type=int, default=64)
     m.add_argument("--batch")
     m.add_argument("--tokens")
     lg = sub.add_parser("logits")

@@ -288,12 +288,20 @@ def build_model(spec, init_path):
         raise SystemExit("the reference trains a llama in fp32 only")
     model = {"mlp": lambda: Mlp(m["layers"]), "gpt": lambda: Gpt(m), "llama": lambda: llama(m)}[m["kind"]]()
     weights = load_file(init_path)
+    if m["kind"] == "llama" and model.config.tie_word_embeddings:
+        # flotilla keeps the tied matrix in two copies that start equal;
+        # the transformers model has one tensor.
+        head = weights.pop("lm_head.weight")
+        if not torch.equal(head, weights["model.embed_tokens.weight"]):
+            raise SystemExit("tied embeddings: the exported lm_head.weight differs from the embedding")
     mine = dict(model.named_parameters())
     if sorted(weights) != sorted(mine):
         raise SystemExit(f"initial weights do not fit the model: file has {sorted(weights)}, model {sorted(mine)}")
     for name, t in weights.items():
         if tuple(t.shape) != tuple(mine[name].shape):
             raise SystemExit(f"{name}: file shape {tuple(t.shape)}, model {tuple(mine[name].shape)}")
+    if m["kind"] == "llama" and model.config.tie_word_embeddings:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     model.load_state_dict(weights, strict=True)
     return model
 

@@ -19,7 +19,7 @@ use tch::{Kind, Tensor};
 use flotilla_jobspec::{hf_config, LlamaSpec, ModelSpec};
 
 use crate::checkpoint::Layout;
-use crate::model::{self, Unit};
+use crate::model::{self, llama, Unit};
 
 /// Largest safetensors header read (transformers' own limit is 100 MB).
 const HEADER_MAX_BYTES: u64 = 100 << 20;
@@ -58,8 +58,11 @@ pub struct HfWeights {
 
 impl HfWeights {
     /// Reads the headers of `dir`'s weights and checks every tensor's name
-    /// and shape against `layout`.
-    pub fn open(dir: &Path, layout: &Layout) -> Result<HfWeights, HfError> {
+    /// and shape against `layout`. With `tied` embeddings (the config's
+    /// `tie_word_embeddings`) the output projection is read from the token
+    /// embedding, as transformers does: `lm_head.weight` may be absent, and
+    /// is ignored when present.
+    pub fn open(dir: &Path, layout: &Layout, tied: bool) -> Result<HfWeights, HfError> {
         let folder = dir.display().to_string();
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> =
@@ -74,6 +77,11 @@ impl HfWeights {
                         message: format!("the tensor `{name}` is in more than one file"),
                     });
                 }
+            }
+        }
+        if tied {
+            if let Some(e) = entries.get(llama::EMBEDDING).cloned() {
+                entries.insert(llama::LM_HEAD.to_string(), e);
             }
         }
         for (name, shape) in layout.names.iter().zip(&layout.shapes) {
@@ -191,8 +199,9 @@ pub fn open_llama(dir: &Path, context: usize) -> Result<(ModelSpec, HfWeights), 
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(&path).map_err(|source| HfError::Io { path: shown.clone(), source })?;
     let h = hf_config::parse(&text).map_err(|message| HfError::Format { path: shown, message })?;
+    let tied = h.tie_embeddings;
     let spec = ModelSpec::Llama(LlamaSpec { context, from: Some(dir.display().to_string()), pretrained: true, ..h });
-    let weights = HfWeights::open(dir, &model::layout(&spec))?;
+    let weights = HfWeights::open(dir, &model::layout(&spec), tied)?;
     Ok((spec, weights))
 }
 
@@ -223,7 +232,7 @@ pub fn evaluate(dir: &Path, tokens: &Tensor) -> Result<(Tensor, f64), HfError> {
 /// `flotilla export-init` writes for `model.init: pretrained`).
 pub fn pretrained_weights(spec: &ModelSpec, dir: &Path) -> Result<(Layout, Vec<f32>), HfError> {
     let layout = model::layout(spec);
-    let weights = HfWeights::open(dir, &layout)?;
+    let weights = HfWeights::open(dir, &layout, model::tied(spec))?;
     let parts = Unit::all(spec).into_iter().map(|(_, names)| weights.unit(&names)).collect::<Result<Vec<_>, _>>()?;
     let mut out = vec![0f32; layout.total];
     Tensor::cat(&parts, 0).copy_data(&mut out, layout.total);

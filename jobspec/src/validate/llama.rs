@@ -146,14 +146,6 @@ pub(super) fn llama(cx: &Ctx, raw: &Spanned<RawModel>) -> Result<ModelSpec, Spec
     let tie_embeddings =
         pick(cx, "tie_embeddings", m.tie_embeddings.as_ref(), hf_ref.map(|(h, d)| (h.tie_embeddings, d)))?
             .unwrap_or(false);
-    if tie_embeddings {
-        let at = m.tie_embeddings.as_ref().map_or(from_at, |t| t.referenced);
-        return Err(cx.err_at(
-            "model.tie_embeddings",
-            at,
-            "tied embeddings are not supported yet; the model needs its own `lm_head.weight`",
-        ));
-    }
     let rope_scaling = rope_scaling(cx, m.rope_scaling.as_ref(), hf_ref)?;
     let pretrained = match &m.init {
         Some(i) if i.value == ModelInit::Pretrained && m.from.is_none() => {

@@ -13,7 +13,7 @@ use super::groups::Groups;
 use super::plan::Plan;
 use super::state::State;
 use super::weights::host_bytes;
-use crate::checkpoint::{self, Held};
+use crate::checkpoint::{self, Held, Layout};
 use crate::storage::Storage;
 use crate::types::{Assignment, TrainError, TrainEvent};
 use flotilla_registry::MetricRecord;
@@ -91,8 +91,14 @@ pub(crate) fn hand_over(
             whole[off + h.start..off + h.end].copy_from_slice(&flat[h.local..h.local + h.end - h.start]);
         }
     }
+    let (layout, whole) = if crate::model::tied(&a.spec.model) {
+        // One matrix, as transformers saves a tied model: the embedding.
+        without(layout, &whole, crate::model::llama::LM_HEAD)
+    } else {
+        (layout.clone(), whole)
+    };
     let path =
-        a.io.block_on(checkpoint::write_final(out, layout, &whole, &a.spec_json))
+        a.io.block_on(checkpoint::write_final(out, &layout, &whole, &a.spec_json))
             .map_err(|e| TrainError::fatal("write final model", e))?;
     if let flotilla_jobspec::ModelSpec::Llama(l) = &a.spec.model {
         // With the weights under transformers' names, the folder is a
@@ -126,4 +132,17 @@ fn stage_digest(plan: &Plan, params: &Tensor) -> String {
         bytes.extend(host_bytes(params, at..at + plan.layout.numel(t)));
     }
     checkpoint::digest(&bytes)
+}
+
+/// The layout and weights without the tensor `name`.
+fn without(layout: &Layout, whole: &[f32], name: &str) -> (Layout, Vec<f32>) {
+    let mut entries = Vec::new();
+    let mut values = Vec::with_capacity(whole.len());
+    for (i, (n, shape)) in layout.names.iter().zip(&layout.shapes).enumerate() {
+        if n != name {
+            entries.push((n.clone(), shape.clone()));
+            values.extend_from_slice(&whole[layout.offsets[i]..layout.offsets[i] + layout.numel(i)]);
+        }
+    }
+    (Layout::new(entries), values)
 }

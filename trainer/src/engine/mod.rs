@@ -36,6 +36,7 @@ mod resume;
 pub mod saver;
 mod state;
 pub mod tensors;
+mod tied;
 pub mod weights;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -78,6 +79,7 @@ pub fn run(
     let eval_data = eval::load(spec)?;
     let out = Storage::open(&a.output_dir).map_err(|e| TrainError::fatal("open the output location", e))?;
     let mut groups = Groups::connect(a, &plan, listener, opts)?;
+    let tied = tied::Tied::new(&plan, crate::model::tied(&spec.model));
 
     // Where this generation starts: the newest checkpoint every rank loads
     // its pieces of, or the seed.
@@ -109,12 +111,15 @@ pub fn run(
 
         // 2. The gradients this rank owns, reduced.
         grads.finish(&plan, &mut groups, &mut state.grads)?;
+        if let Some(t) = &tied {
+            t.sum_grads(&plan, &mut groups, &mut state.grads)?;
+        }
 
         // 3. What every rank needs to know to finish the step.
         let wanted = a.checkpoint_request.load(Ordering::Relaxed);
         let report = StepReport {
             loss_sum: done_passes.loss_sum,
-            grad_squares: state.owned_grad_squares(&plan),
+            grad_squares: state.owned_grad_squares(&plan, tied.as_ref()),
             checkpoint_requested: a.rank == 0 && wanted > seen_request,
             shard_done: saver.local_done(),
         };

@@ -14,6 +14,7 @@ use super::groups::Groups;
 use super::plan::Plan;
 use super::weights::{CopyPiece, Weights, WeightsSlot};
 use crate::checkpoint::Loaded;
+use super::tied::Tied;
 use crate::hf::HfWeights;
 use crate::model::{Unit, UnitInit};
 use crate::optim::{self, AdamW};
@@ -57,7 +58,7 @@ impl State {
         match model {
             ModelSpec::Llama(l) if l.pretrained => {
                 let dir = l.from.as_deref().unwrap_or_default();
-                let weights = HfWeights::open(std::path::Path::new(dir), &plan.layout)
+                let weights = HfWeights::open(std::path::Path::new(dir), &plan.layout, crate::model::tied(model))
                     .map_err(|e| TrainError::fatal("read the pretrained weights", e))?;
                 let units = Unit::all(model);
                 for i in plan.units_range.clone() {
@@ -119,11 +120,13 @@ impl State {
     /// Squared norm of the reduced gradients this rank owns (its share of
     /// the global norm: replicas of a stage that hold the same gradients
     /// count once, through replica 0).
-    pub fn owned_grad_squares(&self, plan: &Plan) -> f64 {
+    /// A tied matrix counts once: its head copy is left out.
+    pub fn owned_grad_squares(&self, plan: &Plan, tied: Option<&Tied>) -> f64 {
         if plan.zero == 0 && plan.replica != 0 {
             return 0.0;
         }
-        self.owned_grads(plan).iter().map(|g| g.square().sum(Kind::Double).double_value(&[])).sum()
+        let all: f64 = self.owned_grads(plan).iter().map(|g| g.square().sum(Kind::Double).double_value(&[])).sum();
+        all - tied.map_or(0.0, |t| t.head_squares(plan, &self.grads))
     }
 
     /// Clips the owned gradients by `clip` (the coefficient, when the

@@ -62,10 +62,20 @@ fn kv_width(l: &LlamaSpec) -> usize {
     l.d_model / l.heads * l.kv_heads
 }
 
+/// With tied embeddings the head's output projection is the token
+/// embedding. The engine keeps two copies, the embedding unit's and the
+/// head's, that start equal and get the same (summed) gradient every step
+/// (`engine::tied`), so that pipelines can put them on different stages.
+pub fn tied(l: &LlamaSpec) -> bool {
+    l.tie_embeddings
+}
+
 /// Draws one unit's initial parameters, in its tensors' order, from the
 /// global torch generator (transformers' init: normal with std 0.02 for
-/// projections and embeddings, ones for the norms).
-pub fn init_unit(l: &LlamaSpec, unit: Unit) -> Vec<Tensor> {
+/// projections and embeddings, ones for the norms). With tied embeddings
+/// the head's projection is a copy of `embedding` (the embedding unit's
+/// draw), and nothing is drawn for it.
+pub fn init_unit(l: &LlamaSpec, unit: Unit, embedding: Option<&Tensor>) -> Vec<Tensor> {
     let all = shapes(l);
     let (_, names) = units(l).into_iter().find(|(u, _)| *u == unit).expect("a unit of this model");
     names
@@ -76,6 +86,8 @@ pub fn init_unit(l: &LlamaSpec, unit: Unit) -> Vec<Tensor> {
             let opts = (Kind::Float, tch::Device::Cpu);
             if name.ends_with("norm.weight") {
                 Tensor::ones(shape.as_slice(), opts)
+            } else if let (true, LM_HEAD, Some(e)) = (tied(l), name.as_str(), embedding) {
+                e.view(shape.as_slice()).copy()
             } else {
                 Tensor::randn(shape.as_slice(), opts) * 0.02
             }

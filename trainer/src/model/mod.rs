@@ -189,12 +189,14 @@ fn gpt_init_unit(p: &nn::Path, spec: &GptSpec, unit: Unit) {
 pub struct UnitInit<'a> {
     spec: &'a ModelSpec,
     units: std::vec::IntoIter<(Unit, Vec<String>)>,
+    /// A tied Llama's embedding, which its head copies.
+    embedding: Option<Tensor>,
 }
 
 impl<'a> UnitInit<'a> {
     pub fn new(spec: &'a ModelSpec, seed: u64) -> UnitInit<'a> {
         tch::manual_seed(seed as i64);
-        UnitInit { spec, units: Unit::all(spec).into_iter() }
+        UnitInit { spec, units: Unit::all(spec).into_iter(), embedding: None }
     }
 }
 
@@ -205,7 +207,11 @@ impl Iterator for UnitInit<'_> {
     fn next(&mut self) -> Option<Tensor> {
         let (unit, names) = self.units.next()?;
         if let ModelSpec::Llama(l) = self.spec {
-            let parts: Vec<Tensor> = llama::init_unit(l, unit).iter().map(|t| t.reshape([-1])).collect();
+            let parts: Vec<Tensor> =
+                llama::init_unit(l, unit, self.embedding.as_ref()).iter().map(|t| t.reshape([-1])).collect();
+            if unit == Unit::Embedding && llama::tied(l) {
+                self.embedding = Some(parts[0].shallow_clone());
+            }
             return Some(Tensor::cat(&parts, 0));
         }
         let vs = nn::VarStore::new(tch::Device::Cpu);
@@ -214,6 +220,12 @@ impl Iterator for UnitInit<'_> {
         let parts: Vec<Tensor> = names.iter().map(|n| vars[n].detach().reshape([-1])).collect();
         Some(Tensor::cat(&parts, 0))
     }
+}
+
+/// Whether the model's output projection is its token embedding (a Llama
+/// with `tie_embeddings`).
+pub fn tied(spec: &ModelSpec) -> bool {
+    matches!(spec, ModelSpec::Llama(l) if llama::tied(l))
 }
 
 /// The whole model's initial parameters, flat in [`layout`] order (what
