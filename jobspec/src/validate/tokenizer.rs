@@ -76,8 +76,8 @@ mod tests {
 
     #[test]
     fn a_tokenizer_whose_ids_fit_the_model_is_taken() {
-        let spec = job(&GPT.replace("VOCAB", "300"), "{kind: text, path: a.txt, tokenizer: tok/tokenizer.json}", "")
-            .unwrap();
+        let spec =
+            job(&GPT.replace("VOCAB", "300"), "{kind: text, path: a.txt, tokenizer: tok/tokenizer.json}", "").unwrap();
         assert_eq!(spec.data, DataSpec::Text { path: "a.txt".into(), tokenizer: Some("tok/tokenizer.json".into()) });
         assert_eq!(JobSpec::from_json(&spec.to_json()).unwrap(), spec, "survives JSON");
         // A vocab below 256 is fine with a tokenizer that fits it.
@@ -98,8 +98,9 @@ mod tests {
         assert!(e.message.contains("at least 300"), "{e}");
 
         // A Llama's vocab from its config.json: the message says so.
-        let e = job("{kind: llama, from: hf, context: 8}", "{kind: text, path: a.txt, tokenizer: tok/tokenizer.json}", "")
-            .unwrap_err();
+        let e =
+            job("{kind: llama, from: hf, context: 8}", "{kind: text, path: a.txt, tokenizer: tok/tokenizer.json}", "")
+                .unwrap_err();
         assert!(e.message.contains("model.vocab (280, from model.from's config.json, line 2)"), "{e}");
 
         let eval = "eval:\n  data: {kind: text, path: b.txt, tokenizer: tok/tokenizer.json}\n";
