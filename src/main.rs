@@ -137,6 +137,20 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
             println!("{}", serde_json::json!({ "loss": loss }));
             Ok(0)
         }
+        Command::Tokenize { tokenizer, text, out } => {
+            let (text, tokenizer) = (text.display().to_string(), tokenizer.display().to_string());
+            let ids = match flotilla_trainer::tokenize::text_tokens(&text, &tokenizer, None) {
+                Ok(ids) => ids,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(cli::EXIT_BAD_INPUT);
+                }
+            };
+            let bytes: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
+            std::fs::write(&out, bytes).with_context(|| format!("write {}", out.display()))?;
+            println!("{}", serde_json::json!({ "tokens": ids.len() }));
+            Ok(0)
+        }
         Command::Coordinator(cmd) => match cmd.admin {
             Some(admin) => {
                 init_logs("warn");

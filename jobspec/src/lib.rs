@@ -24,6 +24,7 @@ pub mod hf_config;
 mod paths;
 mod raw;
 mod spec;
+pub mod tokenizer_json;
 mod validate;
 
 pub use error::SpecError;
@@ -39,26 +40,29 @@ pub use validate::registry::{alias as check_alias, model_name as check_model_nam
 
 use serde::de::DeserializeOwned;
 
-/// Reads the `config.json` of the model folder a job file names in
-/// `model.from` (as written there); the error says why not, in words.
-pub type ReadConfig<'a> = dyn Fn(&str) -> Result<String, String> + 'a;
+/// Reads a file the job file names (the path as written there, relative to
+/// the job file's folder), at most `limit` bytes; the error says why not, in
+/// words. Validation reads a Llama's `model.from` `config.json` and a text
+/// data set's `tokenizer` this way.
+pub type ReadFile<'a> = dyn Fn(&str, u64) -> Result<String, String> + 'a;
 
 /// Parses and validates a job file. `origin` names the source in messages
 /// (usually the file's path as the user gave it).
 ///
-/// The one file it reads is the `config.json` of a Llama's `model.from`
-/// folder, a relative folder taken from the job file's folder (`origin`'s
-/// parent), at most [`hf_config::CONFIG_MAX_BYTES`]. Never panics, whatever
-/// `source` holds.
+/// The files it reads are the `config.json` of a Llama's `model.from`
+/// folder (at most [`hf_config::CONFIG_MAX_BYTES`]) and the `tokenizer.json`
+/// of `kind: text` data (at most [`tokenizer_json::TOKENIZER_MAX_BYTES`]),
+/// relative paths taken from the job file's folder (`origin`'s parent).
+/// Never panics, whatever `source` holds.
 pub fn parse(source: &str, origin: &str) -> Result<JobSpec, SpecError> {
     let base = std::path::Path::new(origin).parent().map(std::path::Path::to_path_buf).unwrap_or_default();
-    parse_with(source, origin, &|dir: &str| read_config_file(&base.join(dir).join("config.json")))
+    parse_with(source, origin, &|path: &str, limit: u64| read_file(&base.join(path), limit))
 }
 
-/// [`parse`] with the reader of `model.from`'s `config.json` given: pure
-/// when `read_config` is.
-pub fn parse_with(source: &str, origin: &str, read_config: &ReadConfig) -> Result<JobSpec, SpecError> {
-    let cx = validate::Ctx { origin, source, read_config };
+/// [`parse`] with the reader of the files the job file names given: pure
+/// when `read_file` is.
+pub fn parse_with(source: &str, origin: &str, read_file: &ReadFile) -> Result<JobSpec, SpecError> {
+    let cx = validate::Ctx { origin, source, read_file };
     // The version decides how to read the rest, so it is read first, by
     // itself: a file of another version fails on its version, not on fields
     // this version does not know.
@@ -69,15 +73,13 @@ pub fn parse_with(source: &str, origin: &str, read_config: &ReadConfig) -> Resul
     validate::job(raw, &cx)
 }
 
-fn read_config_file(path: &std::path::Path) -> Result<String, String> {
+fn read_file(path: &std::path::Path, limit: u64) -> Result<String, String> {
     use std::io::Read;
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut text = String::new();
-    file.take(hf_config::CONFIG_MAX_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if text.len() as u64 > hf_config::CONFIG_MAX_BYTES {
-        return Err(format!("{} is larger than {} bytes", path.display(), hf_config::CONFIG_MAX_BYTES));
+    file.take(limit + 1).read_to_string(&mut text).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if text.len() as u64 > limit {
+        return Err(format!("{} is larger than {limit} bytes", path.display()));
     }
     Ok(text)
 }

@@ -98,8 +98,8 @@ impl JobSpec {
     /// Makes the relative paths of the spec absolute against `base` (usually
     /// the job file's directory, itself absolute).
     ///
-    /// Rewrites the `path` of `features`, `tokens` and `text` data, a
-    /// Llama's `model.from`, and
+    /// Rewrites the `path` of `features`, `tokens` and `text` data, the
+    /// `tokenizer` of `text` data, a Llama's `model.from`, and
     /// `checkpoint.url`: `file:///abs/path` becomes `/abs/path`, a relative
     /// path is joined onto `base`. Afterwards `checkpoint.url` is an absolute
     /// filesystem path, or an object-store URL (`s3://`, `gs://`, `az://`,
@@ -110,8 +110,12 @@ impl JobSpec {
         for data in std::iter::once(&mut self.data).chain(eval) {
             match data {
                 DataSpec::Synthetic { .. } => {}
-                DataSpec::Features { path } | DataSpec::Tokens { path, .. } | DataSpec::Text { path } => {
+                DataSpec::Features { path } | DataSpec::Tokens { path, .. } => *path = absolutize(base, path),
+                DataSpec::Text { path, tokenizer } => {
                     *path = absolutize(base, path);
+                    if let Some(t) = tokenizer.as_mut() {
+                        *t = absolutize(base, t);
+                    }
                 }
             }
         }

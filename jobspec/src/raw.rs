@@ -119,6 +119,7 @@ pub(crate) struct RawData {
     pub samples: Option<S<u64>>,
     pub path: Option<S<String>>,
     pub dtype: Option<S<TokenDtype>>,
+    pub tokenizer: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -173,8 +173,15 @@ pub enum DataSpec {
     Features { path: String },
     /// A flat file of little-endian token ids; language models only.
     Tokens { path: String, dtype: TokenDtype },
-    /// Any file, read as bytes (token ids 0..=255); language models only, with `vocab >= 256`.
-    Text { path: String },
+    /// A text file; language models only. Without `tokenizer`, read as
+    /// bytes (token ids 0..=255, `vocab >= 256`); with it, tokenized by that
+    /// Hugging Face `tokenizer.json` (once per job, into a cache beside the
+    /// checkpoints), whose ids all fit the model's vocab.
+    Text {
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tokenizer: Option<String>,
+    },
 }
 
 /// Width of one token id in a `tokens` file.

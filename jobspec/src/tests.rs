@@ -122,7 +122,7 @@ fn resolve_paths_makes_paths_absolute() {
                   data: {kind: text, path: ./corpus//book.txt}\ntrain: {steps: 1, global_batch: 1}\n";
     let mut spec = ok(source);
     spec.resolve_paths(Path::new("/jobs/a"));
-    assert_eq!(spec.data, DataSpec::Text { path: "/jobs/a/corpus/book.txt".into() });
+    assert_eq!(spec.data, DataSpec::Text { path: "/jobs/a/corpus/book.txt".into(), tokenizer: None });
     // A `..` segment could leave the folder: refused, not resolved.
     let e = err(&source.replace("./corpus//book.txt", "./corpus/../book.txt"));
     assert_eq!(e.path, "data.path");
@@ -380,11 +380,11 @@ const LLAMA_CONFIG: &str = r#"{"architectures": ["LlamaForCausalLM"], "hidden_si
 
 fn llama(model: &str, config: &str) -> Result<JobSpec, SpecError> {
     let source = format!("name: ft\nmodel: {model}\ndata: {{kind: synthetic}}\ntrain: {{steps: 2, global_batch: 2}}\n");
-    parse_with(&source, "job.yaml", &|dir: &str| {
-        if dir == "hf" {
+    parse_with(&source, "job.yaml", &|path: &str, _| {
+        if path == "hf/config.json" {
             Ok(config.to_string())
         } else {
-            Err(format!("cannot read {dir}/config.json: no such folder"))
+            Err(format!("cannot read {path}: no such file"))
         }
     })
 }

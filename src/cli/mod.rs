@@ -84,6 +84,12 @@ pub enum Command {
     /// as JSON. For checking flotilla's Llama against transformers.
     #[command(hide = true)]
     HfEval { model: PathBuf, tokens: PathBuf, out: PathBuf },
+    /// Tokenize a text file as `data.kind: text` with a `tokenizer` does
+    /// (pieces cut after each line break, no special tokens): write the ids
+    /// to OUT as little-endian u32 and print their count as JSON. For
+    /// checking flotilla's ids against Python's `tokenizers`.
+    #[command(hide = true)]
+    Tokenize { tokenizer: PathBuf, text: PathBuf, out: PathBuf },
     /// Run a coordinator replica, or administer a replicated coordinator
     /// (`members`, `add`, `remove`).
     Coordinator(CoordinatorCmd),

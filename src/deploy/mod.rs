@@ -49,7 +49,7 @@ pub fn is_object_store(url: &str) -> bool {
 pub fn data_path(spec: &JobSpec) -> Option<&str> {
     match &spec.data {
         DataSpec::Synthetic { .. } => None,
-        DataSpec::Features { path } | DataSpec::Tokens { path, .. } | DataSpec::Text { path } => Some(path),
+        DataSpec::Features { path } | DataSpec::Tokens { path, .. } | DataSpec::Text { path, .. } => Some(path),
     }
 }
 

@@ -332,8 +332,11 @@ mod tests {
 fn check_storage_roots(roots: &[String], spec: &JobSpec, a: &pb::Assignment) -> anyhow::Result<()> {
     use flotilla_jobspec::DataSpec;
     let mut places: Vec<(&str, &str)> = vec![("output folder", a.output_dir.as_str())];
-    if let DataSpec::Features { path } | DataSpec::Tokens { path, .. } | DataSpec::Text { path } = &spec.data {
+    if let DataSpec::Features { path } | DataSpec::Tokens { path, .. } | DataSpec::Text { path, .. } = &spec.data {
         places.push(("data", path));
+    }
+    if let DataSpec::Text { tokenizer: Some(t), .. } = &spec.data {
+        places.push(("data.tokenizer", t));
     }
     if let Some(from) = &spec.checkpoint.resume_from {
         places.push(("checkpoint.resume_from", from));

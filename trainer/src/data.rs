@@ -1,6 +1,7 @@
 //! Data sets: synthetic ones generated from a seed (identical on every rank),
 //! labelled feature vectors from a safetensors file, and token streams from a
-//! raw token file or a text file. A sample is addressed by its index; the
+//! raw token file or a text file (its bytes, or the ids of a tokenizer,
+//! see `tokenize`). A sample is addressed by its index; the
 //! sampler decides which indices a rank uses.
 
 use std::path::Path;
@@ -10,6 +11,7 @@ use safetensors::{Dtype, SafeTensors};
 use tch::Tensor;
 
 use crate::rng::SplitMix64;
+use crate::tokenize::TokenCache;
 
 const TEACHER: u64 = 1;
 const FEATURES: u64 = 2;
@@ -73,8 +75,9 @@ impl Dataset {
         }
     }
 
-    /// Loads or generates the data set a job file describes.
-    pub fn load(data: &DataSpec, model: &ModelSpec) -> Result<Dataset, DataError> {
+    /// Loads or generates the data set a job file describes; text with a
+    /// tokenizer goes through the job's token `cache` when there is one.
+    pub fn load(data: &DataSpec, model: &ModelSpec, cache: Option<&TokenCache>) -> Result<Dataset, DataError> {
         match (data, model) {
             (DataSpec::Synthetic { seed, samples }, ModelSpec::Mlp(m)) => Ok(synthetic_classes(m, *seed, *samples)),
             (DataSpec::Features { path }, ModelSpec::Mlp(m)) => load_features(Path::new(path), m),
@@ -88,8 +91,12 @@ impl Dataset {
                             .map_err(|message| DataError::Format { path: path.clone(), message })?;
                         sequences(path, tokens, context, vocab)
                     }
-                    DataSpec::Text { path } => {
+                    DataSpec::Text { path, tokenizer: None } => {
                         let tokens = read(path)?.into_iter().map(u32::from).collect();
+                        sequences(path, tokens, context, vocab)
+                    }
+                    DataSpec::Text { path, tokenizer: Some(tokenizer) } => {
+                        let tokens = crate::tokenize::text_tokens(path, tokenizer, cache)?;
                         sequences(path, tokens, context, vocab)
                     }
                     DataSpec::Features { .. } => {

@@ -17,6 +17,7 @@ pub mod rendezvous;
 pub mod rng;
 pub mod sampler;
 pub mod stats;
+pub mod tokenize;
 pub mod types;
 mod uplink;
 

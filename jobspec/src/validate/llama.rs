@@ -186,7 +186,8 @@ fn read_config(cx: &Ctx, from: &Spanned<String>) -> Result<LlamaSpec, SpecError>
     if let Some(problem) = crate::paths::path_problem(&from.value) {
         return Err(cx.err("model.from", from, problem));
     }
-    let text = (cx.read_config)(&from.value).map_err(|e| cx.err("model.from", from, e))?;
+    let config = format!("{}/config.json", from.value.trim_end_matches('/'));
+    let text = (cx.read_file)(&config, hf_config::CONFIG_MAX_BYTES).map_err(|e| cx.err("model.from", from, e))?;
     hf_config::parse(&text).map_err(|e| cx.err("model.from", from, format!("{}/config.json {e}", from.value)))
 }
 

@@ -8,6 +8,7 @@
 mod llama;
 mod model;
 pub(crate) mod registry;
+mod tokenizer;
 mod train;
 
 use serde_saphyr::{Location, Spanned};
@@ -25,8 +26,8 @@ use crate::{
 pub(crate) struct Ctx<'a> {
     pub origin: &'a str,
     pub source: &'a str,
-    /// Reads `DIR/config.json` for `model.from: DIR` (see `crate::parse_with`).
-    pub read_config: &'a crate::ReadConfig<'a>,
+    /// Reads the files the job file names (see `crate::parse_with`).
+    pub read_file: &'a crate::ReadFile<'a>,
 }
 
 impl Ctx<'_> {

@@ -16,7 +16,7 @@ const GPT_FIELDS: &[&str] = &["kind", "layers", "d_model", "heads", "context", "
 const SYNTHETIC_FIELDS: &[&str] = &["kind", "seed", "samples"];
 const FEATURES_FIELDS: &[&str] = &["kind", "path"];
 const TOKENS_FIELDS: &[&str] = &["kind", "path", "dtype"];
-const TEXT_FIELDS: &[&str] = &["kind", "path"];
+const TEXT_FIELDS: &[&str] = &["kind", "path", "tokenizer"];
 
 /// Refuses the first field present in `given` but not in `allowed`.
 pub(super) fn only_fields(
@@ -235,8 +235,13 @@ pub(super) fn data_at(
     model: &ModelSpec,
 ) -> Result<DataSpec, SpecError> {
     let d = &raw.value;
-    let given =
-        [("seed", loc(&d.seed)), ("samples", loc(&d.samples)), ("path", loc(&d.path)), ("dtype", loc(&d.dtype))];
+    let given = [
+        ("seed", loc(&d.seed)),
+        ("samples", loc(&d.samples)),
+        ("path", loc(&d.path)),
+        ("dtype", loc(&d.dtype)),
+        ("tokenizer", loc(&d.tokenizer)),
+    ];
     let (name, allowed, needs_model) = match d.kind.value {
         DataKind::Synthetic => ("synthetic", SYNTHETIC_FIELDS, None),
         DataKind::Features => ("features", FEATURES_FIELDS, Some("mlp")),
@@ -276,20 +281,23 @@ pub(super) fn data_at(
         }
         DataKind::Text => {
             let path = path()?;
-            if let (Some((_, model_vocab)), Some(vocab)) = (model.sequence(), &raw_model.value.vocab) {
-                if model_vocab < defaults::TEXT_VOCAB {
-                    return Err(cx.err(
-                        "model.vocab",
-                        vocab,
-                        format!(
-                            "data kind `text` uses each byte as a token and needs model.vocab >= {}, found {}",
-                            defaults::TEXT_VOCAB,
-                            model_vocab
-                        ),
-                    ));
-                }
+            let model_vocab = model.sequence().map_or(0, |(_, v)| v);
+            if let Some(t) = &d.tokenizer {
+                let tokenizer = super::tokenizer::tokenizer(cx, at, t, raw_model, model_vocab)?;
+                return Ok(DataSpec::Text { path, tokenizer: Some(tokenizer) });
             }
-            DataSpec::Text { path }
+            if let Some(vocab) = raw_model.value.vocab.as_ref().filter(|_| model_vocab < defaults::TEXT_VOCAB) {
+                return Err(cx.err(
+                    "model.vocab",
+                    vocab,
+                    format!(
+                        "data kind `text` without a tokenizer uses each byte as a token and needs model.vocab >= {}, found {}",
+                        defaults::TEXT_VOCAB,
+                        model_vocab
+                    ),
+                ));
+            }
+            DataSpec::Text { path, tokenizer: None }
         }
     })
 }

@@ -16,6 +16,7 @@ use super::passes::{compute_kind, gather_unit};
 use super::plan::Plan;
 use crate::data::Dataset;
 use crate::model;
+use crate::tokenize::TokenCache;
 use crate::types::TrainError;
 
 /// One evaluation's outcome.
@@ -33,9 +34,10 @@ pub(crate) fn due(eval: &EvalSpec, done: u64, steps: u64) -> bool {
 }
 
 /// Loads the evaluation data and checks it holds enough samples.
-pub(crate) fn load(spec: &JobSpec) -> Result<Option<Dataset>, TrainError> {
+pub(crate) fn load(spec: &JobSpec, cache: &TokenCache) -> Result<Option<Dataset>, TrainError> {
     let Some(eval) = &spec.eval else { return Ok(None) };
-    let data = Dataset::load(&eval.data, &spec.model).map_err(|e| TrainError::fatal("load eval data", e))?;
+    let data =
+        Dataset::load(&eval.data, &spec.model, Some(cache)).map_err(|e| TrainError::fatal("load eval data", e))?;
     let wanted = (eval.batches * eval.batch) as u64;
     if data.len() < wanted {
         return Err(TrainError::Fatal(format!(

@@ -57,6 +57,7 @@ use crate::optim;
 use crate::sampler::Sampler;
 use crate::stats::{self, RunStats, StepTiming};
 use crate::storage::Storage;
+use crate::tokenize::TokenCache;
 use crate::types::{wall_ms, Assignment, MemoryUsage, Outcome, TrainError, TrainEvent, TrainOptions};
 
 /// After a checkpoint the coordinator asked for, how long ranks wait for the
@@ -75,9 +76,10 @@ pub fn run(
     let spec = &a.spec;
     let train = &spec.train;
     let plan = Plan::new(a)?;
-    let data = Dataset::load(&spec.data, &spec.model).map_err(|e| TrainError::fatal("load data", e))?;
-    let eval_data = eval::load(spec)?;
     let out = Storage::open(&a.output_dir).map_err(|e| TrainError::fatal("open the output location", e))?;
+    let cache = TokenCache::new(&out, a.io.clone());
+    let data = Dataset::load(&spec.data, &spec.model, Some(&cache)).map_err(|e| TrainError::fatal("load data", e))?;
+    let eval_data = eval::load(spec, &cache)?;
     let mut groups = Groups::connect(a, &plan, listener, opts)?;
     let tied = tied::Tied::new(&plan, crate::model::tied(&spec.model));
 
