@@ -8,6 +8,7 @@
 mod llama;
 mod model;
 pub(crate) mod registry;
+mod tokens;
 mod train;
 
 use serde_saphyr::{Location, Spanned};
