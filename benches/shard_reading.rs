@@ -87,7 +87,8 @@ train: {{steps: {}, global_batch: {}, seed: 3}}
 }
 
 fn median_step_ms(rank: &serde_json::Value) -> f64 {
-    let mut v: Vec<f64> = rank["steps"].as_array().unwrap().iter().skip(2).map(|s| s["wall_ms"].as_f64().unwrap()).collect();
+    let mut v: Vec<f64> =
+        rank["steps"].as_array().unwrap().iter().skip(2).map(|s| s["wall_ms"].as_f64().unwrap()).collect();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }

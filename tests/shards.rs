@@ -103,7 +103,11 @@ fn a_sharded_corpus_in_s3_trains_exactly_like_the_same_shards_on_disk() {
     std::fs::write(s3.root.join("corpus/train/README.txt"), "not tokens").unwrap();
 
     let listed: Vec<String> = (0..SHARDS).map(|k| format!("local/train/{}", name(k))).collect();
-    let local = job("local", &format!("{{kind: tokens, path: [{}]}}", listed.join(", ")), "{kind: tokens, path: 'local/val/*.u16'}");
+    let local = job(
+        "local",
+        &format!("{{kind: tokens, path: [{}]}}", listed.join(", ")),
+        "{kind: tokens, path: 'local/val/*.u16'}",
+    );
     let local = curve(&run(dir.path(), &s3, "local", &local).unwrap());
     assert_eq!(local.len(), 12);
     assert_eq!(local.iter().filter(|s| s.2.is_some()).map(|s| s.0).collect::<Vec<_>>(), vec![4, 8, 12]);

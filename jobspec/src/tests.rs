@@ -106,7 +106,8 @@ fn tokens_take_lists_patterns_urls_and_nanogpt_shards() {
              data: {data}\ntrain: {{steps: 1, global_batch: 1}}\n"
         )
     };
-    let mut spec = ok(&job("{kind: tokens, path: [a.u16, 'shards/s-*.u16', 's3://b/c/d-[0-3].u16', 'file:///x/y.u16']}"));
+    let mut spec =
+        ok(&job("{kind: tokens, path: [a.u16, 'shards/s-*.u16', 's3://b/c/d-[0-3].u16', 'file:///x/y.u16']}"));
     spec.resolve_paths(Path::new("/jobs"));
     let DataSpec::Tokens { path, dtype, format } = &spec.data else { panic!("{:?}", spec.data) };
     assert_eq!(path, &["/jobs/a.u16", "/jobs/shards/s-*.u16", "s3://b/c/d-[0-3].u16", "/x/y.u16"]);

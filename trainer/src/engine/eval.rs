@@ -70,7 +70,9 @@ pub(crate) fn evaluate(
     let flat = (plan.zero < 3).then(|| tch::no_grad(|| params.to_kind(kind)));
     let n = plan.units.len();
     let (mut loss_sum, mut correct) = (0.0f64, 0u64);
-    let round = |j: usize| (j < rounds && plan.reads_data()).then(|| &mine[(j * mb).min(mine.len())..((j + 1) * mb).min(mine.len())]);
+    let round = |j: usize| {
+        (j < rounds && plan.reads_data()).then(|| &mine[(j * mb).min(mine.len())..((j + 1) * mb).min(mine.len())])
+    };
     for ahead in (0..READ_AHEAD_ROUNDS).filter_map(round) {
         data.prefetch(ahead);
     }

@@ -26,7 +26,11 @@ pub(crate) struct Shard {
 }
 
 /// The shards `entries` name, in order, each checked.
-pub(crate) async fn shards(entries: &[String], dtype: TokenDtype, format: TokenFormat) -> Result<Vec<Shard>, DataError> {
+pub(crate) async fn shards(
+    entries: &[String],
+    dtype: TokenDtype,
+    format: TokenFormat,
+) -> Result<Vec<Shard>, DataError> {
     let mut folders: HashMap<String, Storage> = HashMap::new();
     // (location, folder, name, size if a listing gave it)
     let mut found: Vec<(String, Storage, String, Option<u64>)> = Vec::new();
@@ -42,10 +46,10 @@ pub(crate) async fn shards(entries: &[String], dtype: TokenDtype, format: TokenF
             }
         };
         if glob::is_glob(name) {
-            let listed = folder.files().await.map_err(|e| DataError::Format {
-                path: entry.clone(),
-                message: format!("list the folder: {e}"),
-            })?;
+            let listed = folder
+                .files()
+                .await
+                .map_err(|e| DataError::Format { path: entry.clone(), message: format!("list the folder: {e}") })?;
             let before = found.len();
             for (file, size) in listed {
                 if !file.contains('/') && glob::matches(name, &file) {
@@ -66,10 +70,12 @@ pub(crate) async fn shards(entries: &[String], dtype: TokenDtype, format: TokenF
             message: "is named twice in data.path (directly or by a pattern)".into(),
         });
     }
-    futures::stream::iter(found.into_iter().map(|(location, folder, name, size)| check(location, folder, name, size, dtype, format)))
-        .buffered(LISTING_CONCURRENCY)
-        .try_collect()
-        .await
+    futures::stream::iter(
+        found.into_iter().map(|(location, folder, name, size)| check(location, folder, name, size, dtype, format)),
+    )
+    .buffered(LISTING_CONCURRENCY)
+    .try_collect()
+    .await
 }
 
 /// Splits an entry into its folder and its file name (or pattern).

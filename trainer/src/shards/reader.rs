@@ -32,8 +32,13 @@ struct Slots {
 
 enum Slot {
     /// Asked for `want` times (0: by a take that found nothing), not here yet.
-    Pending { want: usize },
-    Ready { want: usize, tokens: Vec<u32> },
+    Pending {
+        want: usize,
+    },
+    Ready {
+        want: usize,
+        tokens: Vec<u32>,
+    },
     Failed(String),
 }
 

@@ -42,7 +42,8 @@ fn windows_come_from_their_shards_by_list_or_pattern_in_either_format() {
     for (nanogpt, format) in [(false, TokenFormat::Raw), (true, TokenFormat::Nanogpt)] {
         let dir = tempfile::tempdir().unwrap();
         three_shards(dir.path(), nanogpt);
-        let listed = open(&[p(dir.path(), "s0.bin"), p(dir.path(), "s1.bin"), p(dir.path(), "s2.bin")], format).unwrap();
+        let listed =
+            open(&[p(dir.path(), "s0.bin"), p(dir.path(), "s1.bin"), p(dir.path(), "s2.bin")], format).unwrap();
         let globbed = open(&[p(dir.path(), "s[0-9].bin")], format).unwrap();
         for c in [&listed, &globbed] {
             // 3 windows in s0, none in s1, 2 in s2.
