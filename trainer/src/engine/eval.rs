@@ -70,19 +70,20 @@ pub(crate) fn evaluate(
     let flat = (plan.zero < 3).then(|| tch::no_grad(|| params.to_kind(kind)));
     let n = plan.units.len();
     let (mut loss_sum, mut correct) = (0.0f64, 0u64);
-    let round = |j: usize| {
-        (j < rounds && plan.reads_data()).then(|| &mine[(j * mb).min(mine.len())..((j + 1) * mb).min(mine.len())])
+    let share = |j: usize| &mine[(j * mb).min(mine.len())..((j + 1) * mb).min(mine.len())];
+    let ahead = |j: usize| {
+        if j < rounds && plan.reads_data() {
+            data.prefetch(share(j));
+        }
     };
-    for ahead in (0..READ_AHEAD_ROUNDS).filter_map(round) {
-        data.prefetch(ahead);
+    for j in 0..READ_AHEAD_ROUNDS {
+        ahead(j);
     }
     for j in 0..rounds {
-        let batch = &mine[(j * mb).min(mine.len())..((j + 1) * mb).min(mine.len())];
+        let batch = share(j);
         let mut x = None;
         let mut y = None;
-        if let Some(ahead) = round(j + READ_AHEAD_ROUNDS) {
-            data.prefetch(ahead);
-        }
+        ahead(j + READ_AHEAD_ROUNDS);
         if !batch.is_empty() {
             let (bx, by) = match plan.reads_data() {
                 true => data.batch(batch).map_err(|e| TrainError::fatal("read the evaluation samples", e))?,
