@@ -203,14 +203,14 @@ mod tests {
     #[test]
     fn neighbouring_windows_share_one_read() {
         let w = Windows::new(4, &[21, 21]);
-        // Windows 0, 1 (adjacent in shard 0), 3 (a gap), 5 and 6 (shard 1).
+        // 5 windows a shard: 0, 1 (adjacent in shard 0), 3 (a gap), 5 and 6 (shard 1's first two).
         let reads = plan_reads(&w, &[6, 1, 0, 3, 5, 1], 1 << 20);
         assert_eq!(
             reads,
             vec![
                 Read { shard: 0, first: 0, tokens: 9, parts: vec![(0, 0), (1, 4)] },
                 Read { shard: 0, first: 12, tokens: 5, parts: vec![(3, 0)] },
-                Read { shard: 1, first: 4, tokens: 9, parts: vec![(5, 0), (6, 4)] },
+                Read { shard: 1, first: 0, tokens: 9, parts: vec![(5, 0), (6, 4)] },
             ]
         );
         // A cap of one window's tokens keeps every read to one window.
