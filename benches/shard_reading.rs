@@ -12,7 +12,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use flotilla::jobspec::{TokenDtype, TokenFormat};
 use flotilla::trainer::rng::SplitMix64;
@@ -75,6 +75,31 @@ fn read_rate(z: &Size, url: &str, ahead: u64) -> f64 {
     (z.read_steps as usize * z.global_batch * z.context) as f64 / secs
 }
 
+/// Mean milliseconds a step after the first waits for its samples when each
+/// step computes for `step` (a sleep: only the reading uses the processor),
+/// with `ahead` steps read ahead. (The first step waits for its reads either way.)
+fn wait_per_step(z: &Size, url: &str, ahead: u64, step: Duration, steps: u64) -> f64 {
+    let corpus = Corpus::open(&[url.to_string()], TokenDtype::U16, TokenFormat::Raw, z.context, z.vocab).unwrap();
+    let mut sampler = Sampler::new(corpus.len(), 12, z.global_batch as u64);
+    for s in 0..ahead {
+        corpus.prefetch(&sampler.indices(s, 0, 1));
+    }
+    let mut waited = Duration::ZERO;
+    for s in 0..steps {
+        if ahead > 0 {
+            corpus.prefetch(&sampler.indices(s + ahead, 0, 1));
+        }
+        let indices = sampler.indices(s, 0, 1);
+        let t = Instant::now();
+        corpus.windows(&indices).unwrap();
+        if s > 0 {
+            waited += t.elapsed();
+        }
+        std::thread::sleep(step);
+    }
+    waited.as_secs_f64() * 1e3 / (steps - 1) as f64
+}
+
 fn job(z: &Size, data: &str) -> String {
     format!(
         "name: reading
@@ -120,6 +145,8 @@ fn main() {
     let synthetic = run("{kind: synthetic, seed: 1, samples: 4096}");
     let in_s3 = run(&format!("{{kind: tokens, path: '{url}'}}"));
     let consumed = (z.global_batch * z.context) as f64 / (synthetic / 1e3);
+    let step = Duration::from_secs_f64(synthetic / 1e3);
+    let waits = [2, 0].map(|ahead| wait_per_step(&z, url, ahead, step, z.read_steps / 10));
 
     println!(
         "corpus: {} shards of {} u16 tokens in s3s-fs; GPT {} context {} vocab {}, global batch {}, 1 worker",
@@ -129,6 +156,11 @@ fn main() {
     println!("{:<44} {:>14.0} {:>18.1}", "reader, read-ahead 2 steps", with_ahead, with_ahead / consumed);
     println!("{:<44} {:>14.0} {:>18.1}", "reader, no read-ahead", without, without / consumed);
     println!("{:<44} {:>14.0} {:>18.1}", "training step consumes", consumed, 1.0);
+    println!(
+        "steps of {synthetic:.0} ms (sleeping) wait for their samples (steps 2 on): {:.2} ms a step with read-ahead, \
+         {:.2} ms without",
+        waits[0], waits[1]
+    );
     println!(
         "median step: {synthetic:.1} ms on synthetic data, {in_s3:.1} ms on the corpus in s3s-fs (s3 / synthetic = {:.3})",
         in_s3 / synthetic
