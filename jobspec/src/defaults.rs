@@ -16,6 +16,10 @@ pub const SYNTHETIC_SAMPLES: u64 = 4096;
 pub const EVAL_SAMPLES_LIMIT: usize = 1 << 20;
 /// `data.dtype` for `kind: tokens`.
 pub const TOKEN_DTYPE: crate::TokenDtype = crate::TokenDtype::U16;
+/// `data.format` for `kind: tokens`.
+pub const TOKEN_FORMAT: crate::TokenFormat = crate::TokenFormat::Raw;
+/// Most entries `data.path` may list (kind `tokens`); a pattern names any number of shards.
+pub const TOKEN_PATHS_LIMIT: usize = 10_000;
 /// Smallest `model.vocab` that `data.kind: text` accepts (one token per byte value).
 pub const TEXT_VOCAB: usize = 256;
 

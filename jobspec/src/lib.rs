@@ -20,6 +20,7 @@
 
 pub mod defaults;
 mod error;
+pub mod glob;
 pub mod hf_config;
 mod paths;
 mod raw;
@@ -31,7 +32,7 @@ pub use error::SpecError;
 pub use spec::{
     AdamWSpec, CheckpointSpec, DataSpec, DpSize, EvalSpec, GptSpec, JobSpec, LlamaSpec, MlpSpec, ModelSpec,
     ParallelismSpec, PipelineSchedule, Precision, RegistryKind, RegistrySpec, RopeScaling, ScheduleSpec, TokenDtype,
-    TrainSpec, WorkersSpec,
+    TokenFormat, TrainSpec, WorkersSpec,
 };
 
 /// Checks a registered model name and an alias as `registry.model` and

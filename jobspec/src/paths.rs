@@ -98,8 +98,10 @@ impl JobSpec {
     /// Makes the relative paths of the spec absolute against `base` (usually
     /// the job file's directory, itself absolute).
     ///
-    /// Rewrites the `path` of `features`, `tokens` and `text` data, the
-    /// `tokenizer` of `text` data, a Llama's `model.from`, and
+    /// Rewrites the `path` of `features` and `text` data, the `tokenizer`
+    /// of `text` data, a Llama's `model.from`, each entry of a `tokens`
+    /// data `path` (like `checkpoint.url`: object-store URLs stay as they
+    /// are), and
     /// `checkpoint.url`: `file:///abs/path` becomes `/abs/path`, a relative
     /// path is joined onto `base`. Afterwards `checkpoint.url` is an absolute
     /// filesystem path, or an object-store URL (`s3://`, `gs://`, `az://`,
@@ -110,13 +112,14 @@ impl JobSpec {
         for data in std::iter::once(&mut self.data).chain(eval) {
             match data {
                 DataSpec::Synthetic { .. } => {}
-                DataSpec::Features { path } | DataSpec::Tokens { path, .. } => *path = absolutize(base, path),
+                DataSpec::Features { path } => *path = absolutize(base, path),
                 DataSpec::Text { path, tokenizer } => {
                     *path = absolutize(base, path);
                     if let Some(t) = tokenizer.as_mut() {
                         *t = absolutize(base, t);
                     }
                 }
+                DataSpec::Tokens { path, .. } => path.iter_mut().for_each(|p| resolve_location(p, base)),
             }
         }
         if let crate::ModelSpec::Llama(l) = &mut self.model {

@@ -12,7 +12,7 @@ use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Unexpected, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_saphyr::Spanned;
 
-use crate::TokenDtype;
+use crate::{TokenDtype, TokenFormat};
 
 pub(crate) type S<T> = Spanned<T>;
 
@@ -117,9 +117,17 @@ pub(crate) struct RawData {
     pub kind: S<DataKind>,
     pub seed: Option<S<u64>>,
     pub samples: Option<S<u64>>,
-    pub path: Option<S<String>>,
+    pub path: Option<S<PathList>>,
     pub dtype: Option<S<TokenDtype>>,
     pub tokenizer: Option<S<String>>,
+    pub format: Option<S<TokenFormat>>,
+}
+
+/// `data.path`: one path, or (kind `tokens`) a list of them.
+#[derive(Debug)]
+pub(crate) enum PathList {
+    One(String),
+    Many(Vec<S<String>>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -256,6 +264,40 @@ impl<'de> Visitor<'de> for LayersVisitor {
             widths.push(w);
         }
         Ok(Layers::Widths(widths))
+    }
+}
+
+impl<'de> Deserialize<'de> for PathList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(PathListVisitor)
+    }
+}
+
+struct PathListVisitor;
+
+impl<'de> Visitor<'de> for PathListVisitor {
+    type Value = PathList;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a path or a list of paths")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<PathList, E> {
+        Ok(PathList::One(v.to_string()))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PathList, A::Error> {
+        let mut paths = Vec::new();
+        while let Some(p) = seq.next_element::<S<String>>()? {
+            if paths.len() == crate::defaults::TOKEN_PATHS_LIMIT {
+                return Err(de::Error::custom(format!(
+                    "more than {} paths; name the shards with a pattern such as `corpus/train-*.bin`",
+                    crate::defaults::TOKEN_PATHS_LIMIT
+                )));
+            }
+            paths.push(p);
+        }
+        Ok(PathList::Many(paths))
     }
 }
 

@@ -171,8 +171,17 @@ pub enum DataSpec {
     Synthetic { seed: u64, samples: u64 },
     /// A safetensors file with `x` (f32 `[N, inputs]`) and `y` (i64 `[N]`); MLP only.
     Features { path: String },
-    /// A flat file of little-endian token ids; language models only.
-    Tokens { path: String, dtype: TokenDtype },
+    /// Token files (shards), each a flat file of little-endian token ids or
+    /// a nanoGPT `.bin` shard; language models only. `path` lists files,
+    /// patterns (wildcards in the file name) and object-store URLs; the
+    /// shards are the files they name, in that order.
+    Tokens {
+        #[serde(deserialize_with = "one_or_many")]
+        path: Vec<String>,
+        dtype: TokenDtype,
+        #[serde(default)]
+        format: TokenFormat,
+    },
     /// A text file; language models only. Without `tokenizer`, read as
     /// bytes (token ids 0..=255, `vocab >= 256`); with it, tokenized by that
     /// Hugging Face `tokenizer.json` (once per job, into a cache beside the
@@ -182,6 +191,32 @@ pub enum DataSpec {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tokenizer: Option<String>,
     },
+}
+
+/// How a `tokens` shard lays out its token ids.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenFormat {
+    /// Token ids of `dtype`, back to back, nothing else.
+    #[default]
+    Raw,
+    /// nanoGPT's `.bin` shard: a header of 256 little-endian i32 (magic
+    /// 20240520, version 1, token count), then that many u16 token ids.
+    Nanogpt,
+}
+
+/// A list of strings, or (as job specs wrote it before lists) one string.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// Width of one token id in a `tokens` file.

@@ -94,7 +94,49 @@ fn explicit_forms_are_read() {
 fn tokens_default_to_u16() {
     let source = "name: g\nmodel: {kind: gpt, layers: 1, d_model: 8, heads: 2, context: 4, vocab: 300}\n\
                   data: {kind: tokens, path: t.bin}\ntrain: {steps: 1, global_batch: 1}\n";
-    assert_eq!(ok(source).data, DataSpec::Tokens { path: "t.bin".into(), dtype: TokenDtype::U16 });
+    let raw = TokenFormat::Raw;
+    assert_eq!(ok(source).data, DataSpec::Tokens { path: vec!["t.bin".into()], dtype: TokenDtype::U16, format: raw });
+}
+
+#[test]
+fn tokens_take_lists_patterns_urls_and_nanogpt_shards() {
+    let job = |data: &str| {
+        format!(
+            "name: g\nmodel: {{kind: gpt, layers: 1, d_model: 8, heads: 2, context: 4, vocab: 300}}\n\
+             data: {data}\ntrain: {{steps: 1, global_batch: 1}}\n"
+        )
+    };
+    let mut spec =
+        ok(&job("{kind: tokens, path: [a.u16, 'shards/s-*.u16', 's3://b/c/d-[0-3].u16', 'file:///x/y.u16']}"));
+    spec.resolve_paths(Path::new("/jobs"));
+    let DataSpec::Tokens { path, dtype, format } = &spec.data else { panic!("{:?}", spec.data) };
+    assert_eq!(path, &["/jobs/a.u16", "/jobs/shards/s-*.u16", "s3://b/c/d-[0-3].u16", "/x/y.u16"]);
+    assert_eq!((*dtype, *format), (TokenDtype::U16, TokenFormat::Raw));
+    let spec = ok(&job("{kind: tokens, path: 'train_*.bin', format: nanogpt}"));
+    assert!(matches!(spec.data, DataSpec::Tokens { format: TokenFormat::Nanogpt, dtype: TokenDtype::U16, .. }));
+
+    for (data, path, says) in [
+        ("{kind: tokens, path: []}", "data.path", "lists no shard"),
+        ("{kind: tokens, path: [a.bin, '']}", "data.path[1]", "must not be empty"),
+        ("{kind: tokens, path: [a.bin, 'c/*/x.bin']}", "data.path[1]", "only in the file name"),
+        ("{kind: tokens, path: 'c/s[0-3.bin'}", "data.path", "closing `]`"),
+        ("{kind: tokens, path: [a.bin, 'ftp://h/x.bin']}", "data.path[1]", "unsupported URL scheme"),
+        ("{kind: tokens, path: 's3://b/corpus/'}", "data.path", "names a folder"),
+        ("{kind: tokens, path: [../a.bin]}", "data.path[0]", "`..` segment"),
+        ("{kind: tokens, path: a.bin, format: nanogpt, dtype: u32}", "data.dtype", "hold u16"),
+        ("{kind: tokens, path: a.bin, format: gzip}", "data.format", ""),
+        ("{kind: text, path: [a.txt, b.txt]}", "data.path", "a list of paths is for kind `tokens`"),
+        ("{kind: synthetic, format: raw}", "data.format", "unknown field `format`"),
+    ] {
+        let e = err(&job(data));
+        assert_eq!(e.path, path, "{data}: {e}");
+        assert!(e.to_string().contains(says), "{data}: {e}");
+        assert!(e.line > 0, "{data}: {e}");
+    }
+    // Specs written before lists (one string) still read.
+    let json = spec.to_json().replace(r#"["train_*.bin"]"#, r#""train_*.bin""#);
+    assert!(json.contains(r#""path":"train_*.bin""#), "{json}");
+    assert_eq!(JobSpec::from_json(&json).unwrap(), spec);
 }
 
 #[test]
@@ -109,7 +151,7 @@ fn json_round_trips() {
     assert_eq!(JobSpec::from_json(&json).unwrap(), spec);
 
     spec.parallelism.dp = DpSize::Auto;
-    spec.data = DataSpec::Tokens { path: "x".into(), dtype: TokenDtype::U32 };
+    spec.data = DataSpec::Tokens { path: vec!["x".into()], dtype: TokenDtype::U32, format: TokenFormat::Raw };
     let json = spec.to_json();
     assert!(json.contains(r#""dp":"auto""#) && json.contains(r#""dtype":"u32""#), "{json}");
     assert_eq!(JobSpec::from_json(&json).unwrap(), spec);

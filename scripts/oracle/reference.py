@@ -133,13 +133,18 @@ class Features:
 
 
 class Windows:
-    """Sample i is tokens[i*context .. i*context + context + 1]."""
+    """Sample i is tokens[i*context .. i*context + context + 1] of one shard;
+    the windows of shard 0 come first, then those of shard 1, and so on."""
 
-    def __init__(self, tokens, context, vocab):
-        if tokens.numel() and int(tokens.max()) >= vocab:
-            raise SystemExit(f"a token is outside the model's vocab of {vocab}")
-        self.count = (tokens.numel() - 1) // context
-        self.w = tokens.as_strided((self.count, context + 1), (context, 1))
+    def __init__(self, shards, context, vocab):
+        parts = []
+        for tokens in shards:
+            if tokens.numel() and int(tokens.max()) >= vocab:
+                raise SystemExit(f"a token is outside the model's vocab of {vocab}")
+            count = max(tokens.numel() - 1, 0) // context
+            parts.append(tokens.as_strided((count, context + 1), (context, 1)))
+        self.w = torch.cat(parts)
+        self.count = self.w.shape[0]
         self.context = context
 
     def __len__(self):
@@ -157,8 +162,12 @@ def load_data(spec):
         return Features(data["path"])
     if kind in ("tokens", "text"):
         dtype = {"u8": "<u1", "u16": "<u2", "u32": "<u4"}[data.get("dtype", "u8") if kind == "tokens" else "u8"]
-        raw = np.fromfile(data["path"], dtype=dtype).astype(np.int64)
-        return Windows(torch.from_numpy(raw), model["context"], model["vocab"])
+        paths = data["path"] if isinstance(data["path"], list) else [data["path"]]
+        if kind == "tokens" and (any(c in p for p in paths for c in "*?[") or "://" in "".join(paths)):
+            raise SystemExit("the reference reads tokens from named local files only (no patterns or URLs)")
+        skip = 1024 if data.get("format") == "nanogpt" else 0
+        shards = [torch.from_numpy(np.fromfile(p, dtype=dtype, offset=skip).astype(np.int64)) for p in paths]
+        return Windows(shards, model["context"], model["vocab"])
     raise SystemExit(f"data.kind {kind!r} is not supported by the reference (use features, tokens or text)")
 
 

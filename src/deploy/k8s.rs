@@ -8,7 +8,7 @@
 use flotilla_jobspec::JobSpec;
 
 use super::yaml::{self, map, strs, Node};
-use super::{bad, data_path, is_dns_label, is_object_store, world_size, RenderError, EXIT_PREEMPTED, IMAGE_BINARY};
+use super::{bad, data_paths, is_dns_label, is_object_store, world_size, RenderError, EXIT_PREEMPTED, IMAGE_BINARY};
 
 /// The port workers listen on for their peers' collectives.
 pub const DATA_PORT: u16 = 29500;
@@ -171,8 +171,8 @@ pub fn render(spec: &JobSpec, job_yaml: &str, opts: &K8sOptions) -> Result<Rende
                 spec.checkpoint.url
             ));
         }
-        if let Some(p) = data_path(spec) {
-            if !p.starts_with('/') {
+        for p in data_paths(spec) {
+            if !p.starts_with('/') && !is_object_store(p) {
                 warnings.push(format!(
                     "data.path `{p}` resolves against {WORKDIR} in the pods, an empty directory without --workdir-claim"
                 ));

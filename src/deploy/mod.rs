@@ -45,11 +45,12 @@ pub fn is_object_store(url: &str) -> bool {
     ["s3://", "gs://", "az://"].iter().any(|p| url.starts_with(p))
 }
 
-/// The job's data file, if it reads one.
-pub fn data_path(spec: &JobSpec) -> Option<&str> {
+/// The job's data files (or patterns, or URLs), if it reads any.
+pub fn data_paths(spec: &JobSpec) -> Vec<&str> {
     match &spec.data {
-        DataSpec::Synthetic { .. } => None,
-        DataSpec::Features { path } | DataSpec::Tokens { path, .. } | DataSpec::Text { path, .. } => Some(path),
+        DataSpec::Synthetic { .. } => Vec::new(),
+        DataSpec::Features { path } | DataSpec::Text { path, .. } => vec![path],
+        DataSpec::Tokens { path, .. } => path.iter().map(String::as_str).collect(),
     }
 }
 

@@ -268,6 +268,13 @@ impl Storage {
         Ok(b.to_vec())
     }
 
+    /// The size in bytes of the object `name` (one metadata request; a
+    /// missing object is an error for which `is_not_found` holds).
+    pub async fn size(&self, name: &str) -> Result<u64, StorageError> {
+        let meta = self.store.head(&self.path(name)?).await.map_err(self.err("look up", name))?;
+        Ok(meta.size)
+    }
+
     /// Writes `name` only if nothing is there yet: `Ok(false)` if it
     /// exists. Atomic against concurrent writers on the local file system
     /// (a hard link of a finished temporary file) and on stores with
@@ -406,6 +413,8 @@ mod tests {
         let up = s.child("step-2").put("b.bin", big.clone()).await.unwrap();
         assert_eq!(up, Upload { bytes: 2500, parts: 0 }, "one write on a local disk, whatever the size");
         assert_eq!(s.child("step-2").get("b.bin").await.unwrap(), big);
+        assert_eq!(s.child("step-2").size("b.bin").await.unwrap(), 2500);
+        assert!(s.child("step-2").size("c.bin").await.unwrap_err().is_not_found());
         assert_eq!(std::fs::read(tmp.path().join("step-2/b.bin")).unwrap(), big, "a plain file on disk");
         let mut folders = s.folders().await.unwrap();
         folders.sort();

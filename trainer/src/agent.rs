@@ -332,11 +332,16 @@ mod tests {
 fn check_storage_roots(roots: &[String], spec: &JobSpec, a: &pb::Assignment) -> anyhow::Result<()> {
     use flotilla_jobspec::DataSpec;
     let mut places: Vec<(&str, &str)> = vec![("output folder", a.output_dir.as_str())];
-    if let DataSpec::Features { path } | DataSpec::Tokens { path, .. } | DataSpec::Text { path, .. } = &spec.data {
-        places.push(("data", path));
-    }
-    if let DataSpec::Text { tokenizer: Some(t), .. } = &spec.data {
-        places.push(("data.tokenizer", t));
+    let eval = spec.eval.as_ref().map(|e| &e.data);
+    for data in std::iter::once(&spec.data).chain(eval) {
+        match data {
+            DataSpec::Synthetic { .. } => {}
+            DataSpec::Features { path } | DataSpec::Text { path, .. } => places.push(("data", path)),
+            DataSpec::Tokens { path, .. } => places.extend(path.iter().map(|p| ("data", p.as_str()))),
+        }
+        if let DataSpec::Text { tokenizer: Some(t), .. } = data {
+            places.push(("data.tokenizer", t));
+        }
     }
     if let Some(from) = &spec.checkpoint.resume_from {
         places.push(("checkpoint.resume_from", from));

@@ -1,16 +1,17 @@
 //! Data sets: synthetic ones generated from a seed (identical on every rank),
-//! labelled feature vectors from a safetensors file, and token streams from a
-//! raw token file or a text file (its bytes, or the ids of a tokenizer,
-//! see `tokenize`). A sample is addressed by its index; the
-//! sampler decides which indices a rank uses.
+//! labelled feature vectors from a safetensors file, token streams from a
+//! text file (its bytes, or the ids of a tokenizer, see `tokenize`), and
+//! corpora of token shards read on demand (`crate::shards`). A sample is
+//! addressed by its index; the sampler decides which indices a rank uses.
 
 use std::path::Path;
 
-use flotilla_jobspec::{DataSpec, GptSpec, MlpSpec, ModelSpec, TokenDtype};
+use flotilla_jobspec::{DataSpec, GptSpec, MlpSpec, ModelSpec};
 use safetensors::{Dtype, SafeTensors};
 use tch::Tensor;
 
 use crate::rng::SplitMix64;
+use crate::shards::Corpus;
 use crate::tokenize::TokenCache;
 
 const TEACHER: u64 = 1;
@@ -26,14 +27,19 @@ pub enum DataError {
     Io { path: String, source: std::io::Error },
     #[error("data file {path}: {message}")]
     Format { path: String, message: String },
+    /// Reading samples of a corpus failed after the start.
+    #[error("read samples: {0}")]
+    Read(String),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Dataset {
     /// Feature vectors with class labels.
     Classes { inputs: usize, x: Vec<f32>, y: Vec<i64> },
     /// Token windows of `context + 1` tokens, sample `i` starting at `i * stride`.
     Sequences { context: usize, stride: usize, count: usize, tokens: Vec<u32> },
+    /// Token windows read from shards as they are needed (`kind: tokens`).
+    Corpus(Corpus),
 }
 
 impl Dataset {
@@ -41,6 +47,7 @@ impl Dataset {
         match self {
             Dataset::Classes { y, .. } => y.len() as u64,
             Dataset::Sequences { count, .. } => *count as u64,
+            Dataset::Corpus(c) => c.len(),
         }
     }
 
@@ -48,10 +55,18 @@ impl Dataset {
         self.len() == 0
     }
 
+    /// Starts reading the samples `indices` ahead of their [`Dataset::batch`]
+    /// (a corpus of shards; the other kinds are in memory already).
+    pub fn prefetch(&self, indices: &[u64]) {
+        if let Dataset::Corpus(c) = self {
+            c.prefetch(indices);
+        }
+    }
+
     /// Inputs and targets of the samples at `indices`.
-    pub fn batch(&self, indices: &[u64]) -> (Tensor, Tensor) {
+    pub fn batch(&self, indices: &[u64]) -> Result<(Tensor, Tensor), DataError> {
         let b = indices.len() as i64;
-        match self {
+        Ok(match self {
             Dataset::Classes { inputs, x, y } => {
                 let mut xs = Vec::with_capacity(indices.len() * inputs);
                 let mut ys = Vec::with_capacity(indices.len());
@@ -62,6 +77,10 @@ impl Dataset {
                 }
                 (Tensor::from_slice(&xs).view([b, *inputs as i64]), Tensor::from_slice(&ys))
             }
+            Dataset::Corpus(c) => {
+                let win: Vec<i64> = c.windows(indices)?.into_iter().map(i64::from).collect();
+                shift(&win, b, c.context())
+            }
             Dataset::Sequences { context, stride, tokens, .. } => {
                 let w = context + 1;
                 let mut win = Vec::with_capacity(indices.len() * w);
@@ -69,10 +88,9 @@ impl Dataset {
                     let start = i as usize * stride;
                     win.extend(tokens[start..start + w].iter().map(|t| i64::from(*t)));
                 }
-                let all = Tensor::from_slice(&win).view([b, w as i64]);
-                (all.narrow(1, 0, *context as i64), all.narrow(1, 1, *context as i64))
+                shift(&win, b, *context)
             }
-        }
+        })
     }
 
     /// Loads or generates the data set a job file describes; text with a
@@ -85,11 +103,8 @@ impl Dataset {
                 let (context, vocab) = model.sequence().expect("a language model");
                 match data {
                     DataSpec::Synthetic { seed, samples } => Ok(synthetic_tokens(context, vocab, *seed, *samples)),
-                    DataSpec::Tokens { path, dtype } => {
-                        let bytes = read(path)?;
-                        let tokens = decode_tokens(&bytes, *dtype)
-                            .map_err(|message| DataError::Format { path: path.clone(), message })?;
-                        sequences(path, tokens, context, vocab)
+                    DataSpec::Tokens { path, dtype, format } => {
+                        Corpus::open(path, *dtype, *format, context, vocab).map(Dataset::Corpus)
                     }
                     DataSpec::Text { path, tokenizer: None } => {
                         let tokens = read(path)?.into_iter().map(u32::from).collect();
@@ -110,6 +125,13 @@ impl Dataset {
             }),
         }
     }
+}
+
+/// Inputs (the first `context` tokens) and targets (the last `context`) of
+/// `b` windows of `context + 1` tokens, back to back in `win`.
+fn shift(win: &[i64], b: i64, context: usize) -> (Tensor, Tensor) {
+    let all = Tensor::from_slice(win).view([b, context as i64 + 1]);
+    (all.narrow(1, 0, context as i64), all.narrow(1, 1, context as i64))
 }
 
 fn read(path: &str) -> Result<Vec<u8>, DataError> {
@@ -164,25 +186,6 @@ fn synthetic_tokens(context: usize, vocab: usize, seed: u64, samples: u64) -> Da
         }
     }
     Dataset::Sequences { context, stride: w, count: samples as usize, tokens }
-}
-
-fn decode_tokens(bytes: &[u8], dtype: TokenDtype) -> Result<Vec<u32>, String> {
-    let width = match dtype {
-        TokenDtype::U8 => 1,
-        TokenDtype::U16 => 2,
-        TokenDtype::U32 => 4,
-    };
-    if bytes.len() % width != 0 {
-        return Err(format!("{} bytes is not a whole number of {width}-byte tokens", bytes.len()));
-    }
-    Ok(bytes
-        .chunks_exact(width)
-        .map(|c| match width {
-            1 => u32::from(c[0]),
-            2 => u32::from(u16::from_le_bytes([c[0], c[1]])),
-            _ => u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-        })
-        .collect())
 }
 
 fn sequences(path: &str, tokens: Vec<u32>, context: usize, vocab: usize) -> Result<Dataset, DataError> {
@@ -247,7 +250,7 @@ mod tests {
     fn token_windows_shift_targets_by_one() {
         let d = sequences("t", (0..13).collect(), 4, 16).unwrap();
         assert_eq!(d.len(), 3);
-        let (x, y) = d.batch(&[1]);
+        let (x, y) = d.batch(&[1]).unwrap();
         assert_eq!(Vec::<i64>::try_from(x.view([-1])).unwrap(), vec![4, 5, 6, 7]);
         assert_eq!(Vec::<i64>::try_from(y.view([-1])).unwrap(), vec![5, 6, 7, 8]);
     }
@@ -256,7 +259,5 @@ mod tests {
     fn tokens_outside_the_vocab_are_rejected_with_their_position() {
         let err = sequences("t.bin", vec![0, 1, 9, 2], 2, 4).unwrap_err().to_string();
         assert!(err.contains("token 9 at position 2"), "{err}");
-        assert_eq!(decode_tokens(&[1, 0, 2, 0], TokenDtype::U16).unwrap(), vec![1, 2]);
-        assert!(decode_tokens(&[1, 0, 2], TokenDtype::U16).is_err());
     }
 }

@@ -16,6 +16,7 @@ pub mod preemption;
 pub mod rendezvous;
 pub mod rng;
 pub mod sampler;
+pub mod shards;
 pub mod stats;
 pub mod tokenize;
 pub mod types;

@@ -9,6 +9,7 @@ mod llama;
 mod model;
 pub(crate) mod registry;
 mod tokenizer;
+mod tokens;
 mod train;
 
 use serde_saphyr::{Location, Spanned};

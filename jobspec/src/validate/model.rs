@@ -8,14 +8,14 @@ use serde_saphyr::Spanned;
 use super::Ctx;
 use crate::defaults;
 use crate::error::SpecError;
-use crate::raw::{DataKind, Layers, ModelKind, RawData, RawModel};
+use crate::raw::{DataKind, Layers, ModelKind, PathList, RawData, RawModel};
 use crate::{DataSpec, GptSpec, MlpSpec, ModelSpec};
 
 const MLP_FIELDS: &[&str] = &["kind", "layers"];
 const GPT_FIELDS: &[&str] = &["kind", "layers", "d_model", "heads", "context", "vocab"];
 const SYNTHETIC_FIELDS: &[&str] = &["kind", "seed", "samples"];
 const FEATURES_FIELDS: &[&str] = &["kind", "path"];
-const TOKENS_FIELDS: &[&str] = &["kind", "path", "dtype"];
+const TOKENS_FIELDS: &[&str] = &["kind", "path", "dtype", "format"];
 const TEXT_FIELDS: &[&str] = &["kind", "path", "tokenizer"];
 
 /// Refuses the first field present in `given` but not in `allowed`.
@@ -241,6 +241,7 @@ pub(super) fn data_at(
         ("path", loc(&d.path)),
         ("dtype", loc(&d.dtype)),
         ("tokenizer", loc(&d.tokenizer)),
+        ("format", loc(&d.format)),
     ];
     let (name, allowed, needs_model) = match d.kind.value {
         DataKind::Synthetic => ("synthetic", SYNTHETIC_FIELDS, None),
@@ -260,12 +261,16 @@ pub(super) fn data_at(
     }
     only_fields(cx, at, name, &given, allowed)?;
     let path = || -> Result<String, SpecError> {
-        let p = required(cx, raw, at, "path", &d.path)?;
-        if p.value.is_empty() {
-            return Err(cx.err(&format!("{at}.path"), p, "must not be empty"));
+        let given = required(cx, raw, at, "path", &d.path)?;
+        let PathList::One(p) = &given.value else {
+            let m = format!("data kind `{name}` reads one file; a list of paths is for kind `tokens`");
+            return Err(cx.err(&format!("{at}.path"), given, m));
+        };
+        if p.is_empty() {
+            return Err(cx.err(&format!("{at}.path"), given, "must not be empty"));
         }
-        crate::paths::path_problem(&p.value).map_or(Ok(()), |m| Err(cx.err(&format!("{at}.path"), p, m)))?;
-        Ok(p.value.clone())
+        crate::paths::path_problem(p).map_or(Ok(()), |m| Err(cx.err(&format!("{at}.path"), given, m)))?;
+        Ok(p.clone())
     };
     Ok(match d.kind.value {
         DataKind::Synthetic => DataSpec::Synthetic {
@@ -276,9 +281,7 @@ pub(super) fn data_at(
             },
         },
         DataKind::Features => DataSpec::Features { path: path()? },
-        DataKind::Tokens => {
-            DataSpec::Tokens { path: path()?, dtype: d.dtype.as_ref().map_or(defaults::TOKEN_DTYPE, |s| s.value) }
-        }
+        DataKind::Tokens => super::tokens::tokens(cx, at, raw)?,
         DataKind::Text => {
             let path = path()?;
             let model_vocab = model.sequence().map_or(0, |(_, v)| v);

@@ -19,6 +19,9 @@ use crate::model;
 use crate::tokenize::TokenCache;
 use crate::types::TrainError;
 
+/// Rounds (micro-batches) whose samples are read ahead of their forward pass.
+const READ_AHEAD_ROUNDS: usize = 2;
+
 /// One evaluation's outcome.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Evaluated {
@@ -69,12 +72,25 @@ pub(crate) fn evaluate(
     let flat = (plan.zero < 3).then(|| tch::no_grad(|| params.to_kind(kind)));
     let n = plan.units.len();
     let (mut loss_sum, mut correct) = (0.0f64, 0u64);
+    let share = |j: usize| &mine[(j * mb).min(mine.len())..((j + 1) * mb).min(mine.len())];
+    let ahead = |j: usize| {
+        if j < rounds && plan.reads_data() {
+            data.prefetch(share(j));
+        }
+    };
+    for j in 0..READ_AHEAD_ROUNDS {
+        ahead(j);
+    }
     for j in 0..rounds {
-        let batch = &mine[(j * mb).min(mine.len())..((j + 1) * mb).min(mine.len())];
+        let batch = share(j);
         let mut x = None;
         let mut y = None;
+        ahead(j + READ_AHEAD_ROUNDS);
         if !batch.is_empty() {
-            let (bx, by) = data.batch(batch);
+            let (bx, by) = match plan.reads_data() {
+                true => data.batch(batch).map_err(|e| TrainError::fatal("read the evaluation samples", e))?,
+                false => (Tensor::new(), Tensor::new()),
+            };
             y = Some(by);
             x = Some(if plan.first_stage() {
                 bx

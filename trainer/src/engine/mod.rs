@@ -64,6 +64,10 @@ use crate::types::{wall_ms, Assignment, MemoryUsage, Outcome, TrainError, TrainE
 /// new generation before they train on.
 const REQUESTED_CHECKPOINT_WAIT: Duration = Duration::from_secs(10);
 
+/// Steps ahead of the current one whose samples are read in the background
+/// (a corpus of shards; other data sets are in memory).
+const READ_AHEAD_STEPS: u64 = 2;
+
 /// Runs the assignment until the job's last step, a cancellation or an error.
 pub fn run(
     a: &Assignment,
@@ -91,6 +95,15 @@ pub fn run(
     };
     let mut run = RunStats { start_peak_rss: stats::peak_rss(), ..Default::default() };
     let mut sampler = Sampler::new(data.len(), train.seed, train.global_batch as u64);
+    // Steps whose samples are on their way while the current one runs.
+    let ahead = |sampler: &mut Sampler, step: u64| {
+        if plan.reads_data() && step < train.steps {
+            data.prefetch(&sampler.indices(step, plan.replica, plan.dp));
+        }
+    };
+    for s in start..start + READ_AHEAD_STEPS {
+        ahead(&mut sampler, s);
+    }
     let held = plan.holding();
     let copy_pieces = State::copy_pieces(&plan);
     let mut saver = Saver::default();
@@ -106,6 +119,7 @@ pub fn run(
 
         // 1. The passes; reductions start as units finish their last one.
         let indices = sampler.indices(step, plan.replica, plan.dp);
+        ahead(&mut sampler, step + READ_AHEAD_STEPS);
         let mut grads = StepGrads::start(&plan, &mut state.grads, spec.parallelism.bucket_mb);
         let passes = StepPasses { plan: &plan, spec, data: &data, params: &state.weights.read().params };
         let done_passes = passes.run(&mut groups, &mut grads, &mut state.grads, &indices)?;

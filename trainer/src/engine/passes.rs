@@ -161,8 +161,14 @@ impl StepPasses<'_> {
             }
             return Ok(Live { units: Vec::new(), batch: 0 });
         }
-        let (x, y) = self.data.batch(batch);
-        let mut input = if plan.first_stage() {
+        let (x, y) = match plan.reads_data() {
+            true => {
+                let (x, y) = self.data.batch(batch).map_err(|e| TrainError::fatal("read the step's samples", e))?;
+                (Some(x), Some(y))
+            }
+            false => (None, None),
+        };
+        let mut input = if let Some(x) = x.filter(|_| plan.first_stage()) {
             x
         } else {
             let shape = model::output_shape(&self.spec.model, plan.input_unit.expect("a previous stage"), batch.len());
@@ -193,7 +199,7 @@ impl StepPasses<'_> {
                 model::forward(&self.spec.model, u.unit, &params, &x_in)
             };
             if plan.last_stage() && k + 1 == n {
-                let loss = model::loss_sum(&self.spec.model, &out, &y);
+                let loss = model::loss_sum(&self.spec.model, &out, y.as_ref().expect("the last stage reads samples"));
                 done.loss_sum += loss.double_value(&[]);
                 out = loss / global;
             }

@@ -131,6 +131,12 @@ impl Plan {
         self.stage + 1 == self.pp
     }
 
+    /// Whether the stage reads samples: the first for its inputs, the last
+    /// for its targets; the stages between get activations only.
+    pub fn reads_data(&self) -> bool {
+        self.first_stage() || self.last_stage()
+    }
+
     /// Elements of parameters this rank keeps between steps.
     pub fn params_len(&self) -> usize {
         if self.zero >= 3 {
