@@ -8,7 +8,9 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use flotilla::proto::auth::AuthChannel;
 use flotilla::proto::v1 as pb;
+use flotilla::proto::v1::job_service_client::JobServiceClient;
 use support::*;
 
 /// A tiny MLP job of `steps` steps on `min..=max` workers at `priority`.
@@ -45,7 +47,7 @@ fn status(dir: &Path, url: &str, args: &[&str]) -> String {
 }
 
 /// Every job, from one snapshot of the state.
-async fn jobs(c: &mut flotilla::proto::v1::job_service_client::JobServiceClient<flotilla::proto::auth::AuthChannel>) -> Vec<pb::JobStatus> {
+async fn jobs(c: &mut JobServiceClient<AuthChannel>) -> Vec<pb::JobStatus> {
     c.list_jobs(pb::ListJobsRequest {}).await.unwrap().into_inner().jobs
 }
 
@@ -88,7 +90,13 @@ fn a_high_priority_job_submitted_behind_two_low_priority_ones_starts_first() {
 
     let table = status(dir.path(), &url, &[]);
     let row = |id: &str| {
-        table.lines().find(|l| l.starts_with(id)).unwrap_or_else(|| panic!("no {id} in\n{table}")).split_whitespace().map(String::from).collect::<Vec<_>>()
+        table
+            .lines()
+            .find(|l| l.starts_with(id))
+            .unwrap_or_else(|| panic!("no {id} in\n{table}"))
+            .split_whitespace()
+            .map(String::from)
+            .collect::<Vec<_>>()
     };
     assert_eq!(row("JOB")[2..4], ["QUEUE", "PRIO"], "{table}");
     assert_eq!(row(&high)[1..4], ["pending", "#1", "5"], "{table}");

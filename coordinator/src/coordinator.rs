@@ -11,8 +11,8 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::AuthMode;
-use crate::soft::Soft;
 use crate::scheduler::queue::Verdict;
+use crate::soft::Soft;
 use crate::state::{Command, Event, State};
 use crate::store::{MetaStore, StoreError};
 

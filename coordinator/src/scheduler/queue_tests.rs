@@ -152,10 +152,9 @@ fn cluster() -> impl Strategy<Value = (Vec<Queued>, Vec<Running>, Vec<String>)> 
             })
             .collect::<Vec<_>>()
     });
-    let running =
-        proptest::collection::vec(1u32..6, 0..5).prop_map(|held| {
-            held.into_iter().enumerate().map(|(i, h)| Running { id: format!("r{i}"), held: h }).collect::<Vec<_>>()
-        });
+    let running = proptest::collection::vec(1u32..6, 0..5).prop_map(|held| {
+        held.into_iter().enumerate().map(|(i, h)| Running { id: format!("r{i}"), held: h }).collect::<Vec<_>>()
+    });
     (queued, running, 0usize..12).prop_map(|(q, r, n)| (q, r, (0..n).map(|i| format!("w{i}")).collect()))
 }
 

@@ -44,10 +44,7 @@ impl State {
     /// Workers on `job` that give themselves back when it ends (not leaving).
     fn held_by(&self, job: &str) -> u32 {
         let Some(plan) = self.jobs.get(job).and_then(|j| j.plan.as_ref()) else { return 0 };
-        plan.ranks
-            .iter()
-            .filter(|r| self.workers.get(&r.worker).is_some_and(|w| w.leaving.is_none()))
-            .count() as u32
+        plan.ranks.iter().filter(|r| self.workers.get(&r.worker).is_some_and(|w| w.leaving.is_none())).count() as u32
     }
 
     /// The 1-based place of every queued job in the queue, by job id.

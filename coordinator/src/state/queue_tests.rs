@@ -100,7 +100,11 @@ fn a_job_below_its_minimum_that_the_queue_lets_start_keeps_its_workers_first() {
 /// One step of a cluster's life, as the driver and workers cause them.
 #[derive(Debug, Clone)]
 enum Step {
-    Submit { min: u32, extra: u32, priority: i32 },
+    Submit {
+        min: u32,
+        extra: u32,
+        priority: i32,
+    },
     Register,
     Remove(usize),
     Checkpoint(usize),
