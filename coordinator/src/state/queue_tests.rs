@@ -43,7 +43,7 @@ fn a_running_job_grows_only_into_workers_no_queued_job_can_use() {
     let queued = submit(&mut s, "queued", 2, 2, 0);
     let events = commit(&mut s, &elastic, 1, 10);
     assert!(!events.iter().any(|e| matches!(e, Event::GenerationStarted { .. })), "{events:?}");
-    assert_eq!(ranks(&s, &elastic), [w1.clone()]);
+    assert_eq!(ranks(&s, &elastic), std::slice::from_ref(&w1));
     schedule(&mut s, &queued).unwrap();
     assert_eq!(ranks(&s, &queued), w);
     // A worker nobody queued for: the running job grows into it.
