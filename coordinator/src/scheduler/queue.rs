@@ -113,10 +113,11 @@ pub fn decide(queued: &[Queued], running: &[Running], free: &[String]) -> Decisi
     let mut queued = queued.to_vec();
     queue_order(&mut queued);
     let mut avail: Vec<String> = free.to_vec();
-    avail.sort_by_key(|w| natural_key(w));
+    // Natural order (`w2` before `w10`), the id breaking ties (`w01`, `w1`).
+    avail.sort_by(|a, b| (natural_key(a), a).cmp(&(natural_key(b), b)));
     avail.dedup();
-    // Sizes of the jobs whose end gives workers back to the head: sorted,
-    // so that the decision does not depend on the order they came in.
+    // Sizes of the jobs whose end gives workers back to the head (their
+    // order does not matter to a subset sum).
     let mut returning: Vec<u32> = running.iter().map(|r| r.held).filter(|&h| h > 0).collect();
     let mut head: Option<Head> = None;
     // Free workers the jobs behind the head may still use.
