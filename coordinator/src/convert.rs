@@ -46,9 +46,10 @@ pub fn checkpoint(c: &CheckpointRecord) -> pb::CheckpointRef {
     }
 }
 
-/// The job's status: its durable state, with the progress and memory
-/// reports the leader holds.
-pub fn job_status(job: &Job, soft: &Soft) -> pb::JobStatus {
+/// The job's status: its durable state, its place in the queue (`None`
+/// when it is not queued: see [`State::queue_position`]), with the
+/// progress and memory reports the leader holds.
+pub fn job_status(job: &Job, queue_position: Option<u32>, soft: &Soft) -> pb::JobStatus {
     // Progress from an older generation still tells how far the job got.
     let (step, loss, sps) = match soft.progress.get(&job.id) {
         Some(p) => (p.step, p.loss, if p.generation == job.generation { p.samples_per_sec } else { 0.0 }),
@@ -113,6 +114,8 @@ pub fn job_status(job: &Job, soft: &Soft) -> pb::JobStatus {
             })
             .unwrap_or_default(),
         registration: registration(job),
+        priority: job.priority,
+        queue_position: queue_position.unwrap_or(0),
     }
 }
 

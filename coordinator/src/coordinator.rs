@@ -11,8 +11,9 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::AuthMode;
+use crate::scheduler::queue::Verdict;
 use crate::soft::Soft;
-use crate::state::{Command, Event, JobPhase, State};
+use crate::state::{Command, Event, State};
 use crate::store::{MetaStore, StoreError};
 
 #[derive(Debug, Clone)]
@@ -216,27 +217,40 @@ impl Coordinator {
             }
         }
 
-        // Start pending and waiting jobs in submission order.
-        let state = self.state();
-        let mut free = state.free_workers().len() as u32;
-        for job in state.jobs_in_order() {
-            if !matches!(job.phase, JobPhase::Pending | JobPhase::Waiting) {
-                continue;
+        self.start_queued(now).await;
+    }
+
+    /// Starts the queued jobs the queue lets start ([`State::queue`]), one
+    /// `Schedule` at a time, deciding again after each. A job that would
+    /// start below its maximum first waits `start_grace` for more workers,
+    /// keeping its place and the workers the queue gives it.
+    async fn start_queued(&self, now: Instant) {
+        let mut tried: Vec<String> = Vec::new();
+        loop {
+            let state = self.state();
+            let decision = state.queue();
+            let mut next = None;
+            for (job, verdict) in &decision.order {
+                let Verdict::Start(workers) = verdict else {
+                    self.soft().not_ready(job);
+                    continue;
+                };
+                if tried.contains(job) {
+                    continue;
+                }
+                let max = state.jobs.get(job).map_or(0, |j| j.plan_request().max_world());
+                if (workers.len() as u32) < max && !self.soft().ready_for(job, now, self.cfg.start_grace) {
+                    continue;
+                }
+                next = Some(job.clone());
+                break;
             }
-            let req = job.plan_request();
-            let (min, max) = (req.min_world(), req.max_world());
-            if free < min {
-                self.soft().not_ready(&job.id);
-                continue;
+            let Some(job) = next else { return };
+            self.soft().not_ready(&job);
+            if let Err(e) = self.propose(Command::Schedule { job: job.clone(), at_ms: now_ms() }).await {
+                tracing::warn!(job = %job, error = %e, "could not schedule job");
             }
-            if free < max && !self.soft().ready_for(&job.id, now, self.cfg.start_grace) {
-                continue;
-            }
-            self.soft().not_ready(&job.id);
-            match self.propose(Command::Schedule { job: job.id.clone(), at_ms: now_ms() }).await {
-                Ok(_) => free = free.saturating_sub(req.target(free as usize).unwrap_or(0)),
-                Err(e) => tracing::warn!(job = %job.id, error = %e, "could not schedule job"),
-            }
+            tried.push(job);
         }
     }
 }

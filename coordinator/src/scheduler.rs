@@ -3,7 +3,11 @@
 //! (index = rank). A job of `stages` pipeline stages runs on a whole number
 //! of replicas of `stages` workers each (`rank = replica * stages + stage`).
 //! Workers already in the job keep their order; new ones are appended in a
-//! stable order, so the same inputs always give the same plan.
+//! stable order, so the same inputs always give the same plan. Which jobs
+//! get workers at all, and in what order, is the queue's decision
+//! ([`queue`]).
+
+pub mod queue;
 
 /// The job's size limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

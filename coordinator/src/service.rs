@@ -107,7 +107,7 @@ fn job_status(c: &Coordinator, job_id: &str) -> Result<pb::JobStatus, Status> {
     let state = c.state();
     let job = state.jobs.get(job_id).ok_or_else(|| Status::not_found(format!("job {job_id} not found")))?;
     let soft = c.soft();
-    Ok(convert::job_status(job, &soft))
+    Ok(convert::job_status(job, state.queue_position(job_id), &soft))
 }
 
 #[tonic::async_trait]
@@ -147,6 +147,7 @@ impl JobService for JobApi {
                 .map_err(|e| Status::internal(format!("could not mint the job's data-plane key: {e}")))?,
             spec_yaml: req.spec_yaml,
             owner: caller.owner(),
+            priority: spec.priority,
             at_ms: now_ms(),
         };
         let events = self.0.propose(cmd).await.map_err(convert::status)?;
@@ -178,7 +179,12 @@ impl JobService for JobApi {
         self.0.store.read_fresh().await.map_err(convert::status)?;
         let state = self.0.state();
         let soft = self.0.soft();
-        let jobs = state.jobs_in_order().into_iter().map(|j| convert::job_status(j, &soft)).collect();
+        let positions = state.queue_positions();
+        let jobs = state
+            .jobs_in_order()
+            .into_iter()
+            .map(|j| convert::job_status(j, positions.get(&j.id).copied(), &soft))
+            .collect();
         Ok(Response::new(pb::ListJobsResponse { jobs }))
     }
 

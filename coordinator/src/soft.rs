@@ -322,6 +322,7 @@ pub(crate) mod tests {
                 uid: String::new(),
                 data_key: Default::default(),
                 owner: None,
+                priority: 0,
                 at_ms: 1,
             })
             .unwrap();

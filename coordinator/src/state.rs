@@ -10,7 +10,10 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::auth::TokenRecord;
 use crate::data_key::DataKey;
+use crate::scheduler::queue::Verdict;
 use crate::scheduler::{self, PlanRequest};
+
+mod queue;
 
 pub type JobId = String;
 pub type WorkerId = String;
@@ -169,6 +172,10 @@ pub struct Job {
     /// may cancel the job and retry its hand-off.
     #[serde(default)]
     pub owner: Option<Owner>,
+    /// The job file's `priority`: its place in the queue (higher first,
+    /// equal ones in submission order).
+    #[serde(default)]
+    pub priority: i32,
 }
 
 /// Who submitted a job: the token's public id and its name.
@@ -269,6 +276,9 @@ pub enum Command {
         /// The submitting token.
         #[serde(default)]
         owner: Option<Owner>,
+        /// The job file's `priority`.
+        #[serde(default)]
+        priority: i32,
         at_ms: i64,
     },
     CancelJob {
@@ -530,6 +540,7 @@ impl State {
                 uid,
                 data_key,
                 owner,
+                priority,
                 at_ms,
             } => {
                 if let Some(job) = submission_id.as_ref().and_then(|s| self.submissions.get(s)) {
@@ -586,6 +597,7 @@ impl State {
                         handoff: None,
                         tracking_run: None,
                         owner,
+                        priority,
                     },
                 );
                 if let Some(s) = submission_id {
@@ -681,28 +693,23 @@ impl State {
             }
             Command::Schedule { job, at_ms } => {
                 let j = self.job(&job)?;
-                match j.phase {
-                    JobPhase::Pending | JobPhase::Waiting => {
-                        let free: Vec<WorkerId> = self.free_workers().iter().map(|w| w.id.clone()).collect();
-                        let req = j.plan_request();
-                        let hint = |id: &str| self.workers.get(id).and_then(|w| w.rank_hint);
-                        match scheduler::plan(&req, &[], &free).map(|ws| scheduler::apply_rank_hints(ws, hint)) {
-                            Some(workers) => {
-                                let reason = if j.generation == 0 { "job started" } else { "enough workers again" };
-                                Ok(self.start_generation(&job, workers, reason.into(), at_ms))
-                            }
-                            None => Err(Rejection::NotEnoughWorkers {
-                                job,
-                                free: free.len() as u32,
-                                needed: req.min_world(),
-                            }),
-                        }
-                    }
-                    phase => Err(Rejection::BadPhase {
+                if !matches!(j.phase, JobPhase::Pending | JobPhase::Waiting) {
+                    return Err(Rejection::BadPhase {
                         job,
-                        phase,
+                        phase: j.phase,
                         what: "only pending or waiting jobs are scheduled".into(),
-                    }),
+                    });
+                }
+                let needed = j.plan_request().min_world();
+                let reason = if j.generation == 0 { "job started" } else { "enough workers again" };
+                match self.queue().verdict(&job) {
+                    Some(Verdict::Start(workers)) => {
+                        let hint = |id: &str| self.workers.get(id).and_then(|w| w.rank_hint);
+                        let workers = scheduler::apply_rank_hints(workers.clone(), hint);
+                        Ok(self.start_generation(&job, workers, reason.into(), at_ms))
+                    }
+                    Some(Verdict::Wait { usable }) => Err(Rejection::NotEnoughWorkers { job, free: *usable, needed }),
+                    None => Err(Rejection::Invalid(format!("job {job} is not in the queue"))),
                 }
             }
             Command::RestartGeneration { job, generation, reason, at_ms } => {
@@ -942,44 +949,55 @@ impl State {
     }
 
     /// After `gone` left a running job: a new generation on the workers that
-    /// remain plus free ones, or waiting when fewer than `min` are left.
+    /// remain plus spare ones (free workers no queued job can use), or, when
+    /// fewer than its minimum remain, back in the queue at its place: it
+    /// starts again at once if the queue lets it (on its remaining workers
+    /// first), and waits otherwise.
     fn replan(&mut self, job: &str, gone: &[&str], reason: String, at_ms: i64) -> Vec<Event> {
         let Some(j) = self.jobs.get(job) else { return Vec::new() };
         if j.phase != JobPhase::Running {
             return Vec::new();
         }
         let current: Vec<WorkerId> = j.workers().into_iter().filter(|w| !gone.contains(&w.as_str())).collect();
-        let free: Vec<WorkerId> = self.free_workers().iter().map(|w| w.id.clone()).collect();
         let req = j.plan_request();
-        match scheduler::plan(&req, &current, &free) {
-            Some(workers) => self.start_generation(job, workers, reason, at_ms),
-            None => {
-                self.release_job(job);
-                let j = self.jobs.get_mut(job).expect("job exists");
-                j.generation += 1;
-                j.phase = JobPhase::Waiting;
-                j.message = format!("{reason}; waiting for {} workers", req.min_world());
-                j.history.push(GenerationRecord {
-                    generation: j.generation,
-                    world_size: 0,
-                    reason: reason.clone(),
-                    at_ms,
-                    resumed_from_step: 0,
-                });
-                vec![Event::JobWaiting { job: job.to_string(), generation: j.generation, reason }]
-            }
+        if req.target(current.len()).is_some() {
+            let spare = self.queue().spare;
+            let workers = scheduler::plan(&req, &current, &spare).expect("the remaining workers make a plan");
+            return self.start_generation(job, workers, reason, at_ms);
         }
+        self.release_job(job);
+        let j = self.jobs.get_mut(job).expect("job exists");
+        j.phase = JobPhase::Waiting;
+        if let Some(workers) = self.queue_preferring(Some((job, &current))).started(job) {
+            return self.start_generation(job, workers.to_vec(), reason, at_ms);
+        }
+        let j = self.jobs.get_mut(job).expect("job exists");
+        j.generation += 1;
+        j.message = format!("{reason}; waiting for {} workers", req.min_world());
+        j.history.push(GenerationRecord {
+            generation: j.generation,
+            world_size: 0,
+            reason: reason.clone(),
+            at_ms,
+            resumed_from_step: 0,
+        });
+        vec![Event::JobWaiting { job: job.to_string(), generation: j.generation, reason }]
     }
 
+    /// Grows a running job below its maximum into the spare workers (free
+    /// workers no queued job can use; see [`crate::scheduler::queue`]).
     fn grow(&mut self, job: &str, at_ms: i64) -> Vec<Event> {
         let Some(j) = self.jobs.get(job) else { return Vec::new() };
         let current = j.workers();
-        let free: Vec<WorkerId> = self.free_workers().iter().map(|w| w.id.clone()).collect();
-        if free.is_empty() || current.len() as u32 >= j.max_workers {
+        if current.len() as u32 >= j.max_workers {
             return Vec::new();
         }
         let req = j.plan_request();
-        match scheduler::plan(&req, &current, &free) {
+        let spare = self.queue().spare;
+        if spare.is_empty() {
+            return Vec::new();
+        }
+        match scheduler::plan(&req, &current, &spare) {
             Some(workers) if workers != current => self.start_generation(job, workers, "workers joined".into(), at_ms),
             _ => Vec::new(),
         }

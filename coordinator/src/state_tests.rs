@@ -3,11 +3,20 @@
 use crate::data_key::DataKey;
 use crate::state::*;
 
-fn submit(state: &mut State, name: &str, min: u32, max: u32, keep: u32) -> JobId {
+pub(crate) fn submit(state: &mut State, name: &str, min: u32, max: u32, keep: u32) -> JobId {
     submit_keyed(state, name, min, max, keep, Default::default())
 }
 
 fn submit_keyed(state: &mut State, name: &str, min: u32, max: u32, keep: u32, key: DataKey) -> JobId {
+    submit_full(state, name, min, max, keep, key, 0)
+}
+
+/// A job of `priority` that needs `min..=max` workers.
+pub(crate) fn submit_prioritized(state: &mut State, name: &str, min: u32, max: u32, priority: i32) -> JobId {
+    submit_full(state, name, min, max, 3, Default::default(), priority)
+}
+
+fn submit_full(state: &mut State, name: &str, min: u32, max: u32, keep: u32, key: DataKey, priority: i32) -> JobId {
     let events = state
         .apply(Command::SubmitJob {
             name: name.into(),
@@ -25,6 +34,7 @@ fn submit_keyed(state: &mut State, name: &str, min: u32, max: u32, keep: u32, ke
             uid: String::new(),
             data_key: key,
             owner: None,
+            priority,
             at_ms: 1,
         })
         .unwrap();
@@ -34,7 +44,7 @@ fn submit_keyed(state: &mut State, name: &str, min: u32, max: u32, keep: u32, ke
     }
 }
 
-fn register(state: &mut State, addr: &str) -> WorkerId {
+pub(crate) fn register(state: &mut State, addr: &str) -> WorkerId {
     match &state
         .apply(Command::RegisterWorker {
             data_addr: addr.into(),
@@ -50,11 +60,11 @@ fn register(state: &mut State, addr: &str) -> WorkerId {
     }
 }
 
-fn ranks(state: &State, job: &str) -> Vec<String> {
+pub(crate) fn ranks(state: &State, job: &str) -> Vec<String> {
     state.jobs[job].plan.as_ref().map(|p| p.ranks.iter().map(|r| r.worker.clone()).collect()).unwrap_or_default()
 }
 
-fn commit(state: &mut State, job: &str, generation: u64, step: u64) -> Vec<Event> {
+pub(crate) fn commit(state: &mut State, job: &str, generation: u64, step: u64) -> Vec<Event> {
     state
         .apply(Command::CommitCheckpoint {
             job: job.into(),
@@ -299,6 +309,7 @@ fn replicas_applying_the_same_log_agree() {
             uid: String::new(),
             data_key: Default::default(),
             owner: None,
+            priority: 0,
             at_ms: 1,
         },
         Command::RegisterWorker {
@@ -403,6 +414,7 @@ fn a_repeated_submission_returns_the_first_job() {
         uid: String::new(),
         data_key: Default::default(),
         owner: None,
+        priority: 0,
         at_ms: 1,
     };
     assert_eq!(state.apply(cmd(Some("abc"))).unwrap(), vec![Event::JobSubmitted { job: "j-1".into() }]);
@@ -438,6 +450,7 @@ fn trained_job(s: &mut State) -> JobId {
             uid: String::new(),
             data_key: Default::default(),
             owner: None,
+            priority: 0,
             at_ms: 1,
         })
         .unwrap();
@@ -533,6 +546,8 @@ fn register_by_hand_needs_a_registry_and_a_trained_job() {
     let plain = submit(&mut s, "plain", 1, 1, 1);
     let err = s.apply(Command::RetryHandoff { job: plain.clone(), at_ms: 1 }).unwrap_err();
     assert!(err.to_string().contains("no registry section"), "{err}");
+    // Out of the queue, so that the next job gets the worker.
+    s.apply(Command::CancelJob { job: plain, at_ms: 2 }).unwrap();
     let job = trained_job(&mut s);
     s.apply(Command::CancelJob { job: job.clone(), at_ms: 5 }).unwrap();
     let j = &s.jobs[&job];
@@ -596,6 +611,7 @@ fn submit_pipeline(state: &mut State, min: u32, max: u32, fixed: Option<u32>, st
         uid: String::new(),
         data_key: Default::default(),
         owner: None,
+        priority: 0,
         at_ms: 1,
     })?;
     match &events[..] {
@@ -604,7 +620,7 @@ fn submit_pipeline(state: &mut State, min: u32, max: u32, fixed: Option<u32>, st
     }
 }
 
-fn workers(state: &mut State, n: usize) -> Vec<WorkerId> {
+pub(crate) fn workers(state: &mut State, n: usize) -> Vec<WorkerId> {
     (0..n).map(|_| register(state, "127.0.0.1:1")).collect()
 }
 
@@ -711,6 +727,7 @@ fn jobs_and_submissions_persisted_without_stages_have_one() {
         uid: String::new(),
         data_key: Default::default(),
         owner: None,
+        priority: 0,
         at_ms: 1,
     };
     let mut value = serde_json::to_value(cmd).unwrap();

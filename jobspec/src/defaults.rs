@@ -67,6 +67,11 @@ pub const WORKERS_MIN: usize = 1;
 /// Upper bound on `workers.max`.
 pub const WORKERS_LIMIT: usize = 1024;
 
+/// `priority`: the job's place in the coordinator's queue (higher first).
+pub const PRIORITY: i32 = 0;
+/// `priority` lies in `-PRIORITY_LIMIT..=PRIORITY_LIMIT`.
+pub const PRIORITY_LIMIT: i32 = 1000;
+
 /// `checkpoint.url`.
 pub const CHECKPOINT_URL: &str = "runs";
 /// `checkpoint.every` (0 = no periodic checkpoints, only the final model).

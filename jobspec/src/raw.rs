@@ -32,6 +32,7 @@ pub(crate) struct RawJob {
     pub checkpoint: Option<S<RawCheckpoint>>,
     pub registry: Option<S<RawRegistry>>,
     pub eval: Option<S<RawEval>>,
+    pub priority: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -24,6 +24,14 @@ pub struct JobSpec {
     /// Validation while training; none: no evaluation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eval: Option<EvalSpec>,
+    /// The job's place in the coordinator's queue: higher runs first, equal
+    /// priorities in submission order. Within `-1000..=1000`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i32,
+}
+
+fn is_zero(p: &i32) -> bool {
+    *p == 0
 }
 
 /// Evaluation on held-out data: the loss (and, for the MLP, the accuracy)

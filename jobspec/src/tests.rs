@@ -501,3 +501,26 @@ fn eval_data_that_does_not_fit_the_model_names_its_field_and_line() {
     let e = err(&with("eval:\n  every: 3\n"));
     assert!(e.to_string().contains("data"), "{e}");
 }
+
+#[test]
+fn priority_defaults_to_zero_and_takes_negative_values() {
+    assert_eq!(ok(MINIMAL).priority, defaults::PRIORITY);
+    assert_eq!(ok(&with("priority: 7\n")).priority, 7);
+    assert_eq!(ok(&with("priority: -1000\n")).priority, -1000);
+    let spec = ok(&with("priority: -3\n"));
+    assert_eq!(JobSpec::from_json(&spec.to_json()).unwrap().priority, -3);
+    assert!(!ok(MINIMAL).to_json().contains("priority"), "the default is left out of the stored spec");
+}
+
+#[test]
+fn a_bad_priority_names_its_field_and_line() {
+    let e = err(&with("priority: 1001\n"));
+    assert_eq!((e.path.as_str(), e.line), ("priority", 10), "{e}");
+    assert!(e.message.contains("between -1000 and 1000, found 1001"), "{e}");
+    let e = err(&with("priority: -99999999999\n"));
+    assert_eq!((e.path.as_str(), e.line), ("priority", 10), "{e}");
+    let e = err(&with("priority: high\n"));
+    assert_eq!((e.path.as_str(), e.line), ("priority", 10), "{e}");
+    let e = err(&with("priority: 1.5\n"));
+    assert_eq!(e.path, "priority", "{e}");
+}

@@ -11,7 +11,8 @@ fn doc() -> &'static str {
     &README[start..]
 }
 
-const SECTIONS: [&str; 8] = ["version", "name", "model", "data", "train", "parallelism", "workers", "checkpoint"];
+const SECTIONS: [&str; 9] =
+    ["version", "name", "model", "data", "train", "parallelism", "workers", "checkpoint", "priority"];
 
 fn yaml_blocks(doc: &str) -> Vec<String> {
     let mut blocks = Vec::new();

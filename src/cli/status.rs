@@ -8,18 +8,29 @@ use serde_json::{json, Value};
 use super::client::{phase_name, registration_line};
 
 pub fn print_table(jobs: &[pb::JobStatus]) {
-    println!("{:<24} {:<10} {:>5} {:>4} {:>13} {:>10}", "JOB", "PHASE", "GEN", "WORLD", "STEP", "LOSS");
+    println!(
+        "{:<24} {:<10} {:>5} {:>5} {:>5} {:>4} {:>13} {:>10}",
+        "JOB", "PHASE", "QUEUE", "PRIO", "GEN", "WORLD", "STEP", "LOSS"
+    );
     for j in jobs {
         println!(
-            "{:<24} {:<10} {:>5} {:>4} {:>13} {:>10.4}",
+            "{:<24} {:<10} {:>5} {:>5} {:>5} {:>4} {:>13} {:>10.4}",
             j.job_id,
             phase_name(j.phase),
+            if j.queue_position == 0 { "-".to_string() } else { format!("#{}", j.queue_position) },
+            j.priority,
             j.generation,
             j.world_size,
             format!("{}/{}", j.step, j.total_steps),
             j.loss
         );
     }
+}
+
+/// A queued job's place, as `position 2 in the queue, priority 5`; `None`
+/// for a job that is not queued.
+pub fn queue_text(j: &pb::JobStatus) -> Option<String> {
+    (j.queue_position > 0).then(|| format!("position {} in the queue, priority {}", j.queue_position, j.priority))
 }
 
 pub fn print_detail(j: &pb::JobStatus) {
@@ -30,6 +41,11 @@ pub fn print_detail(j: &pb::JobStatus) {
         if j.message.is_empty() { String::new() } else { format!(" ({})", j.message) }
     );
     println!("step:         {}/{}  loss {:.4}  {:.0} samples/s", j.step, j.total_steps, j.loss, j.samples_per_sec);
+    if let Some(q) = queue_text(j) {
+        println!("queue:        {q}");
+    } else if j.priority != 0 {
+        println!("priority:     {}", j.priority);
+    }
     if let Some(e) = eval_text(j) {
         println!("eval:        {e}");
     }
@@ -170,6 +186,8 @@ pub fn status_json(j: &pb::JobStatus) -> Value {
         "loss": j.loss,
         "samples_per_sec": j.samples_per_sec,
         "restarts": j.restarts,
+        "priority": j.priority,
+        "queue_position": (j.queue_position > 0).then_some(j.queue_position),
         "submitted_by": j.submitted_by,
         "eval": j.eval_loss.map(|loss| json!({"step": j.eval_step, "loss": loss, "accuracy": j.eval_accuracy})),
         "output_dir": j.output_dir,
@@ -268,5 +286,21 @@ mod tests {
         assert_eq!((v["ranks"][1]["stage"].as_u64(), v["ranks"][1]["replica"].as_u64()), (Some(1), Some(1)));
         assert!(v["ranks"][1]["memory"].is_null());
         assert!(v["latest_checkpoint"].is_null() && v["registration"].is_null());
+        assert!(v["queue_position"].is_null(), "a running job has no place in the queue");
+    }
+
+    #[test]
+    fn a_queued_job_shows_its_place_and_priority() {
+        let queued = pb::JobStatus {
+            job_id: "big-2".into(),
+            phase: pb::JobPhase::Pending as i32,
+            priority: 5,
+            queue_position: 2,
+            ..Default::default()
+        };
+        assert_eq!(queue_text(&queued).as_deref(), Some("position 2 in the queue, priority 5"));
+        let v = status_json(&queued);
+        assert_eq!((v["queue_position"].as_u64(), v["priority"].as_i64()), (Some(2), Some(5)));
+        assert_eq!(queue_text(&pb::JobStatus { priority: 5, ..Default::default() }), None);
     }
 }

@@ -194,6 +194,7 @@ mod tests {
                 uid: String::new(),
                 data_key: Default::default(),
                 owner: None,
+                priority: 0,
                 at_ms: 0,
             })),
         }

@@ -76,6 +76,7 @@ pub fn submit(name: &str) -> Command {
         uid: String::new(),
         data_key: Default::default(),
         owner: None,
+        priority: 0,
         at_ms: 0,
     }
 }

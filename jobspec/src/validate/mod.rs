@@ -81,7 +81,17 @@ pub(crate) fn job(raw: RawJob, cx: &Ctx) -> Result<JobSpec, SpecError> {
     let checkpoint = checkpoint(cx, raw.checkpoint.as_ref(), train.steps)?;
     let registry = raw.registry.as_ref().map(|r| registry::registry(cx, r, &name)).transpose()?;
     let eval = raw.eval.as_ref().map(|e| eval(cx, e, &raw, &model, &train)).transpose()?;
-    Ok(JobSpec { name, model, data, train, parallelism, workers, checkpoint, registry, eval })
+    let priority = raw.priority.as_ref().map_or(Ok(defaults::PRIORITY), |p| priority(cx, p))?;
+    Ok(JobSpec { name, model, data, train, parallelism, workers, checkpoint, registry, eval, priority })
+}
+
+/// `priority`: an integer within `-PRIORITY_LIMIT..=PRIORITY_LIMIT`.
+fn priority(cx: &Ctx, p: &Spanned<i64>) -> Result<i32, SpecError> {
+    let limit = defaults::PRIORITY_LIMIT;
+    match i32::try_from(p.value) {
+        Ok(v) if (-limit..=limit).contains(&v) => Ok(v),
+        _ => Err(cx.err("priority", p, format!("must be between -{limit} and {limit}, found {}", p.value))),
+    }
 }
 
 /// `eval`: its data checked as `data` is, against the same model.
