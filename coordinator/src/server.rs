@@ -1,5 +1,5 @@
-//! Runs a coordinator: the gRPC services on a listener and the driver task,
-//! until its shutdown token fires.
+//! Runs a coordinator: the gRPC services and the HTTP/JSON API (`http`) on
+//! one listener, and the driver task, until its shutdown token fires.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -78,7 +78,8 @@ pub async fn serve_with_routes(
 /// client certificates, see `flotilla_proto::tls::Tls::server_config`),
 /// plaintext without.
 fn grpc_server(tls: Option<ServerTlsConfig>) -> std::io::Result<tonic::transport::Server> {
-    let server = tonic::transport::Server::builder();
+    // HTTP/1.1 for the HTTP API's clients (gRPC needs HTTP/2).
+    let server = tonic::transport::Server::builder().accept_http1(true);
     match tls {
         Some(tls) => server.tls_config(tls).map_err(|e| std::io::Error::other(format!("TLS set-up: {e}"))),
         None => Ok(server),
@@ -99,10 +100,11 @@ pub async fn serve_with_tls(
     let coordinator = Coordinator::new(store, cfg, shutdown.clone());
     let driver = tokio::spawn(coordinator.clone().drive());
     let registry = tokio::spawn(coordinator.clone().run_registry());
-    let routes = extra
+    let grpc = extra
         .add_service(JobServiceServer::new(JobApi(coordinator.clone())))
         .add_service(WorkerServiceServer::new(WorkerApi(coordinator.clone())))
         .add_service(TokenServiceServer::new(TokenApi(coordinator.clone())));
+    let routes = Routes::from(grpc.into_axum_router().merge(crate::http::router(coordinator.clone())));
     let auth = AuthLayer::new(coordinator.clone());
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
