@@ -88,9 +88,18 @@ pub fn routes() -> Vec<Route> {
 /// The API's router, to be merged with the gRPC routes.
 pub fn router(c: Arc<Coordinator>) -> axum::Router {
     let state = Arc::new(Http { c, leader: Mutex::new(None) });
-    let mut router = axum::Router::new();
+    // One method router per path (GET and POST of /jobs share one), with
+    // the JSON answer for the methods it lacks.
+    let mut paths: Vec<(&'static str, MethodRouter<Arc<Http>>)> = Vec::new();
     for r in routes() {
-        router = router.route(r.path, (r.handler)().fallback(handlers::method_not_allowed));
+        match paths.iter_mut().find(|(p, _)| *p == r.path) {
+            Some((_, methods)) => *methods = std::mem::take(methods).merge((r.handler)()),
+            None => paths.push((r.path, (r.handler)())),
+        }
+    }
+    let mut router = axum::Router::new();
+    for (path, methods) in paths {
+        router = router.route(path, methods.fallback(handlers::method_not_allowed));
     }
     router
         .route("/api/{*rest}", routing::any(handlers::no_such_route))
@@ -239,6 +248,47 @@ mod tests {
         assert_eq!(twin(&Method::GET, "/api/v1/nothing"), GET);
         assert!(local(&Method::GET, "/api/v1/leader"));
         assert!(!local(&Method::GET, "/api/v1/jobs"));
+    }
+
+    fn coordinator() -> Arc<Coordinator> {
+        let store = Arc::new(crate::store::MemStore::new(crate::state::State::new(crate::state::DEFAULT_MAX_RESTARTS)));
+        Coordinator::new(store, Default::default(), Default::default())
+    }
+
+    async fn ask(method: Method, path: &str, caller: Option<Caller>) -> (u16, serde_json::Value) {
+        use tower::ServiceExt;
+        let mut req = http::Request::builder().method(method).uri(path).body(axum::body::Body::empty()).unwrap();
+        if let Some(c) = caller {
+            req.extensions_mut().insert(c);
+        }
+        let resp = router(coordinator()).oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap_or_default())
+    }
+
+    /// The router builds (one method router per path) and answers JSON,
+    /// and a handler that needs a caller refuses a request without one.
+    #[tokio::test]
+    async fn the_router_answers_json_and_fails_closed() {
+        let admin = Caller {
+            role: crate::Role::Admin,
+            token_id: "t".into(),
+            name: "admin".into(),
+            worker_key_hash: None,
+            open: false,
+        };
+        assert_eq!(ask(Method::GET, "/api/v1/jobs", None).await, (200, serde_json::json!({ "jobs": [] })));
+        let (status, body) = ask(Method::GET, "/api/v1/jobs/j-1", None).await;
+        assert_eq!((status, body["code"].as_str()), (404, Some("not_found")), "{body}");
+        let (status, body) = ask(Method::DELETE, "/api/v1/jobs", None).await;
+        assert_eq!((status, body["code"].as_str()), (405, Some("method_not_allowed")), "{body}");
+        let (status, body) = ask(Method::GET, "/api/v1/nothing", None).await;
+        assert_eq!((status, body["code"].as_str()), (404, Some("not_found")), "{body}");
+        let (status, body) = ask(Method::POST, "/api/v1/jobs/j-1/cancel", None).await;
+        assert_eq!((status, body["code"].as_str()), (500, Some("internal")), "no caller: {body}");
+        let (status, body) = ask(Method::POST, "/api/v1/jobs/j-1/cancel", Some(admin)).await;
+        assert_eq!((status, body["code"].as_str()), (404, Some("not_found")), "{body}");
     }
 
     /// The OpenAPI document lists exactly the routes of [`routes`].
