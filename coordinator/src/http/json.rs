@@ -1,15 +1,25 @@
-//! Wire types as the HTTP API's JSON (the schemas of `docs/openapi.json`):
-//! phases are lowercase words, absent optional values are `null`.
+//! Wire types as JSON: the HTTP API's (the schemas of `docs/openapi.json`)
+//! and `flotilla status --json`'s, one format. Phases are lowercase words,
+//! absent values are `null`.
 
 use flotilla_proto::v1 as pb;
 use serde_json::{json, Value};
 
 use crate::api::WorkerInfo;
 
-/// `JOB_PHASE_TRAINED_NOT_REGISTERED` → `trained_not_registered`.
-pub fn phase(p: i32) -> String {
-    let name = pb::JobPhase::try_from(p).unwrap_or(pb::JobPhase::Unspecified).as_str_name();
-    name.trim_start_matches("JOB_PHASE_").to_ascii_lowercase()
+/// A phase by name, as the API and `flotilla status` print it.
+pub fn phase(p: i32) -> &'static str {
+    match pb::JobPhase::try_from(p).unwrap_or(pb::JobPhase::Unspecified) {
+        pb::JobPhase::Pending => "pending",
+        pb::JobPhase::Running => "running",
+        pb::JobPhase::Waiting => "waiting",
+        pb::JobPhase::Succeeded => "succeeded",
+        pb::JobPhase::Failed => "failed",
+        pb::JobPhase::Cancelled => "cancelled",
+        pb::JobPhase::Registering => "registering",
+        pb::JobPhase::TrainedNotRegistered => "trained-not-registered",
+        pb::JobPhase::Unspecified => "unknown",
+    }
 }
 
 pub fn checkpoint(c: &pb::CheckpointRef) -> Value {
@@ -56,6 +66,9 @@ fn memory(m: Option<&pb::MemoryUsage>) -> Value {
     })
 }
 
+/// A job's status: the fields of `JobStatus`, the phase by name, the
+/// latest evaluation as `eval` (`null` before the first), and per rank its
+/// stage, replica and memory in bytes (`null` until the rank reports).
 pub fn job(s: &pb::JobStatus) -> Value {
     json!({
         "job_id": s.job_id,
@@ -70,9 +83,7 @@ pub fn job(s: &pb::JobStatus) -> Value {
         "total_steps": s.total_steps,
         "loss": s.loss,
         "samples_per_sec": s.samples_per_sec,
-        "eval_step": s.eval_step,
-        "eval_loss": s.eval_loss,
-        "eval_accuracy": s.eval_accuracy,
+        "eval": s.eval_loss.map(|loss| json!({ "step": s.eval_step, "loss": loss, "accuracy": s.eval_accuracy })),
         "restarts": s.restarts,
         "output_dir": s.output_dir,
         "final_model": s.final_model,
@@ -145,8 +156,8 @@ mod tests {
     #[test]
     fn phases_are_lowercase_words() {
         assert_eq!(phase(pb::JobPhase::Running as i32), "running");
-        assert_eq!(phase(pb::JobPhase::TrainedNotRegistered as i32), "trained_not_registered");
-        assert_eq!(phase(999), "unspecified");
+        assert_eq!(phase(pb::JobPhase::TrainedNotRegistered as i32), "trained-not-registered");
+        assert_eq!(phase(999), "unknown");
     }
 
     #[test]
@@ -154,7 +165,7 @@ mod tests {
         let v = job(&pb::JobStatus { job_id: "j".into(), ..Default::default() });
         assert_eq!(v["registration"], Value::Null);
         assert_eq!(v["latest_checkpoint"], Value::Null);
-        assert_eq!(v["eval_loss"], Value::Null);
+        assert_eq!(v["eval"], Value::Null);
         assert_eq!(v["checkpoints"], json!([]));
     }
 }
