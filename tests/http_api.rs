@@ -16,8 +16,12 @@ use serde_json::{json, Value};
 use support::*;
 
 /// An HTTP client with this test binary's CA and client certificate,
-/// carrying `token` (none: no token at all).
+/// carrying `token` (none: no token at all), speaking HTTP/2 or HTTP/1.1.
 fn http(token: Option<&str>) -> reqwest::Client {
+    client(token).build().unwrap()
+}
+
+fn client(token: Option<&str>) -> reqwest::ClientBuilder {
     let dir = tls_dir();
     let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.join("ca.pem")).unwrap()).unwrap();
     let mut pem = std::fs::read(dir.join("client.pem")).unwrap();
@@ -30,8 +34,6 @@ fn http(token: Option<&str>) -> reqwest::Client {
         .tls_certs_only([ca])
         .identity(reqwest::Identity::from_pem(&pem).unwrap())
         .default_headers(headers)
-        .build()
-        .unwrap()
 }
 
 /// `method url` with an optional body (`Content-Type`, bytes); the status,
@@ -147,6 +149,10 @@ fn every_route_on_one_replica() {
         assert_error(&(a.0, a.2), 403, "permission_denied", "a reader submitting");
         let (s, jobs) = get(&read, &format!("{api}/jobs")).await;
         assert_eq!((s, jobs["jobs"].clone()), (StatusCode::OK, json!([])), "nothing was submitted");
+        // A client that speaks only HTTP/1.1 (ALPN http/1.1) is served too.
+        let http1 = client(Some(&reader)).http1_only().build().unwrap();
+        let resp = http1.get(format!("{api}/jobs")).send().await.unwrap();
+        assert_eq!((resp.status(), resp.version()), (StatusCode::OK, reqwest::Version::HTTP_11));
 
         // Bad bodies get their JSON errors, naming what is wrong.
         let bad_yaml = b"name: bad\nmodel: {kind: mlp, layers: [4, 2]}\nbogus_field: 1\n".to_vec();
