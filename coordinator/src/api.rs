@@ -186,7 +186,9 @@ pub async fn workers(c: &Coordinator) -> Result<Vec<WorkerInfo>, Status> {
 
 /// Whether a job in this phase has ended (nothing will change it again).
 pub fn ended(phase: i32) -> bool {
-    phase == pb::JobPhase::Succeeded as i32 || phase == pb::JobPhase::Failed as i32 || phase == pb::JobPhase::Cancelled as i32
+    phase == pb::JobPhase::Succeeded as i32
+        || phase == pb::JobPhase::Failed as i32
+        || phase == pb::JobPhase::Cancelled as i32
 }
 
 /// What a follower of a job sees: its status (now, then on every change),

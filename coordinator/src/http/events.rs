@@ -34,7 +34,8 @@ fn events_between(last: Option<&pb::JobStatus>, now: &pb::JobStatus) -> Vec<Even
     if last.is_none_or(|l| l.phase != now.phase || l.message != now.message) {
         out.push(event("phase", &j::phase_event(now)));
     }
-    let progress = |s: &pb::JobStatus| (s.step, s.loss.to_bits(), s.samples_per_sec.to_bits(), s.generation, s.world_size);
+    let progress =
+        |s: &pb::JobStatus| (s.step, s.loss.to_bits(), s.samples_per_sec.to_bits(), s.generation, s.world_size);
     if last.is_none_or(|l| progress(l) != progress(now)) {
         out.push(event("progress", &j::progress_event(now)));
     }

@@ -63,8 +63,8 @@ fn parse_submission(headers: &HeaderMap, body: &[u8], query: SubmitOptions) -> R
     let mime = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
     let (spec_yaml, opts) = match mime.as_str() {
         "application/json" => {
-            let b: SubmitBody =
-                serde_json::from_slice(body).map_err(|e| invalid(format!("the request body is not a submission: {e}")))?;
+            let b: SubmitBody = serde_json::from_slice(body)
+                .map_err(|e| invalid(format!("the request body is not a submission: {e}")))?;
             let spec = match b.job {
                 Value::String(text) => text,
                 // Pretty, so that a job-file error's line points into it.
@@ -84,7 +84,8 @@ fn parse_submission(headers: &HeaderMap, body: &[u8], query: SubmitOptions) -> R
             (spec, opts)
         }
         "application/yaml" | "application/x-yaml" | "text/yaml" | "text/x-yaml" | "text/plain" => {
-            let text = String::from_utf8(body.to_vec()).map_err(|e| invalid(format!("the job file is not UTF-8: {e}")))?;
+            let text =
+                String::from_utf8(body.to_vec()).map_err(|e| invalid(format!("the job file is not UTF-8: {e}")))?;
             (text, query)
         }
         other => {
