@@ -196,7 +196,7 @@ pub fn ended(phase: i32) -> bool {
 /// the job ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobUpdate {
-    Status(pb::JobStatus),
+    Status(Box<pb::JobStatus>),
     Metric(pb::MetricPoint),
 }
 
@@ -231,7 +231,7 @@ pub fn watch(c: std::sync::Arc<Coordinator>, job: String, metrics: bool) -> Resu
             if last.as_ref() != Some(&status) {
                 let done = ended(status.phase);
                 last = Some(status.clone());
-                if tx.send(Ok(JobUpdate::Status(status))).await.is_err() || done {
+                if tx.send(Ok(JobUpdate::Status(Box::new(status)))).await.is_err() || done {
                     return;
                 }
             }

@@ -109,7 +109,7 @@ impl JobService for JobApi {
         lead(&self.0)?;
         let updates = api::watch(self.0.clone(), bounded(req)?.job_id, false)?;
         let statuses = updates.filter_map(|u| match u {
-            Ok(api::JobUpdate::Status(s)) => Some(Ok(s)),
+            Ok(api::JobUpdate::Status(s)) => Some(Ok(*s)),
             Ok(api::JobUpdate::Metric(_)) => None,
             Err(e) => Some(Err(e)),
         });

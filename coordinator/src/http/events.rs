@@ -69,7 +69,7 @@ pub(super) async fn follow(State(h): State<Arc<Http>>, JobId(job): JobId) -> Res
                 Some(Ok(JobUpdate::Metric(p))) => vec![event("metric", &j::metric(&p))],
                 Some(Ok(JobUpdate::Status(s))) => {
                     let events = events_between(last.as_ref(), &s);
-                    last = Some(s);
+                    last = Some(*s);
                     events
                 }
                 Some(Err(status)) => vec![event("error", &super::error_body(&status))],
