@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
@@ -105,13 +104,6 @@ async fn read_events(mut resp: reqwest::Response) -> Vec<(String, Value)> {
         }
     }
     events
-}
-
-/// `flotilla token create` with the admin token; the new token.
-fn create_token(dir: &Path, url: &str, role: &str, name: &str) -> String {
-    let out = flotilla(dir, &["token", "create", "--role", role, "--name", name, "--coordinator", url]);
-    assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// A job that waits: it needs more workers than the test starts.
