@@ -162,7 +162,9 @@ class Client:
             "submission_id": submission_id or uuid.uuid4().hex,
         }
         if origin:
-            body["origin"] = origin
+            # With overrides the coordinator reads the changed document (as
+            # JSON), whose lines are not the file's.
+            body["origin"] = f"{origin} with overrides" if overrides else origin
         answer = self._json("POST", "/api/v1/jobs", body)
         return Job(self, answer["job_id"])
 
