@@ -9,10 +9,12 @@ installed.
 from __future__ import annotations
 
 import copy
+import http.client
 import json
 import os
 import ssl
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -270,7 +272,15 @@ class Job:
                 # The replica that streamed stopped leading: follow again.
                 if e.code not in ("not_leader", "unavailable"):
                     raise
-            status = self.status()
+            except (OSError, http.client.HTTPException):
+                pass  # the stream broke (a replica went away): follow again
+            time.sleep(0.5)
+            try:
+                status = self.status()
+            except FlotillaError as e:
+                if e.code in ("not_leader", "unavailable"):
+                    continue  # an election is under way
+                raise
             if status["phase"] in TERMINAL:
                 return status
 
