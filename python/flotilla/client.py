@@ -127,13 +127,15 @@ class Client:
     # ------------------------------------------------------------ calls
 
     def submit(self, job: JobSource, overrides: Optional[Mapping[str, Any]] = None, *,
-               base_dir: Optional[str] = None, submission_id: Optional[str] = None) -> "Job":
+               base_dir: Optional[str] = None, submission_id: Optional[str] = None, **more: Any) -> "Job":
         """Submits a job file: a path, YAML text, or a dict of the same
-        fields; `overrides` set fields by dotted path first
-        (`{"train.optimizer.lr": 1e-3}`). Relative paths in the job resolve
+        fields; `overrides` (and keyword arguments, `**{"train.steps": 10}`)
+        set fields by dotted path first (`{"train.optimizer.lr": 1e-3}`).
+        Relative paths in the job resolve
         against `base_dir` (default: the file's folder, or the current one).
         A retry of the same call (same `submission_id`, one is made when not
         given) never makes a second job."""
+        overrides = {**(overrides or {}), **more}
         origin = None
         if isinstance(job, Mapping):
             doc: Any = copy.deepcopy(dict(job))
@@ -156,7 +158,7 @@ class Client:
                 doc = yaml.safe_load(text)
                 if not isinstance(doc, dict):
                     raise FlotillaError("invalid_argument", "the job file is not a mapping of fields")
-        for field, value in (overrides or {}).items():
+        for field, value in overrides.items():
             set_field(doc, field, value)
         body: Dict[str, Any] = {
             "job": doc,

@@ -32,7 +32,7 @@ def client() -> Client:
 
 def test_submit_with_overrides_wait_metrics_checkpoints() -> None:
     c = client()
-    job = c.submit(JOB, {"train.steps": 6, "train.optimizer.lr": 0.02}, base_dir=os.environ["FLOTILLA_TEST_DIR"])
+    job = c.submit(JOB, {"train.steps": 6}, base_dir=os.environ["FLOTILLA_TEST_DIR"], **{"train.optimizer.lr": 0.02})
     final = job.wait(progress=False)
     assert final["phase"] == "succeeded", final
     assert (final["step"], final["total_steps"]) == (6, 6), final
