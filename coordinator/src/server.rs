@@ -3,12 +3,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use flotilla_proto::v1::job_service_server::JobServiceServer;
 use flotilla_proto::v1::token_service_server::TokenServiceServer;
 use flotilla_proto::v1::worker_service_server::WorkerServiceServer;
-use std::time::Duration;
-
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
