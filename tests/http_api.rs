@@ -253,6 +253,18 @@ fn every_route_on_one_replica() {
             "{reg}"
         );
         assert!(d.join("models/web/1").is_dir(), "the registry outcome is real");
+        // The trained model: its files, and the bytes of one, as the registry keeps them.
+        let (s, model) = get(&read, &format!("{api}/jobs/{id}/model")).await;
+        assert_eq!(s, StatusCode::OK, "{model}");
+        assert!(model["location"].as_str().unwrap().contains("models/web/1"), "{model}");
+        let files: Vec<&str> = model["files"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
+        assert!(files.contains(&"model.safetensors"), "{model}");
+        let resp = read.get(format!("{api}/jobs/{id}/model/model.safetensors")).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let kept = std::fs::read(d.join("models/web/1/model.safetensors")).unwrap();
+        assert_eq!(resp.bytes().await.unwrap().as_ref(), kept.as_slice());
+        let missing = get(&read, &format!("{api}/jobs/{id}/model/nope.bin")).await;
+        assert_error(&missing, 404, "not_found", "an unknown model file");
         // Registering again answers with the version, never a second one.
         let (s, _, again) = call(&admin, Method::POST, &format!("{api}/jobs/{id}/register"), None).await;
         assert_eq!((s, again["registration"]["version"].as_u64()), (StatusCode::OK, Some(1)), "{again}");
@@ -268,6 +280,8 @@ fn every_route_on_one_replica() {
         let a = call(&admin, Method::POST, &submit_url, Some(("application/yaml", yaml.clone()))).await;
         assert_eq!(a.0, StatusCode::CREATED, "{}", a.2);
         let waiting = a.2["job_id"].as_str().unwrap().to_string();
+        let untrained = get(&read, &format!("{api}/jobs/{waiting}/model")).await;
+        assert_error(&untrained, 409, "failed_precondition", "the model of an untrained job");
         let a = call(&read, Method::POST, &format!("{api}/jobs/{waiting}/cancel"), None).await;
         assert_error(&(a.0, a.2), 403, "permission_denied", "a reader cancelling");
         let a = call(&stranger, Method::POST, &format!("{api}/jobs/{waiting}/cancel"), None).await;
@@ -284,7 +298,13 @@ fn every_route_on_one_replica() {
         for (path, item) in doc["paths"].as_object().unwrap() {
             for method in item.as_object().unwrap().keys() {
                 let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
-                let (s, _, v) = call(&admin, m, &format!("{url}{}", path.replace("{job_id}", &id)), None).await;
+                let (s, _, v) = call(
+                    &admin,
+                    m,
+                    &format!("{url}{}", path.replace("{job_id}", &id).replace("{file}", "model.safetensors")),
+                    None,
+                )
+                .await;
                 assert!(s != StatusCode::METHOD_NOT_ALLOWED, "{method} {path}: {v}");
                 assert!(!v["message"].as_str().unwrap_or_default().starts_with("no route"), "{method} {path}: {v}");
             }

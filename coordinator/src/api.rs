@@ -184,6 +184,68 @@ pub async fn workers(c: &Coordinator) -> Result<Vec<WorkerInfo>, Status> {
         .collect())
 }
 
+/// Where a job's model is: the registered version's folder when it is in
+/// storage this replica reads (the built-in registry, or MLflow artifacts
+/// on an object store), else the job's own `final/` folder (the files the
+/// registry was handed).
+pub fn model_location(c: &Coordinator, job: &str) -> Result<String, Status> {
+    let state = c.state();
+    let j = state.jobs.get(job).ok_or_else(|| not_found(job))?;
+    let registered = j.handoff.as_ref().and_then(|h| h.registered.as_ref()).map(|r| r.uri.clone());
+    // The job's final model is `…/final/model.safetensors`: its folder.
+    let trained = j.final_model.as_deref().map(|m| m.rsplit_once('/').map_or(m, |(folder, _)| folder).to_string());
+    registered
+        .filter(|uri| flotilla_storage::Storage::open(uri).is_ok())
+        .or(trained)
+        .ok_or_else(|| Status::failed_precondition(format!("job {job} has no trained model yet")))
+}
+
+/// A job's model folder (see [`model_location`]) and its files with their
+/// sizes.
+pub async fn model_files(
+    c: &Coordinator,
+    job: &str,
+) -> Result<(flotilla_storage::Storage, Vec<(String, u64)>), Status> {
+    let location = model_location(c, job)?;
+    let storage = flotilla_storage::Storage::open(&location)
+        .map_err(|e| Status::internal(format!("the model of {job} is at {location}, which cannot be opened: {e}")))?;
+    let files = storage
+        .files()
+        .await
+        .map_err(|e| Status::unavailable(format!("could not list the model of {job} at {location}: {e}")))?;
+    Ok((storage, files))
+}
+
+/// How much of a model file one read takes.
+const MODEL_CHUNK: u64 = 8 << 20;
+
+/// One file of a job's model (a name [`model_files`] lists): its size and
+/// its bytes, read in chunks as the receiver takes them.
+pub async fn model_file(c: &Coordinator, job: &str, name: &str) -> Result<(u64, BoxStream<Vec<u8>>), Status> {
+    let (storage, files) = model_files(c, job).await?;
+    let Some(&(_, size)) = files.iter().find(|(n, _)| n == name) else {
+        return Err(Status::not_found(format!("the model of {job} has no file {}", crate::limits::quote(name))));
+    };
+    let (tx, rx) = mpsc::channel(2);
+    let name = name.to_string();
+    tokio::spawn(async move {
+        let mut at = 0;
+        while at < size {
+            let end = (at + MODEL_CHUNK).min(size);
+            let chunk = storage
+                .get_range(&name, at..end)
+                .await
+                .map_err(|e| Status::unavailable(format!("reading {name} of the model failed: {e}")));
+            let failed = chunk.is_err();
+            if tx.send(chunk).await.is_err() || failed {
+                return;
+            }
+            at = end;
+        }
+    });
+    Ok((size, Box::pin(ReceiverStream::new(rx))))
+}
+
 /// Whether a job in this phase has ended (nothing will change it again).
 pub fn ended(phase: i32) -> bool {
     phase == pb::JobPhase::Succeeded as i32

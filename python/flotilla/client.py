@@ -236,6 +236,29 @@ class Job:
         """The registry outcome (None for a job without a registry)."""
         return self.client._json("GET", self._path("/registration"))["registration"]
 
+    def model_files(self) -> List[Dict[str, Any]]:
+        """The files of the job's trained model (`name`, `bytes`): the
+        registered version's, or the job's `final/` folder's."""
+        return list(self.client._json("GET", self._path("/model"))["files"])
+
+    def download_model(self, dest: Union[str, "os.PathLike[str]"]) -> Path:
+        """Downloads the job's trained model into the folder `dest` (made if
+        missing); returns it."""
+        folder = Path(dest)
+        for f in self.model_files():
+            target = folder / f["name"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            path = self._path("/model/" + urllib.parse.quote(f["name"], safe=""))
+            with self.client._open("GET", path, timeout=3600.0) as resp, open(target, "wb") as out:
+                while True:
+                    chunk = resp.read(1 << 20)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+            if target.stat().st_size != f["bytes"]:
+                raise FlotillaError("unavailable", f"{f['name']}: got {target.stat().st_size} of {f['bytes']} bytes")
+        return folder
+
     def metrics(self, as_frame: Optional[bool] = None) -> Any:
         """The metric points rank 0 reported: a list of records, or a pandas
         DataFrame when pandas is installed (`as_frame=False` for the list)."""

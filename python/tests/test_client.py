@@ -42,6 +42,11 @@ def test_submit_with_overrides_wait_metrics_checkpoints() -> None:
     steps = [ck["step"] for ck in job.checkpoints()]
     assert steps and all(s % 3 == 0 for s in steps), steps
     assert job.registration() is None
+    files = {f["name"]: f["bytes"] for f in job.model_files()}
+    assert "model.safetensors" in files, files
+    folder = job.download_model(os.path.join(os.environ["FLOTILLA_TEST_DIR"], "downloaded"))
+    for name, size in files.items():
+        assert (folder / name).stat().st_size == size, name
     assert job.generations()[0]["world_size"] == 1
     assert job.id in [j.id for j in c.jobs()]
 

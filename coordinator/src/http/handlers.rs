@@ -10,6 +10,7 @@ use flotilla_proto::v1 as pb;
 use http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio_stream::StreamExt;
 use tonic::Status;
 
 use super::{json as j, ok_json, ApiError, Http, JobId, Who};
@@ -182,6 +183,28 @@ pub(super) async fn registration(State(h): State<Arc<Http>>, JobId(job): JobId) 
         "final_model": s.final_model,
         "registration": j::registration(s.registration.as_ref()),
     }))
+}
+
+pub(super) async fn model_files(State(h): State<Arc<Http>>, JobId(job): JobId) -> Answer {
+    api::lead(&h.c)?;
+    let (storage, files) = api::model_files(&h.c, &job).await?;
+    let files: Vec<Value> = files.iter().map(|(name, bytes)| json!({ "name": name, "bytes": bytes })).collect();
+    ok(json!({ "job_id": job, "location": storage.url(), "files": files }))
+}
+
+pub(super) async fn model_file(
+    State(h): State<Arc<Http>>,
+    path: Result<axum::extract::Path<(String, String)>, axum::extract::rejection::PathRejection>,
+) -> Answer {
+    api::lead(&h.c)?;
+    let axum::extract::Path((job, file)) = path.map_err(|e| invalid(format!("the path: {}", e.body_text())))?;
+    crate::limits::check_id("job_id", &job)?;
+    let (size, chunks) = api::model_file(&h.c, &job, &file).await?;
+    let body = axum::body::Body::from_stream(chunks.map(|c| c.map(Bytes::from)));
+    let mut resp = Response::new(body);
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    Ok(resp)
 }
 
 pub(super) async fn workers(State(h): State<Arc<Http>>) -> Answer {

@@ -81,6 +81,8 @@ pub fn routes() -> Vec<Route> {
         route(Method::GET, "/api/v1/jobs/{job_id}/generations", GET, || routing::get(h::generations)),
         route(Method::GET, "/api/v1/jobs/{job_id}/registration", GET, || routing::get(h::registration)),
         route(Method::POST, "/api/v1/jobs/{job_id}/register", REGISTER, || routing::post(h::register)),
+        route(Method::GET, "/api/v1/jobs/{job_id}/model", GET, || routing::get(h::model_files)),
+        route(Method::GET, "/api/v1/jobs/{job_id}/model/{file}", GET, || routing::get(h::model_file)),
         route(Method::GET, "/api/v1/workers", LIST, || routing::get(h::workers)),
     ]
 }
