@@ -132,7 +132,7 @@ class Client:
         fields; `overrides` (and keyword arguments, `**{"train.steps": 10}`)
         set fields by dotted path first (`{"train.optimizer.lr": 1e-3}`).
         Relative paths in the job resolve
-        against `base_dir` (default: the file's folder, or the current one).
+        against `base_dir` (default: the current directory, as with the CLI).
         A retry of the same call (same `submission_id`, one is made when not
         given) never makes a second job."""
         overrides = {**(overrides or {}), **more}
@@ -144,7 +144,6 @@ class Client:
             path = Path(job) if isinstance(job, os.PathLike) or "\n" not in text else None
             if path is not None and path.is_file():
                 origin = str(path)
-                base_dir = base_dir or str(path.resolve().parent)
                 text = path.read_text()
             elif isinstance(job, os.PathLike):
                 raise FileNotFoundError(f"no job file {text}")
