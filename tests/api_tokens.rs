@@ -37,15 +37,6 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
 
-/// `flotilla token create` with the admin token; the new token.
-fn create_token(dir: &Path, url: &str, role: &str, name: &str) -> String {
-    let out = flotilla(dir, &["token", "create", "--role", role, "--name", name, "--coordinator", url]);
-    assert!(out.status.success(), "token create: {}", stderr(&out));
-    let token = stdout(&out);
-    assert!(token.starts_with("flt_"), "{token}");
-    token
-}
-
 /// A channel with this test binary's client certificate and no token.
 async fn raw_channel(url: &str) -> Channel {
     tls_dir();

@@ -1,4 +1,5 @@
-//! Who may call what. Every gRPC request passes [`AuthLayer`] before its
+//! Who may call what. Every request (gRPC, and the HTTP API, whose routes
+//! take the rule of the gRPC method they mirror) passes [`AuthLayer`] before its
 //! service sees it: the layer reads the API token (`authorization: Bearer
 //! TOKEN`), finds it among the bootstrap admin tokens of this replica and
 //! the tokens in the replicated state, checks that its role may call the
@@ -341,7 +342,10 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        match self.gate.check(req.uri().path(), req.headers()) {
+        // An HTTP API route takes the rule of the gRPC method it mirrors.
+        let api = crate::http::is_api(req.uri().path());
+        let rule = if api { crate::http::twin(req.method(), req.uri().path()) } else { req.uri().path() };
+        match self.gate.check(rule, req.headers()) {
             Ok(caller) => {
                 if let Some(caller) = caller {
                     req.extensions_mut().insert(caller);
@@ -350,7 +354,11 @@ where
             }
             Err(status) => {
                 tracing::debug!(path = %req.uri().path(), code = ?status.code(), "request refused");
-                let response = status.into_http();
+                let response = if api {
+                    crate::http::error_response(&status).map(tonic::body::Body::new)
+                } else {
+                    status.into_http()
+                };
                 Box::pin(async move { Ok(response) })
             }
         }

@@ -1,4 +1,5 @@
-//! Domain types to wire types, and errors to gRPC statuses: in one place.
+//! Domain types to wire types, and errors to gRPC statuses and to the HTTP
+//! API's codes: in one place.
 
 use flotilla_proto::v1 as pb;
 use tonic::Status;
@@ -179,5 +180,50 @@ pub fn status(e: StoreError) -> Status {
         e @ StoreError::Unavailable(_) => Status::unavailable(e.to_string()),
         StoreError::Invalid(m) => Status::invalid_argument(m),
         StoreError::Refused(m) => Status::failed_precondition(m),
+    }
+}
+
+/// The HTTP API's rendering of an error: its HTTP status and a stable,
+/// lowercase code. Every error of the HTTP API passes here, from the same
+/// `Status` the gRPC API sends (domain errors become a `Status` in
+/// [`status`] and in the shared operations of `api`).
+pub fn api_error(s: &Status) -> (u16, &'static str) {
+    use tonic::Code;
+    if flotilla_proto::leader::is_not_leader(s) {
+        return (503, "not_leader");
+    }
+    match s.code() {
+        Code::InvalidArgument => (400, "invalid_argument"),
+        Code::OutOfRange => (400, "out_of_range"),
+        Code::Unauthenticated => (401, "unauthenticated"),
+        Code::PermissionDenied => (403, "permission_denied"),
+        Code::NotFound => (404, "not_found"),
+        Code::AlreadyExists => (409, "already_exists"),
+        Code::FailedPrecondition => (409, "failed_precondition"),
+        Code::Aborted => (409, "aborted"),
+        Code::ResourceExhausted => (429, "resource_exhausted"),
+        Code::Unimplemented => (501, "unimplemented"),
+        Code::Unavailable => (503, "unavailable"),
+        Code::Cancelled => (503, "cancelled"),
+        Code::DeadlineExceeded => (504, "deadline_exceeded"),
+        Code::Ok | Code::Unknown | Code::Internal | Code::DataLoss => (500, "internal"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_reach_http_through_the_grpc_status() {
+        let http = |e| api_error(&status(e));
+        assert_eq!(http(StoreError::Rejected(Rejection::JobNotFound("j".into()))), (404, "not_found"));
+        assert_eq!(http(StoreError::Invalid("x".into())), (400, "invalid_argument"));
+        assert_eq!(http(StoreError::Refused("x".into())), (409, "failed_precondition"));
+        assert_eq!(http(StoreError::NotLeader { leader: Some("https://h:1".into()) }), (503, "not_leader"));
+        assert_eq!(http(StoreError::NotLeader { leader: None }), (503, "not_leader"));
+        assert_eq!(http(StoreError::Unavailable("x".into())), (503, "unavailable"));
+        assert_eq!(api_error(&Status::unauthenticated("x")), (401, "unauthenticated"));
+        assert_eq!(api_error(&Status::permission_denied("x")), (403, "permission_denied"));
     }
 }

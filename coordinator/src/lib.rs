@@ -2,12 +2,14 @@
 //! the meta store they run on, the leader's soft state, and the gRPC
 //! services that workers and clients talk to. It never links libtorch.
 
+pub mod api;
 pub mod auth;
 pub mod convert;
 pub mod coordinator;
 pub mod data_key;
 pub mod etcd;
 pub mod handoff;
+pub mod http;
 pub mod limits;
 pub mod raft;
 pub mod scheduler;

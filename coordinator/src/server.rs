@@ -1,18 +1,22 @@
-//! Runs a coordinator: the gRPC services on a listener and the driver task,
-//! until its shutdown token fires.
+//! Runs a coordinator: the gRPC services and the HTTP/JSON API (`http`) on
+//! one listener, and the driver task, until its shutdown token fires.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use flotilla_proto::v1::job_service_server::JobServiceServer;
 use flotilla_proto::v1::token_service_server::TokenServiceServer;
 use flotilla_proto::v1::worker_service_server::WorkerServiceServer;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_rustls::rustls;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::ServerTlsConfig;
 
 use crate::auth::AuthLayer;
 use crate::coordinator::{Coordinator, CoordinatorConfig};
@@ -74,45 +78,89 @@ pub async fn serve_with_routes(
     serve_with_tls(listener, store, cfg, shutdown, extra, None).await
 }
 
-/// The gRPC server of one listener: TLS with `tls` (which may require
-/// client certificates, see `flotilla_proto::tls::Tls::server_config`),
-/// plaintext without.
-fn grpc_server(tls: Option<ServerTlsConfig>) -> std::io::Result<tonic::transport::Server> {
-    let server = tonic::transport::Server::builder();
-    match tls {
-        Some(tls) => server.tls_config(tls).map_err(|e| std::io::Error::other(format!("TLS set-up: {e}"))),
-        None => Ok(server),
-    }
+/// The connections of `listener`, each after its TLS handshake with
+/// `config` (in a task of its own, bounded in time, so that a slow or
+/// failing client holds up no other); ends at `shutdown`. Handshakes are
+/// done here rather than by tonic so that ALPN can offer HTTP/1.1 beside
+/// HTTP/2, for the HTTP API's clients.
+fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tx.closed() => return,
+                a = listener.accept() => a,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, then go on.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            // Replies (Raft acks, heartbeats) are small: without TCP_NODELAY
+            // they can wait for a delayed ACK (40 ms on Linux).
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(flotilla_proto::tls::HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
 }
 
-/// [`serve_with_routes`], serving TLS when `tls` is given.
+/// [`serve_with_routes`], serving TLS when `tls` is given (see
+/// `flotilla_proto::tls::Tls::rustls_server_config`).
 pub async fn serve_with_tls(
     listener: TcpListener,
     store: Arc<dyn MetaStore>,
     cfg: CoordinatorConfig,
     shutdown: CancellationToken,
     extra: Routes,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<ServerHandle> {
     let addr = listener.local_addr()?;
-    let server = grpc_server(tls)?;
+    // HTTP/1.1 for the HTTP API's clients (gRPC needs HTTP/2).
+    let server = tonic::transport::Server::builder().accept_http1(true);
     let coordinator = Coordinator::new(store, cfg, shutdown.clone());
     let driver = tokio::spawn(coordinator.clone().drive());
     let registry = tokio::spawn(coordinator.clone().run_registry());
-    let routes = extra
+    let grpc = extra
         .add_service(JobServiceServer::new(JobApi(coordinator.clone())))
         .add_service(WorkerServiceServer::new(WorkerApi(coordinator.clone())))
         .add_service(TokenServiceServer::new(TokenApi(coordinator.clone())));
+    let routes = Routes::from(grpc.into_axum_router().merge(crate::http::router(coordinator.clone())));
     let auth = AuthLayer::new(coordinator.clone());
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
-        let result = server
-            .layer(auth)
-            .add_routes(routes)
+        let router = server.layer(auth).add_routes(routes);
+        let result = match tls {
+            Some(config) => {
+                let incoming = tls_incoming(listener, config, token.clone());
+                router.serve_with_incoming_shutdown(incoming, token.cancelled()).await
+            }
             // Replies (Raft acks, heartbeats) are small: without TCP_NODELAY
             // they can wait for a delayed ACK (40 ms on Linux).
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), token.cancelled())
-            .await;
+            None => {
+                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                router.serve_with_incoming_shutdown(incoming, token.cancelled()).await
+            }
+        };
         let _ = driver.await;
         let _ = registry.await;
         result

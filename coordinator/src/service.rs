@@ -1,30 +1,27 @@
 //! Thin gRPC services: check who calls (`auth`: the role is checked before
 //! a service sees the request; what depends on the request's content is
 //! checked here), check the request's bounds (`limits`), parse it, call the
-//! coordinator, map errors.
+//! coordinator (the client operations live in `api`, shared with the HTTP
+//! API), map errors.
 
-use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use flotilla_jobspec::DpSize;
 use flotilla_proto::v1 as pb;
 use flotilla_proto::v1::job_service_server::JobService;
 use flotilla_proto::v1::token_service_server::TokenService;
 use flotilla_proto::v1::worker_service_server::WorkerService;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::Stream;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
+use crate::api::{self, lead, lost_lead, BoxStream};
 use crate::auth::{self, Caller, Role, TokenRecord};
 use crate::convert;
 use crate::coordinator::{now_ms, Coordinator};
 use crate::limits::{self, bounded};
 use crate::state::{Command, Event, JobPhase};
-
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[derive(Clone)]
 pub struct JobApi(pub Arc<Coordinator>);
@@ -69,96 +66,12 @@ fn in_job_folder(
     Ok(())
 }
 
-/// Resolves once this replica no longer leads (checked at the driver's
-/// period and on every change the driver sees).
-async fn lost_lead(c: &Coordinator) {
-    let mut leading = c.leading.subscribe();
-    let mut tick = tokio::time::interval(c.cfg.tick);
-    loop {
-        if !c.store.is_leader() {
-            return;
-        }
-        tokio::select! {
-            _ = leading.changed() => {}
-            _ = tick.tick() => {}
-        }
-    }
-}
-
-/// Every call but `GetLeader` is served by the leading replica only; the
-/// others refuse with the leader's address so that clients can follow it.
-fn lead(c: &Coordinator) -> Result<(), Status> {
-    if c.store.is_leader() {
-        Ok(())
-    } else {
-        Err(flotilla_proto::leader::not_leader(c.store.leader_hint().as_deref()))
-    }
-}
-
-/// Refuses `caller` unless it may act on `job` (an admin, or the token that
-/// submitted it).
-fn manage(c: &Coordinator, caller: &Caller, job: &str, what: &str) -> Result<(), Status> {
-    let state = c.state();
-    let j = state.jobs.get(job).ok_or_else(|| Status::not_found(format!("job {job} not found")))?;
-    caller.may_manage(j.owner.as_ref(), what)
-}
-
-fn job_status(c: &Coordinator, job_id: &str) -> Result<pb::JobStatus, Status> {
-    let state = c.state();
-    let job = state.jobs.get(job_id).ok_or_else(|| Status::not_found(format!("job {job_id} not found")))?;
-    let soft = c.soft();
-    Ok(convert::job_status(job, state.queue_position(job_id), &soft))
-}
-
 #[tonic::async_trait]
 impl JobService for JobApi {
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
         lead(&self.0)?;
         let caller = Caller::of(&req)?;
-        let req = bounded(req)?;
-        let origin = if req.origin.is_empty() { "job.yaml" } else { &req.origin };
-        let mut spec =
-            flotilla_jobspec::parse(&req.spec_yaml, origin).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let base = Path::new(&req.base_dir);
-        if !base.is_absolute() {
-            return Err(Status::invalid_argument(format!("base_dir must be an absolute path, got {:?}", req.base_dir)));
-        }
-        spec.resolve_paths(base);
-        let stages = spec.parallelism.pp.max(1) as u32;
-        // `dp` counts replicas, each of `pp` workers.
-        let fixed_world = match spec.parallelism.dp {
-            DpSize::Auto => None,
-            DpSize::Fixed(n) => Some(n as u32 * stages),
-        };
-        let cmd = Command::SubmitJob {
-            name: spec.name.clone(),
-            spec_json: spec.to_json(),
-            min_workers: spec.workers.min as u32,
-            max_workers: spec.workers.max as u32,
-            fixed_world,
-            stages,
-            total_steps: spec.train.steps,
-            keep_checkpoints: spec.checkpoint.keep as u32,
-            output_root: spec.checkpoint.url.clone(),
-            submission_id: (!req.submission_id.is_empty()).then(|| req.submission_id.clone()),
-            registry: spec.registry.clone(),
-            uid: crate::random_id(),
-            data_key: crate::data_key::DataKey::random()
-                .map_err(|e| Status::internal(format!("could not mint the job's data-plane key: {e}")))?,
-            spec_yaml: req.spec_yaml,
-            owner: caller.owner(),
-            priority: spec.priority,
-            at_ms: now_ms(),
-        };
-        let events = self.0.propose(cmd).await.map_err(convert::status)?;
-        let job_id = events
-            .iter()
-            .find_map(|e| match e {
-                Event::JobSubmitted { job } | Event::SubmissionRepeated { job } => Some(job.clone()),
-                _ => None,
-            })
-            .ok_or_else(|| Status::internal("submit produced no job"))?;
-        tracing::info!(job = %job_id, "job submitted");
+        let job_id = api::submit(&self.0, &caller, bounded(req)?).await?;
         Ok(Response::new(pb::SubmitJobResponse { job_id }))
     }
 
@@ -170,92 +83,37 @@ impl JobService for JobApi {
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
         lead(&self.0)?;
-        self.0.store.read_fresh().await.map_err(convert::status)?;
-        Ok(Response::new(job_status(&self.0, &bounded(req)?.job_id)?))
+        Ok(Response::new(api::get_job(&self.0, &bounded(req)?.job_id).await?))
     }
 
     async fn list_jobs(&self, _req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
         lead(&self.0)?;
-        self.0.store.read_fresh().await.map_err(convert::status)?;
-        let state = self.0.state();
-        let soft = self.0.soft();
-        let positions = state.queue_positions();
-        let jobs = state
-            .jobs_in_order()
-            .into_iter()
-            .map(|j| convert::job_status(j, positions.get(&j.id).copied(), &soft))
-            .collect();
-        Ok(Response::new(pb::ListJobsResponse { jobs }))
+        Ok(Response::new(pb::ListJobsResponse { jobs: api::list_jobs(&self.0).await? }))
     }
 
     async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::JobStatus>, Status> {
         lead(&self.0)?;
         let caller = Caller::of(&req)?;
-        let job = bounded(req)?.job_id;
-        manage(&self.0, &caller, &job, "cancel it")?;
-        self.0.propose(Command::CancelJob { job: job.clone(), at_ms: now_ms() }).await.map_err(convert::status)?;
-        Ok(Response::new(job_status(&self.0, &job)?))
+        Ok(Response::new(api::cancel(&self.0, &caller, &bounded(req)?.job_id).await?))
     }
 
     async fn register_model(&self, req: Request<pb::RegisterModelRequest>) -> Result<Response<pb::JobStatus>, Status> {
         lead(&self.0)?;
         let caller = Caller::of(&req)?;
-        let job = bounded(req)?.job_id;
-        manage(&self.0, &caller, &job, "retry its hand-off")?;
-        self.0.propose(Command::RetryHandoff { job: job.clone(), at_ms: now_ms() }).await.map_err(convert::status)?;
-        self.0.handoff_wake.notify_one();
-        Ok(Response::new(job_status(&self.0, &job)?))
+        Ok(Response::new(api::register_model(&self.0, &caller, &bounded(req)?.job_id).await?))
     }
 
     type WatchJobStream = BoxStream<pb::JobStatus>;
 
     async fn watch_job(&self, req: Request<pb::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
         lead(&self.0)?;
-        let job = bounded(req)?.job_id;
-        let first = job_status(&self.0, &job)?;
-        let c = self.0.clone();
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
-            let mut states = c.store.subscribe();
-            let mut softs = c.soft_version.subscribe();
-            let mut last = first;
-            if tx.send(Ok(last.clone())).await.is_err() {
-                return;
-            }
-            loop {
-                if last.phase == pb::JobPhase::Succeeded as i32
-                    || last.phase == pb::JobPhase::Failed as i32
-                    || last.phase == pb::JobPhase::Cancelled as i32
-                {
-                    return;
-                }
-                tokio::select! {
-                    biased;
-                    _ = c.shutdown.cancelled() => return,
-                    _ = tx.closed() => return,
-                    _ = lost_lead(&c) => {
-                        let _ = tx.send(Err(flotilla_proto::leader::not_leader(c.store.leader_hint().as_deref()))).await;
-                        return;
-                    }
-                    r = states.changed() => if r.is_err() { return },
-                    r = softs.changed() => if r.is_err() { return },
-                }
-                match job_status(&c, &job) {
-                    Ok(now) if now != last => {
-                        last = now;
-                        if tx.send(Ok(last.clone())).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                }
-            }
+        let updates = api::watch(self.0.clone(), bounded(req)?.job_id, false)?;
+        let statuses = updates.filter_map(|u| match u {
+            Ok(api::JobUpdate::Status(s)) => Some(Ok(*s)),
+            Ok(api::JobUpdate::Metric(_)) => None,
+            Err(e) => Some(Err(e)),
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(statuses)))
     }
 
     async fn get_metrics(
@@ -263,12 +121,7 @@ impl JobService for JobApi {
         req: Request<pb::GetMetricsRequest>,
     ) -> Result<Response<pb::GetMetricsResponse>, Status> {
         lead(&self.0)?;
-        let job = bounded(req)?.job_id;
-        if !self.0.state().jobs.contains_key(&job) {
-            return Err(Status::not_found(format!("job {job} not found")));
-        }
-        let points = self.0.soft().metrics.get(&job).cloned().unwrap_or_default();
-        Ok(Response::new(pb::GetMetricsResponse { points }))
+        Ok(Response::new(pb::GetMetricsResponse { points: api::metrics(&self.0, &bounded(req)?.job_id)? }))
     }
 }
 

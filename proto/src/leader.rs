@@ -33,10 +33,16 @@ pub fn not_leader(leader: Option<&str>) -> Status {
         None => "this coordinator replica is not the leader and no leader is known yet (election under way)".into(),
     };
     let mut status = Status::unavailable(message);
-    if let Some(value) = leader.and_then(|l| MetadataValue::try_from(l).ok()) {
-        status.metadata_mut().insert(LEADER_METADATA, value);
-    }
+    // Present (empty while no leader is known) so that a not-leader refusal
+    // tells itself apart from other UNAVAILABLE errors.
+    let value = leader.and_then(|l| MetadataValue::try_from(l).ok()).unwrap_or_else(|| MetadataValue::from_static(""));
+    status.metadata_mut().insert(LEADER_METADATA, value);
     status
+}
+
+/// Whether `status` is a replica's refusal because it does not lead.
+pub fn is_not_leader(status: &Status) -> bool {
+    status.code() == tonic::Code::Unavailable && status.metadata().contains_key(LEADER_METADATA)
 }
 
 /// The leader a refusal points to.

@@ -1,5 +1,5 @@
-//! TLS on the control plane: loading a TLS folder's PEM files into tonic's
-//! server and client configurations, and the process-wide dialing mode that
+//! TLS on the control plane: loading a TLS folder's PEM files into the
+//! server's rustls configuration and tonic's client configuration, and the process-wide dialing mode that
 //! every channel to a coordinator replica goes through ([`endpoint`]).
 //!
 //! A TLS folder (made by `flotilla certs init`) holds `ca.pem` (the CA every
@@ -15,7 +15,7 @@ use std::time::Duration;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// The CA certificate's file name in a TLS folder.
 pub const CA_CERT: &str = "ca.pem";
@@ -30,7 +30,7 @@ pub const CLIENT_CERT: &str = "client.pem";
 pub const CLIENT_KEY: &str = "client.key";
 
 /// How long a TLS handshake may take before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which certificate of a TLS folder a process presents.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,13 +103,31 @@ impl Tls {
         fingerprint(&self.ca).unwrap_or_default()
     }
 
-    /// Serving: this certificate, and every client must present one signed by the CA.
-    pub fn server_config(&self) -> ServerTlsConfig {
-        ServerTlsConfig::new()
-            .identity(Identity::from_pem(&self.cert, &self.key))
-            .client_ca_root(Certificate::from_pem(&self.ca))
-            .client_auth_optional(false)
-            .timeout(HANDSHAKE_TIMEOUT)
+    /// Serving with rustls directly (`coordinator::serve_with_tls`): this
+    /// certificate, a client certificate signed by the CA required, and
+    /// ALPN offering HTTP/2 (gRPC, the HTTP API) and HTTP/1.1 (the HTTP
+    /// API's clients that speak only that).
+    pub fn rustls_server_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
+        let certs = |pem: &[u8], what: &str| {
+            CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("the {what} holds no PEM certificate: {e}"))
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in certs(&self.ca, "CA certificate")? {
+            roots.add(ca).map_err(|e| format!("the CA certificate: {e}"))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder(std::sync::Arc::new(roots))
+            .build()
+            .map_err(|e| format!("the CA certificate: {e}"))?;
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&self.key)
+            .map_err(|e| format!("the private key holds no PEM private key: {e}"))?;
+        let mut config = rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs(&self.cert, "certificate")?, key)
+            .map_err(|e| format!("the certificate and its key: {e}"))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(std::sync::Arc::new(config))
     }
 
     /// Dialing: the server must be signed by the CA; this certificate is presented.

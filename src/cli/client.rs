@@ -132,17 +132,7 @@ fn submission_id() -> String {
 }
 
 pub fn phase_name(phase: i32) -> &'static str {
-    match pb::JobPhase::try_from(phase).unwrap_or(pb::JobPhase::Unspecified) {
-        pb::JobPhase::Pending => "pending",
-        pb::JobPhase::Running => "running",
-        pb::JobPhase::Waiting => "waiting",
-        pb::JobPhase::Succeeded => "succeeded",
-        pb::JobPhase::Failed => "failed",
-        pb::JobPhase::Cancelled => "cancelled",
-        pb::JobPhase::Registering => "registering",
-        pb::JobPhase::TrainedNotRegistered => "trained-not-registered",
-        pb::JobPhase::Unspecified => "unknown",
-    }
+    flotilla_coordinator::http::json::phase(phase)
 }
 
 pub fn is_terminal(phase: i32) -> bool {

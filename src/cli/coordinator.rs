@@ -372,7 +372,7 @@ pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) 
         raft_store = Some(store.clone());
         (Arc::new(store), routes, format!("raft replica {id} in {}", data_dir.display()))
     };
-    let server_tls = tls.as_ref().map(Tls::server_config);
+    let server_tls = tls.as_ref().map(Tls::rustls_server_config).transpose().map_err(anyhow::Error::msg)?;
     let server =
         flotilla_coordinator::serve_with_tls(listener, store, coordinator_cfg, token, routes, server_tls).await?;
     // The first line of standard output is for scripts and tests: keep its form.
@@ -459,7 +459,7 @@ pub async fn embedded(
     let store =
         RaftStore::open(opts).await.with_context(|| format!("open the coordinator's log in {}", data_dir.display()))?;
     let routes = store.routes();
-    let server_tls = tls.map(Tls::server_config);
+    let server_tls = tls.map(Tls::rustls_server_config).transpose().map_err(anyhow::Error::msg)?;
     let server =
         flotilla_coordinator::serve_with_tls(listener, Arc::new(store.clone()), cfg, token, routes, server_tls).await?;
     Ok((server, store))

@@ -3,7 +3,7 @@
 //! either as JSON.
 
 use flotilla_proto::v1 as pb;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::client::{phase_name, registration_line};
 
@@ -152,9 +152,6 @@ pub fn human_bytes(n: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
-/// A job's status as JSON (`flotilla status --json`): every field of
-/// `JobStatus`, the phase by name, and per rank its stage, replica and
-/// memory in bytes (`null` until the rank reports).
 /// The latest evaluation, as `loss 1.2345 (accuracy 0.9375) at step 50`.
 pub fn eval_text(j: &pb::JobStatus) -> Option<String> {
     let loss = j.eval_loss?;
@@ -162,69 +159,10 @@ pub fn eval_text(j: &pb::JobStatus) -> Option<String> {
     Some(format!(" loss {loss:.4}{accuracy} at step {}", j.eval_step.unwrap_or_default()))
 }
 
+/// A job's status as JSON (`flotilla status --json`): the HTTP API's JSON
+/// of a job (`flotilla_coordinator::http::json::job`).
 pub fn status_json(j: &pb::JobStatus) -> Value {
-    let checkpoint = |c: &pb::CheckpointRef| {
-        json!({
-            "step": c.step,
-            "location": c.location,
-            "generation": c.generation,
-            "blocked_ms": c.blocked_ms,
-            "total_ms": c.total_ms,
-        })
-    };
-    json!({
-        "job_id": j.job_id,
-        "name": j.name,
-        "phase": phase_name(j.phase),
-        "message": j.message,
-        "generation": j.generation,
-        "world_size": j.world_size,
-        "min_workers": j.min_workers,
-        "max_workers": j.max_workers,
-        "step": j.step,
-        "total_steps": j.total_steps,
-        "loss": j.loss,
-        "samples_per_sec": j.samples_per_sec,
-        "restarts": j.restarts,
-        "priority": j.priority,
-        "queue_position": (j.queue_position > 0).then_some(j.queue_position),
-        "submitted_by": j.submitted_by,
-        "eval": j.eval_loss.map(|loss| json!({"step": j.eval_step, "loss": loss, "accuracy": j.eval_accuracy})),
-        "output_dir": j.output_dir,
-        "final_model": j.final_model,
-        "latest_checkpoint": j.latest_checkpoint.as_ref().map(checkpoint),
-        "checkpoints": j.checkpoints.iter().map(checkpoint).collect::<Vec<_>>(),
-        "ranks": j.ranks.iter().map(|r| json!({
-            "rank": r.rank,
-            "worker_id": r.worker_id,
-            "data_addr": r.data_addr,
-            "stage": r.stage,
-            "replica": r.replica,
-            "memory": r.memory.as_ref().map(|m| json!({
-                "params_bytes": m.params_bytes,
-                "grads_bytes": m.grads_bytes,
-                "optimizer_bytes": m.optimizer_bytes,
-                "activation_bytes": m.activation_bytes,
-            })),
-        })).collect::<Vec<_>>(),
-        "generations": j.generations.iter().map(|g| json!({
-            "generation": g.generation,
-            "world_size": g.world_size,
-            "reason": g.reason,
-            "at_unix_ms": g.at_unix_ms,
-            "resumed_from_step": g.resumed_from_step,
-        })).collect::<Vec<_>>(),
-        "registration": j.registration.as_ref().map(|r| json!({
-            "registry": r.registry,
-            "model": r.model,
-            "version": r.version,
-            "uri": r.uri,
-            "run_id": r.run_id,
-            "attempts": r.attempts,
-            "last_error": r.last_error,
-            "tracking_run": r.tracking_run,
-        })),
-    })
+    flotilla_coordinator::http::json::job(j)
 }
 
 #[cfg(test)]

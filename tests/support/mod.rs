@@ -208,6 +208,15 @@ pub fn job_file(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     path
 }
 
+/// `flotilla token create` with the admin token; the new token.
+pub fn create_token(dir: &Path, url: &str, role: &str, name: &str) -> String {
+    let out = flotilla(dir, &["token", "create", "--role", role, "--name", name, "--coordinator", url]);
+    assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(token.starts_with("flt_"), "{token}");
+    token
+}
+
 /// `flotilla ARGS` run in `cwd`, to completion.
 pub fn flotilla(cwd: &Path, args: &[&str]) -> Output {
     cmd().args(args).current_dir(cwd).output().expect("run flotilla")

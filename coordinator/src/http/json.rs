@@ -1,0 +1,173 @@
+//! Wire types as JSON: the HTTP API's (the schemas of `docs/openapi.json`)
+//! and `flotilla status --json`'s, one format. Phases are lowercase words,
+//! absent values are `null`.
+
+use flotilla_proto::v1 as pb;
+use serde_json::{json, Value};
+
+use crate::api::WorkerInfo;
+
+/// A phase by name, as the API and `flotilla status` print it.
+pub fn phase(p: i32) -> &'static str {
+    match pb::JobPhase::try_from(p).unwrap_or(pb::JobPhase::Unspecified) {
+        pb::JobPhase::Pending => "pending",
+        pb::JobPhase::Running => "running",
+        pb::JobPhase::Waiting => "waiting",
+        pb::JobPhase::Succeeded => "succeeded",
+        pb::JobPhase::Failed => "failed",
+        pb::JobPhase::Cancelled => "cancelled",
+        pb::JobPhase::Registering => "registering",
+        pb::JobPhase::TrainedNotRegistered => "trained-not-registered",
+        pb::JobPhase::Unspecified => "unknown",
+    }
+}
+
+pub fn checkpoint(c: &pb::CheckpointRef) -> Value {
+    json!({
+        "step": c.step,
+        "location": c.location,
+        "generation": c.generation,
+        "blocked_ms": c.blocked_ms,
+        "total_ms": c.total_ms,
+    })
+}
+
+pub fn generation(g: &pb::GenerationRecord) -> Value {
+    json!({
+        "generation": g.generation,
+        "world_size": g.world_size,
+        "reason": g.reason,
+        "at_unix_ms": g.at_unix_ms,
+        "resumed_from_step": g.resumed_from_step,
+    })
+}
+
+pub fn registration(r: Option<&pb::Registration>) -> Value {
+    let Some(r) = r else { return Value::Null };
+    json!({
+        "registry": r.registry,
+        "model": r.model,
+        "version": r.version,
+        "uri": r.uri,
+        "run_id": r.run_id,
+        "attempts": r.attempts,
+        "last_error": r.last_error,
+        "tracking_run": r.tracking_run,
+    })
+}
+
+fn memory(m: Option<&pb::MemoryUsage>) -> Value {
+    let Some(m) = m else { return Value::Null };
+    json!({
+        "params_bytes": m.params_bytes,
+        "grads_bytes": m.grads_bytes,
+        "optimizer_bytes": m.optimizer_bytes,
+        "activation_bytes": m.activation_bytes,
+    })
+}
+
+/// A job's status: the fields of `JobStatus`, the phase by name, the
+/// latest evaluation as `eval` (`null` before the first), and per rank its
+/// stage, replica and memory in bytes (`null` until the rank reports).
+pub fn job(s: &pb::JobStatus) -> Value {
+    json!({
+        "job_id": s.job_id,
+        "name": s.name,
+        "phase": phase(s.phase),
+        "message": s.message,
+        "generation": s.generation,
+        "world_size": s.world_size,
+        "min_workers": s.min_workers,
+        "max_workers": s.max_workers,
+        "step": s.step,
+        "total_steps": s.total_steps,
+        "loss": s.loss,
+        "samples_per_sec": s.samples_per_sec,
+        "eval": s.eval_loss.map(|loss| json!({ "step": s.eval_step, "loss": loss, "accuracy": s.eval_accuracy })),
+        "restarts": s.restarts,
+        "priority": s.priority,
+        "queue_position": (s.queue_position > 0).then_some(s.queue_position),
+        "output_dir": s.output_dir,
+        "final_model": s.final_model,
+        "submitted_by": s.submitted_by,
+        "latest_checkpoint": s.latest_checkpoint.as_ref().map(checkpoint),
+        "checkpoints": s.checkpoints.iter().map(checkpoint).collect::<Vec<_>>(),
+        "generations": s.generations.iter().map(generation).collect::<Vec<_>>(),
+        "ranks": s.ranks.iter().map(|r| json!({
+            "rank": r.rank,
+            "worker_id": r.worker_id,
+            "data_addr": r.data_addr,
+            "stage": r.stage,
+            "replica": r.replica,
+            "memory": memory(r.memory.as_ref()),
+        })).collect::<Vec<_>>(),
+        "registration": registration(s.registration.as_ref()),
+    })
+}
+
+pub fn metric(p: &pb::MetricPoint) -> Value {
+    json!({
+        "step": p.step,
+        "loss": p.loss,
+        "lr": p.lr,
+        "samples_per_sec": p.samples_per_sec,
+        "grad_norm": p.grad_norm,
+        "generation": p.generation,
+        "world_size": p.world_size,
+        "time_ms": p.time_ms,
+        "eval_loss": p.eval_loss,
+        "eval_accuracy": p.eval_accuracy,
+    })
+}
+
+pub fn worker(w: &WorkerInfo) -> Value {
+    json!({
+        "worker_id": w.id,
+        "hostname": w.hostname,
+        "data_addr": w.data_addr,
+        "registered_at_ms": w.registered_at_ms,
+        "job_id": w.job,
+        "rank": w.rank,
+        "leaving": w.leaving,
+    })
+}
+
+/// The `phase` event of a job's event stream.
+pub fn phase_event(s: &pb::JobStatus) -> Value {
+    json!({ "job_id": s.job_id, "phase": phase(s.phase), "message": s.message, "generation": s.generation })
+}
+
+/// The `progress` event of a job's event stream.
+pub fn progress_event(s: &pb::JobStatus) -> Value {
+    json!({
+        "job_id": s.job_id,
+        "phase": phase(s.phase),
+        "step": s.step,
+        "total_steps": s.total_steps,
+        "loss": s.loss,
+        "samples_per_sec": s.samples_per_sec,
+        "generation": s.generation,
+        "world_size": s.world_size,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_are_lowercase_words() {
+        assert_eq!(phase(pb::JobPhase::Running as i32), "running");
+        assert_eq!(phase(pb::JobPhase::TrainedNotRegistered as i32), "trained-not-registered");
+        assert_eq!(phase(999), "unknown");
+    }
+
+    #[test]
+    fn a_job_without_registry_or_checkpoint_has_nulls() {
+        let v = job(&pb::JobStatus { job_id: "j".into(), ..Default::default() });
+        assert_eq!(v["registration"], Value::Null);
+        assert_eq!(v["latest_checkpoint"], Value::Null);
+        assert_eq!(v["eval"], Value::Null);
+        assert_eq!(v["checkpoints"], json!([]));
+    }
+}

@@ -1,0 +1,89 @@
+"""The SDK against a real coordinator and worker (started by
+tests/python_sdk.rs, which passes FLOTILLA_COORDINATOR, FLOTILLA_TOKEN,
+FLOTILLA_TLS_DIR and FLOTILLA_TEST_DIR). Plain test functions: pytest runs
+them, and so does running this file."""
+
+import os
+import sys
+
+from flotilla import Client, FlotillaError
+
+JOB = {
+    "name": "sdk",
+    "model": {"kind": "mlp", "layers": [4, 8, 2]},
+    "data": {"kind": "synthetic", "seed": 1, "samples": 64},
+    "train": {"steps": 12, "global_batch": 8, "seed": 1, "optimizer": {"lr": 0.01}},
+    "workers": {"min": 1, "max": 1},
+    "checkpoint": {"url": "runs", "every": 3, "keep": 2},
+}
+
+WAITING_YAML = """
+name: sdk-waits
+model: {kind: mlp, layers: [4, 8, 2]}
+data: {kind: synthetic, seed: 1, samples: 64}
+train: {steps: 10, global_batch: 8, seed: 1}
+workers: {min: 1, max: 1}
+"""
+
+
+def client() -> Client:
+    return Client()
+
+
+def test_submit_with_overrides_wait_metrics_checkpoints() -> None:
+    c = client()
+    job = c.submit(JOB, {"train.steps": 6}, base_dir=os.environ["FLOTILLA_TEST_DIR"], **{"train.optimizer.lr": 0.02})
+    final = job.wait(progress=False)
+    assert final["phase"] == "succeeded", final
+    assert (final["step"], final["total_steps"]) == (6, 6), final
+    points = job.metrics(as_frame=False)
+    assert points and points[-1]["step"] == 6, points
+    assert all(p["lr"] <= 0.02 for p in points), points
+    steps = [ck["step"] for ck in job.checkpoints()]
+    assert steps and all(s % 3 == 0 for s in steps), steps
+    assert job.registration() is None
+    files = {f["name"]: f["bytes"] for f in job.model_files()}
+    assert "model.safetensors" in files, files
+    folder = job.download_model(os.path.join(os.environ["FLOTILLA_TEST_DIR"], "downloaded"))
+    for name, size in files.items():
+        assert (folder / name).stat().st_size == size, name
+    assert job.generations()[0]["world_size"] == 1
+    assert job.id in [j.id for j in c.jobs()]
+
+
+def test_a_yaml_job_with_overrides_and_cancel() -> None:
+    c = client()
+    # min 4 workers: it waits (the test runs one), until cancelled.
+    job = c.submit(WAITING_YAML, {"workers.min": 4, "workers.max": 4}, base_dir=os.environ["FLOTILLA_TEST_DIR"])
+    status = job.status()
+    assert (status["phase"], status["min_workers"]) == ("pending", 4), status
+    assert job.cancel()["phase"] == "cancelled"
+    assert job.wait(progress=False)["phase"] == "cancelled"
+
+
+def test_errors_carry_the_api_code() -> None:
+    c = client()
+    try:
+        c.job("nope-1").status()
+        raise AssertionError("an unknown job was found")
+    except FlotillaError as e:
+        assert (e.code, e.status) == ("not_found", 404), e
+    try:
+        c.submit({"name": "bad", "bogus_field": 1}, base_dir="/")
+        raise AssertionError("a bad job was accepted")
+    except FlotillaError as e:
+        assert e.code == "invalid_argument" and "bogus_field" in e.message, e
+    try:
+        Client(token="flt_" + "0" * 64).jobs()
+        raise AssertionError("a forged token was accepted")
+    except FlotillaError as e:
+        assert (e.code, e.status) == ("unauthenticated", 401), e
+
+
+if __name__ == "__main__":
+    tests = [(n, f) for n, f in sorted(globals().items()) if n.startswith("test_") and callable(f)]
+    for name, test in tests:
+        test()
+        print(f"{name} ok", flush=True)
+    print(f"{len(tests)} passed")
+    sys.exit(0)
