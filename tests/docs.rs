@@ -235,7 +235,11 @@ fn python_blocks_use_the_sdk_and_run_against_a_real_coordinator() {
             }
             let at = format!("{}:{line}", short(&page));
             let label: Vec<&str> = words.collect();
-            assert!(label.is_empty() || label == ["norun"], "{at}: ```python {}: only `norun` is known", label.join(" "));
+            assert!(
+                label.is_empty() || label == ["norun"],
+                "{at}: ```python {}: only `norun` is known",
+                label.join(" ")
+            );
             let parsed = Command::new(&python)
                 .args(["-c", "import ast, sys; ast.parse(sys.argv[1])", &block])
                 .output()

@@ -15,7 +15,7 @@ fn config() -> ProptestConfig {
     ProptestConfig { cases, ..ProptestConfig::default() }
 }
 
-/// Configurations as the README writes them, one per store.
+/// Configurations as docs/operations.md writes them, one per store.
 const SAMPLES: &[&str] = &[
     "listen: 0.0.0.0:7070\nadvertise: http://10.0.0.1:7070\nstore:\n  raft:\n    id: 1\n    data_dir: /var/lib/flotilla\n    peers: {1: http://10.0.0.1:7070, 2: http://10.0.0.2:7070, 3: http://10.0.0.3:7070}\n",
     "listen: 127.0.0.1:7070\nlease_ms: 5000\nheartbeat_ms: 1000\nstart_grace_ms: 30000\nhandoff_retry_max_ms: 60000\nstore:\n  etcd:\n    endpoints: [http://10.0.0.9:2379]\n    prefix: /flotilla\n",

@@ -1,6 +1,6 @@
 //! Every default and limit of job file v1, defined once.
 //!
-//! Validation, the docs (the README's job file reference) and the tests all refer to these names.
+//! Validation, the docs (docs/jobfile.md) and the tests all refer to these names.
 
 /// The only job file version this crate reads.
 pub const VERSION: u64 = 1;

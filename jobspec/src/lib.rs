@@ -3,7 +3,7 @@
 //! Pure: the caller passes the source text and a name for it; nothing here
 //! reads files or the environment. Every rejection is a [`SpecError`] naming
 //! the field path and the line/column in the source. The format is described
-//! field by field in the README's job file reference.
+//! field by field in docs/jobfile.md, the job file reference.
 //!
 //! ```
 //! let spec = flotilla_jobspec::parse(

@@ -1,7 +1,7 @@
 //! The validated job specification: what the rest of flotilla codes against.
 //!
 //! A `JobSpec` only comes out of [`crate::parse`] (or [`JobSpec::from_json`] on
-//! the output of [`JobSpec::to_json`]), so every constraint in the README's job file reference
+//! the output of [`JobSpec::to_json`]), so every constraint in docs/jobfile.md
 //! holds for it. It carries no source positions.
 
 use serde::{Deserialize, Serialize};

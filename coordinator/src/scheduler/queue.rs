@@ -4,7 +4,7 @@
 //! [`Decision`], so the leader's driver and every replica's state machine
 //! agree on it.
 //!
-//! The rules (the README's "The job queue" says the same for users):
+//! The rules ("Sharing a cluster: the job queue" in docs/operations.md says the same for users):
 //! 1. **Order.** Higher `priority` first; equal priorities in submission
 //!    order (the job's sequence number in the replicated state).
 //! 2. **Gang admission.** A job starts only with at least its minimum world
