@@ -77,8 +77,8 @@ fn job_blocks(doc: &str) -> Vec<(usize, String)> {
     blocks
 }
 
-/// A minimal job whose `key` section is `snippet` (or, for an indented
-/// snippet, whose `train` section has it added).
+/// A minimal job whose sections named in `snippet` are the snippet's (or, for an
+/// indented snippet, whose `train` section has it added).
 fn splice(snippet: &str) -> Result<String, String> {
     let uses_gpt = snippet.contains("kind: tokens") || snippet.contains("kind: text");
     let model = if uses_gpt {
@@ -97,17 +97,25 @@ fn splice(snippet: &str) -> Result<String, String> {
         ("data", "data: {kind: synthetic}\n".to_owned()),
         ("train", train),
     ];
-    let key = snippet.split(':').next().unwrap_or("");
-    if !indented && !SECTIONS.contains(&key) {
+    // The snippet's top-level keys: each must be a job file's.
+    let keys: Vec<&str> = snippet
+        .lines()
+        .filter(|l| !l.starts_with([' ', '#']) && !l.trim().is_empty())
+        .map(|l| l.split(':').next().unwrap_or(""))
+        .collect();
+    if let Some(key) = keys.iter().find(|k| !SECTIONS.contains(k)) {
         return Err(format!(
             "`{key}` is not a job file's key: label the block ```yaml {}",
             OTHER_YAML.join(" or ```yaml ")
         ));
     }
+    // The snippet where its first section goes, the minimal job's other sections around it.
     let mut job = String::new();
     for section in SECTIONS {
-        if section == key {
+        if keys.first() == Some(&section) {
             job.push_str(snippet);
+        } else if keys.contains(&section) {
+            continue;
         } else if let Some((_, text)) = base.iter().find(|(k, _)| *k == section) {
             job.push_str(text);
         }
@@ -116,10 +124,15 @@ fn splice(snippet: &str) -> Result<String, String> {
 }
 
 /// The files examples name: a `tokenizer.json` is a small one (256 ids,
-/// as the spliced model's vocab); nothing else exists.
+/// as the spliced model's vocab), a `config.json` a small Llama's; nothing else exists.
 fn read_example_file(path: &str, _limit: u64) -> Result<String, String> {
     if path.ends_with("tokenizer.json") {
         Ok(r#"{"model": {"type": "WordLevel", "vocab": {"<unk>": 0, "a": 255}, "unk_token": "<unk>"}}"#.into())
+    } else if path.ends_with("/config.json") {
+        Ok(r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+            "max_position_embeddings": 2048, "rms_norm_eps": 1e-05, "rope_theta": 10000.0}"#
+            .into())
     } else {
         Err(format!("the documentation's examples name {path}, which this test does not have"))
     }
