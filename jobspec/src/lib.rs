@@ -25,6 +25,7 @@ pub mod hf_config;
 mod paths;
 mod raw;
 mod spec;
+pub mod sweep;
 pub mod tokenizer_json;
 mod validate;
 
@@ -99,7 +100,7 @@ pub fn read_yaml<T: DeserializeOwned>(source: &str, origin: &str) -> Result<T, S
 }
 
 /// YAML → `T`, with the field path of any error.
-fn deserialize<T: DeserializeOwned>(source: &str, origin: &str) -> Result<T, SpecError> {
+pub(crate) fn deserialize<T: DeserializeOwned>(source: &str, origin: &str) -> Result<T, SpecError> {
     let mut segments = Vec::new();
     let result = serde_saphyr::with_deserializer_from_str_with_options(source, yaml_options(), |de| {
         let mut track = serde_path_to_error::Track::new();
