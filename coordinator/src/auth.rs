@@ -227,8 +227,12 @@ fn access(path: &str) -> Access {
     let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
     match (service, method) {
         ("flotilla.v1.JobService", "GetLeader") => Access::Anyone,
-        ("flotilla.v1.JobService", "SubmitJob" | "CancelJob" | "RegisterModel") => Access::Roles(SUBMITTERS),
-        ("flotilla.v1.JobService", "GetJob" | "ListJobs" | "WatchJob" | "GetMetrics") => Access::Roles(READERS),
+        ("flotilla.v1.JobService", "SubmitJob" | "CancelJob" | "RegisterModel" | "SubmitSweep" | "CancelSweep") => {
+            Access::Roles(SUBMITTERS)
+        }
+        ("flotilla.v1.JobService", "GetJob" | "ListJobs" | "WatchJob" | "GetMetrics" | "GetSweep" | "ListSweeps") => {
+            Access::Roles(READERS)
+        }
         ("flotilla.v1.WorkerService", _) => Access::Roles(WORKERS),
         ("flotilla.raft.v1.Raft", _) => Access::Peers,
         ("flotilla.raft.v1.Cluster", "Members") => Access::Roles(READERS),

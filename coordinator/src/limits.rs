@@ -116,6 +116,7 @@ macro_rules! ids_only {
 
 ids_only! {
     pb::GetJobRequest => [job_id];
+    pb::GetSweepRequest => [sweep_id];
     pb::CancelJobRequest => [job_id];
     pb::WatchJobRequest => [job_id];
     pb::GetMetricsRequest => [job_id];
@@ -159,6 +160,17 @@ impl Bounded for pb::SubmitJobRequest {
     fn check(&self) -> Result<(), Status> {
         check_len("spec_yaml", &self.spec_yaml, MAX_JOB_FILE)?;
         check_len("origin", &self.origin, MAX_ORIGIN)?;
+        check_location("base_dir", &self.base_dir)?;
+        check_id("submission_id", &self.submission_id)
+    }
+}
+
+impl Bounded for pb::SubmitSweepRequest {
+    fn check(&self) -> Result<(), Status> {
+        check_len("sweep_yaml", &self.sweep_yaml, MAX_JOB_FILE)?;
+        check_len("sweep_origin", &self.sweep_origin, MAX_ORIGIN)?;
+        check_len("job_yaml", &self.job_yaml, MAX_JOB_FILE)?;
+        check_len("job_origin", &self.job_origin, MAX_ORIGIN)?;
         check_location("base_dir", &self.base_dir)?;
         check_id("submission_id", &self.submission_id)
     }

@@ -75,6 +75,11 @@ pub fn parse_with(source: &str, origin: &str, read_file: &ReadFile) -> Result<Jo
     validate::job(raw, &cx)
 }
 
+/// A [`ReadFile`] that reads paths relative to `base` from the file system.
+pub fn files_under(base: std::path::PathBuf) -> impl Fn(&str, u64) -> Result<String, String> {
+    move |path: &str, limit: u64| read_file(&base.join(path), limit)
+}
+
 fn read_file(path: &std::path::Path, limit: u64) -> Result<String, String> {
     use std::io::Read;
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;

@@ -133,6 +133,8 @@ pub struct Trial {
     pub params: Vec<(String, Value)>,
     /// The base job with the overrides applied (JSON, which is YAML).
     pub job_yaml: String,
+    /// That job file, validated.
+    pub spec: crate::JobSpec,
 }
 
 /// Parses and validates a sweep file. `origin` names it in messages.
@@ -405,8 +407,8 @@ pub fn trials(
             })?;
         }
         let job_yaml = serde_json::to_string_pretty(&doc).unwrap_or_default();
-        crate::parse_with(&job_yaml, &origin, read_file)?;
-        out.push(Trial { params, job_yaml });
+        let spec = crate::parse_with(&job_yaml, &origin, read_file)?;
+        out.push(Trial { params, job_yaml, spec });
     }
     Ok(out)
 }
