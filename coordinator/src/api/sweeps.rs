@@ -22,7 +22,9 @@ pub async fn submit_sweep(c: &Coordinator, caller: &Caller, req: pb::SubmitSweep
     let job_origin = if req.job_origin.is_empty() { "job.yaml" } else { &req.job_origin };
     let spec = flotilla_jobspec::sweep::parse_sweep(&req.sweep_yaml, sweep_origin)
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let read = flotilla_jobspec::files_under(req.base_dir.clone().into());
+    // Files the job names are read relative to its folder, as for a job.
+    let folder = std::path::Path::new(job_origin).parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    let read = flotilla_jobspec::files_under(folder);
     let trials = flotilla_jobspec::sweep::trials(&spec, &req.job_yaml, job_origin, &read)
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let mut made = Vec::with_capacity(trials.len());
