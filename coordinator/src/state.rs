@@ -399,10 +399,13 @@ pub enum Command {
         sweep: SweepId,
         at_ms: i64,
     },
-    /// Keeps an ended trial's metric curve (the first record wins).
+    /// Keeps an ended trial's metric curve and running means (the first
+    /// record wins).
     RecordTrial {
         at: TrialRef,
         curve: Vec<(u64, f64)>,
+        #[serde(default)]
+        means: Vec<(u64, f64)>,
     },
 }
 
@@ -630,7 +633,7 @@ impl State {
             Command::StartTrial { at, uid, data_key, at_ms } => self.start_trial(at, uid, data_key, at_ms),
             Command::StopTrial { job, reason, .. } => self.stop_trial(&job, reason),
             Command::CancelSweep { sweep, .. } => self.cancel_sweep(&sweep),
-            Command::RecordTrial { at, curve } => self.record_trial(at, curve),
+            Command::RecordTrial { at, curve, means } => self.record_trial(at, curve, means),
             Command::CancelJob { job, .. } => {
                 let j = self.job_mut(&job)?;
                 if j.phase.is_terminal() {

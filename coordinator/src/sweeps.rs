@@ -16,20 +16,45 @@ pub const MAX_CURVE_POINTS: usize = 512;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     Start(TrialRef),
-    Record(TrialRef, Vec<(u64, f64)>),
+    /// An ended trial's curve and [`means`].
+    Record(TrialRef, Vec<(u64, f64)>, Vec<(u64, f64)>),
     Stop { job: String, reason: String },
 }
 
 /// The `metric` (`loss` or `eval_loss`) by step from a job's points,
 /// thinned evenly to at most [`MAX_CURVE_POINTS`] (the last one kept).
 pub fn curve(points: &[MetricPoint], metric: &str) -> Vec<(u64, f64)> {
-    let all: Vec<(u64, f64)> = points
+    thin(series(points, metric))
+}
+
+/// The mean of the metric from the first point to each step, thinned like
+/// [`curve`]: what the median rule compares (steadier than one step's
+/// value, and the same for two trials that trained alike however either
+/// was thinned).
+pub fn means(points: &[MetricPoint], metric: &str) -> Vec<(u64, f64)> {
+    let mut sum = 0.0;
+    let all = series(points, metric)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (step, v))| {
+            sum += v;
+            (step, sum / (i + 1) as f64)
+        })
+        .collect();
+    thin(all)
+}
+
+fn series(points: &[MetricPoint], metric: &str) -> Vec<(u64, f64)> {
+    points
         .iter()
         .filter_map(|p| match metric {
             "eval_loss" => p.eval_loss.map(|v| (p.step, v)),
             _ => Some((p.step, p.loss)),
         })
-        .collect();
+        .collect()
+}
+
+fn thin(all: Vec<(u64, f64)>) -> Vec<(u64, f64)> {
     if all.len() <= MAX_CURVE_POINTS {
         return all;
     }
@@ -47,9 +72,10 @@ pub fn value_at(curve: &[(u64, f64)], step: u64) -> Option<f64> {
     curve.iter().take_while(|(s, _)| *s <= step).last().map(|(_, v)| *v)
 }
 
-/// The median rule: a running trial whose metric at its latest step `s`
-/// (past the warm-up) is worse than the median of the completed trials'
-/// metric at `s` is stopped. `None` keeps it; `Some` says why not.
+/// The median rule on [`means`]: a running trial whose mean metric up to
+/// its latest step `s` (past the warm-up) is worse than the median of the
+/// completed trials' means at `s` is stopped. `None` keeps it; `Some` says
+/// why not.
 pub fn median_rule(running: &[(u64, f64)], completed: &[&[(u64, f64)]], warmup: u64, minimize: bool) -> Option<String> {
     let &(step, value) = running.last()?;
     if step < warmup.max(1) {
@@ -69,7 +95,11 @@ pub fn median_rule(running: &[(u64, f64)], completed: &[&[(u64, f64)]], warmup: 
     } else {
         value < median
     };
-    worse.then(|| format!("stopped early: median rule (metric {value:.4} at step {step}, median of completed trials {median:.4})"))
+    worse.then(|| {
+        format!(
+            "stopped early: median rule (mean metric {value:.4} up to step {step}, median of completed trials {median:.4})"
+        )
+    })
 }
 
 /// The sweep's actions now; `metrics` gives a job's points (the leader's).
@@ -81,19 +111,20 @@ pub fn plan(state: &State, sweep: &Sweep, metrics: &dyn Fn(&str) -> Vec<MetricPo
         .iter()
         .filter(|t| t.stopped.is_none())
         .filter(|t| t.job.as_ref().and_then(|j| state.jobs.get(j)).is_some_and(|j| j.phase == crate::state::JobPhase::Succeeded || j.phase.is_handing_off()))
-        .filter_map(|t| t.curve.as_deref())
+        .filter_map(|t| t.means.as_deref())
         .collect();
     let mut active = 0u32;
     for (i, t) in sweep.trials.iter().enumerate() {
         let Some(job) = t.job.as_ref().and_then(|j| state.jobs.get(j)) else { continue };
         // Trained (handing off) counts as ended for the sweep.
         if (job.phase.is_terminal() || job.phase.is_handing_off()) && t.curve.is_none() {
-            out.push(Action::Record(at(i), curve(&metrics(&job.id), &sweep.metric)));
+            let points = metrics(&job.id);
+            out.push(Action::Record(at(i), curve(&points, &sweep.metric), means(&points, &sweep.metric)));
         }
         if job.phase.is_active() {
             active += 1;
             if let Some(warmup) = sweep.early_stopping.filter(|_| job.phase == crate::state::JobPhase::Running) {
-                let mine = curve(&metrics(&job.id), &sweep.metric);
+                let mine = means(&metrics(&job.id), &sweep.metric);
                 if let Some(reason) = median_rule(&mine, &completed, warmup, sweep.minimize()) {
                     out.push(Action::Stop { job: job.id.clone(), reason });
                 }
@@ -140,7 +171,7 @@ impl Coordinator {
                         tracing::info!(sweep = %at.sweep, trial = at.trial, "starting trial");
                         Command::StartTrial { at, uid: crate::random_id(), data_key, at_ms: now_ms() }
                     }
-                    Action::Record(at, curve) => Command::RecordTrial { at, curve },
+                    Action::Record(at, curve, means) => Command::RecordTrial { at, curve, means },
                     Action::Stop { job, reason } => {
                         tracing::info!(job = %job, reason = %reason, "stopping trial");
                         Command::StopTrial { job, reason, at_ms: now_ms() }

@@ -57,10 +57,10 @@ def test_submit_with_overrides_wait_metrics_checkpoints(c: Client, test_dir: str
 
 
 def test_a_yaml_job_with_overrides_and_cancel(c: Client, test_dir: str) -> None:
-    # min 16 workers: it waits (the test runs four), until cancelled.
-    job = c.submit(WAITING_YAML, {"workers.min": 16, "workers.max": 16}, base_dir=test_dir)
+    # min 8 workers: it waits (the test runs four), until cancelled.
+    job = c.submit(WAITING_YAML, {"workers.min": 8, "workers.max": 8}, base_dir=test_dir)
     status = job.status()
-    assert (status["phase"], status["min_workers"]) == ("pending", 16), status
+    assert (status["phase"], status["min_workers"]) == ("pending", 8), status
     assert job.cancel()["phase"] == "cancelled"
     assert job.wait(progress=False)["phase"] == "cancelled"
 

@@ -48,6 +48,10 @@ pub struct Trial {
     pub stopped: Option<String>,
     /// The metric by step, recorded once its job ended.
     pub curve: Option<Vec<(u64, f64)>>,
+    /// Its running mean by step (what early stopping compares), recorded
+    /// with `curve`.
+    #[serde(default)]
+    pub means: Option<Vec<(u64, f64)>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,7 +131,7 @@ impl State {
         let trials = sweep
             .trials
             .into_iter()
-            .map(|(params, template)| Trial { params, template, job: None, stopped: None, curve: None })
+            .map(|(params, template)| Trial { params, template, job: None, stopped: None, curve: None, means: None })
             .collect();
         self.sweeps.insert(
             id.clone(),
@@ -215,7 +219,12 @@ impl State {
         Ok(events)
     }
 
-    pub(super) fn record_trial(&mut self, at: TrialRef, curve: Vec<(u64, f64)>) -> Result<Vec<Event>, Rejection> {
+    pub(super) fn record_trial(
+        &mut self,
+        at: TrialRef,
+        curve: Vec<(u64, f64)>,
+        means: Vec<(u64, f64)>,
+    ) -> Result<Vec<Event>, Rejection> {
         let t = self
             .sweeps
             .get_mut(&at.sweep)
@@ -225,6 +234,7 @@ impl State {
             return Ok(vec![Event::Ignored { reason: "the trial's curve is recorded already".into() }]);
         }
         t.curve = Some(curve);
+        t.means = Some(means);
         Ok(vec![Event::TrialRecorded { sweep: at.sweep, trial: at.trial }])
     }
 

@@ -42,7 +42,7 @@ fn apply_plan(s: &mut State, metrics: &dyn Fn(&str) -> Vec<MetricPoint>) -> Vec<
     for a in &actions {
         let cmd = match a.clone() {
             Action::Start(at) => Command::StartTrial { at, uid: String::new(), data_key: DataKey::default(), at_ms: 2 },
-            Action::Record(at, curve) => Command::RecordTrial { at, curve },
+            Action::Record(at, curve, means) => Command::RecordTrial { at, curve, means },
             Action::Stop { job, reason } => Command::StopTrial { job, reason, at_ms: 3 },
         };
         s.apply(cmd).unwrap();
@@ -80,7 +80,7 @@ fn trials_start_up_to_max_parallel_and_a_repeat_starts_nothing() {
     assert_eq!(s.jobs[&first].sweep.as_ref().unwrap().trial, 0);
     s.apply(Command::CancelJob { job: first, at_ms: 6 }).unwrap();
     let a = apply_plan(&mut s, &none);
-    assert!(matches!(&a[0], Action::Record(at, c) if at.trial == 0 && c.is_empty()), "{a:?}");
+    assert!(matches!(&a[0], Action::Record(at, c, _) if at.trial == 0 && c.is_empty()), "{a:?}");
     assert!(matches!(&a[1], Action::Start(at) if at.trial == 2), "{a:?}");
     assert_eq!(s.jobs.len(), 3);
 }
@@ -104,7 +104,7 @@ fn median_rule_stops_a_trial_worse_than_the_completed_median_after_warmup() {
     let bad = vec![(1, 1.0), (2, 1.0), (3, 1.0)];
     assert_eq!(median_rule(&bad, &completed, 5, true), None, "within the warm-up");
     assert!(median_rule(&bad, &completed, 2, true).is_some());
-    let fine = vec![(3, 0.2)];
+    let fine = vec![(3, 0.2), (4, 0.2)];
     assert_eq!(median_rule(&fine, &completed, 2, true), None);
     assert!(median_rule(&fine, &completed, 2, false).is_some(), "maximizing, low is poor");
     assert_eq!(median_rule(&bad, &[], 0, true), None, "no completed trial, no median");
@@ -130,7 +130,7 @@ fn early_stopping_stops_a_running_trial_and_the_trial_shows_why() {
     let metrics = |job: &str| if job == a { (1..=5).map(|s| point(s, 0.1)).collect() } else { vec![point(1, 9.0)] };
     // The first pass records the finished trial's curve; b is in its warm-up.
     let acts = apply_plan(&mut s, &metrics);
-    assert!(matches!(&acts[..], [Action::Record(at, c)] if at.trial == 0 && c.len() == 5), "{acts:?}");
+    assert!(matches!(&acts[..], [Action::Record(at, c, m)] if at.trial == 0 && c.len() == 5 && m.len() == 5), "{acts:?}");
     assert!(s.jobs[&b].phase.is_active());
     let metrics = |job: &str| if job == a { Vec::new() } else { vec![point(1, 9.0), point(3, 9.0)] };
     let acts = apply_plan(&mut s, &metrics);
@@ -167,4 +167,16 @@ proptest! {
         prop_assert!(c.len() <= MAX_CURVE_POINTS);
         prop_assert_eq!(c.last().map(|p| p.0), n.checked_sub(1).map(|l| l as u64));
     }
+}
+
+#[test]
+fn means_run_from_the_first_point_and_survive_thinning() {
+    let points: Vec<MetricPoint> = (1..=2000).map(|s| point(s, if s % 2 == 0 { 1.0 } else { 3.0 })).collect();
+    let m = means(&points, "loss");
+    assert!(m.len() <= MAX_CURVE_POINTS);
+    assert_eq!(m.last(), Some(&(2000, 2.0)));
+    // Trials that trained alike compare equal at any step, thinned or not.
+    let short = means(&points[..300], "loss");
+    assert_eq!(value_at(&short, 300), Some(2.0));
+    assert!((value_at(&m, 300).unwrap() - 2.0).abs() < 0.01);
 }
