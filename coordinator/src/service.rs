@@ -89,7 +89,10 @@ impl JobService for JobApi {
         Ok(Response::new(api::get_sweep(&self.0, &bounded(req)?.sweep_id).await?))
     }
 
-    async fn list_sweeps(&self, _req: Request<pb::ListSweepsRequest>) -> Result<Response<pb::ListSweepsResponse>, Status> {
+    async fn list_sweeps(
+        &self,
+        _req: Request<pb::ListSweepsRequest>,
+    ) -> Result<Response<pb::ListSweepsResponse>, Status> {
         Ok(Response::new(pb::ListSweepsResponse { sweeps: api::list_sweeps(&self.0).await? }))
     }
 

@@ -18,7 +18,10 @@ pub enum Action {
     Start(TrialRef),
     /// An ended trial's curve and [`means`].
     Record(TrialRef, Vec<(u64, f64)>, Vec<(u64, f64)>),
-    Stop { job: String, reason: String },
+    Stop {
+        job: String,
+        reason: String,
+    },
 }
 
 /// The `metric` (`loss` or `eval_loss`) by step from a job's points,
@@ -110,7 +113,12 @@ pub fn plan(state: &State, sweep: &Sweep, metrics: &dyn Fn(&str) -> Vec<MetricPo
         .trials
         .iter()
         .filter(|t| t.stopped.is_none())
-        .filter(|t| t.job.as_ref().and_then(|j| state.jobs.get(j)).is_some_and(|j| j.phase == crate::state::JobPhase::Succeeded || j.phase.is_handing_off()))
+        .filter(|t| {
+            t.job
+                .as_ref()
+                .and_then(|j| state.jobs.get(j))
+                .is_some_and(|j| j.phase == crate::state::JobPhase::Succeeded || j.phase.is_handing_off())
+        })
         .filter_map(|t| t.means.as_deref())
         .collect();
     let mut active = 0u32;

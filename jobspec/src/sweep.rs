@@ -63,10 +63,19 @@ struct RawEarlyStopping {
 pub enum Domain {
     /// Every one of these (grid), or one at random (`choice`, random search).
     Values(Vec<Value>),
-    Uniform { min: f64, max: f64 },
-    LogUniform { min: f64, max: f64 },
+    Uniform {
+        min: f64,
+        max: f64,
+    },
+    LogUniform {
+        min: f64,
+        max: f64,
+    },
     /// An integer in `min..=max`.
-    Int { min: i64, max: i64 },
+    Int {
+        min: i64,
+        max: i64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -182,7 +191,13 @@ pub fn parse_sweep(source: &str, origin: &str) -> Result<SweepSpec, SpecError> {
             });
             match n {
                 Some(n) if n <= MAX_TRIALS => n,
-                _ => return Err(cx.err("parameters", &raw.parameters, format!("the grid has more than {MAX_TRIALS} trials"))),
+                _ => {
+                    return Err(cx.err(
+                        "parameters",
+                        &raw.parameters,
+                        format!("the grid has more than {MAX_TRIALS} trials"),
+                    ))
+                }
             }
         }
     };
@@ -196,7 +211,13 @@ pub fn parse_sweep(source: &str, origin: &str) -> Result<SweepSpec, SpecError> {
             let name = match m.value.name.value.as_str() {
                 "loss" => MetricName::Loss,
                 "eval_loss" => MetricName::EvalLoss,
-                other => return Err(cx.err("metric.name", &m.value.name, format!("must be `loss` or `eval_loss`, found `{other}`"))),
+                other => {
+                    return Err(cx.err(
+                        "metric.name",
+                        &m.value.name,
+                        format!("must be `loss` or `eval_loss`, found `{other}`"),
+                    ))
+                }
             };
             let goal = match m.value.goal.as_ref().map(|g| (g, g.value.as_str())) {
                 None | Some((_, "minimize")) => Goal::Minimize,
@@ -212,7 +233,11 @@ pub fn parse_sweep(source: &str, origin: &str) -> Result<SweepSpec, SpecError> {
         None => None,
         Some(e) => {
             if e.value.rule.value != "median" {
-                return Err(cx.err("early_stopping.rule", &e.value.rule, format!("must be `median`, found `{}`", e.value.rule.value)));
+                return Err(cx.err(
+                    "early_stopping.rule",
+                    &e.value.rule,
+                    format!("must be `median`, found `{}`", e.value.rule.value),
+                ));
             }
             Some(e.value.warmup_steps.as_ref().map_or(0, |w| w.value))
         }

@@ -29,8 +29,8 @@ pub fn load(path: &Path, submission_id: String) -> Result<pb::SubmitSweepRequest
     let spec = flotilla_jobspec::sweep::parse_sweep(&text, &origin).map_err(|e| bad(e.to_string()))?;
     let job_path = path.parent().unwrap_or(Path::new("")).join(&spec.job);
     let job_origin = job_path.display().to_string();
-    let job_text =
-        std::fs::read_to_string(&job_path).map_err(|e| bad(format!("cannot read the base job file {job_origin}: {e}")))?;
+    let job_text = std::fs::read_to_string(&job_path)
+        .map_err(|e| bad(format!("cannot read the base job file {job_origin}: {e}")))?;
     let read = flotilla_jobspec::files_under(job_path.parent().unwrap_or(Path::new("")).to_path_buf());
     flotilla_jobspec::sweep::trials(&spec, &job_text, &job_origin, &read).map_err(|e| bad(e.to_string()))?;
     let cwd = std::env::current_dir().map_err(|e| bad(format!("no working directory: {e}")))?;
@@ -73,14 +73,23 @@ pub async fn submit(c: &mut Client, req: pb::SubmitSweepRequest, wait: bool) -> 
 
 /// The sweep and its trials, best first.
 pub fn print_leaderboard(s: &pb::SweepStatus) {
-    println!("sweep {} ({}): {} {} by {}, at most {} at a time", s.sweep_id, s.name, s.state, s.goal, s.metric, s.max_parallel);
+    println!(
+        "sweep {} ({}): {} {} by {}, at most {} at a time",
+        s.sweep_id, s.name, s.state, s.goal, s.metric, s.max_parallel
+    );
     println!("{:>4}  {:>5}  {:<12} {:<10} {:>12} {:>6}  params", "rank", "trial", "job", "state", s.metric, "step");
     for t in &s.trials {
         let rank = if t.rank == 0 { "-".to_string() } else { t.rank.to_string() };
         let metric = t.metric.map_or("-".to_string(), |m| format!("{m:.5}"));
         let params: Vec<String> = t.params.iter().map(|p| format!("{}={}", p.path, p.value)).collect();
         let job = if t.job_id.is_empty() { "-" } else { &t.job_id };
-        println!("{rank:>4}  {:>5}  {job:<12} {:<10} {metric:>12} {:>6}  {}", t.trial, t.state, t.step, params.join(" "));
+        println!(
+            "{rank:>4}  {:>5}  {job:<12} {:<10} {metric:>12} {:>6}  {}",
+            t.trial,
+            t.state,
+            t.step,
+            params.join(" ")
+        );
     }
 }
 

@@ -151,27 +151,6 @@ pub fn progress_event(s: &pb::JobStatus) -> Value {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn phases_are_lowercase_words() {
-        assert_eq!(phase(pb::JobPhase::Running as i32), "running");
-        assert_eq!(phase(pb::JobPhase::TrainedNotRegistered as i32), "trained-not-registered");
-        assert_eq!(phase(999), "unknown");
-    }
-
-    #[test]
-    fn a_job_without_registry_or_checkpoint_has_nulls() {
-        let v = job(&pb::JobStatus { job_id: "j".into(), ..Default::default() });
-        assert_eq!(v["registration"], Value::Null);
-        assert_eq!(v["latest_checkpoint"], Value::Null);
-        assert_eq!(v["eval"], Value::Null);
-        assert_eq!(v["checkpoints"], json!([]));
-    }
-}
-
 /// A sweep and its leaderboard (`Sweep` in `docs/openapi.json`).
 pub fn sweep(s: &pb::SweepStatus) -> Value {
     let trials: Vec<Value> = s
@@ -181,7 +160,9 @@ pub fn sweep(s: &pb::SweepStatus) -> Value {
             let params: serde_json::Map<String, Value> = t
                 .params
                 .iter()
-                .map(|p| (p.path.clone(), serde_json::from_str(&p.value).unwrap_or_else(|_| Value::String(p.value.clone()))))
+                .map(|p| {
+                    (p.path.clone(), serde_json::from_str(&p.value).unwrap_or_else(|_| Value::String(p.value.clone())))
+                })
                 .collect();
             json!({
                 "trial": t.trial,
@@ -206,4 +187,25 @@ pub fn sweep(s: &pb::SweepStatus) -> Value {
         "submitted_at_ms": s.submitted_at_ms,
         "trials": trials,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_are_lowercase_words() {
+        assert_eq!(phase(pb::JobPhase::Running as i32), "running");
+        assert_eq!(phase(pb::JobPhase::TrainedNotRegistered as i32), "trained-not-registered");
+        assert_eq!(phase(999), "unknown");
+    }
+
+    #[test]
+    fn a_job_without_registry_or_checkpoint_has_nulls() {
+        let v = job(&pb::JobStatus { job_id: "j".into(), ..Default::default() });
+        assert_eq!(v["registration"], Value::Null);
+        assert_eq!(v["latest_checkpoint"], Value::Null);
+        assert_eq!(v["eval"], Value::Null);
+        assert_eq!(v["checkpoints"], json!([]));
+    }
 }

@@ -130,7 +130,10 @@ fn early_stopping_stops_a_running_trial_and_the_trial_shows_why() {
     let metrics = |job: &str| if job == a { (1..=5).map(|s| point(s, 0.1)).collect() } else { vec![point(1, 9.0)] };
     // The first pass records the finished trial's curve; b is in its warm-up.
     let acts = apply_plan(&mut s, &metrics);
-    assert!(matches!(&acts[..], [Action::Record(at, c, m)] if at.trial == 0 && c.len() == 5 && m.len() == 5), "{acts:?}");
+    assert!(
+        matches!(&acts[..], [Action::Record(at, c, m)] if at.trial == 0 && c.len() == 5 && m.len() == 5),
+        "{acts:?}"
+    );
     assert!(s.jobs[&b].phase.is_active());
     let metrics = |job: &str| if job == a { Vec::new() } else { vec![point(1, 9.0), point(3, 9.0)] };
     let acts = apply_plan(&mut s, &metrics);

@@ -32,11 +32,8 @@ fn a_grid_runs_every_combination_first_parameter_slowest() {
 
 #[test]
 fn a_trial_that_fails_validation_rejects_the_sweep_naming_it() {
-    let s = parse_sweep(
-        "name: bad\njob: job.yaml\nparameters:\n  train.global_batch: {values: [8, 0]}\n",
-        "s.yaml",
-    )
-    .unwrap();
+    let s = parse_sweep("name: bad\njob: job.yaml\nparameters:\n  train.global_batch: {values: [8, 0]}\n", "s.yaml")
+        .unwrap();
     let e = trials(&s, JOB, "job.yaml", &no_files).unwrap_err();
     assert!(e.origin.contains("trial 1"), "{e}");
     assert_eq!(e.path, "train.global_batch", "{e}");
@@ -52,13 +49,21 @@ fn a_misspelt_override_is_an_unknown_field() {
 #[test]
 fn bad_sweep_files_name_the_field_and_line() {
     let cases = [
-        ("name: x\njob: j\nparameters:\n  a.b: {distribution: normal, min: 0, max: 1}\ntrials: 2\n", "parameters.a.b.distribution", 4),
+        (
+            "name: x\njob: j\nparameters:\n  a.b: {distribution: normal, min: 0, max: 1}\ntrials: 2\n",
+            "parameters.a.b.distribution",
+            4,
+        ),
         ("name: x\njob: j\nparameters:\n  a.b: {values: [1]}\ntrials: 2\n", "trials", 5),
         ("name: x\njob: j\nparameters:\n  a.b: {distribution: uniform, min: 0, max: 1}\n", "trials", 4),
         ("name: x\njob: j\nparameters:\n  a.b: {values: [1]}\nmetric: {name: acc}\n", "metric.name", 5),
         ("name: x\njob: j\nparameters:\n  a.b: {values: [1]}\nmax_parallel: 0\n", "max_parallel", 5),
         ("name: x\njob: j\nparameters:\n  a.b: {values: [1]}\nbogus: 1\n", "bogus", 5),
-        ("name: x\njob: j\nparameters:\n  a.b: {distribution: log_uniform, min: 0, max: 1}\ntrials: 1\n", "parameters.a.b.min", 4),
+        (
+            "name: x\njob: j\nparameters:\n  a.b: {distribution: log_uniform, min: 0, max: 1}\ntrials: 1\n",
+            "parameters.a.b.min",
+            4,
+        ),
     ];
     for (src, path, line) in cases {
         let e = parse_sweep(src, "s.yaml").unwrap_err();
