@@ -124,3 +124,19 @@ fn set_path_makes_the_mappings_on_the_way_and_refuses_to_go_through_a_value() {
     assert_eq!(doc["train"]["optimizer"]["lr"], 0.5);
     assert!(set_path(&mut doc, "train.steps.x", serde_json::json!(1)).is_err());
 }
+
+#[test]
+fn the_sample_sweep_makes_valid_trials_of_the_quickstart_job() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+    let src = std::fs::read_to_string(dir.join("sweeps/lr.yaml")).unwrap();
+    let s = parse_sweep(&src, "configs/sweeps/lr.yaml").unwrap();
+    assert!(s.random && s.trials == 6 && s.early_stopping == Some(50));
+    let job = std::fs::read_to_string(dir.join("sweeps").join(&s.job)).unwrap();
+    let read = crate::files_under(dir.clone());
+    let t = trials(&s, &job, "configs/quickstart.yaml", &read).unwrap();
+    assert_eq!(t.len(), 6);
+    for trial in &t {
+        let lr = trial.spec.train.optimizer.lr;
+        assert!((0.0003..=0.03).contains(&lr), "{lr}");
+    }
+}
