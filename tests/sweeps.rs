@@ -146,3 +146,49 @@ fn a_sweep_with_a_bad_trial_is_refused_before_anything_is_submitted() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains(":4:") && err.contains("parameters.train.optimizer.lr.distribution"), "{err}");
 }
+
+/// `flotilla ARGS` in `cwd` with `token` (no admin token).
+fn flotilla_as(cwd: &std::path::Path, token: &str, args: &[&str]) -> std::process::Output {
+    let mut c = cmd();
+    c.args(args).current_dir(cwd).env("FLOTILLA_TOKEN", token).env_remove("FLOTILLA_TOKEN_FILE");
+    c.output().expect("run flotilla")
+}
+
+#[test]
+fn a_sweep_is_managed_by_its_submitter_and_admins_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_coord, url) = coordinator(d);
+    let alice = create_token(d, &url, "submit", "alice");
+    let bob = create_token(d, &url, "submit", "bob");
+    let reader = create_token(d, &url, "read", "reader");
+    // No worker: the trials wait in the queue.
+    job_file(d, "job", JOB);
+    let path = d.join("sweep.yaml");
+    std::fs::write(&path, SWEEP).unwrap();
+    let sweep = path.to_str().unwrap();
+
+    let out = flotilla_as(d, &reader, &["sweep", sweep, "--coordinator", &url]);
+    assert!(!out.status.success(), "a read token submitted a sweep");
+    let out = flotilla_as(d, &alice, &["sweep", sweep, "--coordinator", &url]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+
+    let out = flotilla_as(d, &bob, &["cancel", &id, "--coordinator", &url]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("may not cancel"), "bob cancelled alice's sweep: {err}");
+    let out = flotilla_as(d, &reader, &["status", &id, "--coordinator", &url]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("running") && text.contains("queued"), "{text}");
+
+    let out = flotilla_as(d, &alice, &["cancel", &id, "--coordinator", &url]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = flotilla(d, &["status", &id, "--json", "--coordinator", &url]);
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["state"], "cancelled", "{s:#}");
+    let trials = s["trials"].as_array().unwrap();
+    let started: Vec<&serde_json::Value> = trials.iter().filter(|t| !t["job_id"].is_null()).collect();
+    assert_eq!(started.len(), 2, "max_parallel 2: {s:#}");
+    assert!(started.iter().all(|t| t["state"] == "cancelled"), "{s:#}");
+    assert_eq!(s["submitted_by"], "alice");
+}
