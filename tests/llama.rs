@@ -170,7 +170,7 @@ fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / a.abs().max(b.abs()).max(1e-12)
 }
 
-const STEPS: usize = 30;
+const STEPS: usize = 50;
 
 /// The fine-tuning job on `workers` workers with `parallelism`.
 fn ft_job(workers: usize, parallelism: &str) -> String {
