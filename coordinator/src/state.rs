@@ -913,20 +913,7 @@ impl State {
         owner: Option<Owner>,
         at_ms: i64,
     ) -> Result<JobId, Rejection> {
-        let JobTemplate {
-            name,
-            spec_json,
-            min_workers,
-            max_workers,
-            fixed_world,
-            stages,
-            total_steps,
-            keep_checkpoints,
-            output_root,
-            spec_yaml,
-            registry,
-            priority,
-        } = t;
+        let (min_workers, max_workers, stages) = (t.min_workers, t.max_workers, t.stages);
         if min_workers == 0 || min_workers > max_workers {
             return Err(Rejection::Invalid(format!(
                 "workers.min {min_workers} and workers.max {max_workers} must satisfy 1 <= min <= max"
@@ -941,26 +928,26 @@ impl State {
                  {stages} pipeline stages"
             )));
         }
-        if let Some(n) = fixed_world.filter(|n| n % stages != 0) {
+        if let Some(n) = t.fixed_world.filter(|n| n % stages != 0) {
             return Err(Rejection::Invalid(format!(
                 "a fixed world of {n} workers must be a multiple of the {stages} pipeline stages"
             )));
         }
         self.next_job_seq += 1;
-        let id = format!("{name}-{}", self.next_job_seq);
+        let id = format!("{}-{}", t.name, self.next_job_seq);
         self.jobs.insert(
             id.clone(),
             Job {
                 id: id.clone(),
-                name,
-                spec_json,
+                name: t.name,
+                spec_json: t.spec_json,
                 min_workers,
                 max_workers,
-                fixed_world,
+                fixed_world: t.fixed_world,
                 stages,
-                total_steps,
-                keep_checkpoints: keep_checkpoints.max(1),
-                output_dir: format!("{}/{id}", output_root.trim_end_matches('/')),
+                total_steps: t.total_steps,
+                keep_checkpoints: t.keep_checkpoints.max(1),
+                output_dir: format!("{}/{id}", t.output_root.trim_end_matches('/')),
                 phase: JobPhase::Pending,
                 generation: 0,
                 plan: None,
@@ -972,13 +959,13 @@ impl State {
                 submitted_at_ms: at_ms,
                 history: Vec::new(),
                 checkpoint_request: 0,
-                spec_yaml,
-                registry,
+                spec_yaml: t.spec_yaml,
+                registry: t.registry,
                 uid: if uid.is_empty() { id.clone() } else { uid },
                 handoff: None,
                 tracking_run: None,
                 owner,
-                priority,
+                priority: t.priority,
                 sweep: None,
             },
         );
