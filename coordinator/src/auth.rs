@@ -378,6 +378,10 @@ mod tests {
         assert_eq!(access("/flotilla.v1.JobService/GetLeader"), Access::Anyone);
         assert_eq!(access("/flotilla.v1.JobService/SubmitJob"), Access::Roles(SUBMITTERS));
         assert_eq!(access("/flotilla.v1.JobService/ListJobs"), Access::Roles(READERS));
+        assert_eq!(access("/flotilla.v1.JobService/SubmitSweep"), Access::Roles(SUBMITTERS));
+        assert_eq!(access("/flotilla.v1.JobService/CancelSweep"), Access::Roles(SUBMITTERS));
+        assert_eq!(access("/flotilla.v1.JobService/GetSweep"), Access::Roles(READERS));
+        assert_eq!(access("/flotilla.v1.JobService/ListSweeps"), Access::Roles(READERS));
         assert_eq!(access("/flotilla.v1.WorkerService/Heartbeat"), Access::Roles(WORKERS));
         assert_eq!(access("/flotilla.raft.v1.Raft/Vote"), Access::Peers);
         assert_eq!(access("/flotilla.raft.v1.Cluster/AddMember"), Access::Roles(ADMINS));

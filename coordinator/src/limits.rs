@@ -20,6 +20,9 @@ pub const MAX_HOSTNAME: usize = 255;
 pub const MAX_PATH: usize = 4096;
 /// The text of a job file.
 pub const MAX_JOB_FILE: usize = 1 << 20;
+/// The job files of all the trials of one sweep together (they are kept in
+/// one command of the replicated log).
+pub const MAX_SWEEP_BYTES: usize = 8 << 20;
 /// The name a job file is known by in error messages (`origin`).
 pub const MAX_ORIGIN: usize = MAX_PATH;
 /// Free text a worker sends: a failure's message, a preemption's source

@@ -28,9 +28,19 @@ pub async fn submit_sweep(c: &Coordinator, caller: &Caller, req: pb::SubmitSweep
     let trials = flotilla_jobspec::sweep::trials(&spec, &req.job_yaml, job_origin, &read)
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
     let mut made = Vec::with_capacity(trials.len());
+    let mut bytes = 0;
     for t in trials {
         let params = t.params.iter().map(|(p, v)| (p.clone(), v.to_string())).collect();
-        made.push((params, template_of(t.spec, &t.job_yaml, &req.base_dir)?));
+        let template = template_of(t.spec, &t.job_yaml, &req.base_dir)?;
+        bytes += template.spec_json.len() + template.spec_yaml.len();
+        if bytes > crate::limits::MAX_SWEEP_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "the trials' job files come to more than {} bytes; make the base job smaller or the sweep \
+                 shorter",
+                crate::limits::MAX_SWEEP_BYTES
+            )));
+        }
+        made.push((params, template));
     }
     let sweep = NewSweep {
         name: spec.name.clone(),
