@@ -70,7 +70,8 @@ fn a_sweep_survives_a_leader_kill_with_every_trial_run_once() {
     job_file(d, "job", JOB);
     let sweep_path = d.join("sweep.yaml");
     std::fs::write(&sweep_path, SWEEP).unwrap();
-    let out = flotilla(d, &["sweep", sweep_path.to_str().unwrap(), "--coordinator", &list]);
+    let submit = ["sweep", sweep_path.to_str().unwrap(), "--coordinator", &list, "--submission-id", "lrs-once"];
+    let out = flotilla(d, &submit);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert!(id.starts_with("lrs-s"), "{id}");
@@ -124,6 +125,16 @@ fn a_sweep_survives_a_leader_kill_with_every_trial_run_once() {
     let out = flotilla(d, &["status", &id, "--coordinator", &list]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("done") && text.contains("train.optimizer.lr=0.003"), "{text}");
+
+    // The same submission again (a retry) is the same sweep; `--wait`
+    // follows it (done already) and prints its leaderboard.
+    let mut again = submit.to_vec();
+    again.push("--wait");
+    let out = flotilla(d, &again);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text.lines().next(), Some(id.as_str()), "{text}");
+    assert_eq!(text.lines().filter(|l| l.contains("succeeded")).count(), 4, "{text}");
 }
 
 #[test]
