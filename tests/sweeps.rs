@@ -84,6 +84,9 @@ fn a_sweep_survives_a_leader_kill_with_every_trial_run_once() {
             let s = sweep(&addrs, &id).await;
             most = most.max(active(&jobs(&addrs).await));
             if s.trials.iter().any(|t| t.state != "pending") {
+                let states: Vec<&str> = s.trials.iter().map(|t| t.state.as_str()).collect();
+                eprintln!("trials at the kill: {states:?}");
+                assert!(states.iter().filter(|s| **s == "pending").count() >= 2, "{states:?}");
                 break;
             }
             assert!(Instant::now() < deadline, "timed out waiting for trials to run: {s:#?}");
