@@ -154,6 +154,31 @@ pub fn plan(state: &State, sweep: &Sweep, metrics: &dyn Fn(&str) -> Vec<MetricPo
     out
 }
 
+/// The most bytes of a final model's `metrics.jsonl` read back.
+const MAX_HISTORY_BYTES: u64 = 64 << 20;
+/// How long reading it may hold up the driver.
+const HISTORY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The metric history saved beside a final model (`…/final/model.safetensors`
+/// → `…/final/metrics.jsonl`), if it can be read quickly.
+async fn final_history(final_model: Option<&str>) -> Option<Vec<MetricPoint>> {
+    let (folder, _) = final_model?.rsplit_once('/')?;
+    let read = async {
+        let dir = flotilla_storage::Storage::open(folder).ok()?;
+        if dir.size("metrics.jsonl").await.ok()? > MAX_HISTORY_BYTES {
+            return None;
+        }
+        let bytes = dir.get("metrics.jsonl").await.ok()?;
+        flotilla_registry::record::from_jsonl(&String::from_utf8_lossy(&bytes)).ok()
+    };
+    let records = tokio::time::timeout(HISTORY_TIMEOUT, read).await.ok().flatten()?;
+    let points: Vec<MetricPoint> = records
+        .into_iter()
+        .map(|r| MetricPoint { step: r.step, loss: r.loss, eval_loss: r.eval_loss, ..Default::default() })
+        .collect();
+    (!points.is_empty()).then_some(points)
+}
+
 impl Coordinator {
     /// One pass over the sweeps that are not done (leader only).
     pub(crate) async fn drive_sweeps(&self) {
@@ -179,7 +204,19 @@ impl Coordinator {
                         tracing::info!(sweep = %at.sweep, trial = at.trial, "starting trial");
                         Command::StartTrial { at, uid: crate::random_id(), data_key, at_ms: now_ms() }
                     }
-                    Action::Record(at, curve, means) => Command::RecordTrial { at, curve, means },
+                    Action::Record(at, soft_curve, soft_means) => {
+                        // A trained trial's full history is in its final
+                        // folder: it holds what a new leader never saw.
+                        let job = sweep.trials[at.trial as usize].job.as_ref().and_then(|j| state.jobs.get(j));
+                        match final_history(job.and_then(|j| j.final_model.as_deref())).await {
+                            Some(points) => Command::RecordTrial {
+                                curve: curve(&points, &sweep.metric),
+                                means: means(&points, &sweep.metric),
+                                at,
+                            },
+                            None => Command::RecordTrial { at, curve: soft_curve, means: soft_means },
+                        }
+                    }
                     Action::Stop { job, reason } => {
                         tracing::info!(job = %job, reason = %reason, "stopping trial");
                         Command::StopTrial { job, reason, at_ms: now_ms() }

@@ -183,3 +183,17 @@ fn means_run_from_the_first_point_and_survive_thinning() {
     assert_eq!(value_at(&short, 300), Some(2.0));
     assert!((value_at(&m, 300).unwrap() - 2.0).abs() < 0.01);
 }
+
+#[tokio::test]
+async fn a_trained_trials_history_is_read_from_beside_its_final_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let records: Vec<flotilla_registry::MetricRecord> =
+        (1..=3).map(|s| crate::convert::metric_record(&point(s, 4.0 - s as f64))).collect();
+    std::fs::write(dir.path().join("metrics.jsonl"), flotilla_registry::record::to_jsonl(&records)).unwrap();
+    let model = format!("{}/model.safetensors", dir.path().display());
+    let points = final_history(Some(&model)).await.unwrap();
+    assert_eq!(curve(&points, "loss"), [(1, 3.0), (2, 2.0), (3, 1.0)]);
+    assert_eq!(means(&points, "loss").last(), Some(&(3, 2.0)));
+    assert!(final_history(Some("/no/such/folder/model.safetensors")).await.is_none());
+    assert!(final_history(None).await.is_none());
+}
