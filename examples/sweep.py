@@ -1,12 +1,14 @@
-"""A learning-rate sweep over the quickstart job with the Python SDK: every
-variant submitted at once (they queue for workers), each followed to its
-end, then ranked by final training loss.
+"""A learning-rate sweep over the quickstart job with the Python SDK: the
+sweep is kept by the coordinator, which runs its trials (at most
+`--parallel` at a time) and ranks them by final training loss.
 
     pip install ./python
     flotilla coordinator & flotilla worker & flotilla worker &
     export FLOTILLA_TOKEN_FILE=$PWD/flotilla-coordinator/admin.token
     export FLOTILLA_TLS_DIR=$PWD/flotilla-coordinator/tls
     python examples/sweep.py --coordinator https://127.0.0.1:7070
+
+The same sweep as a file is `flotilla sweep SWEEP.yaml` (docs/sweeps.md).
 """
 
 import argparse
@@ -22,28 +24,29 @@ def main() -> None:
     parser.add_argument("--coordinator", default=None, help="default: $FLOTILLA_COORDINATOR")
     parser.add_argument("--steps", type=int, default=None, help="train this many steps instead of the file's")
     parser.add_argument("--lrs", default="0.0003,0.001,0.003,0.01", help="comma-separated learning rates")
+    parser.add_argument("--parallel", type=int, default=2, help="trials running at once")
     args = parser.parse_args()
 
+    parameters = {"train.optimizer.lr": {"values": [float(x) for x in args.lrs.split(",")]}}
+    if args.steps:
+        parameters["train.steps"] = {"values": [args.steps]}
+        parameters["train.schedule.warmup_steps"] = {"values": [min(20, args.steps // 2)]}
+        parameters["checkpoint.every"] = {"values": [0]}
     client = Client(args.coordinator)
-    jobs = []
-    for lr in [float(x) for x in args.lrs.split(",")]:
-        overrides = {"name": f"sweep-lr{round(lr * 1e4)}", "train.optimizer.lr": lr}
-        if args.steps:
-            overrides["train.steps"] = args.steps
-            overrides["train.schedule.warmup_steps"] = min(20, args.steps // 2)
-            overrides["checkpoint.every"] = 0
-        jobs.append((lr, client.submit(QUICKSTART, overrides)))
-        print(f"submitted lr={lr} as {jobs[-1][1].id}", flush=True)
-
-    results = []
-    for lr, job in jobs:
-        final = job.wait(progress=True)
-        points = job.metrics(as_frame=False)
-        loss = points[-1]["loss"] if points else float("nan")
-        results.append((loss, lr, job.id, final["phase"]))
+    sweep = client.sweep(
+        {"name": "lr-sweep", "parameters": parameters, "max_parallel": args.parallel,
+         "metric": {"name": "loss", "goal": "minimize"}},
+        job=QUICKSTART,
+    )
+    print(f"submitted sweep {sweep.id}", flush=True)
+    final = sweep.wait(progress=True)
+    print(f"sweep {sweep.id}: {final['state']}")
     print("rank  lr        final loss  job")
-    for rank, (loss, lr, job_id, phase) in enumerate(sorted(results), start=1):
-        print(f"{rank:>4}  {lr:<8g}  {loss:<10.4f}  {job_id} ({phase})")
+    for t in final["trials"]:
+        rank = t["rank"] or "-"
+        loss = "-" if t["metric"] is None else f"{t['metric']:.4f}"
+        lr = t["params"]["train.optimizer.lr"]
+        print(f"{rank:>4}  {lr:<8g}  {loss:<10}  {t['job_id']} ({t['state']})")
 
 
 if __name__ == "__main__":

@@ -233,11 +233,22 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
             client::print_outcome(&status, started.elapsed());
             Ok(cli::exit_code(status.phase))
         }
+        Command::Sweep { sweep, coordinator, wait, submission_id } => {
+            init_logs("warn");
+            let req = match cli::sweep::load(&sweep, submission_id.unwrap_or_else(flotilla_coordinator::random_id)) {
+                Ok(r) => r,
+                Err(code) => return Ok(code),
+            };
+            cli::certs::dial_as_client(&coordinator.tls)?;
+            let mut c = client::connect(&coordinator.coordinator).await?;
+            cli::sweep::submit(&mut c, req, wait).await
+        }
         Command::Status { job, json, coordinator } => {
             init_logs("warn");
             cli::certs::dial_as_client(&coordinator.tls)?;
             let mut c = client::connect(&coordinator.coordinator).await?;
             match job {
+                Some(id) if cli::sweep::is_sweep_id(&id) => return cli::sweep::status(&mut c, &id, json).await,
                 Some(id) => match flotilla::rpc!(c, get_job, pb::GetJobRequest { job_id: id.clone() }) {
                     Ok(s) if json => println!("{:#}", cli::status::status_json(&s)),
                     Ok(s) => cli::status::print_detail(&s),
@@ -273,6 +284,9 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
             init_logs("warn");
             cli::certs::dial_as_client(&coordinator.tls)?;
             let mut c = client::connect(&coordinator.coordinator).await?;
+            if cli::sweep::is_sweep_id(&job) {
+                return cli::sweep::cancel(&mut c, &job).await;
+            }
             match flotilla::rpc!(c, cancel_job, pb::CancelJobRequest { job_id: job.clone() }) {
                 Ok(s) => {
                     println!("{} {}", s.job_id, client::phase_name(s.phase));

@@ -1,6 +1,7 @@
-//! The Python SDK (`python/`) against a real coordinator and worker, with
-//! mutual TLS and tokens on: `python/tests/test_client.py`, run by the
-//! repository's Python (`.deps/venv`) with the package on its path.
+//! The Python SDK (`python/`) against a real coordinator and four workers,
+//! with mutual TLS and tokens on: `python/tests` (jobs and sweeps), run with
+//! pytest by the repository's Python (`.deps/venv`, made by
+//! `scripts/bootstrap --python`) with the package on its path.
 
 mod support;
 
@@ -13,9 +14,10 @@ fn the_python_sdk_drives_a_real_coordinator() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (_coord, url) = coordinator(d);
-    let _worker = worker(d, &url, "w0");
+    let _workers: Vec<Proc> = (0..4).map(|i| worker(d, &url, &format!("w{i}"))).collect();
     let out = Command::new(oracle_python())
-        .arg(repo().join("python/tests/test_client.py"))
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .arg(repo().join("python/tests"))
         .env("PYTHONPATH", repo().join("python"))
         .env("FLOTILLA_COORDINATOR", &url)
         .env("FLOTILLA_TOKEN", admin_token())
@@ -26,9 +28,10 @@ fn the_python_sdk_drives_a_real_coordinator() {
         .expect("run python");
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("3 passed"), "{stdout}");
+    assert!(stdout.contains("7 passed"), "{stdout}");
 
-    // The sweep example, shortened: two learning rates, ranked.
+    // The sweep example, shortened: two learning rates, ranked by the
+    // coordinator.
     let out = Command::new(oracle_python())
         .arg(repo().join("examples/sweep.py"))
         .args(["--coordinator", &url, "--steps", "8", "--lrs", "0.001,0.01"])

@@ -17,7 +17,10 @@ use tonic::Status;
 use crate::auth::Caller;
 use crate::convert;
 use crate::coordinator::{now_ms, Coordinator};
-use crate::state::{Command, Event};
+use crate::state::{Command, Event, JobTemplate};
+
+mod sweeps;
+pub use sweeps::{cancel_sweep, get_sweep, list_sweeps, submit_sweep, sweep_status};
 
 pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -67,15 +70,23 @@ pub fn job_status(c: &Coordinator, job_id: &str) -> Result<pb::JobStatus, Status
     Ok(convert::job_status(job, state.queue_position(job_id), &soft))
 }
 
-/// Validates a job file and queues the job; returns its id (the first
-/// job's again for a repeated `submission_id`).
-pub async fn submit(c: &Coordinator, caller: &Caller, req: pb::SubmitJobRequest) -> Result<String, Status> {
-    let origin = if req.origin.is_empty() { "job.yaml" } else { &req.origin };
-    let mut spec =
-        flotilla_jobspec::parse(&req.spec_yaml, origin).map_err(|e| Status::invalid_argument(e.to_string()))?;
-    let base = Path::new(&req.base_dir);
+/// A job file's template: parsed and validated (`origin` names it, and
+/// the files it names are read relative to its folder), its paths resolved
+/// against `base_dir`.
+pub fn template(spec_yaml: &str, origin: &str, base_dir: &str) -> Result<JobTemplate, Status> {
+    let spec = flotilla_jobspec::parse(spec_yaml, origin).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    template_of(spec, spec_yaml, base_dir)
+}
+
+/// [`template`] for a job file already parsed.
+pub(crate) fn template_of(
+    mut spec: flotilla_jobspec::JobSpec,
+    spec_yaml: &str,
+    base_dir: &str,
+) -> Result<JobTemplate, Status> {
+    let base = Path::new(base_dir);
     if !base.is_absolute() {
-        return Err(Status::invalid_argument(format!("base_dir must be an absolute path, got {:?}", req.base_dir)));
+        return Err(Status::invalid_argument(format!("base_dir must be an absolute path, got {base_dir:?}")));
     }
     spec.resolve_paths(base);
     let stages = spec.parallelism.pp.max(1) as u32;
@@ -84,7 +95,7 @@ pub async fn submit(c: &Coordinator, caller: &Caller, req: pb::SubmitJobRequest)
         DpSize::Auto => None,
         DpSize::Fixed(n) => Some(n as u32 * stages),
     };
-    let cmd = Command::SubmitJob {
+    Ok(JobTemplate {
         name: spec.name.clone(),
         spec_json: spec.to_json(),
         min_workers: spec.workers.min as u32,
@@ -94,14 +105,35 @@ pub async fn submit(c: &Coordinator, caller: &Caller, req: pb::SubmitJobRequest)
         total_steps: spec.train.steps,
         keep_checkpoints: spec.checkpoint.keep as u32,
         output_root: spec.checkpoint.url.clone(),
-        submission_id: (!req.submission_id.is_empty()).then(|| req.submission_id.clone()),
+        spec_yaml: spec_yaml.to_string(),
         registry: spec.registry.clone(),
+        priority: spec.priority,
+    })
+}
+
+/// Validates a job file and queues the job; returns its id (the first
+/// job's again for a repeated `submission_id`).
+pub async fn submit(c: &Coordinator, caller: &Caller, req: pb::SubmitJobRequest) -> Result<String, Status> {
+    let origin = if req.origin.is_empty() { "job.yaml" } else { &req.origin };
+    let t = template(&req.spec_yaml, origin, &req.base_dir)?;
+    let cmd = Command::SubmitJob {
+        name: t.name,
+        spec_json: t.spec_json,
+        min_workers: t.min_workers,
+        max_workers: t.max_workers,
+        fixed_world: t.fixed_world,
+        stages: t.stages,
+        total_steps: t.total_steps,
+        keep_checkpoints: t.keep_checkpoints,
+        output_root: t.output_root,
+        submission_id: (!req.submission_id.is_empty()).then(|| req.submission_id.clone()),
+        registry: t.registry,
         uid: crate::random_id(),
         data_key: crate::data_key::DataKey::random()
             .map_err(|e| Status::internal(format!("could not mint the job's data-plane key: {e}")))?,
-        spec_yaml: req.spec_yaml,
+        spec_yaml: t.spec_yaml,
         owner: caller.owner(),
-        priority: spec.priority,
+        priority: t.priority,
         at_ms: now_ms(),
     };
     let events = c.propose(cmd).await.map_err(convert::status)?;

@@ -227,8 +227,12 @@ fn access(path: &str) -> Access {
     let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
     match (service, method) {
         ("flotilla.v1.JobService", "GetLeader") => Access::Anyone,
-        ("flotilla.v1.JobService", "SubmitJob" | "CancelJob" | "RegisterModel") => Access::Roles(SUBMITTERS),
-        ("flotilla.v1.JobService", "GetJob" | "ListJobs" | "WatchJob" | "GetMetrics") => Access::Roles(READERS),
+        ("flotilla.v1.JobService", "SubmitJob" | "CancelJob" | "RegisterModel" | "SubmitSweep" | "CancelSweep") => {
+            Access::Roles(SUBMITTERS)
+        }
+        ("flotilla.v1.JobService", "GetJob" | "ListJobs" | "WatchJob" | "GetMetrics" | "GetSweep" | "ListSweeps") => {
+            Access::Roles(READERS)
+        }
         ("flotilla.v1.WorkerService", _) => Access::Roles(WORKERS),
         ("flotilla.raft.v1.Raft", _) => Access::Peers,
         ("flotilla.raft.v1.Cluster", "Members") => Access::Roles(READERS),
@@ -374,6 +378,10 @@ mod tests {
         assert_eq!(access("/flotilla.v1.JobService/GetLeader"), Access::Anyone);
         assert_eq!(access("/flotilla.v1.JobService/SubmitJob"), Access::Roles(SUBMITTERS));
         assert_eq!(access("/flotilla.v1.JobService/ListJobs"), Access::Roles(READERS));
+        assert_eq!(access("/flotilla.v1.JobService/SubmitSweep"), Access::Roles(SUBMITTERS));
+        assert_eq!(access("/flotilla.v1.JobService/CancelSweep"), Access::Roles(SUBMITTERS));
+        assert_eq!(access("/flotilla.v1.JobService/GetSweep"), Access::Roles(READERS));
+        assert_eq!(access("/flotilla.v1.JobService/ListSweeps"), Access::Roles(READERS));
         assert_eq!(access("/flotilla.v1.WorkerService/Heartbeat"), Access::Roles(WORKERS));
         assert_eq!(access("/flotilla.raft.v1.Raft/Vote"), Access::Peers);
         assert_eq!(access("/flotilla.raft.v1.Cluster/AddMember"), Access::Roles(ADMINS));

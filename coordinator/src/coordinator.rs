@@ -217,6 +217,7 @@ impl Coordinator {
             }
         }
 
+        self.drive_sweeps().await;
         self.start_queued(now).await;
     }
 

@@ -18,6 +18,7 @@ pub mod service;
 pub mod soft;
 pub mod state;
 pub mod store;
+pub mod sweeps;
 
 #[cfg(test)]
 mod state_tests;

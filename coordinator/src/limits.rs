@@ -20,6 +20,9 @@ pub const MAX_HOSTNAME: usize = 255;
 pub const MAX_PATH: usize = 4096;
 /// The text of a job file.
 pub const MAX_JOB_FILE: usize = 1 << 20;
+/// The job files of all the trials of one sweep together (they are kept in
+/// one command of the replicated log).
+pub const MAX_SWEEP_BYTES: usize = 8 << 20;
 /// The name a job file is known by in error messages (`origin`).
 pub const MAX_ORIGIN: usize = MAX_PATH;
 /// Free text a worker sends: a failure's message, a preemption's source
@@ -116,6 +119,7 @@ macro_rules! ids_only {
 
 ids_only! {
     pb::GetJobRequest => [job_id];
+    pb::GetSweepRequest => [sweep_id];
     pb::CancelJobRequest => [job_id];
     pb::WatchJobRequest => [job_id];
     pb::GetMetricsRequest => [job_id];
@@ -159,6 +163,17 @@ impl Bounded for pb::SubmitJobRequest {
     fn check(&self) -> Result<(), Status> {
         check_len("spec_yaml", &self.spec_yaml, MAX_JOB_FILE)?;
         check_len("origin", &self.origin, MAX_ORIGIN)?;
+        check_location("base_dir", &self.base_dir)?;
+        check_id("submission_id", &self.submission_id)
+    }
+}
+
+impl Bounded for pb::SubmitSweepRequest {
+    fn check(&self) -> Result<(), Status> {
+        check_len("sweep_yaml", &self.sweep_yaml, MAX_JOB_FILE)?;
+        check_len("sweep_origin", &self.sweep_origin, MAX_ORIGIN)?;
+        check_len("job_yaml", &self.job_yaml, MAX_JOB_FILE)?;
+        check_len("job_origin", &self.job_origin, MAX_ORIGIN)?;
         check_location("base_dir", &self.base_dir)?;
         check_id("submission_id", &self.submission_id)
     }

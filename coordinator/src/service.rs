@@ -75,6 +75,33 @@ impl JobService for JobApi {
         Ok(Response::new(pb::SubmitJobResponse { job_id }))
     }
 
+    async fn submit_sweep(
+        &self,
+        req: Request<pb::SubmitSweepRequest>,
+    ) -> Result<Response<pb::SubmitSweepResponse>, Status> {
+        lead(&self.0)?;
+        let caller = Caller::of(&req)?;
+        let sweep_id = api::submit_sweep(&self.0, &caller, bounded(req)?).await?;
+        Ok(Response::new(pb::SubmitSweepResponse { sweep_id }))
+    }
+
+    async fn get_sweep(&self, req: Request<pb::GetSweepRequest>) -> Result<Response<pb::SweepStatus>, Status> {
+        Ok(Response::new(api::get_sweep(&self.0, &bounded(req)?.sweep_id).await?))
+    }
+
+    async fn list_sweeps(
+        &self,
+        _req: Request<pb::ListSweepsRequest>,
+    ) -> Result<Response<pb::ListSweepsResponse>, Status> {
+        Ok(Response::new(pb::ListSweepsResponse { sweeps: api::list_sweeps(&self.0).await? }))
+    }
+
+    async fn cancel_sweep(&self, req: Request<pb::GetSweepRequest>) -> Result<Response<pb::SweepStatus>, Status> {
+        lead(&self.0)?;
+        let caller = Caller::of(&req)?;
+        Ok(Response::new(api::cancel_sweep(&self.0, &caller, &bounded(req)?.sweep_id).await?))
+    }
+
     async fn get_leader(&self, _req: Request<pb::GetLeaderRequest>) -> Result<Response<pb::LeaderInfo>, Status> {
         let is_leader = self.0.store.is_leader();
         let leader = self.0.store.leader_hint().unwrap_or_default();

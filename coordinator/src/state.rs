@@ -14,6 +14,9 @@ use crate::scheduler::queue::Verdict;
 use crate::scheduler::{self, PlanRequest};
 
 mod queue;
+pub mod sweep;
+
+pub use sweep::{JobTemplate, NewSweep, Sweep, SweepId, SweepPhase, TrialRef};
 
 pub type JobId = String;
 pub type WorkerId = String;
@@ -176,6 +179,9 @@ pub struct Job {
     /// equal ones in submission order).
     #[serde(default)]
     pub priority: i32,
+    /// The sweep this job is a trial of.
+    #[serde(default)]
+    pub sweep: Option<TrialRef>,
 }
 
 /// Who submitted a job: the token's public id and its name.
@@ -367,6 +373,40 @@ pub enum Command {
         job: JobId,
         run_id: String,
     },
+    /// A sweep with every trial's validated job template.
+    SubmitSweep {
+        sweep: NewSweep,
+        owner: Option<Owner>,
+        /// As for `SubmitJob`: a repeat returns the first sweep.
+        submission_id: Option<String>,
+        at_ms: i64,
+    },
+    /// Queues a trial of a sweep as a job (once: a repeat returns its job).
+    StartTrial {
+        at: TrialRef,
+        uid: String,
+        data_key: DataKey,
+        at_ms: i64,
+    },
+    /// Cancels a trial that early stopping found poor, saying why.
+    StopTrial {
+        job: JobId,
+        reason: String,
+        at_ms: i64,
+    },
+    /// Cancels a sweep and every trial of it that has not ended.
+    CancelSweep {
+        sweep: SweepId,
+        at_ms: i64,
+    },
+    /// Keeps an ended trial's metric curve and running means (the first
+    /// record wins).
+    RecordTrial {
+        at: TrialRef,
+        curve: Vec<(u64, f64)>,
+        #[serde(default)]
+        means: Vec<(u64, f64)>,
+    },
 }
 
 /// What a command did.
@@ -452,6 +492,20 @@ pub enum Event {
         job: JobId,
         run_id: String,
     },
+    SweepSubmitted {
+        sweep: SweepId,
+    },
+    /// A sweep submission retried with the id of one already taken.
+    SweepRepeated {
+        sweep: SweepId,
+    },
+    SweepCancelled {
+        sweep: SweepId,
+    },
+    TrialRecorded {
+        sweep: SweepId,
+        trial: u32,
+    },
     /// A command that changed nothing because it was already applied or is
     /// stale (an old generation's report); not an error.
     Ignored {
@@ -494,6 +548,13 @@ pub struct State {
     /// API tokens by name, revoked ones included (a name is never reused).
     #[serde(default)]
     pub tokens: OrdMap<String, TokenRecord>,
+    #[serde(default)]
+    pub next_sweep_seq: u64,
+    #[serde(default)]
+    pub sweeps: OrdMap<SweepId, Sweep>,
+    /// Client submission ids -> the sweep each created.
+    #[serde(default)]
+    pub sweep_submissions: OrdMap<String, SweepId>,
 }
 
 impl State {
@@ -546,65 +607,33 @@ impl State {
                 if let Some(job) = submission_id.as_ref().and_then(|s| self.submissions.get(s)) {
                     return Ok(vec![Event::SubmissionRepeated { job: job.clone() }]);
                 }
-                if min_workers == 0 || min_workers > max_workers {
-                    return Err(Rejection::Invalid(format!(
-                        "workers.min {min_workers} and workers.max {max_workers} must satisfy 1 <= min <= max"
-                    )));
-                }
-                if stages == 0 {
-                    return Err(Rejection::Invalid("a job has at least 1 pipeline stage".into()));
-                }
-                if min_workers % stages != 0 || max_workers % stages != 0 {
-                    return Err(Rejection::Invalid(format!(
-                        "workers.min {min_workers} and workers.max {max_workers} must be multiples of the \
-                         {stages} pipeline stages"
-                    )));
-                }
-                if let Some(n) = fixed_world.filter(|n| n % stages != 0) {
-                    return Err(Rejection::Invalid(format!(
-                        "a fixed world of {n} workers must be a multiple of the {stages} pipeline stages"
-                    )));
-                }
-                self.next_job_seq += 1;
-                let id = format!("{name}-{}", self.next_job_seq);
-                self.jobs.insert(
-                    id.clone(),
-                    Job {
-                        id: id.clone(),
-                        name,
-                        spec_json,
-                        min_workers,
-                        max_workers,
-                        fixed_world,
-                        stages,
-                        total_steps,
-                        keep_checkpoints: keep_checkpoints.max(1),
-                        output_dir: format!("{}/{id}", output_root.trim_end_matches('/')),
-                        phase: JobPhase::Pending,
-                        generation: 0,
-                        plan: None,
-                        data_key,
-                        checkpoints: Vec::new(),
-                        final_model: None,
-                        restarts: 0,
-                        message: "waiting for workers".into(),
-                        submitted_at_ms: at_ms,
-                        history: Vec::new(),
-                        checkpoint_request: 0,
-                        spec_yaml,
-                        registry,
-                        uid: if uid.is_empty() { id.clone() } else { uid },
-                        handoff: None,
-                        tracking_run: None,
-                        owner,
-                        priority,
-                    },
-                );
+                let template = JobTemplate {
+                    name,
+                    spec_json,
+                    min_workers,
+                    max_workers,
+                    fixed_world,
+                    stages,
+                    total_steps,
+                    keep_checkpoints,
+                    output_root,
+                    spec_yaml,
+                    registry,
+                    priority,
+                };
+                let id = self.insert_job(template, uid, data_key, owner, at_ms)?;
                 if let Some(s) = submission_id {
                     self.submissions.insert(s, id.clone());
                 }
                 Ok(vec![Event::JobSubmitted { job: id }])
             }
+            Command::SubmitSweep { sweep, owner, submission_id, at_ms } => {
+                self.submit_sweep(sweep, owner, submission_id, at_ms)
+            }
+            Command::StartTrial { at, uid, data_key, at_ms } => self.start_trial(at, uid, data_key, at_ms),
+            Command::StopTrial { job, reason, .. } => self.stop_trial(&job, reason),
+            Command::CancelSweep { sweep, .. } => self.cancel_sweep(&sweep),
+            Command::RecordTrial { at, curve, means } => self.record_trial(at, curve, means),
             Command::CancelJob { job, .. } => {
                 let j = self.job_mut(&job)?;
                 if j.phase.is_terminal() {
@@ -873,6 +902,74 @@ impl State {
                 Ok(vec![Event::TrackingRunSet { job, run_id }])
             }
         }
+    }
+
+    /// Checks a job template and queues it as a new job; returns its id.
+    fn insert_job(
+        &mut self,
+        t: JobTemplate,
+        uid: String,
+        data_key: DataKey,
+        owner: Option<Owner>,
+        at_ms: i64,
+    ) -> Result<JobId, Rejection> {
+        let (min_workers, max_workers, stages) = (t.min_workers, t.max_workers, t.stages);
+        if min_workers == 0 || min_workers > max_workers {
+            return Err(Rejection::Invalid(format!(
+                "workers.min {min_workers} and workers.max {max_workers} must satisfy 1 <= min <= max"
+            )));
+        }
+        if stages == 0 {
+            return Err(Rejection::Invalid("a job has at least 1 pipeline stage".into()));
+        }
+        if min_workers % stages != 0 || max_workers % stages != 0 {
+            return Err(Rejection::Invalid(format!(
+                "workers.min {min_workers} and workers.max {max_workers} must be multiples of the \
+                 {stages} pipeline stages"
+            )));
+        }
+        if let Some(n) = t.fixed_world.filter(|n| n % stages != 0) {
+            return Err(Rejection::Invalid(format!(
+                "a fixed world of {n} workers must be a multiple of the {stages} pipeline stages"
+            )));
+        }
+        self.next_job_seq += 1;
+        let id = format!("{}-{}", t.name, self.next_job_seq);
+        self.jobs.insert(
+            id.clone(),
+            Job {
+                id: id.clone(),
+                name: t.name,
+                spec_json: t.spec_json,
+                min_workers,
+                max_workers,
+                fixed_world: t.fixed_world,
+                stages,
+                total_steps: t.total_steps,
+                keep_checkpoints: t.keep_checkpoints.max(1),
+                output_dir: format!("{}/{id}", t.output_root.trim_end_matches('/')),
+                phase: JobPhase::Pending,
+                generation: 0,
+                plan: None,
+                data_key,
+                checkpoints: Vec::new(),
+                final_model: None,
+                restarts: 0,
+                message: "waiting for workers".into(),
+                submitted_at_ms: at_ms,
+                history: Vec::new(),
+                checkpoint_request: 0,
+                spec_yaml: t.spec_yaml,
+                registry: t.registry,
+                uid: if uid.is_empty() { id.clone() } else { uid },
+                handoff: None,
+                tracking_run: None,
+                owner,
+                priority: t.priority,
+                sweep: None,
+            },
+        );
+        Ok(id)
     }
 
     fn job(&self, job: &str) -> Result<&Job, Rejection> {

@@ -25,6 +25,7 @@ pub mod hf_config;
 mod paths;
 mod raw;
 mod spec;
+pub mod sweep;
 pub mod tokenizer_json;
 mod validate;
 
@@ -74,6 +75,11 @@ pub fn parse_with(source: &str, origin: &str, read_file: &ReadFile) -> Result<Jo
     validate::job(raw, &cx)
 }
 
+/// A [`ReadFile`] that reads paths relative to `base` from the file system.
+pub fn files_under(base: std::path::PathBuf) -> impl Fn(&str, u64) -> Result<String, String> {
+    move |path: &str, limit: u64| read_file(&base.join(path), limit)
+}
+
 fn read_file(path: &std::path::Path, limit: u64) -> Result<String, String> {
     use std::io::Read;
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -99,7 +105,7 @@ pub fn read_yaml<T: DeserializeOwned>(source: &str, origin: &str) -> Result<T, S
 }
 
 /// YAML → `T`, with the field path of any error.
-fn deserialize<T: DeserializeOwned>(source: &str, origin: &str) -> Result<T, SpecError> {
+pub(crate) fn deserialize<T: DeserializeOwned>(source: &str, origin: &str) -> Result<T, SpecError> {
     let mut segments = Vec::new();
     let result = serde_saphyr::with_deserializer_from_str_with_options(source, yaml_options(), |de| {
         let mut track = serde_path_to_error::Track::new();

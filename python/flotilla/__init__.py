@@ -5,9 +5,11 @@
     job = client.submit("job.yaml", {"train.optimizer.lr": 1e-3})
     job.wait(progress=True)
     print(job.metrics())
+    sweep = client.sweep("sweep.yaml")  # trials run on the coordinator
+    print(sweep.wait()["trials"])       # the leaderboard, best first
 """
 
-from .client import Client, FlotillaError, Job, set_field
+from .client import Client, FlotillaError, Job, Sweep, set_field
 
-__all__ = ["Client", "FlotillaError", "Job", "set_field"]
+__all__ = ["Client", "FlotillaError", "Job", "Sweep", "set_field"]
 __version__ = "0.1.0"

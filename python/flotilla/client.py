@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import http.client
+import re
 import json
 import os
 import ssl
@@ -25,6 +26,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 JobSource = Union[str, "os.PathLike[str]", Mapping[str, Any]]
+SWEEP_ENDED = ("done", "cancelled")
 
 
 class FlotillaError(Exception):
@@ -171,6 +173,54 @@ class Client:
         answer = self._json("POST", "/api/v1/jobs", body)
         return Job(self, answer["job_id"])
 
+    def sweep(self, sweep: JobSource, job: Optional[JobSource] = None, *, base_dir: Optional[str] = None,
+              submission_id: Optional[str] = None) -> "Sweep":
+        """Submits a sweep (docs/sweeps.md): a sweep file's path, or a dict
+        of its fields. The base job is `job` when given (a path or a dict),
+        else the sweep's `job` field: a path (relative to the sweep file's
+        folder, or the current directory for a dict) or, in a dict, the job
+        itself. The coordinator checks every trial's job file before it
+        keeps the sweep; a retry with the same `submission_id` never makes
+        a second sweep."""
+        folder = Path.cwd()
+        origin = "sweep"
+        if isinstance(sweep, Mapping):
+            sweep_doc: Any = copy.deepcopy(dict(sweep))
+            named = sweep_doc.get("job")
+        else:
+            path = Path(sweep)
+            origin, folder = str(path), path.resolve().parent
+            sweep_doc = path.read_text()
+            # The one field read here; the coordinator reads the rest.
+            m = re.search(r"^job:[ \t]*['\"]?([^'\"#\n]+?)['\"]?[ \t]*(#.*)?$", sweep_doc, re.M)
+            named = m.group(1) if m else None
+        base = job if job is not None else named
+        job_origin = "job"
+        if isinstance(base, Mapping):
+            job_doc: Any = copy.deepcopy(dict(base))
+        elif base is not None:
+            job_path = folder / Path(base)
+            job_origin = str(job_path)
+            job_doc = job_path.read_text()
+        else:
+            raise FlotillaError("invalid_argument", "the sweep names no base job: give its `job` field or `job=`")
+        if isinstance(sweep_doc, dict) and not isinstance(sweep_doc.get("job"), str):
+            sweep_doc["job"] = job_origin
+        body: Dict[str, Any] = {
+            "sweep": sweep_doc,
+            "job": job_doc,
+            "origin": origin,
+            "job_origin": job_origin,
+            "base_dir": base_dir or os.getcwd(),
+            "submission_id": submission_id or uuid.uuid4().hex,
+        }
+        answer = self._json("POST", "/api/v1/sweeps", body)
+        return Sweep(self, answer["sweep_id"])
+
+    def sweeps(self) -> List["Sweep"]:
+        """Every sweep, oldest first."""
+        return [Sweep(self, s["sweep_id"], s) for s in self._json("GET", "/api/v1/sweeps")["sweeps"]]
+
     def job(self, job_id: str) -> "Job":
         """A job by id (its status is read on demand)."""
         return Job(self, job_id)
@@ -307,6 +357,64 @@ class Job:
                 raise
             if status["phase"] in TERMINAL:
                 return status
+
+
+class Sweep:
+    """A sweep on the coordinator; its trials are jobs."""
+
+    def __init__(self, client: Client, sweep_id: str, status: Optional[Dict[str, Any]] = None) -> None:
+        self.client, self.id, self._status = client, sweep_id, status
+
+    def __repr__(self) -> str:
+        return f"Sweep({self.id!r})"
+
+    def _path(self, tail: str = "") -> str:
+        return f"/api/v1/sweeps/{urllib.parse.quote(self.id, safe='')}{tail}"
+
+    def status(self) -> Dict[str, Any]:
+        """The sweep now: its state (running, done, cancelled) and its
+        trials, ranked."""
+        self._status = self.client._json("GET", self._path())
+        return self._status
+
+    def leaderboard(self) -> List[Dict[str, Any]]:
+        """The trials best first by the sweep's metric (those without a
+        metric last, in trial order)."""
+        return list(self.status()["trials"])
+
+    def trials(self) -> List[Job]:
+        """The trials' jobs that have started, in trial order."""
+        started = sorted((t for t in self.status()["trials"] if t.get("job_id")), key=lambda t: t["trial"])
+        return [Job(self.client, t["job_id"]) for t in started]
+
+    def cancel(self) -> Dict[str, Any]:
+        """Cancels the sweep and every trial of it that has not ended."""
+        self._status = self.client._json("POST", self._path("/cancel"))
+        return self._status
+
+    def wait(self, poll: float = 0.5, progress: Optional[bool] = None) -> Dict[str, Any]:
+        """Waits until the sweep is done or cancelled; returns its status.
+        Rides out a change of leader."""
+        if progress is None:
+            progress = sys.stderr.isatty()
+        while True:
+            try:
+                status = self.status()
+            except FlotillaError as e:
+                if e.code not in ("not_leader", "unavailable"):
+                    raise
+            except (OSError, http.client.HTTPException):
+                pass
+            else:
+                if progress:
+                    ended = sum(t["state"] in TERMINAL + ("stopped",) for t in status["trials"])
+                    sys.stderr.write(f"\r{self.id}: {ended}/{len(status['trials'])} trials ended  ")
+                    sys.stderr.flush()
+                if status["state"] in SWEEP_ENDED:
+                    if progress:
+                        sys.stderr.write("\n")
+                    return status
+            time.sleep(poll)
 
 
 def _api_error(e: urllib.error.HTTPError) -> FlotillaError:

@@ -1,10 +1,10 @@
-"""The SDK against a real coordinator and worker (started by
+"""The SDK against a real coordinator and workers (started by
 tests/python_sdk.rs, which passes FLOTILLA_COORDINATOR, FLOTILLA_TOKEN,
-FLOTILLA_TLS_DIR and FLOTILLA_TEST_DIR). Plain test functions: pytest runs
-them, and so does running this file."""
+FLOTILLA_TLS_DIR and FLOTILLA_TEST_DIR), run with pytest."""
 
 import os
-import sys
+
+import pytest
 
 from flotilla import Client, FlotillaError
 
@@ -26,13 +26,18 @@ workers: {min: 1, max: 1}
 """
 
 
-def client() -> Client:
+@pytest.fixture
+def c() -> Client:
     return Client()
 
 
-def test_submit_with_overrides_wait_metrics_checkpoints() -> None:
-    c = client()
-    job = c.submit(JOB, {"train.steps": 6}, base_dir=os.environ["FLOTILLA_TEST_DIR"], **{"train.optimizer.lr": 0.02})
+@pytest.fixture
+def test_dir() -> str:
+    return os.environ["FLOTILLA_TEST_DIR"]
+
+
+def test_submit_with_overrides_wait_metrics_checkpoints(c: Client, test_dir: str) -> None:
+    job = c.submit(JOB, {"train.steps": 6}, base_dir=test_dir, **{"train.optimizer.lr": 0.02})
     final = job.wait(progress=False)
     assert final["phase"] == "succeeded", final
     assert (final["step"], final["total_steps"]) == (6, 6), final
@@ -44,46 +49,29 @@ def test_submit_with_overrides_wait_metrics_checkpoints() -> None:
     assert job.registration() is None
     files = {f["name"]: f["bytes"] for f in job.model_files()}
     assert "model.safetensors" in files, files
-    folder = job.download_model(os.path.join(os.environ["FLOTILLA_TEST_DIR"], "downloaded"))
+    folder = job.download_model(os.path.join(test_dir, "downloaded"))
     for name, size in files.items():
         assert (folder / name).stat().st_size == size, name
     assert job.generations()[0]["world_size"] == 1
     assert job.id in [j.id for j in c.jobs()]
 
 
-def test_a_yaml_job_with_overrides_and_cancel() -> None:
-    c = client()
-    # min 4 workers: it waits (the test runs one), until cancelled.
-    job = c.submit(WAITING_YAML, {"workers.min": 4, "workers.max": 4}, base_dir=os.environ["FLOTILLA_TEST_DIR"])
+def test_a_yaml_job_with_overrides_and_cancel(c: Client, test_dir: str) -> None:
+    # min 8 workers: it waits (the test runs four), until cancelled.
+    job = c.submit(WAITING_YAML, {"workers.min": 8, "workers.max": 8}, base_dir=test_dir)
     status = job.status()
-    assert (status["phase"], status["min_workers"]) == ("pending", 4), status
+    assert (status["phase"], status["min_workers"]) == ("pending", 8), status
     assert job.cancel()["phase"] == "cancelled"
     assert job.wait(progress=False)["phase"] == "cancelled"
 
 
-def test_errors_carry_the_api_code() -> None:
-    c = client()
-    try:
+def test_errors_carry_the_api_code(c: Client) -> None:
+    with pytest.raises(FlotillaError) as e:
         c.job("nope-1").status()
-        raise AssertionError("an unknown job was found")
-    except FlotillaError as e:
-        assert (e.code, e.status) == ("not_found", 404), e
-    try:
+    assert (e.value.code, e.value.status) == ("not_found", 404), e.value
+    with pytest.raises(FlotillaError) as e:
         c.submit({"name": "bad", "bogus_field": 1}, base_dir="/")
-        raise AssertionError("a bad job was accepted")
-    except FlotillaError as e:
-        assert e.code == "invalid_argument" and "bogus_field" in e.message, e
-    try:
+    assert e.value.code == "invalid_argument" and "bogus_field" in e.value.message, e.value
+    with pytest.raises(FlotillaError) as e:
         Client(token="flt_" + "0" * 64).jobs()
-        raise AssertionError("a forged token was accepted")
-    except FlotillaError as e:
-        assert (e.code, e.status) == ("unauthenticated", 401), e
-
-
-if __name__ == "__main__":
-    tests = [(n, f) for n, f in sorted(globals().items()) if n.startswith("test_") and callable(f)]
-    for name, test in tests:
-        test()
-        print(f"{name} ok", flush=True)
-    print(f"{len(tests)} passed")
-    sys.exit(0)
+    assert (e.value.code, e.value.status) == ("unauthenticated", 401), e.value

@@ -8,6 +8,7 @@ pub mod procs;
 pub mod render;
 pub mod run;
 pub mod status;
+pub mod sweep;
 pub mod token;
 pub mod worker;
 
@@ -114,7 +115,22 @@ pub enum Command {
         #[arg(long)]
         submission_id: Option<String>,
     },
-    /// Show all jobs, or one job in detail: its ranks with their pipeline
+    /// Submit a sweep file: every trial's job file is checked first; the
+    /// coordinator runs the trials, at most `max_parallel` at a time.
+    Sweep {
+        sweep: PathBuf,
+        #[command(flatten)]
+        coordinator: CoordinatorArg,
+        /// Follow the sweep until it ends and print its leaderboard; exit 1
+        /// if it was cancelled or no trial succeeded.
+        #[arg(long)]
+        wait: bool,
+        /// Name the submission: every submit with the same id returns the
+        /// sweep the first one created (default: a new random id).
+        #[arg(long)]
+        submission_id: Option<String>,
+    },
+    /// Show all jobs, or one job (or sweep: its leaderboard) in detail: its ranks with their pipeline
     /// stage, replica and the memory each reported holding.
     Status {
         job: Option<String>,
@@ -125,7 +141,7 @@ pub enum Command {
         #[command(flatten)]
         coordinator: CoordinatorArg,
     },
-    /// Cancel a job.
+    /// Cancel a job, or a sweep and its trials.
     Cancel {
         job: String,
         #[command(flatten)]

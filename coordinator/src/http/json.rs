@@ -151,6 +151,44 @@ pub fn progress_event(s: &pb::JobStatus) -> Value {
     })
 }
 
+/// A sweep and its leaderboard (`Sweep` in `docs/openapi.json`).
+pub fn sweep(s: &pb::SweepStatus) -> Value {
+    let trials: Vec<Value> = s
+        .trials
+        .iter()
+        .map(|t| {
+            let params: serde_json::Map<String, Value> = t
+                .params
+                .iter()
+                .map(|p| {
+                    (p.path.clone(), serde_json::from_str(&p.value).unwrap_or_else(|_| Value::String(p.value.clone())))
+                })
+                .collect();
+            json!({
+                "trial": t.trial,
+                "job_id": (!t.job_id.is_empty()).then(|| t.job_id.clone()),
+                "params": params,
+                "state": t.state,
+                "metric": t.metric,
+                "step": t.step,
+                "message": t.message,
+                "rank": (t.rank > 0).then_some(t.rank),
+            })
+        })
+        .collect();
+    json!({
+        "sweep_id": s.sweep_id,
+        "name": s.name,
+        "state": s.state,
+        "metric": s.metric,
+        "goal": s.goal,
+        "max_parallel": s.max_parallel,
+        "submitted_by": s.submitted_by,
+        "submitted_at_ms": s.submitted_at_ms,
+        "trials": trials,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,6 +11,7 @@ mod events;
 mod forward;
 mod handlers;
 pub mod json;
+mod sweeps;
 
 use std::sync::{Arc, Mutex};
 
@@ -60,9 +61,12 @@ const CANCEL: &str = "/flotilla.v1.JobService/CancelJob";
 const WATCH: &str = "/flotilla.v1.JobService/WatchJob";
 const METRICS: &str = "/flotilla.v1.JobService/GetMetrics";
 const REGISTER: &str = "/flotilla.v1.JobService/RegisterModel";
+const SUBMIT_SWEEP: &str = "/flotilla.v1.JobService/SubmitSweep";
+const LIST_SWEEPS: &str = "/flotilla.v1.JobService/ListSweeps";
+const GET_SWEEP: &str = "/flotilla.v1.JobService/GetSweep";
+const CANCEL_SWEEP: &str = "/flotilla.v1.JobService/CancelSweep";
 
-/// Every route of the API. Sweeps (`/api/v1/sweeps…`) will join this list
-/// when the coordinator keeps them.
+/// Every route of the API.
 pub fn routes() -> Vec<Route> {
     fn route(method: Method, path: &'static str, twin: &'static str, handler: Handler) -> Route {
         Route { method, path, twin, local: twin == GET_LEADER, handler }
@@ -84,6 +88,10 @@ pub fn routes() -> Vec<Route> {
         route(Method::GET, "/api/v1/jobs/{job_id}/model", GET, || routing::get(h::model_files)),
         route(Method::GET, "/api/v1/jobs/{job_id}/model/{file}", GET, || routing::get(h::model_file)),
         route(Method::GET, "/api/v1/workers", LIST, || routing::get(h::workers)),
+        route(Method::POST, "/api/v1/sweeps", SUBMIT_SWEEP, || routing::post(sweeps::submit)),
+        route(Method::GET, "/api/v1/sweeps", LIST_SWEEPS, || routing::get(sweeps::list)),
+        route(Method::GET, "/api/v1/sweeps/{sweep_id}", GET_SWEEP, || routing::get(sweeps::get)),
+        route(Method::POST, "/api/v1/sweeps/{sweep_id}/cancel", CANCEL_SWEEP, || routing::post(sweeps::cancel)),
     ]
 }
 
