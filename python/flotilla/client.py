@@ -118,6 +118,7 @@ class Client:
             except urllib.error.HTTPError as e:
                 raise _api_error(e) from None
             except urllib.error.URLError as e:
+                # Not connected (the replica is down): the next one.
                 failures.append(f"{base}: {e.reason}")
         raise FlotillaError("unavailable", "no coordinator answered: " + "; ".join(failures))
 
@@ -231,6 +232,21 @@ class Client:
 
     def workers(self) -> List[Dict[str, Any]]:
         return list(self._json("GET", "/api/v1/workers")["workers"])
+
+    def leader(self) -> Optional[str]:
+        """The address (one of this client's) of the replica that leads now,
+        or None while none of those that answer says it leads (an election
+        is under way)."""
+        for base in self.urls:
+            # Each replica answers this itself (no token needed).
+            req = urllib.request.Request(base + "/api/v1/leader", headers={"Accept": "application/json"})
+            try:
+                with urllib.request.urlopen(req, context=self._context, timeout=self.timeout) as resp:
+                    if json.loads(resp.read()).get("is_leader"):
+                        return base
+            except (OSError, http.client.HTTPException, ValueError):
+                continue  # down, or not answering: ask the next one
+        return None
 
     def events(self, job_id: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
         """A job's events as (name, data) until it ends: `phase`,
