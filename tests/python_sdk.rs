@@ -11,7 +11,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use support::cluster::{free_ports, replica};
+use support::cluster::start_replicas;
 use support::*;
 
 /// The failover test file, run by its own test against three replicas.
@@ -69,10 +69,8 @@ fn the_python_sdk_drives_a_real_coordinator() {
 fn the_python_sdk_rides_out_a_leader_kill_mid_sweep() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let ports = free_ports(3);
-    let addrs: Vec<String> = ports.iter().map(|p| format!("https://127.0.0.1:{p}")).collect();
+    let (mut replicas, addrs) = start_replicas(d, 3);
     let list = addrs.join(",");
-    let mut replicas: Vec<Proc> = (1..=3).map(|id| replica(d, id, &ports)).collect();
     let _workers: Vec<Proc> = (0..3).map(|i| worker(d, &list, &format!("w{i}"))).collect();
     // The test kills the leader itself: it is told each replica's pid.
     let pids: Vec<String> = replicas.iter().zip(&addrs).map(|(r, a)| format!("{}={a}", r.pid())).collect();

@@ -12,23 +12,9 @@ use flotilla::proto::v1 as pb;
 use support::cluster::*;
 use support::*;
 
-const JOB: &str = "
-name: trial
-model: {kind: mlp, layers: [4, 16, 3]}
-data: {kind: synthetic, seed: 3, samples: 512}
-train: {steps: 300, global_batch: 16, optimizer: {lr: 0.01}}
-workers: {min: 1, max: 1}
-checkpoint: {url: runs, every: 0}
-";
-
-const SWEEP: &str = "
-name: lrs
-job: job.yaml
-parameters:
-  train.optimizer.lr: {values: [0.000000001, 0.003, 0.01, 0.03]}
-max_parallel: 2
-metric: {name: loss, goal: minimize}
-";
+/// The base job and the grid (shared with python/tests).
+const JOB: &str = include_str!("fixtures/sweep/job.yaml");
+const SWEEP: &str = include_str!("fixtures/sweep/grid.yaml");
 
 /// The sweep from whichever replica leads.
 async fn sweep(addrs: &[String], id: &str) -> pb::SweepStatus {
@@ -62,10 +48,8 @@ fn a_sweep_survives_a_leader_kill_with_every_trial_run_once() {
     let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let ports = free_ports(3);
-    let addrs: Vec<String> = ports.iter().map(|p| format!("https://127.0.0.1:{p}")).collect();
+    let (mut replicas, addrs) = start_replicas(d, 3);
     let list = addrs.join(",");
-    let mut replicas: Vec<Proc> = (1..=3).map(|id| replica(d, id, &ports)).collect();
     let _workers: Vec<Proc> = (0..3).map(|i| worker(d, &list, &format!("w{i}"))).collect();
     job_file(d, "job", JOB);
     let sweep_path = d.join("sweep.yaml");

@@ -9,24 +9,7 @@ from pathlib import Path
 import pytest
 
 from flotilla import Client, FlotillaError
-
-JOB = """
-name: trial
-model: {kind: mlp, layers: [4, 16, 3]}
-data: {kind: synthetic, seed: 3, samples: 512}
-train: {steps: 300, global_batch: 16, optimizer: {lr: 0.01}}
-workers: {min: 1, max: 1}
-checkpoint: {url: runs, every: 0}
-"""
-
-GRID = """
-name: grid
-job: job.yaml   # relative to this file
-parameters:
-  train.optimizer.lr: {values: [0.000000001, 0.003, 0.01, 0.03]}
-max_parallel: 2
-metric: {name: loss, goal: minimize}
-"""
+from sweep_files import GRID, JOB
 
 ACTIVE = ("queued", "running")
 

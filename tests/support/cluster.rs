@@ -29,6 +29,14 @@ pub fn replica(dir: &std::path::Path, id: usize, ports: &[u16]) -> Proc {
     spawn_coordinator(&dir.join(format!("coordinator-{id}.log")), &args).0
 }
 
+/// Replicas 1 to `n` of a cluster on free loopback ports: their processes
+/// and addresses (`https://127.0.0.1:PORT`), in replica order.
+pub fn start_replicas(dir: &std::path::Path, n: usize) -> (Vec<Proc>, Vec<String>) {
+    let ports = free_ports(n);
+    let replicas = (1..=n).map(|id| replica(dir, id, &ports)).collect();
+    (replicas, ports.iter().map(|p| format!("https://127.0.0.1:{p}")).collect())
+}
+
 /// Short leases and grace periods, as the other real-process tests use.
 pub const TIMINGS: [&str; 6] = ["--lease-ms", "1500", "--heartbeat-ms", "200", "--start-grace-ms", "300"];
 
