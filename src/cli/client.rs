@@ -57,7 +57,10 @@ pub async fn connect_with(list: &str, credentials: Credentials) -> anyhow::Resul
     Ok(Client { addrs, leader, credentials, inner })
 }
 
-async fn find(addrs: &[String], hint: Option<&str>) -> anyhow::Result<(String, tonic::transport::Channel)> {
+/// The leading replica among `addrs` and a channel to it, waiting up to
+/// [`RETRY_FOR`] while an election runs (a replica just started knows no
+/// leader yet).
+pub(crate) async fn find(addrs: &[String], hint: Option<&str>) -> anyhow::Result<(String, tonic::transport::Channel)> {
     let deadline = Instant::now() + RETRY_FOR;
     let mut hint = hint.map(str::to_string);
     loop {

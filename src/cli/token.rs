@@ -69,9 +69,7 @@ where
     Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let addrs = leader::parse_addrs(list);
-    let (_, channel) = leader::find_leader(&addrs, None)
-        .await
-        .map_err(|e| anyhow::anyhow!("no leading coordinator among {addrs:?}: {e}"))?;
+    let (_, channel) = super::client::find(&addrs, None).await?;
     Ok(f(TokenServiceClient::new(Credentials::current().wrap(channel))).await.map(tonic::Response::into_inner))
 }
 
