@@ -148,7 +148,8 @@ pub async fn serve_with_tls(
     let auth = AuthLayer::new(coordinator.clone());
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
-        let router = server.layer(auth).add_routes(routes);
+        // Layers added first are outermost: the RPC metrics see admitted calls.
+        let router = server.layer(auth).layer(crate::telemetry::rpc::RpcMetricsLayer).add_routes(routes);
         let result = match tls {
             Some(config) => {
                 let incoming = tls_incoming(listener, config, token.clone());

@@ -47,6 +47,7 @@ fn submit_full(state: &mut State, name: &str, min: u32, max: u32, keep: u32, key
 pub(crate) fn register(state: &mut State, addr: &str) -> WorkerId {
     match &state
         .apply(Command::RegisterWorker {
+            metrics_addr: String::new(),
             data_addr: addr.into(),
             hostname: "h".into(),
             rank_hint: None,
@@ -313,6 +314,7 @@ fn replicas_applying_the_same_log_agree() {
             at_ms: 1,
         },
         Command::RegisterWorker {
+            metrics_addr: String::new(),
             data_addr: "127.0.0.1:1".into(),
             hostname: "h".into(),
             rank_hint: None,
@@ -320,6 +322,7 @@ fn replicas_applying_the_same_log_agree() {
             at_ms: 2,
         },
         Command::RegisterWorker {
+            metrics_addr: String::new(),
             data_addr: "127.0.0.1:2".into(),
             hostname: "h".into(),
             rank_hint: None,
@@ -576,6 +579,7 @@ fn a_first_plan_follows_the_workers_rank_hints() {
     let job = submit(&mut s, "j", 2, 2, 3);
     let mut hinted = |addr: &str, rank_hint| match &s
         .apply(Command::RegisterWorker {
+            metrics_addr: String::new(),
             data_addr: addr.into(),
             hostname: "h".into(),
             rank_hint,
