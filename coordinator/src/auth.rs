@@ -362,7 +362,8 @@ where
             }
             Err(status) => {
                 tracing::debug!(path = %req.uri().path(), code = ?status.code(), "request refused");
-                let code = if status.code() == tonic::Code::Unauthenticated { "unauthenticated" } else { "permission_denied" };
+                let code =
+                    if status.code() == tonic::Code::Unauthenticated { "unauthenticated" } else { "permission_denied" };
                 metrics::counter!("flotilla_rpc_refused_total", "code" => code).increment(1);
                 let response = if http {
                     crate::http::error_response(&status).map(tonic::body::Body::new)

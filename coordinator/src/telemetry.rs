@@ -205,3 +205,45 @@ mod tests {
         assert_eq!(labels.len(), PHASES.len());
     }
 }
+
+#[cfg(test)]
+mod route_tests {
+    use std::sync::Arc;
+
+    use tower::ServiceExt;
+
+    use crate::auth::Caller;
+
+    async fn scrape(caller: Option<Caller>) -> (u16, String) {
+        let store = Arc::new(crate::store::MemStore::new(crate::state::State::new(crate::state::DEFAULT_MAX_RESTARTS)));
+        let c = crate::Coordinator::new(store, Default::default(), Default::default());
+        let mut req = http::Request::get(super::PATH).body(axum::body::Body::empty()).unwrap();
+        if let Some(caller) = caller {
+            req.extensions_mut().insert(caller);
+        }
+        let resp = crate::http::router(c).oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    /// `/metrics` answers the state's gauges in Prometheus's text format,
+    /// and only to a request that passed the auth layer.
+    #[tokio::test]
+    async fn metrics_are_served_to_an_authenticated_caller_only() {
+        let (status, body) = scrape(None).await;
+        assert_eq!(status, 500, "no caller: {body}");
+        let reader = Caller {
+            role: crate::Role::Read,
+            token_id: "t".into(),
+            name: "prometheus".into(),
+            worker_key_hash: None,
+            open: false,
+        };
+        let (status, body) = scrape(Some(reader)).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("# TYPE flotilla_jobs gauge"), "{body}");
+        assert!(body.contains("flotilla_jobs{phase=\"pending\"} 0"), "{body}");
+        assert!(body.contains("flotilla_leader 1"), "a store of one leads: {body}");
+    }
+}

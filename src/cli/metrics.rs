@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 /// returns the bound address (a port of 0 picks one).
 pub async fn serve(addr: SocketAddr, token: CancellationToken) -> anyhow::Result<SocketAddr> {
     flotilla_coordinator::telemetry::recorder();
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind the metrics address {addr}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind the metrics address {addr}"))?;
     let bound = listener.local_addr()?;
     let app = axum::Router::new()
         .route(flotilla_coordinator::telemetry::PATH, axum::routing::get(metrics))

@@ -359,6 +359,9 @@ fn check_storage_roots(roots: &[String], spec: &JobSpec, a: &pb::Assignment) -> 
     if let Some(from) = &spec.checkpoint.resume_from {
         places.push(("checkpoint.resume_from", from));
     }
+    if let Some(dir) = &spec.metrics.tensorboard {
+        places.push(("metrics.tensorboard", dir));
+    }
     places.extend(a.checkpoints.iter().map(|c| ("checkpoint", c.location.as_str())));
     for (what, place) in places {
         if !flotilla_storage::within_roots(place, roots) {

@@ -80,6 +80,8 @@ pub struct StepTiming {
     pub comm_wait_ms: f64,
     /// Clipping, the AdamW update and (ZeRO 1-2) gathering the parameters.
     pub optimizer_ms: f64,
+    /// Reading the step's samples (part of the passes).
+    pub data_wait_ms: f64,
 }
 
 /// What a rank measured over its generation.

@@ -124,6 +124,16 @@ impl Groups {
         w
     }
 
+    /// What the world and data-parallel groups' collectives moved since the
+    /// last call.
+    pub fn take_traffic(&mut self) -> super::collective::Traffic {
+        let mut t = self.world.take_traffic();
+        if let Dp::Own(c) = &mut self.dp {
+            t.merge(&c.take_traffic());
+        }
+        t
+    }
+
     /// The next activation from the previous stage, of `shape` and `kind`.
     pub fn recv_from_prev(&mut self, shape: &[i64], kind: Kind) -> Result<Tensor, CommError> {
         recv(self.from_prev.as_mut().expect("a previous stage"), 0, shape, kind)
