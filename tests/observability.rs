@@ -239,7 +239,7 @@ scrape_configs:
 
     // TensorBoard's own reader finds every step's loss, as f32.
     let tb = tensorboard_scalars(&d.join("tb"));
-    let tb_loss = &tb["train/loss"];
+    let tb_loss = tb["train/loss"].as_array().expect("train/loss in the event file");
     assert_eq!(tb_loss.len(), history.len(), "{tb_loss:?}");
     for ((step, loss), got) in history.iter().zip(tb_loss) {
         assert_eq!(got[0].as_u64(), Some(*step));
