@@ -107,20 +107,7 @@ impl Prometheus {
 
 /// An HTTP client with this test binary's CA and client certificate.
 fn tls_client(token: Option<&str>) -> reqwest::Client {
-    let dir = tls_dir();
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.join("ca.pem")).unwrap()).unwrap();
-    let mut pem = std::fs::read(dir.join("client.pem")).unwrap();
-    pem.extend(std::fs::read(dir.join("client.key")).unwrap());
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(t) = token {
-        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
-    }
-    reqwest::Client::builder()
-        .tls_certs_only([ca])
-        .identity(reqwest::Identity::from_pem(&pem).unwrap())
-        .default_headers(headers)
-        .build()
-        .unwrap()
+    https_client(token).build().unwrap()
 }
 
 /// The worker's advertised metrics address, from `/api/v1/workers`.

@@ -766,3 +766,25 @@ fn every_generation_hands_its_workers_one_secret_derived_from_the_job_s_key() {
     assert_eq!(next.generation, 2);
     assert_ne!(next.data_secret, a1.data_secret, "a new generation, a new secret");
 }
+
+#[test]
+fn a_rank_slot_carries_its_worker_s_metrics_address_to_the_job_s_status() {
+    let mut s = State::new(3);
+    let job = submit(&mut s, "j", 1, 1, 3);
+    let events = s
+        .apply(Command::RegisterWorker {
+            metrics_addr: "10.0.0.7:9464".into(),
+            data_addr: "10.0.0.7:29500".into(),
+            hostname: "h".into(),
+            rank_hint: None,
+            key_hash: String::new(),
+            at_ms: 2,
+        })
+        .unwrap();
+    let [Event::WorkerRegistered { worker }] = &events[..] else { panic!("{events:?}") };
+    assert_eq!(s.workers[worker].metrics_addr, "10.0.0.7:9464");
+    s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
+    assert_eq!(s.jobs[&job].plan.as_ref().unwrap().ranks[0].metrics_addr, "10.0.0.7:9464");
+    let status = crate::convert::job_status(&s.jobs[&job], None, &Default::default());
+    assert_eq!(status.ranks[0].metrics_addr, "10.0.0.7:9464");
+}

@@ -69,7 +69,7 @@ impl RankMetrics {
                 metrics::gauge!("flotilla_tokens_per_second", self.labels.clone()).set(tokens / wall);
             }
         }
-        metrics::gauge!("flotilla_memory_bytes", self.with("kind", "host_resident")).set(resident() as f64);
+        metrics::gauge!("flotilla_memory_bytes", self.with("kind", "host_resident")).set(crate::stats::rss() as f64);
     }
 
     /// The step's loss (the world's mean), learning rate and gradient norm.
@@ -117,18 +117,6 @@ impl RankMetrics {
     }
 }
 
-/// The process's resident set size (VmRSS), in bytes.
-pub fn resident() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +136,6 @@ mod tests {
         assert_eq!(p[0], ("forward_backward", 0.045));
         let sum: f64 = p.iter().map(|(_, s)| s).sum();
         assert!((sum - 0.095).abs() < 1e-12, "{sum}");
-        assert!(resident() > 0, "this process has resident memory");
+        assert!(crate::stats::rss() > 0, "this process has resident memory");
     }
 }
