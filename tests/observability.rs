@@ -221,7 +221,10 @@ scrape_configs:
         prom.wait_for(&plain, &format!("flotilla_eval_loss{{{rank}}}"), |v| v > 0.0).await;
         prom.wait_for(&plain, "sum(flotilla_collective_bytes_total)", |v| v > 0.0).await;
         prom.wait_for(&plain, &format!("flotilla_samples_per_second{{{rank}}}"), |v| v > 0.0).await;
-        prom.wait_for(&plain, "flotilla_memory_bytes{kind=\"params\"}", |v| v == ((8 * 16 + 16) + (16 * 4 + 4)) as f64 * 4.0).await;
+        prom.wait_for(&plain, "flotilla_memory_bytes{kind=\"params\"}", |v| {
+            v == ((8 * 16 + 16) + (16 * 4 + 4)) as f64 * 4.0
+        })
+        .await;
     });
 
     // TensorBoard's own reader finds every step's loss, as f32.

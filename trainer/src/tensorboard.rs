@@ -160,8 +160,9 @@ mod tests {
 
     #[test]
     fn frames_carry_tfrecord_s_masked_crcs() {
-        // The mask of TFRecord's framing, by its definition.
+        // The mask of TFRecord's framing, written as its definition is.
         let crc = crc32c::crc32c(b"abc");
+        #[allow(clippy::manual_rotate)]
         assert_eq!(masked_crc(b"abc"), ((crc >> 15) | (crc << 17)).wrapping_add(0xa282ead8));
         let f = frame(b"hello");
         assert_eq!(f.len(), 5 + 16);

@@ -64,6 +64,11 @@ impl Traffic {
         self.time[slot] += took;
     }
 
+    /// `bytes` moved by `op` in `took`.
+    pub fn add_op(&mut self, op: Op, bytes: u64, took: Duration) {
+        self.add(op.slot(), bytes, took);
+    }
+
     /// Both added.
     pub fn merge(&mut self, other: &Traffic) {
         for i in 0..OP_NAMES.len() {
