@@ -197,6 +197,8 @@ scrape_configs:
         prom.wait_for(&plain, "flotilla_queue_length", |v| v == 0.0).await;
         prom.wait_for(&plain, "flotilla_workers{state=\"free\"}", |v| v == 1.0).await;
         prom.wait_for(&plain, "flotilla_generations_total{reason=\"start\"}", |v| v == 1.0).await;
+        prom.wait_for(&plain, "flotilla_generations_total{reason=\"restart\"}", |v| v == 0.0).await;
+        prom.wait_for(&plain, "flotilla_workers_lost_total", |v| v == 0.0).await;
         prom.wait_for(&plain, "flotilla_leader", |v| v == 1.0).await;
         prom.wait_for(&plain, "flotilla_raft_term", |v| v >= 1.0).await;
         let applied = prom.wait_for(&plain, "flotilla_raft_applied_index", |v| v >= 1.0).await;

@@ -136,7 +136,7 @@ pub async fn serve_with_tls(
 ) -> std::io::Result<ServerHandle> {
     let addr = listener.local_addr()?;
     // Before anything is counted: what happens before the first scrape counts too.
-    crate::telemetry::recorder();
+    crate::telemetry::coordinator_started();
     // HTTP/1.1 for the HTTP API's clients (gRPC needs HTTP/2).
     let server = tonic::transport::Server::builder().accept_http1(true);
     let coordinator = Coordinator::new(store, cfg, shutdown.clone());

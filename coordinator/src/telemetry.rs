@@ -50,6 +50,27 @@ pub fn recorder() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
+/// Installs the recorder and shows the coordinator's counters at zero, so
+/// that a dashboard reads 0 rather than no series before the first event.
+pub fn coordinator_started() {
+    if recorder().is_none() {
+        return;
+    }
+    for reason in GENERATION_REASONS {
+        metrics::counter!("flotilla_generations_total", "reason" => reason).increment(0);
+    }
+    metrics::counter!("flotilla_workers_lost_total").increment(0);
+    for outcome in ["registered", "failed"] {
+        metrics::counter!("flotilla_handoffs_total", "outcome" => outcome).increment(0);
+    }
+    for code in ["unauthenticated", "permission_denied"] {
+        metrics::counter!("flotilla_rpc_refused_total", "code" => code).increment(0);
+    }
+}
+
+/// Every value of `flotilla_generations_total`'s `reason`.
+const GENERATION_REASONS: [&str; 6] = ["start", "resume", "grow", "preemption", "workers_lost", "restart"];
+
 /// Histogram buckets of sizes, in bytes: 1 KiB to 4 GiB.
 const BYTES_BUCKETS: &[f64] = &[1024.0, 16384.0, 262144.0, 4194304.0, 67108864.0, 1073741824.0, 4294967296.0];
 
@@ -181,6 +202,9 @@ mod tests {
 
     #[test]
     fn generation_reasons_are_a_few_kinds() {
+        for (restart, reason) in [(false, "job started"), (false, "x preempted"), (false, "other"), (true, "")] {
+            assert!(GENERATION_REASONS.contains(&generation_reason(restart, reason)), "{reason}");
+        }
         assert_eq!(generation_reason(false, "job started"), "start");
         assert_eq!(generation_reason(false, "enough workers again"), "resume");
         assert_eq!(generation_reason(false, "workers joined"), "grow");
