@@ -223,6 +223,35 @@ scrape_configs:
         prom.wait_for(&plain, &format!("flotilla_eval_loss{{{rank}}}"), |v| v > 0.0).await;
         prom.wait_for(&plain, "sum(flotilla_collective_bytes_total)", |v| v > 0.0).await;
         prom.wait_for(&plain, &format!("flotilla_samples_per_second{{{rank}}}"), |v| v > 0.0).await;
+
+        // Every series Prometheus has is documented; every one the Grafana
+        // dashboard queries is documented and (but for those of events this
+        // job never has) was scraped.
+        let documented = documented_series();
+        let scraped: std::collections::BTreeSet<String> = prom
+            .query(&plain, "group by (__name__) ({__name__=~\"flotilla_.+\"})")
+            .await
+            .into_iter()
+            .map(|(labels, _)| base_name(labels["__name__"].as_str().unwrap()).to_string())
+            .collect();
+        let undocumented: Vec<&String> = scraped.iter().filter(|n| !documented.contains(*n)).collect();
+        assert!(undocumented.is_empty(), "series not in docs/observability.md: {undocumented:?}");
+        let dashboard = std::fs::read_to_string(repo().join("deploy/grafana/flotilla.json")).unwrap();
+        let dashboard: Value = serde_json::from_str(&dashboard).expect("the Grafana dashboard is JSON");
+        let queried = dashboard_series(&dashboard);
+        assert!(queried.len() >= 20, "{queried:?}");
+        let never_here =
+            ["flotilla_tokens_per_second", "flotilla_checkpoint_blocked_seconds", "flotilla_checkpoint_seconds"];
+        for name in &queried {
+            assert!(
+                documented.contains(name),
+                "the dashboard queries {name}, which docs/observability.md does not list"
+            );
+            assert!(
+                scraped.contains(name) || never_here.contains(&name.as_str()),
+                "the dashboard queries {name}, never scraped"
+            );
+        }
         prom.wait_for(&plain, "flotilla_memory_bytes{kind=\"params\"}", |v| {
             v == ((8 * 16 + 16) + (16 * 4 + 4)) as f64 * 4.0
         })
@@ -243,6 +272,35 @@ scrape_configs:
     }
     let evals: Vec<u64> = tb["eval/loss"].as_array().unwrap().iter().map(|p| p[0].as_u64().unwrap()).collect();
     assert_eq!(evals, vec![10, 20, 30]);
+}
+
+/// A series' name without a histogram's suffix.
+fn base_name(name: &str) -> &str {
+    ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name)
+}
+
+/// The names in the first column of docs/observability.md's tables.
+fn documented_series() -> std::collections::BTreeSet<String> {
+    let doc = std::fs::read_to_string(repo().join("docs/observability.md")).unwrap();
+    doc.lines()
+        .filter_map(|l| l.strip_prefix("| `flotilla_"))
+        .filter_map(|l| l.split('`').next())
+        .map(|n| format!("flotilla_{n}"))
+        .collect()
+}
+
+/// Every `flotilla_*` series the dashboard's queries name.
+fn dashboard_series(dashboard: &Value) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let panels = dashboard["panels"].as_array().expect("panels");
+    for target in panels.iter().filter_map(|p| p["targets"].as_array()).flatten() {
+        let expr = target["expr"].as_str().expect("a query");
+        for (i, _) in expr.match_indices("flotilla_") {
+            let name: String = expr[i..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect();
+            names.insert(base_name(&name).to_string());
+        }
+    }
+    names
 }
 
 /// Every scalar tag of the event files in `dir`, as TensorBoard's
