@@ -40,7 +40,10 @@ pub fn recorder() -> Option<&'static PrometheusHandle> {
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_bytes".into()), BYTES_BUCKETS));
             match builder.and_then(|b| b.install_recorder()) {
-                Ok(h) => Some(h),
+                Ok(h) => {
+                    spawn_upkeep(h.clone());
+                    Some(h)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "could not install the Prometheus recorder; /metrics is empty");
                     None
@@ -70,6 +73,23 @@ pub fn coordinator_started() {
 
 /// Every value of `flotilla_generations_total`'s `reason`.
 const GENERATION_REASONS: [&str; 6] = ["start", "resume", "grow", "preemption", "workers_lost", "restart"];
+
+/// How often histogram samples are folded into their buckets when nobody
+/// scrapes: the recorder holds each sample until then.
+const UPKEEP: Duration = Duration::from_secs(5);
+
+/// Folds histogram samples into buckets every [`UPKEEP`], so that a
+/// process nobody scrapes holds bounded memory; a thread of its own, for
+/// the life of the process (the recorder lives that long too).
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || loop {
+        std::thread::sleep(UPKEEP);
+        handle.run_upkeep();
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not start the metrics upkeep thread; histograms are folded when scraped");
+    }
+}
 
 /// Histogram buckets of sizes, in bytes: 1 KiB to 4 GiB.
 const BYTES_BUCKETS: &[f64] = &[1024.0, 16384.0, 262144.0, 4194304.0, 67108864.0, 1073741824.0, 4294967296.0];
