@@ -21,18 +21,7 @@ fn http(token: Option<&str>) -> reqwest::Client {
 }
 
 fn client(token: Option<&str>) -> reqwest::ClientBuilder {
-    let dir = tls_dir();
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.join("ca.pem")).unwrap()).unwrap();
-    let mut pem = std::fs::read(dir.join("client.pem")).unwrap();
-    pem.extend(std::fs::read(dir.join("client.key")).unwrap());
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(t) = token {
-        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
-    }
-    reqwest::Client::builder()
-        .tls_certs_only([ca])
-        .identity(reqwest::Identity::from_pem(&pem).unwrap())
-        .default_headers(headers)
+    https_client(token)
 }
 
 /// `method url` with an optional body (`Content-Type`, bytes); the status,

@@ -81,6 +81,13 @@ fn the_base_and_every_overlay_render_and_validate() {
         assert_eq!(sts["spec"]["serviceName"], "flotilla-coordinator-peers");
         assert_eq!(sts["metadata"]["namespace"], "flotilla");
         let c = &sts["spec"]["template"]["spec"]["containers"][0];
+        // Prometheus finds every replica's /metrics on its API port, over TLS.
+        let scrape = &sts["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(scrape["prometheus.io/scrape"], "true", "{kustomization}");
+        assert_eq!(scrape["prometheus.io/path"], "/metrics");
+        assert_eq!(scrape["prometheus.io/scheme"], "https");
+        let port = c["ports"].as_array().unwrap().iter().find(|p| p["name"] == "grpc").unwrap();
+        assert_eq!(scrape["prometheus.io/port"], port["containerPort"].to_string().as_str());
         for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
             assert!(c[probe].is_object(), "{kustomization}: no {probe}");
         }
@@ -274,6 +281,13 @@ fn the_worker_pods_command_env_and_grace_run_a_job() {
     let token_volume = pod["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "token").unwrap();
     assert_eq!(token_volume["secret"]["secretName"], flotilla::deploy::k8s::ADMIN_TOKEN_SECRET);
     assert!(command.contains(&"$(POD_IP)".to_string()));
+    // Prometheus finds the worker's metrics listener from the pod's annotations.
+    let scrape = &kjob["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(scrape["prometheus.io/scrape"], "true");
+    assert_eq!(scrape["prometheus.io/path"], "/metrics");
+    let metrics_port = c["ports"].as_array().unwrap().iter().find(|p| p["name"] == "metrics").unwrap();
+    assert_eq!(scrape["prometheus.io/port"], metrics_port["containerPort"].to_string().as_str());
+    assert_eq!(arg("--metrics-addr"), Some(format!("0.0.0.0:{}", metrics_port["containerPort"])));
     // A preempted worker (exit 75) is replaced; a failed job (exit 1) fails the Job.
     let rules = kjob["spec"]["podFailurePolicy"]["rules"].as_array().unwrap();
     let action_for = |code: i32| {
@@ -347,4 +361,49 @@ fn the_worker_pods_command_env_and_grace_run_a_job() {
         let jobs = c.list_jobs(flotilla::proto::v1::ListJobsRequest {}).await.unwrap().into_inner().jobs;
         assert_eq!(jobs.len(), 1, "two pods, one job: {jobs:#?}");
     });
+}
+
+/// The optional Prometheus Operator component: with the base, its
+/// ServiceMonitor selects the coordinator's peers Service (one endpoint
+/// per replica) and scrapes it over TLS with a read token, and its
+/// PodMonitor selects the rendered worker pods' metrics port. (The
+/// Operator's kinds are not Kubernetes's own: they are not validated.)
+#[test]
+fn the_prometheus_component_scrapes_every_replica_and_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = "../".repeat(dir.path().components().count() - 1);
+    let repo_rel = format!("{up}{}", repo().display().to_string().trim_start_matches('/'));
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {repo_rel}/deploy/kubernetes/base\ncomponents:\n  - {repo_rel}/deploy/kubernetes/components/prometheus\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(tool("kubectl")).arg("kustomize").arg(dir.path()).output().unwrap();
+    assert!(out.status.success(), "kubectl kustomize: {}", String::from_utf8_lossy(&out.stderr));
+    let docs = documents(&String::from_utf8(out.stdout).unwrap());
+    let sm = find(&docs, "ServiceMonitor", "flotilla-coordinator");
+    let peers = find(&docs, "Service", "flotilla-coordinator-peers");
+    assert_eq!(sm["metadata"]["namespace"], peers["metadata"]["namespace"]);
+    for (k, v) in sm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(&peers["metadata"]["labels"][k], v, "the ServiceMonitor selects the peers Service");
+    }
+    let endpoint = &sm["spec"]["endpoints"][0];
+    assert_eq!(endpoint["port"], peers["spec"]["ports"][0]["name"]);
+    assert_eq!((&endpoint["scheme"], &endpoint["path"]), (&"https".into(), &"/metrics".into()));
+    assert_eq!(endpoint["tlsConfig"]["cert"]["secret"]["name"], flotilla::deploy::k8s::TLS_SECRET);
+    assert_eq!(endpoint["authorization"]["credentials"]["name"], "flotilla-metrics-token");
+
+    let pm = find(&docs, "PodMonitor", "flotilla-worker");
+    let job = job_file(dir.path(), "job", POD_JOB);
+    let workers = documents(&render(dir.path(), &[job.to_str().unwrap()]));
+    let kjob = find(&workers, "Job", "flotilla-pods");
+    assert_eq!(kjob["metadata"]["namespace"], pm["metadata"]["namespace"], "pods in the PodMonitor's namespace");
+    let pod = &kjob["spec"]["template"];
+    for (k, v) in pm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(&pod["metadata"]["labels"][k], v, "the PodMonitor selects the worker pods");
+    }
+    let port = &pm["spec"]["podMetricsEndpoints"][0]["port"];
+    assert!(pod["spec"]["containers"][0]["ports"].as_array().unwrap().iter().any(|p| &p["name"] == port));
 }

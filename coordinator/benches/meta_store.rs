@@ -81,6 +81,7 @@ fn main() {
 /// The command a flotilla write proposes; `i` makes its address unique.
 pub fn register(i: u64) -> Command {
     Command::RegisterWorker {
+        metrics_addr: String::new(),
         data_addr: worker_addr(i),
         hostname: format!("bench-host-{i}"),
         rank_hint: None,

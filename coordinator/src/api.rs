@@ -201,6 +201,8 @@ pub struct WorkerInfo {
     pub rank: Option<u32>,
     /// Why it is leaving, if it announced it is.
     pub leaving: Option<String>,
+    /// Where it serves Prometheus metrics; empty: nowhere.
+    pub metrics_addr: String,
 }
 
 /// Every registered worker, by id.
@@ -218,6 +220,7 @@ pub async fn workers(c: &Coordinator) -> Result<Vec<WorkerInfo>, Status> {
             job: w.job.clone(),
             rank: state.rank_of(&w.id).map(|(_, r)| r),
             leaving: w.leaving.clone(),
+            metrics_addr: w.metrics_addr.clone(),
         })
         .collect())
 }

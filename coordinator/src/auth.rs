@@ -236,6 +236,8 @@ fn access(path: &str) -> Access {
         ("flotilla.v1.WorkerService", _) => Access::Roles(WORKERS),
         ("flotilla.raft.v1.Raft", _) => Access::Peers,
         ("flotilla.raft.v1.Cluster", "Members") => Access::Roles(READERS),
+        // Prometheus's scrape: any token that may read.
+        ("/metrics", "") => Access::Roles(READERS),
         _ => Access::Roles(ADMINS),
     }
 }
@@ -348,6 +350,8 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         // An HTTP API route takes the rule of the gRPC method it mirrors.
         let api = crate::http::is_api(req.uri().path());
+        // `/metrics` is HTTP too: its refusals carry an HTTP status.
+        let http = api || req.uri().path() == crate::telemetry::PATH;
         let rule = if api { crate::http::twin(req.method(), req.uri().path()) } else { req.uri().path() };
         match self.gate.check(rule, req.headers()) {
             Ok(caller) => {
@@ -358,7 +362,10 @@ where
             }
             Err(status) => {
                 tracing::debug!(path = %req.uri().path(), code = ?status.code(), "request refused");
-                let response = if api {
+                let code =
+                    if status.code() == tonic::Code::Unauthenticated { "unauthenticated" } else { "permission_denied" };
+                metrics::counter!("flotilla_rpc_refused_total", "code" => code).increment(1);
+                let response = if http {
                     crate::http::error_response(&status).map(tonic::body::Body::new)
                 } else {
                     status.into_http()
@@ -388,6 +395,8 @@ mod tests {
         assert_eq!(access("/flotilla.v1.TokenService/CreateToken"), Access::Roles(ADMINS));
         assert_eq!(access("/flotilla.v1.JobService/NoSuchMethod"), Access::Roles(ADMINS));
         assert_eq!(access("garbage"), Access::Roles(ADMINS));
+        assert_eq!(access("/metrics"), Access::Roles(READERS), "a read token scrapes");
+        assert_eq!(access("/metrics/x"), Access::Roles(ADMINS));
     }
 
     #[test]

@@ -109,6 +109,7 @@ pub fn job_status(job: &Job, queue_position: Option<u32>, soft: &Soft) -> pb::Jo
                             stage,
                             replica,
                             memory: soft.memory(&job.id, p.generation, rank).copied(),
+                            metrics_addr: r.metrics_addr.clone(),
                         }
                     })
                     .collect()

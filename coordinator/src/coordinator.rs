@@ -15,6 +15,7 @@ use crate::scheduler::queue::Verdict;
 use crate::soft::Soft;
 use crate::state::{Command, Event, State};
 use crate::store::{MetaStore, StoreError};
+use crate::telemetry;
 
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
@@ -107,16 +108,32 @@ impl Coordinator {
     }
 
     pub async fn propose(&self, cmd: Command) -> Result<Vec<Event>, StoreError> {
-        let events = self.store.propose(cmd).await?;
+        let restart = matches!(cmd, Command::RestartGeneration { .. });
+        let started = Instant::now();
+        let result = self.store.propose(cmd).await;
+        telemetry::proposal(
+            started.elapsed(),
+            match &result {
+                Ok(_) => "ok",
+                Err(StoreError::Rejected(_)) => "rejected",
+                Err(StoreError::NotLeader { .. }) => "not_leader",
+                Err(_) => "unavailable",
+            },
+        );
+        let events = result?;
         for e in &events {
             match e {
                 Event::WorkerRemoved { worker, reason } => {
                     tracing::warn!(worker = %worker, reason = %reason, "worker removed");
+                    telemetry::worker_lost();
                     self.soft().forget(worker);
                 }
                 Event::GenerationStarted { job, generation, world_size, resume_step, reason } => {
                     tracing::info!(job = %job, gen = generation, world = world_size, resume_step, reason = %reason, "generation started");
+                    telemetry::generation_started(telemetry::generation_reason(restart, reason));
                 }
+                Event::ModelRegistered { .. } => telemetry::handoff("registered"),
+                Event::HandoffFailed { .. } => telemetry::handoff("failed"),
                 Event::JobWaiting { job, generation, reason } => {
                     tracing::warn!(job = %job, gen = generation, reason = %reason, "job waiting for workers");
                 }

@@ -19,6 +19,7 @@ pub mod soft;
 pub mod state;
 pub mod store;
 pub mod sweeps;
+pub mod telemetry;
 
 #[cfg(test)]
 mod state_tests;

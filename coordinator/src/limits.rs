@@ -183,6 +183,7 @@ impl Bounded for pb::RegisterRequest {
     fn check(&self) -> Result<(), Status> {
         check_len("data_addr", &self.data_addr, MAX_ADDR)?;
         check_len("hostname", &self.hostname, MAX_HOSTNAME)?;
+        check_len("metrics_addr", &self.metrics_addr, MAX_ADDR)?;
         check_id("worker_id", &self.worker_id)
     }
 }

@@ -135,6 +135,8 @@ pub async fn serve_with_tls(
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<ServerHandle> {
     let addr = listener.local_addr()?;
+    // Before anything is counted: what happens before the first scrape counts too.
+    crate::telemetry::coordinator_started();
     // HTTP/1.1 for the HTTP API's clients (gRPC needs HTTP/2).
     let server = tonic::transport::Server::builder().accept_http1(true);
     let coordinator = Coordinator::new(store, cfg, shutdown.clone());
@@ -148,7 +150,8 @@ pub async fn serve_with_tls(
     let auth = AuthLayer::new(coordinator.clone());
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
-        let router = server.layer(auth).add_routes(routes);
+        // Layers added first are outermost: the RPC metrics see admitted calls.
+        let router = server.layer(auth).layer(crate::telemetry::rpc::RpcMetricsLayer).add_routes(routes);
         let result = match tls {
             Some(config) => {
                 let incoming = tls_incoming(listener, config, token.clone());

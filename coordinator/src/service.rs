@@ -164,6 +164,12 @@ impl WorkerService for WorkerApi {
                 req.data_addr
             )));
         }
+        if !req.metrics_addr.is_empty() && req.metrics_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Status::invalid_argument(format!(
+                "metrics_addr must be empty or a socket address like 10.0.0.5:9464, got {:?}",
+                req.metrics_addr
+            )));
+        }
         // The same id again only with its key: an id alone proves nothing.
         let state = self.0.state();
         let known = state.workers.get(&req.worker_id).is_some_and(|w| w.data_addr == req.data_addr)
@@ -193,6 +199,7 @@ impl WorkerService for WorkerApi {
             hostname: req.hostname,
             rank_hint: req.rank_hint,
             key_hash,
+            metrics_addr: req.metrics_addr,
             at_ms: now_ms(),
         };
         let events = self.0.propose(cmd).await.map_err(convert::status)?;

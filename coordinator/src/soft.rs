@@ -297,6 +297,7 @@ pub(crate) mod tests {
         for addr in ["a", "b"] {
             state
                 .apply(Command::RegisterWorker {
+                    metrics_addr: String::new(),
                     data_addr: addr.into(),
                     hostname: "h".into(),
                     rank_hint: None,
@@ -379,6 +380,7 @@ pub(crate) mod tests {
         let mut state = State::new(3);
         state
             .apply(Command::RegisterWorker {
+                metrics_addr: String::new(),
                 data_addr: "a".into(),
                 hostname: "h".into(),
                 rank_hint: None,
@@ -402,6 +404,7 @@ pub(crate) mod tests {
         let mut state = State::new(3);
         state
             .apply(Command::RegisterWorker {
+                metrics_addr: String::new(),
                 data_addr: "a".into(),
                 hostname: "h".into(),
                 rank_hint: None,

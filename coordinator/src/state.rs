@@ -98,6 +98,9 @@ pub struct CheckpointRecord {
 pub struct RankSlot {
     pub worker: WorkerId,
     pub data_addr: String,
+    /// Where the worker serves Prometheus metrics; empty: nowhere.
+    #[serde(default)]
+    pub metrics_addr: String,
 }
 
 /// Who is rank what in one generation of a job.
@@ -235,6 +238,9 @@ pub struct Worker {
     /// worker prove it (empty through `--insecure`).
     #[serde(default)]
     pub key_hash: String,
+    /// Where it serves Prometheus metrics (host:port); empty: nowhere.
+    #[serde(default)]
+    pub metrics_addr: String,
 }
 
 /// A request to change the state. Time is carried in, never read.
@@ -300,6 +306,9 @@ pub enum Command {
         /// SHA-256 (hex) of the worker's key, minted by the leader.
         #[serde(default)]
         key_hash: String,
+        /// Where it serves Prometheus metrics; empty: nowhere.
+        #[serde(default)]
+        metrics_addr: String,
         at_ms: i64,
     },
     RemoveWorker {
@@ -677,7 +686,7 @@ impl State {
                 t.revoked_at_ms = Some(at_ms);
                 Ok(vec![Event::TokenRevoked { name }])
             }
-            Command::RegisterWorker { data_addr, hostname, rank_hint, key_hash, at_ms } => {
+            Command::RegisterWorker { data_addr, hostname, rank_hint, key_hash, metrics_addr, at_ms } => {
                 self.next_worker_seq += 1;
                 let id = format!("w{}", self.next_worker_seq);
                 let worker = Worker {
@@ -689,6 +698,7 @@ impl State {
                     leaving: None,
                     rank_hint,
                     key_hash,
+                    metrics_addr,
                 };
                 self.workers.insert(id.clone(), worker);
                 Ok(vec![Event::WorkerRegistered { worker: id }])
@@ -1014,7 +1024,11 @@ impl State {
         let ranks: Vec<RankSlot> = workers
             .iter()
             .filter_map(|id| self.workers.get(id))
-            .map(|w| RankSlot { worker: w.id.clone(), data_addr: w.data_addr.clone() })
+            .map(|w| RankSlot {
+                worker: w.id.clone(),
+                data_addr: w.data_addr.clone(),
+                metrics_addr: w.metrics_addr.clone(),
+            })
             .collect();
         for r in &ranks {
             if let Some(w) = self.workers.get_mut(&r.worker) {

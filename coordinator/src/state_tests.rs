@@ -47,6 +47,7 @@ fn submit_full(state: &mut State, name: &str, min: u32, max: u32, keep: u32, key
 pub(crate) fn register(state: &mut State, addr: &str) -> WorkerId {
     match &state
         .apply(Command::RegisterWorker {
+            metrics_addr: String::new(),
             data_addr: addr.into(),
             hostname: "h".into(),
             rank_hint: None,
@@ -313,6 +314,7 @@ fn replicas_applying_the_same_log_agree() {
             at_ms: 1,
         },
         Command::RegisterWorker {
+            metrics_addr: String::new(),
             data_addr: "127.0.0.1:1".into(),
             hostname: "h".into(),
             rank_hint: None,
@@ -320,6 +322,7 @@ fn replicas_applying_the_same_log_agree() {
             at_ms: 2,
         },
         Command::RegisterWorker {
+            metrics_addr: String::new(),
             data_addr: "127.0.0.1:2".into(),
             hostname: "h".into(),
             rank_hint: None,
@@ -576,6 +579,7 @@ fn a_first_plan_follows_the_workers_rank_hints() {
     let job = submit(&mut s, "j", 2, 2, 3);
     let mut hinted = |addr: &str, rank_hint| match &s
         .apply(Command::RegisterWorker {
+            metrics_addr: String::new(),
             data_addr: addr.into(),
             hostname: "h".into(),
             rank_hint,
@@ -761,4 +765,26 @@ fn every_generation_hands_its_workers_one_secret_derived_from_the_job_s_key() {
     let next = crate::convert::assignment(&s, &w1);
     assert_eq!(next.generation, 2);
     assert_ne!(next.data_secret, a1.data_secret, "a new generation, a new secret");
+}
+
+#[test]
+fn a_rank_slot_carries_its_worker_s_metrics_address_to_the_job_s_status() {
+    let mut s = State::new(3);
+    let job = submit(&mut s, "j", 1, 1, 3);
+    let events = s
+        .apply(Command::RegisterWorker {
+            metrics_addr: "10.0.0.7:9464".into(),
+            data_addr: "10.0.0.7:29500".into(),
+            hostname: "h".into(),
+            rank_hint: None,
+            key_hash: String::new(),
+            at_ms: 2,
+        })
+        .unwrap();
+    let [Event::WorkerRegistered { worker }] = &events[..] else { panic!("{events:?}") };
+    assert_eq!(s.workers[worker].metrics_addr, "10.0.0.7:9464");
+    s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
+    assert_eq!(s.jobs[&job].plan.as_ref().unwrap().ranks[0].metrics_addr, "10.0.0.7:9464");
+    let status = crate::convert::job_status(&s.jobs[&job], None, &Default::default());
+    assert_eq!(status.ranks[0].metrics_addr, "10.0.0.7:9464");
 }

@@ -51,6 +51,21 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn read_fresh(&self) -> Result<Arc<State>, StoreError> {
         Ok(self.snapshot())
     }
+    /// Where the replicated log stands, for the metrics; `None` for a
+    /// store that is not Raft.
+    fn raft_status(&self) -> Option<RaftStatus> {
+        None
+    }
+}
+
+/// Where a Raft replica's log stands (see `telemetry`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaftStatus {
+    pub term: u64,
+    pub last_log_index: u64,
+    pub applied_index: u64,
+    /// Known on the leader only: the index a quorum of voters has matched.
+    pub commit_index: Option<u64>,
 }
 
 /// A single-node store with the log in memory: the embedded default until

@@ -266,6 +266,7 @@ async fn reconnecting_workers_and_retried_submissions_are_not_duplicated() {
         pid: 2,
         worker_id,
         rank_hint: None,
+        metrics_addr: String::new(),
     };
     let back = w.register(again(id.clone(), 7001)).await.unwrap().into_inner().worker_id;
     assert_eq!(back, id, "the same worker keeps its id");

@@ -134,6 +134,9 @@ impl JobSpec {
         if let Some(r) = self.registry.as_mut().filter(|r| r.kind == crate::RegistryKind::Builtin) {
             resolve_location(&mut r.url, base);
         }
+        if let Some(dir) = self.metrics.tensorboard.as_mut() {
+            resolve_location(dir, base);
+        }
     }
 }
 

@@ -33,6 +33,14 @@ pub(crate) struct RawJob {
     pub registry: Option<S<RawRegistry>>,
     pub eval: Option<S<RawEval>>,
     pub priority: Option<S<i64>>,
+    pub metrics: Option<S<RawMetrics>>,
+}
+
+/// `metrics`: where training's metrics go besides the coordinator.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMetrics {
+    pub tensorboard: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]

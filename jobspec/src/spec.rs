@@ -28,6 +28,24 @@ pub struct JobSpec {
     /// priorities in submission order. Within `-1000..=1000`.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub priority: i32,
+    /// Where training's metrics go besides the coordinator.
+    #[serde(default, skip_serializing_if = "MetricsSpec::is_empty")]
+    pub metrics: MetricsSpec,
+}
+
+/// `metrics`: where training's metrics go besides the coordinator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct MetricsSpec {
+    /// A local folder where rank 0 writes TensorBoard event files (an
+    /// absolute path once resolved); none: no event files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensorboard: Option<String>,
+}
+
+impl MetricsSpec {
+    pub fn is_empty(&self) -> bool {
+        self.tensorboard.is_none()
+    }
 }
 
 fn is_zero(p: &i32) -> bool {

@@ -524,3 +524,32 @@ fn a_bad_priority_names_its_field_and_line() {
     let e = err(&with("priority: 1.5\n"));
     assert_eq!(e.path, "priority", "{e}");
 }
+
+#[test]
+fn metrics_tensorboard_is_a_local_folder_resolved_beside_the_job_file() {
+    assert_eq!(ok(MINIMAL).metrics, MetricsSpec::default());
+    assert!(!ok(MINIMAL).to_json().contains("metrics"), "no section, nothing stored");
+    let mut spec = ok(&with("metrics:\n  tensorboard: runs/tb\n"));
+    assert_eq!(spec.metrics.tensorboard.as_deref(), Some("runs/tb"));
+    assert_eq!(JobSpec::from_json(&spec.to_json()).unwrap(), spec);
+    spec.resolve_paths(Path::new("/jobs"));
+    assert_eq!(spec.metrics.tensorboard.as_deref(), Some("/jobs/runs/tb"));
+    let mut spec = ok(&with("metrics: {tensorboard: 'file:///var/tb'}\n"));
+    spec.resolve_paths(Path::new("/jobs"));
+    assert_eq!(spec.metrics.tensorboard.as_deref(), Some("/var/tb"));
+    assert_eq!(ok(&with("metrics: {}\n")).metrics, MetricsSpec::default());
+}
+
+#[test]
+fn a_bad_metrics_section_names_its_field_and_line() {
+    let e = err(&with("metrics:\n  tensorbord: runs\n"));
+    assert_eq!(e.line, 11, "{e}");
+    assert!(e.message.contains("unknown field `tensorbord`"), "{e}");
+    let e = err(&with("metrics:\n  tensorboard: s3://bucket/tb\n"));
+    assert_eq!((e.path.as_str(), e.line), ("metrics.tensorboard", 11), "{e}");
+    assert!(e.message.contains("local folder"), "{e}");
+    let e = err(&with("metrics:\n  tensorboard: runs/../../etc\n"));
+    assert_eq!((e.path.as_str(), e.line), ("metrics.tensorboard", 11), "{e}");
+    let e = err(&with("metrics:\n  tensorboard: ''\n"));
+    assert_eq!(e.path, "metrics.tensorboard", "{e}");
+}

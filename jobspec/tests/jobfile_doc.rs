@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use flotilla_jobspec::parse_with;
 
 /// The job file's top-level keys, in the order a spliced job writes them.
-const SECTIONS: [&str; 11] = [
+const SECTIONS: [&str; 12] = [
     "version",
     "name",
     "model",
@@ -24,6 +24,7 @@ const SECTIONS: [&str; 11] = [
     "priority",
     "eval",
     "registry",
+    "metrics",
 ];
 
 /// Info strings after `yaml` that mark YAML other than a job file.

@@ -3,6 +3,7 @@
 pub mod certs;
 pub mod client;
 pub mod coordinator;
+pub mod metrics;
 pub mod models;
 pub mod procs;
 pub mod render;

@@ -89,10 +89,12 @@ pub fn print_detail(j: &pb::JobStatus) {
 }
 
 /// One line per rank: its worker, pipeline stage and replica, the bytes it
-/// reported holding ("-" until it reports) and its data address.
+/// reported holding ("-" until it reports), its data address and where its
+/// worker serves metrics ("-" if it does not).
 pub fn rank_table(ranks: &[pb::RankInfo]) -> String {
-    let header = ["RANK", "WORKER", "STAGE", "REPLICA", "PARAMS", "GRADS", "OPTIMIZER", "ACTIVATIONS", "ADDRESS"];
-    let rows: Vec<[String; 9]> = ranks
+    let header =
+        ["RANK", "WORKER", "STAGE", "REPLICA", "PARAMS", "GRADS", "OPTIMIZER", "ACTIVATIONS", "ADDRESS", "METRICS"];
+    let rows: Vec<[String; 10]> = ranks
         .iter()
         .map(|r| {
             let bytes =
@@ -107,6 +109,7 @@ pub fn rank_table(ranks: &[pb::RankInfo]) -> String {
                 bytes(|m| m.optimizer_bytes),
                 bytes(|m| m.activation_bytes),
                 r.data_addr.clone(),
+                if r.metrics_addr.is_empty() { "-".into() } else { r.metrics_addr.clone() },
             ]
         })
         .collect();
@@ -121,7 +124,7 @@ pub fn rank_table(ranks: &[pb::RankInfo]) -> String {
         for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
             match i {
                 // Identifiers and the address left, numbers right.
-                1 | 8 => out.push_str(&format!("{cell:<w$}")),
+                1 | 8 | 9 => out.push_str(&format!("{cell:<w$}")),
                 _ => out.push_str(&format!("{cell:>w$}")),
             }
             if i + 1 < cells.len() {
@@ -177,6 +180,7 @@ mod tests {
             stage,
             replica,
             memory,
+            metrics_addr: if rank == 0 { "127.0.0.1:9464".into() } else { String::new() },
         }
     }
 
@@ -203,10 +207,13 @@ mod tests {
         let words = |l: &str| l.split_whitespace().map(String::from).collect::<Vec<_>>();
         assert_eq!(
             words(lines[0]),
-            ["RANK", "WORKER", "STAGE", "REPLICA", "PARAMS", "GRADS", "OPTIMIZER", "ACTIVATIONS", "ADDRESS"]
+            ["RANK", "WORKER", "STAGE", "REPLICA", "PARAMS", "GRADS", "OPTIMIZER", "ACTIVATIONS", "ADDRESS", "METRICS"]
         );
-        assert_eq!(lines[1], "   0  w1          0        0  3.0 MiB  1.5 KiB      512 B      5.0 GiB  127.0.0.1:5000");
-        assert_eq!(words(lines[2]), ["1", "w2", "1", "0", "-", "-", "-", "-", "127.0.0.1:5001"]);
+        assert_eq!(
+            lines[1],
+            "   0  w1          0        0  3.0 MiB  1.5 KiB      512 B      5.0 GiB  127.0.0.1:5000  127.0.0.1:9464"
+        );
+        assert_eq!(words(lines[2]), ["1", "w2", "1", "0", "-", "-", "-", "-", "127.0.0.1:5001", "-"]);
     }
 
     #[test]

@@ -69,6 +69,13 @@ pub struct WorkerArgs {
     /// reported to the coordinator. Default: anywhere.
     #[arg(long = "storage-root", value_name = "PATH")]
     pub storage_roots: Vec<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plain HTTP, no
+    /// token: bind it where only your Prometheus reaches, e.g. the pod's
+    /// address). The address is advertised to the coordinator, which lists
+    /// it with the worker; an unspecified IP (0.0.0.0) is advertised as
+    /// the worker's data host.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// How long `--submit` keeps trying to reach a coordinator that is not up yet.
@@ -104,6 +111,10 @@ pub async fn run(args: WorkerArgs, token: CancellationToken) -> anyhow::Result<i
         None => None,
     };
 
+    let metrics_addr = match args.metrics_addr {
+        Some(addr) => Some(super::metrics::serve(addr, token.clone()).await?),
+        None => None,
+    };
     let cfg = flotilla_trainer::AgentConfig {
         coordinators: flotilla_proto::leader::parse_addrs(&args.coordinator.coordinator),
         data_bind: args.data_addr,
@@ -121,9 +132,10 @@ pub async fn run(args: WorkerArgs, token: CancellationToken) -> anyhow::Result<i
         preemption_grace: Duration::from_secs(args.preemption_grace_s),
         rank_hint,
         storage_roots: storage_roots(&args.storage_roots)?,
+        metrics_addr,
     };
     let agent = flotilla_trainer::Agent::new(cfg)?;
-    tracing::info!(data_addr = %agent.data_addr(), "worker starting");
+    tracing::info!(data_addr = %agent.data_addr(), metrics_addr = ?agent.metrics_addr(), "worker starting");
     let Some(job) = job else {
         agent.run(token).await?;
         return Ok(0);

@@ -12,6 +12,9 @@ use super::{bad, data_paths, is_dns_label, is_object_store, world_size, RenderEr
 
 /// The port workers listen on for their peers' collectives.
 pub const DATA_PORT: u16 = 29500;
+/// The port workers serve Prometheus metrics on (`--metrics-addr`), which
+/// the pods' `prometheus.io/*` annotations name.
+pub const METRICS_PORT: u16 = 9464;
 /// Where the ConfigMap's job file is mounted in a worker pod.
 pub const JOB_FILE: &str = "/etc/flotilla/job.yaml";
 /// The workers' working directory: relative paths of the job resolve here.
@@ -225,12 +228,25 @@ pub fn render(spec: &JobSpec, job_yaml: &str, opts: &K8sOptions) -> Result<Rende
                 ("podFailurePolicy", pod_failure_policy()),
                 (
                     "template",
-                    map([("metadata", map([("labels", labels("worker"))])), ("spec", pod_spec(&config_name, opts))]),
+                    map([
+                        ("metadata", map([("labels", labels("worker")), ("annotations", scrape_annotations())])),
+                        ("spec", pod_spec(&config_name, opts)),
+                    ]),
                 ),
             ]),
         ),
     ]);
     Ok(Rendered { manifests: yaml::documents(&[config, job]), warnings })
+}
+
+/// The annotations that Prometheus's usual Kubernetes scrape config reads:
+/// scrape this pod's `/metrics` on the metrics port.
+fn scrape_annotations() -> Node {
+    map([
+        ("prometheus.io/scrape", "true".into()),
+        ("prometheus.io/port", METRICS_PORT.to_string().into()),
+        ("prometheus.io/path", "/metrics".into()),
+    ])
 }
 
 /// A disrupted pod (node drained, spot reclaimed, evicted) is replaced
@@ -285,6 +301,8 @@ pub fn worker_command(opts: &K8sOptions) -> Vec<String> {
         &format!("0.0.0.0:{DATA_PORT}"),
         "--advertise-host",
         "$(POD_IP)",
+        "--metrics-addr",
+        &format!("0.0.0.0:{METRICS_PORT}"),
         "--preemption-grace-s",
         &opts.preemption_grace_s.to_string(),
     ]
@@ -370,7 +388,10 @@ fn pod_spec(config_name: &str, opts: &K8sOptions) -> Node {
     }
     container.push(
         "ports",
-        Node::List(vec![map([("name", "collectives".into()), ("containerPort", u32::from(DATA_PORT).into())])]),
+        Node::List(vec![
+            map([("name", "collectives".into()), ("containerPort", u32::from(DATA_PORT).into())]),
+            map([("name", "metrics".into()), ("containerPort", u32::from(METRICS_PORT).into())]),
+        ]),
     );
     container.push("resources", resources);
     container.push("volumeMounts", Node::List(mounts));

@@ -33,6 +33,7 @@ fn the_worker_command_submits_serves_and_knows_its_grace() {
     let grace = cmd.iter().position(|a| a == "--preemption-grace-s").unwrap();
     assert_eq!(cmd[grace + 1], "120");
     assert!(cmd.windows(2).any(|w| w == ["--gce-metadata-url", "http://metadata.google.internal"]));
+    assert!(cmd.windows(2).any(|w| w == ["--metrics-addr", &format!("0.0.0.0:{METRICS_PORT}")]));
     let m = render(&spec(), JOB, &opts).unwrap().manifests;
     assert!(m.contains("terminationGracePeriodSeconds: 150\n"), "{m}");
 }

@@ -46,6 +46,10 @@ pub struct AgentConfig {
     /// data, output or checkpoints lie elsewhere is refused as a fatal
     /// failure of this rank.
     pub storage_roots: Vec<String>,
+    /// Where this worker serves Prometheus metrics (already listening),
+    /// advertised at registration; an unspecified IP is replaced by the
+    /// host peers reach the worker on.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// The train loop of one rank of one generation.
@@ -104,6 +108,14 @@ impl Agent {
         self.data_addr
     }
 
+    /// The metrics address as the coordinator is told it.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.cfg.metrics_addr.map(|a| match a.ip().is_unspecified() {
+            true => SocketAddr::new(self.data_addr.ip(), a.port()),
+            false => a,
+        })
+    }
+
     /// Runs until `shutdown` fires or the worker is to leave (released
     /// after a preemption notice, or its grace is over); then stops the
     /// train loop and returns.
@@ -115,6 +127,7 @@ impl Agent {
                 coordinators: self.cfg.coordinators.clone(),
                 data_addr: self.data_addr,
                 rank_hint: self.cfg.rank_hint,
+                metrics_addr: self.metrics_addr(),
                 preemption_grace: self.cfg.preemption_grace,
             },
             notices,
@@ -345,6 +358,9 @@ fn check_storage_roots(roots: &[String], spec: &JobSpec, a: &pb::Assignment) -> 
     }
     if let Some(from) = &spec.checkpoint.resume_from {
         places.push(("checkpoint.resume_from", from));
+    }
+    if let Some(dir) = &spec.metrics.tensorboard {
+        places.push(("metrics.tensorboard", dir));
     }
     places.extend(a.checkpoints.iter().map(|c| ("checkpoint", c.location.as_str())));
     for (what, place) in places {

@@ -18,6 +18,8 @@ pub mod rng;
 pub mod sampler;
 pub mod shards;
 pub mod stats;
+pub mod telemetry;
+pub mod tensorboard;
 pub mod tokenize;
 pub mod types;
 mod uplink;

@@ -33,11 +33,22 @@ pub fn heap_in_use() -> u64 {
 
 /// The process's peak resident set size (VmHWM), in bytes.
 pub fn peak_rss() -> u64 {
+    proc_status_bytes("VmHWM:")
+}
+
+/// The process's resident set size now (VmRSS), in bytes.
+pub fn rss() -> u64 {
+    proc_status_bytes("VmRSS:")
+}
+
+/// A size in `/proc/self/status` (`key` with its colon), in bytes; 0 where
+/// there is none.
+fn proc_status_bytes(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .find_map(|l| l.strip_prefix(key))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
@@ -80,6 +91,8 @@ pub struct StepTiming {
     pub comm_wait_ms: f64,
     /// Clipping, the AdamW update and (ZeRO 1-2) gathering the parameters.
     pub optimizer_ms: f64,
+    /// Reading the step's samples (part of the passes).
+    pub data_wait_ms: f64,
 }
 
 /// What a rank measured over its generation.

@@ -29,6 +29,8 @@ pub(crate) struct UplinkConfig {
     pub rank_hint: Option<u32>,
     /// After a preemption notice, how long to wait for the release.
     pub preemption_grace: Duration,
+    /// Where this worker serves its metrics, advertised at registration.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Identifies one rank of one generation.
@@ -215,6 +217,7 @@ impl Line {
                 pid: std::process::id(),
                 worker_id: self.worker_id.clone().unwrap_or_default(),
                 rank_hint: self.cfg.rank_hint,
+                metrics_addr: self.cfg.metrics_addr.map(|a| a.to_string()).unwrap_or_default(),
             }))
             .await?
             .into_inner();

@@ -251,6 +251,7 @@ async fn register_all(clients: &[WorkerServiceClient<Channel>], n: usize) -> (Ve
                         pid: 1,
                         worker_id: String::new(),
                         rank_hint: None,
+                        metrics_addr: String::new(),
                     };
                     let mut tries = 0;
                     let id = loop {

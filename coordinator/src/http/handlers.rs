@@ -227,3 +227,10 @@ pub(super) async fn no_such_route(method: Method, uri: Uri) -> ApiError {
         super::OPENAPI_PATH
     )))
 }
+
+/// `GET /metrics`: this replica's series, in Prometheus's text format.
+pub(super) async fn metrics_text(State(h): State<Arc<Http>>, Who(_): Who) -> Response {
+    let mut resp = Response::new(axum::body::Body::from(crate::telemetry::render(&h.c)));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(crate::telemetry::CONTENT_TYPE));
+    resp
+}

@@ -97,6 +97,7 @@ pub fn job(s: &pb::JobStatus) -> Value {
             "rank": r.rank,
             "worker_id": r.worker_id,
             "data_addr": r.data_addr,
+            "metrics_addr": r.metrics_addr,
             "stage": r.stage,
             "replica": r.replica,
             "memory": memory(r.memory.as_ref()),
@@ -129,6 +130,7 @@ pub fn worker(w: &WorkerInfo) -> Value {
         "job_id": w.job,
         "rank": w.rank,
         "leaving": w.leaving,
+        "metrics_addr": w.metrics_addr,
     })
 }
 

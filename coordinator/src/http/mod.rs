@@ -114,6 +114,8 @@ pub fn router(c: Arc<Coordinator>) -> axum::Router {
     router
         .route("/api/{*rest}", routing::any(handlers::no_such_route))
         .layer(axum::middleware::from_fn_with_state(state.clone(), forward::to_leader))
+        // Every replica answers for itself (never forwarded).
+        .route(crate::telemetry::PATH, routing::get(handlers::metrics_text))
         .with_state(state)
 }
 

@@ -388,6 +388,32 @@ impl MetaStore for RaftStore {
         m.current_leader.and_then(|l| Self::addr_of(&m, l))
     }
 
+    fn raft_status(&self) -> Option<crate::store::RaftStatus> {
+        let m = self.metrics();
+        let last_log_index = m.last_log_index.unwrap_or(0);
+        // openraft's metrics carry no commit index: the leader computes it
+        // from what its voters matched (its own log counts as matched).
+        let commit_index = m.replication.as_ref().and_then(|r| {
+            let matched = m
+                .membership_config
+                .membership()
+                .voter_ids()
+                .map(|v| match r.get(&v) {
+                    Some(l) => l.map_or(0, |l| l.index),
+                    None if v == self.inner.id => last_log_index,
+                    None => 0,
+                })
+                .collect();
+            crate::telemetry::quorum_index(matched)
+        });
+        Some(crate::store::RaftStatus {
+            term: m.current_term,
+            last_log_index,
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            commit_index,
+        })
+    }
+
     async fn read_fresh(&self) -> Result<Arc<State>, StoreError> {
         let read = self.inner.raft.ensure_linearizable();
         match tokio::time::timeout(self.inner.write_timeout, read).await {

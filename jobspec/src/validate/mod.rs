@@ -16,10 +16,11 @@ use serde_saphyr::{Location, Spanned};
 
 use crate::defaults;
 use crate::error::SpecError;
-use crate::paths::classify_checkpoint_url;
-use crate::raw::{Any, RawCheckpoint, RawEval, RawJob, RawParallelism, RawWorkers};
+use crate::paths::{classify_checkpoint_url, CheckpointTarget};
+use crate::raw::{Any, RawCheckpoint, RawEval, RawJob, RawMetrics, RawParallelism, RawWorkers};
 use crate::{
-    CheckpointSpec, DpSize, EvalSpec, JobSpec, ModelSpec, ParallelismSpec, PipelineSchedule, TrainSpec, WorkersSpec,
+    CheckpointSpec, DpSize, EvalSpec, JobSpec, MetricsSpec, ModelSpec, ParallelismSpec, PipelineSchedule, TrainSpec,
+    WorkersSpec,
 };
 
 /// What every check needs: the origin for messages, and the source to
@@ -82,7 +83,25 @@ pub(crate) fn job(raw: RawJob, cx: &Ctx) -> Result<JobSpec, SpecError> {
     let registry = raw.registry.as_ref().map(|r| registry::registry(cx, r, &name)).transpose()?;
     let eval = raw.eval.as_ref().map(|e| eval(cx, e, &raw, &model, &train)).transpose()?;
     let priority = raw.priority.as_ref().map_or(Ok(defaults::PRIORITY), |p| priority(cx, p))?;
-    Ok(JobSpec { name, model, data, train, parallelism, workers, checkpoint, registry, eval, priority })
+    let metrics = raw.metrics.as_ref().map_or(Ok(MetricsSpec::default()), |m| metrics(cx, m))?;
+    Ok(JobSpec { name, model, data, train, parallelism, workers, checkpoint, registry, eval, priority, metrics })
+}
+
+/// `metrics`: `tensorboard` is a local folder (a path or a `file://` URL).
+fn metrics(cx: &Ctx, raw: &Spanned<RawMetrics>) -> Result<MetricsSpec, SpecError> {
+    let Some(dir) = &raw.value.tensorboard else { return Ok(MetricsSpec::default()) };
+    match classify_checkpoint_url(&dir.value) {
+        Ok(CheckpointTarget::Path(_) | CheckpointTarget::FileUrl(_)) => {
+            Ok(MetricsSpec { tensorboard: Some(dir.value.clone()) })
+        }
+        Ok(CheckpointTarget::ObjectStore) => Err(cx.err(
+            "metrics.tensorboard",
+            dir,
+            "must be a local folder (rank 0's worker writes the event files there); object-store URLs are not \
+             supported",
+        )),
+        Err(problem) => Err(cx.err("metrics.tensorboard", dir, problem)),
+    }
 }
 
 /// `priority`: an integer within `-PRIORITY_LIMIT..=PRIORITY_LIMIT`.

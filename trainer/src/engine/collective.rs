@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flotilla_comm::{CommError, ProcessGroup};
@@ -31,6 +31,51 @@ pub enum Op {
     Send(usize),
     /// From one rank, into the tensor given.
     Recv(usize),
+}
+
+impl Op {
+    /// The op's name in metrics, and its slot in [`Traffic`].
+    fn slot(self) -> usize {
+        match self {
+            Op::AllReduce => 0,
+            Op::ReduceScatter => 1,
+            Op::AllGather => 2,
+            Op::Send(_) => 3,
+            Op::Recv(_) => 4,
+        }
+    }
+}
+
+/// The names of [`Traffic`]'s slots, as the `op` label of the metrics.
+pub const OP_NAMES: [&str; 6] = ["all_reduce", "reduce_scatter", "all_gather", "send", "recv", "all_gather_bytes"];
+const BYTES_SLOT: usize = 5;
+
+/// What a group's collectives moved and how long they ran, by op (slots
+/// named by [`OP_NAMES`]), measured on the comm thread.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Traffic {
+    pub bytes: [u64; 6],
+    pub time: [Duration; 6],
+}
+
+impl Traffic {
+    fn add(&mut self, slot: usize, bytes: u64, took: Duration) {
+        self.bytes[slot] += bytes;
+        self.time[slot] += took;
+    }
+
+    /// `bytes` moved by `op` in `took`.
+    pub fn add_op(&mut self, op: Op, bytes: u64, took: Duration) {
+        self.add(op.slot(), bytes, took);
+    }
+
+    /// Both added.
+    pub fn merge(&mut self, other: &Traffic) {
+        for i in 0..OP_NAMES.len() {
+            self.bytes[i] += other.bytes[i];
+            self.time[i] += other.time[i];
+        }
+    }
 }
 
 /// A queued collective, to wait for.
@@ -58,6 +103,8 @@ pub struct Collectives {
     /// How long callers have waited for results since the last
     /// [`Collectives::take_waited`].
     waited: Duration,
+    /// Filled by the comm thread, taken by [`Collectives::take_traffic`].
+    traffic: Arc<Mutex<Traffic>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -66,6 +113,8 @@ impl Collectives {
         let (rank, world) = (group.rank(), group.world());
         let (job_tx, job_rx) = mpsc::channel::<Job>();
         let (done_tx, done_rx) = mpsc::channel();
+        let traffic = Arc::new(Mutex::new(Traffic::default()));
+        let counted = traffic.clone();
         let thread = std::thread::Builder::new()
             .name(format!("comm-{name}"))
             .spawn(move || {
@@ -75,7 +124,13 @@ impl Collectives {
                         Job::Tensor(id, op, mut t) => {
                             let r = match &broken {
                                 Some(e) => Err(e.duplicate()),
-                                None => run(group.as_mut(), op, &mut t).map(|own| (t, own)),
+                                None => {
+                                    let (since, bytes) =
+                                        (Instant::now(), (t.numel() * t.kind().elt_size_in_bytes()) as u64);
+                                    let r = run(group.as_mut(), op, &mut t);
+                                    counted.lock().expect("traffic").add(op.slot(), bytes, since.elapsed());
+                                    r.map(|own| (t, own))
+                                }
                             };
                             if let Err(e) = &r {
                                 broken.get_or_insert_with(|| e.duplicate());
@@ -85,7 +140,16 @@ impl Collectives {
                         Job::Bytes(id, bytes) => {
                             let r = match &broken {
                                 Some(e) => Err(e.duplicate()),
-                                None => group.all_gather_bytes(&bytes),
+                                None => {
+                                    let since = Instant::now();
+                                    let r = group.all_gather_bytes(&bytes);
+                                    counted.lock().expect("traffic").add(
+                                        BYTES_SLOT,
+                                        bytes.len() as u64,
+                                        since.elapsed(),
+                                    );
+                                    r
+                                }
                             };
                             if let Err(e) = &r {
                                 broken.get_or_insert_with(|| e.duplicate());
@@ -107,6 +171,7 @@ impl Collectives {
             rank,
             world,
             waited: Duration::ZERO,
+            traffic,
             thread: Some(thread),
         }
     }
@@ -181,6 +246,11 @@ impl Collectives {
     pub fn take_waited(&mut self) -> Duration {
         std::mem::take(&mut self.waited)
     }
+
+    /// What the collectives moved since the last call.
+    pub fn take_traffic(&mut self) -> Traffic {
+        std::mem::take(&mut *self.traffic.lock().expect("traffic"))
+    }
 }
 
 fn run(group: &mut dyn ProcessGroup, op: Op, t: &mut Tensor) -> Result<Range<usize>, CommError> {
@@ -220,6 +290,12 @@ mod tests {
         assert_eq!((tb.numel(), own), (3, 0..3));
         let (ta, _) = c.wait(a).unwrap();
         assert_eq!(ta.double_value(&[1]), 2.0);
+        let t = c.take_traffic();
+        assert_eq!(t.bytes[Op::AllReduce.slot()], 8, "two f32");
+        assert_eq!(t.bytes[Op::ReduceScatter.slot()], 12);
+        assert_eq!(t.bytes[BYTES_SLOT], 1);
+        assert_eq!(t.bytes[Op::AllGather.slot()], 0);
+        assert_eq!(c.take_traffic(), Traffic::default(), "taken once");
     }
 
     #[test]

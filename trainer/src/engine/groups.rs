@@ -7,12 +7,13 @@
 //! other).
 
 use std::ops::Range;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Instant;
 
 use flotilla_comm::{Buf, CommError, CommListener, ProcessGroup, RingConfig, SingleProcess, TcpRing};
 use tch::{Kind, Tensor};
 
-use super::collective::{Collectives, Op, Ticket};
+use super::collective::{Collectives, Op, Ticket, Traffic};
 use super::plan::Plan;
 use super::tensors;
 use crate::types::{Assignment, TrainOptions};
@@ -33,6 +34,8 @@ pub(crate) struct Groups {
     from_prev: Option<Box<dyn ProcessGroup>>,
     to_prev: Option<SendThread>,
     from_next: Option<Box<dyn ProcessGroup>>,
+    /// What the pipeline links moved (sends counted on their threads).
+    pipe: Arc<Mutex<Traffic>>,
 }
 
 /// A collective queued on the data-parallel group, or (without one) its
@@ -68,7 +71,9 @@ impl Groups {
             let members = (0..dp).map(|r| at(a.stage, r)).collect();
             Dp::Own(Collectives::spawn(ring(a, listener, opts, format!("{}#dp{}", a.job, a.stage), members)?, "dp"))
         };
-        let mut g = Groups { world, dp: dp_group, to_next: None, from_prev: None, to_prev: None, from_next: None };
+        let pipe = Arc::new(Mutex::new(Traffic::default()));
+        let mut g =
+            Groups { world, dp: dp_group, to_next: None, from_prev: None, to_prev: None, from_next: None, pipe };
         for s in 0..pp.saturating_sub(1) {
             if a.stage != s && a.stage != s + 1 {
                 continue;
@@ -77,11 +82,11 @@ impl Groups {
             let fwd = ring(a, listener, opts, format!("{}#fwd{}.{}", a.job, a.replica, s), pair.clone())?;
             let bwd = ring(a, listener, opts, format!("{}#bwd{}.{}", a.job, a.replica, s), pair)?;
             if a.stage == s {
-                g.to_next = Some(SendThread::spawn(fwd, 1));
+                g.to_next = Some(SendThread::spawn(fwd, 1, g.pipe.clone()));
                 g.from_next = Some(bwd);
             } else {
                 g.from_prev = Some(fwd);
-                g.to_prev = Some(SendThread::spawn(bwd, 0));
+                g.to_prev = Some(SendThread::spawn(bwd, 0, g.pipe.clone()));
             }
         }
         Ok(g)
@@ -124,14 +129,25 @@ impl Groups {
         w
     }
 
+    /// What the world's and the data-parallel group's collectives and the
+    /// pipeline links moved since the last call.
+    pub fn take_traffic(&mut self) -> Traffic {
+        let mut t = self.world.take_traffic();
+        if let Dp::Own(c) = &mut self.dp {
+            t.merge(&c.take_traffic());
+        }
+        t.merge(&std::mem::take(&mut *self.pipe.lock().expect("pipeline traffic")));
+        t
+    }
+
     /// The next activation from the previous stage, of `shape` and `kind`.
     pub fn recv_from_prev(&mut self, shape: &[i64], kind: Kind) -> Result<Tensor, CommError> {
-        recv(self.from_prev.as_mut().expect("a previous stage"), 0, shape, kind)
+        recv(self.from_prev.as_mut().expect("a previous stage"), 0, shape, kind, &self.pipe)
     }
 
     /// The next gradient from the next stage, of `shape` and `kind`.
     pub fn recv_from_next(&mut self, shape: &[i64], kind: Kind) -> Result<Tensor, CommError> {
-        recv(self.from_next.as_mut().expect("a next stage"), 1, shape, kind)
+        recv(self.from_next.as_mut().expect("a next stage"), 1, shape, kind, &self.pipe)
     }
 
     /// Queues `t` for the next stage; it must not be written meanwhile.
@@ -155,9 +171,18 @@ impl Groups {
 
 /// The next message from rank `from` of a pipeline pair (0: the earlier
 /// stage, 1: the later).
-fn recv(group: &mut Box<dyn ProcessGroup>, from: usize, shape: &[i64], kind: Kind) -> Result<Tensor, CommError> {
+fn recv(
+    group: &mut Box<dyn ProcessGroup>,
+    from: usize,
+    shape: &[i64],
+    kind: Kind,
+    pipe: &Mutex<Traffic>,
+) -> Result<Tensor, CommError> {
     let mut t = Tensor::empty(shape, (kind, tch::Device::Cpu));
+    let since = Instant::now();
     group.recv(from, &mut tensors::buf(&mut t)?)?;
+    let bytes = (t.numel() * t.kind().elt_size_in_bytes()) as u64;
+    pipe.lock().expect("pipeline traffic").add_op(Op::Recv(from), bytes, since.elapsed());
     Ok(t)
 }
 
@@ -254,7 +279,7 @@ enum SendJob {
 
 impl SendThread {
     /// Sends to rank `to` of `group`.
-    fn spawn(mut group: Box<dyn ProcessGroup>, to: usize) -> SendThread {
+    fn spawn(mut group: Box<dyn ProcessGroup>, to: usize, pipe: Arc<Mutex<Traffic>>) -> SendThread {
         let (tx, rx) = mpsc::channel::<SendJob>();
         let thread = std::thread::Builder::new()
             .name("pipeline-send".into())
@@ -266,7 +291,10 @@ impl SendThread {
                     match job {
                         SendJob::Send(mut t) => {
                             if failed.is_none() && broken.is_none() {
+                                let (since, bytes) =
+                                    (Instant::now(), (t.numel() * t.kind().elt_size_in_bytes()) as u64);
                                 let sent = tensors::buf(&mut t).and_then(|b| group.send(to, &b));
+                                pipe.lock().expect("pipeline traffic").add_op(Op::Send(to), bytes, since.elapsed());
                                 if let Err(e) = sent {
                                     broken = Some(e.to_string());
                                     failed = Some(e);

@@ -24,7 +24,7 @@
 //! data-parallel group, where ZeRO partitions each unit's state into `dp`
 //! chunks.
 
-mod collective;
+pub(crate) mod collective;
 mod control;
 mod eval;
 mod finish;
@@ -57,6 +57,8 @@ use crate::optim;
 use crate::sampler::Sampler;
 use crate::stats::{self, RunStats, StepTiming};
 use crate::storage::Storage;
+use crate::telemetry::RankMetrics;
+use crate::tensorboard::EventWriter;
 use crate::tokenize::TokenCache;
 use crate::types::{wall_ms, Assignment, MemoryUsage, Outcome, TrainError, TrainEvent, TrainOptions};
 
@@ -94,6 +96,8 @@ pub fn run(
         None => (State::init(&plan, &spec.model, train.seed)?, 0, Vec::new()),
     };
     let mut run = RunStats { start_peak_rss: stats::peak_rss(), ..Default::default() };
+    let metrics = RankMetrics::new(a);
+    let mut events = event_file(a);
     let mut sampler = Sampler::new(data.len(), train.seed, train.global_batch as u64);
     // Steps whose samples are on their way while the current one runs.
     let ahead = |sampler: &mut Sampler, step: u64| {
@@ -168,20 +172,29 @@ pub fn run(
 
         // 6. Bookkeeping.
         let wall = t0.elapsed();
-        run.steps.push(StepTiming {
+        let timing = StepTiming {
             step: done,
             wall_ms: ms(wall),
             passes_ms: ms(t_passes),
             waited_ms: ms(done_passes.pipeline_wait),
             comm_wait_ms: ms(comm_wait),
             optimizer_ms: ms(t_update.elapsed()),
-        });
+            data_wait_ms: ms(done_passes.data_wait),
+        };
+        metrics.step(&timing);
+        metrics.progress(loss, lr, verdict.grad_norm);
+        metrics.traffic(&groups.take_traffic());
+        if let Some(e) = &evaluated {
+            metrics.eval(e.loss);
+        }
+        run.steps.push(timing);
         // The first step of a generation also allocates libtorch's own
         // buffers: memory is reported from the second on.
         if done > start + 1 || done == train.steps {
             let usage = state.memory(&plan, done_passes.activations.max(run.memory.activations));
             if run.memory == MemoryUsage::default() || usage.activations > run.memory.activations * 21 / 20 {
                 emit(TrainEvent::Memory(usage));
+                metrics.held(&usage);
                 run.memory = usage;
             }
         }
@@ -194,11 +207,11 @@ pub fn run(
         );
         if a.rank == 0 {
             let step = StepRecord { step: done, loss, lr, grad_norm: verdict.grad_norm, took: wall, evaluated };
-            record_step(a, &mut history, step, emit);
+            record_step(a, &mut history, step, events.as_mut(), emit);
         }
         if verdict.all_shards_done {
             if let Some(saved) = saver.finish(a, &mut groups.world, &plan.layout, &history)? {
-                emit(committed(saved));
+                emit(committed(&metrics, saved));
             }
         }
         let every = spec.checkpoint.every;
@@ -207,7 +220,7 @@ pub fn run(
             // One checkpoint in flight at a time: a slow upload holds the
             // next one (all ranks reach this at the same step).
             if let Some(saved) = saver.finish(a, &mut groups.world, &plan.layout, &history)? {
-                emit(committed(saved));
+                emit(committed(&metrics, saved));
             }
             let buffers = saver.buffers();
             if !requested {
@@ -221,7 +234,7 @@ pub fn run(
                 let c = state.weights.copy_now(&copy_pieces, buffers, done, state.adam.step);
                 saver.start(a, &out, &plan.layout, held.clone(), c.snap, c.started, c.blocked);
                 if let Some(saved) = saver.finish(a, &mut groups.world, &plan.layout, &history)? {
-                    emit(committed(saved));
+                    emit(committed(&metrics, saved));
                 }
                 wait_for_new_generation(cancel);
             }
@@ -232,7 +245,7 @@ pub fn run(
         saver.start(a, &out, &plan.layout, held.clone(), c.snap, c.started, c.blocked);
     }
     if let Some(saved) = saver.finish(a, &mut groups.world, &plan.layout, &history)? {
-        emit(committed(saved));
+        emit(committed(&metrics, saved));
     }
     if run.memory == MemoryUsage::default() {
         run.memory = state.memory(&plan, 0);
@@ -246,7 +259,8 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn committed(saved: Saved) -> TrainEvent {
+fn committed(metrics: &RankMetrics, saved: Saved) -> TrainEvent {
+    metrics.checkpoint(saved.blocked, saved.total);
     TrainEvent::Checkpoint {
         step: saved.step,
         location: saved.location,
@@ -268,11 +282,28 @@ struct StepRecord {
 
 /// Rank 0's record of a step: into the metric history and to the
 /// coordinator.
-fn record_step(a: &Assignment, history: &mut Vec<MetricRecord>, s: StepRecord, emit: &mut dyn FnMut(TrainEvent)) {
+fn record_step(
+    a: &Assignment,
+    history: &mut Vec<MetricRecord>,
+    s: StepRecord,
+    events: Option<&mut EventWriter>,
+    emit: &mut dyn FnMut(TrainEvent),
+) {
     let samples_per_sec = a.spec.train.global_batch as f64 / s.took.as_secs_f64().max(1e-9);
     let time_ms = wall_ms();
     let eval_loss = s.evaluated.map(|e| e.loss);
     let eval_accuracy = s.evaluated.and_then(|e| e.accuracy);
+    if let Some(w) = events {
+        let mut scalars = vec![
+            ("train/loss", s.loss),
+            ("train/lr", s.lr),
+            ("train/grad_norm", s.grad_norm),
+            ("train/samples_per_sec", samples_per_sec),
+        ];
+        scalars.extend(eval_loss.map(|l| ("eval/loss", l)));
+        scalars.extend(eval_accuracy.map(|acc| ("eval/accuracy", acc)));
+        w.scalars(s.step, &scalars);
+    }
     history.push(MetricRecord {
         step: s.step,
         loss: s.loss,
@@ -295,6 +326,19 @@ fn record_step(a: &Assignment, history: &mut Vec<MetricRecord>, s: StepRecord, e
         eval_loss,
         eval_accuracy,
     });
+}
+
+/// Rank 0's TensorBoard event file for this generation, when the job asks
+/// for one (a folder that cannot be made is logged, not fatal).
+fn event_file(a: &Assignment) -> Option<EventWriter> {
+    let dir = a.spec.metrics.tensorboard.as_deref().filter(|_| a.rank == 0)?;
+    match EventWriter::create(std::path::Path::new(dir), &a.job, a.generation) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(dir, error = %e, "could not create the TensorBoard event file; training goes on without it");
+            None
+        }
+    }
 }
 
 /// After a checkpoint the coordinator asked for (a worker is leaving): the
