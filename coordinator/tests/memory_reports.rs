@@ -58,7 +58,7 @@ fn usage(params_bytes: u64) -> pb::MemoryUsage {
 }
 
 fn report(worker: &str, generation: u64, rank: u32, usage: Option<pb::MemoryUsage>) -> pb::MemoryReport {
-    pb::MemoryReport { worker_id: worker.into(), job_id: "pipe-1".into(), generation, rank, usage }
+    pb::MemoryReport { worker_id: worker.into(), job_id: "pipe-1".into(), generation, rank, usage, step_times: None }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

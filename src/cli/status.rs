@@ -177,6 +177,7 @@ mod tests {
             stage,
             replica,
             memory,
+            step_times: None,
         }
     }
 
