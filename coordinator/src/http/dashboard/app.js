@@ -119,7 +119,7 @@ function chart(id, title, series) {
     const y = y0 + f * (y1 - y0);
     box.append(svg("line", { x1: L, x2: W - R, y1: sy(y), y2: sy(y), class: "grid" }));
     const t = svg("text", { x: L - 4, y: sy(y) + 4, "text-anchor": "end", class: "tick" });
-    t.textContent = fmt(y, 3);
+    t.textContent = Math.abs(y) >= 1e5 || (y !== 0 && Math.abs(y) < 1e-3) ? y.toExponential(2) : String(Number(y.toPrecision(3)));
     box.append(t);
   }
   for (const x of [x0, x1]) {
@@ -322,7 +322,7 @@ function jobView(root, jobId) {
     const ended = ["succeeded", "failed", "cancelled"].includes(job.phase);
     const finalLoss = ended && last ? el("div", { class: "final" }, "final loss ",
       el("strong", { id: "final-loss", "data-value": String(last.loss) }, fmt(last.loss))) : null;
-    head.replaceChildren(
+    head.replaceChildren(...[
       el("h1", {}, job.name, " ", phaseBadge(job.phase)),
       el("p", { class: "muted" }, job.job_id, job.message ? " · " + job.message : ""),
       el("dl", { class: "facts" },
@@ -334,7 +334,7 @@ function jobView(root, jobId) {
         el("dt", {}, "priority"), el("dd", {}, job.priority),
         el("dt", {}, "queue"), el("dd", {}, job.queue_position ?? "–"),
         el("dt", {}, "submitted by"), el("dd", {}, job.submitted_by || "–")),
-      finalLoss);
+      finalLoss].filter((x) => x));
   };
 
   let drawQueued = false;
