@@ -305,7 +305,6 @@ fn the_dashboard_shows_a_job_training_live_and_through_a_follower() {
         let points = get(&api, &format!("{leader}/api/v1/jobs/{id}/metrics")).await;
         let last = points["points"].as_array().unwrap().last().cloned().unwrap_or(Value::Null);
         assert_eq!(job["phase"], "succeeded", "{job}");
-        eprintln!("ranks after the end: {}", get(&api, &format!("{leader}/api/v1/jobs/{id}/ranks")).await);
         assert_eq!(Some(shown), job["loss"].as_f64(), "the page's final loss and the job's");
         assert_eq!(Some(shown), last["loss"].as_f64(), "the page's final loss and the last metric point's");
         let drawn = browser.eval(LOSS_POINTS).await;

@@ -119,7 +119,7 @@ function chart(id, title, series) {
     const y = y0 + f * (y1 - y0);
     box.append(svg("line", { x1: L, x2: W - R, y1: sy(y), y2: sy(y), class: "grid" }));
     const t = svg("text", { x: L - 4, y: sy(y) + 4, "text-anchor": "end", class: "tick" });
-    t.textContent = Math.abs(y) >= 1e5 || (y !== 0 && Math.abs(y) < 1e-3) ? y.toExponential(2) : String(Number(y.toPrecision(3)));
+    t.textContent = Math.abs(y) >= 1e5 || (y !== 0 && Math.abs(y) < 1e-4) ? y.toExponential(2) : String(Number(y.toPrecision(3)));
     box.append(t);
   }
   for (const x of [x0, x1]) {
