@@ -269,7 +269,9 @@ fn the_dashboard_shows_a_job_training_live_and_through_a_follower() {
 
         // Its page: the loss chart gains points as steps complete.
         browser.goto(&format!("{leader}/#/jobs/{id}")).await;
-        let first = browser.wait("the first points", &format!("const n = (() => {{ {LOSS_POINTS} }})(); return n > 0 ? n : null;")).await;
+        let first = browser
+            .wait("the first points", &format!("const n = (() => {{ {LOSS_POINTS} }})(); return n > 0 ? n : null;"))
+            .await;
         let first = first.as_u64().unwrap();
         assert!(first < 3000, "the page saw the job only once it had ended ({first} points)");
         let more = format!("const n = (() => {{ {LOSS_POINTS} }})(); return n > {first} ? n : null;");
@@ -318,7 +320,10 @@ fn the_dashboard_shows_a_job_training_live_and_through_a_follower() {
         assert!(text.as_str().unwrap().contains("succeeded"), "{text}");
         browser.goto(&format!("{follower}/#/jobs/{id}")).await;
         let shown_there = browser
-            .wait("the follower's final loss", "return document.getElementById('final-loss')?.getAttribute('data-value') ?? null")
+            .wait(
+                "the follower's final loss",
+                "return document.getElementById('final-loss')?.getAttribute('data-value') ?? null",
+            )
             .await;
         assert_eq!(shown_there.as_str().unwrap().parse::<f64>().ok(), Some(shown));
         browser.screenshot(&shots.join("follower.png")).await;

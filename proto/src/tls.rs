@@ -134,9 +134,7 @@ impl Tls {
         if browsers {
             verifier = verifier.allow_unauthenticated();
         }
-        let verifier = verifier
-            .build()
-            .map_err(|e| format!("the CA certificate: {e}"))?;
+        let verifier = verifier.build().map_err(|e| format!("the CA certificate: {e}"))?;
         let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&self.key)
             .map_err(|e| format!("the private key holds no PEM private key: {e}"))?;
         let mut config = rustls::ServerConfig::builder()

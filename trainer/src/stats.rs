@@ -80,7 +80,7 @@ pub struct StepTiming {
     pub comm_wait_ms: f64,
     /// Clipping, the AdamW update and (ZeRO 1-2) gathering the parameters.
     pub optimizer_ms: f64,
-    /// Taking the step's samples from the data set (within `passes_ms`).
+    /// Reading the step's samples (part of the passes).
     pub data_wait_ms: f64,
     /// The parts of `comm_wait_ms` spent within `passes_ms` (ZeRO-3's
     /// gathers) and within `optimizer_ms` (ZeRO 1-2's gathers).

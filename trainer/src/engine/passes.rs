@@ -29,7 +29,7 @@ pub(crate) struct PassesDone {
     pub activations: u64,
     /// Time spent waiting for activations or gradients from other stages.
     pub pipeline_wait: Duration,
-    /// Time spent taking the micro-batches' samples from the data set.
+    /// Time spent reading the samples (waiting for the data loader).
     pub data_wait: Duration,
 }
 
@@ -113,7 +113,8 @@ impl StepPasses<'_> {
         };
         let heap = HeapPeak::start();
         let mut live: Vec<Option<Live>> = (0..mbs.len()).map(|_| None).collect();
-        let mut done = PassesDone { loss_sum: 0.0, activations: 0, pipeline_wait: Duration::ZERO, data_wait: Duration::ZERO };
+        let mut done =
+            PassesDone { loss_sum: 0.0, activations: 0, pipeline_wait: Duration::ZERO, data_wait: Duration::ZERO };
         for pass in schedule(self.spec.parallelism.schedule, plan.pp, plan.stage, mbs.len()) {
             match pass {
                 Pass::Forward(j) => {
@@ -165,9 +166,9 @@ impl StepPasses<'_> {
         }
         let (x, y) = match plan.reads_data() {
             true => {
-                let w = Instant::now();
+                let read = Instant::now();
                 let (x, y) = self.data.batch(batch).map_err(|e| TrainError::fatal("read the step's samples", e))?;
-                done.data_wait += w.elapsed();
+                done.data_wait += read.elapsed();
                 (Some(x), Some(y))
             }
             false => (None, None),
