@@ -5,7 +5,8 @@
 //! typed into the page, the job shows in the list, its loss chart gains
 //! points while it trains, the ranks table lists both ranks with where
 //! their steps went and highlights one, the finished job shows the final
-//! loss the API reports; a follower's dashboard shows the same. Screenshots
+//! loss the API reports; a follower's dashboard shows the same, and a
+//! sweep's leaderboard and chart of trials as the API ranks them. Screenshots
 //! go to `$CARGO_TARGET_TMPDIR/dashboard/` (the test prints where).
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`scripts/bootstrap
@@ -318,6 +319,7 @@ fn the_dashboard_shows_a_job_training_live_and_through_a_follower() {
         browser.log_in(&follower, admin_token()).await;
         let text = browser.wait("the job in the follower's list", &row).await;
         assert!(text.as_str().unwrap().contains("succeeded"), "{text}");
+        browser.screenshot(&shots.join("jobs.png")).await;
         browser.goto(&format!("{follower}/#/jobs/{id}")).await;
         let shown_there = browser
             .wait(
@@ -327,5 +329,46 @@ fn the_dashboard_shows_a_job_training_live_and_through_a_follower() {
             .await;
         assert_eq!(shown_there.as_str().unwrap().parse::<f64>().ok(), Some(shown));
         browser.screenshot(&shots.join("follower.png")).await;
+
+        // A sweep, on the follower's page: the leaderboard ranks every trial
+        // as the API does, the chart has a point per trial with a metric.
+        let fixtures = repo().join("tests/fixtures/sweep");
+        let body = json!({
+            "sweep": read(&fixtures.join("grid.yaml")),
+            "job": read(&fixtures.join("job.yaml")),
+            "base_dir": d,
+        });
+        let created = api
+            .post(format!("{leader}/api/v1/sweeps"))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        let created: Value = serde_json::from_str(&created.text().await.unwrap()).unwrap();
+        let sweep = created["sweep_id"].as_str().unwrap_or_else(|| panic!("not submitted: {created}")).to_string();
+        browser.goto(&format!("{follower}/#/sweeps/{sweep}")).await;
+        let board = browser
+            .wait(
+                "the finished sweep's leaderboard",
+                "const rows = [...document.querySelectorAll('#leaderboard tbody tr')];
+                 if (!document.querySelector('#view h1')?.innerText.includes('done')) return null;
+                 return rows.map(r => [r.cells[0].innerText, r.cells[1].innerText]);",
+            )
+            .await;
+        let served = get(&api, &format!("{leader}/api/v1/sweeps/{sweep}")).await;
+        let mut ranked: Vec<&Value> = served["trials"].as_array().unwrap().iter().collect();
+        ranked.sort_by_key(|t| t["rank"].as_u64().unwrap_or(u64::MAX));
+        let expected: Vec<Value> = ranked
+            .iter()
+            .map(|t| json!([t["rank"].as_u64().map_or("–".to_string(), |r| r.to_string()), t["trial"].to_string()]))
+            .collect();
+        assert_eq!(board, json!(expected), "the page's leaderboard and the API's: {served}");
+        let measured = ranked.iter().filter(|t| t["metric"].is_number()).count() as u64;
+        assert!(measured >= 2, "{served}");
+        let drawn =
+            browser.eval("return Number(document.getElementById('chart-trials').getAttribute('data-points'))").await;
+        assert_eq!(drawn.as_u64(), Some(measured));
+        browser.screenshot(&shots.join("sweep.png")).await;
     });
 }
