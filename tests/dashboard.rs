@@ -181,18 +181,7 @@ fn read(path: &Path) -> String {
 
 /// An HTTP client of the API with this test binary's client certificate.
 fn api_client() -> reqwest::Client {
-    let dir = tls_dir();
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.join("ca.pem")).unwrap()).unwrap();
-    let mut pem = std::fs::read(dir.join("client.pem")).unwrap();
-    pem.extend(std::fs::read(dir.join("client.key")).unwrap());
-    let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {}", admin_token()).parse().unwrap());
-    reqwest::Client::builder()
-        .tls_certs_only([ca])
-        .identity(reqwest::Identity::from_pem(&pem).unwrap())
-        .default_headers(headers)
-        .build()
-        .unwrap()
+    http_client(Some(admin_token())).build().unwrap()
 }
 
 /// A browser's view of the port: the CA trusted, no client certificate.

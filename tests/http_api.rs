@@ -17,22 +17,7 @@ use support::*;
 /// An HTTP client with this test binary's CA and client certificate,
 /// carrying `token` (none: no token at all), speaking HTTP/2 or HTTP/1.1.
 fn http(token: Option<&str>) -> reqwest::Client {
-    client(token).build().unwrap()
-}
-
-fn client(token: Option<&str>) -> reqwest::ClientBuilder {
-    let dir = tls_dir();
-    let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.join("ca.pem")).unwrap()).unwrap();
-    let mut pem = std::fs::read(dir.join("client.pem")).unwrap();
-    pem.extend(std::fs::read(dir.join("client.key")).unwrap());
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(t) = token {
-        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
-    }
-    reqwest::Client::builder()
-        .tls_certs_only([ca])
-        .identity(reqwest::Identity::from_pem(&pem).unwrap())
-        .default_headers(headers)
+    http_client(token).build().unwrap()
 }
 
 /// `method url` with an optional body (`Content-Type`, bytes); the status,
@@ -152,7 +137,7 @@ fn every_route_on_one_replica() {
         let (s, jobs) = get(&read, &format!("{api}/jobs")).await;
         assert_eq!((s, jobs["jobs"].clone()), (StatusCode::OK, json!([])), "nothing was submitted");
         // A client that speaks only HTTP/1.1 (ALPN http/1.1) is served too.
-        let http1 = client(Some(&reader)).http1_only().build().unwrap();
+        let http1 = http_client(Some(&reader)).http1_only().build().unwrap();
         let resp = http1.get(format!("{api}/jobs")).send().await.unwrap();
         assert_eq!((resp.status(), resp.version()), (StatusCode::OK, reqwest::Version::HTTP_11));
 

@@ -97,6 +97,23 @@ pub async fn channel(url: &str) -> Result<AuthChannel, String> {
     Ok(authed(channel))
 }
 
+/// An HTTP client of the coordinator's port with this test binary's CA
+/// and client certificate, carrying `token` (none: no token at all).
+pub fn http_client(token: Option<&str>) -> reqwest::ClientBuilder {
+    let dir = tls_dir();
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.join("ca.pem")).unwrap()).unwrap();
+    let mut pem = std::fs::read(dir.join("client.pem")).unwrap();
+    pem.extend(std::fs::read(dir.join("client.key")).unwrap());
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = token {
+        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {t}").parse().unwrap());
+    }
+    reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .identity(reqwest::Identity::from_pem(&pem).unwrap())
+        .default_headers(headers)
+}
+
 /// `cmd` with the admin token in its environment.
 pub fn with_token(cmd: &mut Command) -> &mut Command {
     cmd.env(TOKEN_ENV, admin_token()).env_remove(TOKEN_FILE_ENV)
