@@ -390,9 +390,12 @@ def train(args, rank, world):
         loss = float(total.item()) / global_batch
         if tr["grad_clip"] is not None:
             if bf16:
-                # flotilla's clipping arithmetic: the squared norm summed in
-                # f64, the coefficient in f64, applied only below 1.
-                total = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in params))
+                # flotilla's clipping arithmetic: each gradient squared in
+                # f32 and summed in f64, the coefficient in f64, applied only
+                # below 1. Squaring in f64 instead moves the coefficient's
+                # last f32 bit now and then, and the step's bf16 casts turn
+                # that into a 2^-8 difference in a weight.
+                total = math.sqrt(sum(float(p.grad.square().sum(dtype=torch.float64)) for p in params))
                 coef = tr["grad_clip"] / (total + 1e-6)
                 if coef < 1.0:
                     for p in params:
