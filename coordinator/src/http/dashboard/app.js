@@ -7,6 +7,7 @@
 const TOKEN_KEY = "flotilla-token";
 const SVG = "http://www.w3.org/2000/svg";
 const REFRESH_MS = 2000;
+const MAX_DRAWN = 2000;
 
 let view = null; // the current view's stop function
 
@@ -96,7 +97,7 @@ function phaseBadge(phase) {
 // ---------------------------------------------------------------- charts
 
 // A line chart of one or more series of {x, y}; its svg carries the number
-// of points drawn in data-points.
+// of points of the first series in data-points (all of them, drawn or not).
 function chart(id, title, series) {
   const W = 420, H = 180, L = 56, R = 10, T = 10, B = 24;
   const box = svg("svg", { id, class: "chart", viewBox: `0 0 ${W} ${H}`, role: "img" });
@@ -128,8 +129,13 @@ function chart(id, title, series) {
     box.append(t);
   }
   series.forEach((s, i) => {
-    const ps = s.points.filter((p) => Number.isFinite(p.y));
+    let ps = s.points.filter((p) => Number.isFinite(p.y));
     if (ps.length === 0) return;
+    // A long run draws at most about MAX_DRAWN points (always its last).
+    if (ps.length > MAX_DRAWN) {
+      const stride = Math.ceil(ps.length / MAX_DRAWN);
+      ps = ps.filter((_, k) => k % stride === 0 || k === ps.length - 1);
+    }
     const line = svg("polyline", {
       class: "series series-" + i,
       points: ps.map((p) => `${sx(p.x).toFixed(1)},${sy(p.y).toFixed(1)}`).join(" "),
