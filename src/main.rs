@@ -175,6 +175,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
                     tls_dir: a.tls_dir,
                     admin_token_file: a.admin_token_file,
                     insecure: a.insecure,
+                    browsers: a.browsers,
                 };
                 let (cfg, base) = match cli::coordinator::load(a.config.as_deref(), overrides) {
                     Ok(v) => v,

@@ -17,11 +17,7 @@ use support::*;
 /// An HTTP client with this test binary's CA and client certificate,
 /// carrying `token` (none: no token at all), speaking HTTP/2 or HTTP/1.1.
 fn http(token: Option<&str>) -> reqwest::Client {
-    client(token).build().unwrap()
-}
-
-fn client(token: Option<&str>) -> reqwest::ClientBuilder {
-    https_client(token)
+    http_client(token).build().unwrap()
 }
 
 /// `method url` with an optional body (`Content-Type`, bytes); the status,
@@ -141,7 +137,7 @@ fn every_route_on_one_replica() {
         let (s, jobs) = get(&read, &format!("{api}/jobs")).await;
         assert_eq!((s, jobs["jobs"].clone()), (StatusCode::OK, json!([])), "nothing was submitted");
         // A client that speaks only HTTP/1.1 (ALPN http/1.1) is served too.
-        let http1 = client(Some(&reader)).http1_only().build().unwrap();
+        let http1 = http_client(Some(&reader)).http1_only().build().unwrap();
         let resp = http1.get(format!("{api}/jobs")).send().await.unwrap();
         assert_eq!((resp.status(), resp.version()), (StatusCode::OK, reqwest::Version::HTTP_11));
 

@@ -107,7 +107,7 @@ impl Prometheus {
 
 /// An HTTP client with this test binary's CA and client certificate.
 fn tls_client(token: Option<&str>) -> reqwest::Client {
-    https_client(token).build().unwrap()
+    http_client(token).build().unwrap()
 }
 
 /// The worker's advertised metrics address, from `/api/v1/workers`.

@@ -18,6 +18,9 @@ fn quickstart_trains_two_identical_replicas_and_lowers_the_loss() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     // Its own throw-away CA: the loopback port is TLS too.
     assert!(stderr.contains("(coordinator https://127.0.0.1:"), "{stderr}");
+    // The dashboard's address, and where the token it asks for is.
+    let hint = stderr.lines().find(|l| l.starts_with("flotilla: dashboard https://127.0.0.1:"));
+    assert!(hint.is_some_and(|l| l.contains("/#/jobs/quickstart-1 (token in ")), "{stderr}");
 
     let run = dir.path().join("runs/quickstart-1");
     let metrics = read_metrics(&run.join("metrics.jsonl"));

@@ -9,7 +9,10 @@
 //! key its registration handed out) and only about its own job.
 //!
 //! Raft messages between replicas carry no token: they are authenticated
-//! by mutual TLS and checked for membership (`raft::service`).
+//! by mutual TLS and checked for membership (`raft::service`). The web
+//! dashboard's files need no token (they hold no data); a coordinator that
+//! serves browsers takes TLS connections without a client certificate, and
+//! the layer lets those reach only the dashboard and the HTTP API.
 //!
 //! Tokens are `flt_` and 64 hex digits (256 random bits); only their
 //! SHA-256 is stored. A token's public id is a prefix of that hash.
@@ -306,6 +309,14 @@ fn bearer(headers: &http::HeaderMap) -> Result<&str, Status> {
         .ok_or_else(|| Status::unauthenticated("the authorization header is not `Bearer TOKEN`"))
 }
 
+/// Whether the request came over TLS without a client certificate.
+fn without_client_certificate<B>(req: &http::Request<B>) -> bool {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    req.extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .is_some_and(|info| info.peer_certs().is_none_or(|certs| certs.is_empty()))
+}
+
 /// The tower layer that authenticates every request of a coordinator's
 /// server (see the module's doc).
 #[derive(Clone)]
@@ -348,12 +359,31 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        // An HTTP API route takes the rule of the gRPC method it mirrors.
-        let api = crate::http::is_api(req.uri().path());
+        // An HTTP API route takes the rule of the gRPC method it mirrors;
+        // the dashboard's files are open.
+        let path = req.uri().path();
+        let api = crate::http::is_api(path);
+        let page = crate::http::dashboard::serves(path);
         // `/metrics` is HTTP too: its refusals carry an HTTP status.
-        let http = api || req.uri().path() == crate::telemetry::PATH;
-        let rule = if api { crate::http::twin(req.method(), req.uri().path()) } else { req.uri().path() };
-        match self.gate.check(rule, req.headers()) {
+        let http = api || path == crate::telemetry::PATH;
+        let rule = match (api, page) {
+            (true, _) => crate::http::twin(req.method(), path),
+            (false, true) => crate::http::DASHBOARD_TWIN,
+            (false, false) => path,
+        };
+        // A TLS connection without a client certificate (taken only when
+        // the coordinator serves browsers) reaches the dashboard and the
+        // HTTP API, never gRPC nor `/metrics`: workers, replicas, the CLI
+        // and Prometheus present one.
+        let checked = if !api && !page && without_client_certificate(&req) {
+            Err(Status::unauthenticated(
+                "this connection presented no client certificate: only the dashboard and the HTTP API (/api/) \
+                 take such connections",
+            ))
+        } else {
+            self.gate.check(rule, req.headers())
+        };
+        match checked {
             Ok(caller) => {
                 if let Some(caller) = caller {
                     req.extensions_mut().insert(caller);

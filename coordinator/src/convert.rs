@@ -102,14 +102,16 @@ pub fn job_status(job: &Job, queue_position: Option<u32>, soft: &Soft) -> pb::Jo
                     .map(|(i, r)| {
                         let rank = i as u32;
                         let (stage, replica) = job.stage_and_replica(rank);
+                        let report = soft.rank(&job.id, p.generation, rank);
                         pb::RankInfo {
                             rank,
                             worker_id: r.worker.clone(),
                             data_addr: r.data_addr.clone(),
                             stage,
                             replica,
-                            memory: soft.memory(&job.id, p.generation, rank).copied(),
                             metrics_addr: r.metrics_addr.clone(),
+                            memory: report.map(|r| r.memory),
+                            step_times: report.and_then(|r| r.step_times),
                         }
                     })
                     .collect()

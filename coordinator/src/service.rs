@@ -328,7 +328,8 @@ impl WorkerService for WorkerApi {
                 r.rank, r.generation, r.job_id, slot.worker, r.worker_id
             )));
         }
-        self.0.soft().record_memory(&r.job_id, r.generation, r.rank, usage);
+        let report = crate::soft::RankReport { memory: usage, step_times: r.step_times };
+        self.0.soft().record_rank(&r.job_id, r.generation, r.rank, report);
         self.0.bump_soft();
         Ok(Response::new(pb::Ack {}))
     }

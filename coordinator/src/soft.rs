@@ -1,16 +1,24 @@
 //! Leader-only soft state: worker leases, closed assignment streams, the
 //! latest progress of each job and its metric history, what each rank
-//! reported it holds in memory, and unexplained communication failures. None of it is replicated; only the decisions taken
+//! reported it holds in memory and where its steps went, and unexplained communication failures. None of it is replicated; only the decisions taken
 //! from it are committed. Time is passed in, so the logic is testable without
 //! a clock.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use flotilla_proto::v1::{MemoryUsage, MetricPoint};
+use flotilla_proto::v1::{MemoryUsage, MetricPoint, StepTimes};
 
 use crate::limits::{MAX_METRIC_POINTS, MAX_RENDEZVOUS_BYTES, MAX_RENDEZVOUS_KEYS};
 use crate::state::{JobId, State, WorkerId};
+
+/// What a rank last reported about itself.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RankReport {
+    pub memory: MemoryUsage,
+    /// Where its recent steps went (absent from older workers).
+    pub step_times: Option<StepTimes>,
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
@@ -63,8 +71,8 @@ pub struct Soft {
     ready_since: HashMap<JobId, Instant>,
     /// (job, generation) -> what its ranks published.
     rendezvous: HashMap<(JobId, u64), Board>,
-    /// (job, generation) -> rank -> the latest memory report of that rank.
-    memory: HashMap<(JobId, u64), BTreeMap<u32, MemoryUsage>>,
+    /// (job, generation) -> rank -> the latest report of that rank.
+    memory: HashMap<(JobId, u64), BTreeMap<u32, RankReport>>,
 }
 
 impl Soft {
@@ -218,16 +226,22 @@ impl Soft {
         self.rendezvous.get(&(job.to_string(), generation))?.values.get(key)
     }
 
-    /// Keeps `usage` as what `rank` of the job's `generation` holds now,
-    /// dropping what older generations of the job reported.
-    pub fn record_memory(&mut self, job: &str, generation: u64, rank: u32, usage: MemoryUsage) {
+    /// Keeps `report` as what `rank` of the job's `generation` holds now
+    /// and where its steps went, dropping what older generations of the
+    /// job reported.
+    pub fn record_rank(&mut self, job: &str, generation: u64, rank: u32, report: RankReport) {
         self.memory.retain(|(j, g), _| j != job || *g >= generation);
-        self.memory.entry((job.to_string(), generation)).or_default().insert(rank, usage);
+        self.memory.entry((job.to_string(), generation)).or_default().insert(rank, report);
+    }
+
+    /// What `rank` of the job's `generation` last reported.
+    pub fn rank(&self, job: &str, generation: u64, rank: u32) -> Option<&RankReport> {
+        self.memory.get(&(job.to_string(), generation))?.get(&rank)
     }
 
     /// What `rank` of the job's `generation` last reported it holds.
     pub fn memory(&self, job: &str, generation: u64, rank: u32) -> Option<&MemoryUsage> {
-        self.memory.get(&(job.to_string(), generation))?.get(&rank)
+        self.rank(job, generation, rank).map(|r| &r.memory)
     }
 }
 
@@ -274,17 +288,24 @@ pub(crate) mod tests {
         MemoryUsage { params_bytes, grads_bytes: 1, optimizer_bytes: 2, activation_bytes: 3 }
     }
 
+    fn report(params_bytes: u64) -> RankReport {
+        RankReport { memory: usage(params_bytes), step_times: None }
+    }
+
     #[test]
     fn memory_reports_keep_the_latest_per_rank_of_one_generation() {
         let mut soft = Soft::default();
-        soft.record_memory("j-1", 1, 0, usage(10));
-        soft.record_memory("j-1", 1, 1, usage(11));
-        soft.record_memory("j-1", 1, 0, usage(20));
-        soft.record_memory("j-2", 1, 0, usage(30));
+        soft.record_rank("j-1", 1, 0, report(10));
+        soft.record_rank("j-1", 1, 1, report(11));
+        let times = StepTimes { step: 7, steps: 3, step_ms: 4.0, compute_ms: 2.0, ..Default::default() };
+        soft.record_rank("j-1", 1, 0, RankReport { memory: usage(20), step_times: Some(times) });
+        soft.record_rank("j-2", 1, 0, report(30));
+        assert_eq!(soft.rank("j-1", 1, 0).and_then(|r| r.step_times), Some(times), "the step times are kept");
+        assert_eq!(soft.rank("j-1", 1, 1).and_then(|r| r.step_times), None);
         assert_eq!(soft.memory("j-1", 1, 0), Some(&usage(20)), "the latest report wins");
         assert_eq!(soft.memory("j-1", 1, 1), Some(&usage(11)));
         assert_eq!(soft.memory("j-1", 2, 0), None);
-        soft.record_memory("j-1", 2, 1, usage(40));
+        soft.record_rank("j-1", 2, 1, report(40));
         assert_eq!(soft.memory("j-1", 1, 0), None, "older generations are dropped");
         assert_eq!(soft.memory("j-1", 2, 0), None, "rank 0 has not reported in generation 2");
         assert_eq!(soft.memory("j-1", 2, 1), Some(&usage(40)));

@@ -58,7 +58,7 @@ fn usage(params_bytes: u64) -> pb::MemoryUsage {
 }
 
 fn report(worker: &str, generation: u64, rank: u32, usage: Option<pb::MemoryUsage>) -> pb::MemoryReport {
-    pb::MemoryReport { worker_id: worker.into(), job_id: "pipe-1".into(), generation, rank, usage }
+    pb::MemoryReport { worker_id: worker.into(), job_id: "pipe-1".into(), generation, rank, usage, step_times: None }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,9 +112,15 @@ async fn pipeline_ranks_report_their_memory_for_their_generation() {
     let status = get(jobs.clone()).await;
     assert_eq!(status.ranks[1].memory, Some(usage(1 << 20)));
     assert_eq!(status.ranks[0].memory, None);
-    // A later report replaces it.
-    w.report_memory(report(&w2, generation, 1, Some(usage(5 << 20)))).await.unwrap();
-    assert_eq!(get(jobs.clone()).await.ranks[1].memory, Some(usage(5 << 20)));
+    assert_eq!(status.ranks[1].step_times, None, "a report without step times shows none");
+    // A later report replaces it, with where the rank's steps went.
+    let times =
+        pb::StepTimes { step: 40, steps: 12, step_ms: 9.5, compute_ms: 6.0, comm_ms: 2.5, ..Default::default() };
+    let mut later = report(&w2, generation, 1, Some(usage(5 << 20)));
+    later.step_times = Some(times);
+    w.report_memory(later).await.unwrap();
+    let status = get(jobs.clone()).await;
+    assert_eq!((status.ranks[1].memory, status.ranks[1].step_times), (Some(usage(5 << 20)), Some(times)));
 
     // Stale or future generations, ranks outside the plan, the wrong worker,
     // a missing usage and an unknown job are refused with a status.

@@ -108,6 +108,19 @@ impl Tls {
     /// ALPN offering HTTP/2 (gRPC, the HTTP API) and HTTP/1.1 (the HTTP
     /// API's clients that speak only that).
     pub fn rustls_server_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
+        self.server_config(false)
+    }
+
+    /// [`Tls::rustls_server_config`], but a connection may also come
+    /// without a client certificate (a browser's): one that presents a
+    /// certificate must still present one of the CA. The coordinator's auth
+    /// layer lets connections without one reach only the dashboard and the
+    /// HTTP API, with an API token as always.
+    pub fn rustls_server_config_for_browsers(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
+        self.server_config(true)
+    }
+
+    fn server_config(&self, browsers: bool) -> Result<std::sync::Arc<rustls::ServerConfig>, String> {
         let certs = |pem: &[u8], what: &str| {
             CertificateDer::pem_slice_iter(pem)
                 .collect::<Result<Vec<_>, _>>()
@@ -117,9 +130,11 @@ impl Tls {
         for ca in certs(&self.ca, "CA certificate")? {
             roots.add(ca).map_err(|e| format!("the CA certificate: {e}"))?;
         }
-        let verifier = rustls::server::WebPkiClientVerifier::builder(std::sync::Arc::new(roots))
-            .build()
-            .map_err(|e| format!("the CA certificate: {e}"))?;
+        let mut verifier = rustls::server::WebPkiClientVerifier::builder(std::sync::Arc::new(roots));
+        if browsers {
+            verifier = verifier.allow_unauthenticated();
+        }
+        let verifier = verifier.build().map_err(|e| format!("the CA certificate: {e}"))?;
         let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&self.key)
             .map_err(|e| format!("the private key holds no PEM private key: {e}"))?;
         let mut config = rustls::ServerConfig::builder()

@@ -16,6 +16,7 @@
 //!   dir: /etc/flotilla/tls            # from `flotilla certs init`
 //! # or  ca: ca.pem, cert: coordinator.pem, key: coordinator.key
 //! # or  insecure: true                # plaintext, no TLS
+//! browsers: true                      # the dashboard without a client certificate
 //! ```
 
 use std::collections::BTreeMap;
@@ -62,6 +63,10 @@ pub struct CoordinatorFile {
     /// `insecure: true`: calls need no API token. Trusted networks only.
     #[serde(default)]
     pub insecure: bool,
+    /// `browsers: true`: the dashboard and the HTTP API also take TLS
+    /// connections without a client certificate (tokens still needed).
+    #[serde(default)]
+    pub browsers: bool,
 }
 
 /// The `tls:` section: a folder, or the three files (plaintext is the
@@ -169,6 +174,7 @@ pub struct Overrides {
     pub tls_dir: Option<PathBuf>,
     pub admin_token_file: Option<PathBuf>,
     pub insecure: bool,
+    pub browsers: bool,
 }
 
 /// Reads the configuration file (if any) and applies the flags.
@@ -205,6 +211,7 @@ pub fn load(file: Option<&Path>, o: Overrides) -> Result<(CoordinatorFile, PathB
     cfg.store.memory |= o.memory;
     cfg.admin_token_file = o.admin_token_file.or(cfg.admin_token_file);
     cfg.insecure |= o.insecure;
+    cfg.browsers |= o.browsers;
     if let Some(dir) = o.tls_dir {
         let dir = std::path::absolute(&dir).unwrap_or(dir);
         cfg.tls = TlsFile { dir: Some(dir), ..TlsFile::default() };
@@ -372,7 +379,8 @@ pub async fn run(cfg: CoordinatorFile, base: PathBuf, token: CancellationToken) 
         raft_store = Some(store.clone());
         (Arc::new(store), routes, format!("raft replica {id} in {}", data_dir.display()))
     };
-    let server_tls = tls.as_ref().map(Tls::rustls_server_config).transpose().map_err(anyhow::Error::msg)?;
+    let server_config = if cfg.browsers { Tls::rustls_server_config_for_browsers } else { Tls::rustls_server_config };
+    let server_tls = tls.as_ref().map(server_config).transpose().map_err(anyhow::Error::msg)?;
     let server =
         flotilla_coordinator::serve_with_tls(listener, store, coordinator_cfg, token, routes, server_tls).await?;
     // The first line of standard output is for scripts and tests: keep its form.
@@ -459,7 +467,8 @@ pub async fn embedded(
     let store =
         RaftStore::open(opts).await.with_context(|| format!("open the coordinator's log in {}", data_dir.display()))?;
     let routes = store.routes();
-    let server_tls = tls.map(Tls::rustls_server_config).transpose().map_err(anyhow::Error::msg)?;
+    // A local run serves the dashboard to the browser of whoever runs it.
+    let server_tls = tls.map(Tls::rustls_server_config_for_browsers).transpose().map_err(anyhow::Error::msg)?;
     let server =
         flotilla_coordinator::serve_with_tls(listener, Arc::new(store.clone()), cfg, token, routes, server_tls).await?;
     Ok((server, store))

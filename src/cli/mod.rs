@@ -303,6 +303,11 @@ pub struct ServeArgs {
     /// For a trusted network only: anyone who reaches the port can do anything.
     #[arg(long)]
     pub insecure: bool,
+    /// Serve browsers: the web dashboard (`/`) and the HTTP API also take
+    /// TLS connections without a client certificate (an API token is still
+    /// needed for every API call); gRPC still needs one.
+    #[arg(long)]
+    pub browsers: bool,
 }
 
 #[derive(Debug, Subcommand)]

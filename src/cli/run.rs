@@ -72,6 +72,7 @@ pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
         std::env::current_dir()?.join("flotilla-logs").join(&job)
     };
     eprintln!("flotilla: running {job} on {n} local workers (coordinator {url}, logs in {})", logs.display());
+    dashboard_hint(&url, &job, &token, &data_dir);
     // Started from this (the main) thread: the parent death signal follows it.
     let tls_args = super::certs::child_args(Some(&tls_dir));
     let mut local = LocalWorkers::start(n, &url, &token, &tls_args, &logs).context("start local workers")?;
@@ -124,4 +125,23 @@ pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
     store.shutdown().await;
     let _ = std::fs::remove_dir_all(&data_dir);
     Ok(code)
+}
+
+/// Says where the run's dashboard is and where the token it asks for is
+/// (a file only the user reads, gone with the run; never in the URL).
+fn dashboard_hint(url: &str, job: &str, token: &str, data_dir: &Path) {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = data_dir.join("dashboard.token");
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&file)
+        .and_then(|mut f| f.write_all(format!("{token}\n").as_bytes()));
+    let token_at = match written {
+        Ok(()) => format!("token in {}", file.display()),
+        Err(e) => format!("could not write its token to {}: {e}", file.display()),
+    };
+    eprintln!("flotilla: dashboard {url}/#/jobs/{job} ({token_at}; the browser warns about this run's own CA)");
 }

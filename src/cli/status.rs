@@ -181,6 +181,7 @@ mod tests {
             replica,
             memory,
             metrics_addr: if rank == 0 { "127.0.0.1:9464".into() } else { String::new() },
+            step_times: None,
         }
     }
 

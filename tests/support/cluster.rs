@@ -17,6 +17,11 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 
 /// Starts replica `id` of the cluster whose replicas listen on `ports`.
 pub fn replica(dir: &std::path::Path, id: usize, ports: &[u16]) -> Proc {
+    replica_with(dir, id, ports, &[])
+}
+
+/// [`replica`] with `extra` arguments.
+pub fn replica_with(dir: &std::path::Path, id: usize, ports: &[u16], extra: &[&str]) -> Proc {
     let (listen, id_arg) = (format!("127.0.0.1:{}", ports[id - 1]), id.to_string());
     let data = dir.join(format!("replica-{id}"));
     let mut args = vec!["--listen".to_string(), listen, "--id".into(), id_arg, "--data-dir".into()];
@@ -25,6 +30,7 @@ pub fn replica(dir: &std::path::Path, id: usize, ports: &[u16]) -> Proc {
     for (i, port) in ports.iter().enumerate() {
         args.extend(["--peer".to_string(), format!("{}=http://127.0.0.1:{port}", i + 1)]);
     }
+    args.extend(extra.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     spawn_coordinator(&dir.join(format!("coordinator-{id}.log")), &args).0
 }
@@ -32,8 +38,13 @@ pub fn replica(dir: &std::path::Path, id: usize, ports: &[u16]) -> Proc {
 /// Replicas 1 to `n` of a cluster on free loopback ports: their processes
 /// and addresses (`https://127.0.0.1:PORT`), in replica order.
 pub fn start_replicas(dir: &std::path::Path, n: usize) -> (Vec<Proc>, Vec<String>) {
+    start_replicas_with(dir, n, &[])
+}
+
+/// [`start_replicas`] with `extra` arguments for every replica.
+pub fn start_replicas_with(dir: &std::path::Path, n: usize, extra: &[&str]) -> (Vec<Proc>, Vec<String>) {
     let ports = free_ports(n);
-    let replicas = (1..=n).map(|id| replica(dir, id, &ports)).collect();
+    let replicas = (1..=n).map(|id| replica_with(dir, id, &ports, extra)).collect();
     (replicas, ports.iter().map(|p| format!("https://127.0.0.1:{p}")).collect())
 }
 

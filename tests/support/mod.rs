@@ -97,9 +97,9 @@ pub async fn channel(url: &str) -> Result<AuthChannel, String> {
     Ok(authed(channel))
 }
 
-/// An HTTP client builder with this test binary's CA and client
-/// certificate, carrying `token` (none: no token at all).
-pub fn https_client(token: Option<&str>) -> reqwest::ClientBuilder {
+/// An HTTP client of the coordinator's port with this test binary's CA
+/// and client certificate, carrying `token` (none: no token at all).
+pub fn http_client(token: Option<&str>) -> reqwest::ClientBuilder {
     let dir = tls_dir();
     let ca = reqwest::Certificate::from_pem(&std::fs::read(dir.join("ca.pem")).unwrap()).unwrap();
     let mut pem = std::fs::read(dir.join("client.pem")).unwrap();

@@ -93,6 +93,56 @@ pub struct StepTiming {
     pub optimizer_ms: f64,
     /// Reading the step's samples (part of the passes).
     pub data_wait_ms: f64,
+    /// The parts of `comm_wait_ms` spent within `passes_ms` (ZeRO-3's
+    /// gathers) and within `optimizer_ms` (ZeRO 1-2's gathers).
+    pub comm_in_passes_ms: f64,
+    pub comm_in_update_ms: f64,
+}
+
+impl StepTiming {
+    /// The passes without any wait: the forward and backward computation.
+    pub fn compute_ms(&self) -> f64 {
+        (self.passes_ms - self.waited_ms - self.data_wait_ms - self.comm_in_passes_ms).max(0.0)
+    }
+
+    /// Clipping and the update, without the gathers inside them.
+    pub fn update_ms(&self) -> f64 {
+        (self.optimizer_ms - self.comm_in_update_ms).max(0.0)
+    }
+}
+
+/// Where a run of steps went on one rank: the mean of each part, the parts
+/// not overlapping (what a rank reports to the coordinator).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepSplit {
+    /// The last step counted, and how many the means are over.
+    pub step: u64,
+    pub steps: u32,
+    pub step_ms: f64,
+    pub compute_ms: f64,
+    pub stage_wait_ms: f64,
+    pub comm_ms: f64,
+    pub optimizer_ms: f64,
+    pub data_wait_ms: f64,
+}
+
+impl StepSplit {
+    /// The means over `steps`; `None` when there are none.
+    pub fn of(steps: &[StepTiming]) -> Option<StepSplit> {
+        let last = steps.last()?;
+        let n = steps.len() as f64;
+        let mean = |f: &dyn Fn(&StepTiming) -> f64| steps.iter().map(f).sum::<f64>() / n;
+        Some(StepSplit {
+            step: last.step,
+            steps: steps.len() as u32,
+            step_ms: mean(&|t| t.wall_ms),
+            compute_ms: mean(&|t| t.compute_ms()),
+            stage_wait_ms: mean(&|t| t.waited_ms),
+            comm_ms: mean(&|t| t.comm_wait_ms),
+            optimizer_ms: mean(&|t| t.update_ms()),
+            data_wait_ms: mean(&|t| t.data_wait_ms),
+        })
+    }
 }
 
 /// What a rank measured over its generation.
@@ -103,6 +153,37 @@ pub struct RunStats {
     /// before its first step.
     pub start_peak_rss: u64,
     pub steps: Vec<StepTiming>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timing(step: u64, wall_ms: f64) -> StepTiming {
+        StepTiming {
+            step,
+            wall_ms,
+            passes_ms: 6.0,
+            waited_ms: 1.0,
+            comm_wait_ms: 3.0,
+            optimizer_ms: 2.0,
+            data_wait_ms: 0.5,
+            comm_in_passes_ms: 1.5,
+            comm_in_update_ms: 0.5,
+        }
+    }
+
+    #[test]
+    fn a_split_takes_each_wait_out_of_the_part_it_happened_in() {
+        assert_eq!(StepSplit::of(&[]), None);
+        let split = StepSplit::of(&[timing(4, 10.0), timing(5, 12.0)]).unwrap();
+        assert_eq!((split.step, split.steps, split.step_ms), (5, 2, 11.0));
+        assert_eq!(split.compute_ms, 6.0 - 1.0 - 0.5 - 1.5);
+        assert_eq!((split.stage_wait_ms, split.comm_ms, split.data_wait_ms), (1.0, 3.0, 0.5));
+        assert_eq!(split.optimizer_ms, 1.5);
+        let parts = split.compute_ms + split.stage_wait_ms + split.comm_ms + split.optimizer_ms + split.data_wait_ms;
+        assert!(parts <= split.step_ms, "the parts do not overlap: {parts} of {}", split.step_ms);
+    }
 }
 
 #[derive(Serialize)]

@@ -163,7 +163,8 @@ mod tests {
         // The mask of TFRecord's framing, written as its definition is.
         let crc = crc32c::crc32c(b"abc");
         #[allow(clippy::manual_rotate)]
-        assert_eq!(masked_crc(b"abc"), ((crc >> 15) | (crc << 17)).wrapping_add(0xa282ead8));
+        let masked = ((crc >> 15) | (crc << 17)).wrapping_add(0xa282ead8);
+        assert_eq!(masked_crc(b"abc"), masked);
         let f = frame(b"hello");
         assert_eq!(f.len(), 5 + 16);
         assert_eq!(&f[..8], &5u64.to_le_bytes());

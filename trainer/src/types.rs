@@ -82,9 +82,10 @@ pub enum TrainEvent {
     },
     /// Rank 0 finished the last step and wrote the final model.
     Finished { step: u64, final_model: String },
-    /// What this rank holds (every rank sends it after its first step of a
-    /// generation, and again when it changes).
-    Memory(MemoryUsage),
+    /// What this rank holds and where its recent steps went (every rank
+    /// sends it after its first step of a generation, again when what it
+    /// holds grows, and about once a second).
+    Rank { memory: MemoryUsage, times: Option<crate::stats::StepSplit> },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -50,7 +50,7 @@ pub(crate) enum RunMsg {
 impl RunMsg {
     /// Whether losing this report would lose work or stall the job.
     fn must_arrive(&self) -> bool {
-        !matches!(self, RunMsg::Event(TrainEvent::Progress { .. } | TrainEvent::Memory(_)))
+        !matches!(self, RunMsg::Event(TrainEvent::Progress { .. } | TrainEvent::Rank { .. }))
     }
 }
 
@@ -360,7 +360,7 @@ impl Line {
                 let _ = self.retained.send(Retained { key: key.clone(), steps });
                 Ok(())
             }
-            RunMsg::Event(TrainEvent::Memory(m)) => client
+            RunMsg::Event(TrainEvent::Rank { memory: m, times }) => client
                 .report_memory(timed(pb::MemoryReport {
                     worker_id: worker.into(),
                     job_id,
@@ -371,6 +371,16 @@ impl Line {
                         grads_bytes: m.grads,
                         optimizer_bytes: m.optimizer,
                         activation_bytes: m.activations,
+                    }),
+                    step_times: times.map(|t| pb::StepTimes {
+                        step: t.step,
+                        steps: t.steps,
+                        step_ms: t.step_ms,
+                        compute_ms: t.compute_ms,
+                        stage_wait_ms: t.stage_wait_ms,
+                        comm_ms: t.comm_ms,
+                        optimizer_ms: t.optimizer_ms,
+                        data_wait_ms: t.data_wait_ms,
                     }),
                 }))
                 .await

@@ -174,6 +174,26 @@ pub(super) async fn generations(State(h): State<Arc<Http>>, JobId(job): JobId) -
     }))
 }
 
+/// The ranks of the job's running generation, and which is the slowest
+/// (the longest mean step among those that reported where their steps went).
+pub(super) async fn ranks(State(h): State<Arc<Http>>, JobId(job): JobId) -> Answer {
+    api::lead(&h.c)?;
+    let s = api::get_job(&h.c, &job).await?;
+    let slowest = s
+        .ranks
+        .iter()
+        .filter_map(|r| r.step_times.map(|t| (r.rank, t.step_ms)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(rank, _)| rank);
+    ok(json!({
+        "job_id": s.job_id,
+        "generation": s.generation,
+        "world_size": s.world_size,
+        "slowest_rank": slowest,
+        "ranks": s.ranks.iter().map(j::rank).collect::<Vec<_>>(),
+    }))
+}
+
 pub(super) async fn registration(State(h): State<Arc<Http>>, JobId(job): JobId) -> Answer {
     api::lead(&h.c)?;
     let s = api::get_job(&h.c, &job).await?;

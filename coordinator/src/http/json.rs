@@ -66,9 +66,38 @@ fn memory(m: Option<&pb::MemoryUsage>) -> Value {
     })
 }
 
+fn step_times(t: Option<&pb::StepTimes>) -> Value {
+    let Some(t) = t else { return Value::Null };
+    json!({
+        "step": t.step,
+        "steps": t.steps,
+        "step_ms": t.step_ms,
+        "compute_ms": t.compute_ms,
+        "stage_wait_ms": t.stage_wait_ms,
+        "comm_ms": t.comm_ms,
+        "optimizer_ms": t.optimizer_ms,
+        "data_wait_ms": t.data_wait_ms,
+    })
+}
+
+/// A rank of a job's plan: its place, what it holds in bytes and where its
+/// recent steps went (each `null` until the rank reports).
+pub fn rank(r: &pb::RankInfo) -> Value {
+    json!({
+        "rank": r.rank,
+        "worker_id": r.worker_id,
+        "data_addr": r.data_addr,
+        "metrics_addr": r.metrics_addr,
+        "stage": r.stage,
+        "replica": r.replica,
+        "memory": memory(r.memory.as_ref()),
+        "step_times": step_times(r.step_times.as_ref()),
+    })
+}
+
 /// A job's status: the fields of `JobStatus`, the phase by name, the
-/// latest evaluation as `eval` (`null` before the first), and per rank its
-/// stage, replica and memory in bytes (`null` until the rank reports).
+/// latest evaluation as `eval` (`null` before the first), and its ranks
+/// (see [`rank`]).
 pub fn job(s: &pb::JobStatus) -> Value {
     json!({
         "job_id": s.job_id,
@@ -93,15 +122,7 @@ pub fn job(s: &pb::JobStatus) -> Value {
         "latest_checkpoint": s.latest_checkpoint.as_ref().map(checkpoint),
         "checkpoints": s.checkpoints.iter().map(checkpoint).collect::<Vec<_>>(),
         "generations": s.generations.iter().map(generation).collect::<Vec<_>>(),
-        "ranks": s.ranks.iter().map(|r| json!({
-            "rank": r.rank,
-            "worker_id": r.worker_id,
-            "data_addr": r.data_addr,
-            "metrics_addr": r.metrics_addr,
-            "stage": r.stage,
-            "replica": r.replica,
-            "memory": memory(r.memory.as_ref()),
-        })).collect::<Vec<_>>(),
+        "ranks": s.ranks.iter().map(rank).collect::<Vec<_>>(),
         "registration": registration(s.registration.as_ref()),
     })
 }

@@ -5,8 +5,10 @@
 //! route's roles from the gRPC method it mirrors, and `docs/openapi.json`
 //! is checked against it. A follower replica forwards requests to the
 //! leader (`forward`). Errors are `{"code", "message"}` with the HTTP
-//! status of `convert::api_error`.
+//! status of `convert::api_error`. The web dashboard (`dashboard`) is served
+//! at `/` beside the API and reads it.
 
+pub mod dashboard;
 mod events;
 mod forward;
 mod handlers;
@@ -83,6 +85,7 @@ pub fn routes() -> Vec<Route> {
         route(Method::GET, "/api/v1/jobs/{job_id}/metrics", METRICS, || routing::get(h::metrics)),
         route(Method::GET, "/api/v1/jobs/{job_id}/checkpoints", GET, || routing::get(h::checkpoints)),
         route(Method::GET, "/api/v1/jobs/{job_id}/generations", GET, || routing::get(h::generations)),
+        route(Method::GET, "/api/v1/jobs/{job_id}/ranks", GET, || routing::get(h::ranks)),
         route(Method::GET, "/api/v1/jobs/{job_id}/registration", GET, || routing::get(h::registration)),
         route(Method::POST, "/api/v1/jobs/{job_id}/register", REGISTER, || routing::post(h::register)),
         route(Method::GET, "/api/v1/jobs/{job_id}/model", GET, || routing::get(h::model_files)),
@@ -117,6 +120,8 @@ pub fn router(c: Arc<Coordinator>) -> axum::Router {
         // Every replica answers for itself (never forwarded).
         .route(crate::telemetry::PATH, routing::get(handlers::metrics_text))
         .with_state(state)
+        // Every replica serves the page itself; its API calls are forwarded.
+        .merge(dashboard::router())
 }
 
 /// Whether `path` belongs to the HTTP API.
@@ -152,6 +157,9 @@ fn find(method: &Method, path: &str) -> Option<Route> {
 pub fn twin(method: &Method, path: &str) -> &'static str {
     find(method, path).map_or(GET, |r| r.twin)
 }
+
+/// The access rule of the dashboard's files: anyone (they hold no data).
+pub const DASHBOARD_TWIN: &str = GET_LEADER;
 
 /// Whether an API request is answered by any replica (not forwarded).
 fn local(method: &Method, path: &str) -> bool {

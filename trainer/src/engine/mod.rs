@@ -55,7 +55,7 @@ use self::state::{clip_coefficient, State};
 use crate::data::Dataset;
 use crate::optim;
 use crate::sampler::Sampler;
-use crate::stats::{self, RunStats, StepTiming};
+use crate::stats::{self, RunStats, StepSplit, StepTiming};
 use crate::storage::Storage;
 use crate::telemetry::RankMetrics;
 use crate::tensorboard::EventWriter;
@@ -69,6 +69,10 @@ const REQUESTED_CHECKPOINT_WAIT: Duration = Duration::from_secs(10);
 /// Steps ahead of the current one whose samples are read in the background
 /// (a corpus of shards; other data sets are in memory).
 const READ_AHEAD_STEPS: u64 = 2;
+
+/// How often a rank tells the coordinator where its steps went (and what
+/// it holds), at most.
+const RANK_REPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs the assignment until the job's last step, a cancellation or an error.
 pub fn run(
@@ -113,6 +117,7 @@ pub fn run(
     let mut saver = Saver::default();
     let mut seen_request = a.checkpoint_request.load(Ordering::Relaxed);
     let global = train.global_batch as f64;
+    let (mut last_report, mut reported_steps) = (Instant::now(), 0);
 
     for step in start..train.steps {
         if cancel.load(Ordering::Relaxed) {
@@ -128,6 +133,7 @@ pub fn run(
         let passes = StepPasses { plan: &plan, spec, data: &data, params: &state.weights.read().params };
         let done_passes = passes.run(&mut groups, &mut grads, &mut state.grads, &indices)?;
         let t_passes = t0.elapsed();
+        let comm_in_passes = groups.take_waited();
 
         // 2. The gradients this rank owns, reduced.
         grads.finish(&plan, &mut groups, &mut state.grads)?;
@@ -153,13 +159,15 @@ pub fn run(
         }
 
         // 4. The update; a checkpoint copy still reading the state ends first.
+        let comm_before_update = groups.take_waited();
         let t_update = Instant::now();
         let clip = clip_coefficient(train.grad_clip, verdict.grad_norm);
         if let Some(c) = state.update(&plan, &train.optimizer, lr, clip) {
             saver.start(a, &out, &plan.layout, held.clone(), c.snap, c.started, c.blocked);
         }
         state.gather_params(&plan, &mut groups)?;
-        let comm_wait = groups.take_waited();
+        let comm_in_update = groups.take_waited();
+        let comm_wait = comm_in_passes + comm_before_update + comm_in_update;
         let done = step + 1;
 
         // 5. Evaluation, with the weights this step made.
@@ -180,6 +188,8 @@ pub fn run(
             comm_wait_ms: ms(comm_wait),
             optimizer_ms: ms(t_update.elapsed()),
             data_wait_ms: ms(done_passes.data_wait),
+            comm_in_passes_ms: ms(comm_in_passes),
+            comm_in_update_ms: ms(comm_in_update),
         };
         metrics.step(&timing);
         metrics.progress(loss, lr, verdict.grad_norm);
@@ -189,13 +199,20 @@ pub fn run(
         }
         run.steps.push(timing);
         // The first step of a generation also allocates libtorch's own
-        // buffers: memory is reported from the second on.
+        // buffers: memory is reported from the second on, again when it
+        // grows, and with where the steps went about once a second.
         if done > start + 1 || done == train.steps {
             let usage = state.memory(&plan, done_passes.activations.max(run.memory.activations));
-            if run.memory == MemoryUsage::default() || usage.activations > run.memory.activations * 21 / 20 {
-                emit(TrainEvent::Memory(usage));
+            let grew = run.memory == MemoryUsage::default() || usage.activations > run.memory.activations * 21 / 20;
+            if grew {
                 metrics.held(&usage);
                 run.memory = usage;
+            }
+            if grew || last_report.elapsed() >= RANK_REPORT_EVERY || done == train.steps {
+                let times = StepSplit::of(&run.steps[reported_steps..]);
+                emit(TrainEvent::Rank { memory: run.memory, times });
+                reported_steps = run.steps.len();
+                last_report = Instant::now();
             }
         }
         tracing::debug!(
