@@ -185,8 +185,11 @@ fn gpt_init_unit(p: &nn::Path, spec: &GptSpec, unit: Unit) {
 /// `seed`: the same values on every rank, and the same as a whole model
 /// drawn at once. A rank keeps the units (or the chunks of them) it holds
 /// and drops the rest, so that it never holds the whole model. Nothing else
-/// may draw from the global torch generator while this is iterated.
+/// may draw from the global torch generator while this is iterated: two
+/// inits in one process (ranks on threads, tests) take turns.
 pub struct UnitInit<'a> {
+    /// Held while the init lives: libtorch's generator is the process's.
+    _generator: std::sync::MutexGuard<'static, ()>,
     spec: &'a ModelSpec,
     units: std::vec::IntoIter<(Unit, Vec<String>)>,
     /// A tied Llama's embedding, which its head copies.
@@ -195,8 +198,10 @@ pub struct UnitInit<'a> {
 
 impl<'a> UnitInit<'a> {
     pub fn new(spec: &'a ModelSpec, seed: u64) -> UnitInit<'a> {
+        static GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let generator = GENERATOR.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         tch::manual_seed(seed as i64);
-        UnitInit { spec, units: Unit::all(spec).into_iter(), embedding: None }
+        UnitInit { _generator: generator, spec, units: Unit::all(spec).into_iter(), embedding: None }
     }
 }
 
