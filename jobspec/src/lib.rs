@@ -31,7 +31,7 @@ mod validate;
 
 pub use error::SpecError;
 pub use spec::{
-    AdamWSpec, CheckpointSpec, DataSpec, DpSize, EvalSpec, GptSpec, JobSpec, LlamaSpec, MetricsSpec, MlpSpec,
+    AdamWSpec, CheckpointSpec, DataSpec, DeviceChoice, DpSize, EvalSpec, GptSpec, JobSpec, LlamaSpec, MetricsSpec, MlpSpec,
     ModelSpec, ParallelismSpec, PipelineSchedule, Precision, RegistryKind, RegistrySpec, RopeScaling, ScheduleSpec,
     TokenDtype, TokenFormat, TrainSpec, WorkersSpec,
 };

@@ -150,6 +150,7 @@ pub(crate) struct RawTrain {
     pub schedule: Option<S<RawSchedule>>,
     pub grad_clip: Option<S<f64>>,
     pub precision: Option<S<Any>>,
+    pub device: Option<S<Any>>,
     pub activation_checkpointing: Option<S<bool>>,
 }
 

@@ -283,6 +283,9 @@ pub struct TrainSpec {
     /// The arithmetic of forward and backward passes.
     #[serde(default)]
     pub precision: Precision,
+    /// Where each rank keeps its tensors and runs its passes.
+    #[serde(default)]
+    pub device: DeviceChoice,
     /// Keep only each unit's input between its forward and backward pass
     /// and compute its inner activations again in the backward pass.
     #[serde(default)]
@@ -308,6 +311,30 @@ impl Precision {
         match self {
             Precision::Fp32 => "fp32",
             Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Where a job's ranks compute.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// The worker's GPU when it has one (`flotilla worker --gpu`), else its
+    /// CPU.
+    #[default]
+    Auto,
+    /// The CPU, whatever the worker has.
+    Cpu,
+    /// The worker's GPU; a worker without one refuses the job.
+    Cuda,
+}
+
+impl DeviceChoice {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceChoice::Auto => "auto",
+            DeviceChoice::Cpu => "cpu",
+            DeviceChoice::Cuda => "cuda",
         }
     }
 }

@@ -6,7 +6,7 @@ use super::Ctx;
 use crate::defaults;
 use crate::error::SpecError;
 use crate::raw::{Any, RawOptimizer, RawSchedule, RawTrain};
-use crate::{AdamWSpec, Precision, ScheduleSpec, TrainSpec};
+use crate::{AdamWSpec, DeviceChoice, Precision, ScheduleSpec, TrainSpec};
 
 /// `max_replicas`: the most data-parallel replicas the job can run with.
 pub(super) fn train(cx: &Ctx, raw: &Spanned<RawTrain>, max_replicas: usize) -> Result<TrainSpec, SpecError> {
@@ -50,8 +50,18 @@ pub(super) fn train(cx: &Ctx, raw: &Spanned<RawTrain>, max_replicas: usize) -> R
             other => return Err(cx.err("train.precision", p, format!("must be `fp32` or `bf16`, found {other}"))),
         },
     };
+    let device = match &t.device {
+        None => DeviceChoice::default(),
+        Some(d) => match &d.value {
+            Any::Str(v) if v == "auto" => DeviceChoice::Auto,
+            Any::Str(v) if v == "cpu" => DeviceChoice::Cpu,
+            Any::Str(v) if v == "cuda" => DeviceChoice::Cuda,
+            other => return Err(cx.err("train.device", d, format!("must be `auto`, `cpu` or `cuda`, found {other}"))),
+        },
+    };
     Ok(TrainSpec {
         precision,
+        device,
         activation_checkpointing: t.activation_checkpointing.as_ref().is_some_and(|a| a.value),
         steps,
         global_batch,
