@@ -19,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 use crate::checkpoint;
 use crate::engine;
 use crate::preemption::{self, PreemptionConfig};
+use crate::rendezvous::Rendezvous;
 use crate::storage::Storage;
 use crate::types::{Assignment, TrainError, TrainEvent, TrainOptions};
-use crate::rendezvous::Rendezvous;
 use crate::uplink::{Report, Retained, RunKey, RunMsg, Session, Uplink, UplinkConfig};
 
 #[derive(Debug, Clone)]
@@ -131,6 +131,7 @@ impl Agent {
                 data_addr: self.data_addr,
                 rank_hint: self.cfg.rank_hint,
                 metrics_addr: self.metrics_addr(),
+                device: crate::device::describe(self.cfg.train.gpu),
                 preemption_grace: self.cfg.preemption_grace,
             },
             notices,
@@ -267,19 +268,6 @@ impl Agent {
     }
 }
 
-/// Where a job's rank computes on this worker: `train.device` against the
-/// worker's GPU, if it has one.
-fn resolve_device(choice: DeviceChoice, gpu: Option<usize>) -> anyhow::Result<tch::Device> {
-    Ok(match (choice, gpu) {
-        (DeviceChoice::Cpu, _) | (DeviceChoice::Auto, None) => tch::Device::Cpu,
-        (DeviceChoice::Auto | DeviceChoice::Cuda, Some(g)) => tch::Device::Cuda(g),
-        (DeviceChoice::Cuda, None) => anyhow::bail!(
-            "the job asks for train.device: cuda and this worker has no GPU (libtorch sees no CUDA device{})",
-            if cfg!(feature = "cuda") { "" } else { "; it was built without the `cuda` feature" }
-        ),
-    })
-}
-
 /// Deletes the checkpoints of a job's output folder that the coordinator no
 /// longer retains, one request after another, on a task of its own (storage
 /// can be slow); a backlog collapses to the newest request per folder.
@@ -306,6 +294,19 @@ fn spawn_pruner() -> mpsc::UnboundedSender<(String, Vec<u64>)> {
         }
     });
     tx
+}
+
+/// Where a job's rank computes on this worker: `train.device` against the
+/// worker's GPU, if it has one.
+fn resolve_device(choice: DeviceChoice, gpu: Option<usize>) -> anyhow::Result<tch::Device> {
+    Ok(match (choice, gpu) {
+        (DeviceChoice::Cpu, _) | (DeviceChoice::Auto, None) => tch::Device::Cpu,
+        (DeviceChoice::Auto | DeviceChoice::Cuda, Some(g)) => tch::Device::Cuda(g),
+        (DeviceChoice::Cuda, None) => anyhow::bail!(
+            "the job asks for train.device: cuda and this worker has no GPU (libtorch sees no CUDA device{})",
+            if cfg!(feature = "cuda") { "" } else { "; it was built without the `cuda` feature" }
+        ),
+    })
 }
 
 /// The rank's pipeline stage, data-parallel replica and the plan's stage

@@ -56,6 +56,12 @@ pub fn available() -> Result<(), String> {
     Ok(())
 }
 
+/// NCCL's version code (e.g. 22703 for 2.27.3), once it loads.
+pub fn version() -> Option<i32> {
+    available().ok()?;
+    result::get_nccl_version().ok()
+}
+
 /// The PCI address of CUDA device `device` as libtorch numbers them (within
 /// `CUDA_VISIBLE_DEVICES`): which physical GPU a rank computes on.
 pub fn pci_bus_id(device: usize) -> Result<String, String> {
@@ -176,7 +182,8 @@ impl NcclGroup {
                 )))
             }
         };
-        let stream = rt::stream::create(rt::stream::StreamKind::NonBlocking).map_err(|e| setup("create a stream", e))?;
+        let stream =
+            rt::stream::create(rt::stream::StreamKind::NonBlocking).map_err(|e| setup("create a stream", e))?;
         let ready = rt::event::create(rts::cudaEventDisableTiming).map_err(|e| setup("create an event", e))?;
         let done = rt::event::create(rts::cudaEventDisableTiming).map_err(|e| setup("create an event", e))?;
         Ok(NcclGroup {
@@ -401,6 +408,9 @@ impl ProcessGroup for NcclGroup {
         // words is not needed; messages here are small), then the padded
         // messages, both through device tensors.
         let world = self.world;
+        if mine.len() >= 1 << 24 {
+            return Err(CommError::Unsupported("the NCCL group gathers messages under 16 MiB".into()));
+        }
         let mut lens = self.scratch(Kind::Float, world);
         let _ = lens.narrow(0, self.rank as i64, 1).fill_(mine.len() as f64);
         {
@@ -417,7 +427,8 @@ impl ProcessGroup for NcclGroup {
         let host: Vec<f32> = mine.iter().map(|b| f32::from(*b)).chain(std::iter::repeat(0.0)).take(max).collect();
         let mut all = self.scratch(Kind::Float, max * world);
         if max > 0 {
-            let _ = all.narrow(0, (self.rank * max) as i64, max as i64).copy_(&Tensor::from_slice(&host));
+            let mut mine = all.narrow(0, (self.rank * max) as i64, max as i64);
+            mine.copy_(&Tensor::from_slice(&host));
         }
         {
             let mut b = crate::engine::tensors::buf(&mut all)?;
@@ -431,7 +442,10 @@ impl ProcessGroup for NcclGroup {
     fn broadcast(&mut self, buf: &mut Buf<'_>, root: usize) -> Result<(), CommError> {
         self.check(buf)?;
         if root >= self.world {
-            return Err(CommError::Protocol { rank: self.rank, message: format!("broadcast root {root} out of range") });
+            return Err(CommError::Protocol {
+                rank: self.rank,
+                message: format!("broadcast root {root} out of range"),
+            });
         }
         let (ptr, _, dtype) = Self::raw(buf);
         let n = buf.len();
@@ -488,6 +502,141 @@ impl Drop for NcclGroup {
             let _ = rt::stream::destroy(self.stream);
         }
     }
+}
+
+/// Whether the watchdog ends an operation that can never finish: a receive
+/// from this member with no matching send, under a `deadline`. Returns how
+/// long the failure took to surface and the error. The group is aborted
+/// afterwards (run it last).
+pub fn check_watchdog(group: &mut NcclGroup, deadline: Duration) -> Result<(Duration, String), String> {
+    group.deadline = deadline;
+    let mut t = Tensor::zeros([1024], (Kind::Float, Device::Cuda(group.device)));
+    let started = Instant::now();
+    let me = group.rank;
+    let r = crate::engine::tensors::buf(&mut t)
+        .map_err(|e| e.to_string())
+        .and_then(|mut b| group.recv(me, &mut b).map_err(|e| e.to_string()));
+    match r {
+        Ok(()) => Err("a receive with no sender finished".into()),
+        Err(e) => Ok((started.elapsed(), e)),
+    }
+}
+
+/// One collective checked against a CPU reference.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    /// Largest difference from the reference, or what went wrong.
+    pub detail: String,
+}
+
+/// Runs every collective of `group` (on its device) on inputs each member
+/// computes from its rank, and compares the results with the same
+/// collective computed on the CPU from every member's inputs. Every member
+/// of the group must call it at once.
+pub fn check_collectives(group: &mut NcclGroup) -> Vec<Check> {
+    let (rank, world, dev) = (group.rank, group.world, Device::Cuda(group.device));
+    // Member r's input of length n: distinct, exactly representable values.
+    let input = |r: usize, n: usize| -> Tensor {
+        (Tensor::arange(n as i64, (Kind::Float, Device::Cpu)) * 0.25 + (r as f64 + 1.0) * 1000.0).remainder(4096.0)
+    };
+    let mut out = Vec::new();
+    // f32 sums of these inputs are exact; bf16 sums of more than two
+    // members may round in another order than the reference.
+    let mut check = |name: String, r: Result<Tensor, CommError>, want: Tensor| {
+        let tolerance = if want.kind() == Kind::BFloat16 { 2f64.powi(-7) } else { 0.0 };
+        let (ok, detail) = match r {
+            Err(e) => (false, e.to_string()),
+            Ok(got) => {
+                let got = got.to_device(Device::Cpu).to_kind(Kind::Float);
+                let want = want.to_kind(Kind::Float);
+                let diff = (&got - &want).abs().max().double_value(&[]);
+                let scale = want.abs().max().double_value(&[]).max(1.0);
+                (diff <= tolerance * scale, format!("max |difference| {diff} (allowed {})", tolerance * scale))
+            }
+        };
+        out.push(Check { name, ok, detail });
+    };
+    for (kind, kname) in [(Kind::Float, "f32"), (Kind::BFloat16, "bf16")] {
+        // Lengths that split evenly over the group and lengths that do not.
+        for n in [world * 4096, world * 4096 + 3] {
+            let sum: Tensor = (0..world).map(|r| input(r, n).to_kind(kind).to_kind(Kind::Float)).sum::<Tensor>();
+            let mine = || input(rank, n).to_kind(kind).to_device(dev);
+
+            let mut t = mine();
+            let r = crate::engine::tensors::buf(&mut t).and_then(|mut b| group.all_reduce_sum(&mut b)).map(|()| t);
+            check(format!("all_reduce {kname} n={n}"), r, sum.to_kind(kind));
+
+            let mut t = mine();
+            let own = chunk_range(n, world, rank);
+            let r = crate::engine::tensors::buf(&mut t).and_then(|mut b| group.reduce_scatter_sum(&mut b));
+            let r = r.and_then(|got| {
+                if got != own {
+                    return Err(CommError::Setup(format!("owned {got:?}, expected {own:?}")));
+                }
+                Ok(t.narrow(0, own.start as i64, own.len() as i64))
+            });
+            check(
+                format!("reduce_scatter {kname} n={n}"),
+                r,
+                sum.narrow(0, own.start as i64, own.len() as i64).to_kind(kind),
+            );
+
+            // Each member fills its own chunk; the rest holds garbage.
+            let mut t = Tensor::full([n as i64], -7.0, (kind, dev));
+            let whole = Tensor::zeros([n as i64], (Kind::Float, Device::Cpu));
+            for r in 0..world {
+                let c = chunk_range(n, world, r);
+                let mut dst = whole.narrow(0, c.start as i64, c.len() as i64);
+                dst.copy_(&input(r, n).narrow(0, c.start as i64, c.len() as i64).to_kind(kind).to_kind(Kind::Float));
+            }
+            let own = chunk_range(n, world, rank);
+            let mut dst = t.narrow(0, own.start as i64, own.len() as i64);
+            dst.copy_(&input(rank, n).narrow(0, own.start as i64, own.len() as i64).to_kind(kind).to_device(dev));
+            let r = crate::engine::tensors::buf(&mut t).and_then(|mut b| group.all_gather(&mut b)).map(|()| t);
+            check(format!("all_gather {kname} n={n}"), r, whole.to_kind(kind));
+
+            let root = world - 1;
+            let mut t = mine();
+            let r = crate::engine::tensors::buf(&mut t).and_then(|mut b| group.broadcast(&mut b, root)).map(|()| t);
+            check(format!("broadcast {kname} n={n} root={root}"), r, input(root, n).to_kind(kind));
+        }
+    }
+    if world > 1 {
+        // A ring: each member sends to the next and receives from the
+        // previous, sends first on even members (so no two wait on each other).
+        let n = 10_000;
+        let (next, prev) = ((rank + 1) % world, (rank + world - 1) % world);
+        let mut send = input(rank, n).to_device(dev);
+        let mut recv = Tensor::zeros([n as i64], (Kind::Float, dev));
+        let mut go = |first_send: bool| -> Result<(), CommError> {
+            for step in 0..2 {
+                if (step == 0) == first_send {
+                    let b = crate::engine::tensors::buf(&mut send)?;
+                    group.send(next, &b)?;
+                } else {
+                    let mut b = crate::engine::tensors::buf(&mut recv)?;
+                    group.recv(prev, &mut b)?;
+                }
+            }
+            Ok(())
+        };
+        let r = go(rank % 2 == 0).map(|()| recv);
+        check(format!("send/recv ring n={n}"), r, input(prev, n));
+    }
+    let barrier = group.barrier();
+    out.push(Check { name: "barrier".into(), ok: barrier.is_ok(), detail: format!("{barrier:?}") });
+    let msg = format!("rank {rank} says hello").into_bytes();
+    let (ok, detail) = match group.all_gather_bytes(&msg) {
+        Ok(all) => {
+            let want: Vec<Vec<u8>> = (0..world).map(|r| format!("rank {r} says hello").into_bytes()).collect();
+            (all == want, format!("{} messages", all.len()))
+        }
+        Err(e) => (false, e.to_string()),
+    };
+    out.push(Check { name: "all_gather_bytes".into(), ok, detail });
+    out
 }
 
 #[cfg(test)]

@@ -66,6 +66,13 @@ pub struct MemoryUsage {
     /// it held when the step began: the activations kept for backward
     /// passes, and the parameters gathered for them under ZeRO-3.
     pub activations: u64,
+    /// The CUDA device the rank computes on, if any.
+    pub cuda: Option<u32>,
+    /// That device's memory in use (the whole device, as the CUDA runtime
+    /// reports it) after the rank's latest step's passes, and the most
+    /// seen after any step's passes in this generation.
+    pub device_used: u64,
+    pub device_peak: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -31,6 +31,8 @@ pub(crate) struct UplinkConfig {
     pub preemption_grace: Duration,
     /// Where this worker serves its metrics, advertised at registration.
     pub metrics_addr: Option<SocketAddr>,
+    /// What it computes on (`cpu`, `cuda:0 (NAME)`), advertised too.
+    pub device: String,
 }
 
 /// Identifies one rank of one generation.
@@ -231,6 +233,7 @@ impl Line {
                 worker_id: self.worker_id.clone().unwrap_or_default(),
                 rank_hint: self.cfg.rank_hint,
                 metrics_addr: self.cfg.metrics_addr.map(|a| a.to_string()).unwrap_or_default(),
+                device: self.cfg.device.clone(),
             }))
             .await?
             .into_inner();
@@ -385,6 +388,9 @@ impl Line {
                         grads_bytes: m.grads,
                         optimizer_bytes: m.optimizer,
                         activation_bytes: m.activations,
+                        device: m.cuda.map_or_else(|| "cpu".to_string(), |g| format!("cuda:{g}")),
+                        device_used_bytes: m.device_used,
+                        device_peak_bytes: m.device_peak,
                     }),
                     step_times: times.map(|t| pb::StepTimes {
                         step: t.step,

@@ -233,11 +233,8 @@ fn backend(a: &Assignment, plan: &Plan, world: &mut Collectives) -> Result<Backe
     let mine = gpu_identity(a, plan);
     let all = world.all_gather_bytes(mine.clone().unwrap_or_default().into_bytes())?;
     let distinct: std::collections::HashSet<&Vec<u8>> = all.iter().collect();
-    let chosen = if all.iter().all(|d| !d.is_empty()) && distinct.len() == all.len() {
-        Backend::Nccl
-    } else {
-        Backend::Tcp
-    };
+    let chosen =
+        if all.iter().all(|d| !d.is_empty()) && distinct.len() == all.len() { Backend::Nccl } else { Backend::Tcp };
     if plan.device.is_cuda() {
         let why = match (&mine, chosen) {
             (_, Backend::Nccl) => "every rank has a GPU of its own".to_string(),

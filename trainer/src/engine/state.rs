@@ -101,6 +101,12 @@ impl State {
             grads: b(plan.grads_len()),
             optimizer: 2 * b(plan.moments_len()),
             activations,
+            cuda: match plan.device {
+                tch::Device::Cuda(g) => Some(g as u32),
+                _ => None,
+            },
+            device_used: 0,
+            device_peak: 0,
         }
     }
 

@@ -151,19 +151,14 @@ mod tests {
         let before = t.data_ptr();
         // The op gets a host copy (not the tensor's memory) with its values
         // and writes through it; the tensor gets the result.
-        s.lend(
-            true,
-            &mut t,
-            Flow::ReadWrite,
-            |b| {
-                let bytes = b.host_bytes_mut()?;
-                assert_ne!(bytes.as_ptr(), before as *const u8, "a copy, not the tensor");
-                let vals: Vec<f32> = bytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-                assert_eq!(vals, [1.0, 2.0, 3.0, 4.0]);
-                bytes[..4].copy_from_slice(&9.5f32.to_le_bytes());
-                Ok(())
-            },
-        )
+        s.lend(true, &mut t, Flow::ReadWrite, |b| {
+            let bytes = b.host_bytes_mut()?;
+            assert_ne!(bytes.as_ptr(), before as *const u8, "a copy, not the tensor");
+            let vals: Vec<f32> = bytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+            assert_eq!(vals, [1.0, 2.0, 3.0, 4.0]);
+            bytes[..4].copy_from_slice(&9.5f32.to_le_bytes());
+            Ok(())
+        })
         .unwrap();
         assert_eq!(Vec::<f32>::try_from(t.view([-1])).unwrap(), [9.5, 2.0, 3.0, 4.0]);
         // A send reads only: what the op writes does not come back.
