@@ -114,3 +114,30 @@ fn the_gpu_check_rehearses_every_stage_on_cpus() {
         assert!(report.contains(&format!("| {title}")), "{title} missing from the report:\n{report}");
     }
 }
+
+/// Every job file the check runs on the GPU machine (device `cuda`, the
+/// real sizes, the 124M benchmark) is one `flotilla validate` accepts, so
+/// that a change of the job file format shows here rather than there.
+#[test]
+fn the_gpu_check_s_job_files_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(oracle_python())
+        .arg(repo().join("scripts/gpu/check.py"))
+        .arg("--write-jobs")
+        .arg(dir.path())
+        .output()
+        .expect("run check.py --write-jobs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let jobs: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(jobs.len(), 8 + 3 + 1 + 1, "{jobs:?}");
+    for job in &jobs {
+        let text = std::fs::read_to_string(job).unwrap();
+        assert!(text.contains("device: cuda") || job.ends_with("-cpu.yaml"), "{job}:\n{text}");
+        let v = flotilla(dir.path(), &["validate", job]);
+        assert!(v.status.success(), "{job}: {}", String::from_utf8_lossy(&v.stderr));
+    }
+    let bench = std::fs::read_to_string(dir.path().join("f-bench.yaml")).unwrap();
+    for size in ["layers: 12", "d_model: 768", "heads: 12", "context: 1024", "vocab: 50304", "precision: bf16"] {
+        assert!(bench.contains(size), "{size}: {bench}");
+    }
+}

@@ -317,7 +317,10 @@ class Check:
         self.stages: Dict[str, Stage] = {}
         self.libs: Dict[str, Any] = {}
         self.env = dict(os.environ)
-        self.env.pop("FLOTILLA_COORDINATOR", None)
+        # Workers pick their GPU from these when no --gpu is given: the check's
+        # workers all share GPU 0.
+        for k in ("FLOTILLA_COORDINATOR", "LOCAL_RANK", "SLURM_LOCALID"):
+            self.env.pop(k, None)
         self.bin = self.find_binary()
         self.setup_libraries()
         self.monitor = GpuMonitor(out)
@@ -456,15 +459,18 @@ class Check:
         OUT_DIR/logs."""
         d = self.job_dir(name)
         (d / "job.yaml").write_text(yaml)
-        rc = s.run([str(self.bin), "run", "job.yaml", "--workers", str(workers)], name, d, limit)
         job_name = next(l.split(":", 1)[1].strip() for l in yaml.splitlines() if l.startswith("name:"))
         run = d / "runs" / f"{job_name}-1"
-        keep = self.out / "logs" / f"{s.key}-{name}"
-        keep.mkdir(parents=True, exist_ok=True)
-        for f in [run / "metrics.jsonl"] + sorted((run / "logs").glob("*.log")):
-            if f.is_file():
-                shutil.copy(f, keep / f.name)
-        s.logs.append(str(keep.relative_to(self.out)))
+        try:
+            rc = s.run([str(self.bin), "run", "job.yaml", "--workers", str(workers)], name, d, limit)
+        finally:
+            # The job's metrics and its workers' logs, also after a timeout.
+            keep = self.out / "logs" / f"{s.key}-{name}"
+            keep.mkdir(parents=True, exist_ok=True)
+            for f in [run / "metrics.jsonl"] + sorted((run / "logs").glob("*.log")):
+                if f.is_file():
+                    shutil.copy(f, keep / f.name)
+            s.logs.append(str(keep.relative_to(self.out)))
         if rc != 0:
             raise RuntimeError(f"flotilla run {name} exited {rc} (see logs/{s.key}-{name}.log)")
         return run
@@ -540,12 +546,16 @@ def stage_environment(c: Check, s: Stage) -> None:
         "import json, torch\n"
         "d = {'torch': torch.__version__, 'cuda_available': torch.cuda.is_available(),\n"
         "     'cuda_runtime': torch.version.cuda}\n"
-        "if torch.cuda.is_available():\n"
-        "    d['device'] = torch.cuda.get_device_name(0)\n"
-        "    d['capability'] = list(torch.cuda.get_device_capability(0))\n"
-        "    d['memory_gib'] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)\n"
-        "    d['nccl'] = list(torch.cuda.nccl.version())\n"
-        "    d['bf16'] = torch.cuda.is_bf16_supported()\n"
+        "extra = {'device': lambda: torch.cuda.get_device_name(0),\n"
+        "         'capability': lambda: list(torch.cuda.get_device_capability(0)),\n"
+        "         'memory_gib': lambda: round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),\n"
+        "         'nccl': lambda: str(torch.cuda.nccl.version()),\n"
+        "         'bf16': lambda: torch.cuda.is_bf16_supported()}\n"
+        "for k, f in extra.items() if torch.cuda.is_available() else ():\n"
+        "    try:\n"
+        "        d[k] = f()\n"
+        "    except Exception as e:\n"
+        "        d[k] = f'{type(e).__name__}: {e}'\n"
         "print(json.dumps(d))\n"
     )
     out = s.log_path("torch")
@@ -727,8 +737,7 @@ def params_worst(a: Dict[str, array.array], b: Dict[str, array.array]) -> tuple:
     return worst, where
 
 
-def kill_yaml(c: Check) -> str:
-    z = c.sizes
+def kill_yaml(z: Sizes) -> str:
     return (
         "name: resume\n"
         f"model: {z.kill_model}\n"
@@ -756,7 +765,7 @@ def sdk_client(url: str, tls: Path, token: Path) -> Any:
 
 def stage_kill(c: Check, s: Stage) -> None:
     z = c.sizes
-    yaml = kill_yaml(c)
+    yaml = kill_yaml(z)
     reference = c.flotilla_run(s, "uninterrupted", yaml, 2, limit=s.remaining() / 2)
     expected = read_safetensors(reference / "final" / "model.safetensors")
     expected_losses = [m["loss"] for m in read_metrics(reference / "final" / "metrics.jsonl")]
@@ -920,20 +929,8 @@ def write_tokens(path: Path, count: int, vocab: int, seed: int = 1) -> None:
         a.tofile(fh)
 
 
-def stage_benchmark(c: Check, s: Stage) -> None:
-    b = c.sizes.bench
-    device = c.sizes.device
-    fl = flops_per_token(b["layers"], b["d_model"], b["context"], b["vocab"])
-    peak = None if c.rehearse else H200_BF16_PEAK
-    s.figures.update({k: b[k] for k in ("layers", "d_model", "heads", "context", "vocab")})
-    s.figures.update({"micro_batch": b["batch"], "tokens_per_step": b["batch"] * b["context"],
-                      "warmup_steps": b["warmup"], "measured_steps": b["steps"], "precision": "bf16",
-                      "peak_flops": peak, "device": device, **fl})
-    d = c.job_dir("bench")
-    samples = 2 * b["batch"] * (b["warmup"] + b["steps"])
-    tokens = d / "tokens.u16"
-    write_tokens(tokens, samples * b["context"] + 1, b["vocab"])
-    yaml = (
+def bench_yaml(b: Dict[str, Any], tokens: Path, device: str) -> str:
+    return (
         "name: bench\n"
         f"model: {{kind: gpt, layers: {b['layers']}, d_model: {b['d_model']}, heads: {b['heads']}, "
         f"context: {b['context']}, vocab: {b['vocab']}}}\n"
@@ -949,14 +946,35 @@ def stage_benchmark(c: Check, s: Stage) -> None:
         "  precision: bf16\n"
         f"  device: {device}\n"
     )
+
+
+def stage_benchmark(c: Check, s: Stage) -> None:
+    b = c.sizes.bench
+    device = c.sizes.device
+    fl = flops_per_token(b["layers"], b["d_model"], b["context"], b["vocab"])
+    peak = None if c.rehearse else H200_BF16_PEAK
+    s.figures.update({k: b[k] for k in ("layers", "d_model", "heads", "context", "vocab")})
+    s.figures.update({"micro_batch": b["batch"], "tokens_per_step": b["batch"] * b["context"],
+                      "warmup_steps": b["warmup"], "measured_steps": b["steps"], "precision": "bf16",
+                      "peak_flops": peak, "device": device, **fl})
+    d = c.job_dir("bench")
+    samples = 2 * b["batch"] * (b["warmup"] + b["steps"])
+    tokens = d / "tokens.u16"
+    write_tokens(tokens, samples * b["context"] + 1, b["vocab"])
+    yaml = bench_yaml(b, tokens, device)
     results: Dict[str, Any] = {}
     try:
         run = c.flotilla_run(s, "flotilla", yaml, 1, limit=70)
         m = read_metrics(run / "metrics.jsonl")
         timed = m[b["warmup"]:]
+        tokens_timed = len(timed) * b["batch"] * b["context"]
+        # Wall time from rank 0's clock at the end of the last warm-up step
+        # to the end of the last step (everything between steps included,
+        # as the PyTorch side's timer does); the steps' own times beside it.
+        wall = (m[-1]["time_ms"] - m[b["warmup"] - 1]["time_ms"]) / 1000
         secs = sum(b["batch"] / x["samples_per_sec"] for x in timed)
-        results["flotilla"] = {"tokens_per_sec": len(timed) * b["batch"] * b["context"] / secs,
-                               "step_ms": 1000 * secs / len(timed), "final_loss": m[-1]["loss"]}
+        results["flotilla"] = {"tokens_per_sec": tokens_timed / max(wall, 1e-3), "step_ms": 1000 * wall / len(timed),
+                               "tokens_per_sec_step_times": tokens_timed / secs, "final_loss": m[-1]["loss"]}
         # Only the curve is wanted; the final model of 124M parameters is not.
         shutil.rmtree(run / "final", ignore_errors=True)
     except (RuntimeError, Timeout, OSError, ValueError, KeyError) as e:
@@ -967,14 +985,23 @@ def stage_benchmark(c: Check, s: Stage) -> None:
         limit = 30 if mode == "eager" else None
         args = [sys.executable, str(Path(__file__).resolve()), "--torch-bench", mode, "--json", str(out),
                 "--tokens", str(tokens), "--device", device, "--bench", json.dumps(b)]
+        # PyTorch's own failures are the machine's, not flotilla's: eager
+        # failing fails the stage (there is no baseline), torch.compile
+        # failing (Triton needs a C compiler, for one) is reported beside it.
+        problem = None
         try:
             rc = s.run(args, f"torch-{mode}", d, limit)
             if rc != 0:
-                s.fail(f"PyTorch {mode} exited {rc} (see logs/f-torch-{mode}.log)")
+                problem = f"PyTorch {mode} exited {rc} (see logs/f-torch-{mode}.log)"
             else:
                 results[f"torch_{mode}"] = json.loads(out.read_text())
         except Timeout as e:
-            s.fail(f"PyTorch {mode}: {e}")
+            problem = f"PyTorch {mode}: {e}"
+        if problem and mode == "eager":
+            s.fail(problem)
+        elif problem:
+            results[f"torch_{mode}"] = {"error": problem}
+            s.note(f"not measured: {problem}")
     if c.rehearse:
         results["torch_compile"] = {"skipped": "torch.compile is not run on CPUs (compiling takes minutes on 2 cores)"}
         s.note("rehearsal: a tiny GPT on CPUs, debug binary against PyTorch; the ratio means nothing here")
@@ -1080,7 +1107,7 @@ def torch_bench(mode: str, out: Path, tokens_path: Path, device: str, b: Dict[st
     res = {
         "mode": mode, "torch": torch.__version__, "params": params,
         "tokens_per_sec": b["steps"] * batch * ctx / secs, "step_ms": 1000 * secs / b["steps"],
-        "warmup_s": warm, "final_loss": float(loss),
+        "warmup_s": warm, "final_loss": float(loss.detach()),
         "attention": "F.scaled_dot_product_attention(is_causal=True)",
         "precision": "torch.autocast bf16, f32 weights and AdamW (torch.optim.AdamW defaults)",
     }
@@ -1129,6 +1156,8 @@ def stage_summary(key: str, f: Dict[str, Any]) -> str:
                 parts.append(f"{name} {v['tokens_per_sec']:,.0f} tokens/s{mfu}")
             elif "skipped" in v:
                 parts.append(f"{name} skipped")
+            elif "error" in v:
+                parts.append(f"{name} FAILED ({v['error']})")
         if "flotilla_vs_eager" in f:
             parts.append(f"flotilla/eager {f['flotilla_vs_eager']:.2f}x")
         return "; ".join(parts)
@@ -1176,6 +1205,31 @@ def render_report(doc: Dict[str, Any]) -> str:
 # --------------------------------------------------------------------------
 
 
+def write_jobs(folder: Path) -> List[Path]:
+    """Every job file the check runs on the GPU machine, into `folder`
+    (tests/gpu_check.rs validates them with `flotilla validate`)."""
+    z = Sizes(False)
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = {}
+    for kind, model, data, batch in (("mlp", z.mlp, z.mlp_data, z.mlp_batch), ("gpt", z.gpt, z.gpt_data, z.gpt_batch)):
+        for precision in ("fp32", "bf16"):
+            for device in ("cuda", "cpu"):
+                jobs[f"b-{kind}-{precision}-{device}"] = train_yaml(f"single-{kind}", model, data, batch, precision, device)
+    for name, par, workers in (("one-rank", "micro_batches: 2", 1), ("dp2", "dp: 2, micro_batches: 2", 2),
+                               ("pp2", "pp: 2, micro_batches: 2", 2)):
+        jobs[f"c-{name}"] = LAYOUT_GPT.replace("DEVICE", "cuda").replace("WORKERS", str(workers)).replace("PAR", par)
+    jobs["e-kill"] = kill_yaml(z)
+    tokens = folder / "tokens.u16"
+    write_tokens(tokens, 2 * z.bench["context"] + 1, z.bench["vocab"])
+    jobs["f-bench"] = bench_yaml(z.bench, tokens, "cuda")
+    paths = []
+    for name, text in jobs.items():
+        p = folder / f"{name}.yaml"
+        p.write_text(text)
+        paths.append(p)
+    return paths
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out", nargs="?", help="folder for report.md, figures.json and logs/")
@@ -1183,6 +1237,7 @@ def main() -> int:
     ap.add_argument("--work", help="scratch folder for the runs (default: a new one under /tmp, removed after)")
     ap.add_argument("--keep-work", action="store_true", help="keep the scratch folder")
     ap.add_argument("--only", help="run only these stages, e.g. 'ab' (for a rerun of what failed)")
+    ap.add_argument("--write-jobs", help=argparse.SUPPRESS)
     ap.add_argument("--torch-bench", choices=["eager", "compile"], help=argparse.SUPPRESS)
     ap.add_argument("--json", help=argparse.SUPPRESS)
     ap.add_argument("--tokens", help=argparse.SUPPRESS)
@@ -1191,6 +1246,10 @@ def main() -> int:
     args = ap.parse_args()
     if args.torch_bench:
         torch_bench(args.torch_bench, Path(args.json), Path(args.tokens), args.device, json.loads(args.bench))
+        return 0
+    if args.write_jobs:
+        for p in write_jobs(Path(args.write_jobs)):
+            print(p)
         return 0
     if not args.out:
         ap.error("give OUT_DIR")
