@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use flotilla_comm::{CommListener, Secret, SECRET_LEN};
-use flotilla_jobspec::JobSpec;
+use flotilla_jobspec::{DeviceChoice, JobSpec};
 use flotilla_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +21,8 @@ use crate::engine;
 use crate::preemption::{self, PreemptionConfig};
 use crate::storage::Storage;
 use crate::types::{Assignment, TrainError, TrainEvent, TrainOptions};
-use crate::uplink::{Report, Retained, RunKey, RunMsg, Uplink, UplinkConfig};
+use crate::rendezvous::Rendezvous;
+use crate::uplink::{Report, Retained, RunKey, RunMsg, Session, Uplink, UplinkConfig};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -90,6 +91,8 @@ pub struct Agent {
     listener: Arc<CommListener>,
     data_addr: SocketAddr,
     current: Option<Run>,
+    /// The uplink's session with the leader, for the rendezvous board.
+    session: Option<Session>,
 }
 
 impl Agent {
@@ -101,7 +104,7 @@ impl Agent {
             None => local_ip_towards(cfg.coordinators.first().map_or("127.0.0.1:7070", String::as_str)),
         };
         let data_addr = SocketAddr::new(host, listener.local_addr().port());
-        Ok(Agent { cfg, listener: Arc::new(listener), data_addr, current: None })
+        Ok(Agent { cfg, listener: Arc::new(listener), data_addr, current: None, session: None })
     }
 
     pub fn data_addr(&self) -> SocketAddr {
@@ -147,6 +150,9 @@ impl Agent {
                     self.follow(a, &uplink).await;
                 }
                 Some(r) = orders.retained.recv() => self.prune(r, &pruner),
+                _ = orders.session.changed() => {
+                    self.session = orders.session.borrow_and_update().clone();
+                }
             }
         }
         drop(orders);
@@ -204,7 +210,15 @@ impl Agent {
                 a.data_secret.len()
             )
         })?;
+        let device = resolve_device(spec.train.device, self.cfg.train.gpu)?;
+        let rendezvous = self.session.as_ref().map(|s| {
+            Rendezvous::new(tokio::runtime::Handle::current(), s.client.clone(), &s.worker, &a.job_id, a.generation)
+        });
+        let cancel = Arc::new(AtomicBool::new(false));
         let assignment = Assignment {
+            device,
+            rendezvous,
+            abort: cancel.clone(),
             stage,
             replica,
             stages,
@@ -223,7 +237,6 @@ impl Agent {
         };
         tracing::info!(job = %key.job, gen = key.generation, rank = key.rank, world = a.world_size,
             resume = a.checkpoints.first().map_or(0, |c| c.step), "starting train loop");
-        let cancel = Arc::new(AtomicBool::new(false));
         let checkpoint_request = assignment.checkpoint_request.clone();
         let (listener, opts, tx, k, c) =
             (self.listener.clone(), self.cfg.train.clone(), reports, key.clone(), cancel.clone());
@@ -252,6 +265,19 @@ impl Agent {
             .context("spawn the train thread")?;
         Ok(Run { key, output_dir: a.output_dir.clone(), checkpoint_request, cancel, thread: Some(thread) })
     }
+}
+
+/// Where a job's rank computes on this worker: `train.device` against the
+/// worker's GPU, if it has one.
+fn resolve_device(choice: DeviceChoice, gpu: Option<usize>) -> anyhow::Result<tch::Device> {
+    Ok(match (choice, gpu) {
+        (DeviceChoice::Cpu, _) | (DeviceChoice::Auto, None) => tch::Device::Cpu,
+        (DeviceChoice::Auto | DeviceChoice::Cuda, Some(g)) => tch::Device::Cuda(g),
+        (DeviceChoice::Cuda, None) => anyhow::bail!(
+            "the job asks for train.device: cuda and this worker has no GPU (libtorch sees no CUDA device{})",
+            if cfg!(feature = "cuda") { "" } else { "; it was built without the `cuda` feature" }
+        ),
+    })
 }
 
 /// Deletes the checkpoints of a job's output folder that the coordinator no

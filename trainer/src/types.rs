@@ -39,6 +39,16 @@ pub struct Assignment {
     /// The generation's data-plane secret: every connection between ranks
     /// proves it.
     pub secret: Secret,
+    /// Where this rank keeps its tensors and computes (`train.device`
+    /// resolved against the worker's GPU).
+    pub device: tch::Device,
+    /// The coordinator's rendezvous board for this generation, where a GPU
+    /// backend shares what its ranks need to connect (NCCL's unique ids).
+    pub rendezvous: Option<crate::rendezvous::Rendezvous>,
+    /// Set when the worker stops this rank (the coordinator moved on, or
+    /// the worker leaves): a collective blocked in a GPU backend aborts
+    /// instead of waiting out its deadline.
+    pub abort: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The bytes a rank holds, by kind: what `flotilla status` shows.
@@ -112,11 +122,14 @@ pub enum Outcome {
 pub struct TrainOptions {
     pub connect_timeout: Duration,
     pub op_timeout: Duration,
+    /// The worker's GPU (an index among the CUDA devices libtorch sees),
+    /// if it has one: where `train.device: auto | cuda` jobs compute.
+    pub gpu: Option<usize>,
 }
 
 impl Default for TrainOptions {
     fn default() -> Self {
-        TrainOptions { connect_timeout: Duration::from_secs(30), op_timeout: Duration::from_secs(120) }
+        TrainOptions { connect_timeout: Duration::from_secs(30), op_timeout: Duration::from_secs(120), gpu: None }
     }
 }
 
