@@ -99,7 +99,8 @@ fn the_gpu_check_rehearses_every_stage_on_cpus() {
 
     // f. Both sides measured; the FLOP count is the stated formula.
     let f = &stages["f"]["figures"];
-    let (l, d, t, v) = (num(&f["layers"], "L"), num(&f["d_model"], "d"), num(&f["context"], "T"), num(&f["vocab"], "V"));
+    let (l, d, t, v) =
+        (num(&f["layers"], "L"), num(&f["d_model"], "d"), num(&f["context"], "T"), num(&f["vocab"], "V"));
     let flops = 6.0 * (l * 12.0 * d * d + v * d) + 12.0 * l * t * d;
     assert_eq!(num(&f["flops_per_token"], "flops"), flops);
     for side in ["flotilla", "torch_eager"] {
