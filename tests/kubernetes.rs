@@ -160,7 +160,7 @@ fn rendered_workers_validate_for_every_shipped_config() {
     let variants: [&[&str]; 4] = [
         &[],
         &["--cloud", "eks", "--credentials-secret", "checkpoint-keys"],
-        &["--cloud", "gke", "--gpus", "2", "--workdir-claim", "shared-work"],
+        &["--cloud", "gke", "--gpus", "1", "--workdir-claim", "shared-work"],
         &["--cloud", "gke", "--on-demand", "--gpus", "0", "--namespace", "ml", "--preemption-grace-s", "300"],
     ];
     let mut files = Vec::new();
