@@ -70,6 +70,10 @@ async fn main_async(cli: Cli) -> anyhow::Result<i32> {
             init_logs("warn,flotilla_coordinator=off");
             cli::run::run(&job, workers).await
         }
+        Command::Selftest(cli::SelftestCmd::Nccl { json, hang }) => {
+            init_logs("warn");
+            cli::selftest::nccl(&json, hang).await
+        }
         Command::Validate { job, json } => match cli::load_job(&job) {
             Ok((_, mut spec)) if json => {
                 spec.resolve_paths(&std::env::current_dir()?);

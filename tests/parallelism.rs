@@ -202,10 +202,11 @@ fn status_shows_each_rank_s_stage_replica_and_memory() {
     });
     for r in &status.ranks {
         assert_eq!((r.stage, r.replica), (r.rank % 2, r.rank / 2), "rank {}", r.rank);
-        let m = r.memory.unwrap();
+        let m = r.memory.clone().unwrap();
         assert!(m.params_bytes > 0 && m.activation_bytes > 0, "rank {}: {m:?}", r.rank);
         assert_eq!(m.grads_bytes, m.params_bytes, "ZeRO-1 keeps the stage's gradients");
-        let twin = status.ranks.iter().find(|o| o.stage == r.stage && o.rank != r.rank).unwrap().memory.unwrap();
+        let twin =
+            status.ranks.iter().find(|o| o.stage == r.stage && o.rank != r.rank).unwrap().memory.clone().unwrap();
         assert_eq!(m.params_bytes, twin.params_bytes, "replicas of stage {} hold the same parameters", r.stage);
         assert!(m.optimizer_bytes.abs_diff(m.params_bytes) <= 4 * 2 * 4, "moments of half the stage: {m:?}");
     }

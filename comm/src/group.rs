@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 
-use crate::buffer::Buf;
+use crate::buffer::{Buf, Memory};
 use crate::chunk::chunk_range;
 use crate::error::CommError;
 
@@ -46,6 +46,12 @@ pub trait ProcessGroup: Send {
     fn recv(&mut self, from: usize, buf: &mut Buf<'_>) -> Result<(), CommError>;
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<(), CommError>;
+    /// Whether this group's collectives work on buffers in `memory` (host
+    /// memory for the TCP backend; a GPU backend's device). Callers stage
+    /// other buffers through host memory.
+    fn reaches(&self, memory: Memory) -> bool {
+        memory == Memory::Host
+    }
 }
 
 /// The group of a single process (world 1): every collective returns at once.

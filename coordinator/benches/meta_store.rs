@@ -82,6 +82,7 @@ fn main() {
 pub fn register(i: u64) -> Command {
     Command::RegisterWorker {
         metrics_addr: String::new(),
+        device: String::new(),
         data_addr: worker_addr(i),
         hostname: format!("bench-host-{i}"),
         rank_hint: None,

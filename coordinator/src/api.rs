@@ -203,6 +203,8 @@ pub struct WorkerInfo {
     pub leaving: Option<String>,
     /// Where it serves Prometheus metrics; empty: nowhere.
     pub metrics_addr: String,
+    /// What it computes on (`cpu`, `cuda:0 (NAME)`); empty: unknown.
+    pub device: String,
 }
 
 /// Every registered worker, by id.
@@ -221,6 +223,7 @@ pub async fn workers(c: &Coordinator) -> Result<Vec<WorkerInfo>, Status> {
             rank: state.rank_of(&w.id).map(|(_, r)| r),
             leaving: w.leaving.clone(),
             metrics_addr: w.metrics_addr.clone(),
+            device: w.device.clone(),
         })
         .collect())
 }

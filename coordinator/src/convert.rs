@@ -110,7 +110,8 @@ pub fn job_status(job: &Job, queue_position: Option<u32>, soft: &Soft) -> pb::Jo
                             stage,
                             replica,
                             metrics_addr: r.metrics_addr.clone(),
-                            memory: report.map(|r| r.memory),
+                            device: r.device.clone(),
+                            memory: report.map(|r| r.memory.clone()),
                             step_times: report.and_then(|r| r.step_times),
                         }
                     })

@@ -200,6 +200,7 @@ impl WorkerService for WorkerApi {
             rank_hint: req.rank_hint,
             key_hash,
             metrics_addr: req.metrics_addr,
+            device: req.device,
             at_ms: now_ms(),
         };
         let events = self.0.propose(cmd).await.map_err(convert::status)?;

@@ -285,7 +285,7 @@ pub(crate) mod tests {
     }
 
     fn usage(params_bytes: u64) -> MemoryUsage {
-        MemoryUsage { params_bytes, grads_bytes: 1, optimizer_bytes: 2, activation_bytes: 3 }
+        MemoryUsage { params_bytes, grads_bytes: 1, optimizer_bytes: 2, activation_bytes: 3, ..Default::default() }
     }
 
     fn report(params_bytes: u64) -> RankReport {
@@ -319,6 +319,7 @@ pub(crate) mod tests {
             state
                 .apply(Command::RegisterWorker {
                     metrics_addr: String::new(),
+                    device: String::new(),
                     data_addr: addr.into(),
                     hostname: "h".into(),
                     rank_hint: None,
@@ -402,6 +403,7 @@ pub(crate) mod tests {
         state
             .apply(Command::RegisterWorker {
                 metrics_addr: String::new(),
+                device: String::new(),
                 data_addr: "a".into(),
                 hostname: "h".into(),
                 rank_hint: None,
@@ -426,6 +428,7 @@ pub(crate) mod tests {
         state
             .apply(Command::RegisterWorker {
                 metrics_addr: String::new(),
+                device: String::new(),
                 data_addr: "a".into(),
                 hostname: "h".into(),
                 rank_hint: None,

@@ -101,6 +101,9 @@ pub struct RankSlot {
     /// Where the worker serves Prometheus metrics; empty: nowhere.
     #[serde(default)]
     pub metrics_addr: String,
+    /// What the worker computes on (`cpu`, `cuda:0 (NAME)`); empty: unknown.
+    #[serde(default)]
+    pub device: String,
 }
 
 /// Who is rank what in one generation of a job.
@@ -241,6 +244,9 @@ pub struct Worker {
     /// Where it serves Prometheus metrics (host:port); empty: nowhere.
     #[serde(default)]
     pub metrics_addr: String,
+    /// What it computes on (`cpu`, `cuda:0 (NAME)`); empty: unknown.
+    #[serde(default)]
+    pub device: String,
 }
 
 /// A request to change the state. Time is carried in, never read.
@@ -309,6 +315,9 @@ pub enum Command {
         /// Where it serves Prometheus metrics; empty: nowhere.
         #[serde(default)]
         metrics_addr: String,
+        /// What it computes on; empty: unknown.
+        #[serde(default)]
+        device: String,
         at_ms: i64,
     },
     RemoveWorker {
@@ -686,7 +695,7 @@ impl State {
                 t.revoked_at_ms = Some(at_ms);
                 Ok(vec![Event::TokenRevoked { name }])
             }
-            Command::RegisterWorker { data_addr, hostname, rank_hint, key_hash, metrics_addr, at_ms } => {
+            Command::RegisterWorker { data_addr, hostname, rank_hint, key_hash, metrics_addr, device, at_ms } => {
                 self.next_worker_seq += 1;
                 let id = format!("w{}", self.next_worker_seq);
                 let worker = Worker {
@@ -699,6 +708,7 @@ impl State {
                     rank_hint,
                     key_hash,
                     metrics_addr,
+                    device,
                 };
                 self.workers.insert(id.clone(), worker);
                 Ok(vec![Event::WorkerRegistered { worker: id }])
@@ -1028,6 +1038,7 @@ impl State {
                 worker: w.id.clone(),
                 data_addr: w.data_addr.clone(),
                 metrics_addr: w.metrics_addr.clone(),
+                device: w.device.clone(),
             })
             .collect();
         for r in &ranks {

@@ -48,6 +48,7 @@ pub(crate) fn register(state: &mut State, addr: &str) -> WorkerId {
     match &state
         .apply(Command::RegisterWorker {
             metrics_addr: String::new(),
+            device: String::new(),
             data_addr: addr.into(),
             hostname: "h".into(),
             rank_hint: None,
@@ -315,6 +316,7 @@ fn replicas_applying_the_same_log_agree() {
         },
         Command::RegisterWorker {
             metrics_addr: String::new(),
+            device: String::new(),
             data_addr: "127.0.0.1:1".into(),
             hostname: "h".into(),
             rank_hint: None,
@@ -323,6 +325,7 @@ fn replicas_applying_the_same_log_agree() {
         },
         Command::RegisterWorker {
             metrics_addr: String::new(),
+            device: String::new(),
             data_addr: "127.0.0.1:2".into(),
             hostname: "h".into(),
             rank_hint: None,
@@ -580,6 +583,7 @@ fn a_first_plan_follows_the_workers_rank_hints() {
     let mut hinted = |addr: &str, rank_hint| match &s
         .apply(Command::RegisterWorker {
             metrics_addr: String::new(),
+            device: String::new(),
             data_addr: addr.into(),
             hostname: "h".into(),
             rank_hint,
@@ -774,6 +778,7 @@ fn a_rank_slot_carries_its_worker_s_metrics_address_to_the_job_s_status() {
     let events = s
         .apply(Command::RegisterWorker {
             metrics_addr: "10.0.0.7:9464".into(),
+            device: "cuda:0 (NVIDIA H200)".into(),
             data_addr: "10.0.0.7:29500".into(),
             hostname: "h".into(),
             rank_hint: None,
@@ -785,6 +790,7 @@ fn a_rank_slot_carries_its_worker_s_metrics_address_to_the_job_s_status() {
     assert_eq!(s.workers[worker].metrics_addr, "10.0.0.7:9464");
     s.apply(Command::Schedule { job: job.clone(), at_ms: 5 }).unwrap();
     assert_eq!(s.jobs[&job].plan.as_ref().unwrap().ranks[0].metrics_addr, "10.0.0.7:9464");
+    assert_eq!(s.jobs[&job].plan.as_ref().unwrap().ranks[0].device, "cuda:0 (NVIDIA H200)");
     let status = crate::convert::job_status(&s.jobs[&job], None, &Default::default());
     assert_eq!(status.ranks[0].metrics_addr, "10.0.0.7:9464");
 }

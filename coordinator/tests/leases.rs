@@ -267,6 +267,7 @@ async fn reconnecting_workers_and_retried_submissions_are_not_duplicated() {
         worker_id,
         rank_hint: None,
         metrics_addr: String::new(),
+        device: String::new(),
     };
     let back = w.register(again(id.clone(), 7001)).await.unwrap().into_inner().worker_id;
     assert_eq!(back, id, "the same worker keeps its id");

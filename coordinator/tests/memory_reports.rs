@@ -54,7 +54,13 @@ async fn register(w: &mut WorkerServiceClient<Channel>, port: u16) -> (String, S
 }
 
 fn usage(params_bytes: u64) -> pb::MemoryUsage {
-    pb::MemoryUsage { params_bytes, grads_bytes: 2048, optimizer_bytes: 4096, activation_bytes: 3 << 20 }
+    pb::MemoryUsage {
+        params_bytes,
+        grads_bytes: 2048,
+        optimizer_bytes: 4096,
+        activation_bytes: 3 << 20,
+        ..Default::default()
+    }
 }
 
 fn report(worker: &str, generation: u64, rank: u32, usage: Option<pb::MemoryUsage>) -> pb::MemoryReport {
@@ -120,7 +126,7 @@ async fn pipeline_ranks_report_their_memory_for_their_generation() {
     later.step_times = Some(times);
     w.report_memory(later).await.unwrap();
     let status = get(jobs.clone()).await;
-    assert_eq!((status.ranks[1].memory, status.ranks[1].step_times), (Some(usage(5 << 20)), Some(times)));
+    assert_eq!((status.ranks[1].memory.clone(), status.ranks[1].step_times), (Some(usage(5 << 20)), Some(times)));
 
     // Stale or future generations, ranks outside the plan, the wrong worker,
     // a missing usage and an unknown job are refused with a status.

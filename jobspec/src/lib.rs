@@ -31,9 +31,9 @@ mod validate;
 
 pub use error::SpecError;
 pub use spec::{
-    AdamWSpec, CheckpointSpec, DataSpec, DeviceChoice, DpSize, EvalSpec, GptSpec, JobSpec, LlamaSpec, MetricsSpec, MlpSpec,
-    ModelSpec, ParallelismSpec, PipelineSchedule, Precision, RegistryKind, RegistrySpec, RopeScaling, ScheduleSpec,
-    TokenDtype, TokenFormat, TrainSpec, WorkersSpec,
+    AdamWSpec, CheckpointSpec, DataSpec, DeviceChoice, DpSize, EvalSpec, GptSpec, JobSpec, LlamaSpec, MetricsSpec,
+    MlpSpec, ModelSpec, ParallelismSpec, PipelineSchedule, Precision, RegistryKind, RegistrySpec, RopeScaling,
+    ScheduleSpec, TokenDtype, TokenFormat, TrainSpec, WorkersSpec,
 };
 
 /// Checks a registered model name and an alias as `registry.model` and

@@ -8,6 +8,7 @@ pub mod models;
 pub mod procs;
 pub mod render;
 pub mod run;
+pub mod selftest;
 pub mod status;
 pub mod sweep;
 pub mod token;
@@ -92,6 +93,10 @@ pub enum Command {
     /// checking flotilla's ids against Python's `tokenizers`.
     #[command(hide = true)]
     Tokenize { tokenizer: PathBuf, text: PathBuf, out: PathBuf },
+    /// Check this machine's GPUs the way jobs use them (for the GPU check,
+    /// `scripts/gpu-check`).
+    #[command(hide = true, subcommand)]
+    Selftest(SelftestCmd),
     /// Run a coordinator replica, or administer a replicated coordinator
     /// (`members`, `add`, `remove`).
     Coordinator(CoordinatorCmd),
@@ -362,4 +367,19 @@ pub fn load_job(path: &std::path::Path) -> Result<(String, flotilla_jobspec::Job
             Err(EXIT_BAD_INPUT)
         }
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SelftestCmd {
+    /// NCCL through a coordinator's rendezvous board, a rank per visible
+    /// GPU, every collective against a CPU reference; with --hang, the
+    /// watchdog against an operation that never finishes. Exit 0 passed,
+    /// 1 failed, 3 nothing to check here (no `cuda` feature, GPU or NCCL).
+    Nccl {
+        /// Where to write the checks as JSON.
+        #[arg(long)]
+        json: PathBuf,
+        #[arg(long)]
+        hang: bool,
+    },
 }

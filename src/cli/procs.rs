@@ -11,10 +11,11 @@ pub struct LocalWorkers {
 }
 
 impl LocalWorkers {
-    /// Starts `n` workers against `coordinator` with the API token `token`
-    /// and `extra` arguments (their TLS flags), logging to `logs/worker-<i>.log`.
+    /// Starts a worker per entry of `gpus` (on that GPU, or on its CPU for
+    /// `None`) against `coordinator` with the API token `token` and `extra`
+    /// arguments (their TLS flags), logging to `logs/worker-<i>.log`.
     pub fn start(
-        n: usize,
+        gpus: &[Option<usize>],
         coordinator: &str,
         token: &str,
         extra: &[String],
@@ -22,12 +23,13 @@ impl LocalWorkers {
     ) -> std::io::Result<LocalWorkers> {
         std::fs::create_dir_all(logs)?;
         let exe = std::env::current_exe()?;
-        let mut children = Vec::with_capacity(n);
-        for i in 0..n {
+        let mut children = Vec::with_capacity(gpus.len());
+        for (i, gpu) in gpus.iter().enumerate() {
             let log = std::fs::File::create(logs.join(format!("worker-{i}.log")))?;
             let mut cmd = Command::new(&exe);
             cmd.args(["worker", "--coordinator", coordinator, "--data-addr", "127.0.0.1:0"])
                 .args(extra)
+                .args(gpu.map(|g| ["--gpu".to_string(), g.to_string()]).into_iter().flatten())
                 .env(flotilla_proto::auth::TOKEN_ENV, token)
                 .env_remove(flotilla_proto::auth::TOKEN_FILE_ENV)
                 .stdin(Stdio::null())

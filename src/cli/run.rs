@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use flotilla_coordinator::{AuthMode, CoordinatorConfig};
+use flotilla_jobspec::{DeviceChoice, JobSpec};
 use flotilla_proto::auth::Credentials;
 use flotilla_proto::tls::{Role, Tls, TlsPaths};
 use flotilla_proto::v1 as pb;
@@ -21,10 +22,24 @@ pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
         Ok(v) => v,
         Err(code) => return Ok(code),
     };
-    let n = workers.unwrap_or(spec.workers.max);
+    let visible = flotilla_trainer::device::visible_gpus();
+    let gpus = match local_gpus(&spec, workers, visible) {
+        Ok(g) => g,
+        Err(why) => {
+            eprintln!("error: {why}");
+            return Ok(EXIT_BAD_INPUT);
+        }
+    };
+    let n = gpus.len();
     if n < spec.workers.min {
         eprintln!("error: --workers {n} is below the job's workers.min ({})", spec.workers.min);
         return Ok(EXIT_BAD_INPUT);
+    }
+    if gpus.iter().flatten().count() > visible {
+        eprintln!(
+            "flotilla: {n} workers share {visible} GPU(s): ranks on one GPU exchange tensors over TCP through \
+             pinned host memory (NCCL needs a GPU per rank)"
+        );
     }
 
     let shutdown = CancellationToken::new();
@@ -75,7 +90,7 @@ pub async fn run(path: &Path, workers: Option<usize>) -> anyhow::Result<i32> {
     dashboard_hint(&url, &job, &token, &data_dir);
     // Started from this (the main) thread: the parent death signal follows it.
     let tls_args = super::certs::child_args(Some(&tls_dir));
-    let mut local = LocalWorkers::start(n, &url, &token, &tls_args, &logs).context("start local workers")?;
+    let mut local = LocalWorkers::start(&gpus, &url, &token, &tls_args, &logs).context("start local workers")?;
 
     let started = Instant::now();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -144,4 +159,54 @@ fn dashboard_hint(url: &str, job: &str, token: &str, data_dir: &Path) {
         Err(e) => format!("could not write its token to {}: {e}", file.display()),
     };
     eprintln!("flotilla: dashboard {url}/#/jobs/{job} ({token_at}; the browser warns about this run's own CA)");
+}
+
+/// The GPU of each local worker (`None`: its CPU). A job that computes on
+/// CUDA (`train.device: cuda`, or `auto` with GPUs visible) gets one worker
+/// per visible GPU by default (within `workers.min..=workers.max`); more
+/// workers than GPUs take them in turn.
+fn local_gpus(spec: &JobSpec, workers: Option<usize>, visible: usize) -> Result<Vec<Option<usize>>, String> {
+    let cuda = match spec.train.device {
+        DeviceChoice::Cpu => false,
+        DeviceChoice::Auto => visible > 0,
+        DeviceChoice::Cuda if visible == 0 => {
+            return Err("the job asks for train.device: cuda and libtorch sees no GPU on this machine".into())
+        }
+        DeviceChoice::Cuda => true,
+    };
+    if !cuda {
+        return Ok(vec![None; workers.unwrap_or(spec.workers.max)]);
+    }
+    let n = workers.unwrap_or_else(|| visible.clamp(spec.workers.min, spec.workers.max));
+    Ok((0..n).map(|i| Some(i % visible)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(device: &str, min: usize, max: usize) -> JobSpec {
+        let yaml = format!(
+            "name: g\nmodel: {{kind: mlp, layers: [2, 2]}}\ndata: {{kind: synthetic}}\n\
+             train: {{steps: 1, global_batch: 8, device: {device}}}\nworkers: {{min: {min}, max: {max}}}\n"
+        );
+        flotilla_jobspec::parse(&yaml, "g.yaml").unwrap()
+    }
+
+    #[test]
+    fn a_cuda_job_gets_a_worker_per_gpu_each_on_its_own() {
+        assert_eq!(local_gpus(&spec("auto", 1, 8), None, 4), Ok(vec![Some(0), Some(1), Some(2), Some(3)]));
+        assert_eq!(local_gpus(&spec("cuda", 1, 2), None, 4), Ok(vec![Some(0), Some(1)]), "at most workers.max");
+        // More workers than GPUs share them in turn (the TCP fallback).
+        assert_eq!(local_gpus(&spec("cuda", 2, 2), None, 1), Ok(vec![Some(0), Some(0)]));
+        assert_eq!(local_gpus(&spec("cuda", 1, 4), Some(3), 2), Ok(vec![Some(0), Some(1), Some(0)]));
+    }
+
+    #[test]
+    fn cpu_jobs_and_machines_without_gpus_run_workers_max_on_the_cpu() {
+        assert_eq!(local_gpus(&spec("auto", 1, 3), None, 0), Ok(vec![None; 3]));
+        assert_eq!(local_gpus(&spec("cpu", 1, 2), None, 4), Ok(vec![None; 2]));
+        let e = local_gpus(&spec("cuda", 1, 2), None, 0).unwrap_err();
+        assert!(e.contains("train.device: cuda"), "{e}");
+    }
 }

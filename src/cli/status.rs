@@ -89,12 +89,26 @@ pub fn print_detail(j: &pb::JobStatus) {
 }
 
 /// One line per rank: its worker, pipeline stage and replica, the bytes it
-/// reported holding ("-" until it reports), its data address and where its
-/// worker serves metrics ("-" if it does not).
+/// reported holding ("-" until it reports), the device it computes on
+/// (what its worker has until it reports) with, on a GPU, the device
+/// memory in use and its peak, its data address and where its worker
+/// serves metrics ("-" if it does not).
 pub fn rank_table(ranks: &[pb::RankInfo]) -> String {
-    let header =
-        ["RANK", "WORKER", "STAGE", "REPLICA", "PARAMS", "GRADS", "OPTIMIZER", "ACTIVATIONS", "ADDRESS", "METRICS"];
-    let rows: Vec<[String; 10]> = ranks
+    let header = [
+        "RANK",
+        "WORKER",
+        "STAGE",
+        "REPLICA",
+        "PARAMS",
+        "GRADS",
+        "OPTIMIZER",
+        "ACTIVATIONS",
+        "DEVICE",
+        "GPU-MEM",
+        "ADDRESS",
+        "METRICS",
+    ];
+    let rows: Vec<[String; 12]> = ranks
         .iter()
         .map(|r| {
             let bytes =
@@ -108,6 +122,11 @@ pub fn rank_table(ranks: &[pb::RankInfo]) -> String {
                 bytes(|m| m.grads_bytes),
                 bytes(|m| m.optimizer_bytes),
                 bytes(|m| m.activation_bytes),
+                device(r),
+                match r.memory.as_ref().filter(|m| m.device.starts_with("cuda")) {
+                    Some(m) => format!("{}/{}", human_bytes(m.device_used_bytes), human_bytes(m.device_peak_bytes)),
+                    None => "-".into(),
+                },
                 r.data_addr.clone(),
                 if r.metrics_addr.is_empty() { "-".into() } else { r.metrics_addr.clone() },
             ]
@@ -124,7 +143,7 @@ pub fn rank_table(ranks: &[pb::RankInfo]) -> String {
         for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
             match i {
                 // Identifiers and the address left, numbers right.
-                1 | 8 | 9 => out.push_str(&format!("{cell:<w$}")),
+                1 | 8 | 10 | 11 => out.push_str(&format!("{cell:<w$}")),
                 _ => out.push_str(&format!("{cell:>w$}")),
             }
             if i + 1 < cells.len() {
@@ -155,6 +174,16 @@ pub fn human_bytes(n: u64) -> String {
     format!("{value:.1} {}", UNITS[unit])
 }
 
+/// What a rank computes on: as it reported, else its worker's device (the
+/// rank uses it unless the job says `train.device: cpu`), else "-".
+fn device(r: &pb::RankInfo) -> String {
+    match r.memory.as_ref().map(|m| m.device.as_str()).filter(|d| !d.is_empty()) {
+        Some(d) => d.to_string(),
+        None if !r.device.is_empty() => r.device.split(' ').next().unwrap_or("-").to_string(),
+        None => "-".into(),
+    }
+}
+
 /// The latest evaluation, as `loss 1.2345 (accuracy 0.9375) at step 50`.
 pub fn eval_text(j: &pb::JobStatus) -> Option<String> {
     let loss = j.eval_loss?;
@@ -181,12 +210,21 @@ mod tests {
             replica,
             memory,
             metrics_addr: if rank == 0 { "127.0.0.1:9464".into() } else { String::new() },
+            device: "cuda:1 (NVIDIA H200)".into(),
             step_times: None,
         }
     }
 
     fn usage() -> pb::MemoryUsage {
-        pb::MemoryUsage { params_bytes: 3 << 20, grads_bytes: 1536, optimizer_bytes: 512, activation_bytes: 5 << 30 }
+        pb::MemoryUsage {
+            params_bytes: 3 << 20,
+            grads_bytes: 1536,
+            optimizer_bytes: 512,
+            activation_bytes: 5 << 30,
+            device: "cuda:1".into(),
+            device_used_bytes: 6 << 30,
+            device_peak_bytes: 7 << 30,
+        }
     }
 
     #[test]
@@ -208,13 +246,28 @@ mod tests {
         let words = |l: &str| l.split_whitespace().map(String::from).collect::<Vec<_>>();
         assert_eq!(
             words(lines[0]),
-            ["RANK", "WORKER", "STAGE", "REPLICA", "PARAMS", "GRADS", "OPTIMIZER", "ACTIVATIONS", "ADDRESS", "METRICS"]
+            [
+                "RANK",
+                "WORKER",
+                "STAGE",
+                "REPLICA",
+                "PARAMS",
+                "GRADS",
+                "OPTIMIZER",
+                "ACTIVATIONS",
+                "DEVICE",
+                "GPU-MEM",
+                "ADDRESS",
+                "METRICS"
+            ]
         );
         assert_eq!(
             lines[1],
-            "   0  w1          0        0  3.0 MiB  1.5 KiB      512 B      5.0 GiB  127.0.0.1:5000  127.0.0.1:9464"
+            "   0  w1          0        0  3.0 MiB  1.5 KiB      512 B      5.0 GiB  cuda:1  6.0 GiB/7.0 GiB  \
+             127.0.0.1:5000  127.0.0.1:9464"
         );
-        assert_eq!(words(lines[2]), ["1", "w2", "1", "0", "-", "-", "-", "-", "127.0.0.1:5001", "-"]);
+        // Before its first report: its worker's device, without memory.
+        assert_eq!(words(lines[2]), ["1", "w2", "1", "0", "-", "-", "-", "-", "cuda:1", "-", "127.0.0.1:5001", "-"]);
     }
 
     #[test]

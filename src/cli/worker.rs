@@ -76,6 +76,13 @@ pub struct WorkerArgs {
     /// the worker's data host.
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics_addr: Option<SocketAddr>,
+    /// The GPU this worker computes on, an index among the devices
+    /// CUDA_VISIBLE_DEVICES leaves visible [default: $LOCAL_RANK, else
+    /// $SLURM_LOCALID, else 0; a process that sees one GPU takes it]. Run
+    /// one worker per GPU. Jobs compute on it unless they say
+    /// `train.device: cpu`; without a GPU the worker computes on its CPU.
+    #[arg(long, value_name = "N")]
+    pub gpu: Option<usize>,
 }
 
 /// How long `--submit` keeps trying to reach a coordinator that is not up yet.
@@ -111,6 +118,18 @@ pub async fn run(args: WorkerArgs, token: CancellationToken) -> anyhow::Result<i
         None => None,
     };
 
+    let visible = flotilla_trainer::device::visible_gpus();
+    let gpu = match flotilla_trainer::device::pick_gpu(args.gpu, |k| std::env::var(k).ok(), visible) {
+        Ok(g) => g,
+        Err(why) => {
+            eprintln!("error: {why}");
+            return Ok(super::EXIT_BAD_INPUT);
+        }
+    };
+    if let Some((g, source)) = gpu {
+        tracing::info!(gpu = g, from = source.name(), visible, "computing on a GPU");
+    }
+    let gpu = gpu.map(|(g, _)| g);
     let metrics_addr = match args.metrics_addr {
         Some(addr) => Some(super::metrics::serve(addr, token.clone()).await?),
         None => None,
@@ -121,6 +140,7 @@ pub async fn run(args: WorkerArgs, token: CancellationToken) -> anyhow::Result<i
         advertise_host: args.advertise_host,
         train: flotilla_trainer::TrainOptions {
             op_timeout: Duration::from_secs(args.op_timeout_s),
+            gpu,
             ..Default::default()
         },
         preemption: flotilla_trainer::preemption::PreemptionConfig {
@@ -135,7 +155,8 @@ pub async fn run(args: WorkerArgs, token: CancellationToken) -> anyhow::Result<i
         metrics_addr,
     };
     let agent = flotilla_trainer::Agent::new(cfg)?;
-    tracing::info!(data_addr = %agent.data_addr(), metrics_addr = ?agent.metrics_addr(), "worker starting");
+    tracing::info!(data_addr = %agent.data_addr(), metrics_addr = ?agent.metrics_addr(),
+        device = %flotilla_trainer::device::describe(gpu), "worker starting");
     let Some(job) = job else {
         agent.run(token).await?;
         return Ok(0);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use flotilla_comm::{CommListener, Secret, SECRET_LEN};
-use flotilla_jobspec::JobSpec;
+use flotilla_jobspec::{DeviceChoice, JobSpec};
 use flotilla_proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -19,9 +19,10 @@ use tokio_util::sync::CancellationToken;
 use crate::checkpoint;
 use crate::engine;
 use crate::preemption::{self, PreemptionConfig};
+use crate::rendezvous::Rendezvous;
 use crate::storage::Storage;
 use crate::types::{Assignment, TrainError, TrainEvent, TrainOptions};
-use crate::uplink::{Report, Retained, RunKey, RunMsg, Uplink, UplinkConfig};
+use crate::uplink::{Report, Retained, RunKey, RunMsg, Session, Uplink, UplinkConfig};
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -90,6 +91,8 @@ pub struct Agent {
     listener: Arc<CommListener>,
     data_addr: SocketAddr,
     current: Option<Run>,
+    /// The uplink's session with the leader, for the rendezvous board.
+    session: Option<Session>,
 }
 
 impl Agent {
@@ -101,7 +104,7 @@ impl Agent {
             None => local_ip_towards(cfg.coordinators.first().map_or("127.0.0.1:7070", String::as_str)),
         };
         let data_addr = SocketAddr::new(host, listener.local_addr().port());
-        Ok(Agent { cfg, listener: Arc::new(listener), data_addr, current: None })
+        Ok(Agent { cfg, listener: Arc::new(listener), data_addr, current: None, session: None })
     }
 
     pub fn data_addr(&self) -> SocketAddr {
@@ -128,6 +131,7 @@ impl Agent {
                 data_addr: self.data_addr,
                 rank_hint: self.cfg.rank_hint,
                 metrics_addr: self.metrics_addr(),
+                device: crate::device::describe(self.cfg.train.gpu),
                 preemption_grace: self.cfg.preemption_grace,
             },
             notices,
@@ -147,6 +151,9 @@ impl Agent {
                     self.follow(a, &uplink).await;
                 }
                 Some(r) = orders.retained.recv() => self.prune(r, &pruner),
+                _ = orders.session.changed() => {
+                    self.session = orders.session.borrow_and_update().clone();
+                }
             }
         }
         drop(orders);
@@ -204,7 +211,15 @@ impl Agent {
                 a.data_secret.len()
             )
         })?;
+        let device = resolve_device(spec.train.device, self.cfg.train.gpu)?;
+        let rendezvous = self.session.as_ref().map(|s| {
+            Rendezvous::new(tokio::runtime::Handle::current(), s.client.clone(), &s.worker, &a.job_id, a.generation)
+        });
+        let cancel = Arc::new(AtomicBool::new(false));
         let assignment = Assignment {
+            device,
+            rendezvous,
+            abort: cancel.clone(),
             stage,
             replica,
             stages,
@@ -223,7 +238,6 @@ impl Agent {
         };
         tracing::info!(job = %key.job, gen = key.generation, rank = key.rank, world = a.world_size,
             resume = a.checkpoints.first().map_or(0, |c| c.step), "starting train loop");
-        let cancel = Arc::new(AtomicBool::new(false));
         let checkpoint_request = assignment.checkpoint_request.clone();
         let (listener, opts, tx, k, c) =
             (self.listener.clone(), self.cfg.train.clone(), reports, key.clone(), cancel.clone());
@@ -280,6 +294,19 @@ fn spawn_pruner() -> mpsc::UnboundedSender<(String, Vec<u64>)> {
         }
     });
     tx
+}
+
+/// Where a job's rank computes on this worker: `train.device` against the
+/// worker's GPU, if it has one.
+fn resolve_device(choice: DeviceChoice, gpu: Option<usize>) -> anyhow::Result<tch::Device> {
+    Ok(match (choice, gpu) {
+        (DeviceChoice::Cpu, _) | (DeviceChoice::Auto, None) => tch::Device::Cpu,
+        (DeviceChoice::Auto | DeviceChoice::Cuda, Some(g)) => tch::Device::Cuda(g),
+        (DeviceChoice::Cuda, None) => anyhow::bail!(
+            "the job asks for train.device: cuda and this worker has no GPU (libtorch sees no CUDA device{})",
+            if cfg!(feature = "cuda") { "" } else { "; it was built without the `cuda` feature" }
+        ),
+    })
 }
 
 /// The rank's pipeline stage, data-parallel replica and the plan's stage

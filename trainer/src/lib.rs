@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod checkpoint;
 pub mod data;
+pub mod device;
 pub mod engine;
 pub mod hf;
 pub mod model;

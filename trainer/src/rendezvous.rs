@@ -27,6 +27,12 @@ pub enum RendezvousError {
     Timeout { key: String, after: Duration },
 }
 
+impl std::fmt::Debug for Rendezvous {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rendezvous").field("job", &self.job).field("generation", &self.generation).finish()
+    }
+}
+
 impl Rendezvous {
     /// `runtime` must be a runtime other than the calling thread's (the
     /// train thread has none; it borrows the agent's).

@@ -115,6 +115,11 @@ impl RankMetrics {
         ] {
             metrics::gauge!("flotilla_memory_bytes", self.with("kind", kind)).set(bytes as f64);
         }
+        if usage.cuda.is_some() {
+            for (kind, bytes) in [("device_used", usage.device_used), ("device_peak", usage.device_peak)] {
+                metrics::gauge!("flotilla_memory_bytes", self.with("kind", kind)).set(bytes as f64);
+            }
+        }
     }
 }
 

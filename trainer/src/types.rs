@@ -39,6 +39,16 @@ pub struct Assignment {
     /// The generation's data-plane secret: every connection between ranks
     /// proves it.
     pub secret: Secret,
+    /// Where this rank keeps its tensors and computes (`train.device`
+    /// resolved against the worker's GPU).
+    pub device: tch::Device,
+    /// The coordinator's rendezvous board for this generation, where a GPU
+    /// backend shares what its ranks need to connect (NCCL's unique ids).
+    pub rendezvous: Option<crate::rendezvous::Rendezvous>,
+    /// Set when the worker stops this rank (the coordinator moved on, or
+    /// the worker leaves): a collective blocked in a GPU backend aborts
+    /// instead of waiting out its deadline.
+    pub abort: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The bytes a rank holds, by kind: what `flotilla status` shows.
@@ -56,6 +66,13 @@ pub struct MemoryUsage {
     /// it held when the step began: the activations kept for backward
     /// passes, and the parameters gathered for them under ZeRO-3.
     pub activations: u64,
+    /// The CUDA device the rank computes on, if any.
+    pub cuda: Option<u32>,
+    /// That device's memory in use (the whole device, as the CUDA runtime
+    /// reports it) after the rank's latest step's passes, and the most
+    /// seen after any step's passes in this generation.
+    pub device_used: u64,
+    pub device_peak: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -112,11 +129,14 @@ pub enum Outcome {
 pub struct TrainOptions {
     pub connect_timeout: Duration,
     pub op_timeout: Duration,
+    /// The worker's GPU (an index among the CUDA devices libtorch sees),
+    /// if it has one: where `train.device: auto | cuda` jobs compute.
+    pub gpu: Option<usize>,
 }
 
 impl Default for TrainOptions {
     fn default() -> Self {
-        TrainOptions { connect_timeout: Duration::from_secs(30), op_timeout: Duration::from_secs(120) }
+        TrainOptions { connect_timeout: Duration::from_secs(30), op_timeout: Duration::from_secs(120), gpu: None }
     }
 }
 

@@ -31,6 +31,8 @@ pub(crate) struct UplinkConfig {
     pub preemption_grace: Duration,
     /// Where this worker serves its metrics, advertised at registration.
     pub metrics_addr: Option<SocketAddr>,
+    /// What it computes on (`cpu`, `cuda:0 (NAME)`), advertised too.
+    pub device: String,
 }
 
 /// Identifies one rank of one generation.
@@ -70,6 +72,16 @@ pub(crate) struct Orders {
     /// or its grace is over.
     pub assignment: watch::Receiver<pb::Assignment>,
     pub retained: mpsc::UnboundedReceiver<Retained>,
+    /// The current session with the leader (its client and this worker's
+    /// id), for train loops that use the rendezvous board.
+    pub session: watch::Receiver<Option<Session>>,
+}
+
+/// A registered worker's client of the leading coordinator.
+#[derive(Clone)]
+pub(crate) struct Session {
+    pub client: WorkerServiceClient<AuthChannel>,
+    pub worker: String,
 }
 
 /// The handle of the uplink's task.
@@ -86,6 +98,7 @@ impl Uplink {
         let (reports, reports_rx) = mpsc::unbounded_channel();
         let (assignment_tx, assignment) = watch::channel(pb::Assignment::default());
         let (retained_tx, retained) = mpsc::unbounded_channel();
+        let (session_tx, session) = watch::channel(None);
         let stop = CancellationToken::new();
         let line = Line {
             cfg,
@@ -94,6 +107,7 @@ impl Uplink {
             reports: reports_rx,
             assignment: assignment_tx,
             retained: retained_tx,
+            session: session_tx,
             worker_id: None,
             leader_hint: None,
             leaving: None,
@@ -101,7 +115,7 @@ impl Uplink {
             credentials: Credentials::current().for_worker(),
         };
         let task = tokio::spawn(line.run());
-        (Uplink { reports, stop, task }, Orders { assignment, retained })
+        (Uplink { reports, stop, task }, Orders { assignment, retained, session })
     }
 
     /// Where train loops send their reports; they are delivered in order,
@@ -125,6 +139,7 @@ struct Line {
     reports: mpsc::UnboundedReceiver<Report>,
     assignment: watch::Sender<pb::Assignment>,
     retained: mpsc::UnboundedSender<Retained>,
+    session: watch::Sender<Option<Session>>,
     /// The id the coordinator gave this worker; kept across reconnections
     /// so that a leader change does not make a new worker of it.
     worker_id: Option<String>,
@@ -218,6 +233,7 @@ impl Line {
                 worker_id: self.worker_id.clone().unwrap_or_default(),
                 rank_hint: self.cfg.rank_hint,
                 metrics_addr: self.cfg.metrics_addr.map(|a| a.to_string()).unwrap_or_default(),
+                device: self.cfg.device.clone(),
             }))
             .await?
             .into_inner();
@@ -232,6 +248,7 @@ impl Line {
             tracing::info!(worker = %worker, data_addr = %self.cfg.data_addr, "registered");
             self.worker_id = Some(worker.clone());
         }
+        self.session.send_replace(Some(Session { client: client.clone(), worker: worker.clone() }));
         let interval = Duration::from_millis(reg.heartbeat_interval_ms.max(50));
         let mut heartbeats = Heartbeats::spawn(client.clone(), worker.clone(), interval);
         // What could not be told to the previous leader.
@@ -371,6 +388,9 @@ impl Line {
                         grads_bytes: m.grads,
                         optimizer_bytes: m.optimizer,
                         activation_bytes: m.activations,
+                        device: m.cuda.map_or_else(|| "cpu".to_string(), |g| format!("cuda:{g}")),
+                        device_used_bytes: m.device_used,
+                        device_peak_bytes: m.device_peak,
                     }),
                     step_times: times.map(|t| pb::StepTimes {
                         step: t.step,

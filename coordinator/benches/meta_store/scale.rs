@@ -252,6 +252,7 @@ async fn register_all(clients: &[WorkerServiceClient<Channel>], n: usize) -> (Ve
                         worker_id: String::new(),
                         rank_hint: None,
                         metrics_addr: String::new(),
+                        device: String::new(),
                     };
                     let mut tries = 0;
                     let id = loop {

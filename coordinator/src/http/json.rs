@@ -63,6 +63,9 @@ fn memory(m: Option<&pb::MemoryUsage>) -> Value {
         "grads_bytes": m.grads_bytes,
         "optimizer_bytes": m.optimizer_bytes,
         "activation_bytes": m.activation_bytes,
+        "device": m.device,
+        "device_used_bytes": m.device_used_bytes,
+        "device_peak_bytes": m.device_peak_bytes,
     })
 }
 
@@ -88,6 +91,7 @@ pub fn rank(r: &pb::RankInfo) -> Value {
         "worker_id": r.worker_id,
         "data_addr": r.data_addr,
         "metrics_addr": r.metrics_addr,
+        "device": r.device,
         "stage": r.stage,
         "replica": r.replica,
         "memory": memory(r.memory.as_ref()),
@@ -152,6 +156,7 @@ pub fn worker(w: &WorkerInfo) -> Value {
         "rank": w.rank,
         "leaving": w.leaving,
         "metrics_addr": w.metrics_addr,
+        "device": w.device,
     })
 }
 

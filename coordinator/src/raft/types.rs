@@ -146,6 +146,7 @@ mod tests {
     fn register(i: u64) -> Command {
         Command::RegisterWorker {
             metrics_addr: String::new(),
+            device: String::new(),
             data_addr: format!("10.0.0.{i}:7000"),
             hostname: format!("h{i}"),
             rank_hint: None,

@@ -117,6 +117,7 @@ fn early_stopping_stops_a_running_trial_and_the_trial_shows_why() {
     let [a, b] = [0, 1].map(|i| s.sweeps["sw-s1"].trials[i].job.clone().unwrap());
     s.apply(Command::RegisterWorker {
         metrics_addr: String::new(),
+        device: String::new(),
         data_addr: "x:1".into(),
         hostname: "h".into(),
         rank_hint: None,

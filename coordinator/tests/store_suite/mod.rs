@@ -65,6 +65,7 @@ pub async fn leader(c: &dyn TestCluster) -> (usize, Arc<dyn MetaStore>) {
 pub fn register(host: &str) -> Command {
     Command::RegisterWorker {
         metrics_addr: String::new(),
+        device: String::new(),
         data_addr: format!("{host}:7000"),
         hostname: host.into(),
         rank_hint: None,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use flotilla_comm::{CommError, ProcessGroup};
 use tch::Tensor;
 
-use super::tensors;
+use super::tensors::{self, Flow};
 
 /// A collective on a tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +119,7 @@ impl Collectives {
             .name(format!("comm-{name}"))
             .spawn(move || {
                 let mut broken: Option<CommError> = None;
+                let mut staging = tensors::Staging::from_env();
                 for job in job_rx {
                     let (id, done) = match job {
                         Job::Tensor(id, op, mut t) => {
@@ -127,7 +128,7 @@ impl Collectives {
                                 None => {
                                     let (since, bytes) =
                                         (Instant::now(), (t.numel() * t.kind().elt_size_in_bytes()) as u64);
-                                    let r = run(group.as_mut(), op, &mut t);
+                                    let r = run(group.as_mut(), op, &mut t, &mut staging);
                                     counted.lock().expect("traffic").add(op.slot(), bytes, since.elapsed());
                                     r.map(|own| (t, own))
                                 }
@@ -253,16 +254,26 @@ impl Collectives {
     }
 }
 
-fn run(group: &mut dyn ProcessGroup, op: Op, t: &mut Tensor) -> Result<Range<usize>, CommError> {
+fn run(
+    group: &mut dyn ProcessGroup,
+    op: Op,
+    t: &mut Tensor,
+    staging: &mut tensors::Staging,
+) -> Result<Range<usize>, CommError> {
     let len = t.numel();
-    let mut buf = tensors::buf(t)?;
-    match op {
-        Op::AllReduce => group.all_reduce_sum(&mut buf).map(|()| 0..len),
-        Op::ReduceScatter => group.reduce_scatter_sum(&mut buf),
-        Op::AllGather => group.all_gather(&mut buf).map(|()| 0..len),
-        Op::Send(to) => group.send(to, &buf).map(|()| 0..len),
-        Op::Recv(from) => group.recv(from, &mut buf).map(|()| 0..len),
-    }
+    let flow = match op {
+        Op::Send(_) => Flow::Read,
+        Op::Recv(_) => Flow::Write,
+        _ => Flow::ReadWrite,
+    };
+    let reaches = group.reaches(tensors::memory_of(t.device()));
+    staging.lend(reaches, t, flow, |buf| match op {
+        Op::AllReduce => group.all_reduce_sum(buf).map(|()| 0..len),
+        Op::ReduceScatter => group.reduce_scatter_sum(buf),
+        Op::AllGather => group.all_gather(buf).map(|()| 0..len),
+        Op::Send(to) => group.send(to, buf).map(|()| 0..len),
+        Op::Recv(from) => group.recv(from, buf).map(|()| 0..len),
+    })
 }
 
 impl Drop for Collectives {

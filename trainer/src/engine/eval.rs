@@ -88,7 +88,10 @@ pub(crate) fn evaluate(
         ahead(j + READ_AHEAD_ROUNDS);
         if !batch.is_empty() {
             let (bx, by) = match plan.reads_data() {
-                true => data.batch(batch).map_err(|e| TrainError::fatal("read the evaluation samples", e))?,
+                true => {
+                    let (x, y) = data.batch(batch).map_err(|e| TrainError::fatal("read the evaluation samples", e))?;
+                    (x.to_device(plan.device), y.to_device(plan.device))
+                }
                 false => (Tensor::new(), Tensor::new()),
             };
             y = Some(by);

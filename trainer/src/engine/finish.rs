@@ -6,7 +6,7 @@
 //! Hugging Face `config.json`, so that transformers loads it as is.
 
 use serde::{Deserialize, Serialize};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use super::collective::Op;
 use super::groups::Groups;
@@ -47,7 +47,7 @@ pub(crate) fn hand_over(
     let ranges: Vec<_> =
         held.iter().map(|h| plan.locate(h.tensor, h.start, h.end).0.expect("held parameters")).collect();
     let mine = if ranges.is_empty() {
-        Tensor::zeros([0], (Kind::Float, Device::Cpu))
+        Tensor::zeros([0], (Kind::Float, plan.device))
     } else {
         Tensor::cat(&ranges.iter().map(|r| params.narrow(0, r.start as i64, r.len() as i64)).collect::<Vec<_>>(), 0)
     };
@@ -82,7 +82,7 @@ pub(crate) fn hand_over(
         let values = if r == 0 {
             mine.shallow_clone()
         } else {
-            groups.world.run(Op::Recv(r), Tensor::zeros([n as i64], (Kind::Float, Device::Cpu)))?.0
+            groups.world.run(Op::Recv(r), Tensor::zeros([n as i64], (Kind::Float, plan.device)))?.0
         };
         let mut flat = vec![0f32; n];
         values.copy_data(&mut flat, n);

@@ -93,7 +93,7 @@ impl StepGrads {
         tch::no_grad(|| {
             if self.zero >= 3 {
                 let u = &plan.units[k];
-                let flat = Tensor::zeros([u.len as i64], (Kind::Float, tch::Device::Cpu));
+                let flat = Tensor::zeros([u.len as i64], (Kind::Float, plan.device));
                 let mut at = 0;
                 for (g, n) in grads.iter().zip(u.numels()) {
                     if g.defined() {

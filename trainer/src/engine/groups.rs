@@ -10,12 +10,12 @@ use std::ops::Range;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
-use flotilla_comm::{Buf, CommError, CommListener, ProcessGroup, RingConfig, SingleProcess, TcpRing};
-use tch::{Kind, Tensor};
+use flotilla_comm::{Buf, CommError, CommListener, Memory, ProcessGroup, RingConfig, SingleProcess, TcpRing};
+use tch::{Device, Kind, Tensor};
 
 use super::collective::{Collectives, Op, Ticket, Traffic};
 use super::plan::Plan;
-use super::tensors;
+use super::tensors::{self, Flow, Staging};
 use crate::types::{Assignment, TrainOptions};
 
 /// The stage's data-parallel group.
@@ -36,6 +36,10 @@ pub(crate) struct Groups {
     from_next: Option<Box<dyn ProcessGroup>>,
     /// What the pipeline links moved (sends counted on their threads).
     pipe: Arc<Mutex<Traffic>>,
+    /// The rank's device, where received tensors go.
+    device: Device,
+    /// Host copies for receiving device tensors over host-memory links.
+    staging: Staging,
 }
 
 /// A collective queued on the data-parallel group, or (without one) its
@@ -62,25 +66,44 @@ impl Groups {
         } else {
             ring(a, listener, opts, a.job.clone(), (0..a.world).collect())?
         };
-        let world = Collectives::spawn(world, "world");
+        let mut world = Collectives::spawn(world, "world");
+        let nccl = backend(a, plan, &mut world)? == Backend::Nccl;
+        // With NCCL the world stays on TCP for its small messages and the
+        // final hand-over; the stage's reductions get a communicator.
+        let link = |name: String, members: Vec<usize>| -> Result<Box<dyn ProcessGroup>, CommError> {
+            if nccl {
+                gpu_link(a, plan, opts, name, members)
+            } else {
+                ring(a, listener, opts, name, members)
+            }
+        };
         let dp_group = if dp == 1 {
             Dp::Alone
-        } else if pp == 1 {
+        } else if pp == 1 && !nccl {
             Dp::World
         } else {
             let members = (0..dp).map(|r| at(a.stage, r)).collect();
-            Dp::Own(Collectives::spawn(ring(a, listener, opts, format!("{}#dp{}", a.job, a.stage), members)?, "dp"))
+            Dp::Own(Collectives::spawn(link(format!("{}#dp{}", a.job, a.stage), members)?, "dp"))
         };
         let pipe = Arc::new(Mutex::new(Traffic::default()));
-        let mut g =
-            Groups { world, dp: dp_group, to_next: None, from_prev: None, to_prev: None, from_next: None, pipe };
+        let mut g = Groups {
+            world,
+            dp: dp_group,
+            to_next: None,
+            from_prev: None,
+            to_prev: None,
+            from_next: None,
+            pipe,
+            device: plan.device,
+            staging: Staging::from_env(),
+        };
         for s in 0..pp.saturating_sub(1) {
             if a.stage != s && a.stage != s + 1 {
                 continue;
             }
             let pair = vec![at(s, a.replica), at(s + 1, a.replica)];
-            let fwd = ring(a, listener, opts, format!("{}#fwd{}.{}", a.job, a.replica, s), pair.clone())?;
-            let bwd = ring(a, listener, opts, format!("{}#bwd{}.{}", a.job, a.replica, s), pair)?;
+            let fwd = link(format!("{}#fwd{}.{}", a.job, a.replica, s), pair.clone())?;
+            let bwd = link(format!("{}#bwd{}.{}", a.job, a.replica, s), pair)?;
             if a.stage == s {
                 g.to_next = Some(SendThread::spawn(fwd, 1, g.pipe.clone()));
                 g.from_next = Some(bwd);
@@ -142,12 +165,14 @@ impl Groups {
 
     /// The next activation from the previous stage, of `shape` and `kind`.
     pub fn recv_from_prev(&mut self, shape: &[i64], kind: Kind) -> Result<Tensor, CommError> {
-        recv(self.from_prev.as_mut().expect("a previous stage"), 0, shape, kind, &self.pipe)
+        let link = self.from_prev.as_mut().expect("a previous stage");
+        recv(link, 0, shape, (kind, self.device), &mut self.staging, &self.pipe)
     }
 
     /// The next gradient from the next stage, of `shape` and `kind`.
     pub fn recv_from_next(&mut self, shape: &[i64], kind: Kind) -> Result<Tensor, CommError> {
-        recv(self.from_next.as_mut().expect("a next stage"), 1, shape, kind, &self.pipe)
+        let link = self.from_next.as_mut().expect("a next stage");
+        recv(link, 1, shape, (kind, self.device), &mut self.staging, &self.pipe)
     }
 
     /// Queues `t` for the next stage; it must not be written meanwhile.
@@ -175,15 +200,112 @@ fn recv(
     group: &mut Box<dyn ProcessGroup>,
     from: usize,
     shape: &[i64],
-    kind: Kind,
+    (kind, device): (Kind, Device),
+    staging: &mut Staging,
     pipe: &Mutex<Traffic>,
 ) -> Result<Tensor, CommError> {
-    let mut t = Tensor::empty(shape, (kind, tch::Device::Cpu));
+    let mut t = Tensor::empty(shape, (kind, device));
     let since = Instant::now();
-    group.recv(from, &mut tensors::buf(&mut t)?)?;
+    let reaches = group.reaches(tensors::memory_of(device));
+    staging.lend(reaches, &mut t, Flow::Write, |b| group.recv(from, b))?;
     let bytes = (t.numel() * t.kind().elt_size_in_bytes()) as u64;
     pipe.lock().expect("pipeline traffic").add_op(Op::Recv(from), bytes, since.elapsed());
     Ok(t)
+}
+
+/// What carries a generation's tensor collectives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    /// The TCP ring (CUDA tensors staged through pinned host memory).
+    Tcp,
+    /// NCCL communicators on the GPUs.
+    Nccl,
+}
+
+/// The backend every rank of the generation agrees on: NCCL when every
+/// rank computes on a GPU of its own (NCCL refuses two ranks on one device)
+/// and can load NCCL; else TCP. Decided from every rank's answer, one small
+/// exchange over the world.
+fn backend(a: &Assignment, plan: &Plan, world: &mut Collectives) -> Result<Backend, CommError> {
+    if a.world == 1 {
+        return Ok(Backend::Tcp);
+    }
+    let mine = gpu_identity(a, plan);
+    let all = world.all_gather_bytes(mine.clone().unwrap_or_default().into_bytes())?;
+    let distinct: std::collections::HashSet<&Vec<u8>> = all.iter().collect();
+    let chosen =
+        if all.iter().all(|d| !d.is_empty()) && distinct.len() == all.len() { Backend::Nccl } else { Backend::Tcp };
+    if plan.device.is_cuda() {
+        let why = match (&mine, chosen) {
+            (_, Backend::Nccl) => "every rank has a GPU of its own".to_string(),
+            (Err(why), _) => why.clone(),
+            (Ok(_), _) if distinct.len() < all.len() => "two ranks share a GPU (NCCL refuses that)".into(),
+            (Ok(_), _) => "a rank has no GPU or no NCCL".into(),
+        };
+        tracing::info!(job = %a.job, generation = a.generation, rank = a.rank, backend = ?chosen, %why,
+            "collective backend for CUDA tensors");
+    }
+    Ok(chosen)
+}
+
+/// This rank's GPU as `host|PCI address` when it can join an NCCL
+/// communicator, else why not.
+fn gpu_identity(a: &Assignment, plan: &Plan) -> Result<String, String> {
+    let tch::Device::Cuda(d) = plan.device else {
+        return Err("the rank computes on the CPU".into());
+    };
+    if a.rendezvous.is_none() {
+        return Err("no rendezvous board to share NCCL's unique id".into());
+    }
+    gpu_pci(d).map(|pci| format!("{}|{pci}", a.peers[a.rank].ip()))
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_pci(device: usize) -> Result<String, String> {
+    crate::nccl::pci_bus_id(device)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_pci(_device: usize) -> Result<String, String> {
+    Err("this worker was built without the `cuda` feature (no NCCL)".into())
+}
+
+/// An NCCL communicator of `members` (world ranks) on this rank's GPU,
+/// whose errors name peers by world rank.
+#[cfg(feature = "cuda")]
+fn gpu_link(
+    a: &Assignment,
+    plan: &Plan,
+    opts: &TrainOptions,
+    name: String,
+    members: Vec<usize>,
+) -> Result<Box<dyn ProcessGroup>, CommError> {
+    use crate::nccl::{Members, NcclGroup};
+    let rank = members.iter().position(|r| *r == a.rank).expect("a member of its own group");
+    let tch::Device::Cuda(device) = plan.device else { unreachable!("NCCL is chosen for CUDA ranks only") };
+    let rendezvous = a.rendezvous.as_ref().expect("NCCL is chosen with a rendezvous board only");
+    let group = NcclGroup::connect(
+        rendezvous,
+        &format!("nccl/{name}"),
+        rank,
+        Members { world_ranks: members.clone(), data_addrs: members.iter().map(|r| a.peers[*r]).collect() },
+        a.generation,
+        device,
+        opts.op_timeout.max(opts.connect_timeout),
+        a.abort.clone(),
+    )?;
+    Ok(Box::new(Subgroup { inner: Box::new(group), members }))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_link(
+    _a: &Assignment,
+    _plan: &Plan,
+    _opts: &TrainOptions,
+    _name: String,
+    _members: Vec<usize>,
+) -> Result<Box<dyn ProcessGroup>, CommError> {
+    unreachable!("NCCL is chosen only in builds with the `cuda` feature")
 }
 
 /// A ring of `members` (world ranks), whose errors name peers by world rank.
@@ -264,6 +386,9 @@ impl ProcessGroup for Subgroup {
         let r = self.inner.barrier();
         self.world(r)
     }
+    fn reaches(&self, memory: Memory) -> bool {
+        self.inner.reaches(memory)
+    }
 }
 
 /// Point-to-point messages written on their own thread, in order.
@@ -287,13 +412,15 @@ impl SendThread {
                 // The first error is handed over once, with the peer it
                 // names; later messages are skipped.
                 let (mut failed, mut broken): (Option<CommError>, Option<String>) = (None, None);
+                let mut staging = tensors::Staging::from_env();
                 for job in rx {
                     match job {
                         SendJob::Send(mut t) => {
                             if failed.is_none() && broken.is_none() {
                                 let (since, bytes) =
                                     (Instant::now(), (t.numel() * t.kind().elt_size_in_bytes()) as u64);
-                                let sent = tensors::buf(&mut t).and_then(|b| group.send(to, &b));
+                                let reaches = group.reaches(tensors::memory_of(t.device()));
+                                let sent = staging.lend(reaches, &mut t, Flow::Read, |b| group.send(to, b));
                                 pipe.lock().expect("pipeline traffic").add_op(Op::Send(to), bytes, since.elapsed());
                                 if let Err(e) = sent {
                                     broken = Some(e.to_string());

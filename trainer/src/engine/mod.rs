@@ -118,6 +118,7 @@ pub fn run(
     let mut seen_request = a.checkpoint_request.load(Ordering::Relaxed);
     let global = train.global_batch as f64;
     let (mut last_report, mut reported_steps) = (Instant::now(), 0);
+    let mut device_peak = 0u64;
 
     for step in start..train.steps {
         if cancel.load(Ordering::Relaxed) {
@@ -134,6 +135,11 @@ pub fn run(
         let done_passes = passes.run(&mut groups, &mut grads, &mut state.grads, &indices)?;
         let t_passes = t0.elapsed();
         let comm_in_passes = groups.take_waited();
+        let device_used = match plan.device {
+            tch::Device::Cuda(g) => crate::device::cuda_used(g).unwrap_or(0),
+            _ => 0,
+        };
+        device_peak = device_peak.max(device_used);
 
         // 2. The gradients this rank owns, reduced.
         grads.finish(&plan, &mut groups, &mut state.grads)?;
@@ -202,8 +208,12 @@ pub fn run(
         // buffers: memory is reported from the second on, again when it
         // grows, and with where the steps went about once a second.
         if done > start + 1 || done == train.steps {
-            let usage = state.memory(&plan, done_passes.activations.max(run.memory.activations));
-            let grew = run.memory == MemoryUsage::default() || usage.activations > run.memory.activations * 21 / 20;
+            let mut usage = state.memory(&plan, done_passes.activations.max(run.memory.activations));
+            usage.device_used = device_used;
+            usage.device_peak = device_peak;
+            let grew = run.memory == MemoryUsage::default()
+                || usage.activations > run.memory.activations * 21 / 20
+                || usage.device_peak > run.memory.device_peak * 21 / 20;
             if grew {
                 metrics.held(&usage);
                 run.memory = usage;

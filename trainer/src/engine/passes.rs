@@ -69,7 +69,7 @@ fn leaves(u: &LocalUnit, flat: &Tensor) -> Vec<Tensor> {
 /// (ZeRO-3: `params` holds this rank's chunks), in the compute dtype.
 pub(crate) fn gather_unit(plan: &Plan, params: &Tensor, groups: &mut Groups, k: usize, kind: Kind) -> InFlight {
     let u = &plan.units[k];
-    let full = Tensor::empty([u.len as i64], (kind, tch::Device::Cpu));
+    let full = Tensor::empty([u.len as i64], (kind, plan.device));
     tch::no_grad(|| {
         full.narrow(0, u.own.start as i64, u.own.len() as i64).copy_(&params.narrow(
             0,
@@ -169,7 +169,7 @@ impl StepPasses<'_> {
                 let read = Instant::now();
                 let (x, y) = self.data.batch(batch).map_err(|e| TrainError::fatal("read the step's samples", e))?;
                 done.data_wait += read.elapsed();
-                (Some(x), Some(y))
+                (Some(x.to_device(plan.device)), Some(y.to_device(plan.device)))
             }
             false => (None, None),
         };
@@ -211,7 +211,7 @@ impl StepPasses<'_> {
             if zero3 {
                 // Released until the backward pass gathers them again.
                 for mut t in params.iter().map(|t| t.shallow_clone()) {
-                    t.set_data(&Tensor::empty([0], (kind, tch::Device::Cpu)));
+                    t.set_data(&Tensor::empty([0], (kind, plan.device)));
                 }
                 if !plan.overlap && k + 1 < n {
                     pending = Some(self.gather(groups, k + 1, kind));

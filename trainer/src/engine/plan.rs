@@ -63,6 +63,8 @@ pub(crate) struct Plan {
     pub zero: u8,
     pub precision: Precision,
     pub overlap: bool,
+    /// Where the rank's tensors live and its passes run.
+    pub device: tch::Device,
     /// The whole model's tensors, in unit order.
     pub layout: Layout,
     /// Indices in the model's unit list of this stage's units.
@@ -114,6 +116,7 @@ impl Plan {
             zero,
             precision: spec.train.precision,
             overlap: par.overlap,
+            device: a.device,
             layout,
             input_unit: (a.stage > 0).then(|| all_units[mine.start - 1].0),
             units_range: mine,

@@ -7,7 +7,7 @@
 
 use flotilla_comm::CommError;
 use flotilla_jobspec::{AdamWSpec, ModelSpec};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use super::collective::Op;
 use super::groups::Groups;
@@ -28,15 +28,15 @@ pub(crate) struct State {
     pub adam: AdamW,
 }
 
-fn zeros(n: usize) -> Tensor {
-    Tensor::zeros([n as i64], (Kind::Float, Device::Cpu))
+fn zeros(plan: &Plan, n: usize) -> Tensor {
+    Tensor::zeros([n as i64], (Kind::Float, plan.device))
 }
 
 impl State {
     fn new(plan: &Plan, params: Tensor, m: Tensor, v: Tensor, step: u64) -> State {
         State {
             weights: WeightsSlot::new(Weights { params, m, v }),
-            grads: zeros(plan.grads_len()),
+            grads: zeros(plan, plan.grads_len()),
             adam: AdamW { step },
         }
     }
@@ -45,7 +45,7 @@ impl State {
     /// (or, for a pretrained model, read unit by unit from its folder),
     /// keeping only what this rank holds; zero moments.
     pub fn init(plan: &Plan, model: &ModelSpec, seed: u64) -> Result<State, TrainError> {
-        let params = zeros(plan.params_len());
+        let params = zeros(plan, plan.params_len());
         let place = |i: usize, flat: Tensor| {
             let u = &plan.units[i - plan.units_range.start];
             let (src, dst) = if plan.zero >= 3 {
@@ -76,12 +76,12 @@ impl State {
                 }
             }
         }
-        Ok(State::new(plan, params, zeros(plan.moments_len()), zeros(plan.moments_len()), 0))
+        Ok(State::new(plan, params, zeros(plan, plan.moments_len()), zeros(plan, plan.moments_len()), 0))
     }
 
     /// The state a checkpoint's pieces (read for [`Plan::wanted`]) make.
     pub fn from_checkpoint(plan: &Plan, loaded: &Loaded) -> State {
-        let t = |v: &[f32]| Tensor::from_slice(v);
+        let t = |v: &[f32]| Tensor::from_slice(v).to_device(plan.device);
         assert_eq!(loaded.params.len(), plan.params_len(), "the checkpoint's pieces fill the parameters");
         assert_eq!(loaded.m.len(), plan.moments_len(), "the checkpoint's pieces fill the moments");
         State::new(plan, t(&loaded.params), t(&loaded.m), t(&loaded.v), loaded.manifest.optimizer_step)
@@ -101,6 +101,12 @@ impl State {
             grads: b(plan.grads_len()),
             optimizer: 2 * b(plan.moments_len()),
             activations,
+            cuda: match plan.device {
+                tch::Device::Cuda(g) => Some(g as u32),
+                _ => None,
+            },
+            device_used: 0,
+            device_peak: 0,
         }
     }
 

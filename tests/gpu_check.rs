@@ -1,0 +1,143 @@
+//! The GPU check's rehearsal: `scripts/gpu-check --rehearse` runs every
+//! stage of the check that issue 15's device machine runs (single-rank
+//! curves on two devices, dp2 and pp2 against one rank, the NCCL self-test,
+//! `kill -9` of a worker, the benchmark against PyTorch) on CPUs with tiny
+//! sizes, so that the script's plumbing is proven before the one short
+//! session on a GPU. Checks that the report and figures.json hold every
+//! stage with parsed numbers and that every comparison passed.
+
+mod support;
+
+use std::process::Command;
+
+use serde_json::Value;
+use support::*;
+
+fn num(v: &Value, what: &str) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("{what} is not a number: {v}"))
+}
+
+#[test]
+fn the_gpu_check_rehearses_every_stage_on_cpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let out = Command::new(repo().join("scripts/gpu-check"))
+        .arg("--rehearse")
+        .arg(&out_dir)
+        .env("FLOTILLA_BIN", bin())
+        .env("GPU_CHECK_PYTHON", oracle_python())
+        .env_remove("FLOTILLA_COORDINATOR")
+        .env_remove("FLOTILLA_TLS_DIR")
+        .env_remove("FLOTILLA_TOKEN_FILE")
+        .current_dir(dir.path())
+        .output()
+        .expect("run scripts/gpu-check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let figures: Value = serde_json::from_slice(&std::fs::read(out_dir.join("figures.json")).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("no figures.json ({e})\nstdout:\n{stdout}\nstderr:\n{stderr}"));
+    assert!(out.status.success(), "gpu-check --rehearse failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(figures["mode"], "rehearse");
+    assert_eq!(figures["passed"], true, "{figures:#}");
+    let stages = &figures["stages"];
+    assert_eq!(stages.as_object().unwrap().keys().collect::<Vec<_>>(), ["a", "b", "c", "d", "e", "f"]);
+    for (key, stage) in stages.as_object().unwrap() {
+        let status = stage["status"].as_str().unwrap();
+        // The NCCL self-test is skipped by a binary without the cuda feature.
+        let allowed: &[&str] = if key == "d" { &["pass", "skipped"] } else { &["pass"] };
+        assert!(allowed.contains(&status), "stage {key}: {status}: {stage:#}");
+        assert!(stage["failures"].as_array().unwrap().is_empty(), "stage {key}: {stage:#}");
+        num(&stage["seconds"], "seconds");
+        num(&stage["budget_s"], "budget");
+        for log in stage["logs"].as_array().unwrap() {
+            assert!(out_dir.join(log.as_str().unwrap()).exists(), "stage {key}: {log} is missing");
+        }
+    }
+
+    // a. What the check found.
+    let a = &stages["a"]["figures"];
+    assert!(a["flotilla_version"].as_str().unwrap().starts_with("flotilla "), "{a:#}");
+    assert_eq!(a["torch"]["cuda_available"], false);
+    assert!(a["libraries"]["torch_lib"].as_str().unwrap().ends_with("torch/lib"), "{a:#}");
+    assert!(a["libraries"]["libnccl_symlink"].as_str().unwrap().contains("libnccl.so -> "), "{a:#}");
+    assert_eq!(a["ldd_not_found"].as_array().unwrap().len(), 0);
+
+    // b. Four curves of 50 steps, each within its bound (and equal: both
+    // sides run on CPU here).
+    let b = &stages["b"]["figures"];
+    for (what, rtol) in [("mlp-fp32", 1e-4), ("mlp-bf16", 1e-2), ("gpt-fp32", 1e-4), ("gpt-bf16", 1e-2)] {
+        let f = &b[what];
+        assert_eq!(f["steps"], serde_json::json!([50, 50]), "{what}: {f:#}");
+        assert_eq!(num(&f["rtol"], "rtol"), rtol, "{what}");
+        assert_eq!(num(&f["max_rel_diff"], what), 0.0, "{what}: the same job on the same device: {f:#}");
+        assert_eq!(f["learns"], true, "{what}: {f:#}");
+    }
+
+    // c. dp2 and pp2 against one rank, tests/parallelism.rs's bound.
+    let c = &stages["c"]["figures"];
+    for what in ["dp2", "pp2"] {
+        assert!(num(&c[what]["max_rel_diff"], what) <= 1e-5, "{what}: {c:#}");
+        assert_eq!(c[what]["world_sizes"], serde_json::json!([2]), "{what}");
+    }
+
+    // d. The self-test's exit code is recorded.
+    assert!(stages["d"]["figures"]["exit_code"].is_i64(), "{:#}", stages["d"]);
+
+    // e. The kill: measured, named, resumed from a checkpoint, same weights.
+    let e = &stages["e"]["figures"];
+    for k in ["named_s", "new_generation_s", "training_again_s"] {
+        assert!(num(&e[k], k) >= 0.0, "{e:#}");
+    }
+    assert!(num(&e["named_s"], "named") <= num(&e["new_generation_s"], "new generation"), "{e:#}");
+    let killed = e["killed_worker"].as_str().unwrap();
+    assert!(e["new_generation_reason"].as_str().unwrap().contains(killed), "{e:#}");
+    assert!(e["killed_rank"].is_u64(), "{e:#}");
+    assert!(num(&e["resumed_from_step"], "resumed") >= 10.0, "{e:#}");
+    assert!(num(&e["params_max_rel_diff"], "params") <= 1e-5, "{e:#}");
+    assert!(num(&e["loss_max_rel_diff"], "losses") <= 1e-4, "{e:#}");
+    assert_eq!(e["phase"], "succeeded");
+
+    // f. Both sides measured; the FLOP count is the stated formula.
+    let f = &stages["f"]["figures"];
+    let (l, d, t, v) = (num(&f["layers"], "L"), num(&f["d_model"], "d"), num(&f["context"], "T"), num(&f["vocab"], "V"));
+    let flops = 6.0 * (l * 12.0 * d * d + v * d) + 12.0 * l * t * d;
+    assert_eq!(num(&f["flops_per_token"], "flops"), flops);
+    for side in ["flotilla", "torch_eager"] {
+        assert!(num(&f[side]["tokens_per_sec"], side) > 0.0, "{side}: {f:#}");
+    }
+    assert!(num(&f["flotilla_vs_eager"], "ratio") > 0.0);
+    assert!(f["torch_compile"]["skipped"].is_string(), "{f:#}");
+
+    let report = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
+    assert!(report.contains("Verdict: **PASS**"), "{report}");
+    for title in ["a. environment", "b. single-rank", "c. two ranks", "d. NCCL", "e. kill -9", "f. benchmark"] {
+        assert!(report.contains(&format!("| {title}")), "{title} missing from the report:\n{report}");
+    }
+}
+
+/// Every job file the check runs on the GPU machine (device `cuda`, the
+/// real sizes, the 124M benchmark) is one `flotilla validate` accepts, so
+/// that a change of the job file format shows here rather than there.
+#[test]
+fn the_gpu_check_s_job_files_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(oracle_python())
+        .arg(repo().join("scripts/gpu/check.py"))
+        .arg("--write-jobs")
+        .arg(dir.path())
+        .output()
+        .expect("run check.py --write-jobs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let jobs: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(jobs.len(), 8 + 3 + 1 + 1, "{jobs:?}");
+    for job in &jobs {
+        let text = std::fs::read_to_string(job).unwrap();
+        assert!(text.contains("device: cuda") || job.ends_with("-cpu.yaml"), "{job}:\n{text}");
+        let v = flotilla(dir.path(), &["validate", job]);
+        assert!(v.status.success(), "{job}: {}", String::from_utf8_lossy(&v.stderr));
+    }
+    let bench = std::fs::read_to_string(dir.path().join("f-bench.yaml")).unwrap();
+    for size in ["layers: 12", "d_model: 768", "heads: 12", "context: 1024", "vocab: 50304", "precision: bf16"] {
+        assert!(bench.contains(size), "{size}: {bench}");
+    }
+}
