@@ -14,6 +14,9 @@ and recorded as failed) so that the whole check ends within 8 minutes:
     d. nccl              flotilla selftest nccl: a one-rank communicator, every collective
     e. kill -9           a GPU worker killed mid-run: named, re-planned, resumed, same weights
     f. benchmark         GPT ~124M, bf16: flotilla against PyTorch eager and torch.compile
+    g. watchdog          flotilla selftest nccl --hang: an NCCL receive that can never finish,
+                         ended by the watchdog (ncclCommAbort); last, so that a GPU left
+                         busy by a failed abort cannot spoil the other stages
 
 Every stage is recorded (status, seconds, figures, log files) in
 OUT_DIR/figures.json and OUT_DIR/report.md, rewritten after each stage so a
@@ -59,14 +62,15 @@ REPO = Path(__file__).resolve().parents[2]
 H200_BF16_PEAK = 989e12
 
 # Per-stage budgets in seconds on the GPU machine (the rehearsal's are the
-# same; its sizes are tiny). Sum: 465 s, inside the 8 minutes (480 s).
+# same; its sizes are tiny). Sum: 470 s, inside the 8 minutes (480 s).
 BUDGETS = {
     "a": 15,   # environment: nvidia-smi, torch import, --version, ldd
     "b": 90,   # 8 runs of `flotilla run` (4 on the GPU, 4 on CPU), ~5-10 s each
     "c": 60,   # 3 runs on the GPU (one rank, dp2, pp2)
     "d": 30,   # the NCCL self-test
     "e": 100,  # an uninterrupted 2-worker run, then a coordinator, 3 workers and the kill
-    "f": 170,  # flotilla 70 s, PyTorch eager 30 s, torch.compile the rest (compiling ~60-90 s)
+    "f": 160,  # flotilla 70 s, PyTorch eager 30 s, torch.compile the rest (compiling ~60-90 s)
+    "g": 15,   # the watchdog: a 2 s deadline, NCCL set-up and the abort
 }
 STAGE_TITLES = {
     "a": "environment",
@@ -75,6 +79,7 @@ STAGE_TITLES = {
     "d": "NCCL self-test",
     "e": "kill -9 of a GPU worker",
     "f": "benchmark: GPT ~124M, bf16",
+    "g": "NCCL watchdog",
 }
 
 # Agreement bounds. fp32 and bf16 GPU-vs-CPU: issue 15. dp2 and pp2 against
@@ -697,6 +702,31 @@ def stage_nccl(c: Check, s: Stage) -> None:
         s.fail(f"selftest nccl exited {rc}: a collective disagreed with the CPU reference or failed (see nccl.json)")
 
 
+def stage_watchdog(c: Check, s: Stage) -> None:
+    out = c.out / "nccl-watchdog.json"
+    if out.exists():
+        out.unlink()
+    rc = s.run([str(c.bin), "selftest", "nccl", "--hang", "--json", str(out)], "selftest-watchdog", c.work, 14)
+    s.figures["exit_code"] = rc
+    if out.exists():
+        s.logs.append("nccl-watchdog.json")
+        try:
+            doc = json.loads(out.read_text())
+            s.figures["result"] = doc
+            dog = (doc.get("ranks") or [{}])[0].get("watchdog") or {}
+            s.figures["deadline_s"] = dog.get("deadline_s")
+            s.figures["failed_after_s"] = dog.get("failed_after_s")
+        except ValueError as e:
+            s.fail(f"nccl-watchdog.json is not JSON: {e}")
+    if rc == 0:
+        return
+    if c.rehearse and rc in (2, 3):
+        s.status = "skipped"
+        s.note("this binary has no NCCL (exit 3)")
+        return
+    s.fail(f"selftest nccl --hang exited {rc}: the watchdog did not end the operation in time (see the log)")
+
+
 # --------------------------------------------------------------------------
 # e. kill -9
 
@@ -1146,6 +1176,8 @@ def stage_summary(key: str, f: Dict[str, Any]) -> str:
         return f"against one rank (bound {LAYOUT_RTOL:.0e}): " + ", ".join(parts)
     if key == "d":
         return f"exit {f.get('exit_code')}"
+    if key == "g":
+        return f"exit {f.get('exit_code')}, deadline {f.get('deadline_s')} s, failed after {fmt(f.get('failed_after_s'))} s"
     if key == "e":
         return (f"named after {f.get('named_s')} s, new generation after {f.get('new_generation_s')} s, "
                 f"training after {f.get('training_again_s')} s; resumed from step {f.get('resumed_from_step')}; "
@@ -1266,6 +1298,7 @@ def main() -> int:
         c.stage("d", lambda s: stage_nccl(c, s))
         c.stage("e", lambda s: stage_kill(c, s))
         c.stage("f", lambda s: stage_benchmark(c, s))
+        c.stage("g", lambda s: stage_watchdog(c, s))
     finally:
         c.monitor.stop()
         c.save()

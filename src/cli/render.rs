@@ -47,7 +47,8 @@ pub struct K8sRenderArgs {
     /// Schedule on on-demand nodes instead of spot/preemptible ones.
     #[arg(long)]
     pub on_demand: bool,
-    /// GPUs per worker pod (nvidia.com/gpu); 0 for CPU workers.
+    /// GPUs per worker pod (nvidia.com/gpu): 1, or 0 for CPU workers (a
+    /// worker computes on one GPU; more GPUs, more workers).
     #[arg(long, default_value_t = 1)]
     pub gpus: u32,
     /// CPU requested per worker pod.

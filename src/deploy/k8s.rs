@@ -55,7 +55,8 @@ pub struct K8sOptions {
     pub cloud: Cloud,
     /// Schedule on spot/preemptible nodes (EKS and GKE only).
     pub spot: bool,
-    /// GPUs per worker pod (`nvidia.com/gpu`); 0 for CPU workers.
+    /// GPUs per worker pod (`nvidia.com/gpu`): 1, or 0 for CPU workers (a
+    /// worker computes on one GPU).
     pub gpus: u32,
     /// CPU and memory requested per worker pod.
     pub cpu: String,
@@ -163,6 +164,13 @@ pub fn render(spec: &JobSpec, job_yaml: &str, opts: &K8sOptions) -> Result<Rende
     }
     if !is_dns_label(&opts.service_account, 253) {
         return Err(bad("--service-account", &opts.service_account, "not a Kubernetes object name"));
+    }
+    if opts.gpus > 1 {
+        return Err(bad(
+            "--gpus",
+            &opts.gpus.to_string(),
+            "a worker computes on one GPU: render pods of one GPU each (--gpus 1) and give the job more workers",
+        ));
     }
 
     let mut warnings = Vec::new();
@@ -309,6 +317,10 @@ pub fn worker_command(opts: &K8sOptions) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    if opts.gpus > 0 {
+        // The one GPU the device plugin gave the pod.
+        cmd.extend(["--gpu".into(), "0".into()]);
+    }
     match opts.cloud {
         Cloud::Eks => cmd.extend(["--aws-metadata-url".into(), "http://169.254.169.254".into()]),
         Cloud::Gke => cmd.extend(["--gce-metadata-url".into(), "http://metadata.google.internal".into()]),

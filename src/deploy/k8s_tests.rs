@@ -52,6 +52,21 @@ fn spot_pools_per_cloud() {
 }
 
 #[test]
+fn a_gpu_pod_s_worker_computes_on_the_pod_s_one_gpu() {
+    let opts = K8sOptions::default();
+    assert_eq!(opts.gpus, 1);
+    let cmd = worker_command(&opts);
+    assert!(cmd.windows(2).any(|w| w == ["--gpu", "0"]), "{cmd:?}");
+    // The device plugin leaves the pod one visible GPU: the worker takes it.
+    let gpu = flotilla_trainer::device::pick_gpu(Some(0), |_| None, 1).unwrap();
+    assert_eq!(gpu.map(|g| g.0), Some(0));
+    assert!(!worker_command(&K8sOptions { gpus: 0, ..K8sOptions::default() }).contains(&"--gpu".to_string()));
+    // One worker per GPU: a pod of two GPUs would leave one idle.
+    let e = render(&spec(), JOB, &K8sOptions { gpus: 2, ..K8sOptions::default() }).unwrap_err().to_string();
+    assert!(e.contains("--gpus") && e.contains("one GPU"), "{e}");
+}
+
+#[test]
 fn cpu_workers_ask_for_no_gpu_and_credentials_come_from_a_secret() {
     let opts = K8sOptions { gpus: 0, credentials_secret: Some("s3-creds".into()), ..K8sOptions::default() };
     let m = render(&spec(), JOB, &opts).unwrap().manifests;

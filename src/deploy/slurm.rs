@@ -126,6 +126,9 @@ pub fn render(spec: &JobSpec, opts: &SlurmOptions) -> Result<String, RenderError
         line(&format!("#SBATCH --ntasks={n}"));
         line(&format!("#SBATCH --ntasks-per-node={}", per_node.min(n)));
         line("#SBATCH --gpus-per-task=1");
+        // Each task sees its own GPU; a task that sees them all takes
+        // the one of its SLURM_LOCALID (flotilla worker --gpu).
+        line("#SBATCH --gpu-bind=per_task:1");
     } else {
         line(&format!("#SBATCH --ntasks={n}"));
     }
@@ -254,9 +257,35 @@ mod tests {
         let opts = SlurmOptions { gpus_per_node: 4, ..SlurmOptions::default() };
         let s = render(&spec("{min: 2, max: 6}"), &opts).unwrap();
         let d = directives(&s);
-        for want in ["--nodes=2", "--ntasks=6", "--ntasks-per-node=4", "--gpus-per-task=1"] {
+        for want in ["--nodes=2", "--ntasks=6", "--ntasks-per-node=4", "--gpus-per-task=1", "--gpu-bind=per_task:1"] {
             assert!(d.contains(&want), "{want}: {d:?}");
         }
+    }
+
+    /// The GPU each of a node's four tasks computes on, as the worker picks
+    /// it from what Slurm gives the task: its SLURM_LOCALID and either its
+    /// own GPU alone (bound: CUDA_VISIBLE_DEVICES names one) or all of
+    /// them (unbound). Returns physical GPU numbers.
+    fn node_gpus(bound: bool) -> Vec<usize> {
+        (0..4)
+            .map(|task: usize| {
+                let id = task.to_string();
+                let env = |k: &str| (k == "SLURM_LOCALID").then(|| id.clone());
+                let visible: Vec<usize> = if bound { vec![task] } else { (0..4).collect() };
+                let (index, _) = flotilla_trainer::device::pick_gpu(None, env, visible.len()).unwrap().unwrap();
+                visible[index]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_task_of_a_gpu_node_picks_its_own_gpu() {
+        let opts = SlurmOptions { gpus_per_node: 4, ..SlurmOptions::default() };
+        let s = render(&spec("{min: 4, max: 4}"), &opts).unwrap();
+        // The tasks' workers take no --gpu: they pick from Slurm's variables.
+        assert!(!s.contains("--gpu "), "{s}");
+        assert_eq!(node_gpus(true), [0, 1, 2, 3], "bound to a GPU each");
+        assert_eq!(node_gpus(false), [0, 1, 2, 3], "seeing every GPU of the node");
     }
 
     #[test]

@@ -173,13 +173,20 @@ impl NcclGroup {
                 let _ = tx.send(r.map(|_| comm as usize));
             })
             .map_err(|e| setup("spawn the init thread", e))?;
-        let comm = match rx.recv_timeout(timeout) {
-            Ok(Ok(comm)) => comm as sys::ncclComm_t,
-            Ok(Err(e)) => return Err(setup("ncclCommInitRank", e)),
-            Err(_) => {
-                return Err(CommError::Setup(format!(
-                    "nccl: the communicator {key} was not complete within {timeout:?} (a member never joined)"
-                )))
+        let deadline = Instant::now() + timeout;
+        let comm = loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(Ok(comm)) => break comm as sys::ncclComm_t,
+                Ok(Err(e)) => return Err(setup("ncclCommInitRank", e)),
+                Err(_) if abort.load(Ordering::Relaxed) => {
+                    return Err(CommError::Setup(format!("nccl: joining {key}: this rank was stopped")))
+                }
+                Err(_) if Instant::now() >= deadline => {
+                    return Err(CommError::Setup(format!(
+                        "nccl: the communicator {key} was not complete within {timeout:?} (a member never joined)"
+                    )))
+                }
+                Err(_) => {}
             }
         };
         let stream =

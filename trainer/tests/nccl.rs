@@ -10,13 +10,15 @@ use flotilla_coordinator::CoordinatorConfig;
 use flotilla_proto::v1 as pb;
 use flotilla_proto::v1::job_service_client::JobServiceClient;
 use flotilla_proto::v1::worker_service_client::WorkerServiceClient;
-use flotilla_trainer::nccl::NcclGroup;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use flotilla_trainer::nccl::{check_collectives, Members, NcclGroup};
 use flotilla_trainer::rendezvous::Rendezvous;
-use tch::{Device, Kind, Tensor};
 use tokio_util::sync::CancellationToken;
 
 #[test]
-fn all_reduce_and_broadcast_cuda_tensors_across_every_gpu() {
+fn every_collective_on_every_gpu_matches_the_cpu() {
     let gpus = tch::Cuda::device_count() as usize;
     assert!(gpus >= 1, "the cuda feature is on but libtorch sees no GPU (is libtorch_cuda linked?)");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -59,20 +61,36 @@ fn all_reduce_and_broadcast_cuda_tensors_across_every_gpu() {
         };
         (server, status.generation, job, (w, worker))
     });
+    // Each rank's data port: a live listener, as a worker's (the watchdog
+    // probes them).
+    let ports: Vec<std::net::TcpListener> =
+        (0..gpus).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let members = Members {
+        world_ranks: (0..gpus).collect(),
+        data_addrs: ports.iter().map(|l| l.local_addr().unwrap()).collect(),
+    };
     let handles: Vec<_> = (0..gpus)
         .map(|rank| {
             let rdv = Rendezvous::new(rt.handle().clone(), client.clone(), &worker, &job, generation);
+            let members = members.clone();
             std::thread::spawn(move || {
-                let mut g = NcclGroup::connect(&rdv, rank, gpus, generation, rank, Duration::from_secs(60)).unwrap();
-                let dev = Device::Cuda(rank);
-                let mut t = Tensor::full([1 << 20], (rank + 1) as f64, (Kind::Float, dev));
-                g.all_reduce_sum(&mut t).unwrap();
-                let want = (gpus * (gpus + 1) / 2) as f64;
-                assert_eq!(t.min().double_value(&[]), want);
-                assert_eq!(t.max().double_value(&[]), want);
-                let mut b = Tensor::full([1000], rank as f64, (Kind::Float, dev));
-                g.broadcast(&mut b, gpus - 1).unwrap();
-                assert_eq!(b.sum(Kind::Double).double_value(&[]), 1000.0 * (gpus - 1) as f64);
+                let abort = Arc::new(AtomicBool::new(false));
+                let mut g = NcclGroup::connect(
+                    &rdv,
+                    "nccl/test",
+                    rank,
+                    members,
+                    generation,
+                    rank,
+                    Duration::from_secs(60),
+                    abort,
+                )
+                .unwrap();
+                let checks = check_collectives(&mut g);
+                assert!(checks.len() >= 17, "every collective, both types, even and uneven: {checks:?}");
+                for c in &checks {
+                    assert!(c.ok, "rank {rank}: {} failed: {}", c.name, c.detail);
+                }
             })
         })
         .collect();

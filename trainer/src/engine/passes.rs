@@ -25,6 +25,10 @@ pub(crate) struct PassesDone {
     /// Sum of the per-sample losses of this rank's micro-batches (last
     /// stages only; 0 elsewhere).
     pub loss_sum: f64,
+    /// The same sum while the passes run, in f64 on the rank's device (one
+    /// read at the end instead of a device synchronisation per micro-batch;
+    /// the same additions in the same order as on the host).
+    loss_acc: Option<Tensor>,
     /// Peak growth of the heap during the passes.
     pub activations: u64,
     /// Time spent waiting for activations or gradients from other stages.
@@ -113,8 +117,13 @@ impl StepPasses<'_> {
         };
         let heap = HeapPeak::start();
         let mut live: Vec<Option<Live>> = (0..mbs.len()).map(|_| None).collect();
-        let mut done =
-            PassesDone { loss_sum: 0.0, activations: 0, pipeline_wait: Duration::ZERO, data_wait: Duration::ZERO };
+        let mut done = PassesDone {
+            loss_sum: 0.0,
+            loss_acc: None,
+            activations: 0,
+            pipeline_wait: Duration::ZERO,
+            data_wait: Duration::ZERO,
+        };
         for pass in schedule(self.spec.parallelism.schedule, plan.pp, plan.stage, mbs.len()) {
             match pass {
                 Pass::Forward(j) => {
@@ -128,6 +137,9 @@ impl StepPasses<'_> {
             }
         }
         groups.flush_sends()?;
+        if let Some(acc) = done.loss_acc.take() {
+            done.loss_sum = acc.double_value(&[]);
+        }
         done.activations = heap.peak();
         Ok(done)
     }
@@ -205,7 +217,11 @@ impl StepPasses<'_> {
             };
             if plan.last_stage() && k + 1 == n {
                 let loss = model::loss_sum(&self.spec.model, &out, y.as_ref().expect("the last stage reads samples"));
-                done.loss_sum += loss.double_value(&[]);
+                let l = tch::no_grad(|| loss.detach().to_kind(Kind::Double));
+                done.loss_acc = Some(match done.loss_acc.take() {
+                    Some(acc) => acc + l,
+                    None => l,
+                });
                 out = loss / global;
             }
             if zero3 {

@@ -64,6 +64,10 @@ impl Staging {
             return Err(CommError::Unsupported("collectives need contiguous tensors".into()));
         }
         let (kind, n, device) = (t.kind(), t.numel() as i64, t.device());
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            tracing::info!(?device, forced = self.always, "collectives staged through host copies of their tensors");
+        });
         let host = self.copies.entry((kind, n, device)).or_insert_with(|| {
             let h = Tensor::empty([n], (kind, Device::Cpu));
             match device {

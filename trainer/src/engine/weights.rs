@@ -56,11 +56,40 @@ pub(crate) fn dtype_of(kind: Kind) -> Dtype {
     }
 }
 
+/// Elements a GPU's checkpoint copy moves at a time through its pinned
+/// host buffer (16 MiB of f32).
+const PINNED_ELEMS: i64 = 4 << 20;
+
+/// Copies `len` elements of `t` from `start` into `dst` (host bytes). From
+/// a GPU the copy goes through a page-locked buffer, `pinned`, made on
+/// first use and reused, so that the device copies at the bus's speed.
+fn copy_out(t: &Tensor, start: usize, len: usize, dst: &mut [u8], pinned: &mut Option<Tensor>) {
+    let size = t.kind().elt_size_in_bytes();
+    if !t.device().is_cuda() {
+        t.narrow(0, start as i64, len as i64).copy_data_u8(dst, len);
+        return;
+    }
+    let mut done = 0i64;
+    while done < len as i64 {
+        let n = (len as i64 - done).min(PINNED_ELEMS);
+        let buf = match pinned {
+            Some(b) if b.kind() == t.kind() => b,
+            _ => pinned.insert(Tensor::empty([PINNED_ELEMS], (t.kind(), tch::Device::Cpu)).pin_memory(t.device())),
+        };
+        let mut part = buf.narrow(0, 0, n);
+        tch::no_grad(|| part.copy_(&t.narrow(0, start as i64 + done, n)));
+        let at = done as usize * size;
+        part.copy_data_u8(&mut dst[at..at + n as usize * size], n as usize);
+        done += n;
+    }
+}
+
 /// Copies `pieces` of `w` into `snap`, reusing its buffers.
 fn fill(w: &Weights, pieces: &[CopyPiece], mut snap: Snapshot, step: u64, optimizer_step: u64) -> Snapshot {
     snap.step = step;
     snap.optimizer_step = optimizer_step;
     let total: usize = pieces.iter().map(|p| p.params.len()).sum();
+    let mut pinned = None;
     for (array, t, moments) in
         [(&mut snap.params, &w.params, false), (&mut snap.m, &w.m, true), (&mut snap.v, &w.v, true)]
     {
@@ -71,7 +100,7 @@ fn fill(w: &Weights, pieces: &[CopyPiece], mut snap: Snapshot, step: u64, optimi
             let r = if moments { &p.moments } else { &p.params };
             let at = p.local * dtype.size();
             let dst = &mut array.bytes[at..at + r.len() * dtype.size()];
-            t.narrow(0, r.start as i64, r.len() as i64).copy_data_u8(dst, r.len());
+            copy_out(t, r.start, r.len(), dst, &mut pinned);
         }
     }
     snap

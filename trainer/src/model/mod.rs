@@ -277,16 +277,26 @@ pub fn forward(spec: &ModelSpec, unit: Unit, p: &[Tensor], x: &Tensor) -> Tensor
             let (b, t, d) = x.size3().expect("activations are [batch, time, d_model]");
             let h_count = g.heads as i64;
             let hd = d / h_count;
-            let mask = Tensor::ones([t, t], (Kind::Bool, x.device())).triu(1);
             let a = layer_norm(x, &p[0], &p[1], d);
             let qkv = a.linear(&p[2], Some(&p[3])).split(d, 2);
             let heads = |z: &Tensor| z.view([b, t, h_count, hd]).transpose(1, 2);
             let (q, k, v) = (heads(&qkv[0]), heads(&qkv[1]), heads(&qkv[2]));
-            let att = (q.matmul(&k.transpose(-2, -1)) * (1.0 / (hd as f64).sqrt()))
-                .masked_fill(&mask, f64::NEG_INFINITY)
-                .softmax(-1, Kind::Float)
-                .to_kind(kind);
-            let y = att.matmul(&v).transpose(1, 2).contiguous().view([b, t, d]);
+            let y = if x.device().is_cuda() {
+                // libtorch's fused attention (flash or memory-efficient
+                // kernels where it picks them): the causal mask and the
+                // softmax without the [t, t] scores in memory.
+                Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, false)
+            } else {
+                // On CPUs the explicit form, with the softmax in f32 (what
+                // the PyTorch oracle reproduces step for step).
+                let mask = Tensor::ones([t, t], (Kind::Bool, x.device())).triu(1);
+                (q.matmul(&k.transpose(-2, -1)) * (1.0 / (hd as f64).sqrt()))
+                    .masked_fill(&mask, f64::NEG_INFINITY)
+                    .softmax(-1, Kind::Float)
+                    .to_kind(kind)
+                    .matmul(&v)
+            };
+            let y = y.transpose(1, 2).contiguous().view([b, t, d]);
             let h = x + y.linear(&p[4], Some(&p[5]));
             let m =
                 layer_norm(&h, &p[6], &p[7], d).linear(&p[8], Some(&p[9])).gelu("none").linear(&p[10], Some(&p[11]));
