@@ -1,7 +1,8 @@
 //! What can be checked of the container images without a Docker engine:
 //! every base image pinned to an exact version, the libtorch they build
 //! against the one `tch` wants (and `scripts/bootstrap` assembles), the
-//! flotilla binary as entrypoint where the Kubernetes manifests call it.
+//! flotilla binary as entrypoint where the Kubernetes manifests call it,
+//! libtorch where the binary's rpath looks for it.
 
 mod support;
 
@@ -125,19 +126,38 @@ fn images_build_against_the_libtorch_that_tch_wants() {
         assert!(builds[0].contains("--release") && builds[0].contains("--locked"), "{}", builds[0]);
         let cuda = path.ends_with("Dockerfile.cuda");
         assert_eq!(builds[0].contains("--features cuda"), cuda, "{}: {}", path.display(), builds[0]);
-        if cuda {
-            // The full wheel (CUDA, cuDNN, NCCL), of the version above.
-            assert!(
-                runs.iter().any(|r| r.contains("pip install") && r.contains("\"torch==${TORCH_VERSION}\"")),
-                "{runs:?}"
-            );
-        } else {
-            // libtorch as scripts/bootstrap assembles it, checked against TORCH_VERSION.
-            assert!(
-                runs.iter().any(|r| r.contains("./scripts/bootstrap") && r.contains("\"$TORCH_VERSION\"")),
-                "{runs:?}"
-            );
-        }
+        // libtorch as scripts/bootstrap assembles it (the CUDA build with
+        // --cuda: CUDA, cuDNN, NCCL and the libnccl.so link), checked
+        // against TORCH_VERSION.
+        let bootstrap = runs
+            .iter()
+            .find(|r| r.contains("./scripts/bootstrap"))
+            .unwrap_or_else(|| panic!("{}: no ./scripts/bootstrap in {runs:?}", path.display()));
+        assert!(bootstrap.contains("\"$TORCH_VERSION\""), "{bootstrap}");
+        assert_eq!(bootstrap.contains("./scripts/bootstrap --cuda"), cuda, "{}: {bootstrap}", path.display());
+    }
+}
+
+/// The binary's rpath is the build stage's `$LIBTORCH/lib` (build.rs), so
+/// the runtime stage must have that folder at the same place.
+#[test]
+fn the_runtime_image_keeps_libtorch_where_the_binary_was_linked() {
+    for path in dockerfiles() {
+        let ins = instructions(&path);
+        let libtorch = ins
+            .iter()
+            .find_map(|(k, v)| (k == "ENV").then(|| v.strip_prefix("LIBTORCH=")).flatten())
+            .unwrap_or_else(|| panic!("{}: no ENV LIBTORCH=", path.display()))
+            .trim_matches('"')
+            .to_string();
+        assert!(libtorch.starts_with('/'), "{}: LIBTORCH={libtorch} is not absolute", path.display());
+        let last_from = ins.iter().rposition(|(k, _)| k == "FROM").unwrap();
+        let lib = format!("{libtorch}/lib");
+        assert!(
+            ins[last_from..].iter().any(|(k, v)| k == "COPY" && *v == format!("--from=build {lib} {lib}")),
+            "{}: the runtime stage does not copy {lib} to the same place",
+            path.display()
+        );
     }
 }
 
