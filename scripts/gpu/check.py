@@ -78,7 +78,7 @@ BUDGETS = {
     "e": 70,   # an uninterrupted 2-worker run (~10 s), then a coordinator, 3 workers and the kill (~25 s)
     "f": 140,  # flotilla 70 s, PyTorch eager 30 s, torch.compile the rest (compiling ~60-90 s)
     "g": 15,   # the watchdog: a 2 s deadline, NCCL set-up and the abort
-    "h": 50,   # 2 uninterrupted CPU runs at once (~5 s), then 2 crossings of ~15 s (CUDA start-up, 1 s lease)
+    "h": 50,   # 2 uninterrupted CPU runs at once (~5 s), then 2 crossings of ~10 s (CUDA start-up, 2 s lease)
 }
 STAGE_TITLES = {
     "a": "environment",
@@ -126,6 +126,7 @@ class Sizes:
             self.kill_steps, self.kill_every, self.kill_after = 500, 10, 10
             self.cross_model = "{kind: gpt, layers: 2, d_model: 16, heads: 2, context: 8, vocab: 24}"
             self.cross_steps, self.cross_every, self.cross_after = 60, 10, 20
+            self.cross_lease_ms = 1000
             self.bench = dict(layers=2, d_model=32, heads=4, context=32, vocab=256, batch=8, warmup=3, steps=10)
         else:
             self.mlp = "{kind: mlp, layers: [64, 256, 256, 10]}"
@@ -137,11 +138,14 @@ class Sizes:
             # tests/kill_resume.rs's model.
             self.kill_model = "{kind: gpt, layers: 2, d_model: 64, heads: 4, context: 64, vocab: 64}"
             self.kill_steps, self.kill_every, self.kill_after = 400, 20, 40
-            # Two layers for pp2; steps enough that a poll sees the step-20
-            # checkpoint long before the end, and the second device's ranks
+            # The same model (two layers: pp2 splits them); steps enough that
+            # a poll sees the step-20 checkpoint long before the end (a CPU
+            # step of it takes milliseconds), and the second device's ranks
             # report (from their second step to the end).
-            self.cross_model = "{kind: gpt, layers: 2, d_model: 64, heads: 4, context: 32, vocab: 64}"
-            self.cross_steps, self.cross_every, self.cross_after = 200, 10, 20
+            self.cross_model = self.kill_model
+            self.cross_steps, self.cross_every, self.cross_after = 300, 10, 20
+            # A worker starting CUDA must not miss its lease.
+            self.cross_lease_ms = 2000
             self.bench = dict(
                 layers=12, d_model=768, heads=12, context=1024, vocab=50304,
                 batch=int(os.environ.get("GPU_CHECK_BENCH_BATCH", "16")), warmup=5, steps=25,
@@ -229,6 +233,14 @@ class Stage:
 
     def note(self, what: str) -> None:
         self.notes.append(what)
+
+    def crashed(self, e: Exception, part: str = "") -> None:
+        """An exception of the stage (or of its `part`) as a failure, with
+        its traceback in logs/{key}[-part]-traceback.log."""
+        self.fail(f"{part + ': ' if part else ''}{type(e).__name__}: {e}")
+        log = f"logs/{self.key}{'-' + part if part else ''}-traceback.log"
+        (self.check.out / log).write_text(traceback.format_exc())
+        self.logs.append(log)
 
     def spawn(self, args: List[str], name: str, cwd: Path, env: Optional[Dict[str, str]] = None,
               stdout_pipe: bool = False) -> Proc:
@@ -449,9 +461,7 @@ class Check:
         except Timeout as e:
             s.fail(f"budget: {e}")
         except Exception as e:
-            s.fail(f"{type(e).__name__}: {e}")
-            (self.out / "logs" / f"{key}-traceback.log").write_text(traceback.format_exc())
-            s.logs.append(f"logs/{key}-traceback.log")
+            s.crashed(e)
         finally:
             s.cleanup()
         s.seconds = time.monotonic() - s.start
@@ -1052,7 +1062,7 @@ def cross_one(c: Check, s: Stage, f: Dict[str, Any], name: str, ref: Path, side_
     (d / "job.yaml").write_text(cross_yaml(z, name, layout))
     # Short leases: both workers are killed, so no peer reports them and
     # the coordinator learns it from their missed heartbeats.
-    cl = Cluster(c, s, d, ("--lease-ms", "1000", "--heartbeat-ms", "200", "--start-grace-ms", "300"),
+    cl = Cluster(c, s, d, ("--lease-ms", str(z.cross_lease_ms), "--heartbeat-ms", "200", "--start-grace-ms", "300"),
                  tag=f"{name}-")
     first_workers = [cl.worker(w, side_env[first]) for w in ("a", "b")]
     job = cl.submit("job.yaml", f"{name}-1")
@@ -1149,10 +1159,7 @@ def stage_cross_device(c: Check, s: Stage) -> None:
         except Timeout:
             raise
         except Exception as e:
-            # Recorded; the other crossing still runs.
-            s.fail(f"{name}: {type(e).__name__}: {e}")
-            (c.out / "logs" / f"h-{name}-traceback.log").write_text(traceback.format_exc())
-            s.logs.append(f"logs/h-{name}-traceback.log")
+            s.crashed(e, name)  # recorded; the other crossing still runs
         finally:
             s.cleanup()
     s.note(f"losses: every step within {FP32_RTOL:.0e} relative of an uninterrupted run of the same job and "
