@@ -151,6 +151,8 @@ fn a_coordinator_makes_its_admin_token_file_on_first_start_and_keeps_it() {
     let (mut first, url) = start("first.log");
     let log = wait_log(&first, "the token file", Duration::from_secs(30), |l| l.contains("admin token in"));
     assert!(log.contains("wrote a new admin token"), "{log}");
+    let shown = std::fs::canonicalize(&file).unwrap();
+    assert!(log.contains(&format!("`--token-file {}`", shown.display())), "the hint names the file: {log}");
     let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the admin token file is readable by others");
     let token = std::fs::read_to_string(&file).unwrap().trim().to_string();

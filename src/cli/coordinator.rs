@@ -302,10 +302,10 @@ fn admin_token(file: &Path) -> anyhow::Result<String> {
     anyhow::ensure!(!token.is_empty(), "the admin token file {} is empty", file.display());
     let file = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
     eprintln!(
-        "flotilla: {} admin token in {}: clients use it with `--token-file {0}` or FLOTILLA_TOKEN_FILE; \
+        "flotilla: {} admin token in {path}: clients use it with `--token-file {path}` or FLOTILLA_TOKEN_FILE; \
          `flotilla token create --role worker|submit|read --name NAME` makes tokens for workers and people",
         if made { "wrote a new" } else { "the" },
-        file.display()
+        path = file.display()
     );
     Ok(flotilla_coordinator::auth::hash_token(token))
 }

@@ -111,8 +111,11 @@ pub async fn nccl(json: &Path, hang: bool) -> anyhow::Result<i32> {
                 if hang {
                     let (took, error) = nccl::check_watchdog(&mut g, Duration::from_secs(2))?;
                     return Ok(json!({"rank": rank, "connect_s": connect_s, "watchdog": {
-                        "deadline_s": 2.0, "failed_after_s": took.as_secs_f64(), "error": error,
-                        "ok": took < Duration::from_secs(10)}}));
+                        "deadline_s": 2.0, "failed_after_s": took.as_secs_f64(),
+                        // Whether the deadline ended it, or NCCL refused the
+                        // receive at once (the hang was then not exercised).
+                        "deadline_path": error.contains("did not finish within"),
+                        "error": error, "ok": took < Duration::from_secs(10)}}));
                 }
                 let checks = nccl::check_collectives(&mut g);
                 Ok(json!({"rank": rank, "connect_s": connect_s, "checks": checks}))

@@ -232,9 +232,8 @@ fn backend(a: &Assignment, plan: &Plan, world: &mut Collectives) -> Result<Backe
     }
     let mine = gpu_identity(a, plan);
     let all = world.all_gather_bytes(mine.clone().unwrap_or_default().into_bytes())?;
+    let chosen = choose(&all);
     let distinct: std::collections::HashSet<&Vec<u8>> = all.iter().collect();
-    let chosen =
-        if all.iter().all(|d| !d.is_empty()) && distinct.len() == all.len() { Backend::Nccl } else { Backend::Tcp };
     if plan.device.is_cuda() {
         let why = match (&mine, chosen) {
             (_, Backend::Nccl) => "every rank has a GPU of its own".to_string(),
@@ -246,6 +245,17 @@ fn backend(a: &Assignment, plan: &Plan, world: &mut Collectives) -> Result<Backe
             "collective backend for CUDA tensors");
     }
     Ok(chosen)
+}
+
+/// NCCL when every rank named a GPU (`host|PCI address`; empty: none it
+/// can use) and no two named the same one.
+fn choose(identities: &[Vec<u8>]) -> Backend {
+    let distinct: std::collections::HashSet<&Vec<u8>> = identities.iter().collect();
+    if identities.iter().all(|d| !d.is_empty()) && distinct.len() == identities.len() {
+        Backend::Nccl
+    } else {
+        Backend::Tcp
+    }
 }
 
 /// This rank's GPU as `host|PCI address` when it can join an NCCL
@@ -461,5 +471,25 @@ impl Drop for SendThread {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(names: &[&str]) -> Vec<Vec<u8>> {
+        names.iter().map(|n| n.as_bytes().to_vec()).collect()
+    }
+
+    #[test]
+    fn nccl_only_when_every_rank_has_a_gpu_of_its_own() {
+        assert_eq!(choose(&ids(&["10.0.0.1|0000:18:00.0", "10.0.0.1|0000:2a:00.0"])), Backend::Nccl);
+        assert_eq!(choose(&ids(&["10.0.0.1|0000:18:00.0", "10.0.0.2|0000:18:00.0"])), Backend::Nccl, "two hosts");
+        // Two ranks on one GPU: NCCL refuses that.
+        assert_eq!(choose(&ids(&["10.0.0.1|0000:18:00.0", "10.0.0.1|0000:18:00.0"])), Backend::Tcp);
+        // A rank on a CPU (or without NCCL) answers nothing.
+        assert_eq!(choose(&ids(&["10.0.0.1|0000:18:00.0", ""])), Backend::Tcp);
+        assert_eq!(choose(&ids(&["", ""])), Backend::Tcp);
     }
 }
