@@ -119,8 +119,11 @@ fn the_gpu_check_rehearses_every_stage_on_cpus() {
         let x = &h[what];
         assert!(x["layout"].as_str().unwrap().starts_with(layout), "{what}: {x:#}");
         assert_eq!(x["phase"], "succeeded", "{what}: {x:#}");
-        assert!(num(&x["resumed_from_step"], "resumed") >= 20.0, "{what}: {x:#}");
-        assert!(num(&x["resumed_from_step"], "resumed") <= num(&x["killed_at_step"], "killed"), "{what}: {x:#}");
+        // From a checkpoint of the first side: at least its last one the
+        // coordinator had when the workers froze (past step 30).
+        let resumed = num(&x["resumed_from_step"], "resumed");
+        assert!(resumed >= 10.0 && resumed >= num(&x["checkpoint_step_at_kill"], "checkpoint"), "{what}: {x:#}");
+        assert!(resumed < num(&x["total_steps"], "steps"), "{what}: {x:#}");
         assert!(num(&x["loss_max_rel_diff"], "losses") <= 1e-4, "{what}: {x:#}");
         assert!(num(&x["params_max_rel_diff"], "params") <= 1e-5, "{what}: {x:#}");
         for k in ["ranks_before", "ranks_after", "workers_before", "workers_after"] {

@@ -125,8 +125,7 @@ class Sizes:
             self.kill_model = "{kind: gpt, layers: 1, d_model: 16, heads: 2, context: 8, vocab: 24}"
             self.kill_steps, self.kill_every, self.kill_after = 500, 10, 10
             self.cross_model = "{kind: gpt, layers: 2, d_model: 16, heads: 2, context: 8, vocab: 24}"
-            self.cross_steps, self.cross_every, self.cross_after = 60, 10, 20
-            self.cross_lease_ms = 1000
+            self.cross_steps, self.cross_every, self.cross_after = 100, 10, 30
             self.bench = dict(layers=2, d_model=32, heads=4, context=32, vocab=256, batch=8, warmup=3, steps=10)
         else:
             self.mlp = "{kind: mlp, layers: [64, 256, 256, 10]}"
@@ -139,13 +138,10 @@ class Sizes:
             self.kill_model = "{kind: gpt, layers: 2, d_model: 64, heads: 4, context: 64, vocab: 64}"
             self.kill_steps, self.kill_every, self.kill_after = 400, 20, 40
             # The same model (two layers: pp2 splits them); steps enough that
-            # a poll sees the step-20 checkpoint long before the end (a CPU
-            # step of it takes milliseconds), and the second device's ranks
-            # report (from their second step to the end).
+            # the second device's ranks report (from their second step to
+            # the end) while the coordinator is polled.
             self.cross_model = self.kill_model
-            self.cross_steps, self.cross_every, self.cross_after = 300, 10, 20
-            # A worker starting CUDA must not miss its lease.
-            self.cross_lease_ms = 2000
+            self.cross_steps, self.cross_every, self.cross_after = 300, 10, 30
             self.bench = dict(
                 layers=12, d_model=768, heads=12, context=1024, vocab=50304,
                 batch=int(os.environ.get("GPU_CHECK_BENCH_BATCH", "16")), warmup=5, steps=25,
@@ -1044,6 +1040,16 @@ def cross_yaml(z: Sizes, name: str, layout: str) -> str:
     )
 
 
+def past_step(run: Path, step: int) -> bool:
+    """Whether a job's output folder has a checkpoint folder (step-NNNNNNNN)
+    of `step` or later: its ranks are past that step."""
+    try:
+        names = os.listdir(run)
+    except FileNotFoundError:
+        return False
+    return any(n.startswith("step-") and n[5:].isdigit() and int(n[5:]) >= step for n in names)
+
+
 def device_kind(device: Optional[str]) -> Optional[str]:
     """`cuda` for `cuda:0` or `cuda:0 (NVIDIA H200)`, else the string."""
     return "cuda" if device and device.startswith("cuda") else device
@@ -1061,8 +1067,10 @@ def cross_one(c: Check, s: Stage, f: Dict[str, Any], name: str, ref: Path, side_
     d = c.job_dir(name)
     (d / "job.yaml").write_text(cross_yaml(z, name, layout))
     # Short leases: both workers are killed, so no peer reports them and
-    # the coordinator learns it from their missed heartbeats.
-    cl = Cluster(c, s, d, ("--lease-ms", str(z.cross_lease_ms), "--heartbeat-ms", "200", "--start-grace-ms", "300"),
+    # the coordinator learns it from their missed heartbeats. Not shorter:
+    # a worker starting CUDA, or one on a loaded 2-core machine, must not
+    # miss its lease.
+    cl = Cluster(c, s, d, ("--lease-ms", "2000", "--heartbeat-ms", "200", "--start-grace-ms", "300"),
                  tag=f"{name}-")
     first_workers = [cl.worker(w, side_env[first]) for w in ("a", "b")]
     job = cl.submit("job.yaml", f"{name}-1")
@@ -1075,13 +1083,30 @@ def cross_one(c: Check, s: Stage, f: Dict[str, Any], name: str, ref: Path, side_
             if r.get("memory"):
                 seen.setdefault(st.get("generation", 0), {})[r["rank"]] = r["memory"].get("device")
 
+    # A step of this job takes milliseconds: polling the coordinator for a
+    # checkpoint can miss the whole run on a loaded machine. The run's
+    # folder says at once that the ranks are past step `after`; then the
+    # workers are frozen (SIGSTOP), read from the coordinator (what they
+    # computed on, the last checkpoint it committed) and killed.
     after = z.cross_after
-    st = poll_job(s, job, "a checkpoint", lambda st: (st.get("latest_checkpoint") or {}).get("step", 0) >= after
-                  and st.get("step", 0) >= after + 5 and len(seen.get(st.get("generation", 0), {})) == 2,
-                  seen=note_ranks)
+    run = d / "runs" / f"{name}-1"
+    while not past_step(run, after):
+        if s.remaining() <= 0:
+            raise Timeout(f"waiting for step {after}")
+        if (run / "final").exists() or any(w.p.poll() is not None for w in first_workers):
+            raise RuntimeError(f"the job ended, or a worker exited, before step {after} was seen")
+        time.sleep(0.005)
+    for w in first_workers:
+        os.kill(w.pid, signal.SIGSTOP)
+    st = poll_job(s, job, "the frozen job's status", lambda st: True)
+    note_ranks(st)
     killed_gen = st["generation"]
-    f.update({"killed_at_step": st["step"], "checkpoint_step_at_kill": st["latest_checkpoint"]["step"]})
+    f.update({"killed_at_step": st.get("step"),
+              "checkpoint_step_at_kill": (st.get("latest_checkpoint") or {}).get("step")})
     f["workers_before"] = sorted(w.get("device") for w in cl.client.workers())
+    if len(seen.get(killed_gen, {})) != 2:
+        raise RuntimeError(f"generation {killed_gen}'s two ranks had not reported their memory by step {after}: "
+                           f"{seen}")
     t_kill = time.monotonic()
     for w in first_workers:
         w.kill9()
@@ -1117,10 +1142,14 @@ def cross_one(c: Check, s: Stage, f: Dict[str, Any], name: str, ref: Path, side_
         if {device_kind(x) for x in devices} != {side_kind[side]}:
             s.fail(f"{name}: {when} the kill the ranks and workers computed on {devices}, "
                    f"expected {side_kind[side]} only")
+    # From the first side's last checkpoint (one more may have been on its
+    # way to the coordinator when the workers froze).
     resumed = [g for g in done.get("generations", [])[1:] if g.get("world_size") == 2]
     f["resumed_from_step"] = resumed[0].get("resumed_from_step") if resumed else None
-    if not resumed or (f["resumed_from_step"] or 0) < after:
-        s.fail(f"{name}: no later 2-worker generation resumed from step >= {after}: {f['generations']}")
+    least = max(f["checkpoint_step_at_kill"] or 0, z.cross_every)
+    if not resumed or (f["resumed_from_step"] or 0) < least:
+        s.fail(f"{name}: no later 2-worker generation resumed from step >= {least} (the first side's last "
+               f"checkpoint): {f['generations']}")
     run = d / "runs" / f"{name}-1"
     history = read_metrics(run / "final" / "metrics.jsonl")
     if [h["step"] for h in history] != list(range(1, z.cross_steps + 1)):
