@@ -484,17 +484,14 @@ class Check:
         """`flotilla run JOB --workers N` in a fresh folder; returns the
         job's output folder (runs/NAME-1). Copies its metrics and logs into
         OUT_DIR/logs."""
-        return self.flotilla_runs(s, [(name, yaml, workers, None)], limit)[0]
+        return self.finish_runs(s, self.start_runs(s, [(name, yaml, workers, None)]), limit)[0]
 
-    def flotilla_runs(self, s: Stage, runs: List[tuple], limit: Optional[float] = None) -> List[Path]:
-        """`flotilla run`s at the same time, each (name, yaml, workers, env:
-        variables on top of the check's, or None) in a fresh folder, all
-        within `limit` (and the stage's budget); their output folders, as
-        flotilla_run."""
-        limit = min(limit if limit is not None else 1e9, s.remaining())
-        if limit <= 0:
+    def start_runs(self, s: Stage, runs: List[tuple]) -> List[tuple]:
+        """`flotilla run`s started at once, each (name, yaml, workers, env:
+        variables on top of the check's, or None) in a fresh folder; what
+        finish_runs waits for."""
+        if s.remaining() <= 0:
             raise Timeout(f"no time left in the stage's budget for {', '.join(r[0] for r in runs)}")
-        deadline = time.monotonic() + limit
         started = []
         for name, yaml, workers, env in runs:
             d = self.job_dir(name)
@@ -503,6 +500,13 @@ class Check:
             p = s.spawn([str(self.bin), "run", "job.yaml", "--workers", str(workers)], name, d,
                         dict(self.env, **env) if env else None)
             started.append((name, p, d / "runs" / f"{job_name}-1"))
+        return started
+
+    def finish_runs(self, s: Stage, started: List[tuple], limit: Optional[float] = None) -> List[Path]:
+        """Waits for start_runs's runs, all within `limit` (and the stage's
+        budget); their output folders, as flotilla_run."""
+        limit = max(0.0, min(limit if limit is not None else 1e9, s.remaining()))
+        deadline = time.monotonic() + limit
         problems = []
         for name, p, run in started:
             try:
@@ -849,6 +853,7 @@ class Cluster:
         name = f"{tag}coordinator"
         coord = s.spawn([str(c.bin), "coordinator", "--listen", "127.0.0.1:0", "--data-dir", str(data), *extra],
                         name, d, stdout_pipe=True)
+        self.procs = [coord]
         first = coord.p.stdout.readline().decode().strip()  # type: ignore[union-attr]
         prefix = "coordinator listening on "
         if not first.startswith(prefix):
@@ -861,9 +866,16 @@ class Cluster:
     def worker(self, name: str, env: Optional[Dict[str, str]] = None) -> Proc:
         """`flotilla worker` (log {stage}-{tag}worker-NAME.log); `env` on
         top of the check's (CUDA_VISIBLE_DEVICES, say)."""
-        return self.s.spawn([str(self.c.bin), "worker", "--coordinator", self.url, "--data-addr", "127.0.0.1:0",
-                             "--op-timeout-s", "20"], f"{self.tag}worker-{name}", self.d,
-                            dict(self.env, **(env or {})))
+        p = self.s.spawn([str(self.c.bin), "worker", "--coordinator", self.url, "--data-addr", "127.0.0.1:0",
+                          "--op-timeout-s", "20"], f"{self.tag}worker-{name}", self.d, dict(self.env, **(env or {})))
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        """Ends the coordinator and its workers (the stage's other
+        processes go on)."""
+        for p in self.procs:
+            p.stop()
 
     def submit(self, job_file: str, job_id: str) -> Any:
         """`flotilla submit JOB_FILE`; the SDK's handle of the job."""
@@ -1055,15 +1067,14 @@ def device_kind(device: Optional[str]) -> Optional[str]:
     return "cuda" if device and device.startswith("cuda") else device
 
 
-def cross_one(c: Check, s: Stage, f: Dict[str, Any], name: str, ref: Path, side_env: Dict[str, Dict[str, str]],
-              side_kind: Dict[str, str]) -> None:
+def cross_one(c: Check, s: Stage, f: Dict[str, Any], name: str, side_env: Dict[str, Dict[str, str]],
+              side_kind: Dict[str, str]) -> Optional[Path]:
     """One crossing (figures into `f`): its job on a coordinator of its
     own, two workers on the first side killed after a checkpoint, two on
-    the other side resuming it; `ref` the uninterrupted run's folder."""
+    the other side resuming it. The job's output folder when it succeeded
+    (cross_compare holds it against the uninterrupted run)."""
     z = c.sizes
     first, then, layout = f["first"], f["then"], f["layout"]
-    expected = read_safetensors(ref / "final" / "model.safetensors")
-    expected_losses = [m["loss"] for m in read_metrics(ref / "final" / "metrics.jsonl")]
     d = c.job_dir(name)
     (d / "job.yaml").write_text(cross_yaml(z, name, layout))
     # Short leases: both workers are killed, so no peer reports them and
@@ -1072,6 +1083,16 @@ def cross_one(c: Check, s: Stage, f: Dict[str, Any], name: str, ref: Path, side_
     # miss its lease.
     cl = Cluster(c, s, d, ("--lease-ms", "2000", "--heartbeat-ms", "200", "--start-grace-ms", "300"),
                  tag=f"{name}-")
+    try:
+        return cross_run(c, s, cl, f, name, side_env, side_kind)
+    finally:
+        cl.stop()
+
+
+def cross_run(c: Check, s: Stage, cl: Cluster, f: Dict[str, Any], name: str, side_env: Dict[str, Dict[str, str]],
+              side_kind: Dict[str, str]) -> Optional[Path]:
+    z, d = c.sizes, cl.d
+    first, then = f["first"], f["then"]
     first_workers = [cl.worker(w, side_env[first]) for w in ("a", "b")]
     job = cl.submit("job.yaml", f"{name}-1")
     # What each generation's ranks compute on, as their memory reports say
@@ -1101,7 +1122,7 @@ def cross_one(c: Check, s: Stage, f: Dict[str, Any], name: str, ref: Path, side_
     st = poll_job(s, job, "the frozen job's status", lambda st: True)
     note_ranks(st)
     killed_gen = st["generation"]
-    f.update({"killed_at_step": st.get("step"),
+    f.update({"killed_generation": killed_gen, "killed_at_step": st.get("step"),
               "checkpoint_step_at_kill": (st.get("latest_checkpoint") or {}).get("step")})
     f["workers_before"] = sorted(w.get("device") for w in cl.client.workers())
     if len(seen.get(killed_gen, {})) != 2:
@@ -1136,7 +1157,7 @@ def cross_one(c: Check, s: Stage, f: Dict[str, Any], name: str, ref: Path, side_
                         for g in done.get("generations", [])]
     if done.get("phase") != "succeeded":
         s.fail(f"{name}: the job ended {done.get('phase')}: {done.get('message')}")
-        return
+        return None
     for when, side, devices in (("before", first, f["ranks_before"] + f["workers_before"]),
                                 ("after", then, f["ranks_after"] + f["workers_after"])):
         if {device_kind(x) for x in devices} != {side_kind[side]}:
@@ -1150,11 +1171,19 @@ def cross_one(c: Check, s: Stage, f: Dict[str, Any], name: str, ref: Path, side_
     if not resumed or (f["resumed_from_step"] or 0) < least:
         s.fail(f"{name}: no later 2-worker generation resumed from step >= {least} (the first side's last "
                f"checkpoint): {f['generations']}")
-    run = d / "runs" / f"{name}-1"
+    return run
+
+
+def cross_compare(c: Check, s: Stage, f: Dict[str, Any], name: str, run: Path, ref: Path) -> None:
+    """The resumed run against the uninterrupted one (`ref`): every step
+    once, the last in a later generation, the losses, the weights."""
+    z = c.sizes
+    expected = read_safetensors(ref / "final" / "model.safetensors")
+    expected_losses = [m["loss"] for m in read_metrics(ref / "final" / "metrics.jsonl")]
     history = read_metrics(run / "final" / "metrics.jsonl")
     if [h["step"] for h in history] != list(range(1, z.cross_steps + 1)):
         s.fail(f"{name}: the history is not steps 1..{z.cross_steps} once each")
-    if not history or history[-1].get("generation", 1) <= killed_gen:
+    if not history or history[-1].get("generation", 1) <= f["killed_generation"]:
         s.fail(f"{name}: the last steps did not run in a later generation")
     worst, at = worst_relative(expected_losses, [h["loss"] for h in history])
     f.update({"loss_max_rel_diff": worst, "worst_step": at, "loss_rtol": FP32_RTOL,
@@ -1178,19 +1207,26 @@ def stage_cross_device(c: Check, s: Stage) -> None:
     z = c.sizes
     side_env = {"gpu": {}, "cpu": NO_GPU}
     side_kind = {"gpu": z.device, "cpu": "cpu"}
-    refs = c.flotilla_runs(s, [(f"{name}-uninterrupted", cross_yaml(z, name, layout), 2, NO_GPU)
-                               for name, layout, _, _ in CROSSINGS], limit=s.remaining() / 3)
-    for (name, layout, first, then), ref in zip(CROSSINGS, refs):
+    # The uninterrupted runs go on beside the crossings (they spend seconds
+    # waiting for leases to lapse).
+    started = c.start_runs(s, [(f"{name}-uninterrupted", cross_yaml(z, name, layout), 2, NO_GPU)
+                               for name, layout, _, _ in CROSSINGS])
+    runs: Dict[str, Path] = {}
+    for name, layout, first, then in CROSSINGS:
         f: Dict[str, Any] = {"layout": layout, "first": first, "then": then, "total_steps": z.cross_steps}
         s.figures[name] = f
         try:
-            cross_one(c, s, f, name, ref, side_env, side_kind)
+            run = cross_one(c, s, f, name, side_env, side_kind)
+            if run:
+                runs[name] = run
         except Timeout:
             raise
         except Exception as e:
             s.crashed(e, name)  # recorded; the other crossing still runs
-        finally:
-            s.cleanup()
+    refs = c.finish_runs(s, started)
+    for (name, _, _, _), ref in zip(CROSSINGS, refs):
+        if name in runs:
+            cross_compare(c, s, s.figures[name], name, runs[name], ref)
     s.note(f"losses: every step within {FP32_RTOL:.0e} relative of an uninterrupted run of the same job and "
            "layout on CPU (stage b's GPU-against-CPU bound); parameters: "
            + (f"within {RESUME_PARAM_RTOL:.0e} (same device: as stage e)" if c.rehearse else
