@@ -1,8 +1,8 @@
 //! The GPU check's rehearsal: `scripts/gpu-check --rehearse` runs every
 //! stage of the check that issue 15's device machine runs (single-rank
 //! curves on two devices, dp2 and pp2 against one rank, the NCCL self-test,
-//! `kill -9` of a worker, the benchmark against PyTorch) on CPUs with tiny
-//! sizes, so that the script's plumbing is proven before the one short
+//! `kill -9` of a worker, the benchmark against PyTorch, checkpoints
+//! resumed on the other device) on CPUs with tiny sizes, so that the script's plumbing is proven before the one short
 //! session on a GPU. Checks that the report and figures.json hold every
 //! stage with parsed numbers and that every comparison passed.
 
@@ -40,7 +40,8 @@ fn the_gpu_check_rehearses_every_stage_on_cpus() {
     assert_eq!(figures["mode"], "rehearse");
     assert_eq!(figures["passed"], true, "{figures:#}");
     let stages = &figures["stages"];
-    assert_eq!(stages.as_object().unwrap().keys().collect::<Vec<_>>(), ["a", "b", "c", "d", "e", "f", "g"]);
+    // (serde_json's map is sorted by key; the order they ran in is the report's.)
+    assert_eq!(stages.as_object().unwrap().keys().collect::<Vec<_>>(), ["a", "b", "c", "d", "e", "f", "g", "h"]);
     for (key, stage) in stages.as_object().unwrap() {
         let status = stage["status"].as_str().unwrap();
         // The NCCL self-test is skipped by a binary without the cuda feature.
@@ -109,10 +110,49 @@ fn the_gpu_check_rehearses_every_stage_on_cpus() {
     assert!(num(&f["flotilla_vs_eager"], "ratio") > 0.0);
     assert!(f["torch_compile"]["skipped"].is_string(), "{f:#}");
 
+    // h. Each crossing: killed after a checkpoint, resumed by the
+    // replacements from it, the same losses and (one device here) weights
+    // as the uninterrupted run, and the devices read from the coordinator
+    // (both cpu when rehearsing).
+    let h = &stages["h"]["figures"];
+    for (what, layout) in [("gpu-to-cpu", "dp: 2, zero: 1"), ("cpu-to-gpu", "pp: 2")] {
+        let x = &h[what];
+        assert!(x["layout"].as_str().unwrap().starts_with(layout), "{what}: {x:#}");
+        assert_eq!(x["phase"], "succeeded", "{what}: {x:#}");
+        // From a checkpoint of the first side: at least its last one the
+        // coordinator had when the workers froze (past step 30).
+        let resumed = num(&x["resumed_from_step"], "resumed");
+        assert!(resumed >= 10.0 && resumed >= num(&x["checkpoint_step_at_kill"], "checkpoint"), "{what}: {x:#}");
+        assert!(resumed < num(&x["total_steps"], "steps"), "{what}: {x:#}");
+        assert!(num(&x["loss_max_rel_diff"], "losses") <= 1e-4, "{what}: {x:#}");
+        assert!(num(&x["params_max_rel_diff"], "params") <= 1e-5, "{what}: {x:#}");
+        for k in ["ranks_before", "ranks_after", "workers_before", "workers_after"] {
+            assert_eq!(x[k], serde_json::json!(["cpu", "cpu"]), "{what} {k}: {x:#}");
+        }
+        // The first generation and the last have both workers (one between
+        // them may have none: the replacements start once both are dropped).
+        let gens = x["generations"].as_array().unwrap();
+        assert!(gens.len() >= 2, "{what}: {x:#}");
+        assert_eq!(gens[0]["world_size"], 2, "{what}: {x:#}");
+        assert_eq!(gens[gens.len() - 1]["world_size"], 2, "{what}: {x:#}");
+    }
+
     let report = std::fs::read_to_string(out_dir.join("report.md")).unwrap();
     assert!(report.contains("Verdict: **PASS**"), "{report}");
-    for title in ["a. environment", "b. single-rank", "c. two ranks", "d. NCCL", "e. kill -9", "f. benchmark"] {
-        assert!(report.contains(&format!("| {title}")), "{title} missing from the report:\n{report}");
+    // Every stage in the table, in the order they ran: the watchdog last.
+    let mut at = 0;
+    for title in [
+        "a. environment",
+        "b. single-rank",
+        "c. two ranks",
+        "d. NCCL",
+        "e. kill -9",
+        "f. benchmark",
+        "h. checkpoints across devices",
+        "g. NCCL watchdog",
+    ] {
+        let found = report[at..].find(&format!("| {title}"));
+        at += found.unwrap_or_else(|| panic!("{title} missing from the report, or out of order:\n{report}")) + 1;
     }
 }
 
@@ -130,10 +170,15 @@ fn the_gpu_check_s_job_files_validate() {
         .expect("run check.py --write-jobs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let jobs: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
-    assert_eq!(jobs.len(), 8 + 3 + 1 + 1, "{jobs:?}");
+    assert_eq!(jobs.len(), 8 + 3 + 1 + 1 + 2, "{jobs:?}");
     for job in &jobs {
         let text = std::fs::read_to_string(job).unwrap();
-        assert!(text.contains("device: cuda") || job.ends_with("-cpu.yaml"), "{job}:\n{text}");
+        // Stage h's jobs say `auto`: the worker's GPU, or its CPU when it sees none.
+        if job.contains("/h-") {
+            assert!(text.contains("device: auto"), "{job}:\n{text}");
+        } else {
+            assert!(text.contains("device: cuda") || job.ends_with("-cpu.yaml"), "{job}:\n{text}");
+        }
         let v = flotilla(dir.path(), &["validate", job]);
         assert!(v.status.success(), "{job}: {}", String::from_utf8_lossy(&v.stderr));
     }

@@ -14,6 +14,10 @@ and recorded as failed) so that the whole check ends within 8 minutes:
     d. nccl              flotilla selftest nccl: a one-rank communicator, every collective
     e. kill -9           a GPU worker killed mid-run: named, re-planned, resumed, same weights
     f. benchmark         GPT ~124M, bf16: flotilla against PyTorch eager and torch.compile
+    h. across devices    a checkpoint taken on the GPU resumed on CPUs (dp2 ZeRO-1) and one
+                         taken on CPUs resumed on the GPU (pp2): workers killed after a
+                         checkpoint, replacements on the other device, losses against an
+                         uninterrupted run, the devices read from the coordinator
     g. watchdog          flotilla selftest nccl --hang: an NCCL receive that can never finish,
                          ended by the watchdog (ncclCommAbort); last, so that a GPU left
                          busy by a failed abort cannot spoil the other stages
@@ -63,14 +67,18 @@ H200_BF16_PEAK = 989e12
 
 # Per-stage budgets in seconds on the GPU machine (the rehearsal's are the
 # same; its sizes are tiny). Sum: 470 s, inside the 8 minutes (480 s).
+# h's 50 s came from e (100 -> 70: its two runs of a tiny GPT take ~35 s
+# together, the kill's 10 s goal included) and f (160 -> 140: flotilla and
+# eager are capped at 70 + 30 s and take ~40 s, leaving torch.compile ~100 s).
 BUDGETS = {
     "a": 15,   # environment: nvidia-smi, torch import, --version, ldd
     "b": 90,   # 8 runs of `flotilla run` (4 on the GPU, 4 on CPU), ~5-10 s each
     "c": 60,   # 3 runs on the GPU (one rank, dp2, pp2)
     "d": 30,   # the NCCL self-test
-    "e": 100,  # an uninterrupted 2-worker run, then a coordinator, 3 workers and the kill
-    "f": 160,  # flotilla 70 s, PyTorch eager 30 s, torch.compile the rest (compiling ~60-90 s)
+    "e": 70,   # an uninterrupted 2-worker run (~10 s), then a coordinator, 3 workers and the kill (~25 s)
+    "f": 140,  # flotilla 70 s, PyTorch eager 30 s, torch.compile the rest (compiling ~60-90 s)
     "g": 15,   # the watchdog: a 2 s deadline, NCCL set-up and the abort
+    "h": 50,   # 2 uninterrupted CPU runs at once (~5 s), then 2 crossings of ~10 s (CUDA start-up, 2 s lease)
 }
 STAGE_TITLES = {
     "a": "environment",
@@ -80,6 +88,7 @@ STAGE_TITLES = {
     "e": "kill -9 of a GPU worker",
     "f": "benchmark: GPT ~124M, bf16",
     "g": "NCCL watchdog",
+    "h": "checkpoints across devices",
 }
 
 # Agreement bounds. fp32 and bf16 GPU-vs-CPU: issue 15. dp2 and pp2 against
@@ -115,6 +124,8 @@ class Sizes:
             self.gpt_batch = (12, 6)
             self.kill_model = "{kind: gpt, layers: 1, d_model: 16, heads: 2, context: 8, vocab: 24}"
             self.kill_steps, self.kill_every, self.kill_after = 500, 10, 10
+            self.cross_model = "{kind: gpt, layers: 2, d_model: 16, heads: 2, context: 8, vocab: 24}"
+            self.cross_steps, self.cross_every, self.cross_after = 100, 10, 30
             self.bench = dict(layers=2, d_model=32, heads=4, context=32, vocab=256, batch=8, warmup=3, steps=10)
         else:
             self.mlp = "{kind: mlp, layers: [64, 256, 256, 10]}"
@@ -126,6 +137,11 @@ class Sizes:
             # tests/kill_resume.rs's model.
             self.kill_model = "{kind: gpt, layers: 2, d_model: 64, heads: 4, context: 64, vocab: 64}"
             self.kill_steps, self.kill_every, self.kill_after = 400, 20, 40
+            # The same model (two layers: pp2 splits them); steps enough that
+            # the second device's ranks report (from their second step to
+            # the end) while the coordinator is polled.
+            self.cross_model = self.kill_model
+            self.cross_steps, self.cross_every, self.cross_after = 300, 10, 30
             self.bench = dict(
                 layers=12, d_model=768, heads=12, context=1024, vocab=50304,
                 batch=int(os.environ.get("GPU_CHECK_BENCH_BATCH", "16")), warmup=5, steps=25,
@@ -213,6 +229,14 @@ class Stage:
 
     def note(self, what: str) -> None:
         self.notes.append(what)
+
+    def crashed(self, e: Exception, part: str = "") -> None:
+        """An exception of the stage (or of its `part`) as a failure, with
+        its traceback in logs/{key}[-part]-traceback.log."""
+        self.fail(f"{part + ': ' if part else ''}{type(e).__name__}: {e}")
+        log = f"logs/{self.key}{'-' + part if part else ''}-traceback.log"
+        (self.check.out / log).write_text(traceback.format_exc())
+        self.logs.append(log)
 
     def spawn(self, args: List[str], name: str, cwd: Path, env: Optional[Dict[str, str]] = None,
               stdout_pipe: bool = False) -> Proc:
@@ -433,9 +457,7 @@ class Check:
         except Timeout as e:
             s.fail(f"budget: {e}")
         except Exception as e:
-            s.fail(f"{type(e).__name__}: {e}")
-            (self.out / "logs" / f"{key}-traceback.log").write_text(traceback.format_exc())
-            s.logs.append(f"logs/{key}-traceback.log")
+            s.crashed(e)
         finally:
             s.cleanup()
         s.seconds = time.monotonic() - s.start
@@ -462,13 +484,36 @@ class Check:
         """`flotilla run JOB --workers N` in a fresh folder; returns the
         job's output folder (runs/NAME-1). Copies its metrics and logs into
         OUT_DIR/logs."""
-        d = self.job_dir(name)
-        (d / "job.yaml").write_text(yaml)
-        job_name = next(l.split(":", 1)[1].strip() for l in yaml.splitlines() if l.startswith("name:"))
-        run = d / "runs" / f"{job_name}-1"
-        try:
-            rc = s.run([str(self.bin), "run", "job.yaml", "--workers", str(workers)], name, d, limit)
-        finally:
+        return self.finish_runs(s, self.start_runs(s, [(name, yaml, workers, None)]), limit)[0]
+
+    def start_runs(self, s: Stage, runs: List[tuple]) -> List[tuple]:
+        """`flotilla run`s started at once, each (name, yaml, workers, env:
+        variables on top of the check's, or None) in a fresh folder; what
+        finish_runs waits for."""
+        if s.remaining() <= 0:
+            raise Timeout(f"no time left in the stage's budget for {', '.join(r[0] for r in runs)}")
+        started = []
+        for name, yaml, workers, env in runs:
+            d = self.job_dir(name)
+            (d / "job.yaml").write_text(yaml)
+            job_name = next(l.split(":", 1)[1].strip() for l in yaml.splitlines() if l.startswith("name:"))
+            p = s.spawn([str(self.bin), "run", "job.yaml", "--workers", str(workers)], name, d,
+                        dict(self.env, **env) if env else None)
+            started.append((name, p, d / "runs" / f"{job_name}-1"))
+        return started
+
+    def finish_runs(self, s: Stage, started: List[tuple], limit: Optional[float] = None) -> List[Path]:
+        """Waits for start_runs's runs, all within `limit` (and the stage's
+        budget); their output folders, as flotilla_run."""
+        limit = max(0.0, min(limit if limit is not None else 1e9, s.remaining()))
+        deadline = time.monotonic() + limit
+        problems = []
+        for name, p, run in started:
+            try:
+                rc = p.p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                rc = None
+            p.stop()
             # The job's metrics and its workers' logs, also after a timeout.
             keep = self.out / "logs" / f"{s.key}-{name}"
             keep.mkdir(parents=True, exist_ok=True)
@@ -476,9 +521,13 @@ class Check:
                 if f.is_file():
                     shutil.copy(f, keep / f.name)
             s.logs.append(str(keep.relative_to(self.out)))
-        if rc != 0:
-            raise RuntimeError(f"flotilla run {name} exited {rc} (see logs/{s.key}-{name}.log)")
-        return run
+            if rc is None:
+                problems.append(Timeout(f"{name} ran past {limit:.0f} s (log logs/{s.key}-{name}.log)"))
+            elif rc != 0:
+                problems.append(RuntimeError(f"flotilla run {name} exited {rc} (see logs/{s.key}-{name}.log)"))
+        if problems:
+            raise problems[0]
+        return [run for _, _, run in started]
 
 
 def read_metrics(path: Path) -> List[Dict[str, Any]]:
@@ -793,6 +842,72 @@ def sdk_client(url: str, tls: Path, token: Path) -> Any:
     return Client(url, token=token.read_text().strip(), tls_dir=str(tls), timeout=5)
 
 
+class Cluster:
+    """A `flotilla coordinator` of the stage's own in folder `d` (its TLS
+    and admin token under d/coordinator-data), the workers started beside
+    it as processes of their own, and the SDK's client of it."""
+
+    def __init__(self, c: Check, s: Stage, d: Path, extra: tuple = (), tag: str = ""):
+        self.c, self.s, self.d, self.tag = c, s, d, tag
+        data = d / "coordinator-data"
+        name = f"{tag}coordinator"
+        coord = s.spawn([str(c.bin), "coordinator", "--listen", "127.0.0.1:0", "--data-dir", str(data), *extra],
+                        name, d, stdout_pipe=True)
+        self.procs = [coord]
+        first = coord.p.stdout.readline().decode().strip()  # type: ignore[union-attr]
+        prefix = "coordinator listening on "
+        if not first.startswith(prefix):
+            raise RuntimeError(f"the coordinator's first line is {first!r} (see logs/{s.key}-{name}.log)")
+        self.url = "https://" + first[len(prefix):]
+        threading.Thread(target=coord.p.stdout.read, daemon=True).start()  # type: ignore[union-attr]
+        self.env = dict(c.env, FLOTILLA_TLS_DIR=str(data / "tls"), FLOTILLA_TOKEN_FILE=str(data / "admin.token"))
+        self.client = sdk_client(self.url, data / "tls", data / "admin.token")
+
+    def worker(self, name: str, env: Optional[Dict[str, str]] = None) -> Proc:
+        """`flotilla worker` (log {stage}-{tag}worker-NAME.log); `env` on
+        top of the check's (CUDA_VISIBLE_DEVICES, say)."""
+        p = self.s.spawn([str(self.c.bin), "worker", "--coordinator", self.url, "--data-addr", "127.0.0.1:0",
+                          "--op-timeout-s", "20"], f"{self.tag}worker-{name}", self.d, dict(self.env, **(env or {})))
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        """Ends the coordinator and its workers (the stage's other
+        processes go on)."""
+        for p in self.procs:
+            p.stop()
+
+    def submit(self, job_file: str, job_id: str) -> Any:
+        """`flotilla submit JOB_FILE`; the SDK's handle of the job."""
+        name = f"{self.tag}submit"
+        rc = self.s.run([str(self.c.bin), "submit", job_file, "--coordinator", self.url], name, self.d, 30, self.env)
+        if rc != 0:
+            raise RuntimeError(f"flotilla submit exited {rc} (see logs/{self.s.key}-{name}.log)")
+        return self.client.job(job_id)
+
+
+def poll_job(s: Stage, job: Any, what: str, cond: Callable[[Dict[str, Any]], bool], period: float = 0.02,
+             seen: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+    """The job's status once `cond` holds of it, within the stage's budget
+    (`seen` is shown every status on the way). A job that ends first is an
+    error, unless the end is what is awaited."""
+    while True:
+        if s.remaining() <= 0:
+            raise Timeout(f"waiting for {what}")
+        try:
+            st = job.status()
+        except Exception:
+            time.sleep(period)
+            continue
+        if seen:
+            seen(st)
+        if cond(st):
+            return st
+        if st.get("phase") in ("failed", "cancelled", "succeeded") and what != "the end":
+            raise RuntimeError(f"the job ended ({st.get('phase')}: {st.get('message')}) while waiting for {what}")
+        time.sleep(period)
+
+
 def stage_kill(c: Check, s: Stage) -> None:
     z = c.sizes
     yaml = kill_yaml(z)
@@ -802,43 +917,13 @@ def stage_kill(c: Check, s: Stage) -> None:
 
     d = c.job_dir("killed")
     (d / "job.yaml").write_text(yaml)
-    data = d / "coordinator-data"
-    coord = s.spawn([str(c.bin), "coordinator", "--listen", "127.0.0.1:0", "--data-dir", str(data)],
-                    "coordinator", d, stdout_pipe=True)
-    first = coord.p.stdout.readline().decode().strip()  # type: ignore[union-attr]
-    prefix = "coordinator listening on "
-    if not first.startswith(prefix):
-        raise RuntimeError(f"the coordinator's first line is {first!r} (see logs/e-coordinator.log)")
-    url = "https://" + first[len(prefix):]
-    threading.Thread(target=coord.p.stdout.read, daemon=True).start()  # type: ignore[union-attr]
-    env = dict(c.env, FLOTILLA_TLS_DIR=str(data / "tls"), FLOTILLA_TOKEN_FILE=str(data / "admin.token"))
-
-    def worker(name: str) -> Proc:
-        return s.spawn([str(c.bin), "worker", "--coordinator", url, "--data-addr", "127.0.0.1:0",
-                        "--op-timeout-s", "20"], f"worker-{name}", d, env)
-
-    a, _b = worker("a"), worker("b")
-    rc = s.run([str(c.bin), "submit", "job.yaml", "--coordinator", url], "submit", d, 30, env)
-    if rc != 0:
-        raise RuntimeError(f"flotilla submit exited {rc}")
-    job_id = "resume-1"
-    client = sdk_client(url, data / "tls", data / "admin.token")
-    job = client.job(job_id)
+    cl = Cluster(c, s, d)
+    a, _b = cl.worker("a"), cl.worker("b")
+    job = cl.submit("job.yaml", "resume-1")
+    job_id, client = job.id, cl.client
 
     def poll(what: str, cond: Callable[[Dict[str, Any]], bool], period: float = 0.02) -> Dict[str, Any]:
-        while True:
-            if s.remaining() <= 0:
-                raise Timeout(f"waiting for {what}")
-            try:
-                st = job.status()
-            except Exception:
-                time.sleep(period)
-                continue
-            if cond(st):
-                return st
-            if st.get("phase") in ("failed", "cancelled", "succeeded") and what != "the end":
-                raise RuntimeError(f"the job ended ({st.get('phase')}: {st.get('message')}) while waiting for {what}")
-            time.sleep(period)
+        return poll_job(s, job, what, cond, period)
 
     after = z.kill_after
     st = poll("a checkpoint", lambda st: (st.get("latest_checkpoint") or {}).get("step", 0) >= after
@@ -856,7 +941,7 @@ def stage_kill(c: Check, s: Stage) -> None:
                       "killed_worker": killed_id, "killed_rank": killed_rank, "total_steps": z.kill_steps})
     t_kill = time.monotonic()
     a.kill9()
-    replacement = worker("c")
+    replacement = cl.worker("c")
     s.figures["replacement_started_s"] = round(time.monotonic() - t_kill, 3)
 
     # Named: the killed worker leaves the coordinator's worker list, or the
@@ -931,6 +1016,225 @@ def stage_kill(c: Check, s: Stage) -> None:
     if c.rehearse:
         s.note("rehearsal: the 10 s goal is recorded, not enforced (a loaded CPU machine)")
     replacement.stop()
+
+
+# --------------------------------------------------------------------------
+# h. checkpoints across devices
+
+
+# The two crossings: (name, layout, the device of the first workers, the
+# device of their replacements). "gpu" is the check's device (cuda; cpu
+# when rehearsing), "cpu" a worker that sees no GPU (CUDA_VISIBLE_DEVICES
+# empty: `train.device: auto` computes on its CPU).
+CROSSINGS = (
+    ("gpu-to-cpu", "dp: 2, zero: 1, micro_batches: 2", "gpu", "cpu"),
+    ("cpu-to-gpu", "pp: 2, micro_batches: 2", "cpu", "gpu"),
+)
+NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def cross_yaml(z: Sizes, name: str, layout: str) -> str:
+    return (
+        f"name: {name}\n"
+        f"model: {z.cross_model}\n"
+        "data: {kind: synthetic, seed: 4, samples: 4096}\n"
+        "train:\n"
+        f"  steps: {z.cross_steps}\n"
+        "  global_batch: 16\n"
+        "  seed: 3\n"
+        "  optimizer: {lr: 0.002}\n"
+        "  schedule: {warmup_steps: 10}\n"
+        "  grad_clip: 1.0\n"
+        "  device: auto\n"
+        "workers: {min: 2, max: 2}\n"
+        f"parallelism: {{{layout}}}\n"
+        f"checkpoint: {{url: runs, every: {z.cross_every}, keep: 3}}\n"
+    )
+
+
+def past_step(run: Path, step: int) -> bool:
+    """Whether a job's output folder has a checkpoint folder (step-NNNNNNNN)
+    of `step` or later: its ranks are past that step."""
+    try:
+        names = os.listdir(run)
+    except FileNotFoundError:
+        return False
+    return any(n.startswith("step-") and n[5:].isdigit() and int(n[5:]) >= step for n in names)
+
+
+def device_kind(device: Optional[str]) -> Optional[str]:
+    """`cuda` for `cuda:0` or `cuda:0 (NVIDIA H200)`, else the string."""
+    return "cuda" if device and device.startswith("cuda") else device
+
+
+def cross_one(c: Check, s: Stage, f: Dict[str, Any], name: str, side_env: Dict[str, Dict[str, str]],
+              side_kind: Dict[str, str]) -> Optional[Path]:
+    """One crossing (figures into `f`): its job on a coordinator of its
+    own, two workers on the first side killed after a checkpoint, two on
+    the other side resuming it. The job's output folder when it succeeded
+    (cross_compare holds it against the uninterrupted run)."""
+    z = c.sizes
+    first, then, layout = f["first"], f["then"], f["layout"]
+    d = c.job_dir(name)
+    (d / "job.yaml").write_text(cross_yaml(z, name, layout))
+    # Short leases: both workers are killed, so no peer reports them and
+    # the coordinator learns it from their missed heartbeats. Not shorter:
+    # a worker starting CUDA, or one on a loaded 2-core machine, must not
+    # miss its lease.
+    cl = Cluster(c, s, d, ("--lease-ms", "2000", "--heartbeat-ms", "200", "--start-grace-ms", "300"),
+                 tag=f"{name}-")
+    try:
+        return cross_run(c, s, cl, f, name, side_env, side_kind)
+    finally:
+        cl.stop()
+
+
+def cross_run(c: Check, s: Stage, cl: Cluster, f: Dict[str, Any], name: str, side_env: Dict[str, Dict[str, str]],
+              side_kind: Dict[str, str]) -> Optional[Path]:
+    z, d = c.sizes, cl.d
+    first, then = f["first"], f["then"]
+    first_workers = [cl.worker(w, side_env[first]) for w in ("a", "b")]
+    job = cl.submit("job.yaml", f"{name}-1")
+    # What each generation's ranks compute on, as their memory reports say
+    # (`cpu`, `cuda:N`): generation -> rank -> device.
+    seen: Dict[int, Dict[int, str]] = {}
+
+    def note_ranks(st: Dict[str, Any]) -> None:
+        for r in st.get("ranks") or []:
+            if r.get("memory"):
+                seen.setdefault(st.get("generation", 0), {})[r["rank"]] = r["memory"].get("device")
+
+    # A step of this job takes milliseconds: polling the coordinator for a
+    # checkpoint can miss the whole run on a loaded machine. The run's
+    # folder says at once that the ranks are past step `after`; then the
+    # workers are frozen (SIGSTOP), read from the coordinator (what they
+    # computed on, the last checkpoint it committed) and killed.
+    after = z.cross_after
+    run = d / "runs" / f"{name}-1"
+    while not past_step(run, after):
+        if s.remaining() <= 0:
+            raise Timeout(f"waiting for step {after}")
+        if (run / "final").exists() or any(w.p.poll() is not None for w in first_workers):
+            raise RuntimeError(f"the job ended, or a worker exited, before step {after} was seen")
+        time.sleep(0.005)
+    for w in first_workers:
+        os.kill(w.pid, signal.SIGSTOP)
+    st = poll_job(s, job, "the frozen job's status", lambda st: True)
+    note_ranks(st)
+    killed_gen = st["generation"]
+    f.update({"killed_generation": killed_gen, "killed_at_step": st.get("step"),
+              "checkpoint_step_at_kill": (st.get("latest_checkpoint") or {}).get("step")})
+    f["workers_before"] = sorted(w.get("device") for w in cl.client.workers())
+    if len(seen.get(killed_gen, {})) != 2:
+        raise RuntimeError(f"generation {killed_gen}'s two ranks had not reported their memory by step {after}: "
+                           f"{seen}")
+    t_kill = time.monotonic()
+    for w in first_workers:
+        w.kill9()
+    # The replacements start once the coordinator has dropped both killed
+    # workers (their leases lapsed): started earlier, a replacement joins a
+    # plan that still holds the second, dead, worker and waits for it until
+    # its ring's connect timeout, tens of seconds (a stage e of its own).
+    while cl.client.workers():
+        if s.remaining() <= 0:
+            raise Timeout("waiting for the coordinator to drop the killed workers")
+        time.sleep(0.05)
+    f["killed_dropped_s"] = round(time.monotonic() - t_kill, 3)
+    for w in ("c", "d"):
+        cl.worker(w, side_env[then])
+    poll_job(s, job, "a new generation's memory reports", lambda st: st.get("generation", 0) > killed_gen
+             and len(seen.get(st.get("generation", 0), {})) == 2, seen=note_ranks)
+    done = poll_job(s, job, "the end", lambda st: st.get("phase") in ("succeeded", "failed", "cancelled"),
+                    0.05, seen=note_ranks)
+    f["workers_after"] = sorted(w.get("device") for w in cl.client.workers())
+    (c.out / "logs" / f"h-{name}-final-status.json").write_text(json.dumps(done, indent=2))
+    s.logs.append(f"logs/h-{name}-final-status.json")
+    last_gen = max(seen)
+    f["ranks_before"] = [seen[killed_gen][r] for r in sorted(seen[killed_gen])]
+    f["ranks_after"] = [seen[last_gen][r] for r in sorted(seen[last_gen])]
+    f["phase"] = done.get("phase")
+    f["generations"] = [{k: g.get(k) for k in ("generation", "world_size", "resumed_from_step")}
+                        for g in done.get("generations", [])]
+    if done.get("phase") != "succeeded":
+        s.fail(f"{name}: the job ended {done.get('phase')}: {done.get('message')}")
+        return None
+    for when, side, devices in (("before", first, f["ranks_before"] + f["workers_before"]),
+                                ("after", then, f["ranks_after"] + f["workers_after"])):
+        if {device_kind(x) for x in devices} != {side_kind[side]}:
+            s.fail(f"{name}: {when} the kill the ranks and workers computed on {devices}, "
+                   f"expected {side_kind[side]} only")
+    # From the first side's last checkpoint (one more may have been on its
+    # way to the coordinator when the workers froze).
+    resumed = [g for g in done.get("generations", [])[1:] if g.get("world_size") == 2]
+    f["resumed_from_step"] = resumed[0].get("resumed_from_step") if resumed else None
+    least = max(f["checkpoint_step_at_kill"] or 0, z.cross_every)
+    if not resumed or (f["resumed_from_step"] or 0) < least:
+        s.fail(f"{name}: no later 2-worker generation resumed from step >= {least} (the first side's last "
+               f"checkpoint): {f['generations']}")
+    return run
+
+
+def cross_compare(c: Check, s: Stage, f: Dict[str, Any], name: str, run: Path, ref: Path) -> None:
+    """The resumed run against the uninterrupted one (`ref`): every step
+    once, the last in a later generation, the losses, the weights."""
+    z = c.sizes
+    expected = read_safetensors(ref / "final" / "model.safetensors")
+    expected_losses = [m["loss"] for m in read_metrics(ref / "final" / "metrics.jsonl")]
+    history = read_metrics(run / "final" / "metrics.jsonl")
+    if [h["step"] for h in history] != list(range(1, z.cross_steps + 1)):
+        s.fail(f"{name}: the history is not steps 1..{z.cross_steps} once each")
+    if not history or history[-1].get("generation", 1) <= f["killed_generation"]:
+        s.fail(f"{name}: the last steps did not run in a later generation")
+    worst, at = worst_relative(expected_losses, [h["loss"] for h in history])
+    f.update({"loss_max_rel_diff": worst, "worst_step": at, "loss_rtol": FP32_RTOL,
+              "final_loss": [expected_losses[-1], history[-1]["loss"] if history else None]})
+    if worst > FP32_RTOL:
+        s.fail(f"{name}: step {at}'s loss differs from the uninterrupted CPU run's by {worst:.3e} "
+               f"(bound {FP32_RTOL:.0e}, GPU against CPU)")
+    pw, where = params_worst(read_safetensors(run / "final" / "model.safetensors"), expected)
+    f["params_max_rel_diff"] = pw
+    if c.rehearse and pw > RESUME_PARAM_RTOL:
+        s.fail(f"{name}: final parameters differ from the uninterrupted run's: {where} (relative {pw:.3e})")
+
+
+def stage_cross_device(c: Check, s: Stage) -> None:
+    """Issue 15's "a checkpoint taken on GPUs that resumes on CPUs and the
+    other way round, under any layout": for each crossing, two workers
+    train the job to a checkpoint on one device and are killed (-9), two
+    replacements on the other device resume it; every loss is held against
+    an uninterrupted run of the same job on CPU, and the devices are read
+    from the coordinator (the ranks' memory reports, the worker list)."""
+    z = c.sizes
+    side_env = {"gpu": {}, "cpu": NO_GPU}
+    side_kind = {"gpu": z.device, "cpu": "cpu"}
+    # The uninterrupted runs go on beside the crossings (they spend seconds
+    # waiting for leases to lapse).
+    started = c.start_runs(s, [(f"{name}-uninterrupted", cross_yaml(z, name, layout), 2, NO_GPU)
+                               for name, layout, _, _ in CROSSINGS])
+    runs: Dict[str, Path] = {}
+    for name, layout, first, then in CROSSINGS:
+        f: Dict[str, Any] = {"layout": layout, "first": first, "then": then, "total_steps": z.cross_steps}
+        s.figures[name] = f
+        try:
+            run = cross_one(c, s, f, name, side_env, side_kind)
+            if run:
+                runs[name] = run
+        except Timeout:
+            raise
+        except Exception as e:
+            s.crashed(e, name)  # recorded; the other crossing still runs
+    refs = c.finish_runs(s, started)
+    for (name, _, _, _), ref in zip(CROSSINGS, refs):
+        if name in runs:
+            cross_compare(c, s, s.figures[name], name, runs[name], ref)
+    s.note(f"losses: every step within {FP32_RTOL:.0e} relative of an uninterrupted run of the same job and "
+           "layout on CPU (stage b's GPU-against-CPU bound); parameters: "
+           + (f"within {RESUME_PARAM_RTOL:.0e} (same device: as stage e)" if c.rehearse else
+              "reported, not bounded (no GPU-against-CPU bound for weights has been measured; "
+              "stage b bounds losses only)"))
+    if c.rehearse:
+        s.note("rehearsal: both sides compute on CPU (device cpu both ways); on the GPU machine the 'gpu' "
+               "workers see the H200")
 
 
 # --------------------------------------------------------------------------
@@ -1182,6 +1486,15 @@ def stage_summary(key: str, f: Dict[str, Any]) -> str:
         return (f"named after {f.get('named_s')} s, new generation after {f.get('new_generation_s')} s, "
                 f"training after {f.get('training_again_s')} s; resumed from step {f.get('resumed_from_step')}; "
                 f"params {fmt(f.get('params_max_rel_diff'))}, losses {fmt(f.get('loss_max_rel_diff'))}")
+    if key == "h":
+        parts = []
+        for name, _, first, then in CROSSINGS:
+            v = f.get(name) or {}
+            parts.append(f"{name} ({v.get('layout')}): {'/'.join(v.get('ranks_before') or ['?'])} -> "
+                         f"{'/'.join(v.get('ranks_after') or ['?'])} from step {v.get('resumed_from_step')}, "
+                         f"losses {fmt(v.get('loss_max_rel_diff'))} (bound {FP32_RTOL:.0e}), "
+                         f"params {fmt(v.get('params_max_rel_diff'))}")
+        return "; ".join(parts)
     if key == "f":
         parts = []
         for name in ("flotilla", "torch_eager", "torch_compile"):
@@ -1254,6 +1567,8 @@ def write_jobs(folder: Path) -> List[Path]:
                                ("pp2", "pp: 2, micro_batches: 2", 2)):
         jobs[f"c-{name}"] = LAYOUT_GPT.replace("DEVICE", "cuda").replace("WORKERS", str(workers)).replace("PAR", par)
     jobs["e-kill"] = kill_yaml(z)
+    for name, layout, _, _ in CROSSINGS:
+        jobs[f"h-{name}"] = cross_yaml(z, name, layout)
     tokens = folder / "tokens.u16"
     write_tokens(tokens, 2 * z.bench["context"] + 1, z.bench["vocab"])
     jobs["f-bench"] = bench_yaml(z.bench, tokens, "cuda")
@@ -1298,6 +1613,7 @@ def main() -> int:
         c.stage("d", lambda s: stage_nccl(c, s))
         c.stage("e", lambda s: stage_kill(c, s))
         c.stage("f", lambda s: stage_benchmark(c, s))
+        c.stage("h", lambda s: stage_cross_device(c, s))
         c.stage("g", lambda s: stage_watchdog(c, s))
     finally:
         c.monitor.stop()
