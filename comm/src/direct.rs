@@ -353,7 +353,8 @@ fn dial_peer(me: &Identity, lane: Lane, to: usize, dl: Deadline) -> Result<Link,
         world: me.world as u32,
         lane,
     };
-    let stream = match dial(me.peers[to], to, &hello, &me.secret, dl.at) {
+    let abandoned = || me.listener.is_abandoned(&me.job, me.generation);
+    let stream = match dial(me.peers[to], to, &hello, &me.secret, dl.at, &abandoned) {
         Ok(stream) => stream,
         Err(DialError::Stale(error)) => return Err(error),
         Err(DialError::Unreachable(_)) => return Err(timeout(to, dl)),

@@ -51,7 +51,19 @@ struct State {
     newest: HashMap<String, u64>,
     /// The secret of that generation, per job.
     secrets: HashMap<String, Secret>,
+    /// Per job, the newest generation this worker stopped: its rings (and
+    /// older ones) are built no further.
+    abandoned: HashMap<String, u64>,
     shut: bool,
+}
+
+impl State {
+    /// Whether `generation` of ring `job` (a job id, or a job's group such
+    /// as `job#dp0`) was abandoned.
+    fn is_abandoned(&self, job: &str, generation: u64) -> bool {
+        let base = job.split('#').next().unwrap_or(job);
+        self.abandoned.get(base).is_some_and(|g| generation <= *g)
+    }
 }
 
 /// A connection whose handshake was accepted, waiting for its ring.
@@ -119,6 +131,25 @@ impl CommListener {
         tracing::debug!(addr = %self.addr, "comm listener shut down");
     }
 
+    /// Gives up on `generation` (and older ones) of `job` and of its groups
+    /// (`job#...`): rings being built for them fail at once instead of
+    /// waiting out their connect timeout for a peer that may be dead. The
+    /// worker calls it when it stops a rank because the coordinator moved
+    /// on.
+    pub fn abandon(&self, job: &str, generation: u64) {
+        {
+            let mut state = self.shared.lock();
+            let g = state.abandoned.entry(job.to_string()).or_insert(generation);
+            *g = (*g).max(generation);
+        }
+        self.shared.changed.notify_all();
+    }
+
+    /// Whether [`CommListener::abandon`] gave up on `generation` of `job`.
+    pub fn is_abandoned(&self, job: &str, generation: u64) -> bool {
+        self.shared.lock().is_abandoned(job, generation)
+    }
+
     /// Records that `generation` of `job` is being built here with `secret`,
     /// so that older generations are refused from now on and peers of this
     /// one can prove themselves, and drops parked connections of older
@@ -175,6 +206,10 @@ impl ListenerHandle {
     ) -> Result<Parked, CommError> {
         self.0.claim(job, generation, from_rank, lane, deadline)
     }
+
+    pub(crate) fn is_abandoned(&self, job: &str, generation: u64) -> bool {
+        self.0.lock().is_abandoned(job, generation)
+    }
 }
 
 impl Shared {
@@ -192,6 +227,9 @@ impl Shared {
             if state.shut {
                 return Err(CommError::Setup("the comm listener is shut down".into()));
             }
+            if state.is_abandoned(job, generation) {
+                return Err(stopped(job, generation));
+            }
             if let Some(parked) = state.parked.remove(&key) {
                 return Ok(parked);
             }
@@ -204,6 +242,11 @@ impl Shared {
             state = self.changed.wait_timeout(state, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
+}
+
+/// The error of a ring whose generation this worker gave up on.
+pub(crate) fn stopped(job: &str, generation: u64) -> CommError {
+    CommError::Setup(format!("job {job:?} generation {generation} was stopped on this worker"))
 }
 
 impl Drop for CommListener {

@@ -112,7 +112,9 @@ impl TcpRing {
             world: world as u32,
             lane: Lane::Ring,
         };
-        let send = dial(cfg.peers[next], next, &hello, &cfg.secret, deadline).map_err(DialError::into_error)?;
+        let abandoned = || listener.is_abandoned(job, generation);
+        let send =
+            dial(cfg.peers[next], next, &hello, &cfg.secret, deadline, &abandoned).map_err(DialError::into_error)?;
         let parked = listener.claim(job, generation, prev, Lane::Ring, deadline)?;
         if parked.hello.to_rank as usize != rank || parked.hello.world as usize != world {
             return Err(CommError::Setup(format!(
@@ -370,10 +372,14 @@ pub(crate) fn dial(
     hello: &Hello,
     secret: &Secret,
     deadline: Instant,
+    abandoned: &dyn Fn() -> bool,
 ) -> Result<TcpStream, DialError> {
     let mut backoff = Duration::from_millis(10);
     let mut warned = false;
     loop {
+        if abandoned() {
+            return Err(DialError::Stale(crate::listener::stopped(&hello.job, hello.generation)));
+        }
         let error = match try_dial(addr, hello, secret, deadline) {
             Ok(Dialed::Accepted(stream)) => return Ok(stream),
             Ok(Dialed::Stale { newest }) => {

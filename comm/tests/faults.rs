@@ -169,6 +169,59 @@ fn a_peer_that_never_comes_up_fails_setup_in_time() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
+/// A worker that stops a rank gives up on the rings that rank was building:
+/// with a peer that is gone (the dial) or one that never dials back (the
+/// claim), the build fails as stopped long before its connect timeout.
+#[test]
+fn abandoning_a_generation_ends_the_rings_being_built_for_it() {
+    // Nobody at rank 1's address: the dial retries until abandoned.
+    let gone = CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let gone_addr = gone.local_addr();
+    drop(gone);
+    let listener = CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut cfg = config(&[listener.local_addr(), gone_addr], "left#dp0", 4, 0);
+    cfg.connect_timeout = Duration::from_secs(3600);
+    let result = thread::scope(|s| {
+        let building = s.spawn(|| TcpRing::connect(&listener, cfg.clone()));
+        thread::sleep(Duration::from_millis(100));
+        // The job's id, as the coordinator knows it: its groups go too.
+        listener.abandon("left", 4);
+        building.join().unwrap()
+    });
+    assert!(
+        matches!(&result, Err(CommError::Setup(m)) if m.contains("was stopped on this worker")),
+        "{:?}",
+        result.err()
+    );
+    assert!(listener.is_abandoned("left", 3) && listener.is_abandoned("left#pp", 4));
+    assert!(!listener.is_abandoned("left", 5) && !listener.is_abandoned("other", 4), "newer and other jobs go on");
+
+    // Rank 1 is up and lets itself be dialed, but never dials rank 0: the
+    // claim waits until abandoned.
+    let listeners = listeners(2);
+    let mut cfg = config(&addrs(&listeners), "quiet", 1, 0);
+    cfg.connect_timeout = Duration::from_secs(3600);
+    let result = thread::scope(|s| {
+        let peer_cfg = config(&addrs(&listeners), "quiet", 1, 1);
+        // Rank 1 begins the generation so that its listener accepts rank 0's
+        // dial, then is abandoned too before it dials back.
+        let rank1 = s.spawn(|| {
+            let mut peer_cfg = peer_cfg;
+            peer_cfg.connect_timeout = Duration::from_secs(3600);
+            peer_cfg.peers[0] = gone_addr;
+            TcpRing::connect(&listeners[1], peer_cfg)
+        });
+        let building = s.spawn(|| TcpRing::connect(&listeners[0], cfg.clone()));
+        thread::sleep(Duration::from_millis(200));
+        listeners[0].abandon("quiet", 1);
+        listeners[1].abandon("quiet", 1);
+        (building.join().unwrap(), rank1.join().unwrap())
+    });
+    for r in [result.0.err(), result.1.err()] {
+        assert!(matches!(&r, Some(CommError::Setup(m)) if m.contains("was stopped on this worker")), "{r:?}");
+    }
+}
+
 #[test]
 fn bad_configs_are_refused() {
     let listener = CommListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();

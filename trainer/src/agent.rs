@@ -165,6 +165,9 @@ impl Agent {
 
     async fn stop_current(&mut self) {
         if let Some(run) = self.current.take() {
+            // A ring still being built (perhaps with a peer that is gone)
+            // gives up now rather than at its connect timeout.
+            self.listener.abandon(&run.key.job, run.key.generation);
             run.stop().await;
         }
     }
