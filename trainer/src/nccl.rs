@@ -42,18 +42,24 @@ const PROBE_AFTER: Duration = Duration::from_secs(1);
 
 /// Whether NCCL and the CUDA runtime can be loaded in this process, or why
 /// not (the loader panics on a missing library, so ask first).
+/// Asked once per process: every step's memory sample goes through here.
 pub fn available() -> Result<(), String> {
-    // SAFETY: only tries to open the libraries.
-    if !unsafe { rts::is_culib_present() } {
-        return Err("the CUDA runtime (libcudart.so.13) is not on the library path".into());
-    }
-    // SAFETY: as above.
-    if !unsafe { sys::is_culib_present() } {
-        return Err("NCCL (libnccl.so) is not on the library path; the nvidia-nccl wheel ships libnccl.so.2 only: \
-                    link libnccl.so to it in a folder on LD_LIBRARY_PATH"
-            .into());
-    }
-    Ok(())
+    static ANSWER: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    ANSWER
+        .get_or_init(|| {
+            // SAFETY: only tries to open the libraries.
+            if !unsafe { rts::is_culib_present() } {
+                return Err("the CUDA runtime (libcudart.so.13) is not on the library path".into());
+            }
+            // SAFETY: as above.
+            if !unsafe { sys::is_culib_present() } {
+                return Err("NCCL (libnccl.so) is not on the library path; the nvidia-nccl wheel ships libnccl.so.2 \
+                            only: link libnccl.so to it in a folder on LD_LIBRARY_PATH"
+                    .into());
+            }
+            Ok(())
+        })
+        .clone()
 }
 
 /// NCCL's version code (e.g. 22703 for 2.27.3), once it loads.

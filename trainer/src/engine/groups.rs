@@ -232,15 +232,10 @@ fn backend(a: &Assignment, plan: &Plan, world: &mut Collectives) -> Result<Backe
     }
     let mine = gpu_identity(a, plan);
     let all = world.all_gather_bytes(mine.clone().unwrap_or_default().into_bytes())?;
-    let chosen = choose(&all);
-    let distinct: std::collections::HashSet<&Vec<u8>> = all.iter().collect();
+    let (chosen, why) = choose(&all);
     if plan.device.is_cuda() {
-        let why = match (&mine, chosen) {
-            (_, Backend::Nccl) => "every rank has a GPU of its own".to_string(),
-            (Err(why), _) => why.clone(),
-            (Ok(_), _) if distinct.len() < all.len() => "two ranks share a GPU (NCCL refuses that)".into(),
-            (Ok(_), _) => "a rank has no GPU or no NCCL".into(),
-        };
+        // This rank's own reason first, if it has one.
+        let why = mine.err().unwrap_or_else(|| why.to_string());
         tracing::info!(job = %a.job, generation = a.generation, rank = a.rank, backend = ?chosen, %why,
             "collective backend for CUDA tensors");
     }
@@ -248,13 +243,15 @@ fn backend(a: &Assignment, plan: &Plan, world: &mut Collectives) -> Result<Backe
 }
 
 /// NCCL when every rank named a GPU (`host|PCI address`; empty: none it
-/// can use) and no two named the same one.
-fn choose(identities: &[Vec<u8>]) -> Backend {
+/// can use) and no two named the same one; and why.
+fn choose(identities: &[Vec<u8>]) -> (Backend, &'static str) {
     let distinct: std::collections::HashSet<&Vec<u8>> = identities.iter().collect();
-    if identities.iter().all(|d| !d.is_empty()) && distinct.len() == identities.len() {
-        Backend::Nccl
+    if identities.iter().any(|d| d.is_empty()) {
+        (Backend::Tcp, "a rank has no GPU or no NCCL")
+    } else if distinct.len() < identities.len() {
+        (Backend::Tcp, "two ranks share a GPU (NCCL refuses that)")
     } else {
-        Backend::Tcp
+        (Backend::Nccl, "every rank has a GPU of its own")
     }
 }
 
@@ -484,12 +481,15 @@ mod tests {
 
     #[test]
     fn nccl_only_when_every_rank_has_a_gpu_of_its_own() {
-        assert_eq!(choose(&ids(&["10.0.0.1|0000:18:00.0", "10.0.0.1|0000:2a:00.0"])), Backend::Nccl);
-        assert_eq!(choose(&ids(&["10.0.0.1|0000:18:00.0", "10.0.0.2|0000:18:00.0"])), Backend::Nccl, "two hosts");
+        assert_eq!(choose(&ids(&["10.0.0.1|0000:18:00.0", "10.0.0.1|0000:2a:00.0"])).0, Backend::Nccl);
+        assert_eq!(choose(&ids(&["10.0.0.1|0000:18:00.0", "10.0.0.2|0000:18:00.0"])).0, Backend::Nccl, "two hosts");
         // Two ranks on one GPU: NCCL refuses that.
-        assert_eq!(choose(&ids(&["10.0.0.1|0000:18:00.0", "10.0.0.1|0000:18:00.0"])), Backend::Tcp);
+        assert_eq!(
+            choose(&ids(&["10.0.0.1|0000:18:00.0", "10.0.0.1|0000:18:00.0"])),
+            (Backend::Tcp, "two ranks share a GPU (NCCL refuses that)")
+        );
         // A rank on a CPU (or without NCCL) answers nothing.
-        assert_eq!(choose(&ids(&["10.0.0.1|0000:18:00.0", ""])), Backend::Tcp);
-        assert_eq!(choose(&ids(&["", ""])), Backend::Tcp);
+        assert_eq!(choose(&ids(&["10.0.0.1|0000:18:00.0", ""])).0, Backend::Tcp);
+        assert_eq!(choose(&ids(&["", ""])).0, Backend::Tcp);
     }
 }
